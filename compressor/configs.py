@@ -1,0 +1,106 @@
+"""Config dataclasses built from plain mappings: unknown keys are errors that list the valid ones.
+
+Every compressor's config (and the recipe itself) is a ``@dataclass`` whose fields carry
+``metadata={"help": ...}``. ``build(cls, mapping, where)`` is the only way a mapping becomes a
+config, so the checks (unknown keys, types) exist once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+from .errors import CompressorError
+
+
+def field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with a help text (shown by ``compressor methods``)."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _check_type(value: Any, annotation: Any, name: str, where: str) -> Any:
+    """Coerce ``value`` to ``annotation`` where that is lossless (int → float); raise on a mismatch."""
+    origin = get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin is Literal:
+        allowed = get_args(annotation)
+        if value not in allowed:
+            raise CompressorError(f"{where}: {name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, name, where)
+            except CompressorError as exc:
+                errors.append(str(exc))
+        raise CompressorError(errors[0] if errors else f"{where}: bad value for {name}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise CompressorError(f"{where}: {name} must be a list; got {value!r}")
+        (item_type, *_) = get_args(annotation) or (Any,)
+        return [_check_type(v, item_type, name, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CompressorError(f"{where}: {name} must be a mapping; got {value!r}")
+        return dict(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool):
+        if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+            raise CompressorError(f"{where}: {name} must be {annotation.__name__}; got {value!r}")
+        return value
+    return value
+
+
+def build(cls: type, mapping: dict[str, Any] | None, where: str) -> Any:
+    """``cls(**mapping)`` with unknown keys and wrong types reported as one-line errors."""
+    mapping = dict(mapping or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(mapping) - set(fields))
+    if unknown:
+        raise CompressorError(
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"valid: {', '.join(sorted(fields))}"
+        )
+    values = {k: _check_type(v, hints[k], k, where) for k, v in mapping.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise CompressorError(f"{where}: {exc}") from None
+
+
+def describe(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) for each field of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        type_name = str(hints[f.name]).replace("typing.", "")
+        if isinstance(hints[f.name], type):
+            type_name = hints[f.name].__name__
+        rows.append((f.name, type_name, default, f.metadata.get("help", "")))
+    return rows
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config with every default filled, as plain data (for compression.json)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,91 @@
+"""Evaluation: perplexity by the GPTQ/SparseGPT convention, parameters, bytes on disk, tokens/s.
+
+Perplexity: the held-out text joined with "\\n\\n", tokenized once, cut into non-overlapping
+``seq_len`` windows (remainder dropped), each window scored on its ``seq_len − 1`` shifted
+next-token targets; NLL summed over all windows and divided once (``exp(Σ nll / Σ tokens)``).
+The protocol, dataset, seq_len and token count go into the results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import calibration as sources
+from . import io, models
+
+PROTOCOL = "gptq: split joined with '\\n\\n', non-overlapping windows, mean NLL of shifted next-token targets"
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
+               device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Perplexity of ``model`` on token windows (k, seq_len)."""
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    start = time.perf_counter()
+    for first in range(0, windows.shape[0], batch_size):
+        ids = windows[first: first + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()  # (b, seq, vocab)
+        nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                          reduction="sum")
+        total_nll += float(nll)
+        total_tokens += ids[:, 1:].numel()
+    seconds = time.perf_counter() - start
+    return {"value": math.exp(total_nll / total_tokens), "nll": total_nll / total_tokens, "windows": windows.shape[0],
+            "tokens": windows.numel(), "scored_tokens": total_tokens, "seconds": seconds,
+            "tokens_per_s": windows.numel() / seconds}
+
+
+def bytes_on_disk(path: Path) -> int:
+    """Bytes of the weight files (safetensors) in a model directory."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def load_any(spec: str, device: str = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer, manifest | None) for a compressed directory or any MODEL spec."""
+    from transformers import AutoTokenizer
+
+    path = Path(spec)
+    if (path / io.MANIFEST).is_file():
+        return io.load(path, device, dtype), AutoTokenizer.from_pretrained(path), io.read_manifest(path)
+    model, tokenizer = models.load(spec, dtype or torch.float32, device)
+    return model, tokenizer, None
+
+
+def evaluate(spec: str, dataset: str = "sotu", seq_len: int | None = None, max_tokens: int | None = None,
+             batch_size: int = 4, device: str = "cpu", dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Perplexity and size figures of a compressed directory or a model, as one JSON-able dict."""
+    source = sources.get(dataset)
+    seq_len = seq_len or source.eval_seq_len
+    max_tokens = max_tokens if max_tokens is not None else source.eval_max_tokens
+    start = time.perf_counter()
+    model, tokenizer, manifest = load_any(spec, device, dtype)
+    load_seconds = time.perf_counter() - start
+    windows = source.evaluation(tokenizer, seq_len, max_tokens)
+    result = perplexity(model, windows, batch_size, device)
+    path = Path(spec)
+    disk = bytes_on_disk(path) if path.is_dir() else None
+    if disk == 0 and manifest is None:
+        disk = None
+    return {
+        "model": spec,
+        "perplexity": {"dataset": dataset, "protocol": PROTOCOL, "seq_len": seq_len, "max_tokens": max_tokens,
+                       **{k: result[k] for k in ("value", "windows", "tokens", "scored_tokens")}},
+        "parameters": models.parameter_count(model),
+        "parameters_before": manifest.get("params_before") if manifest else None,
+        "bytes_on_disk": disk,
+        "tokens_per_s": result["tokens_per_s"],
+        "seconds": {"load": load_seconds, "perplexity": result["seconds"]},
+        "device": str(device),
+    }
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(result, indent=2) + "\n")

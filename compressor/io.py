@@ -1,0 +1,160 @@
+"""Saving and reloading compressed models.
+
+Output directory::
+
+    config.json, generation_config.json, tokenizer files    # the base model's, untouched
+    model.safetensors (or shards + model.safetensors.index.json)
+    compression.json         # format version, recipe as applied, per-module kind/shapes/rank, counts
+    compression_log.jsonl    # one line per targeted module: rank, parameters, errors, seconds
+
+Everything is written into a temporary sibling directory and renamed at the end, so an
+interrupted run never leaves a half-written output. ``load`` rebuilds the architecture from
+config.json, swaps in empty compressed modules from the manifest, and loads the tensors.
+``merge=True`` writes dense weights instead, which plain ``from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from . import __version__
+from .errors import CompressorError
+from .modules import MODULE_KINDS, merge as merge_module
+
+FORMAT_VERSION = 1
+MANIFEST = "compression.json"
+LOG = "compression_log.jsonl"
+MAX_SHARD_SIZE = "2GB"
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Fail early (before any work) if ``out`` cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise CompressorError(f"output path exists and is not a directory: {out}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CompressorError(f"output directory is not empty: {out} (use --overwrite to replace it)")
+    parent = out.resolve().parent
+    if not parent.exists():
+        raise CompressorError(f"parent directory does not exist: {parent}")
+
+
+@contextmanager
+def atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``out`` only if the block completes."""
+    check_output(out, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if getattr(m, "kind", None) in MODULE_KINDS}
+
+
+def merge_in_place(model: nn.Module) -> int:
+    """Replace every compressed module by its dense equivalent; returns how many were merged."""
+    found = compressed_modules(model)
+    for name, module in found.items():
+        model.set_submodule(name, merge_module(module))
+    return len(found)
+
+
+def save(model: nn.Module, tokenizer: Any, out: Path, manifest: dict[str, Any], log: list[dict[str, Any]],
+         merge: bool = False, overwrite: bool = False) -> Path:
+    """Write the model, tokenizer, manifest and log to ``out`` atomically."""
+    manifest = dict(manifest)
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["package_version"] = __version__
+    manifest["modules"] = {name: m.spec() for name, m in compressed_modules(model).items()}
+    manifest["merged"] = merge
+    with atomic_directory(out, overwrite) as tmp:
+        if merge:
+            merge_in_place(model)
+        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / LOG).write_text("".join(json.dumps(entry) + "\n" for entry in log))
+    return out
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise CompressorError(f"not a compressed model directory (no {MANIFEST}): {path}")
+    manifest = json.loads(file.read_text())
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise CompressorError(f"{path} was written by a newer format ({manifest['format_version']}); upgrade compressor")
+    return manifest
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(path / name)))
+    return state
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a model written by ``save`` (compressed or merged) with identical outputs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest.get("merged"):
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+    config = AutoConfig.from_pretrained(path)
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, spec in manifest["modules"].items():
+        kind = MODULE_KINDS.get(spec["kind"])
+        if kind is None:
+            raise CompressorError(f"{path}: unknown module kind {spec['kind']!r} for {name}")
+        model.set_submodule(name, kind.empty(**spec, dtype=dtype))
+    state = _state_dict(path)
+    result = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in result.missing_keys if k not in tied and not _is_tied(model, k)]
+    if missing or result.unexpected_keys:
+        raise CompressorError(f"{path}: checkpoint does not match its manifest "
+                              f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+    model.tie_weights()
+    return model.to(device).eval()
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    """True for the output head of a model whose input and output embeddings are tied."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    head = model.get_output_embeddings()
+    return head is not None and key.endswith("weight") and model.get_submodule(key.rsplit(".", 1)[0]) is head

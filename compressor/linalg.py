@@ -1,0 +1,152 @@
+"""Shared linear algebra: square roots of a Gram matrix and the whitened truncated SVD.
+
+Notation (methods.md §1): a linear computes ``y = x Wᵀ`` with ``W`` of shape (out, in) = (m, n);
+the calibration inputs ``X`` (N, n) give the Gram ``G = XᵀX`` (n, n). For any ``S`` with ``S Sᵀ = G``
+
+    min_{rank(Ŵ) ≤ r} ‖(W − Ŵ) Xᵀ‖_F = ‖(W − Ŵ) S‖_F   is solved by   U Σ Vᵀ = svd(W S),
+    Ŵ = U_r Σ_r V_rᵀ S⁻¹,   up = U_r Σ_r^½ (m, r),   down = Σ_r^½ V_rᵀ S⁻¹ (r, n).
+
+The square root is pluggable (``Whitening``): none (plain SVD), diagonal (ASVD: ``diag(mean|x|)^α``),
+Cholesky (SVD-LLM) and eigh with a relative cut-off (EoRA / GPTQModel). Factorizations run in fp64.
+
+Regularization, documented once:
+- Cholesky: a Gram that is not numerically positive definite (rank-deficient calibration, dead
+  channels) gets ``G + δ·I`` with ``δ = max(0, −λ_min) + 1e-6·mean(diag G)``, retried with δ ×10
+  up to five times. SVD-LLM does the same with an absolute 1e-6; a relative jitter is scale-free.
+- eigh: eigenvalues ``≤ λ_max · cutoff`` (default ``n · eps_fp32``) are dropped: their square root
+  and inverse square root are set to zero (a truncated pseudo-inverse, GPTQModel's fix for outliers).
+- diagonal: entries are floored at ``1e-6 · max`` so ``S⁻¹`` stays finite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .errors import CompressorError
+
+WhiteningKind = Literal["none", "diagonal", "cholesky", "eigh"]
+
+
+@dataclass
+class Whitening:
+    """A square root ``S`` of the Gram (``S Sᵀ = G``) and how to apply ``S`` and ``S⁻¹`` on the right.
+
+    ``factor`` is None (identity), a vector (n,) for a diagonal ``S``, the lower Cholesky factor (n, n),
+    or ``Q Λ^½`` (n, n); ``inverse`` is ``Λ^-½ Qᵀ`` (n, n) for eigh and unused otherwise.
+    """
+
+    kind: WhiteningKind
+    factor: Tensor | None = None
+    inverse: Tensor | None = None
+    jitter: float = 0.0  # δ added to the Gram's diagonal (Cholesky); 0 if none was needed
+    dropped: int = 0  # eigenvalues cut off (eigh)
+
+    def apply(self, weight: Tensor) -> Tensor:
+        """``W S``: (m, n) → (m, n)."""
+        if self.kind == "none":
+            return weight
+        factor = self.factor.to(weight.dtype)
+        if self.kind == "diagonal":
+            return weight * factor[None, :]
+        return weight @ factor
+
+    def unapply(self, down: Tensor) -> Tensor:
+        """``A S⁻¹``: (r, n) → (r, n)."""
+        if self.kind == "none":
+            return down
+        if self.kind == "diagonal":
+            return down / self.factor.to(down.dtype)[None, :]
+        if self.kind == "cholesky":
+            return torch.linalg.solve_triangular(self.factor.to(down.dtype), down, upper=False, left=False)
+        return down @ self.inverse.to(down.dtype)
+
+
+def identity() -> Whitening:
+    return Whitening("none")
+
+
+def diagonal(scale: Tensor, alpha: float = 1.0) -> Whitening:
+    """ASVD-style ``S = diag(scale^α)`` (scale: mean |x| per input channel, or √Fisher)."""
+    s = scale.double().clamp_min(0) ** alpha
+    floor = float(s.max()) * 1e-6 if s.numel() and float(s.max()) > 0 else 1e-12
+    return Whitening("diagonal", s.clamp_min(floor))
+
+
+def cholesky(gram: Tensor, tries: int = 5) -> Whitening:
+    """``S = chol(G)`` (lower), in fp64, with the documented jitter on failure."""
+    gram = gram.double()
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        return Whitening("cholesky", factor)
+    scale = float(torch.diagonal(gram).mean().clamp_min(1e-30))
+    lam_min = float(torch.linalg.eigvalsh(gram)[0])
+    delta = max(0.0, -lam_min) + 1e-6 * scale
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for _ in range(tries):
+        factor, info = torch.linalg.cholesky_ex(gram + delta * eye)
+        if int(info) == 0:
+            return Whitening("cholesky", factor, jitter=delta)
+        delta *= 10
+    raise CompressorError("Gram matrix could not be factorized (Cholesky failed after regularization)")
+
+
+def eigh(gram: Tensor, cutoff: float | None = None) -> Whitening:
+    """``S = Q Λ^½`` with a truncated pseudo-inverse ``Λ^-½ Qᵀ``; eigenvalues ≤ λ_max·cutoff dropped."""
+    gram = gram.double()
+    n = gram.shape[0]
+    if cutoff is None:
+        cutoff = min(1.0, n * torch.finfo(torch.float32).eps)
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    keep = evals > evals[-1].clamp_min(0) * cutoff
+    root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
+    inv_root = torch.where(keep, 1.0 / root.where(keep, torch.ones_like(root)), torch.zeros_like(evals))
+    return Whitening("eigh", evecs * root[None, :], inv_root[:, None] * evecs.T, dropped=int((~keep).sum()))
+
+
+def from_gram(gram: Tensor, method: Literal["cholesky", "eigh"] = "cholesky", **kwargs) -> Whitening:
+    return cholesky(gram, **kwargs) if method == "cholesky" else eigh(gram, **kwargs)
+
+
+def svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``U Σ Vh`` of (m, n). LAPACK is faster on tall inputs, so a wide one is done transposed."""
+    m, n = matrix.shape
+    if m < n:
+        u, s, vh = torch.linalg.svd(matrix.T, full_matrices=False)
+        return vh.T, s, u.T
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def whitened_svd(
+    weight: Tensor, rank: int, whitening: Whitening | None = None, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Best rank-``rank`` approximation of ``weight`` (m, n) under ``whitening``.
+
+    Returns ``up`` (m, r), ``down`` (r, n) with ``Ŵ = up @ down``, and all singular values of ``W S``.
+    ``√Σ`` is split between the two factors, as SVD-LLM, ASVD and EoRA do.
+    """
+    whitening = whitening or identity()
+    m, n = weight.shape
+    if not 0 < rank <= min(m, n):
+        raise CompressorError(f"rank {rank} is out of range for a {m}×{n} matrix (1..{min(m, n)})")
+    u, s, vh = svd(whitening.apply(weight.to(dtype)))
+    root = s[:rank].sqrt()
+    up = u[:, :rank] * root[None, :]  # (m, r)
+    down = whitening.unapply(root[:, None] * vh[:rank])  # (r, n)
+    return up, down, s
+
+
+def relative_error(weight: Tensor, approx: Tensor, gram: Tensor | None = None) -> float:
+    """‖W − Ŵ‖_F / ‖W‖_F, or the same measured on the calibration inputs when ``gram`` is given:
+    sqrt(tr(ΔW G ΔWᵀ) / tr(W G Wᵀ)) = ‖(W − Ŵ) Xᵀ‖_F / ‖W Xᵀ‖_F."""
+    delta = (weight.double() - approx.double())
+    if gram is None:
+        denom = weight.double().norm()
+        return float(delta.norm() / denom) if denom > 0 else 0.0
+    gram = gram.double()
+    num = ((delta @ gram) * delta).sum().clamp_min(0)
+    den = ((weight.double() @ gram) * weight.double()).sum()
+    return float((num / den).sqrt()) if den > 0 else 0.0

@@ -1,0 +1,1 @@
+"""One module per compressor; ``compressor.registry`` imports each one explicitly."""

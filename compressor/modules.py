@@ -1,0 +1,116 @@
+"""Replacement modules the compressors emit, and how to rebuild them on reload.
+
+Each kind has ``spec()`` (plain data recorded in compression.json) and ``empty(**spec)`` (an
+uninitialized module of the right shapes, filled by ``load_state_dict``), plus ``dense_weight()``
+for ``--merge``. ``MODULE_KINDS`` is the closed set the loader knows.
+
+Weights are always handled as (out, in) = (m, n), the ``nn.Linear`` layout; GPT-2's ``Conv1D`` stores
+(in, out) and is converted at the edges (``weight_of`` / ``dense_module``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def weight_of(module: nn.Module) -> Tensor:
+    """The (out, in) weight of a dense linear (a view, not a copy)."""
+    if isinstance(module, Conv1D):
+        return module.weight.T
+    return module.weight
+
+
+def shape_of(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of any linear, dense or compressed."""
+    if isinstance(module, Conv1D):
+        return module.nf, module.weight.shape[0]
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    return module.out_features, module.in_features  # compressed kinds carry the same attributes
+
+
+def dense_module(weight: Tensor, bias: Tensor | None, like: str) -> nn.Module:
+    """A dense module of class ``like`` ("Linear" or "Conv1D") holding ``weight`` (out, in)."""
+    out_features, in_features = weight.shape
+    if like == "Conv1D":
+        module = Conv1D(out_features, in_features)
+        module.weight = nn.Parameter(weight.T.contiguous())
+        module.bias = nn.Parameter(bias.clone() if bias is not None else torch.zeros(out_features, dtype=weight.dtype))
+        return module
+    module = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    module.weight = nn.Parameter(weight.contiguous())
+    if bias is not None:
+        module.bias = nn.Parameter(bias.clone())
+    return module
+
+
+class LowRankLinear(nn.Module):
+    """``y = (x downᵀ) upᵀ + b``: a rank-r factorization ``W ≈ up @ down`` of a linear.
+
+    down: (r, in) ("A", lora_A), up: (out, r) ("B", lora_B). Stored as two ``nn.Linear`` so the
+    state dict reads ``<name>.down.weight``, ``<name>.up.weight``, ``<name>.up.bias``.
+    """
+
+    kind = "low_rank"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 dense_class: str = "Linear", dtype: torch.dtype | None = None, device: Any = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.dense_class = dense_class
+        self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)  # (r, in)
+        self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)  # (out, r)
+
+    @classmethod
+    def from_factors(cls, up: Tensor, down: Tensor, bias: Tensor | None, dense_class: str = "Linear",
+                     dtype: torch.dtype | None = None) -> "LowRankLinear":
+        out_features, rank = up.shape
+        dtype = dtype or up.dtype
+        module = cls(down.shape[1], out_features, rank, bias is not None, dense_class, dtype=dtype, device="meta")
+        module.down.weight = nn.Parameter(down.to(dtype).contiguous())
+        module.up.weight = nn.Parameter(up.to(dtype).contiguous())
+        if bias is not None:
+            module.up.bias = nn.Parameter(bias.detach().to(dtype).clone())
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x))
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "rank": self.rank, "bias": self.up.bias is not None, "dense_class": self.dense_class}
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, rank: int, bias: bool, dense_class: str = "Linear",
+              dtype: torch.dtype | None = None, device: Any = None, **_: Any) -> "LowRankLinear":
+        return cls(in_features, out_features, rank, bias, dense_class, dtype=dtype, device=device)
+
+    def dense_weight(self) -> Tensor:
+        """``up @ down`` (out, in), computed in fp32 at least."""
+        dtype = torch.promote_types(self.up.weight.dtype, torch.float32)
+        return (self.up.weight.to(dtype) @ self.down.weight.to(dtype)).to(self.up.weight.dtype)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.up.bias
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+MODULE_KINDS: dict[str, type[nn.Module]] = {LowRankLinear.kind: LowRankLinear}
+
+
+def merge(module: nn.Module) -> nn.Module:
+    """The dense module (original class) equivalent to a compressed one."""
+    return dense_module(module.dense_weight().detach(), None if module.bias is None else module.bias.detach(),
+                        module.dense_class)

@@ -1,0 +1,271 @@
+"""The layer walk: capture the first decoder layer's inputs, then for each layer collect its
+statistics, run the recipe's steps on it, and compute its outputs for the next layer.
+
+Only the current decoder layer sits on the compute device; hidden states between layers are kept
+on ``offload`` (CPU by default). With ``propagate: compressed`` (default, GPTQ's sequential
+convention) layer i+1 is calibrated on the outputs of the already-compressed layer i; with
+``propagate: original`` on the original model's outputs (SVD-LLM's profiling).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from . import arch
+from .base import Compressor, LayerContext, Outcome, Target
+from .linalg import relative_error
+from .modules import weight_of
+from .stats import LinearStats, StatsCollector
+
+
+class StopForward(Exception):
+    """Raised by the layer-0 pre-hook once its inputs are captured."""
+
+
+@dataclass
+class LayerInput:
+    hidden: Tensor  # (batch, seq, hidden), on the offload device
+    args: tuple  # positional arguments after the hidden states (GPT-2 passes some)
+    kwargs: dict[str, Any]  # attention mask, position embeddings, ...
+
+
+@dataclass
+class Step:
+    compressor: Compressor
+    targets: list[str]
+    ignore: list[str]
+
+
+@dataclass
+class WalkReport:
+    log: list[dict[str, Any]] = field(default_factory=list)  # one entry per targeted module
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+@contextmanager
+def calibration_mode(model: nn.Module) -> Iterator[None]:
+    """no_grad, eval mode, no KV cache; everything restored on exit."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    model.eval()
+    if config is not None:
+        config.use_cache = False
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+        if config is not None:
+            config.use_cache = use_cache
+
+
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor], device: torch.device,
+                   offload: torch.device) -> list[LayerInput]:
+    """Run the model up to layer 0 for each batch (token ids (b, seq)); keep its inputs and kwargs."""
+    captured: list[LayerInput] = []
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
+        captured.append(LayerInput(args[0].to(offload), args[1:], kwargs))
+        raise StopForward
+
+    handle = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    moved = _outside_layers(model, layers)
+    for module in moved:
+        module.to(device)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(device))
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+        for module in moved:
+            module.to(offload)
+    return captured
+
+
+def _outside_layers(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
+    """The largest submodules that do not contain the decoder stack (embeddings, rotary, norm, head)."""
+
+    def visit(module: nn.Module) -> list[nn.Module]:
+        if module is layers:
+            return []
+        if not any(sub is layers for sub in module.modules()):
+            return [module]
+        return [found for child in module.children() for found in visit(child)]
+
+    return visit(model)
+
+
+def run_layer(layer: nn.Module, inputs: list[LayerInput], device: torch.device,
+              offload: torch.device) -> list[Tensor]:
+    """The layer's outputs (on offload) for every captured input."""
+    outputs = []
+    for item in inputs:
+        out = layer(item.hidden.to(device), *_to(item.args, device), **_to(item.kwargs, device))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        outputs.append(out.to(offload))
+    return outputs
+
+
+def walk(model: nn.Module, steps: list[Step], batches: list[Tensor] | None, *, device: torch.device,
+         propagate: str = "compressed", offload: torch.device | None = None,
+         on_layer: Callable[[int, int], None] | None = None, log_file=None) -> WalkReport:
+    """Compress ``model`` in place, layer by layer. ``batches`` may be None if no step needs data."""
+    offload = offload or torch.device("cpu")
+    report = WalkReport()
+    prefix, layers = arch.decoder_layers(model)
+    dtype = next(model.parameters()).dtype
+    needs_data = any(step.compressor.needs for step in steps)
+    _plan(model, layers, prefix, steps)
+
+    with calibration_mode(model):
+        inputs: list[LayerInput] | None = None
+        if needs_data:
+            start = time.perf_counter()
+            inputs = capture_inputs(model, layers, batches, device, offload)
+            report.seconds["capture"] += time.perf_counter() - start
+        for index, layer in enumerate(layers):
+            layer.to(device)
+            inputs = _compress_layer(layer, index, len(layers), f"{prefix}.{index}", steps, inputs, device,
+                                     offload, propagate, dtype, report, log_file)
+            layer.to(offload)
+            if on_layer:
+                on_layer(index, len(layers))
+    return report
+
+
+def _plan(model: nn.Module, layers: nn.ModuleList, prefix: str, steps: list[Step]) -> None:
+    """Give each step the (out, in) shapes of all its targets, for rules that are global."""
+    model_params = sum(p.numel() for p in model.parameters())
+    for step in steps:
+        shapes = {}
+        for index, layer in enumerate(layers):
+            linears = arch.layer_linears(layer, f"{prefix}.{index}")
+            for name in arch.select(list(linears), step.targets, step.ignore):
+                shapes[name] = tuple(weight_of(linears[name]).shape) if hasattr(linears[name], "weight") \
+                    else (linears[name].out_features, linears[name].in_features)
+        step.compressor.plan(shapes, model_params)
+
+
+def _compress_layer(layer: nn.Module, index: int, n_layers: int, prefix: str, steps: list[Step],
+                    inputs: list[LayerInput] | None, device: torch.device, offload: torch.device,
+                    propagate: str, dtype: torch.dtype, report: WalkReport, log_file) -> list[LayerInput] | None:
+    seconds = report.seconds
+    ctx = LayerContext(index, n_layers, device, dtype)
+    original: dict[str, Tensor] = {}
+    outputs: list[Tensor] | None = None  # outputs of the layer as it currently is
+    modified = False
+    if inputs is not None and propagate == "original" and not steps[0].compressor.needs:
+        start = time.perf_counter()
+        outputs = run_layer(layer, inputs, device, offload)
+        seconds["propagation"] += time.perf_counter() - start
+    original_outputs = outputs
+
+    for step_index, step in enumerate(steps):
+        linears = arch.layer_linears(layer, prefix)
+        names = arch.select(list(linears), step.targets, step.ignore)
+        if not names:
+            continue
+        stats: dict[str, LinearStats] = {}
+        if step.compressor.needs:
+            start = time.perf_counter()
+            with StatsCollector({n: linears[n] for n in names}, step.compressor.needs) as collector:
+                outputs = run_layer(layer, inputs, device, offload)
+            seconds["statistics_forward"] += time.perf_counter() - start - collector.seconds
+            seconds["statistics_accumulation"] += collector.seconds
+            stats = collector.result()
+            if not modified:
+                original_outputs = outputs
+        targets = {}
+        for name in names:
+            module = linears[name]
+            weight = _effective_weight(module).to(device=device, dtype=torch.float32)
+            original.setdefault(name, weight)
+            targets[name] = Target(name, module, weight, original[name],
+                                   None if module.bias is None else module.bias.detach(),
+                                   stats.get(name), getattr(module, "dense_class", type(module).__name__))
+        start = time.perf_counter()
+        outcomes = step.compressor.compress_layer(targets, ctx)
+        elapsed = time.perf_counter() - start
+        seconds["decomposition"] += elapsed
+        for name in names:
+            outcome = outcomes.get(name, Outcome(None, note="skipped"))
+            entry = _log_entry(step, step_index, targets[name], outcome, elapsed / len(names))
+            report.log.append(entry)
+            if log_file is not None:
+                log_file.write(json.dumps(entry) + "\n")
+                log_file.flush()
+            if outcome.module is not None:
+                outcome.module.to(device)
+                layer.set_submodule(name[len(prefix) + 1:], outcome.module)  # the only place modules are swapped
+                modified = True
+
+    if inputs is None:
+        return None
+    start = time.perf_counter()
+    if propagate == "original":
+        next_hidden = original_outputs
+    elif modified or outputs is None:
+        next_hidden = run_layer(layer, inputs, device, offload)
+    else:
+        next_hidden = outputs
+    seconds["propagation"] += time.perf_counter() - start
+    return [LayerInput(h, item.args, item.kwargs) for h, item in zip(next_hidden, inputs)]
+
+
+def _effective_weight(module: nn.Module) -> Tensor:
+    if hasattr(module, "dense_weight"):
+        return module.dense_weight().detach()
+    return weight_of(module).detach()
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _log_entry(step: Step, step_index: int, target: Target, outcome: Outcome, seconds: float) -> dict[str, Any]:
+    m, n = target.weight.shape
+    entry: dict[str, Any] = {
+        "name": target.name, "step": step_index, "method": step.compressor.name, "shape": [m, n],
+        "params_before": _params(target.module),
+    }
+    if outcome.module is None:
+        entry.update(kind="dense", params_after=entry["params_before"], rank=None, note=outcome.note or "kept dense")
+    else:
+        approx = _effective_weight(outcome.module).float()
+        gram = target.stats.gram if target.stats is not None else None
+        entry.update(
+            kind=getattr(outcome.module, "kind", type(outcome.module).__name__), rank=outcome.rank,
+            params_after=_params(outcome.module),
+            rel_error=relative_error(target.original, approx),
+            rel_output_error=None if gram is None else relative_error(target.original, approx, gram.to(approx.device)),
+        )
+        if outcome.note:
+            entry["note"] = outcome.note
+    entry.update(outcome.extra)
+    entry["seconds"] = round(seconds, 4)
+    return entry

@@ -1,0 +1,97 @@
+"""Rank rules shared by every low-rank method.
+
+A rule turns a matrix shape (m, n) into a rank. Exactly one of these is set in a method's config:
+
+- ``ratio``: fraction of the matrix's parameters removed (SVD-LLM): ``r = int((1 − ρ)·m·n / (m + n))``.
+- ``rank``: the same explicit rank everywhere.
+- ``rank_reduction``: LoRD's ``1 − r / min(m, n)``: ``r = int((1 − rr)·min(m, n))``.
+- ``model_ratio``: fraction of the *whole model's* parameters removed (embeddings included); solved
+  once, before the layer walk, as the uniform ``ratio`` that meets it (``plan``).
+
+A factorization saves parameters only if ``r·(m + n) < m·n``; at or above that break-even rank the
+matrix stays dense and the log says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .configs import field
+from .errors import CompressorError
+
+RULES = ("ratio", "rank", "rank_reduction", "model_ratio")
+
+
+@dataclass
+class RankRule:
+    """Mixin for method configs: the rank rule fields and their checks."""
+
+    ratio: float | None = field(None, "fraction of each matrix's parameters removed, r = int((1-ratio)mn/(m+n))")
+    rank: int | None = field(None, "one explicit rank for every targeted matrix")
+    rank_reduction: float | None = field(None, "LoRD's rank reduction 1 - r/min(m,n)")
+    model_ratio: float | None = field(None, "fraction of the whole model's parameters removed (solved globally)")
+
+    def __post_init__(self) -> None:
+        chosen = [name for name in RULES if getattr(self, name) is not None]
+        if not chosen:
+            self.ratio = 0.2
+            chosen = ["ratio"]
+        if len(chosen) > 1:
+            raise ValueError(f"set only one of {', '.join(RULES)}; got {', '.join(chosen)}")
+        for name in ("ratio", "rank_reduction", "model_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1); got {value}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be ≥ 1; got {self.rank}")
+
+    @property
+    def rule(self) -> str:
+        return next(name for name in RULES if getattr(self, name) is not None)
+
+
+def break_even(m: int, n: int) -> float:
+    """The rank at which a factorization stores as many parameters as the dense matrix."""
+    return m * n / (m + n)
+
+
+def rank_for(rule: RankRule, m: int, n: int, planned_ratio: float | None = None) -> int:
+    """The rank the rule asks for on an (m, n) matrix (before the break-even check)."""
+    if rule.rank is not None:
+        if rule.rank > min(m, n):
+            raise CompressorError(f"rank {rule.rank} is larger than min(m, n) = {min(m, n)} of a {m}×{n} matrix")
+        return rule.rank
+    if rule.rank_reduction is not None:
+        return max(1, int((1.0 - rule.rank_reduction) * min(m, n)))
+    ratio = rule.ratio if rule.ratio is not None else planned_ratio
+    if ratio is None:
+        raise CompressorError("model_ratio needs a plan; run it through the pipeline")
+    return max(1, int((1.0 - ratio) * break_even(m, n)))
+
+
+def saves_parameters(rank: int, m: int, n: int) -> bool:
+    return rank * (m + n) < m * n
+
+
+def plan_model_ratio(target: float, shapes: list[tuple[int, int]], model_params: int) -> float:
+    """The uniform per-matrix ``ratio`` whose integer ranks remove ``target·model_params`` parameters."""
+
+    def removed(ratio: float) -> int:
+        total = 0
+        for m, n in shapes:
+            r = max(1, int((1.0 - ratio) * break_even(m, n)))
+            if saves_parameters(r, m, n):
+                total += m * n - r * (m + n)
+        return total
+
+    goal = target * model_params
+    if removed(0.999) < goal:
+        raise CompressorError(
+            f"model_ratio {target} is out of reach: the targeted matrices hold only "
+            f"{sum(m * n for m, n in shapes) / model_params:.1%} of the model's parameters"
+        )
+    low, high = 0.0, 0.999
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if removed(mid) < goal else (low, mid)
+    return high

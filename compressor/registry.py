@@ -1,0 +1,25 @@
+"""The one explicit registry of compressors: name → class."""
+
+from __future__ import annotations
+
+import difflib
+
+from .base import Compressor
+from .configs import build
+from .errors import CompressorError
+from .methods import lord
+
+COMPRESSORS: dict[str, type[Compressor]] = {cls.name: cls for cls in (lord.LoRD,)}
+
+
+def get(name: str) -> type[Compressor]:
+    if name not in COMPRESSORS:
+        close = difflib.get_close_matches(name, COMPRESSORS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise CompressorError(f"unknown method {name!r}{hint}; valid: {', '.join(sorted(COMPRESSORS))}")
+    return COMPRESSORS[name]
+
+
+def create(name: str, config: dict | None, where: str = "") -> Compressor:
+    cls = get(name)
+    return cls(build(cls.Config, config, where or name))

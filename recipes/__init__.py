@@ -1,0 +1,1 @@
+"""Recipes shipped with the package (YAML files); ``--recipe NAME`` finds them here."""
