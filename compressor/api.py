@@ -64,7 +64,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     io.check_output(out, overwrite)
     compute = _device(device)
     torch_dtype = models.parse_dtype(dtype)
-    needs_data = any(step.compressor.needs for step in steps)
+    needs_data = any(step.compressor.needs_calibration for step in steps)
     source = sources.get(recipe.calibration.dataset) if needs_data else None
 
     start = time.perf_counter()

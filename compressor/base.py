@@ -64,8 +64,23 @@ class Compressor:
         """Statistics kinds from ``stats.STAT_KINDS`` this configuration needs; empty = data-free."""
         return frozenset()
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether ``prepare`` needs calibration batches (e.g. a Fisher pass) even without per-layer stats."""
+        return bool(self.needs)
+
     def plan(self, shapes: dict[str, tuple[int, int]], model_params: int) -> None:
         """Optional global pass over every target's (out, in) shape, before the layer walk."""
+
+    def prepare(self, model: nn.Module, batches: list[Tensor] | None, device: torch.device) -> None:
+        """Optional whole-model pass before the layer walk (Fisher, layer selection by hidden states).
+
+        ``batches`` are the calibration token ids, a list of (batch, seq_len) tensors.
+        """
+
+    def wants_layer(self, index: int) -> bool:
+        """False for decoder layers this compressor leaves alone (no statistics are collected there)."""
+        return True
 
     def compress_layer(self, targets: dict[str, Target], ctx: LayerContext) -> dict[str, Outcome]:
         return {name: self.compress(target, ctx) for name, target in targets.items()}

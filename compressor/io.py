@@ -43,16 +43,22 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise CompressorError(f"output path exists and is not a directory: {out}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CompressorError(f"output directory is not empty: {out} (use --overwrite to replace it)")
-    parent = out.resolve().parent
-    if not parent.exists():
-        raise CompressorError(f"parent directory does not exist: {parent}")
+    for parent in out.resolve().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CompressorError(f"cannot create {out}: {parent} is not a directory")
+            break
 
 
 @contextmanager
 def atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``out`` only if the block completes."""
     check_output(out, overwrite)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output is an ordinary directory
     try:
         yield tmp
         if out.exists():

