@@ -107,7 +107,70 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-MODULE_KINDS: dict[str, type[nn.Module]] = {LowRankLinear.kind: LowRankLinear}
+class CURLinear(nn.Module):
+    """``y = ((x Rᵀ) Uᵀ) Cᵀ + b``: a CUR decomposition ``W ≈ C @ U @ R`` of a linear (CURing).
+
+    C: (out, r) actual columns ``W[:, col_indices]``, R: (r, in) actual rows ``W[row_indices, :]``,
+    U: (r, r) the small linking matrix. ``row_indices`` and ``col_indices`` (r,) int64 buffers record
+    which rows and columns of the original weight were kept. Parameters: r·(out + in) + r² (+ bias).
+    """
+
+    kind = "cur"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 dense_class: str = "Linear", dtype: torch.dtype | None = None, device: Any = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.dense_class = dense_class
+        factory = {"dtype": dtype, "device": device}
+        self.C = nn.Parameter(torch.empty(out_features, rank, **factory))  # (out, r)
+        self.U = nn.Parameter(torch.empty(rank, rank, **factory))  # (r, r)
+        self.R = nn.Parameter(torch.empty(rank, in_features, **factory))  # (r, in)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None  # (out,)
+        self.register_buffer("row_indices", torch.empty(rank, dtype=torch.long, device=device))  # (r,)
+        self.register_buffer("col_indices", torch.empty(rank, dtype=torch.long, device=device))  # (r,)
+
+    @classmethod
+    def from_factors(cls, C: Tensor, U: Tensor, R: Tensor, row_indices: Tensor, col_indices: Tensor,
+                     bias: Tensor | None, dense_class: str = "Linear", dtype: torch.dtype | None = None) -> "CURLinear":
+        out_features, rank = C.shape
+        dtype = dtype or C.dtype
+        module = cls(R.shape[1], out_features, rank, bias is not None, dense_class, dtype=dtype, device="meta")
+        module.C = nn.Parameter(C.detach().to(dtype).contiguous())
+        module.U = nn.Parameter(U.detach().to(dtype).contiguous())
+        module.R = nn.Parameter(R.detach().to(dtype).contiguous())
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().to(dtype).clone())
+        module.row_indices = torch.as_tensor(row_indices, dtype=torch.long, device=C.device).clone()
+        module.col_indices = torch.as_tensor(col_indices, dtype=torch.long, device=C.device).clone()
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = nn.functional.linear(x, self.R)  # (..., r)
+        hidden = nn.functional.linear(hidden, self.U)  # (..., r)
+        return nn.functional.linear(hidden, self.C, self.bias)  # (..., out)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "rank": self.rank, "bias": self.bias is not None, "dense_class": self.dense_class}
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, rank: int, bias: bool, dense_class: str = "Linear",
+              dtype: torch.dtype | None = None, device: Any = None, **_: Any) -> "CURLinear":
+        return cls(in_features, out_features, rank, bias, dense_class, dtype=dtype, device=device)
+
+    def dense_weight(self) -> Tensor:
+        """``C @ U @ R`` (out, in), computed in fp32 at least."""
+        dtype = torch.promote_types(self.C.dtype, torch.float32)
+        return (self.C.to(dtype) @ self.U.to(dtype) @ self.R.to(dtype)).to(self.C.dtype)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+MODULE_KINDS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (LowRankLinear, CURLinear)}
 
 
 def merge(module: nn.Module) -> nn.Module:
