@@ -1,0 +1,112 @@
+"""Rank rules: the ratio formula, LoRD's rank reduction, explicit ranks, break-even, model_ratio."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor import ranks
+from compressor.base import LayerContext, Target
+from compressor.errors import CompressorError
+from compressor.methods.lord import LoRD, LoRDConfig
+
+
+@pytest.mark.parametrize("m, n, ratio, expected", [
+    (4096, 4096, 0.2, 1638),  # SVD-LLM, LLaMA-7B attention
+    (4096, 11008, 0.2, 2388),  # SVD-LLM, LLaMA-7B MLP
+    (11008, 4096, 0.2, 2388),
+    (4096, 4096, 0.4, 1228),
+    (64, 64, 0.2, 25),
+    (128, 64, 0.2, 34),
+])
+def test_ratio_formula(m, n, ratio, expected):
+    config = LoRDConfig(ratio=ratio)
+    assert ranks.rank_for(config, m, n) == expected
+    rank = expected
+    assert ranks.saves_parameters(rank, m, n)
+    removed = 1 - rank * (m + n) / (m * n)
+    assert removed == pytest.approx(ratio, abs=(m + n) / (m * n) + 1e-12)  # within one rank of the target
+
+
+def test_default_rule_is_ratio_0_2():
+    config = LoRDConfig()
+    assert config.rule == "ratio" and config.ratio == 0.2
+
+
+@pytest.mark.parametrize("m, n, reduction, expected", [
+    (4096, 4096, 0.5, 2048), (64, 128, 0.5, 32), (64, 128, 0.0, 64), (64, 128, 0.9, 6), (64, 128, 0.999, 1),
+])
+def test_rank_reduction(m, n, reduction, expected):
+    assert ranks.rank_for(LoRDConfig(rank_reduction=reduction), m, n) == expected
+
+
+def test_explicit_rank_and_too_large():
+    assert ranks.rank_for(LoRDConfig(rank=16), 64, 128) == 16
+    assert ranks.rank_for(LoRDConfig(rank=64), 64, 128) == 64
+    with pytest.raises(CompressorError, match="larger than min"):
+        ranks.rank_for(LoRDConfig(rank=65), 64, 128)
+
+
+def test_plan_checks_explicit_rank_before_any_work():
+    with pytest.raises(CompressorError, match="rank 100"):
+        LoRD(LoRDConfig(rank=100)).plan({"a": (64, 64), "b": (32, 64)}, 10_000)
+
+
+@pytest.mark.parametrize("bad", [dict(ratio=0.2, rank=4), dict(ratio=1.0), dict(ratio=-0.1),
+                                 dict(rank=0), dict(rank_reduction=1.5), dict(model_ratio=1.0)])
+def test_bad_rules_are_rejected(bad):
+    with pytest.raises(ValueError):
+        LoRDConfig(**bad)
+
+
+def test_break_even():
+    assert ranks.break_even(64, 64) == 32
+    assert ranks.saves_parameters(31, 64, 64)
+    assert not ranks.saves_parameters(32, 64, 64)
+    assert not ranks.saves_parameters(64, 64, 64)
+
+
+def _target(m: int, n: int) -> Target:
+    weight = torch.randn(m, n)
+    return Target("model.layers.0.mlp.down_proj", torch.nn.Linear(n, m, bias=False), weight, weight, None, None)
+
+
+def test_break_even_keeps_dense():
+    ctx = LayerContext(0, 1, torch.device("cpu"), torch.float32)
+    for config in (LoRDConfig(rank_reduction=0.0), LoRDConfig(rank=32), LoRDConfig(rank_reduction=0.5)):
+        outcome = LoRD(config).compress(_target(64, 64), ctx)
+        assert outcome.module is None  # rank 64, 32, 32 ≥ break-even 32
+        assert "break-even" in outcome.note
+    outcome = LoRD(LoRDConfig(rank=31)).compress(_target(64, 64), ctx)
+    assert outcome.module is not None and outcome.rank == 31
+
+
+def _removed(ratio: float, shapes: list[tuple[int, int]]) -> int:
+    total = 0
+    for m, n in shapes:
+        rank = ranks.rank_for(LoRDConfig(ratio=ratio), m, n)
+        if ranks.saves_parameters(rank, m, n):
+            total += m * n - rank * (m + n)
+    return total
+
+
+@pytest.mark.parametrize("target", [0.05, 0.1, 0.25])
+def test_model_ratio_planning_meets_the_target(target):
+    # a LLaMA-7B-like layer stack and a model with embeddings outside the targets
+    shapes = [(4096, 4096)] * 4 * 4 + [(11008, 4096), (4096, 11008), (11008, 4096)] * 4
+    model_params = int(sum(m * n for m, n in shapes) / 0.9)
+    ratio = ranks.plan_model_ratio(target, shapes, model_params)
+    removed = _removed(ratio, shapes)
+    assert removed >= target * model_params
+    assert removed <= target * model_params * 1.01  # and not much more: the smallest ratio that does it
+    assert _removed(ratio - 0.005, shapes) < target * model_params
+
+
+def test_model_ratio_out_of_reach():
+    with pytest.raises(CompressorError, match="out of reach"):
+        ranks.plan_model_ratio(0.5, [(64, 64)], 64 * 64 * 10)
+
+
+def test_model_ratio_needs_a_plan():
+    with pytest.raises(CompressorError, match="plan"):
+        ranks.rank_for(LoRDConfig(model_ratio=0.2), 64, 64)
