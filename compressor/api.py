@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from . import calibration as sources
-from . import configs, io, models, pipeline, recipe as recipes, registry
+from . import configs, io, models, pipeline, ranks, recipe as recipes, registry
 from .errors import CompressorError
 from .recipe import Recipe
 
@@ -89,10 +89,11 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     seconds["compression"] = time.perf_counter() - start
 
     params_after = models.parameter_count(loaded)
+    reduction = ranks.reduction(report.log)  # rank and parameter reduction of the targeted linears
     manifest = {
         "base_model": model, "recipe_source": recipe_name, "recipe": applied_recipe(recipe, steps),
         "dtype": dtype, "params_before": params_before, "params_after": params_after,
-        "bytes_before": bytes_before,
+        "bytes_before": bytes_before, "reduction": reduction,
         "bytes_after": sum(p.numel() * p.element_size() for p in {id(p): p for p in loaded.parameters()}.values()),
     }
     start = time.perf_counter()
@@ -100,4 +101,5 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     seconds["save"] = time.perf_counter() - start
     return {"out": str(out), "params_before": params_before, "params_after": params_after,
             "seconds": seconds, "walk_seconds": dict(report.seconds), "modules": len(report.log),
-            "compressed": sum(1 for e in report.log if e["kind"] != "dense"), "model": loaded}
+            "compressed": sum(1 for e in report.log if e["kind"] != "dense"), "reduction": reduction,
+            "model": loaded}

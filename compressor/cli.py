@@ -80,6 +80,12 @@ def compress(
     console.print(f"wrote {summary['out']}: {summary['compressed']}/{summary['modules']} modules compressed, "
                   f"parameters {summary['params_before']:,} → {summary['params_after']:,} ({removed:.1%} removed), "
                   f"{sum(summary['seconds'].values()):.1f}s", highlight=False)
+    console.print(_reduction_line(summary["reduction"]), highlight=False)
+
+
+def _reduction_line(r: dict) -> str:
+    return (f"targeted linears: {r['param_reduction']:.1%} of parameters removed, {r['rank_reduction']:.1%} rank "
+            f"reduction (Σ ranks cut / Σ min(m,n)); {r['factorized']}/{r['targeted_modules']} factorized")
 
 
 @app.command("eval")
@@ -114,8 +120,9 @@ def eval_(
 @app.command()
 @_guard
 def inspect(path: Annotated[Path, typer.Argument(help="compressed output directory")]) -> None:
-    """Per-module table: kind, shape, rank, parameters, relative error."""
+    """Per-module table: kind, shape, rank, parameters, relative error; rank and parameter reduction."""
     from .io import LOG, read_manifest
+    from .ranks import reduction
 
     manifest = read_manifest(path)
     log_file = path / LOG
@@ -130,6 +137,14 @@ def inspect(path: Annotated[Path, typer.Argument(help="compressed output directo
                       "" if e.get("rank") is None else str(e["rank"]), f"{e['params_before']:,}→{e['params_after']:,}",
                       fmt(e.get("rel_error")), fmt(e.get("rel_output_error")), e.get("note", ""))
     console.print(table)
+    if entries:
+        console.print(_reduction_line(manifest.get("reduction") or reduction(entries)), highlight=False)
+        lrc = [e for e in entries if "lrc" in e]
+        if lrc:
+            console.print(f"WeLore τ = {lrc[0]['tau']:.4g}: {sum(e['lrc'] for e in lrc)} LRC (factorized), "
+                          f"{sum(not e['lrc'] for e in lrc)} N-LRC (dense); ranks below τ: "
+                          f"{sum(e['pruned_ranks'] for e in lrc) / sum(e['full_rank'] for e in lrc):.1%}",
+                          highlight=False)
 
 
 @app.command()

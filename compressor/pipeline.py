@@ -131,6 +131,36 @@ def run_layer(layer: nn.Module, inputs: list[LayerInput], device: torch.device,
     return outputs
 
 
+def original_statistics(model: nn.Module, names: set[str], needs: frozenset[str], batches: list[Tensor],
+                        device: torch.device, each: Callable[[int, dict[str, LinearStats]], None],
+                        offload: torch.device | None = None) -> None:
+    """Input statistics of the linears ``names`` on the unmodified model, one decoder layer at a time:
+    calls ``each(layer index, name → stats)`` and propagates the layer's original outputs (SVD-LLM's
+    profiling).
+
+    For global rules that need statistics of every layer before the walk (WeLore's rule on whitened
+    spectra): a pass of its own, so the walk itself stays one pass; ``each`` keeps what it needs of a
+    layer's statistics, which are dropped afterwards. Stops after the last layer holding one of ``names``.
+    """
+    offload = offload or torch.device("cpu")
+    prefix, layers = arch.decoder_layers(model)
+    per_layer = [{n: m for n, m in arch.layer_linears(layer, f"{prefix}.{i}").items() if n in names}
+                 for i, layer in enumerate(layers)]
+    last = max((i for i, chosen in enumerate(per_layer) if chosen), default=-1)
+    if last < 0:
+        return
+    with calibration_mode(model):
+        inputs = capture_inputs(model, layers, batches, device, offload)
+        for index in range(last + 1):
+            layers[index].to(device)
+            with StatsCollector(per_layer[index], needs) as collector:
+                outputs = run_layer(layers[index], inputs, device, offload)
+            if per_layer[index]:
+                each(index, collector.result())
+            layers[index].to(offload)
+            inputs = [LayerInput(h, item.args, item.kwargs) for h, item in zip(outputs, inputs)]
+
+
 def walk(model: nn.Module, steps: list[Step], batches: list[Tensor] | None, *, device: torch.device,
          propagate: str = "compressed", offload: torch.device | None = None,
          on_layer: Callable[[int, int], None] | None = None, log_file=None) -> WalkReport:

@@ -8,6 +8,11 @@ A rule turns a matrix shape (m, n) into a rank. Exactly one of these is set in a
 - ``model_ratio``: fraction of the *whole model's* parameters removed (embeddings included); solved
   once, before the layer walk, as the uniform ``ratio`` that meets it (``plan``).
 
+``rank_rule`` says how the budget is spread: ``uniform`` (the rule above, matrix by matrix) or
+``welore`` (one threshold τ on every matrix's normalised spectrum, ``welore_rule``): then ``ratio`` is
+the fraction of all targeted parameters removed, ``rank_reduction`` the global Σ pruned / Σ min(m, n),
+``model_ratio`` as above, and ``rank`` is not allowed. A method that offers it solves τ in ``prepare``.
+
 A factorization saves parameters only if ``r·(m + n) < m·n``; at or above that break-even rank the
 matrix stays dense and the log says so.
 """
@@ -15,11 +20,13 @@ matrix stays dense and the log says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from .configs import field
 from .errors import CompressorError
 
 RULES = ("ratio", "rank", "rank_reduction", "model_ratio")
+RankRuleKind = Literal["uniform", "welore"]
 
 
 @dataclass
@@ -30,6 +37,8 @@ class RankRule:
     rank: int | None = field(None, "one explicit rank for every targeted matrix")
     rank_reduction: float | None = field(None, "LoRD's rank reduction 1 - r/min(m,n)")
     model_ratio: float | None = field(None, "fraction of the whole model's parameters removed (solved globally)")
+    rank_rule: RankRuleKind = field("uniform", "uniform (the same rule per matrix) or welore (non-uniform ranks "
+                                    "from one threshold on the normalised spectra, meeting the budget globally)")
 
     def __post_init__(self) -> None:
         chosen = [name for name in RULES if getattr(self, name) is not None]
@@ -44,6 +53,8 @@ class RankRule:
                 raise ValueError(f"{name} must be in [0, 1); got {value}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be ≥ 1; got {self.rank}")
+        if self.rank_rule == "welore" and self.rank is not None:
+            raise ValueError("rank_rule welore needs a budget (ratio, rank_reduction or model_ratio), not a rank")
 
     @property
     def rule(self) -> str:
@@ -57,6 +68,8 @@ def break_even(m: int, n: int) -> float:
 
 def rank_for(rule: RankRule, m: int, n: int, planned_ratio: float | None = None) -> int:
     """The rank the rule asks for on an (m, n) matrix (before the break-even check)."""
+    if getattr(rule, "rank_rule", "uniform") != "uniform":
+        raise CompressorError(f"rank_rule {rule.rank_rule} is global: its ranks come from the method's plan")
     if rule.rank is not None:
         if rule.rank > min(m, n):
             raise CompressorError(f"rank {rule.rank} is larger than min(m, n) = {min(m, n)} of a {m}×{n} matrix")
@@ -95,3 +108,28 @@ def plan_model_ratio(target: float, shapes: list[tuple[int, int]], model_params:
         mid = (low + high) / 2
         low, high = (mid, high) if removed(mid) < goal else (low, mid)
     return high
+
+
+def reduction(log: list[dict]) -> dict:
+    """Rank and parameter reduction of the targeted linears, from the walk's log entries, side by side.
+
+    Per module: parameters before its first step and after its last; its rank loss ``min(m, n) − rank``
+    from its last entry that has a rank (a dense or unranked module loses none). ``rank_reduction`` is
+    Σ rank loss / Σ min(m, n) (WeLore's and LoRD's "rank reduction", over all targeted matrices),
+    ``param_reduction`` is 1 − Σ after / Σ before. They differ: a square matrix saves nothing until
+    it loses half its rank.
+    """
+    modules: dict[str, dict] = {}
+    for entry in log:
+        module = modules.setdefault(entry["name"], {"before": entry["params_before"], "full": min(entry["shape"]),
+                                                    "lost": 0})
+        module["after"] = entry["params_after"]
+        if entry.get("rank") is not None:
+            module["lost"] = module["full"] - entry["rank"]
+    before = sum(m["before"] for m in modules.values())
+    after = sum(m["after"] for m in modules.values())
+    full = sum(m["full"] for m in modules.values())
+    return {"targeted_modules": len(modules), "factorized": sum(1 for m in modules.values() if m["lost"] > 0),
+            "targeted_params_before": before, "targeted_params_after": after,
+            "param_reduction": 1.0 - after / before if before else 0.0,
+            "rank_reduction": sum(m["lost"] for m in modules.values()) / full if full else 0.0}

@@ -9,12 +9,15 @@ Each targeted ``W`` (m, n) becomes ``up @ down`` with ``up = U_r Σ_r^½`` (m, r
 - ``gram``: SVD-LLM's truncation-aware whitening ``S = chol(XᵀX)`` (arXiv:2403.07378).
 
 No public LoRD code exists; methods.md §2 specifies it from the paper. Ranks come from the shared rank
-rules; a matrix whose rank would not save parameters stays dense.
+rules; a matrix whose rank would not save parameters stays dense. With ``rank_rule: welore`` the ranks
+are non-uniform, from WeLore's threshold on the spectrum this method truncates (``welore_rule``): the
+raw one for ``whiten: none``, the whitened ``W S`` otherwise, with ``S`` from statistics of the original
+model taken in ``prepare`` (a pass of its own; the factors then use the walk's statistics as usual).
 
 ```yaml
 steps:
   - method: lord
-    config: {ratio: 0.2, whiten: gram}
+    config: {ratio: 0.2, whiten: gram}                      # or add rank_rule: welore
 ```
 """
 
@@ -24,8 +27,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
 
-from .. import linalg, ranks
+from .. import linalg, ranks, welore_rule
 from ..base import Compressor, LayerContext, Outcome, Target
 from ..configs import field
 from ..modules import LowRankLinear
@@ -54,6 +58,9 @@ class LoRD(Compressor):
     def __init__(self, config: LoRDConfig) -> None:
         super().__init__(config)
         self.planned_ratio: float | None = None
+        self.shapes: dict[str, tuple[int, int]] = {}
+        self.model_params = 0
+        self.welore: welore_rule.Plan | None = None  # rank_rule welore: τ and every matrix's rank
 
     @property
     def needs(self) -> frozenset[str]:
@@ -61,25 +68,53 @@ class LoRD(Compressor):
             self.config.whiten]
 
     def plan(self, shapes: dict[str, tuple[int, int]], model_params: int) -> None:
+        self.shapes, self.model_params = dict(shapes), model_params
+        if self.config.rank_rule == "welore":
+            return  # solved in prepare, from the spectra
         if self.config.model_ratio is not None:
             self.planned_ratio = ranks.plan_model_ratio(self.config.model_ratio, list(shapes.values()), model_params)
         else:  # check explicit ranks before any work is done
             for m, n in shapes.values():
                 ranks.rank_for(self.config, m, n)
 
-    def whitening(self, target: Target) -> linalg.Whitening:
+    def prepare(self, model: nn.Module, batches: list[torch.Tensor] | None, device: torch.device) -> None:
+        if self.config.rank_rule != "welore":
+            return
+        dtype = torch.float64 if self.config.svd_dtype == "float64" else torch.float32
+        names = list(self.shapes)
+        if self.config.whiten == "none":
+            spectra = welore_rule.weight_spectra(model, names, device, dtype)
+        else:
+            spectra = welore_rule.whitened_spectra(model, names, self.needs, self.whitening_of, batches, device, dtype)
+        target = welore_rule.budget(rank_reduction=self.config.rank_reduction, ratio=self.config.ratio,
+                                    model_ratio=self.config.model_ratio, shapes=self.shapes,
+                                    model_params=self.model_params)
+        self.welore = welore_rule.solve(spectra, self.shapes, **target)
+
+    def whitening_of(self, stats) -> linalg.Whitening:
         if self.config.whiten == "activation":
-            return linalg.diagonal(target.stats.abs_mean, self.config.alpha)
+            return linalg.diagonal(stats.abs_mean, self.config.alpha)
         if self.config.whiten == "gram":
-            return linalg.from_gram(target.stats.gram, self.config.gram_root)
+            return linalg.from_gram(stats.gram, self.config.gram_root)
         return linalg.identity()
+
+    def whitening(self, target: Target) -> linalg.Whitening:
+        return self.whitening_of(target.stats)
 
     def compress(self, target: Target, ctx: LayerContext) -> Outcome:
         m, n = target.weight.shape
-        rank = ranks.rank_for(self.config, m, n, self.planned_ratio)
+        extra, note = {}, ""
+        if self.welore is not None:
+            allocation = self.welore.allocations[target.name]
+            extra = allocation.extra(self.welore.tau)
+            if not allocation.lrc:
+                return Outcome(None, note=allocation.note(self.welore.tau), extra=extra)
+            rank, note = allocation.rank, allocation.note(self.welore.tau)
+        else:
+            rank = ranks.rank_for(self.config, m, n, self.planned_ratio)
         if not ranks.saves_parameters(rank, m, n):
             return Outcome(None, note=f"rank {rank} ≥ break-even {ranks.break_even(m, n):.0f}: kept dense")
         dtype = torch.float64 if self.config.svd_dtype == "float64" else torch.float32
         up, down = lord_factors(target.weight, rank, self.whitening(target), dtype)
         module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
-        return Outcome(module, rank=rank)
+        return Outcome(module, rank=rank, note=note, extra=extra)
