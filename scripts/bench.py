@@ -27,15 +27,27 @@ MODEL = "smollm2-135m"
 CALIBRATION = {"dataset": "sotu", "n_samples": 32, "seq_len": 512, "seed": 0, "batch_size": 8}
 
 
-def lord(whiten: str, ratio: float, propagate: str = "compressed") -> dict:
+def lord(whiten: str, ratio: float, propagate: str = "compressed", **config) -> dict:
     return {"calibration": CALIBRATION, "propagate": propagate,
-            "steps": [{"method": "lord", "config": {"ratio": ratio, "whiten": whiten}}]}
+            "steps": [{"method": "lord", "config": {"ratio": ratio, "whiten": whiten, **config}}]}
+
+
+def welore(ratio: float) -> dict:
+    return {"calibration": CALIBRATION, "steps": [{"method": "welore", "config": {"ratio": ratio}}]}
 
 
 SUITES: dict[str, list[tuple[str, dict]]] = {
     "lord": [
         *[(f"lord-{w}-{r}", lord(w, r)) for w in ("none", "activation", "gram") for r in (0.2, 0.4)],
         *[(f"lord-gram-{r}-original", lord("gram", r, "original")) for r in (0.2, 0.4)],
+    ],
+    # Same parameter count = the same fraction of the targeted (decoder linear) parameters removed:
+    # WeLore's global `ratio` (τ by bisection) vs LoRD's uniform per-matrix `ratio`; the whitened-spectrum
+    # variant is LoRD gram with rank_rule welore. The achieved reductions are in each run's "reduction".
+    "welore": [
+        *[(f"{name}-{r}", recipe) for r in (0.05, 0.1, 0.2) for name, recipe in (
+            ("welore", welore(r)), ("lord-none", lord("none", r)), ("lord-gram", lord("gram", r)),
+            ("lord-gram-welore", lord("gram", r, rank_rule="welore")))],
     ],
 }
 
@@ -111,7 +123,7 @@ def run_one(name: str, recipe_data: dict) -> dict:
     return {"name": name, "recipe": recipe_data, "perplexity": ppl["value"],
             "parameters": summary["params_after"], "parameters_before": summary["params_before"],
             "bytes_on_disk": disk, "seconds": summary["seconds"], "breakdown": summary["walk_seconds"],
-            "plain_forward_seconds": forward,
+            "reduction": summary.get("reduction"), "plain_forward_seconds": forward,
             # the whole run without model load (calibration data, layer walk, save) over one plain forward
             "run_over_plain_forward": sum(v for k, v in summary["seconds"].items() if k != "load") / forward,
             "peak_rss_mib": peak_rss_mib()}
