@@ -7,9 +7,9 @@ import difflib
 from .base import Compressor
 from .configs import build
 from .errors import CompressorError
-from .methods import lord, welore
+from .methods import curing, lord, welore
 
-COMPRESSORS: dict[str, type[Compressor]] = {cls.name: cls for cls in (lord.LoRD, welore.WeLore)}
+COMPRESSORS: dict[str, type[Compressor]] = {cls.name: cls for cls in (lord.LoRD, welore.WeLore, curing.CURing)}
 
 
 def get(name: str) -> type[Compressor]:
