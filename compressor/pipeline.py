@@ -254,6 +254,8 @@ def _compress_layer(layer: nn.Module, index: int, n_layers: int, prefix: str, st
                 log_file.write(json.dumps(entry) + "\n")
                 log_file.flush()
             if outcome.module is not None:
+                if propagate == "original" and inputs is not None and original_outputs is None:
+                    original_outputs = run_layer(layer, inputs, device, offload)  # before the layer first changes
                 outcome.module.to(device)
                 layer.set_submodule(name[len(prefix) + 1:], outcome.module)  # the only place modules are swapped
                 modified = True
@@ -261,8 +263,10 @@ def _compress_layer(layer: nn.Module, index: int, n_layers: int, prefix: str, st
     if inputs is None:
         return None
     start = time.perf_counter()
-    if propagate == "original":
+    if propagate == "original" and original_outputs is not None:
         next_hidden = original_outputs
+    elif propagate == "original":  # no step ran a forward pass here and the layer is unchanged
+        next_hidden = run_layer(layer, inputs, device, offload)
     elif modified or outputs is None:
         next_hidden = run_layer(layer, inputs, device, offload)
     else:
