@@ -55,7 +55,8 @@ class StepSpec:
 
 @dataclass
 class Recipe:
-    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig,
+                                                       metadata={"help": "calibration data (see CalibrationConfig)"})
     propagate: Literal["compressed", "original"] = field("compressed", "next layer sees compressed or original outputs")
     steps: list[StepSpec] = field([], "compression steps, applied in order to each layer")
 
@@ -107,7 +108,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
         elif isinstance(node, dict):
             node = node.setdefault(part, {})
         else:
-            raise CompressorError(f"override {assignment!r}: {'.'.join(parts[:position + 1])} is not a mapping")
+            raise CompressorError(f"override {assignment!r}: {'.'.join(parts[:position])} is not a mapping")
     if not isinstance(node, dict):
         raise CompressorError(f"override {assignment!r}: cannot set {parts[-1]!r} here")
     node[parts[-1]] = value
