@@ -15,6 +15,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import CompressorError
@@ -155,11 +156,12 @@ def methods() -> None:
     from .registry import COMPRESSORS
 
     for name, cls in COMPRESSORS.items():
-        table = Table(title=f"{name}: {cls.summary}  [{cls.paper}]", title_justify="left")
+        # escape: "[arXiv:...]" would otherwise be read as Rich markup and vanish
+        table = Table(title=escape(f"{name}: {cls.summary}  [{cls.paper}]"), title_justify="left")
         for column in ("field", "type", "default", "help"):
             table.add_column(column)
         for field_name, type_name, default, help_text in describe(cls.Config):
-            table.add_row(field_name, type_name, repr(default), help_text)
+            table.add_row(field_name, escape(type_name), escape(repr(default)), escape(help_text))
         console.print(table)
 
 
