@@ -108,7 +108,8 @@ def classify(shape: tuple[int, int], pruned: int, min_ratio: float = 0.0, guard:
 
 @dataclass
 class Plan:
-    """τ and every matrix's allocation; the whole-run figures for the log and the summary."""
+    """τ and every matrix's allocation. ``summary`` adds the attempted rank reduction (before the LRC
+    test) to what ``ranks.reduction`` recomputes from the log."""
 
     tau: float
     allocations: dict[str, Allocation]
