@@ -168,3 +168,31 @@ def test_load_detects_a_manifest_that_does_not_match(tmp_path, model_dirs, small
     (out / io.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CompressorError, match="does not match"):
         compressor.load(out)
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gpt2"])
+def test_bfloat16_roundtrip_and_merge(tmp_path, model_dirs, small, ids, arch_name):
+    out, merged = tmp_path / "bf16", tmp_path / "bf16-merged"
+    summary = compress(str(model_dirs[arch_name]), "lord", out, overrides=small, dtype="bfloat16", progress=False)
+    assert all(p.dtype == torch.bfloat16 for p in summary["model"].parameters())
+    loaded = compressor.load(out)
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    assert torch.equal(logits(loaded, ids), logits(summary["model"], ids))
+    compress(str(model_dirs[arch_name]), "lord", merged, overrides=small, dtype="bfloat16", merge=True,
+             progress=False)
+    plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16)
+    # merging rounds up @ down once more to bf16: close, not equal
+    assert (logits(plain, ids) - logits(loaded, ids)).abs().max() < 0.05 * logits(loaded, ids).abs().max()
+
+
+def test_everything_kept_dense(tmp_path, model_dirs, small, ids):
+    out = tmp_path / "dense"
+    summary = run(model_dirs["opt"], out, small, "lord.ratio=null", "lord.rank_reduction=0.0")
+    assert summary["compressed"] == 0 and summary["modules"] == 12
+    assert summary["params_after"] == summary["params_before"]
+    manifest = io.read_manifest(out)
+    assert manifest["modules"] == {}
+    log = [json.loads(line) for line in (out / io.LOG).read_text().splitlines()]
+    assert all(e["kind"] == "dense" and "break-even" in e["note"] for e in log)
+    original = AutoModelForCausalLM.from_pretrained(model_dirs["opt"])
+    assert torch.equal(logits(compressor.load(out), ids), logits(original, ids))

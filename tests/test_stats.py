@@ -105,3 +105,33 @@ def test_hooks_removed_after_exception_inside_forward():
         with StatsCollector({"lin": layer.lin}, frozenset({"gram"})):
             layer(torch.randn(2, 4))
     assert len(layer.lin._forward_hooks) == 0
+
+
+SHARED_GROUPS = {  # per decoder layer: groups of linears that read one tensor
+    "llama": [{"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, {"mlp.gate_proj", "mlp.up_proj"},
+              {"self_attn.o_proj"}, {"mlp.down_proj"}],
+    "opt": [{"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, {"self_attn.out_proj"}, {"fc1"}, {"fc2"}],
+    "gpt2": [{"attn.c_attn"}, {"attn.c_proj"}, {"mlp.c_fc"}, {"mlp.c_proj"}],
+}
+SHARED_GROUPS["qwen2"] = SHARED_GROUPS["mistral"] = SHARED_GROUPS["llama"]
+
+
+def test_sharing_on_every_architecture(tiny_model, arch, batches):
+    from compressor import arch as arch_facts, pipeline
+
+    prefix, layers = arch_facts.decoder_layers(tiny_model)
+    cpu = torch.device("cpu")
+    with pipeline.calibration_mode(tiny_model):
+        inputs = pipeline.capture_inputs(tiny_model, layers, batches, cpu, cpu)
+        linears = arch_facts.layer_linears(layers[1], f"{prefix}.1")
+        with StatsCollector(linears, frozenset({"gram", "abs_mean"})) as collector:
+            pipeline.run_layer(layers[1], inputs, cpu, cpu)
+    stats = collector.result()
+    groups = [{f"{prefix}.1.{name}" for name in group} for group in SHARED_GROUPS[arch]]
+    assert set(stats) == set().union(*groups)
+    for group in groups:
+        assert len({id(stats[name]) for name in group}) == 1, group
+    assert len({id(s) for s in stats.values()}) == len(groups)
+    tokens = sum(b.numel() for b in batches)
+    for s in stats.values():
+        assert s.n_tokens == tokens and s.gram.shape[0] == s.abs_mean.shape[0]
