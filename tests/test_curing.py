@@ -345,3 +345,17 @@ def test_llama31_8b_parameter_arithmetic_8_03b_to_7_32b():
     assert before - after == 10 * (14_614_528 + 2_818_048 + 53_936_128)  # q + k + gate savings per layer
     assert round(before / 1e9, 2) == 8.03 and round(after / 1e9, 2) == 7.32
     assert math.isclose(1 - after / before, 0.0889, abs_tol=5e-4)  # "−9%"
+
+
+def test_deim_equals_the_explicit_greedy_loop():
+    """The LU-pivot form of DEIM picks what the textbook loop picks."""
+    vectors = torch.linalg.qr(torch.randn(200, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(4))).Q
+    picked: list[int] = []
+    for j in range(40):
+        residual = vectors[:, j].clone()
+        if picked:
+            p = torch.tensor(picked)
+            residual -= vectors[:, :j] @ torch.linalg.solve(vectors[p, :j], vectors[p, j])
+        residual[picked] = 0
+        picked.append(int(residual.abs().argmax()))
+    assert curing.deim(vectors).tolist() == picked

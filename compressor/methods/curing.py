@@ -312,20 +312,16 @@ def deim(vectors: Tensor) -> Tensor:
 
     Step j picks the row where the interpolation residual of column j is largest, the residual being
     column j minus its interpolation by the columns before it on the rows picked so far. Kept as
-    residuals, this is Gaussian elimination with partial pivoting: after step j every later column is
-    zero on the picked rows, so ``vectors[picked]`` is nonsingular whenever the columns are independent.
+    residuals, these steps are Gaussian elimination with partial pivoting (Sorensen & Embree, §3): the
+    picked rows are the pivot rows of ``vectors``' LU factorization, in order, so LAPACK's ``getrf`` does
+    all r steps in one call. ``vectors[picked]`` is nonsingular whenever the columns are independent.
     """
-    residual = vectors.clone()  # (m, r)
-    m, r = residual.shape
-    picked = torch.empty(r, dtype=torch.long)
-    taken = torch.zeros(m, dtype=torch.bool, device=residual.device)
-    for j in range(r):
-        row = int(torch.argmax(residual[:, j].abs().masked_fill(taken, -1.0)))
-        picked[j], taken[row] = row, True
-        pivot = residual[row, j]
-        if j + 1 < r and pivot != 0:
-            residual[:, j + 1:] -= torch.outer(residual[:, j] / pivot, residual[row, j + 1:])
-    return picked
+    m, r = vectors.shape
+    _, swaps = torch.linalg.lu_factor(vectors)  # LAPACK row interchanges (min(m, r),), 1-based
+    order = list(range(m))
+    for step, swap in enumerate(swaps.tolist()):
+        order[step], order[swap - 1] = order[swap - 1], order[step]
+    return torch.tensor(order[:r], dtype=torch.long)
 
 
 def cur_factors(weight: Tensor, rows: Tensor, cols: Tensor, weighting: Tensor | None = None,
