@@ -77,7 +77,8 @@ class CURingConfig:
         "last", "hidden states compared: the last token of each window (reference) or every token")
     statistics: Literal["selection", "walk"] = field(
         "selection", "selection: input statistics of the original model from the layer-selection pass (v1, "
-        "one pass); walk: collected during the layer walk on the chosen layers (honours propagate)")
+        "one pass; holds them for every candidate layer until the choice, Grams too for score covariance); "
+        "walk: collected during the layer walk on the chosen layers only (honours propagate)")
     score: Score = field("wanda", "row/column score: wanda |W|·rms(x), signed W·rms(x) (v2 cov_fast), "
                                   "covariance W·Σ^½ (v2 cov), weight |W|")
     deim: Literal["exact", "randomized"] = field("exact", "singular vectors for DEIM: full SVD, or randomized "
