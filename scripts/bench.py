@@ -81,13 +81,14 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
     # (256·576/4096 = 36: the paper's −9%). LoRD gram at the same removed parameter count: model_ratio =
     # CURing's removed fraction, on q/k/gate of the layers CURing compressed ("same"), or of all 30 ("all").
     # curing-10-walk: statistics collected in the layer walk instead of the selection pass (time only).
+    # Each LoRD run follows the CURing run it matches, so that load drift on a shared machine hits both.
     "curing": [
-        ("curing-5", curing(5)), ("curing-10", curing(10)), ("curing-10-rank36", curing(10, max_rank=36)),
-        ("curing-10-walk", curing(10, statistics="walk")),
-        ("lord-gram-same-as-curing-5", lord_matched("curing-5")),
-        ("lord-gram-same-as-curing-10", lord_matched("curing-10")),
+        ("curing-5", curing(5)), ("lord-gram-same-as-curing-5", lord_matched("curing-5")),
+        ("curing-10", curing(10)), ("lord-gram-same-as-curing-10", lord_matched("curing-10")),
+        ("curing-10-rank36", curing(10, max_rank=36)),
         ("lord-gram-same-as-curing-10-rank36", lord_matched("curing-10-rank36")),
         ("lord-gram-all-as-curing-10-rank36", lord_matched("curing-10-rank36", same_layers=False)),
+        ("curing-10-walk", curing(10, statistics="walk")),
     ],
 }
 
