@@ -223,12 +223,14 @@ def test_compressor_selects_least_changing_layers_and_compresses_targets():
     assert report.seconds.get("statistics_forward", 0.0) == 0.0  # statistics: selection → no walk forwards
 
 
-def test_selection_statistics_match_walk_statistics():
+@pytest.mark.parametrize("n_layers,propagate", [(1, "compressed"), (3, "original")])
+def test_selection_statistics_match_walk_statistics(n_layers, propagate):
     """statistics: selection (v1, one pass on the original model) and statistics: walk see the same inputs
-    on the first compressed layer (nothing before it has changed), so they give the same decomposition."""
+    on the first compressed layer (nothing before it has changed), and on every layer with propagate:
+    original, so they give the same decomposition."""
     first, second = tiny_llama(seed=2), tiny_llama(seed=2)
-    run(first, {"n_layers": 1, "max_rank": 6})
-    _, report = run(second, {"n_layers": 1, "max_rank": 6, "statistics": "walk"})
+    run(first, {"n_layers": n_layers, "max_rank": 6})
+    _, report = run(second, {"n_layers": n_layers, "max_rank": 6, "statistics": "walk"}, propagate=propagate)
     assert report.seconds["statistics_forward"] > 0
     found = 0
     for (name, a), (_, b) in zip(first.named_modules(), second.named_modules()):
@@ -236,7 +238,7 @@ def test_selection_statistics_match_walk_statistics():
             assert torch.equal(a.row_indices, b.row_indices) and torch.equal(a.col_indices, b.col_indices), name
             torch.testing.assert_close(a.U, b.U, atol=1e-5, rtol=1e-5)
             found += 1
-    assert found == 3
+    assert found == 3 * n_layers
 
 
 @pytest.mark.parametrize("config", [
