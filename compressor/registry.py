@@ -7,9 +7,11 @@ import difflib
 from .base import Compressor
 from .configs import build
 from .errors import CompressorError
-from .methods import curing, lord, welore
+from .methods import curing, fwsvd, lord, welore
 
-COMPRESSORS: dict[str, type[Compressor]] = {cls.name: cls for cls in (lord.LoRD, welore.WeLore, curing.CURing)}
+COMPRESSORS: dict[str, type[Compressor]] = {
+    cls.name: cls for cls in (lord.LoRD, welore.WeLore, curing.CURing, fwsvd.FWSVD)
+}
 
 
 def get(name: str) -> type[Compressor]:

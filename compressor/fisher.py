@@ -1,0 +1,314 @@
+"""Empirical Fisher information of the targeted weights: a whole-model gradient pass, cached on disk.
+
+For each calibration window ``d`` (one window per backward: the per-example Fisher, LQ-LoRA's
+convention; a batch of several windows would square the *mean* gradient and underestimate it,
+methods.md §3.2 and §8.4)::
+
+    L(d)  = mean next-token cross-entropy of the window (seq_len − 1 shifted targets)
+    F_ij  = Σ_d (∂L(d)/∂W_ij)²          # (out, in) per targeted weight, summed (not averaged) over windows
+
+Memory (the pass must fit next to the model, well under twice its size):
+- only the targeted weights require gradients; everything else is frozen, the (tied) embedding and
+  head included, so no gradient is ever computed for them;
+- each weight's gradient is squared into its fp32 accumulator by a post-accumulate-grad hook and freed
+  at once, so at most one weight gradient exists at any time (the accumulators, ≈ the size of the
+  targeted weights, are the pass's one large allocation);
+- ``checkpointing`` recomputes each decoder layer's activations in the backward pass (non-reentrant
+  ``torch.utils.checkpoint`` around every layer), so only the layer inputs stay alive between the
+  forward and the backward. The model stays in eval mode (no dropout), so the recomputation is exact;
+- the head and the loss run on 64 tokens at a time (recomputed in the backward), so the (seq, vocab)
+  logits never exist at once (they would be 100 MB per copy on SmolLM2's 49k vocabulary); this path is
+  used only where ``head(base_model(ids))`` reproduces the model's logits (checked on a short prefix);
+- on glibc, allocations ≥ 1 MiB are served by mmap during the pass (``bounded_heap``) so freed
+  activations leave the process instead of staying in a fragmented heap.
+Measured on SmolLM2-135M (fp32 model 513 MiB, 32 × 512 tokens): the pass adds ≈ 405 MiB of fp32
+accumulators and ≈ 100 MiB of working set (see results/bench-fwsvd.json).
+
+Cache: ``models.cache_dir()/"fisher"/<fingerprint>.safetensors``. The pipeline gives ``prepare`` the
+model and the token ids, not the model spec or the recipe, so the fingerprint is derived from them:
+the architecture, every parameter's name, shape, dtype and a strided sample of its values (a cheap
+identity of the weights), the token ids themselves (they determine dataset, n_samples, seq_len, seed
+and tokenizer at once; batching does not matter for a per-example Fisher), the targeted names and the
+loss convention. Any method that needs Fisher (FWSVD, LQ-LoRA) calls ``fisher_for``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from . import arch, models
+from .errors import CompressorError
+from .modules import Conv1D
+
+FORMAT = "fisher-v1: sum over windows of squared grads of the mean next-token CE, batch 1, fp32"
+CacheMode = Literal["use", "refresh", "off"]
+_SAMPLE = 4096  # values per parameter that enter the model fingerprint
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+LOSS_CHUNK = 64  # tokens whose logits exist at once (64 × 49,152 vocab × 4 B = 12.6 MB on SmolLM2)
+
+
+def samples(batches: list[Tensor]) -> list[Tensor]:
+    """The calibration windows one by one: (batch, seq_len) tensors → [(1, seq_len), ...]."""
+    return [row for ids in batches for row in ids.split(1)]
+
+
+def next_token_loss(model: nn.Module, ids: Tensor) -> Tensor:
+    """Mean cross-entropy of the shifted next-token targets of ``ids`` (1, seq_len), in fp32."""
+    logits = model(input_ids=ids, use_cache=False).logits  # (1, seq, vocab)
+    return nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+
+
+def _chunk_nll(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_next_token_loss(body: nn.Module, head: nn.Module, ids: Tensor, chunk: int = LOSS_CHUNK) -> Tensor:
+    """``next_token_loss`` without the (seq, vocab) logits: the head and the loss run on ``chunk`` tokens
+    at a time and are recomputed in the backward pass, so one chunk's logits exist at any time."""
+    hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]  # (seq − 1, hidden)
+    targets = ids[0, 1:]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk):
+        total = total + checkpoint(_chunk_nll, head, hidden[start: start + chunk], targets[start: start + chunk],
+                                   use_reentrant=False)
+    return total / targets.numel()
+
+
+def loss_function(model: nn.Module, probe: Tensor) -> Callable[[Tensor], Tensor]:
+    """The chunked loss when the model's logits are exactly ``head(base_model(ids))`` (checked on a
+    16-token prefix of ``probe``: no logit soft-capping or scaling in between), else the plain one."""
+    head, body = model.get_output_embeddings(), getattr(model, "base_model", None)
+    if head is None or body is None or body is model:
+        return functools.partial(next_token_loss, model)
+    prefix = probe[:, :16]
+    with torch.no_grad():
+        try:
+            plain = model(input_ids=prefix, use_cache=False).logits[0].float()
+            split = head(body(input_ids=prefix, use_cache=False).last_hidden_state[0]).float()
+        except (TypeError, AttributeError, ValueError):
+            return functools.partial(next_token_loss, model)
+    if plain.shape != split.shape or not torch.allclose(plain, split, rtol=1e-4, atol=1e-4):
+        return functools.partial(next_token_loss, model)
+    return functools.partial(chunked_next_token_loss, body, head)
+
+
+def _target_weights(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
+    """name → the dense weight parameter of each targeted linear (its own layout: Conv1D is (in, out))."""
+    found = {}
+    for name in names:
+        module = model.get_submodule(name)
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            raise CompressorError(f"Fisher needs a dense weight; {name} is a {type(module).__name__}")
+        found[name] = weight
+    return found
+
+
+@contextmanager
+def _gradient_setup(model: nn.Module, weights: dict[str, nn.Parameter], checkpointing: bool) -> Iterator[None]:
+    """Freeze everything but ``weights``, eval mode, grads on, optional per-layer checkpointing; undone on exit."""
+    flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    was_training = model.training
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    layers = arch.decoder_layers(model)[1] if checkpointing else []
+    for p, _ in flags.values():
+        p.requires_grad_(False)
+    for p in weights.values():
+        p.requires_grad_(True)
+    for layer in layers:  # an instance attribute shadows the class's forward; removed on exit
+        layer.forward = functools.partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
+    model.eval()
+    if config is not None:
+        config.use_cache = False
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for layer in layers:
+            del layer.forward
+        for p, flag in flags.values():
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+        if config is not None:
+            config.use_cache = use_cache
+
+
+@contextmanager
+def bounded_heap(threshold: int = 1 << 20) -> Iterator[None]:
+    """glibc only: serve allocations ≥ ``threshold`` by mmap for the duration, so the activations freed
+    after each layer go back to the OS at once instead of staying in a fragmented heap (≈ 300 MB of
+    extra RSS on SmolLM2-135M otherwise). On exit the threshold is set to glibc's dynamic maximum
+    (32 MiB, where its adaptive threshold ends up after large frees) and the free heap is trimmed."""
+    libc = None
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            libc = ctypes.CDLL(None)
+            libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+        except (OSError, AttributeError):
+            libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            libc.malloc_trim(0)
+
+
+def collect_fisher(model: nn.Module, batches: list[Tensor], target_names: list[str],
+                   device: torch.device | str = "cpu", checkpointing: bool = False,
+                   on_sample: Callable[[int, int], None] | None = None) -> dict[str, Tensor]:
+    """name → Σ over windows of (∂L/∂W)², (out, in) fp32 on CPU, for every name in ``target_names``.
+
+    ``batches`` are token ids, a list of (batch, seq_len) tensors; each window gets its own backward.
+    The whole model runs on ``device`` for the pass and goes back where it was afterwards.
+    """
+    windows = samples(batches)
+    if not windows:
+        raise CompressorError("the Fisher pass needs calibration data")
+    if windows[0].shape[1] < 2:
+        raise CompressorError("the Fisher pass needs windows of at least 2 tokens (next-token loss)")
+    device = torch.device(device)
+    home = next(model.parameters()).device
+    weights = _target_weights(model, target_names)
+    if home != device:
+        model.to(device)
+    # accumulators in the parameters' own layout, on the compute device
+    fisher = {name: torch.zeros(p.shape, dtype=torch.float32, device=device) for name, p in weights.items()}
+
+    def accumulate(name: str):
+        def hook(param: nn.Parameter) -> None:
+            fisher[name].add_(param.grad.float().square())
+            param.grad = None  # at most one weight gradient alive at any time
+
+        return hook
+
+    handles = []
+    try:
+        with bounded_heap(), _gradient_setup(model, weights, checkpointing):
+            loss_of = loss_function(model, windows[0].to(device))
+            for name, p in weights.items():
+                handles.append(p.register_post_accumulate_grad_hook(accumulate(name)))
+            for index, ids in enumerate(windows):
+                loss = loss_of(ids.to(device))
+                if not torch.isfinite(loss):
+                    raise CompressorError(f"the Fisher pass got a non-finite loss on window {index}")
+                loss.backward()
+                del loss
+                if on_sample:
+                    on_sample(index + 1, len(windows))
+    finally:
+        for handle in handles:
+            handle.remove()
+        if home != device:
+            model.to(home)
+    out = {}
+    for name in list(fisher):
+        value = fisher.pop(name).cpu()  # free each device buffer as we go
+        if not bool(torch.isfinite(value).all()):
+            raise CompressorError(f"the Fisher of {name} is not finite (gradients overflowed; try float32)")
+        out[name] = value.T.contiguous() if isinstance(model.get_submodule(name), Conv1D) else value  # (out, in)
+    return out
+
+
+def _tensor_digest(tensor: Tensor) -> bytes:
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // _SAMPLE)
+    sample = flat[::step][:_SAMPLE].to("cpu", torch.float64).contiguous()
+    return sample.numpy().tobytes()
+
+
+def fingerprint(model: nn.Module, batches: list[Tensor], target_names: list[str]) -> str:
+    """A hex key for (model weights, calibration token ids, targets, loss convention)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": FORMAT, "class": type(model).__name__,
+                              "targets": sorted(target_names)}).encode())
+    seen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        digest.update(_tensor_digest(p))
+    for ids in samples(batches):
+        digest.update(ids.to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def cache_path(key: str) -> Path:
+    return models.cache_dir() / "fisher" / f"{key}.safetensors"
+
+
+def load_cached(key: str, target_names: list[str]) -> dict[str, Tensor] | None:
+    """The cached Fisher for ``key``, or None if absent, unreadable or missing a target."""
+    from safetensors.torch import load_file
+
+    path = cache_path(key)
+    if not path.is_file():
+        return None
+    try:
+        fisher = load_file(str(path))
+    except Exception:  # a truncated or foreign file is a miss, not an error
+        return None
+    if any(name not in fisher for name in target_names):
+        return None
+    return {name: fisher[name] for name in target_names}
+
+
+def save_cached(key: str, fisher: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Write the Fisher atomically (temporary file + rename) so a reader never sees half a file."""
+    from safetensors.torch import save_file
+
+    path = cache_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in fisher.items()}, tmp, metadata={"format": FORMAT, **(metadata or {})})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def fisher_for(model: nn.Module, batches: list[Tensor] | None, target_names: list[str],
+               device: torch.device | str = "cpu", checkpointing: bool = False,
+               cache: CacheMode = "use") -> tuple[dict[str, Tensor], dict[str, object]]:
+    """(name → Fisher (out, in) fp32, info): from the cache if present (``cache: use``), else computed.
+
+    ``cache``: ``use`` reads and writes the cache, ``refresh`` recomputes and overwrites, ``off`` neither.
+    ``info`` says what happened: key, hit, seconds, windows, path.
+    """
+    if batches is None:
+        raise CompressorError("the Fisher pass needs calibration data (batches is None)")
+    start = time.perf_counter()
+    key = fingerprint(model, batches, target_names) if cache != "off" else None
+    if cache == "use":
+        cached = load_cached(key, target_names)
+        if cached is not None:
+            return cached, {"key": key, "hit": True, "seconds": time.perf_counter() - start,
+                            "path": str(cache_path(key))}
+    fisher = collect_fisher(model, batches, target_names, device, checkpointing)
+    info: dict[str, object] = {"key": key, "hit": False, "windows": len(samples(batches))}
+    if key is not None:
+        info["path"] = str(save_cached(key, fisher, {"windows": str(info["windows"]),
+                                                     "seq_len": str(batches[0].shape[1])}))
+    info["seconds"] = time.perf_counter() - start
+    return fisher, info
