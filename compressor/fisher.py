@@ -151,14 +151,15 @@ def _gradient_setup(model: nn.Module, weights: dict[str, nn.Parameter], checkpoi
 
 @contextmanager
 def bounded_heap(threshold: int = 1 << 20) -> Iterator[None]:
-    """glibc only: serve allocations ≥ ``threshold`` by mmap for the duration, so the activations freed
-    after each layer go back to the OS at once instead of staying in a fragmented heap (≈ 300 MB of
-    extra RSS on SmolLM2-135M otherwise). On exit the threshold is set to glibc's dynamic maximum
-    (32 MiB, where its adaptive threshold ends up after large frees) and the free heap is trimmed."""
+    """glibc only: trim the free heap, then serve allocations ≥ ``threshold`` by mmap for the duration, so
+    the activations freed after each layer go back to the OS at once instead of staying in a fragmented
+    heap (≈ 300 MB of extra RSS on SmolLM2-135M otherwise). On exit the threshold is set to glibc's
+    dynamic maximum (32 MiB, where its adaptive threshold ends up after large frees) and the heap trimmed."""
     libc = None
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         try:
             libc = ctypes.CDLL(None)
+            libc.malloc_trim(0)  # what earlier phases freed (tokenization, loading) leaves the process first
             libc.mallopt(_M_MMAP_THRESHOLD, threshold)
         except (OSError, AttributeError):
             libc = None
