@@ -83,8 +83,8 @@ def chunked_next_token_loss(body: nn.Module, head: nn.Module, ids: Tensor, chunk
     targets = ids[0, 1:]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk):
-        total = total + checkpoint(_chunk_nll, head, hidden[start: start + chunk], targets[start: start + chunk],
-                                   use_reentrant=False)
+        part = slice(start, start + chunk)
+        total = total + checkpoint(_chunk_nll, head, hidden[part], targets[part], use_reentrant=False)
     return total / targets.numel()
 
 
@@ -119,8 +119,9 @@ def _target_weights(model: nn.Module, names: list[str]) -> dict[str, nn.Paramete
 
 
 @contextmanager
-def _gradient_setup(model: nn.Module, weights: dict[str, nn.Parameter], checkpointing: bool) -> Iterator[None]:
-    """Freeze everything but ``weights``, eval mode, grads on, optional per-layer checkpointing; undone on exit."""
+def _gradient_setup(model: nn.Module, weights: dict[str, nn.Parameter],
+                    checkpointing: bool) -> Iterator[None]:
+    """Freeze all but ``weights``, eval mode, grads on, optional per-layer checkpointing; undone on exit."""
     flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
     was_training = model.training
     config = getattr(model, "config", None)
@@ -223,7 +224,8 @@ def collect_fisher(model: nn.Module, batches: list[Tensor], target_names: list[s
         value = fisher.pop(name).cpu()  # free each device buffer as we go
         if not bool(torch.isfinite(value).all()):
             raise CompressorError(f"the Fisher of {name} is not finite (gradients overflowed; try float32)")
-        out[name] = value.T.contiguous() if isinstance(model.get_submodule(name), Conv1D) else value  # (out, in)
+        conv1d = isinstance(model.get_submodule(name), Conv1D)
+        out[name] = value.T.contiguous() if conv1d else value  # (out, in)
     return out
 
 
@@ -280,7 +282,8 @@ def save_cached(key: str, fisher: dict[str, Tensor], metadata: dict[str, str] | 
     fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in fisher.items()}, tmp, metadata={"format": FORMAT, **(metadata or {})})
+        save_file({k: v.contiguous() for k, v in fisher.items()}, tmp,
+                  metadata={"format": FORMAT, **(metadata or {})})
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

@@ -41,7 +41,8 @@ def direct_fisher(model, batches, names) -> dict[str, torch.Tensor]:
     model = copy.deepcopy(model)
     for p in model.parameters():
         p.requires_grad_(True)
-    out = {name: torch.zeros(weight_of(model.get_submodule(name)).shape, dtype=torch.float64) for name in names}
+    out = {name: torch.zeros(weight_of(model.get_submodule(name)).shape, dtype=torch.float64)
+           for name in names}
     for ids in torch.cat(batches).split(1):
         model.zero_grad()
         logits_ = model(input_ids=ids, use_cache=False).logits[0]
@@ -104,12 +105,13 @@ def test_chunked_loss_is_the_plain_loss(llama, ids):
     assert loss.func is fisher.chunked_next_token_loss
     for row in ids.split(1):
         plain = fisher.next_token_loss(llama, row)
-        torch.testing.assert_close(fisher.chunked_next_token_loss(llama.base_model, llama.lm_head, row, chunk=5),
-                                   plain, rtol=1e-5, atol=1e-6)
+        chunked = fisher.chunked_next_token_loss(llama.base_model, llama.lm_head, row, chunk=5)
+        torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
 
 
 def test_a_head_that_is_not_plain_falls_back(llama, ids):
-    """A model whose logits are not head(base_model(ids)) (here: Cohere-style logit scaling) uses the plain loss."""
+    """A model whose logits are not head(base_model(ids)) (here: logits scaled as Cohere's are) uses
+    the plain loss."""
     original = type(llama).forward
 
     def scaled(self, *args, **kwargs):
@@ -165,7 +167,8 @@ def test_weighted_error_is_optimal_and_beats_plain_svd(axis, shape):
     m, n = shape
     weight = random_weight(m, n, seed=1)
     size = n if axis == "in" else m
-    scale = torch.logspace(-2, 2, size, dtype=torch.float64)[torch.randperm(size, generator=torch.Generator().manual_seed(2))]
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(2))
+    scale = torch.logspace(-2, 2, size, dtype=torch.float64)[order]
     rank = 6
     up, down = fwsvd_factors(weight, rank, scale, axis)
     plain_up, plain_down = lord_factors(weight, rank, linalg.identity(), torch.float64)
@@ -269,7 +272,8 @@ def test_cache_off_writes_nothing_and_a_broken_file_is_a_miss(llama, batches, ca
 def test_recipe_api_and_cli(model_dirs, small, tmp_path):
     recipe = recipes.load("fwsvd", small)
     assert recipe.steps[0].method == "fwsvd" and recipe.steps[0].config["axis"] == "in"
-    summary = api.compress(str(model_dirs["llama"]), "fwsvd", tmp_path / "out", overrides=small, progress=False)
+    summary = api.compress(str(model_dirs["llama"]), "fwsvd", tmp_path / "out", overrides=small,
+                           progress=False)
     assert summary["compressed"] == summary["modules"] == 14
     assert summary["walk_seconds"]["prepare"] > 0
     result = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "240"})

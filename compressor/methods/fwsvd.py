@@ -113,7 +113,8 @@ class FWSVD(Compressor):
     def plan(self, shapes: dict[str, tuple[int, int]], model_params: int) -> None:
         self.targets = list(shapes)
         if self.config.model_ratio is not None:
-            self.planned_ratio = ranks.plan_model_ratio(self.config.model_ratio, list(shapes.values()), model_params)
+            self.planned_ratio = ranks.plan_model_ratio(self.config.model_ratio, list(shapes.values()),
+                                                        model_params)
         else:  # check explicit ranks before any work is done
             for m, n in shapes.values():
                 ranks.rank_for(self.config, m, n)
@@ -125,7 +126,8 @@ class FWSVD(Compressor):
         fisher, self.fisher_info = fisher_pass.fisher_for(model, batches, self.targets, device,
                                                           self.config.checkpointing, self.config.fisher_cache)
         for name in self.targets:
-            self.scales[name] = fisher_scale(axis_importance(fisher.pop(name), self.config.axis), self.config.eps)
+            importance = axis_importance(fisher.pop(name), self.config.axis)
+            self.scales[name] = fisher_scale(importance, self.config.eps)
 
     def compress(self, target: Target, ctx: LayerContext) -> Outcome:
         m, n = target.weight.shape
