@@ -85,7 +85,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     with _progress(progress) as bar:
         task = bar.add_task("compressing", total=None) if bar else None
         on_layer = (lambda i, n: bar.update(task, completed=i + 1, total=n)) if bar else None
-        report = pipeline.walk(loaded, steps, batches, device=compute, propagate=recipe.propagate, on_layer=on_layer)
+        report = pipeline.walk(loaded, steps, batches, device=compute, propagate=recipe.propagate,
+                               statistics=recipe.statistics, on_layer=on_layer)
     seconds["compression"] = time.perf_counter() - start
 
     params_after = models.parameter_count(loaded)

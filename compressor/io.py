@@ -74,7 +74,12 @@ def atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if getattr(m, "kind", None) in MODULE_KINDS}
+    """Name → outermost compressed module (the parts of a ``compensated`` module are not listed)."""
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if getattr(module, "kind", None) in MODULE_KINDS and not any(name.startswith(f"{o}.") for o in found):
+            found[name] = module
+    return found
 
 
 def merge_in_place(model: nn.Module) -> int:

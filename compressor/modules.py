@@ -2,7 +2,9 @@
 
 Each kind has ``spec()`` (plain data recorded in compression.json) and ``empty(**spec)`` (an
 uninitialized module of the right shapes, filled by ``load_state_dict``), plus ``dense_weight()``
-for ``--merge``. ``MODULE_KINDS`` is the closed set the loader knows.
+for ``--merge``. ``MODULE_KINDS`` is the closed set the loader knows: ``low_rank`` (``up @ down``),
+``quantized`` (packed integers, compressed-tensors layout) and ``compensated`` (any base linear plus a
+low-rank ``lora`` path, what EoRA emits).
 
 Weights are always handled as (out, in) = (m, n), the ``nn.Linear`` layout; GPT-2's ``Conv1D`` stores
 (in, out) and is converted at the edges (``weight_of`` / ``dense_module``).
@@ -15,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
+
+from . import quant
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -170,7 +174,153 @@ class CURLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
-MODULE_KINDS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (LowRankLinear, CURLinear)}
+class QuantizedLinear(nn.Module):
+    """``y = x Ŵᵀ + b`` with ``Ŵ = (q − zero_point) · scale`` dequantized from packed integers on each call.
+
+    Buffers use compressed-tensors' ``pack-quantized`` names and layouts (``quant`` module docstring):
+    ``weight_packed`` (out, ceil(in·bits/32)) int32, ``weight_scale`` (out, G) in the model dtype,
+    ``weight_zero_point`` (ceil(out·bits/32), G) int32 packed along the output dim (asymmetric only),
+    ``weight_shape`` (2,) int64 = (out, in); G = ceil(in / group_size), or 1 per channel.
+    """
+
+    kind = "quantized"
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, symmetric: bool,
+                 bias: bool = False, dense_class: str = "Linear", dtype: torch.dtype | None = None,
+                 device: Any = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric, self.dense_class = bits, group_size or None, symmetric, dense_class
+        groups = quant.n_groups(in_features, self.group_size)
+        dtype = dtype or torch.float32
+        self.register_buffer("weight_packed", torch.zeros(out_features, quant.packed_width(in_features, bits),
+                                                          dtype=torch.int32, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype, device=device))
+        if not symmetric:
+            self.register_buffer("weight_zero_point", torch.zeros(quant.packed_width(out_features, bits), groups,
+                                                                  dtype=torch.int32, device=device))
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_integers(cls, q: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group_size: int | None,
+                      symmetric: bool, bias: Tensor | None, dense_class: str = "Linear",
+                      dtype: torch.dtype | None = None) -> "QuantizedLinear":
+        """From integers q (out, in) int8, scale (out, G) and zero_point (out, G) int32."""
+        out_features, in_features = q.shape
+        dtype = dtype or scale.dtype
+        module = cls(in_features, out_features, bits, group_size, symmetric, bias is not None, dense_class,
+                     dtype=dtype, device=q.device)
+        module.weight_packed.copy_(quant.pack_int32(q, bits))
+        module.weight_scale.copy_(scale)
+        if not symmetric:
+            module.weight_zero_point.copy_(quant.pack_int32(zero_point.to(torch.int8), bits, dim=0))
+        if bias is not None:
+            module.bias.data.copy_(bias.detach())
+        return module
+
+    def integers(self) -> tuple[Tensor, Tensor | None]:
+        """(q (out, in) int8, zero_point (out, G) int32 or None)."""
+        q = quant.unpack_int32(self.weight_packed, self.bits, self.in_features)
+        if self.symmetric:
+            return q, None
+        return q, quant.unpack_int32(self.weight_zero_point, self.bits, self.out_features, dim=0).to(torch.int32)
+
+    def dense_weight(self) -> Tensor:
+        """The dequantized weight (out, in), in the dtype of the scale."""
+        q, zero_point = self.integers()
+        return quant.dequantize(q, self.weight_scale, zero_point, self.group_size, dtype=self.weight_scale.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.dense_weight().to(x.dtype), self.bias)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "bias": self.bias is not None, "dense_class": self.dense_class}
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bits: int, group_size: int | None, symmetric: bool,
+              bias: bool, dense_class: str = "Linear", dtype: torch.dtype | None = None, device: Any = None,
+              **_: Any) -> "QuantizedLinear":
+        return cls(in_features, out_features, bits, group_size, symmetric, bias, dense_class, dtype=dtype,
+                   device=device)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}")
+
+
+def spec_of(module: nn.Module) -> dict[str, Any]:
+    """``spec()`` of a compressed kind, or of a dense linear (kind "dense") used as a base module."""
+    if hasattr(module, "spec"):
+        return module.spec()
+    out_features, in_features = shape_of(module)
+    return {"kind": "dense", "in_features": in_features, "out_features": out_features,
+            "bias": module.bias is not None, "dense_class": type(module).__name__}
+
+
+def from_spec(spec: dict[str, Any], dtype: torch.dtype | None = None, device: Any = None) -> nn.Module:
+    """An empty module of the shapes ``spec`` describes (the inverse of ``spec_of``)."""
+    if spec["kind"] == "dense":
+        if spec["dense_class"] == "Conv1D":
+            return Conv1D(spec["out_features"], spec["in_features"]).to(dtype=dtype, device=device)
+        return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=dtype, device=device)
+    kind = MODULE_KINDS.get(spec["kind"])
+    if kind is None:
+        raise ValueError(f"unknown module kind {spec['kind']!r}")
+    return kind.empty(**spec, dtype=dtype, device=device)
+
+
+class CompensatedLinear(nn.Module):
+    """``y = base(x) + lora(x)``: a compressed (quantized, pruned) linear plus a low-rank correction.
+
+    ``base`` is any linear (dense, or a compressed kind) and keeps the bias; ``lora`` is a bias-free
+    ``LowRankLinear`` (``lora.down`` = lora_A (r, in), ``lora.up`` = lora_B (out, r)).
+    """
+
+    kind = "compensated"
+
+    def __init__(self, base: nn.Module, lora: LowRankLinear) -> None:
+        super().__init__()
+        self.out_features, self.in_features = shape_of(base)
+        self.dense_class = getattr(base, "dense_class", type(base).__name__)
+        self.base, self.lora = base, lora
+
+    @property
+    def rank(self) -> int:
+        return self.lora.rank
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.lora(x)
+
+    def dense_weight(self) -> Tensor:
+        """``W_base + up @ down`` (out, in), in the dtype of the low-rank factors."""
+        base = self.base.dense_weight() if hasattr(self.base, "dense_weight") else weight_of(self.base)
+        dtype = torch.promote_types(base.dtype, torch.float32)
+        return (base.to(dtype) + self.lora.dense_weight().to(dtype)).to(self.lora.up.weight.dtype)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "dense_class": self.dense_class, "rank": self.rank, "base": spec_of(self.base),
+                "lora": self.lora.spec()}
+
+    @classmethod
+    def empty(cls, base: dict[str, Any], lora: dict[str, Any], dtype: torch.dtype | None = None, device: Any = None,
+              **_: Any) -> "CompensatedLinear":
+        return cls(from_spec(base, dtype, device), from_spec(lora, dtype, device))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+MODULE_KINDS: dict[str, type[nn.Module]] = {
+    cls.kind: cls for cls in (LowRankLinear, CURLinear, QuantizedLinear, CompensatedLinear)
+}
 
 
 def merge(module: nn.Module) -> nn.Module:

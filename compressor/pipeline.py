@@ -4,7 +4,9 @@ statistics, run the recipe's steps on it, and compute its outputs for the next l
 Only the current decoder layer sits on the compute device; hidden states between layers are kept
 on ``offload`` (CPU by default). With ``propagate: compressed`` (default, GPTQ's sequential
 convention) layer i+1 is calibrated on the outputs of the already-compressed layer i; with
-``propagate: original`` on the original model's outputs (SVD-LLM's profiling).
+``propagate: original`` on the original model's outputs (SVD-LLM's profiling). Steps run in recipe
+order on a layer before the next layer; ``statistics: once`` gives every step the statistics of the
+layer before any step changed it (one pass), ``per_step`` re-collects them for each step that needs data.
 """
 
 from __future__ import annotations
@@ -162,9 +164,15 @@ def original_statistics(model: nn.Module, names: set[str], needs: frozenset[str]
 
 
 def walk(model: nn.Module, steps: list[Step], batches: list[Tensor] | None, *, device: torch.device,
-         propagate: str = "compressed", offload: torch.device | None = None,
+         propagate: str = "compressed", statistics: str = "per_step", offload: torch.device | None = None,
          on_layer: Callable[[int, int], None] | None = None, log_file=None) -> WalkReport:
-    """Compress ``model`` in place, layer by layer. ``batches`` may be None if no step needs data."""
+    """Compress ``model`` in place, layer by layer. ``batches`` may be None if no step needs data.
+
+    ``statistics``: ``per_step`` collects each data-driven step's statistics on the layer as the earlier
+    steps left it (one forward pass per such step); ``once`` collects every step's statistics in one pass
+    over the layer before any step changes it, so all steps see the original layer's inputs (EoRA's
+    Gram after a quantizer, as in "statistics from the original model in one pass").
+    """
     offload = offload or torch.device("cpu")
     report = WalkReport()
     prefix, layers = arch.decoder_layers(model)
@@ -185,7 +193,7 @@ def walk(model: nn.Module, steps: list[Step], batches: list[Tensor] | None, *, d
         for index, layer in enumerate(layers):
             layer.to(device)
             inputs = _compress_layer(layer, index, len(layers), f"{prefix}.{index}", steps, inputs, device,
-                                     offload, propagate, dtype, report, log_file)
+                                     offload, propagate, dtype, report, log_file, statistics)
             layer.to(offload)
             if on_layer:
                 on_layer(index, len(layers))
@@ -207,13 +215,17 @@ def _plan(model: nn.Module, layers: nn.ModuleList, prefix: str, steps: list[Step
 
 def _compress_layer(layer: nn.Module, index: int, n_layers: int, prefix: str, steps: list[Step],
                     inputs: list[LayerInput] | None, device: torch.device, offload: torch.device,
-                    propagate: str, dtype: torch.dtype, report: WalkReport, log_file) -> list[LayerInput] | None:
+                    propagate: str, dtype: torch.dtype, report: WalkReport, log_file,
+                    statistics: str = "per_step") -> list[LayerInput] | None:
     seconds = report.seconds
     ctx = LayerContext(index, n_layers, device, dtype)
     original: dict[str, Tensor] = {}
     outputs: list[Tensor] | None = None  # outputs of the layer as it currently is
     modified = False
-    if inputs is not None and propagate == "original" and not steps[0].compressor.needs:
+    shared: dict[str, LinearStats] | None = None  # statistics: once
+    if inputs is not None and statistics == "once":
+        shared, outputs = _statistics_once(layer, index, prefix, steps, inputs, device, offload, seconds)
+    if outputs is None and inputs is not None and propagate == "original" and not steps[0].compressor.needs:
         start = time.perf_counter()
         outputs = run_layer(layer, inputs, device, offload)
         seconds["propagation"] += time.perf_counter() - start
@@ -225,7 +237,9 @@ def _compress_layer(layer: nn.Module, index: int, n_layers: int, prefix: str, st
         if not names or not step.compressor.wants_layer(index):
             continue
         stats: dict[str, LinearStats] = {}
-        if step.compressor.needs:
+        if shared is not None:  # statistics: once (data-free steps get them too, for the log's output error)
+            stats = shared
+        elif step.compressor.needs:
             start = time.perf_counter()
             with StatsCollector({n: linears[n] for n in names}, step.compressor.needs) as collector:
                 outputs = run_layer(layer, inputs, device, offload)
@@ -275,6 +289,28 @@ def _compress_layer(layer: nn.Module, index: int, n_layers: int, prefix: str, st
     return [LayerInput(h, item.args, item.kwargs) for h, item in zip(next_hidden, inputs)]
 
 
+def _statistics_once(layer: nn.Module, index: int, prefix: str, steps: list[Step], inputs: list[LayerInput],
+                     device: torch.device, offload: torch.device, seconds: dict[str, float]):
+    """(name → stats, outputs) of one pass over the unmodified layer for every step's needs and targets;
+    (None, None) if no step needs data here."""
+    linears = arch.layer_linears(layer, prefix)
+    needs: set[str] = set()
+    names: set[str] = set()
+    for step in steps:
+        chosen = arch.select(list(linears), step.targets, step.ignore)
+        if chosen and step.compressor.needs and step.compressor.wants_layer(index):
+            needs |= step.compressor.needs
+            names.update(chosen)
+    if not needs:
+        return None, None
+    start = time.perf_counter()
+    with StatsCollector({n: m for n, m in linears.items() if n in names}, frozenset(needs)) as collector:
+        outputs = run_layer(layer, inputs, device, offload)
+    seconds["statistics_forward"] += time.perf_counter() - start - collector.seconds
+    seconds["statistics_accumulation"] += collector.seconds
+    return collector.result(), outputs
+
+
 def _effective_weight(module: nn.Module) -> Tensor:
     if hasattr(module, "dense_weight"):
         return module.dense_weight().detach()
@@ -283,6 +319,11 @@ def _effective_weight(module: nn.Module) -> Tensor:
 
 def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def _bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (packed integers included)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def _log_entry(step: Step, step_index: int, target: Target, outcome: Outcome, seconds: float) -> dict[str, Any]:
@@ -298,7 +339,7 @@ def _log_entry(step: Step, step_index: int, target: Target, outcome: Outcome, se
         gram = target.stats.gram if target.stats is not None else None
         entry.update(
             kind=getattr(outcome.module, "kind", type(outcome.module).__name__), rank=outcome.rank,
-            params_after=_params(outcome.module),
+            params_after=_params(outcome.module), bytes_after=_bytes(outcome.module),
             rel_error=relative_error(target.original, approx),
             rel_output_error=None if gram is None else relative_error(target.original, approx, gram.to(approx.device)),
         )

@@ -3,6 +3,7 @@
 ```yaml
 calibration: {dataset: sotu, n_samples: 32, seq_len: 512, seed: 0, batch_size: 8}
 propagate: compressed          # or: original (statistics from the uncompressed model)
+statistics: per_step           # or: once (every step gets the statistics of the layer before any step ran)
 steps:
   - method: lord
     targets: []                # suffixes ("mlp.down_proj") or regexes ("re:..."); [] = every decoder linear
@@ -58,6 +59,8 @@ class Recipe:
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig,
                                                        metadata={"help": "calibration data (see CalibrationConfig)"})
     propagate: Literal["compressed", "original"] = field("compressed", "next layer sees compressed or original outputs")
+    statistics: Literal["per_step", "once"] = field(
+        "per_step", "per_step: each step collects on the layer as earlier steps left it; once: one pass before any step")
     steps: list[StepSpec] = field([], "compression steps, applied in order to each layer")
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,7 +99,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
     parts = key.strip().split(".")
     steps = data.setdefault("steps", [])
     methods = [s.get("method") for s in steps if isinstance(s, dict)]
-    if parts[0] in methods and parts[0] not in ("calibration", "propagate", "steps"):
+    if parts[0] in methods and parts[0] not in ("calibration", "propagate", "statistics", "steps"):
         parts = ["steps", parts[0], "config", *parts[1:]]
     node: Any = data
     for position, part in enumerate(parts[:-1]):

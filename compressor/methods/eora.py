@@ -1,0 +1,90 @@
+"""EoRA: eigenspace low-rank compensation of a compressed linear (Liu et al., 2024, arXiv:2410.21271).
+
+After an earlier step replaced ``W`` (m, n) by a compressed ``W_c`` (quantized, pruned), EoRA adds a
+rank-r path ``B A`` that minimizes the output error on the calibration inputs (methods.md §4.1):
+
+    ΔW = W − W_c                                   (fp32 residual, ``Target.original − Target.weight``)
+    G = XᵀX = Q Λ Qᵀ                                (eigh in fp64; eigenvalues ≤ λ_max·cutoff dropped:
+                                                     truncated pseudo-inverse, GPTQModel's fix)
+    U Σ Vᵀ = svd(ΔW · Q Λ^½)
+    B = U_r Σ_r^½ (m, r),   A = Σ_r^½ V_rᵀ Λ^-½ Qᵀ (r, n),   y = x W_cᵀ + (x Aᵀ) Bᵀ
+
+This is ``linalg.whitened_svd`` of ΔW with the ``eigh`` whitening. ``space: weight`` is the plain-SVD
+baseline (best rank-r approximation of ΔW itself, data-free). The Gram is a plain sum over the
+calibration tokens, not the reference code's fixed-denominator running average (methods.md §4.3).
+The result is a ``CompensatedLinear`` (the compressed module as ``base``, the factors as ``lora``),
+exportable as a PEFT LoRA adapter with ``lora_A = A``, ``lora_B = B``, ``lora_alpha = r``.
+
+```yaml
+statistics: once            # the Gram of the original layer, shared with the quantizer (one pass)
+steps:
+  - method: quantize
+    config: {algorithm: gptq, bits: 4, group_size: 128}
+  - method: eora
+    config: {rank: 64, space: eigen}
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .. import linalg
+from ..base import Compressor, LayerContext, Outcome, Target
+from ..configs import field
+from ..errors import CompressorError
+from ..modules import CompensatedLinear, LowRankLinear
+
+
+@dataclass
+class EoRAConfig:
+    rank: int = field(64, "rank r of the compensation path B (m, r) @ A (r, n)")
+    space: Literal["eigen", "weight"] = field(
+        "eigen", "eigen: EoRA, SVD of ΔW in the eigenspace of the input Gram; weight: plain SVD of ΔW (baseline)")
+    cutoff: float | None = field(None, "eigen: eigenvalues ≤ λ_max·cutoff are dropped (default n·eps_fp32)")
+    svd_dtype: Literal["float64", "float32"] = field("float64", "precision of the SVD")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank must be ≥ 1; got {self.rank}")
+        if self.cutoff is not None and not 0 <= self.cutoff < 1:
+            raise ValueError(f"cutoff must be in [0, 1); got {self.cutoff}")
+
+
+def eora_factors(residual: Tensor, rank: int, gram: Tensor | None, cutoff: float | None = None,
+                 svd_dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """(B (m, r), A (r, n)) minimizing ‖(ΔW − B A) Xᵀ‖_F (``gram`` = XᵀX), or ‖ΔW − B A‖_F if ``gram`` is None."""
+    whitening = linalg.eigh(gram, cutoff) if gram is not None else linalg.identity()
+    up, down, _ = linalg.whitened_svd(residual.float(), rank, whitening, svd_dtype)
+    return up, down
+
+
+class EoRA(Compressor):
+    name = "eora"
+    Config = EoRAConfig
+    summary = "low-rank compensation of an earlier step's error: eigen (EoRA) | weight (plain SVD of ΔW)"
+    paper = "arXiv:2410.21271"
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"gram"}) if self.config.space == "eigen" else frozenset()
+
+    def plan(self, shapes: dict[str, tuple[int, int]], model_params: int) -> None:
+        for name, (m, n) in shapes.items():
+            if self.config.rank > min(m, n):
+                raise CompressorError(f"eora: rank {self.config.rank} is larger than min(m, n) = {min(m, n)} "
+                                      f"of {name} ({m}×{n})")
+
+    def compress(self, target: Target, ctx: LayerContext) -> Outcome:
+        residual = target.original - target.weight  # (m, n) fp32
+        if not bool(residual.any()):
+            return Outcome(None, note="no residual: an earlier step left this linear unchanged")
+        gram = target.stats.gram if self.config.space == "eigen" else None
+        dtype = torch.float64 if self.config.svd_dtype == "float64" else torch.float32
+        up, down = eora_factors(residual, self.config.rank, gram, self.config.cutoff, dtype)
+        lora = LowRankLinear.from_factors(up, down, None, target.dense_class, dtype=ctx.dtype)
+        return Outcome(CompensatedLinear(target.module, lora), rank=self.config.rank)

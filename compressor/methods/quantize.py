@@ -1,0 +1,174 @@
+"""Weight-only integer quantization: round-to-nearest (RTN) and GPTQ (Frantar et al., 2022, arXiv:2210.17323).
+
+Both emit a ``QuantizedLinear`` (packed integers, compressed-tensors layout; the grid is the one in
+``compressor.quant``). RTN is data-free. GPTQ quantizes the columns of ``W`` (m, n) one at a time and
+spreads each column's rounding error over the columns not yet quantized, using the inverse Hessian of the
+layer's squared output error ``H = 2·XᵀX / N`` (n, n), built from the same Gram the pipeline collects:
+
+    H ← H + λ·I,  λ = damp · mean(diag H);  U = chol(H⁻¹)ᵀ (upper)
+    for column j:  q_j = Q(w_j);  e_j = (w_j − q_j) / U_jj;  w_{j+1:} −= e_j · U_{j, j+1:}
+
+processed in blocks of ``block_size`` columns (lazy batch updates, paper §3 "Step 2"). Input channels
+that never fire (``H_jj = 0``) get ``H_jj = 1`` and a zero weight, as in the reference code.
+
+- ``group_size``: each run of ``group_size`` columns gets its own (scale, zero_point), computed from the
+  error-updated weights when the loop reaches the group's first column (reference code);
+- ``act_order``: columns in order of decreasing ``H_jj``. With groups, the group parameters are fixed
+  from the weight before the loop ("static groups", compressed-tensors ``actorder: weight``), so the
+  stored format is the same as without act-order (no ``g_idx``).
+
+```yaml
+steps:
+  - method: quantize
+    config: {algorithm: gptq, bits: 4, group_size: 128, symmetric: false}
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .. import quant
+from ..base import Compressor, LayerContext, Outcome, Target
+from ..configs import field
+from ..errors import CompressorError
+from ..modules import QuantizedLinear
+
+
+@dataclass
+class QuantizeConfig:
+    algorithm: Literal["rtn", "gptq"] = field("rtn", "rtn (round-to-nearest, data-free) or gptq (Hessian-aware)")
+    bits: int = field(4, "bits per weight, 2..8")
+    group_size: int | None = field(128, "input columns per (scale, zero point); null or 0 = per output channel")
+    symmetric: bool = field(False, "symmetric grid (zero point 0) or asymmetric (min-max with a zero point)")
+    damp: float = field(0.01, "GPTQ: damping λ = damp · mean(diag H)")
+    act_order: bool = field(False, "GPTQ: quantize columns in order of decreasing Hessian diagonal (static groups)")
+    block_size: int = field(128, "GPTQ: columns per lazy-update block")
+
+    def __post_init__(self) -> None:
+        if not quant.MIN_BITS <= self.bits <= quant.MAX_BITS:
+            raise ValueError(f"bits must be in {quant.MIN_BITS}..{quant.MAX_BITS}; got {self.bits}")
+        if self.group_size is not None and self.group_size < 0:
+            raise ValueError(f"group_size must be ≥ 0 or null; got {self.group_size}")
+        self.group_size = self.group_size or None
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp must be in [0, 1); got {self.damp}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be ≥ 1; got {self.block_size}")
+
+
+def hessian(gram: Tensor, n_tokens: int) -> Tensor:
+    """``H = 2·XᵀX / N`` (n, n) in fp64 from the summed Gram."""
+    return gram.double() * (2.0 / max(n_tokens, 1))
+
+
+def inverse_hessian_factor(h: Tensor, damp: float) -> tuple[Tensor, Tensor]:
+    """(upper Cholesky factor of (H + λI)⁻¹ (n, n) fp32, dead-channel mask (n,)), computed in fp64."""
+    h = h.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise CompressorError("GPTQ: the damped Hessian is not positive definite; raise damp")
+    inverse = torch.cholesky_inverse(lower)
+    return torch.linalg.cholesky(inverse, upper=True).float(), dead
+
+
+def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric: bool, group_size: int | None,
+         act_order_perm: Tensor | None = None, block_size: int = 128,
+         scale_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ of ``weight`` (m, n) → (q (m, n) int8, scale (m, G), zero_point (m, G) int32), original column order.
+
+    ``h_inv_upper`` is ``inverse_hessian_factor`` of the Hessian already permuted by ``act_order_perm``
+    (a permutation of the n columns, or None for the natural order).
+    """
+    m, n = weight.shape
+    q_min, q_max = quant.qrange(bits)
+    w = weight.float().clone()
+    w[:, dead] = 0
+    size = group_size or n
+    groups = quant.n_groups(n, group_size)
+    scale = torch.ones(m, groups, device=w.device)
+    zero_point = torch.zeros(m, groups, dtype=torch.int32, device=w.device)
+    static = act_order_perm is not None or not group_size  # parameters fixed before the loop
+    if static:
+        scale, zero_point = quant.quant_params(w, bits, symmetric, group_size, scale_dtype)
+    perm = act_order_perm if act_order_perm is not None else torch.arange(n, device=w.device)
+    w = w[:, perm]
+    group_of = perm // size  # (n,) group of each (permuted) column
+    q = torch.zeros(m, n, dtype=torch.int8, device=w.device)
+    for start in range(0, n, block_size):
+        end = min(start + block_size, n)
+        block = w[:, start:end].clone()  # (m, b)
+        errors = torch.zeros_like(block)
+        h_block = h_inv_upper[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            group = int(group_of[column])
+            if not static and column % size == 0:  # natural order: a group starts here
+                current = torch.cat([block[:, i:], w[:, end:]], dim=1)[:, :size]
+                s, z = quant.quant_params(current, bits, symmetric, None, scale_dtype)
+                scale[:, group], zero_point[:, group] = s[:, 0], z[:, 0]
+            s, z = scale[:, group], zero_point[:, group]
+            values = (torch.round(block[:, i] / s) + z).clamp(q_min, q_max)
+            q[:, column] = values.to(torch.int8)
+            error = (block[:, i] - (values - z) * s) / h_block[i, i]
+            block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
+            errors[:, i] = error
+        w[:, end:] -= errors @ h_inv_upper[start:end, end:]
+    if act_order_perm is not None:
+        q = q[:, torch.argsort(perm)]
+    return q, scale, zero_point
+
+
+class Quantize(Compressor):
+    name = "quantize"
+    Config = QuantizeConfig
+    summary = "integer weight quantization, packed: rtn (round-to-nearest) | gptq; 2-8 bits, groups, (a)symmetric"
+    paper = "arXiv:2210.17323"
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"gram"}) if self.config.algorithm == "gptq" else frozenset()
+
+    def plan(self, shapes: dict[str, tuple[int, int]], model_params: int) -> None:
+        pass
+
+    def compress_layer(self, targets: dict[str, Target], ctx: LayerContext) -> dict[str, Outcome]:
+        factors: dict[int, tuple] = {}  # id(stats) → (H⁻¹ factor, dead, perm): q/k/v share one Hessian
+        outcomes = {}
+        for name, target in targets.items():
+            key = id(target.stats)
+            if self.config.algorithm == "gptq" and key not in factors:
+                factors[key] = self._factor(target)
+            outcomes[name] = self.compress(target, ctx, factors.get(key))
+        return outcomes
+
+    def _factor(self, target: Target) -> tuple[Tensor, Tensor, Tensor | None]:
+        h = hessian(target.stats.gram, target.stats.n_tokens).to(target.weight.device)
+        perm = None
+        if self.config.act_order:
+            perm = torch.argsort(torch.diagonal(h), descending=True)
+            h = h[perm][:, perm]
+        upper, dead = inverse_hessian_factor(h, self.config.damp)
+        if perm is not None:
+            dead = dead[torch.argsort(perm)]  # back to the natural column order
+        return upper, dead, perm
+
+    def compress(self, target: Target, ctx: LayerContext, factor: tuple | None = None) -> Outcome:
+        cfg = self.config
+        if cfg.algorithm == "gptq":
+            factor = factor or self._factor(target)
+            upper, dead, perm = factor
+            q, scale, zero_point = gptq(target.weight, upper, dead, cfg.bits, cfg.symmetric, cfg.group_size, perm,
+                                        cfg.block_size, ctx.dtype)
+        else:
+            q, scale, zero_point = quant.rtn(target.weight, cfg.bits, cfg.symmetric, cfg.group_size, ctx.dtype)
+        module = QuantizedLinear.from_integers(q, scale.to(ctx.dtype), zero_point, cfg.bits, cfg.group_size,
+                                               cfg.symmetric, target.bias, target.dense_class, dtype=ctx.dtype)
+        return Outcome(module, extra={"bits": cfg.bits, "group_size": cfg.group_size})

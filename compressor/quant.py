@@ -1,0 +1,165 @@
+"""Integer weight quantization: the grid, round-to-nearest, dequantization and int32 packing.
+
+Pure functions on (out, in) = (m, n) weights. The conventions are compressed-tensors' (what vLLM and
+``transformers`` read), which coincide with GPTQ's up to a constant offset:
+
+- ``bits`` b ∈ [2, 8]; integers are stored signed, ``q ∈ [q_min, q_max] = [−2^(b−1), 2^(b−1) − 1]``;
+- the range always contains 0: ``w_min = min(min w, 0)``, ``w_max = max(max w, 0)`` per group;
+- asymmetric: ``scale = (w_max − w_min) / (q_max − q_min)``,
+  ``zero_point = clamp(round(q_min − w_min / scale), q_min, q_max)``;
+- symmetric: ``scale = max(|w_min|, w_max) / ((q_max − q_min) / 2)``, ``zero_point = 0``;
+- ``q = clamp(round(w / scale) + zero_point, q_min, q_max)``, ``ŵ = (q − zero_point) · scale``.
+
+Groups are ``group_size`` consecutive input columns sharing one (scale, zero_point) per output row;
+``group_size=None`` is per-channel (one group of all n columns). A last group shorter than
+``group_size`` (n not divisible) is allowed here; compressed-tensors itself requires divisibility.
+A group that is all zeros gets scale 1 (any scale represents it exactly).
+
+Packing (compressed-tensors ``pack-quantized``, dense cross-element): each row's values are shifted to
+unsigned (``q + 2^(b−1)``) and element i occupies bits [i·b, (i+1)·b) of the row's little-endian bit
+stream of int32 words, so a row of n values takes ``ceil(n·b / 32)`` words. Zero points are packed the
+same way along the output dimension (dim 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .errors import CompressorError
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def check_bits(bits: int) -> None:
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise CompressorError(f"bits must be in {MIN_BITS}..{MAX_BITS}; got {bits}")
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """(q_min, q_max) of the signed b-bit grid."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def n_groups(n: int, group_size: int | None) -> int:
+    return 1 if not group_size else math.ceil(n / group_size)
+
+
+def expand_groups(values: Tensor, n: int, group_size: int | None) -> Tensor:
+    """Per-group values (m, G) → per-column (m, n)."""
+    if not group_size:
+        return values[:, :1].expand(-1, n)
+    return values.repeat_interleave(group_size, dim=1)[:, :n]
+
+
+def group_range(weight: Tensor, group_size: int | None) -> tuple[Tensor, Tensor]:
+    """(w_min, w_max), each (m, G), with 0 always inside the range."""
+    m, n = weight.shape
+    size = group_size or n
+    groups = n_groups(n, group_size)
+    padded = F.pad(weight, (0, groups * size - n)).view(m, groups, size)  # zero padding never widens the range
+    return padded.amin(-1).clamp_max(0), padded.amax(-1).clamp_min(0)
+
+
+def quant_params(weight: Tensor, bits: int, symmetric: bool, group_size: int | None = None,
+                 scale_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """(scale (m, G) float, zero_point (m, G) int32) of min-max quantization.
+
+    ``scale_dtype``: the dtype the scale is stored in; the scale is rounded to it so that the integers
+    are computed against exactly the stored value.
+    """
+    check_bits(bits)
+    q_min, q_max = qrange(bits)
+    w_min, w_max = group_range(weight.float(), group_size)
+    if symmetric:
+        scale = torch.maximum(-w_min, w_max) / ((q_max - q_min) / 2)
+    else:
+        scale = (w_max - w_min) / (q_max - q_min)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype).float()
+    if symmetric:
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        zero_point = torch.round(q_min - w_min / scale).clamp(q_min, q_max).to(torch.int32)
+    return scale, zero_point
+
+
+def quantize(weight: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group_size: int | None = None) -> Tensor:
+    """Integers q (m, n) int8 of ``weight`` (m, n) on the grid given by per-group scale/zero_point (m, G)."""
+    q_min, q_max = qrange(bits)
+    n = weight.shape[1]
+    scale = expand_groups(scale.float(), n, group_size)
+    zero_point = expand_groups(zero_point, n, group_size)
+    return (torch.round(weight.float() / scale) + zero_point).clamp(q_min, q_max).to(torch.int8)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor | None, group_size: int | None = None,
+               dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(q − zero_point) · scale`` (m, n) in ``dtype`` (computed in fp32 at least)."""
+    n = q.shape[1]
+    work = torch.promote_types(scale.dtype, torch.float32)
+    values = q.to(work)
+    if zero_point is not None:
+        values = values - expand_groups(zero_point, n, group_size).to(work)
+    return (values * expand_groups(scale.to(work), n, group_size)).to(dtype)
+
+
+def rtn(weight: Tensor, bits: int, symmetric: bool, group_size: int | None = None,
+        scale_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Round-to-nearest: (q (m, n) int8, scale (m, G), zero_point (m, G) int32)."""
+    scale, zero_point = quant_params(weight, bits, symmetric, group_size, scale_dtype)
+    return quantize(weight, scale, zero_point, bits, group_size), scale, zero_point
+
+
+# --- packing ---------------------------------------------------------------------------------------------
+
+
+def _bit_layout(bits: int) -> tuple[Tensor, Tensor]:
+    """For the 32 elements of one packing unit (= ``bits`` int32 words): word index and bit offset."""
+    start = torch.arange(32, dtype=torch.int64) * bits
+    return start // 32, start % 32
+
+
+def packed_width(n: int, bits: int) -> int:
+    return math.ceil(n * bits / 32)
+
+
+def pack_int32(values: Tensor, bits: int, dim: int = 1) -> Tensor:
+    """Signed b-bit integers (rows, cols) → int32 words, packed along ``dim`` (1: columns, 0: rows)."""
+    check_bits(bits)
+    if dim == 0:
+        return pack_int32(values.T, bits, 1).T.contiguous()
+    rows, cols = values.shape
+    units = math.ceil(cols / 32)
+    unsigned = values.to(torch.int64) + (1 << (bits - 1))  # [0, 2^b)
+    unsigned = F.pad(unsigned, (0, units * 32 - cols)).view(rows, units, 32)
+    word, offset = _bit_layout(bits)
+    words = torch.zeros(rows, units, bits + 1, dtype=torch.int64)  # one spare word for the last overflow
+    index = word.expand(rows, units, 32)
+    words.scatter_add_(2, index, (unsigned << offset) & 0xFFFFFFFF)
+    spill = offset + bits > 32  # elements that straddle two words: their high bits go to the next word
+    if bool(spill.any()):
+        words.scatter_add_(2, (word[spill] + 1).expand(rows, units, -1), unsigned[..., spill] >> (32 - offset[spill]))
+    words = words[..., :bits].reshape(rows, units * bits)[:, :packed_width(cols, bits)]
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def unpack_int32(packed: Tensor, bits: int, size: int, dim: int = 1) -> Tensor:
+    """The inverse of ``pack_int32``: int32 words → signed integers (int8) with ``size`` entries along ``dim``."""
+    check_bits(bits)
+    if dim == 0:
+        return unpack_int32(packed.T, bits, size, 1).T.contiguous()
+    rows, width = packed.shape
+    units = math.ceil(size / 32)
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    words = F.pad(words, (0, units * bits + 1 - width)).view(rows, -1)
+    word, offset = _bit_layout(bits)
+    unit_base = (torch.arange(units, dtype=torch.int64) * bits)[:, None]  # (units, 1)
+    low = words[:, unit_base + word] >> offset  # (rows, units, 32)
+    high = words[:, unit_base + word + 1] << (32 - offset)
+    unsigned = torch.where(offset + bits > 32, low | high, low) & ((1 << bits) - 1)
+    return (unsigned.reshape(rows, units * 32)[:, :size] - (1 << (bits - 1))).to(torch.int8)

