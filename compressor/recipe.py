@@ -30,6 +30,7 @@ import yaml
 from . import configs
 from .configs import field
 from .errors import CompressorError
+from .ranks import RULES
 
 
 @dataclass
@@ -115,6 +116,10 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
     if not isinstance(node, dict):
         raise CompressorError(f"override {assignment!r}: cannot set {parts[-1]!r} here")
     node[parts[-1]] = value
+    if parts[0] == "steps" and parts[-2:-1] == ["config"] and parts[-1] in RULES and value is not None:
+        for other in RULES:  # one rank rule at a time: --set lord.rank=64 replaces the recipe's ratio
+            if other != parts[-1]:
+                node.pop(other, None)
     return data
 
 

@@ -114,10 +114,18 @@ def test_overrides():
 def test_override_values_are_yaml():
     r = recipes.load("lord", ["lord.ratio=null", "lord.rank=12", "steps.0.targets=[q_proj, 're:mlp\\..*']",
                               "calibration.dataset=/tmp/some file.txt"])
-    assert r.steps[0].config["rank"] == 12 and r.steps[0].config["ratio"] is None
+    assert r.steps[0].config["rank"] == 12 and r.steps[0].config.get("ratio") is None
     assert r.steps[0].targets == ["q_proj", "re:mlp\\..*"]
     assert r.calibration.dataset == "/tmp/some file.txt"
     assert build_steps(r)[0].compressor.config.rule == "rank"
+
+
+def test_setting_one_rank_rule_replaces_the_recipes_other_rule():
+    r = recipes.load("lord", ["lord.rank=64"])  # the shipped recipe sets ratio: 0.2
+    assert r.steps[0].config["rank"] == 64 and "ratio" not in r.steps[0].config
+    assert build_steps(r)[0].compressor.config.rule == "rank"
+    r = recipes.load("lord", ["steps.0.config.rank_reduction=0.3"])
+    assert build_steps(r)[0].compressor.config.rule == "rank_reduction"
 
 
 def test_overrides_do_not_touch_the_file(tmp_path):
