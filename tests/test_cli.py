@@ -150,8 +150,10 @@ def test_rank_too_large(tmp_path, model_dirs, calib_file):
 
 
 def test_two_rank_rules(tmp_path, model_dirs):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - method: lord\n    config: {ratio: 0.2, rank: 8}\n")
     out = tmp_path / "out"
-    check_error(invoke(*compress_args(model_dirs["llama"], out, "--set", "lord.rank=8")), out, "set only one of")
+    check_error(invoke("compress", model_dirs["llama"], "--recipe", recipe, "--out", out), out, "set only one of")
 
 
 def test_output_directory_not_empty(tmp_path, model_dirs):
