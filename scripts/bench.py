@@ -219,12 +219,13 @@ def run_one(name: str, recipe_data: dict) -> dict:
     from compressor.evaluate import bytes_on_disk, perplexity
 
     recipe = recipes.parse(recipe_data, name)
-    forward = plain_forward_seconds(recipe.calibration.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / name
         summary = api.compress(MODEL, recipe, out, progress=False)
         disk = bytes_on_disk(out)
         log = [json.loads(line) for line in (out / "compression_log.jsonl").read_text().splitlines()]
+    compression_rss = peak_rss_mib()  # high-water mark of load + calibration + walk + save
+    forward = plain_forward_seconds(recipe.calibration.batch_size)  # same process, right after the run
     compressed = [e for e in log if e["kind"] != "dense"]
     ranks: dict[str, dict[str, int]] = {}  # module suffix → rank → how many
     for e in compressed:
@@ -246,7 +247,7 @@ def run_one(name: str, recipe_data: dict) -> dict:
                                          if e["name"].split(".")[2].isdigit()}), "ranks": ranks,
             # the whole run without model load (calibration data, layer walk, save) over one plain forward
             "run_over_plain_forward": sum(v for k, v in summary["seconds"].items() if k != "load") / forward,
-            "peak_rss_mib": peak_rss_mib()}
+            "compression_peak_rss_mib": compression_rss, "peak_rss_mib": peak_rss_mib()}
 
 
 def subprocess_run(name: str, recipe_data: dict | None) -> dict:
