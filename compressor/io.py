@@ -6,6 +6,11 @@ Output directory::
     model.safetensors (or shards + model.safetensors.index.json)
     compression.json         # format version, recipe as applied, per-module kind/shapes/rank, counts
     compression_log.jsonl    # one line per targeted module: rank, parameters, errors, seconds
+    adapter/                 # compensated models: the low-rank paths as a PEFT LoRA adapter (export.py)
+
+Quantized linears are stored packed in compressed-tensors' layout, with a ``quantization_config`` in
+config.json where compressed-tensors can describe them; compensated linears store their base under their
+own name and their low-rank path in ``adapter/`` (export.py), so vLLM, ``transformers`` and ``peft`` load it.
 
 Everything is written into a temporary sibling directory and renamed at the end, so an
 interrupted run never leaves a half-written output. ``load`` rebuilds the architecture from
@@ -27,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from . import __version__
+from . import __version__, export
 from .errors import CompressorError
 from .modules import MODULE_KINDS, merge as merge_module
 
@@ -96,12 +101,17 @@ def save(model: nn.Module, tokenizer: Any, out: Path, manifest: dict[str, Any], 
     manifest = dict(manifest)
     manifest["format_version"] = FORMAT_VERSION
     manifest["package_version"] = __version__
-    manifest["modules"] = {name: m.spec() for name, m in compressed_modules(model).items()}
+    modules = compressed_modules(model)
+    manifest["modules"] = {name: m.spec() for name, m in modules.items()}
     manifest["merged"] = merge
     with atomic_directory(out, overwrite) as tmp:
         if merge:
             merge_in_place(model)
-        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+            model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+        else:  # quantized and compensated modules in the layout vLLM / transformers / peft read (export.py)
+            with export.base_layout(model, modules) as loras:
+                model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+                manifest["serving"] = export.write_serving(tmp, model, modules, loras, str(Path(out).resolve()))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -152,7 +162,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         if kind is None:
             raise CompressorError(f"{path}: unknown module kind {spec['kind']!r} for {name}")
         model.set_submodule(name, kind.empty(**spec, dtype=dtype))
-    state = _state_dict(path)
+    state = export.state_for_load(_state_dict(path), manifest, path)
     result = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in result.missing_keys if k not in tied and not _is_tied(model, k)]

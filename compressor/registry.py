@@ -7,11 +7,11 @@ import difflib
 from .base import Compressor
 from .configs import build
 from .errors import CompressorError
-from .methods import curing, eora, fwsvd, lord, quantize, welore
+from .methods import curing, eora, fwsvd, lord, prune, quantize, welore
 
 COMPRESSORS: dict[str, type[Compressor]] = {
-    cls.name: cls for cls in (lord.LoRD, welore.WeLore, quantize.Quantize, eora.EoRA, curing.CURing,
-                            fwsvd.FWSVD)
+    cls.name: cls for cls in (lord.LoRD, welore.WeLore, quantize.Quantize, eora.EoRA, prune.Prune,
+                              curing.CURing, fwsvd.FWSVD)
 }
 
 

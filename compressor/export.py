@@ -1,0 +1,169 @@
+"""The serving layout of quantized and compensated models: what vLLM, ``transformers`` and ``peft`` load.
+
+A compressed output directory that holds ``quantized`` or ``compensated`` modules is written so that
+existing tools read it without this package:
+
+- **Quantized base.** Each ``QuantizedLinear`` is stored under its own module name with compressed-tensors'
+  ``pack-quantized`` tensors (``weight_packed``, ``weight_scale``, ``weight_zero_point``, ``weight_shape``,
+  ``bias``), and ``config.json`` gets a ``quantization_config`` (``quant_method: compressed-tensors``,
+  ``format: pack-quantized``, one config group per distinct (bits, group_size, symmetric), every other
+  ``nn.Linear`` listed in ``ignore``). It is written only when compressed-tensors can describe every
+  compressed module: ``nn.Linear`` layers (not GPT-2's ``Conv1D``) whose ``in_features`` the group size
+  divides, and no other compressed kinds; otherwise the manifest's ``serving`` entry says why.
+- **Compensation as a PEFT LoRA adapter.** Each ``CompensatedLinear`` is saved as its base module under the
+  module's own name (the checkpoint is the plain quantized or pruned model), and its low-rank path goes to
+  ``adapter/``: ``adapter_model.safetensors`` with ``base_model.model.<name>.lora_A.weight`` = A (r, in)
+  and ``.lora_B.weight`` = B (out, r), and ``adapter_config.json`` with ``r`` = the most common rank,
+  ``lora_alpha = r`` (PEFT scales by α/r, so 1), and ``rank_pattern`` / ``alpha_pattern`` (equal) for
+  modules of another rank (peers.md §3.2, §16.3).
+
+``io.load`` reads both back (``state_for_load``), so our own loader and ``peft`` see the same numbers.
+
+Loading in ``transformers``: symmetric checkpoints load as they are; asymmetric ones need
+``quantization_config=CompressedTensorsConfig(dequantize=True)`` with compressed-tensors 0.20, whose
+compressed-mode initialization expects an unpacked zero point although its compressor (and vLLM) use the
+packed one written here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .modules import CompensatedLinear, LowRankLinear, QuantizedLinear
+
+ADAPTER_DIR = "adapter"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+@contextmanager
+def base_layout(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[dict[str, LowRankLinear]]:
+    """Within the block, each compensated module of ``modules`` is replaced by its base; yields name → lora."""
+    compensated = {name: m for name, m in modules.items() if isinstance(m, CompensatedLinear)}
+    for name, module in compensated.items():
+        model.set_submodule(name, module.base)
+    try:
+        yield {name: module.lora for name, module in compensated.items()}
+    finally:
+        for name, module in compensated.items():
+            model.set_submodule(name, module)
+
+
+def quantization_config(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[dict[str, Any] | None, str]:
+    """(compressed-tensors ``quantization_config``, "") for the model in its base layout, or (None, reason)."""
+    bases = {name: m.base if isinstance(m, CompensatedLinear) else m for name, m in modules.items()}
+    schemes: dict[tuple[int, int | None, bool], list[str]] = {}
+    for name, module in bases.items():
+        if isinstance(module, (nn.Linear,)) or getattr(module, "kind", None) is None:
+            continue  # a dense base (pruned): an ordinary checkpoint tensor
+        if not isinstance(module, QuantizedLinear):
+            return None, f"{name} is a {module.kind} module, which compressed-tensors does not describe"
+        if module.dense_class != "Linear":
+            return None, f"{name} is a {module.dense_class}; compressed-tensors quantizes nn.Linear layers"
+        if module.group_size and module.in_features % module.group_size:
+            return None, (f"group_size {module.group_size} does not divide in_features {module.in_features} of "
+                          f"{name} (compressed-tensors needs whole groups; use a group size that divides it)")
+        schemes.setdefault((module.bits, module.group_size, module.symmetric), []).append(name)
+    if not schemes:
+        return None, "no quantized modules"
+    quantized = {name for names in schemes.values() for name in names}
+    ignore = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in quantized
+                    and not any(name.startswith(f"{q}.") for q in bases))
+    groups = {}
+    for index, ((bits, group_size, symmetric), names) in enumerate(sorted(schemes.items(), key=str)):
+        groups[f"group_{index}"] = {
+            "targets": ["Linear"] if len(schemes) == 1 else sorted(names),
+            "weights": {"num_bits": bits, "type": "int", "symmetric": symmetric,
+                        "strategy": "group" if group_size else "channel", "group_size": group_size,
+                        "dynamic": False, "actorder": None, "observer": "minmax"},
+            "input_activations": None, "output_activations": None, "format": "pack-quantized",
+        }
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None}, ""
+
+
+def adapter_config(loras: dict[str, LowRankLinear], base: str, conv1d: bool) -> dict[str, Any]:
+    """PEFT ``LoraConfig`` fields for the compensation paths (scaling 1 for every module)."""
+    ranks = {name: lora.rank for name, lora in loras.items()}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {name: r for name, r in sorted(ranks.items()) if r != rank}
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in loras})
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "inference_mode": True,
+        "r": rank, "lora_alpha": rank, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "target_modules": sorted(loras) if len(suffixes) > 64 else suffixes,
+        "layers_to_transform": None, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": conv1d,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+    }
+
+
+def write_adapter(folder: Path, loras: dict[str, LowRankLinear], base: str, all_linears: list[str]) -> None:
+    """``folder``/adapter_model.safetensors and adapter_config.json for the compensation paths."""
+    config = adapter_config(loras, base, any(lora.dense_class == "Conv1D" for lora in loras.values()))
+    if config["target_modules"] != sorted(loras):  # short names must not catch a linear left uncompensated
+        caught = [n for n in all_linears if n.rsplit(".", 1)[-1] in config["target_modules"] and n not in loras]
+        if caught:
+            config["target_modules"] = sorted(loras)
+    tensors = {}
+    for name, lora in loras.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora.down.weight.detach().contiguous()  # (r, in)
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora.up.weight.detach().contiguous()  # (out, r)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def add_quantization_config(folder: Path, config: dict[str, Any]) -> None:
+    """Put ``config`` into ``folder``/config.json as ``quantization_config``."""
+    file = folder / "config.json"
+    data = json.loads(file.read_text())
+    data["quantization_config"] = config
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def state_for_load(state: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under the names of our modules: a compensated module's base tensors move
+    under ``<name>.base.`` and its factors come from the adapter (``lora.down`` = lora_A, ``lora.up`` = lora_B)."""
+    compensated = [name for name, spec in manifest["modules"].items() if spec["kind"] == "compensated"]
+    if not compensated or not manifest.get("serving", {}).get("adapter"):
+        return state
+    state = dict(state)
+    for name in compensated:
+        prefix = f"{name}."
+        for key in [k for k in state if k.startswith(prefix)]:
+            state[f"{name}.base.{key[len(prefix):]}"] = state.pop(key)
+    adapter = load_file(str(path / manifest["serving"]["adapter"] / ADAPTER_WEIGHTS))
+    for key, tensor in adapter.items():
+        name, part = key[len(PEFT_PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        state[f"{name}.lora.{'down' if part == 'lora_A' else 'up'}.weight"] = tensor
+    return state
+
+
+def write_serving(folder: Path, model: nn.Module, modules: dict[str, nn.Module], loras: dict[str, LowRankLinear],
+                  base: str) -> dict[str, Any]:
+    """Inside ``base_layout``, after ``save_pretrained(folder)``: the quantization config and the adapter.
+    Returns the manifest's ``serving`` entry."""
+    serving: dict[str, Any] = {"compressed_tensors": False, "adapter": None}
+    if not any(isinstance(m, (QuantizedLinear, CompensatedLinear)) for m in modules.values()):
+        return serving
+    config, reason = quantization_config(model, modules)
+    if config is not None:
+        add_quantization_config(folder, config)
+        serving["compressed_tensors"] = True
+    elif any(isinstance(m, QuantizedLinear) or isinstance(getattr(m, "base", None), QuantizedLinear)
+             for m in modules.values()):
+        serving["note"] = f"no quantization_config written: {reason}"
+    if loras:
+        linears = [name for name, m in model.named_modules() if name and not list(m.children())]
+        write_adapter(folder / ADAPTER_DIR, loras, base, linears)
+        serving["adapter"] = ADAPTER_DIR
+    return serving
