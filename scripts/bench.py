@@ -68,6 +68,24 @@ def fwsvd(ratio: float, fisher_cache: str = "use", **config) -> dict:
         "ratio": ratio, "fisher_cache": fisher_cache, **config}}]}
 
 
+def compensated(first: dict, space: str | None = None, rank: int | None = None) -> dict:
+    """``first`` (a quantize or prune step), then optionally eora (space eigen = EoRA, weight = plain SVD),
+    with the yardstick's protocol: statistics of the original model in one pass (propagate: original,
+    statistics: once)."""
+    steps = [first] + ([{"method": "eora", "config": {"rank": rank, "space": space}}] if space else [])
+    return {"calibration": CALIBRATION, "propagate": "original", "statistics": "once", "steps": steps}
+
+
+def quantize(algorithm: str, bits: int, group_size: int = 128) -> dict:
+    return {"method": "quantize", "config": {"algorithm": algorithm, "bits": bits, "group_size": group_size,
+                                             "symmetric": False}}
+
+
+SPARSEGPT_2OF4 = {"method": "prune", "config": {"algorithm": "sparsegpt", "pattern": "2:4"}}
+COMPENSATIONS = [("", None, None)] + [(f"-{label}-r{r}", space, r) for label, space in (("svd", "weight"),
+                                                                                       ("eora", "eigen"))
+                                      for r in (32, 64)]
+
 SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = {
     "lord": [
         *[(f"lord-{w}-{r}", lord(w, r)) for w in ("none", "activation", "gram") for r in (0.2, 0.4)],
@@ -105,6 +123,17 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         ("fisher-pass-no-checkpointing", {"fisher_pass": {"checkpointing": False, "n_samples": 4}}),
         ("fwsvd-0.2", fwsvd(0.2)), ("fwsvd-0.4", fwsvd(0.4)),
         ("lord-none-0.2", lord("none", 0.2)), ("lord-none-0.4", lord("none", 0.4)),
+    ],
+    # Quantize or prune, then compensate (asymmetric, group 128): RTN and GPTQ at 4 and 3 bits, SparseGPT 2:4,
+    # each alone, with plain-SVD compensation of the residual (svd) and with EoRA (eora) at ranks 32 and 64;
+    # statistics of the original model in one pass. gptq-w4-g64: a group size compressed-tensors accepts on
+    # SmolLM2's 576-wide inputs (its checkpoint carries a quantization_config; group 128 ones cannot).
+    "quant": [
+        *[(f"{algorithm}-w{bits}{suffix}", compensated(quantize(algorithm, bits), space, rank))
+          for algorithm in ("rtn", "gptq") for bits in (4, 3) for suffix, space, rank in COMPENSATIONS],
+        *[(f"sparsegpt-2of4{suffix}", compensated(SPARSEGPT_2OF4, space, rank))
+          for suffix, space, rank in COMPENSATIONS],
+        ("gptq-w4-g64", compensated(quantize("gptq", 4, 64))),
     ],
 }
 
