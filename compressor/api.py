@@ -41,6 +41,12 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct parameters and buffers (packed quantized weights are buffers)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def _progress(enabled: bool):
     if not enabled:
         return nullcontext(None)
@@ -71,7 +77,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     loaded, tokenizer = models.load(model, torch_dtype, "cpu")
     seconds["load"] = time.perf_counter() - start
     params_before = models.parameter_count(loaded)
-    bytes_before = sum(p.numel() * p.element_size() for p in {id(p): p for p in loaded.parameters()}.values())
+    bytes_before = tensor_bytes(loaded)
 
     batches = None
     if needs_data:
@@ -95,7 +101,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
         "base_model": model, "recipe_source": recipe_name, "recipe": applied_recipe(recipe, steps),
         "dtype": dtype, "params_before": params_before, "params_after": params_after,
         "bytes_before": bytes_before, "reduction": reduction,
-        "bytes_after": sum(p.numel() * p.element_size() for p in {id(p): p for p in loaded.parameters()}.values()),
+        "bytes_after": tensor_bytes(loaded),
     }
     start = time.perf_counter()
     io.save(loaded, tokenizer, out, manifest, report.log, merge=merge, overwrite=overwrite)
