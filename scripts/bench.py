@@ -250,7 +250,9 @@ def run_one(name: str, recipe_data: dict) -> dict:
     recipe = recipes.parse(recipe_data, name)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / name
+        cpu = time.process_time()
         summary = api.compress(MODEL, recipe, out, progress=False)
+        cpu = time.process_time() - cpu  # CPU seconds of all threads: unaffected by waiting (contention, SIGSTOP)
         disk = bytes_on_disk(out)
         log = [json.loads(line) for line in (out / "compression_log.jsonl").read_text().splitlines()]
     compression_rss = peak_rss_mib()  # high-water mark of load + calibration + walk + save
@@ -271,7 +273,7 @@ def run_one(name: str, recipe_data: dict) -> dict:
     return {"name": name, "recipe": recipe_data, "perplexity": ppl["value"],
             "parameters": summary["params_after"], "parameters_before": summary["params_before"],
             "bytes_on_disk": disk, "seconds": summary["seconds"], "breakdown": summary["walk_seconds"],
-            "reduction": summary.get("reduction"), "plain_forward_seconds": forward,
+            "compress_cpu_seconds": cpu, "reduction": summary.get("reduction"), "plain_forward_seconds": forward,
             "compressed_layers": sorted({int(e["name"].split(".")[2]) for e in compressed
                                          if e["name"].split(".")[2].isdigit()}), "ranks": ranks,
             # the whole run without model load (calibration data, layer walk, save) over one plain forward
