@@ -19,8 +19,22 @@ def build_steps(recipe: Recipe) -> list[pipeline.Step]:
     steps = []
     for index, spec in enumerate(recipe.steps):
         compressor = registry.create(spec.method, spec.config, f"step {index} ({spec.method})")
-        steps.append(pipeline.Step(compressor, spec.targets, spec.ignore))
+        steps.append(pipeline.Step(compressor, spec.targets, spec.ignore, stream_name(recipe, index)))
     return steps
+
+
+def stream_name(recipe: Recipe, index: int) -> str:
+    """The calibration stream of step ``index``: the recipe's ("default") or one named by its own set."""
+    cal = recipes.step_calibration(recipe.calibration, recipe.steps[index])
+    if cal == recipe.calibration:
+        return pipeline.DEFAULT_STREAM
+    return f"{cal.dataset}:{cal.n_samples}x{cal.seq_len}:seed{cal.seed}:batch{cal.batch_size}"
+
+
+def calibration_streams(recipe: Recipe) -> dict[str, recipes.CalibrationConfig]:
+    """Stream name → calibration set, for every stream a step of ``recipe`` uses."""
+    return {stream_name(recipe, i): recipes.step_calibration(recipe.calibration, spec)
+            for i, spec in enumerate(recipe.steps)}
 
 
 def applied_recipe(recipe: Recipe, steps: list[pipeline.Step]) -> dict[str, Any]:
@@ -70,8 +84,9 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     io.check_output(out, overwrite)
     compute = _device(device)
     torch_dtype = models.parse_dtype(dtype)
-    needs_data = any(step.compressor.needs_calibration for step in steps)
-    source = sources.get(recipe.calibration.dataset) if needs_data else None
+    streams = calibration_streams(recipe)
+    wanted = sorted({step.data for step in steps if step.compressor.needs_calibration})
+    found = {name: sources.get(streams[name].dataset) for name in wanted}  # unknown datasets fail early
 
     start = time.perf_counter()
     loaded, tokenizer = models.load(model, torch_dtype, "cpu")
@@ -80,11 +95,13 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     bytes_before = tensor_bytes(loaded)
 
     batches = None
-    if needs_data:
+    if wanted:
         start = time.perf_counter()
-        cal = recipe.calibration
-        windows = source.calibration(tokenizer, cal.n_samples, cal.seq_len, cal.seed)  # (n, seq_len)
-        batches = list(windows.split(cal.batch_size))
+        batches = {}
+        for name in wanted:
+            cal = streams[name]
+            windows = found[name].calibration(tokenizer, cal.n_samples, cal.seq_len, cal.seed)  # (n, seq_len)
+            batches[name] = list(windows.split(cal.batch_size))
         seconds["calibration_data"] = time.perf_counter() - start
 
     start = time.perf_counter()

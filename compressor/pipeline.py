@@ -44,6 +44,7 @@ class Step:
     compressor: Compressor
     targets: list[str]
     ignore: list[str]
+    data: str = "default"  # the calibration stream this step's statistics come from (walk's ``batches``)
 
 
 @dataclass
@@ -163,37 +164,55 @@ def original_statistics(model: nn.Module, names: set[str], needs: frozenset[str]
             inputs = [LayerInput(h, item.args, item.kwargs) for h, item in zip(outputs, inputs)]
 
 
-def walk(model: nn.Module, steps: list[Step], batches: list[Tensor] | None, *, device: torch.device,
-         propagate: str = "compressed", statistics: str = "per_step", offload: torch.device | None = None,
-         on_layer: Callable[[int, int], None] | None = None, log_file=None) -> WalkReport:
+DEFAULT_STREAM = "default"
+
+
+@dataclass
+class _Stream:
+    """One calibration set flowing through the layer walk (the recipe's, or a step's own)."""
+
+    inputs: list[LayerInput]  # this layer's inputs
+    outputs: list[Tensor] | None = None  # outputs of the layer as it currently is
+    original: list[Tensor] | None = None  # outputs of the layer before any step changed it
+
+
+def walk(model: nn.Module, steps: list[Step], batches: list[Tensor] | dict[str, list[Tensor]] | None, *,
+         device: torch.device, propagate: str = "compressed", statistics: str = "per_step",
+         offload: torch.device | None = None, on_layer: Callable[[int, int], None] | None = None,
+         log_file=None) -> WalkReport:
     """Compress ``model`` in place, layer by layer. ``batches`` may be None if no step needs data.
+
+    ``batches``: token ids (batch, seq) of the recipe's calibration set, or a mapping stream name → token ids
+    when steps calibrate on sets of their own (``Step.data``; EoRA on task data after a quantizer calibrated
+    on generic text). Every stream flows through the walk with the same ``propagate`` rule.
 
     ``statistics``: ``per_step`` collects each data-driven step's statistics on the layer as the earlier
     steps left it (one forward pass per such step); ``once`` collects every step's statistics in one pass
-    over the layer before any step changes it, so all steps see the original layer's inputs (EoRA's
-    Gram after a quantizer, as in "statistics from the original model in one pass").
+    per stream over the layer before any step changes it, so all steps see the original layer's inputs
+    (EoRA's Gram after a quantizer, as in "statistics from the original model in one pass").
     """
     offload = offload or torch.device("cpu")
     report = WalkReport()
     prefix, layers = arch.decoder_layers(model)
     dtype = next(model.parameters()).dtype
-    needs_data = any(step.compressor.needs for step in steps)
+    sets = batches if isinstance(batches, dict) else {DEFAULT_STREAM: batches}
+    used = {step.data for step in steps if step.compressor.needs}
     _plan(model, layers, prefix, steps)
     for step in steps:
         start = time.perf_counter()
-        step.compressor.prepare(model, batches, device)
+        step.compressor.prepare(model, sets.get(step.data), device)
         report.seconds["prepare"] += time.perf_counter() - start
 
     with calibration_mode(model):
-        inputs: list[LayerInput] | None = None
-        if needs_data:
+        streams: dict[str, list[LayerInput]] = {}
+        for name in sorted(used):
             start = time.perf_counter()
-            inputs = capture_inputs(model, layers, batches, device, offload)
+            streams[name] = capture_inputs(model, layers, sets[name], device, offload)
             report.seconds["capture"] += time.perf_counter() - start
         for index, layer in enumerate(layers):
             layer.to(device)
-            inputs = _compress_layer(layer, index, len(layers), f"{prefix}.{index}", steps, inputs, device,
-                                     offload, propagate, dtype, report, log_file, statistics)
+            streams = _compress_layer(layer, index, len(layers), f"{prefix}.{index}", steps, streams, device,
+                                      offload, propagate, dtype, report, log_file, statistics)
             layer.to(offload)
             if on_layer:
                 on_layer(index, len(layers))
@@ -214,22 +233,21 @@ def _plan(model: nn.Module, layers: nn.ModuleList, prefix: str, steps: list[Step
 
 
 def _compress_layer(layer: nn.Module, index: int, n_layers: int, prefix: str, steps: list[Step],
-                    inputs: list[LayerInput] | None, device: torch.device, offload: torch.device,
+                    inputs: dict[str, list[LayerInput]], device: torch.device, offload: torch.device,
                     propagate: str, dtype: torch.dtype, report: WalkReport, log_file,
-                    statistics: str = "per_step") -> list[LayerInput] | None:
+                    statistics: str = "per_step") -> dict[str, list[LayerInput]]:
     seconds = report.seconds
     ctx = LayerContext(index, n_layers, device, dtype)
     original: dict[str, Tensor] = {}
-    outputs: list[Tensor] | None = None  # outputs of the layer as it currently is
+    streams = {name: _Stream(items) for name, items in inputs.items()}
     modified = False
-    shared: dict[str, LinearStats] | None = None  # statistics: once
-    if inputs is not None and statistics == "once":
-        shared, outputs = _statistics_once(layer, index, prefix, steps, inputs, device, offload, seconds)
-    if outputs is None and inputs is not None and propagate == "original" and not steps[0].compressor.needs:
-        start = time.perf_counter()
-        outputs = run_layer(layer, inputs, device, offload)
-        seconds["propagation"] += time.perf_counter() - start
-    original_outputs = outputs
+    shared: dict[str, dict[str, LinearStats]] = {}  # statistics: once, per stream
+    if statistics == "once":
+        for name, stream in streams.items():
+            stats, outputs = _statistics_once(layer, index, prefix, [s for s in steps if s.data == name],
+                                              stream.inputs, device, offload, seconds)
+            if stats is not None:
+                shared[name], stream.outputs, stream.original = stats, outputs, outputs
 
     for step_index, step in enumerate(steps):
         linears = arch.layer_linears(layer, prefix)
@@ -237,17 +255,18 @@ def _compress_layer(layer: nn.Module, index: int, n_layers: int, prefix: str, st
         if not names or not step.compressor.wants_layer(index):
             continue
         stats: dict[str, LinearStats] = {}
-        if shared is not None:  # statistics: once (data-free steps get them too, for the log's output error)
-            stats = shared
+        if step.data in shared:  # statistics: once (data-free steps get them too, for the log's output error)
+            stats = shared[step.data]
         elif step.compressor.needs:
+            stream = streams[step.data]
             start = time.perf_counter()
             with StatsCollector({n: linears[n] for n in names}, step.compressor.needs) as collector:
-                outputs = run_layer(layer, inputs, device, offload)
+                stream.outputs = run_layer(layer, stream.inputs, device, offload)
             seconds["statistics_forward"] += time.perf_counter() - start - collector.seconds
             seconds["statistics_accumulation"] += collector.seconds
             stats = collector.result()
             if not modified:
-                original_outputs = outputs
+                stream.original = stream.outputs
         targets = {}
         for name in names:
             module = linears[name]
@@ -268,25 +287,26 @@ def _compress_layer(layer: nn.Module, index: int, n_layers: int, prefix: str, st
                 log_file.write(json.dumps(entry) + "\n")
                 log_file.flush()
             if outcome.module is not None:
-                if propagate == "original" and inputs is not None and original_outputs is None:
-                    original_outputs = run_layer(layer, inputs, device, offload)  # before the layer first changes
+                if propagate == "original":  # the original outputs, before the layer first changes
+                    for stream in streams.values():
+                        if stream.original is None:
+                            stream.original = run_layer(layer, stream.inputs, device, offload)
                 outcome.module.to(device)
                 layer.set_submodule(name[len(prefix) + 1:], outcome.module)  # the only place modules are swapped
                 modified = True
 
-    if inputs is None:
-        return None
     start = time.perf_counter()
-    if propagate == "original" and original_outputs is not None:
-        next_hidden = original_outputs
-    elif propagate == "original":  # no step ran a forward pass here and the layer is unchanged
-        next_hidden = run_layer(layer, inputs, device, offload)
-    elif modified or outputs is None:
-        next_hidden = run_layer(layer, inputs, device, offload)
-    else:
-        next_hidden = outputs
+    following = {}
+    for name, stream in streams.items():
+        if propagate == "original" and stream.original is not None:
+            next_hidden = stream.original
+        elif modified or stream.outputs is None:  # (propagate: original here means the layer is unchanged)
+            next_hidden = run_layer(layer, stream.inputs, device, offload)
+        else:
+            next_hidden = stream.outputs
+        following[name] = [LayerInput(h, item.args, item.kwargs) for h, item in zip(next_hidden, stream.inputs)]
     seconds["propagation"] += time.perf_counter() - start
-    return [LayerInput(h, item.args, item.kwargs) for h, item in zip(next_hidden, inputs)]
+    return following
 
 
 def _statistics_once(layer: nn.Module, index: int, prefix: str, steps: list[Step], inputs: list[LayerInput],

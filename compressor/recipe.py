@@ -9,6 +9,7 @@ steps:
     targets: []                # suffixes ("mlp.down_proj") or regexes ("re:..."); [] = every decoder linear
     ignore: []
     config: {ratio: 0.2, whiten: gram}
+    calibration: {}            # optional: this step's own calibration set, e.g. {dataset: task.jsonl}
 ```
 
 ``--recipe`` takes a path or the name of a recipe shipped with the package (``lord``).
@@ -53,6 +54,8 @@ class StepSpec:
     targets: list[str] = field([], "module name suffixes or 're:' regexes; empty = all decoder linears")
     ignore: list[str] = field([], "patterns excluded from targets (ignore always wins)")
     config: dict[str, Any] = field({}, "the compressor's config")
+    calibration: dict[str, Any] = field(
+        {}, "this step's own calibration set (e.g. EoRA on task text): calibration keys, unset ones from the recipe's")
 
 
 @dataclass
@@ -137,10 +140,19 @@ def parse(data: dict[str, Any], where: str = "recipe") -> Recipe:
         step = configs.build(StepSpec, raw, f"{where}: step {index}")
         if not step.method:
             raise CompressorError(f"{where}: step {index} has no 'method'")
+        step_calibration(calibration, step, f"{where}: step {index} calibration")  # checked now
         steps.append(step)
     recipe = configs.build(Recipe, data, where)
     recipe.calibration, recipe.steps = calibration, steps
     return recipe
+
+
+def step_calibration(calibration: CalibrationConfig, step: StepSpec, where: str = "step calibration"
+                     ) -> CalibrationConfig:
+    """The calibration set a step's statistics come from: the recipe's, with the step's own keys over it."""
+    if not step.calibration:
+        return calibration
+    return configs.build(CalibrationConfig, {**dataclasses.asdict(calibration), **step.calibration}, where)
 
 
 def load(spec: str, overrides: list[str] | None = None) -> Recipe:

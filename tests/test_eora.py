@@ -178,3 +178,50 @@ def test_statistics_once_gives_eora_the_original_layers_gram(model_dirs, small_t
             reference(input_ids=batch, use_cache=False)
     for name, stats in collector.result().items():
         torch.testing.assert_close(seen[name], stats.gram, rtol=1e-4, atol=1e-3)
+
+
+def test_eora_calibrates_on_its_own_dataset(model_dirs, tmp_path, small_text):
+    """A step's ``calibration`` gives it its own stream: EoRA's Gram comes from its set, GPTQ's from the recipe's."""
+    from compressor import models
+    from compressor.calibration import calibration_windows
+    from compressor.methods.eora import EoRA
+    from compressor.methods.quantize import Quantize
+
+    task = tmp_path / "task.txt"
+    task.write_text(" ".join(["The budget, the deficit and the army."] * 400))
+    recipe = chain(small_text, algorithm="gptq")
+    recipe.steps[1].calibration = {"dataset": str(task), "n_samples": 3}
+    assert api.stream_name(recipe, 0) == pipeline.DEFAULT_STREAM != api.stream_name(recipe, 1)
+    seen: dict[str, dict] = {"eora": {}, "quantize": {}}
+    originals = {cls: cls.compress for cls in (EoRA, Quantize)}
+
+    def spy(cls, key):
+        def compress(self, target, ctx, *args):
+            seen[key][target.name] = (target.stats.gram.clone(), target.stats.n_tokens)
+            return originals[cls](self, target, ctx, *args)
+        return compress
+
+    EoRA.compress, Quantize.compress = spy(EoRA, "eora"), spy(Quantize, "quantize")
+    try:
+        api.compress(str(model_dirs["llama"]), recipe, tmp_path / "out", progress=False)
+    finally:
+        EoRA.compress, Quantize.compress = originals[EoRA], originals[Quantize]
+    model, tokenizer = models.load(str(model_dirs["llama"]))
+    for key, text, n_samples in (("eora", str(task), 3), ("quantize", small_text, 4)):
+        windows = calibration_windows(text, tokenizer, n_samples, 32, 0)
+        linears = {n: m for n, m in model.named_modules() if n in seen[key]}
+        with torch.no_grad(), StatsCollector(linears, frozenset({"gram"})) as collector:
+            for batch in windows.split(2):
+                model(input_ids=batch, use_cache=False)
+        for name, stats in collector.result().items():
+            assert seen[key][name][1] == n_samples * 32
+            torch.testing.assert_close(seen[key][name][0], stats.gram, rtol=1e-4, atol=1e-3)
+
+
+def test_step_calibration_is_checked():
+    from compressor.errors import CompressorError
+
+    with pytest.raises(CompressorError, match="step 1 calibration"):
+        recipes.parse({"steps": [{"method": "quantize"}, {"method": "eora", "calibration": {"bogus": 1}}]})
+    recipe = recipes.parse({"steps": [{"method": "quantize"}, {"method": "eora", "calibration": {"seed": 0}}]})
+    assert api.stream_name(recipe, 1) == pipeline.DEFAULT_STREAM  # the same set as the recipe's: one stream
