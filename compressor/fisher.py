@@ -195,7 +195,8 @@ def collect_fisher(model: nn.Module, batches: list[Tensor], target_names: list[s
 
     def accumulate(name: str):
         def hook(param: nn.Parameter) -> None:
-            fisher[name].add_(param.grad.float().square())
+            grad = param.grad.float()  # a no-op for fp32; bf16/fp16 gradients are squared in fp32
+            fisher[name].addcmul_(grad, grad)
             param.grad = None  # at most one weight gradient alive at any time
 
         return hook

@@ -12,6 +12,7 @@ function of the earlier runs' results (name → result), to match another run's 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -143,7 +144,7 @@ def peak_rss_mib() -> float:
 
 
 def rss_status_mib(field: str = "VmRSS") -> float | None:
-    """A field of /proc/self/status (VmRSS: resident now, VmHWM: peak since start or the last reset) in MiB."""
+    """A field of /proc/self/status in MiB (VmRSS: resident now, VmHWM: peak since start or last reset)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -171,15 +172,20 @@ def run_fisher_pass(name: str, config: dict) -> dict:
     prefix, layers = arch.decoder_layers(model)
     names = [n for i, layer in enumerate(layers) for n in arch.layer_linears(layer, f"{prefix}.{i}")]
     model_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    try:  # the free heap leaves first (collect_fisher trims too), so the reset below is not above the pass
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     rss_before = rss_status_mib()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         reset = True
     except OSError:
         reset = False
-    start = time.perf_counter()
-    result = fisher.collect_fisher(model, list(windows.split(1)), names, "cpu", checkpointing=config["checkpointing"])
-    seconds = time.perf_counter() - start
+    start, cpu = time.perf_counter(), time.process_time()
+    result = fisher.collect_fisher(model, list(windows.split(1)), names, "cpu",
+                                   checkpointing=config["checkpointing"])
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     pass_peak = rss_status_mib("VmHWM") if reset else peak_rss_mib()
     fisher_bytes = sum(t.numel() * t.element_size() for t in result.values())
     batches = list(windows.split(CALIBRATION["batch_size"]))
@@ -187,7 +193,10 @@ def run_fisher_pass(name: str, config: dict) -> dict:
         if config.get("write_cache") else None
     model_mib = model_bytes / 2**20
     increment = pass_peak - rss_before
-    return {"name": name, "fisher_pass": config, "windows": config["n_samples"], "seconds": {"fisher_pass": seconds},
+    # cpu_seconds (user + system, all threads) does not count time other jobs took; seconds is wall time
+    return {"name": name, "fisher_pass": config, "windows": config["n_samples"],
+            "seconds": {"fisher_pass": seconds}, "cpu_seconds": {"fisher_pass": cpu},
+            "threads": torch.get_num_threads(),
             "seconds_per_window": seconds / config["n_samples"], "targets": len(names),
             "model_fp32_mib": model_mib, "fisher_accumulators_mib": fisher_bytes / 2**20,
             "rss_libraries_mib": rss_libraries, "rss_before_pass_mib": rss_before,
