@@ -282,7 +282,8 @@ def run_one(name: str, recipe_data: dict) -> dict:
     return {"name": name, "recipe": recipe_data, "perplexity": ppl["value"],
             "parameters": summary["params_after"], "parameters_before": summary["params_before"],
             "bytes_on_disk": disk, "seconds": summary["seconds"], "breakdown": summary["walk_seconds"],
-            "compress_cpu_seconds": cpu, "reduction": summary.get("reduction"), "plain_forward_seconds": forward,
+            "compress_cpu_seconds": cpu, "compression_cpu_seconds": summary.get("cpu_seconds", {}).get("compression"),
+            "reduction": summary.get("reduction"), "plain_forward_seconds": forward,
             "compressed_layers": sorted({int(e["name"].split(".")[2]) for e in compressed
                                          if e["name"].split(".")[2].isdigit()}), "ranks": ranks,
             # the whole run without model load (calibration data, layer walk, save) over one plain forward
