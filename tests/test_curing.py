@@ -64,7 +64,7 @@ def run(model, config: dict, targets=TARGETS, propagate: str = "compressed"):
     return compressor, report
 
 
-# ---------------------------------------------------------------------------------------------------------- DEIM
+# ------------------------------------------------------------------------------------------------------- DEIM
 
 
 @pytest.mark.parametrize("m,n,r", [(40, 30, 6), (30, 40, 10), (25, 25, 25)])
@@ -101,7 +101,7 @@ def test_randomized_svd_matches_exact_on_low_rank():
     assert torch.equal(again[0], left)  # seeded: deterministic
 
 
-# ---------------------------------------------------------------------------------------------------------- CUR
+# -------------------------------------------------------------------------------------------------------- CUR
 
 
 @pytest.mark.parametrize("score", ["wanda", "signed", "covariance", "weight"])
@@ -133,11 +133,11 @@ def test_weighted_link_minimises_output_error():
         assert ((weight - C @ other @ R) @ root).norm() >= best
 
 
-# ---------------------------------------------------------------------------------------------------------- ranks
+# ------------------------------------------------------------------------------------------------------ ranks
 
 
-@pytest.mark.parametrize("m,n", [(4096, 4096), (1024, 4096), (14336, 4096), (576, 576), (192, 576), (1536, 576),
-                                 (7, 3), (1, 1)])
+@pytest.mark.parametrize("m,n", [(4096, 4096), (1024, 4096), (14336, 4096), (576, 576), (192, 576),
+                                 (1536, 576), (7, 3), (1, 1)])
 def test_break_even_is_largest_strictly_saving_rank(m, n):
     rank = curing.cur_break_even(m, n)
     assert rank == 0 or curing.cur_parameters(rank, m, n) < m * n
@@ -145,7 +145,8 @@ def test_break_even_is_largest_strictly_saving_rank(m, n):
 
 
 def test_break_even_of_llama_8b_matrices_match_the_dossier():
-    assert [curing.cur_break_even(m, n) for m, n in [(4096, 4096), (1024, 4096), (14336, 4096)]] == [1696, 718, 2769]
+    shapes = [(4096, 4096), (1024, 4096), (14336, 4096)]
+    assert [curing.cur_break_even(m, n) for m, n in shapes] == [1696, 718, 2769]
 
 
 def test_paper_rank_rule_and_never_grow():
@@ -166,15 +167,16 @@ def test_energy_rank_rule():
     assert curing.energy_rank(values, 0.9) == 2
     assert curing.energy_rank(values, 1.0) == 4
     assert curing.choose_rank(64, 64, "energy", singular_values=values, energy=0.9, max_rank=None)[0] == 2
-    # 512 × 512: break-even 212, rounded down to 128; a flat spectrum needs ⌈0.2·512⌉ = 103 → rounded up to 128
+    # 512 × 512: break-even 212, rounded down to 128; a flat spectrum needs ⌈0.2·512⌉ = 103 → up to 128
     assert curing.choose_rank(512, 512, "energy", singular_values=torch.ones(512), energy=0.2, multiple=128,
                               max_rank=None)[0] == 128
     # ⌈0.5·512⌉ = 256 > 128: v2 aborts the run ("No compression."); here the matrix stays dense
-    rank, note = curing.choose_rank(512, 512, "energy", singular_values=torch.ones(512), energy=0.5, multiple=128)
+    rank, note = curing.choose_rank(512, 512, "energy", singular_values=torch.ones(512), energy=0.5,
+                                    multiple=128)
     assert rank is None and "energy rank" in note
 
 
-# ---------------------------------------------------------------------------------------------------------- layers
+# ----------------------------------------------------------------------------------------------------- layers
 
 
 def test_angular_distance_on_known_vectors():
@@ -200,7 +202,7 @@ def test_select_layers_rules():
         curing.select_layers("last", 8, 7)
 
 
-# ---------------------------------------------------------------------------------------------------------- walk
+# ------------------------------------------------------------------------------------------------------- walk
 
 
 def test_compressor_selects_least_changing_layers_and_compresses_targets():
@@ -235,7 +237,8 @@ def test_selection_statistics_match_walk_statistics(n_layers, propagate):
     found = 0
     for (name, a), (_, b) in zip(first.named_modules(), second.named_modules()):
         if isinstance(a, CURLinear):
-            assert torch.equal(a.row_indices, b.row_indices) and torch.equal(a.col_indices, b.col_indices), name
+            assert torch.equal(a.row_indices, b.row_indices), name
+            assert torch.equal(a.col_indices, b.col_indices), name
             torch.testing.assert_close(a.U, b.U, atol=1e-5, rtol=1e-5)
             found += 1
     assert found == 3 * n_layers
@@ -275,7 +278,7 @@ def test_bad_configs_are_user_errors():
         run(tiny_llama(layers=3), {"n_layers": 2})
 
 
-# ---------------------------------------------------------------------------------------------------------- io
+# --------------------------------------------------------------------------------------------------------- io
 
 
 def test_save_load_identical_logits_and_merge(tmp_path):
@@ -286,7 +289,8 @@ def test_save_load_identical_logits_and_merge(tmp_path):
         expected = model(input_ids=ids).logits
     io.save(model, None, tmp_path / "cur", {"params_before": 0}, [])
     manifest = io.read_manifest(tmp_path / "cur")
-    assert {spec["kind"] for spec in manifest["modules"].values()} == {"cur"} and len(manifest["modules"]) == 9
+    assert {spec["kind"] for spec in manifest["modules"].values()} == {"cur"}
+    assert len(manifest["modules"]) == 9
     loaded = io.load(tmp_path / "cur")
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, expected)
@@ -321,15 +325,16 @@ def test_conv1d_with_bias_keeps_dense_class_and_bias(tmp_path):
         assert torch.equal(io.load(tmp_path / "gpt2")(input_ids=ids).logits, expected)
 
 
-# ---------------------------------------------------------------------------------------------------------- paper
+# ------------------------------------------------------------------------------------------------------ paper
 
 
 def test_llama31_8b_parameter_arithmetic_8_03b_to_7_32b():
     """The abstract's headline without weights: Llama-3.1-8B, q/k/gate of 10 layers at rank 256."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         tie_word_embeddings=False)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     before = sum(p.numel() for p in model.parameters())
@@ -351,7 +356,8 @@ def test_llama31_8b_parameter_arithmetic_8_03b_to_7_32b():
 
 def test_deim_equals_the_explicit_greedy_loop():
     """The LU-pivot form of DEIM picks what the textbook loop picks."""
-    vectors = torch.linalg.qr(torch.randn(200, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(4))).Q
+    generator = torch.Generator().manual_seed(4)
+    vectors = torch.linalg.qr(torch.randn(200, 40, dtype=torch.float64, generator=generator)).Q
     picked: list[int] = []
     for j in range(40):
         residual = vectors[:, j].clone()

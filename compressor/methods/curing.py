@@ -81,12 +81,12 @@ class CURingConfig:
         "walk: collected during the layer walk on the chosen layers only (honours propagate)")
     score: Score = field("wanda", "row/column score: wanda |W|·rms(x), signed W·rms(x) (v2 cov_fast), "
                                   "covariance W·Σ^½ (v2 cov), weight |W|")
-    deim: Literal["exact", "randomized"] = field("exact", "singular vectors for DEIM: full SVD, or randomized "
-                                                          "range finder (v2's svd_lowrank)")
+    deim: Literal["exact", "randomized"] = field(
+        "exact", "singular vectors for DEIM: full SVD, or randomized range finder (v2's svd_lowrank)")
     oversample: int = field(20, "extra random directions of deim: randomized")
     power_iterations: int = field(2, "power iterations of deim: randomized")
-    rank_rule: Literal["paper", "energy"] = field("paper", "paper: min(CUR break-even, max_rank); energy: "
-                                                           "smallest rank holding `energy` of the score's ‖S‖²")
+    rank_rule: Literal["paper", "energy"] = field(
+        "paper", "paper: min(CUR break-even, max_rank); energy: smallest rank holding `energy` of ‖S‖²_F")
     max_rank: int | None = field(256, "upper bound on the rank (the paper's 256); null for none")
     min_rank: int | None = field(None, "lower bound on the rank (v2); a rank that saves nothing stays dense")
     energy: float = field(0.88, "fraction of ‖S‖²_F kept by rank_rule: energy (v2 uses 0.85–0.89)")
@@ -217,9 +217,9 @@ def energy_rank(singular_values: Tensor, energy: float) -> int:
     return min(int(torch.searchsorted(cumulative, target)) + 1, power.numel())
 
 
-def choose_rank(m: int, n: int, rule: str = "paper", *, max_rank: int | None = 256, min_rank: int | None = None,
-                multiple: int = 1, singular_values: Tensor | None = None, energy: float = 0.88,
-                ) -> tuple[int | None, str]:
+def choose_rank(m: int, n: int, rule: str = "paper", *, max_rank: int | None = 256,
+                min_rank: int | None = None, multiple: int = 1, singular_values: Tensor | None = None,
+                energy: float = 0.88) -> tuple[int | None, str]:
     """(rank, note) for an (m, n) weight; rank None means the matrix stays dense (the note says why)."""
     limit = (cur_break_even(m, n) // multiple) * multiple
     if rule == "paper":
@@ -253,7 +253,7 @@ def symmetric_sqrt(matrix: Tensor) -> Tensor:
 
 
 def activation_scales(stats: LinearStats | None, score: str) -> tuple[Tensor | None, Tensor | None]:
-    """(rms (n,) = √(Σx²/N), Σ^½ (n, n) of ``Σ = XᵀX/N``) from the statistics, each only where ``score`` uses it."""
+    """(rms (n,) = √(Σx²/N), Σ^½ (n, n) of ``Σ = XᵀX/N``) from the statistics, where ``score`` uses them."""
     if score == "weight":
         return None, None
     if stats is None:
@@ -345,8 +345,8 @@ def cur_factors(weight: Tensor, rows: Tensor, cols: Tensor, weighting: Tensor | 
 
 
 def score_needs(score: str) -> frozenset[str]:
-    return {"wanda": frozenset({"sq_norm"}), "signed": frozenset({"sq_norm"}), "covariance": frozenset({"gram"}),
-            "weight": frozenset()}[score]
+    return {"wanda": frozenset({"sq_norm"}), "signed": frozenset({"sq_norm"}),
+            "covariance": frozenset({"gram"}), "weight": frozenset()}[score]
 
 
 class CURing(Compressor):
@@ -389,9 +389,10 @@ class CURing(Compressor):
                 raise CompressorError("curing needs calibration data (layer selection or statistics)")
             layers_with_stats = candidate_layers(n_total) if angular else self.selected
             last = n_total - 2 if angular else max(self.selected)
+            collect = {i: by_layer.get(i, []) for i in layers_with_stats} if stat_needs else {}
             self.distances, self.selection_stats = selection_pass(
-                model, batches, device, last_layer=last, distance_layers=set(candidate_layers(n_total)) if angular
-                else set(), collect={i: by_layer.get(i, []) for i in layers_with_stats} if stat_needs else {},
+                model, batches, device, last_layer=last,
+                distance_layers=set(candidate_layers(n_total)) if angular else set(), collect=collect,
                 needs=stat_needs, tokens=config.distance_tokens)
         if angular:
             self.selected = select_layers("angular", n_total, config.n_layers, self.distances)
@@ -414,16 +415,17 @@ class CURing(Compressor):
         spectrum = None
         if config.rank_rule == "energy":
             spectrum = full_svd[1] if full_svd is not None else torch.linalg.svdvals(scores)
-        rank, note = choose_rank(m, n, config.rank_rule, max_rank=config.max_rank, min_rank=config.min_rank,
-                                 multiple=config.rank_multiple, singular_values=spectrum, energy=config.energy)
+        rank, note = choose_rank(m, n, config.rank_rule, max_rank=config.max_rank,
+                                 min_rank=config.min_rank, multiple=config.rank_multiple,
+                                 singular_values=spectrum, energy=config.energy)
         extra = {"layer_distance": self.distances.get(ctx.layer_index)}
         if rank is None:
             return Outcome(None, note=note, extra=extra)
         if full_svd is not None:
             left, right = full_svd[0][:, :rank], full_svd[2][:rank].T  # (m, r), (n, r)
         else:
-            left, right = singular_vectors(scores, rank, "randomized", config.oversample, config.power_iterations,
-                                           config.seed)
+            left, right = singular_vectors(scores, rank, "randomized", config.oversample,
+                                           config.power_iterations, config.seed)
         rows, cols = deim(left), deim(right)
         C, U, R = cur_factors(weight, rows, cols, least_squares_weighting(config.score, rms, root))
         module = CURLinear.from_factors(C, U, R, rows, cols, target.bias, target.dense_class, dtype=ctx.dtype)
