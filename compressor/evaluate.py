@@ -44,8 +44,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
 
 
 def bytes_on_disk(path: Path) -> int:
-    """Bytes of the weight files (safetensors) in a model directory."""
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    """Bytes of the weight files (safetensors) in a model directory, an EoRA adapter in adapter/ included."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*.safetensors"))
 
 
 def load_any(spec: str, device: str = "cpu", dtype: torch.dtype | None = None):

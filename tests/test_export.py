@@ -136,3 +136,12 @@ def test_pruned_base_and_adapter_load_in_transformers_and_peft(tmp_path, arch, m
     adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "out"),
                                              tmp_path / "out" / export.ADAPTER_DIR)
     torch.testing.assert_close(logits(adapted, ids), logits(ours, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_bytes_on_disk_count_the_adapter(tmp_path, model_dirs):
+    from compressor.evaluate import bytes_on_disk
+
+    recipe = quantize_then([{"method": "eora", "config": {"rank": 8, "space": "weight"}}])
+    api.compress(str(model_dirs["llama"]), recipe, tmp_path / "out", progress=False)
+    adapter = (tmp_path / "out" / export.ADAPTER_DIR / export.ADAPTER_WEIGHTS).stat().st_size
+    assert bytes_on_disk(tmp_path / "out") == (tmp_path / "out" / "model.safetensors").stat().st_size + adapter
