@@ -47,7 +47,8 @@ PEFT_PREFIX = "base_model.model."
 
 @contextmanager
 def base_layout(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[dict[str, LowRankLinear]]:
-    """Within the block, each compensated module of ``modules`` is replaced by its base; yields name → lora."""
+    """Within the block, each compensated module of ``modules`` is replaced by its base; yields name → lora
+    (the low-rank paths, for the adapter)."""
     compensated = {name: m for name, m in modules.items() if isinstance(m, CompensatedLinear)}
     for name, module in compensated.items():
         model.set_submodule(name, module.base)
@@ -59,7 +60,8 @@ def base_layout(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[dic
 
 
 def quantization_config(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[dict[str, Any] | None, str]:
-    """(compressed-tensors ``quantization_config``, "") for the model in its base layout, or (None, reason)."""
+    """(compressed-tensors ``quantization_config``, "") for the model in its base layout,
+    or (None, the reason compressed-tensors cannot describe it)."""
     bases = {name: m.base if isinstance(m, CompensatedLinear) else m for name, m in modules.items()}
     schemes: dict[tuple[int, int | None, bool], list[str]] = {}
     for name, module in bases.items():
@@ -70,13 +72,14 @@ def quantization_config(model: nn.Module, modules: dict[str, nn.Module]) -> tupl
         if module.dense_class != "Linear":
             return None, f"{name} is a {module.dense_class}; compressed-tensors quantizes nn.Linear layers"
         if module.group_size and module.in_features % module.group_size:
-            return None, (f"group_size {module.group_size} does not divide in_features {module.in_features} of "
-                          f"{name} (compressed-tensors needs whole groups; use a group size that divides it)")
+            return None, (f"group_size {module.group_size} does not divide in_features {module.in_features} "
+                          f"of {name} (compressed-tensors needs whole groups; use one that divides it)")
         schemes.setdefault((module.bits, module.group_size, module.symmetric), []).append(name)
     if not schemes:
         return None, "no quantized modules"
     quantized = {name for names in schemes.values() for name in names}
-    ignore = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in quantized
+    ignore = sorted(name for name, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and name not in quantized
                     and not any(name.startswith(f"{q}.") for q in bases))
     groups = {}
     for index, ((bits, group_size, symmetric), names) in enumerate(sorted(schemes.items(), key=str)):
@@ -87,8 +90,9 @@ def quantization_config(model: nn.Module, modules: dict[str, nn.Module]) -> tupl
                         "dynamic": False, "actorder": None, "observer": "minmax"},
             "input_activations": None, "output_activations": None, "format": "pack-quantized",
         }
-    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None}, ""
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized",
+            "quantization_status": "compressed", "config_groups": groups, "ignore": ignore,
+            "kv_cache_scheme": None}, ""
 
 
 def adapter_config(loras: dict[str, LowRankLinear], base: str, conv1d: bool) -> dict[str, Any]:
@@ -98,7 +102,8 @@ def adapter_config(loras: dict[str, LowRankLinear], base: str, conv1d: bool) -> 
     pattern = {name: r for name, r in sorted(ranks.items()) if r != rank}
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in loras})
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "inference_mode": True,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "inference_mode": True,
         "r": rank, "lora_alpha": rank, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
         "target_modules": sorted(loras) if len(suffixes) > 64 else suffixes,
         "layers_to_transform": None, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": conv1d,
@@ -110,7 +115,8 @@ def write_adapter(folder: Path, loras: dict[str, LowRankLinear], base: str, all_
     """``folder``/adapter_model.safetensors and adapter_config.json for the compensation paths."""
     config = adapter_config(loras, base, any(lora.dense_class == "Conv1D" for lora in loras.values()))
     if config["target_modules"] != sorted(loras):  # short names must not catch a linear left uncompensated
-        caught = [n for n in all_linears if n.rsplit(".", 1)[-1] in config["target_modules"] and n not in loras]
+        caught = [n for n in all_linears
+                  if n.rsplit(".", 1)[-1] in config["target_modules"] and n not in loras]
         if caught:
             config["target_modules"] = sorted(loras)
     tensors = {}
@@ -130,9 +136,11 @@ def add_quantization_config(folder: Path, config: dict[str, Any]) -> None:
     file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def state_for_load(state: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+def state_for_load(state: dict[str, torch.Tensor], manifest: dict[str, Any],
+                   path: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under the names of our modules: a compensated module's base tensors move
-    under ``<name>.base.`` and its factors come from the adapter (``lora.down`` = lora_A, ``lora.up`` = lora_B)."""
+    under ``<name>.base.`` and its factors come from the adapter (``lora.down`` = lora_A,
+    ``lora.up`` = lora_B)."""
     compensated = [name for name, spec in manifest["modules"].items() if spec["kind"] == "compensated"]
     if not compensated or not manifest.get("serving", {}).get("adapter"):
         return state
@@ -148,8 +156,8 @@ def state_for_load(state: dict[str, torch.Tensor], manifest: dict[str, Any], pat
     return state
 
 
-def write_serving(folder: Path, model: nn.Module, modules: dict[str, nn.Module], loras: dict[str, LowRankLinear],
-                  base: str) -> dict[str, Any]:
+def write_serving(folder: Path, model: nn.Module, modules: dict[str, nn.Module],
+                  loras: dict[str, LowRankLinear], base: str) -> dict[str, Any]:
     """Inside ``base_layout``, after ``save_pretrained(folder)``: the quantization config and the adapter.
     Returns the manifest's ``serving`` entry."""
     serving: dict[str, Any] = {"compressed_tensors": False, "adapter": None}

@@ -60,7 +60,8 @@ def group_range(weight: Tensor, group_size: int | None) -> tuple[Tensor, Tensor]
     m, n = weight.shape
     size = group_size or n
     groups = n_groups(n, group_size)
-    padded = F.pad(weight, (0, groups * size - n)).view(m, groups, size)  # zero padding never widens the range
+    # zero padding of a short last group never widens its range, which contains 0 anyway
+    padded = F.pad(weight, (0, groups * size - n)).view(m, groups, size)
     return padded.amin(-1).clamp_max(0), padded.amax(-1).clamp_min(0)
 
 
@@ -88,7 +89,8 @@ def quant_params(weight: Tensor, bits: int, symmetric: bool, group_size: int | N
     return scale, zero_point
 
 
-def quantize(weight: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group_size: int | None = None) -> Tensor:
+def quantize(weight: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
+             group_size: int | None = None) -> Tensor:
     """Integers q (m, n) int8 of ``weight`` (m, n) on the grid given by per-group scale/zero_point (m, G)."""
     q_min, q_max = qrange(bits)
     n = weight.shape[1]
@@ -118,9 +120,9 @@ def rtn(weight: Tensor, bits: int, symmetric: bool, group_size: int | None = Non
 # --- packing ---------------------------------------------------------------------------------------------
 
 
-def _bit_layout(bits: int) -> tuple[Tensor, Tensor]:
+def _bit_layout(bits: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """For the 32 elements of one packing unit (= ``bits`` int32 words): word index and bit offset."""
-    start = torch.arange(32, dtype=torch.int64) * bits
+    start = torch.arange(32, dtype=torch.int64, device=device) * bits
     return start // 32, start % 32
 
 
@@ -137,19 +139,21 @@ def pack_int32(values: Tensor, bits: int, dim: int = 1) -> Tensor:
     units = math.ceil(cols / 32)
     unsigned = values.to(torch.int64) + (1 << (bits - 1))  # [0, 2^b)
     unsigned = F.pad(unsigned, (0, units * 32 - cols)).view(rows, units, 32)
-    word, offset = _bit_layout(bits)
-    words = torch.zeros(rows, units, bits + 1, dtype=torch.int64)  # one spare word for the last overflow
+    word, offset = _bit_layout(bits, values.device)
+    # one spare word per unit catches the high bits of the last element (dropped below)
+    words = torch.zeros(rows, units, bits + 1, dtype=torch.int64, device=values.device)
     index = word.expand(rows, units, 32)
     words.scatter_add_(2, index, (unsigned << offset) & 0xFFFFFFFF)
     spill = offset + bits > 32  # elements that straddle two words: their high bits go to the next word
     if bool(spill.any()):
-        words.scatter_add_(2, (word[spill] + 1).expand(rows, units, -1), unsigned[..., spill] >> (32 - offset[spill]))
+        high_bits = unsigned[..., spill] >> (32 - offset[spill])
+        words.scatter_add_(2, (word[spill] + 1).expand(rows, units, -1), high_bits)
     words = words[..., :bits].reshape(rows, units * bits)[:, :packed_width(cols, bits)]
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
 def unpack_int32(packed: Tensor, bits: int, size: int, dim: int = 1) -> Tensor:
-    """The inverse of ``pack_int32``: int32 words → signed integers (int8) with ``size`` entries along ``dim``."""
+    """The inverse of ``pack_int32``: int32 words → signed integers (int8), ``size`` of them along ``dim``."""
     check_bits(bits)
     if dim == 0:
         return unpack_int32(packed.T, bits, size, 1).T.contiguous()
@@ -157,8 +161,8 @@ def unpack_int32(packed: Tensor, bits: int, size: int, dim: int = 1) -> Tensor:
     units = math.ceil(size / 32)
     words = packed.to(torch.int64) & 0xFFFFFFFF
     words = F.pad(words, (0, units * bits + 1 - width)).view(rows, -1)
-    word, offset = _bit_layout(bits)
-    unit_base = (torch.arange(units, dtype=torch.int64) * bits)[:, None]  # (units, 1)
+    word, offset = _bit_layout(bits, packed.device)
+    unit_base = (torch.arange(units, dtype=torch.int64, device=packed.device) * bits)[:, None]  # (units, 1)
     low = words[:, unit_base + word] >> offset  # (rows, units, 32)
     high = words[:, unit_base + word + 1] << (32 - offset)
     unsigned = torch.where(offset + bits > 32, low | high, low) & ((1 << bits) - 1)

@@ -85,6 +85,23 @@ def build_model(arch: str, vocab_size: int, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
+def small_text(tmp_path_factory) -> str:
+    """A short local calibration file (tokenizing the whole sotu split takes tens of seconds)."""
+    path = tmp_path_factory.mktemp("calibration") / "speech.txt"
+    path.write_text(_speech_texts(1)[0][:20000])
+    return str(path)
+
+
+def small_recipe(data: dict, text: str):
+    """A recipe mapping with the small calibration on the local file ``text`` (the ``small_text`` fixture)."""
+    from compressor import recipe as recipes
+
+    for assignment in (*SMALL_CALIBRATION, f"calibration.dataset={text}"):
+        data = recipes.apply_override(data, assignment)
+    return recipes.parse(data)
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
 

@@ -11,8 +11,8 @@ from compressor.methods.eora import EoRAConfig, eora_factors
 from compressor.modules import CompensatedLinear, LowRankLinear, QuantizedLinear
 from compressor.stats import StatsCollector
 
-from conftest import logits
-from test_quantize import correlated_inputs, output_error, small_recipe, small_text  # noqa: F401
+from conftest import logits, small_recipe
+from test_quantize import correlated_inputs, output_error
 
 
 def reference_eora(residual: torch.Tensor, gram: torch.Tensor, rank: int) -> torch.Tensor:
@@ -71,7 +71,8 @@ def test_rank_deficient_gram_gives_finite_factors():
     up, down = eora_factors(residual, 8, x.double().T @ x.double())
     assert torch.isfinite(up).all() and torch.isfinite(down).all()
     assert float(down.abs().max()) < 1e3 * float(residual.abs().max())
-    assert output_error(weight, weight - residual + (up @ down).float(), x) < output_error(weight, weight - residual, x)
+    compressed = weight - residual
+    assert output_error(weight, compressed + (up @ down).float(), x) < output_error(weight, compressed, x)
 
 
 def test_config_checks():
@@ -119,7 +120,8 @@ def test_chained_recipe_save_load_identical_logits(tmp_path, arch, model_dir, id
 
 
 def test_compensation_reduces_the_logged_output_error(tmp_path, model_dirs, small_text):
-    summary = api.compress(str(model_dirs["llama"]), chain(small_text, rank=16), tmp_path / "out", progress=False)
+    summary = api.compress(str(model_dirs["llama"]), chain(small_text, rank=16), tmp_path / "out",
+                           progress=False)
     log = [line for line in (tmp_path / "out" / io.LOG).read_text().splitlines()]
     import json
 
@@ -181,7 +183,8 @@ def test_statistics_once_gives_eora_the_original_layers_gram(model_dirs, small_t
 
 
 def test_eora_calibrates_on_its_own_dataset(model_dirs, tmp_path, small_text):
-    """A step's ``calibration`` gives it its own stream: EoRA's Gram comes from its set, GPTQ's from the recipe's."""
+    """A step's ``calibration`` gives it its own stream: EoRA's Gram comes from its set, GPTQ's from the
+    recipe's."""
     from compressor import models
     from compressor.calibration import calibration_windows
     from compressor.methods.eora import EoRA
@@ -223,5 +226,6 @@ def test_step_calibration_is_checked():
 
     with pytest.raises(CompressorError, match="step 1 calibration"):
         recipes.parse({"steps": [{"method": "quantize"}, {"method": "eora", "calibration": {"bogus": 1}}]})
-    recipe = recipes.parse({"steps": [{"method": "quantize"}, {"method": "eora", "calibration": {"seed": 0}}]})
+    recipe = recipes.parse({"steps": [{"method": "quantize"},
+                                      {"method": "eora", "calibration": {"seed": 0}}]})
     assert api.stream_name(recipe, 1) == pipeline.DEFAULT_STREAM  # the same set as the recipe's: one stream

@@ -11,8 +11,7 @@ import torch
 from compressor import api, export, io, recipe as recipes
 from compressor.modules import CompensatedLinear, LowRankLinear
 
-from conftest import logits
-from test_quantize import small_recipe, small_text  # noqa: F401
+from conftest import logits, small_recipe
 
 
 def quantize_then(steps: list[dict], group_size: int = 32) -> recipes.Recipe:
@@ -46,7 +45,8 @@ def test_compressed_tensors_config_validates_and_decompresses(tmp_path, model_di
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file
 
-    model = api.compress(str(model_dirs["llama"]), quantize_then([]), tmp_path / "out", progress=False)["model"]
+    summary = api.compress(str(model_dirs["llama"]), quantize_then([]), tmp_path / "out", progress=False)
+    model = summary["model"]
     config = QuantizationConfig.model_validate(
         json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"])
     scheme = config.config_groups["group_0"]
@@ -64,9 +64,8 @@ def test_not_describable_by_compressed_tensors_is_noted(tmp_path, model_dirs):
 
 
 def test_adapter_files_and_config(tmp_path, model_dirs, ids):
-    model = api.compress(str(model_dirs["llama"]), quantize_then([{"method": "eora", "config": {"rank": 8,
-                                                                                          "space": "weight"}}]),
-                         tmp_path / "out", progress=False)["model"]
+    recipe = quantize_then([{"method": "eora", "config": {"rank": 8, "space": "weight"}}])
+    model = api.compress(str(model_dirs["llama"]), recipe, tmp_path / "out", progress=False)["model"]
     folder = tmp_path / "out" / export.ADAPTER_DIR
     config = json.loads((folder / export.ADAPTER_CONFIG).read_text())
     assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 8
@@ -90,8 +89,9 @@ def test_alpha_pattern_where_ranks_differ():
     assert config["rank_pattern"] == config["alpha_pattern"] == {"model.layers.2.mlp.up_proj": 2}
 
 
-UPSTREAM_ZP = ("compressed-tensors 0.20 initializes an asymmetric pack-quantized layer on meta with an unpacked "
-               "zero point (out, G) while its own compressor writes it packed (out·b/32, G), as vLLM reads it")
+UPSTREAM_ZP = ("compressed-tensors 0.20 initializes an asymmetric pack-quantized layer on meta with an "
+               "unpacked zero point (out, G) while its own compressor writes it packed (out·b/32, G), "
+               "as vLLM reads it")
 
 
 @pytest.mark.parametrize("symmetric,dequantize", [
@@ -99,7 +99,8 @@ UPSTREAM_ZP = ("compressed-tensors 0.20 initializes an asymmetric pack-quantized
     pytest.param(False, False, marks=pytest.mark.xfail(reason=UPSTREAM_ZP, strict=False)),
 ])
 def test_peft_loads_the_adapter_with_our_logits(tmp_path, model_dirs, ids, symmetric, dequantize):
-    """transformers (compressed-tensors) loads the quantized base, peft the EoRA adapter: same logits as ours."""
+    """transformers (compressed-tensors) loads the quantized base, peft the EoRA adapter: the same logits
+    as ours."""
     pytest.importorskip("compressed_tensors")
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
@@ -144,4 +145,5 @@ def test_bytes_on_disk_count_the_adapter(tmp_path, model_dirs):
     recipe = quantize_then([{"method": "eora", "config": {"rank": 8, "space": "weight"}}])
     api.compress(str(model_dirs["llama"]), recipe, tmp_path / "out", progress=False)
     adapter = (tmp_path / "out" / export.ADAPTER_DIR / export.ADAPTER_WEIGHTS).stat().st_size
-    assert bytes_on_disk(tmp_path / "out") == (tmp_path / "out" / "model.safetensors").stat().st_size + adapter
+    base = (tmp_path / "out" / "model.safetensors").stat().st_size
+    assert bytes_on_disk(tmp_path / "out") == base + adapter

@@ -11,8 +11,8 @@ from compressor.methods.eora import eora_factors
 from compressor.methods.prune import PruneConfig, lowest_in_groups, sparsegpt, wanda_mask
 from compressor.methods.quantize import hessian, inverse_hessian_factor
 
-from conftest import logits
-from test_quantize import correlated_inputs, output_error, small_recipe, small_text  # noqa: F401
+from conftest import logits, small_recipe
+from test_quantize import correlated_inputs, output_error
 
 
 def assert_n_m(weight: torch.Tensor, keep: int = 2, group: int = 4) -> None:
@@ -78,7 +78,9 @@ def test_eora_compensates_pruning_better_than_plain_svd():
 
 
 def test_config_checks():
-    for bad in ({"pattern": "4:2"}, {"pattern": "x"}, {"sparsity": 1.0}, {"pattern": "2:3", "block_size": 128}):
+    bad_configs = ({"pattern": "4:2"}, {"pattern": "x"}, {"sparsity": 1.0},
+                   {"pattern": "2:3", "block_size": 128})
+    for bad in bad_configs:
         with pytest.raises(ValueError):
             PruneConfig(**bad)
     assert PruneConfig(pattern="unstructured").n_m is None

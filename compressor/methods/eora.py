@@ -44,7 +44,8 @@ from ..modules import CompensatedLinear, LowRankLinear
 class EoRAConfig:
     rank: int = field(64, "rank r of the compensation path B (m, r) @ A (r, n)")
     space: Literal["eigen", "weight"] = field(
-        "eigen", "eigen: EoRA, SVD of ΔW in the eigenspace of the input Gram; weight: plain SVD of ΔW (baseline)")
+        "eigen", "eigen: EoRA, SVD of ΔW in the eigenspace of the input Gram; weight: plain SVD of ΔW "
+        "(the baseline)")
     cutoff: float | None = field(None, "eigen: eigenvalues ≤ λ_max·cutoff are dropped (default n·eps_fp32)")
     svd_dtype: Literal["float64", "float32"] = field("float64", "precision of the SVD")
 
@@ -57,7 +58,8 @@ class EoRAConfig:
 
 def eora_factors(residual: Tensor, rank: int, gram: Tensor | None, cutoff: float | None = None,
                  svd_dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
-    """(B (m, r), A (r, n)) minimizing ‖(ΔW − B A) Xᵀ‖_F (``gram`` = XᵀX), or ‖ΔW − B A‖_F if ``gram`` is None."""
+    """(B (m, r), A (r, n)) minimizing ‖(ΔW − B A) Xᵀ‖_F (``gram`` = XᵀX),
+    or ‖ΔW − B A‖_F if ``gram`` is None."""
     whitening = linalg.eigh(gram, cutoff) if gram is not None else linalg.identity()
     up, down, _ = linalg.whitened_svd(residual.float(), rank, whitening, svd_dtype)
     return up, down

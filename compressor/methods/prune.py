@@ -37,7 +37,8 @@ from .quantize import hessian, inverse_hessian_factor
 
 @dataclass
 class PruneConfig:
-    algorithm: Literal["wanda", "sparsegpt"] = field("sparsegpt", "wanda (|W|·‖X‖ scores) or sparsegpt (OBS updates)")
+    algorithm: Literal["wanda", "sparsegpt"] = field("sparsegpt",
+                                                     "wanda (|W|·‖X‖ scores) or sparsegpt (OBS updates)")
     pattern: str = field("2:4", "N:M (keep N of every M consecutive input weights, e.g. 2:4) or unstructured")
     sparsity: float = field(0.5, "fraction of weights removed, for pattern: unstructured")
     damp: float = field(0.01, "SparseGPT: damping λ = damp · mean(diag H)")
@@ -48,7 +49,8 @@ class PruneConfig:
             try:
                 keep, group = (int(v) for v in self.pattern.split(":"))
             except ValueError:
-                raise ValueError(f"pattern must be 'unstructured' or N:M such as 2:4; got {self.pattern!r}") from None
+                raise ValueError(f"pattern must be 'unstructured' or N:M such as 2:4; "
+                                 f"got {self.pattern!r}") from None
             if not 0 < keep < group:
                 raise ValueError(f"pattern {self.pattern}: need 0 < N < M")
         if not 0 <= self.sparsity < 1:
@@ -76,7 +78,8 @@ def lowest_in_groups(scores: Tensor, keep: int, group: int) -> Tensor:
         block = scores[:, start:start + group]
         drop = block.shape[1] * (group - keep) // group
         if drop:
-            mask[:, start:start + group].scatter_(1, torch.topk(block, drop, dim=1, largest=False).indices, True)
+            lowest = torch.topk(block, drop, dim=1, largest=False).indices
+            mask[:, start:start + group].scatter_(1, lowest, True)
     return mask
 
 

@@ -41,12 +41,12 @@ from ..modules import QuantizedLinear
 
 @dataclass
 class QuantizeConfig:
-    algorithm: Literal["rtn", "gptq"] = field("rtn", "rtn (round-to-nearest, data-free) or gptq (Hessian-aware)")
+    algorithm: Literal["rtn", "gptq"] = field("rtn", "rtn (round-to-nearest, data-free) or gptq")
     bits: int = field(4, "bits per weight, 2..8")
-    group_size: int | None = field(128, "input columns per (scale, zero point); null or 0 = per output channel")
+    group_size: int | None = field(128, "input columns per (scale, zero point); null or 0: per channel")
     symmetric: bool = field(False, "symmetric grid (zero point 0) or asymmetric (min-max with a zero point)")
     damp: float = field(0.01, "GPTQ: damping λ = damp · mean(diag H)")
-    act_order: bool = field(False, "GPTQ: quantize columns in order of decreasing Hessian diagonal (static groups)")
+    act_order: bool = field(False, "GPTQ: columns in order of decreasing Hessian diagonal (static groups)")
     block_size: int = field(128, "GPTQ: columns per lazy-update block")
 
     def __post_init__(self) -> None:
@@ -79,10 +79,11 @@ def inverse_hessian_factor(h: Tensor, damp: float) -> tuple[Tensor, Tensor]:
     return torch.linalg.cholesky(inverse, upper=True).float(), dead
 
 
-def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric: bool, group_size: int | None,
-         act_order_perm: Tensor | None = None, block_size: int = 128,
+def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric: bool,
+         group_size: int | None, act_order_perm: Tensor | None = None, block_size: int = 128,
          scale_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """GPTQ of ``weight`` (m, n) → (q (m, n) int8, scale (m, G), zero_point (m, G) int32), original column order.
+    """GPTQ of ``weight`` (m, n) → (q (m, n) int8, scale (m, G), zero_point (m, G) int32), in the original
+    column order.
 
     ``h_inv_upper`` is ``inverse_hessian_factor`` of the Hessian already permuted by ``act_order_perm``
     (a permutation of the n columns, or None for the natural order).
@@ -129,15 +130,12 @@ def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric
 class Quantize(Compressor):
     name = "quantize"
     Config = QuantizeConfig
-    summary = "integer weight quantization, packed: rtn (round-to-nearest) | gptq; 2-8 bits, groups, (a)symmetric"
+    summary = "integer weight quantization, packed: rtn | gptq; 2-8 bits, groups, (a)symmetric"
     paper = "arXiv:2210.17323"
 
     @property
     def needs(self) -> frozenset[str]:
         return frozenset({"gram"}) if self.config.algorithm == "gptq" else frozenset()
-
-    def plan(self, shapes: dict[str, tuple[int, int]], model_params: int) -> None:
-        pass
 
     def compress_layer(self, targets: dict[str, Target], ctx: LayerContext) -> dict[str, Outcome]:
         factors: dict[int, tuple] = {}  # id(stats) → (H⁻¹ factor, dead, perm): q/k/v share one Hessian
@@ -165,10 +163,12 @@ class Quantize(Compressor):
         if cfg.algorithm == "gptq":
             factor = factor or self._factor(target)
             upper, dead, perm = factor
-            q, scale, zero_point = gptq(target.weight, upper, dead, cfg.bits, cfg.symmetric, cfg.group_size, perm,
-                                        cfg.block_size, ctx.dtype)
+            q, scale, zero_point = gptq(target.weight, upper, dead, cfg.bits, cfg.symmetric, cfg.group_size,
+                                        perm, cfg.block_size, ctx.dtype)
         else:
-            q, scale, zero_point = quant.rtn(target.weight, cfg.bits, cfg.symmetric, cfg.group_size, ctx.dtype)
+            q, scale, zero_point = quant.rtn(target.weight, cfg.bits, cfg.symmetric, cfg.group_size,
+                                             ctx.dtype)
         module = QuantizedLinear.from_integers(q, scale.to(ctx.dtype), zero_point, cfg.bits, cfg.group_size,
-                                               cfg.symmetric, target.bias, target.dense_class, dtype=ctx.dtype)
+                                               cfg.symmetric, target.bias, target.dense_class,
+                                               dtype=ctx.dtype)
         return Outcome(module, extra={"bits": cfg.bits, "group_size": cfg.group_size})
