@@ -28,8 +28,12 @@ Cache: ``models.cache_dir()/"fisher"/<fingerprint>.safetensors``. The pipeline g
 model and the token ids, not the model spec or the recipe, so the fingerprint is derived from them:
 the architecture, every parameter's name, shape, dtype and a strided sample of its values (a cheap
 identity of the weights), the token ids themselves (they determine dataset, n_samples, seq_len, seed
-and tokenizer at once; batching does not matter for a per-example Fisher), the targeted names and the
-loss convention. Any method that needs Fisher (FWSVD, LQ-LoRA) calls ``fisher_for``.
+and tokenizer at once; batching does not matter for a per-example Fisher), the targeted names, the
+loss convention and the reduction. Any method that needs Fisher (FWSVD, LQ-LoRA) calls ``fisher_for``.
+
+``reduce: in | out`` accumulates only the Fisher summed over the other axis (FWSVD's per-column or
+per-row importance): vectors instead of the 0.8×-the-model fp32 accumulators. A cached full Fisher
+also serves a reduced request; a reduced one serves only itself.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from .modules import Conv1D
 
 FORMAT = "fisher-v1: sum over windows of squared grads of the mean next-token CE, batch 1, fp32"
 CacheMode = Literal["use", "refresh", "off"]
+Reduce = Literal["in", "out", None]
 _SAMPLE = 4096  # values per parameter that enter the model fingerprint
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 LOSS_CHUNK = 64  # tokens whose logits exist at once (64 × 49,152 vocab × 4 B = 12.6 MB on SmolLM2)
@@ -172,13 +177,32 @@ def bounded_heap(threshold: int = 1 << 20) -> Iterator[None]:
             libc.malloc_trim(0)
 
 
+def _summed_dim(module: nn.Module, reduce: Reduce) -> int | None:
+    """The dimension of the module's weight *parameter* that ``reduce`` sums over (None: keep all).
+    ``in`` keeps the input axis (sums over outputs), ``out`` keeps the output axis; Conv1D is (in, out)."""
+    if reduce is None:
+        return None
+    out_dim = 1 if isinstance(module, Conv1D) else 0
+    return out_dim if reduce == "in" else 1 - out_dim
+
+
+def reduce_fisher(fisher: Tensor, reduce: Reduce) -> Tensor:
+    """A full Fisher (out, in) summed over the other axis: (in,) for ``in``, (out,) for ``out``; fp32."""
+    if reduce is None:
+        return fisher
+    return fisher.double().sum(0 if reduce == "in" else 1).float()
+
+
 def collect_fisher(model: nn.Module, batches: list[Tensor], target_names: list[str],
                    device: torch.device | str = "cpu", checkpointing: bool = False,
-                   on_sample: Callable[[int, int], None] | None = None) -> dict[str, Tensor]:
+                   on_sample: Callable[[int, int], None] | None = None,
+                   reduce: Reduce = None) -> dict[str, Tensor]:
     """name → Σ over windows of (∂L/∂W)², (out, in) fp32 on CPU, for every name in ``target_names``.
 
     ``batches`` are token ids, a list of (batch, seq_len) tensors; each window gets its own backward.
     The whole model runs on ``device`` for the pass and goes back where it was afterwards.
+    ``reduce``: ``in`` / ``out`` accumulate only the Fisher summed over the other axis, (in,) / (out,)
+    (what FWSVD uses; each window's grad² is summed before it is added, so the accumulators are vectors).
     """
     windows = samples(batches)
     if not windows:
@@ -190,13 +214,20 @@ def collect_fisher(model: nn.Module, batches: list[Tensor], target_names: list[s
     weights = _target_weights(model, target_names)
     if home != device:
         model.to(device)
-    # accumulators in the parameters' own layout, on the compute device
-    fisher = {name: torch.zeros(p.shape, dtype=torch.float32, device=device) for name, p in weights.items()}
+    # accumulators on the compute device: the parameter's own layout, or its sum over one dimension
+    dims = {name: _summed_dim(model.get_submodule(name), reduce) for name in weights}
+    fisher = {name: torch.zeros(p.shape if dims[name] is None else p.shape[1 - dims[name]],
+                                dtype=torch.float32, device=device) for name, p in weights.items()}
 
     def accumulate(name: str):
+        dim = dims[name]
+
         def hook(param: nn.Parameter) -> None:
             grad = param.grad.float()  # a no-op for fp32; bf16/fp16 gradients are squared in fp32
-            fisher[name].addcmul_(grad, grad)
+            if dim is None:
+                fisher[name].addcmul_(grad, grad)
+            else:
+                fisher[name].add_(grad.square().sum(dim))
             param.grad = None  # at most one weight gradient alive at any time
 
         return hook
@@ -226,7 +257,7 @@ def collect_fisher(model: nn.Module, batches: list[Tensor], target_names: list[s
         if not bool(torch.isfinite(value).all()):
             raise CompressorError(f"the Fisher of {name} is not finite (gradients overflowed; try float32)")
         conv1d = isinstance(model.get_submodule(name), Conv1D)
-        out[name] = value.T.contiguous() if conv1d else value  # (out, in)
+        out[name] = value.T.contiguous() if conv1d and value.dim() == 2 else value  # (out, in), (in,), (out,)
     return out
 
 
@@ -237,11 +268,14 @@ def _tensor_digest(tensor: Tensor) -> bytes:
     return sample.numpy().tobytes()
 
 
-def fingerprint(model: nn.Module, batches: list[Tensor], target_names: list[str]) -> str:
-    """A hex key for (model weights, calibration token ids, targets, loss convention)."""
+def fingerprint(model: nn.Module, batches: list[Tensor], target_names: list[str],
+                reduce: Reduce = None) -> str:
+    """A hex key for (model weights, calibration token ids, targets, loss convention, reduction)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"format": FORMAT, "class": type(model).__name__,
-                              "targets": sorted(target_names)}).encode())
+    header = {"format": FORMAT, "class": type(model).__name__, "targets": sorted(target_names)}
+    if reduce is not None:
+        header["reduce"] = reduce
+    digest.update(json.dumps(header).encode())
     seen = set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
@@ -295,25 +329,29 @@ def save_cached(key: str, fisher: dict[str, Tensor], metadata: dict[str, str] | 
 
 def fisher_for(model: nn.Module, batches: list[Tensor] | None, target_names: list[str],
                device: torch.device | str = "cpu", checkpointing: bool = False,
-               cache: CacheMode = "use") -> tuple[dict[str, Tensor], dict[str, object]]:
-    """(name → Fisher (out, in) fp32, info): from the cache if present (``cache: use``), else computed.
+               cache: CacheMode = "use",
+               reduce: Reduce = None) -> tuple[dict[str, Tensor], dict[str, object]]:
+    """(name → Fisher fp32, info): from the cache if present (``cache: use``), else computed.
 
-    ``cache``: ``use`` reads and writes the cache, ``refresh`` recomputes and overwrites, ``off`` neither.
-    ``info`` says what happened: key, hit, seconds, windows, path.
+    The Fisher is (out, in), or summed over one axis with ``reduce`` (see ``collect_fisher``); a full
+    Fisher in the cache also serves a reduced request. ``cache``: ``use`` reads and writes the cache,
+    ``refresh`` recomputes and overwrites, ``off`` neither. ``info``: key, hit, seconds, windows, path.
     """
     if batches is None:
         raise CompressorError("the Fisher pass needs calibration data (batches is None)")
     start = time.perf_counter()
-    key = fingerprint(model, batches, target_names) if cache != "off" else None
+    key = fingerprint(model, batches, target_names, reduce) if cache != "off" else None
     if cache == "use":
-        cached = load_cached(key, target_names)
-        if cached is not None:
-            return cached, {"key": key, "hit": True, "seconds": time.perf_counter() - start,
-                            "path": str(cache_path(key))}
-    fisher = collect_fisher(model, batches, target_names, device, checkpointing)
+        for found in ([key] if reduce is None else [fingerprint(model, batches, target_names), key]):
+            cached = load_cached(found, target_names)
+            if cached is not None:
+                cached = {name: reduce_fisher(f, reduce) if f.dim() == 2 else f for name, f in cached.items()}
+                return cached, {"key": found, "hit": True, "seconds": time.perf_counter() - start,
+                                "path": str(cache_path(found))}
+    fisher = collect_fisher(model, batches, target_names, device, checkpointing, reduce=reduce)
     info: dict[str, object] = {"key": key, "hit": False, "windows": len(samples(batches))}
     if key is not None:
-        info["path"] = str(save_cached(key, fisher, {"windows": str(info["windows"]),
+        info["path"] = str(save_cached(key, fisher, {"windows": str(info["windows"]), "reduce": str(reduce),
                                                      "seq_len": str(batches[0].shape[1])}))
     info["seconds"] = time.perf_counter() - start
     return fisher, info

@@ -279,3 +279,37 @@ def test_recipe_api_and_cli(model_dirs, small, tmp_path):
     result = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "240"})
     assert result.exit_code == 0, result.output
     assert "fwsvd" in result.output and "fisher_cache" in result.output and "axis" in result.output
+
+
+# ---------------------------------------------------------------- per-axis accumulation
+
+
+@pytest.mark.parametrize("reduce", ["in", "out"])
+def test_reduced_pass_is_the_summed_full_fisher(tiny_model, arch, batches, reduce):
+    names = decoder_targets(tiny_model)
+    full = fisher.collect_fisher(tiny_model, batches, names, CPU)
+    reduced = fisher.collect_fisher(tiny_model, batches, names, CPU, reduce=reduce)
+    for name in names:
+        m, n = full[name].shape
+        assert reduced[name].shape == ((n,) if reduce == "in" else (m,)) and reduced[name].dtype == torch.float32
+        torch.testing.assert_close(reduced[name], fisher.reduce_fisher(full[name], reduce), rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("axis", ["in", "out"])
+def test_fisher_store_axis_gives_the_same_model(vocab_size, ids, batches, cache, axis, monkeypatch):
+    full, reduced = build_model("gpt2", vocab_size), build_model("gpt2", vocab_size)
+    fwsvd_walk(full, batches, axis=axis, fisher_cache="off")
+    compressor, _ = fwsvd_walk(reduced, batches, axis=axis, fisher_store="axis")
+    assert compressor.fisher_info["hit"] is False
+    torch.testing.assert_close(logits(reduced, ids), logits(full, ids), rtol=1e-4, atol=1e-5)
+    assert fisher.cache_path(compressor.fisher_info["key"]).stat().st_size < 100_000  # vectors only
+
+    # a cached full Fisher also serves a request for either axis
+    model = build_model("gpt2", vocab_size)
+    names = decoder_targets(model)
+    fisher.fisher_for(model, batches, names)
+    monkeypatch.setattr(fisher, "collect_fisher", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    other = "out" if axis == "in" else "in"
+    got, info = fisher.fisher_for(model, batches, names, reduce=other)
+    assert info["hit"] and info["key"] == fisher.fingerprint(model, batches, names)
+    assert all(v.dim() == 1 for v in got.values())

@@ -22,6 +22,9 @@ factor; the product ``Ŵ`` is identical, here √Σ goes to both factors as in t
 
 The Fisher pass (a backward pass per calibration window) runs once in ``prepare`` and is cached on
 disk; the layer walk itself then needs no data. With uniform Fisher, FWSVD is plain SVD.
+``fisher_store: full`` (default) keeps and caches the whole (out, in) Fisher, which other methods
+(LQ-LoRA) reuse; ``axis`` accumulates only the sums FWSVD uses, for models where fp32 accumulators as
+large as the targeted weights do not fit (a bf16 model's would be 1.6× its size).
 
 ```yaml
 steps:
@@ -55,6 +58,10 @@ class FWSVDConfig(ranks.RankRule):
     checkpointing: bool = field(True, "recompute each decoder layer in the Fisher backward (less memory)")
     fisher_cache: Literal["use", "refresh", "off"] = field(
         "use", "Fisher cache on disk: use (read/write), refresh (recompute, overwrite), off")
+    fisher_store: Literal["full", "axis"] = field(
+        "full", "full: accumulate and cache the (out, in) Fisher (reusable by other methods; fp32 "
+        "accumulators as large as the targeted weights); axis: only its per-axis sums (same factors, "
+        "vectors in memory and in the cache)")
     svd_dtype: Literal["float64", "float32"] = field("float64", "precision of the SVD")
 
     def __post_init__(self) -> None:
@@ -123,10 +130,13 @@ class FWSVD(Compressor):
         """The Fisher of every target (cached), reduced at once to the per-axis scales."""
         if not self.targets:
             return
+        reduce = self.config.axis if self.config.fisher_store == "axis" else None
         fisher, self.fisher_info = fisher_pass.fisher_for(model, batches, self.targets, device,
-                                                          self.config.checkpointing, self.config.fisher_cache)
+                                                          self.config.checkpointing, self.config.fisher_cache,
+                                                          reduce)
         for name in self.targets:
-            importance = axis_importance(fisher.pop(name), self.config.axis)
+            value = fisher.pop(name)  # (m, n), or already summed: (n,) / (m,)
+            importance = axis_importance(value, self.config.axis) if value.dim() == 2 else value.double()
             self.scales[name] = fisher_scale(importance, self.config.eps)
 
     def compress(self, target: Target, ctx: LayerContext) -> Outcome:
