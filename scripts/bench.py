@@ -116,12 +116,14 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
     ],
     # FWSVD vs plain SVD at the same ratios. fisher-pass: the Fisher pass alone in its own process (its
     # seconds and peak RSS against the fp32 model), which then writes the Fisher cache, as the first fwsvd
-    # run would; fisher-pass-no-checkpointing: the same on 4 windows without gradient checkpointing
-    # (memory only, cache untouched). fwsvd-0.2 and fwsvd-0.4 then read the Fisher from the cache
+    # run would; fisher-pass-no-checkpointing: the same on 4 windows without gradient checkpointing, and
+    # fisher-pass-axis with per-column sums only (fwsvd's fisher_store: axis) (memory only, cache
+    # untouched). fwsvd-0.2 and fwsvd-0.4 then read the Fisher from the cache
     # (breakdown.prepare = fingerprint + load; their logs say fisher_cache: hit): the pass runs once.
     "fwsvd": [
         ("fisher-pass", {"fisher_pass": {"checkpointing": True, "n_samples": 32, "write_cache": True}}),
         ("fisher-pass-no-checkpointing", {"fisher_pass": {"checkpointing": False, "n_samples": 4}}),
+        ("fisher-pass-axis", {"fisher_pass": {"checkpointing": True, "n_samples": 4, "reduce": "in"}}),
         ("fwsvd-0.2", fwsvd(0.2)), ("fwsvd-0.4", fwsvd(0.4)),
         ("lord-none-0.2", lord("none", 0.2)), ("lord-none-0.4", lord("none", 0.4)),
     ],
@@ -184,7 +186,7 @@ def run_fisher_pass(name: str, config: dict) -> dict:
         reset = False
     start, cpu = time.perf_counter(), time.process_time()
     result = fisher.collect_fisher(model, list(windows.split(1)), names, "cpu",
-                                   checkpointing=config["checkpointing"])
+                                   checkpointing=config["checkpointing"], reduce=config.get("reduce"))
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     pass_peak = rss_status_mib("VmHWM") if reset else peak_rss_mib()
     fisher_bytes = sum(t.numel() * t.element_size() for t in result.values())
