@@ -22,7 +22,7 @@ existing tools read it without this package:
 Loading in ``transformers``: symmetric checkpoints load as they are; asymmetric ones need
 ``quantization_config=CompressedTensorsConfig(dequantize=True)`` with compressed-tensors 0.20, whose
 compressed-mode initialization expects an unpacked zero point although its compressor (and vLLM) use the
-packed one written here.
+packed one written here; the manifest's ``serving.transformers`` entry then says so.
 """
 
 from __future__ import annotations
@@ -156,6 +156,11 @@ def state_for_load(state: dict[str, torch.Tensor], manifest: dict[str, Any],
     return state
 
 
+TRANSFORMERS_ASYMMETRIC = ("asymmetric: load in transformers with quantization_config="
+                           "CompressedTensorsConfig(dequantize=True) (compressed-tensors 0.20 expects an unpacked "
+                           "zero point in compressed mode); vLLM reads it as it is")
+
+
 def write_serving(folder: Path, model: nn.Module, modules: dict[str, nn.Module],
                   loras: dict[str, LowRankLinear], base: str) -> dict[str, Any]:
     """Inside ``base_layout``, after ``save_pretrained(folder)``: the quantization config and the adapter.
@@ -167,6 +172,8 @@ def write_serving(folder: Path, model: nn.Module, modules: dict[str, nn.Module],
     if config is not None:
         add_quantization_config(folder, config)
         serving["compressed_tensors"] = True
+        if any(not group["weights"]["symmetric"] for group in config["config_groups"].values()):
+            serving["transformers"] = TRANSFORMERS_ASYMMETRIC
     elif any(isinstance(m, QuantizedLinear) or isinstance(getattr(m, "base", None), QuantizedLinear)
              for m in modules.values()):
         serving["note"] = f"no quantization_config written: {reason}"

