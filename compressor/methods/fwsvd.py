@@ -22,9 +22,11 @@ factor; the product ``Ŵ`` is identical, here √Σ goes to both factors as in t
 
 The Fisher pass (a backward pass per calibration window) runs once in ``prepare`` and is cached on
 disk; the layer walk itself then needs no data. With uniform Fisher, FWSVD is plain SVD.
-``fisher_store: full`` (default) keeps and caches the whole (out, in) Fisher, which other methods
-(LQ-LoRA) reuse; ``axis`` accumulates only the sums FWSVD uses, for models where fp32 accumulators as
-large as the targeted weights do not fit (a bf16 model's would be 1.6× its size).
+``fisher_store: axis`` (default) accumulates and caches only the sums FWSVD uses: vectors, so the pass
+needs little beyond the model itself (on SmolLM2-135M, model + pass stay below 2× the fp32 model; fp32
+accumulators as large as the targeted weights would take a bf16 model to 2.6× its size). ``full`` keeps
+and caches the whole (out, in) Fisher, which other methods (LQ-LoRA) reuse; a cached full Fisher also
+serves a later ``axis`` request, so the pass never runs twice.
 
 ```yaml
 steps:
@@ -59,7 +61,7 @@ class FWSVDConfig(ranks.RankRule):
     fisher_cache: Literal["use", "refresh", "off"] = field(
         "use", "Fisher cache on disk: use (read/write), refresh (recompute, overwrite), off")
     fisher_store: Literal["full", "axis"] = field(
-        "full", "full: accumulate and cache the (out, in) Fisher (reusable by other methods; fp32 "
+        "axis", "full: accumulate and cache the (out, in) Fisher (reusable by other methods; fp32 "
         "accumulators as large as the targeted weights); axis: only its per-axis sums (same factors, "
         "vectors in memory and in the cache)")
     svd_dtype: Literal["float64", "float32"] = field("float64", "precision of the SVD")
