@@ -82,9 +82,14 @@ def compensated(first: dict, space: str | None = None, rank: int | None = None) 
     return {"calibration": CALIBRATION, "propagate": "original", "statistics": "once", "steps": steps}
 
 
-def quantize(algorithm: str, bits: int, group_size: int = 128) -> dict:
+def quantize(algorithm: str, bits: int, group_size: int = 128, **config) -> dict:
     return {"method": "quantize", "config": {"algorithm": algorithm, "bits": bits, "group_size": group_size,
-                                             "symmetric": False}}
+                                             "symmetric": False, **config}}
+
+
+def sequential(recipe: dict) -> dict:
+    """The same steps with GPTQ's own convention: each layer calibrated on the compressed model's outputs."""
+    return {**recipe, "propagate": "compressed"}
 
 
 SPARSEGPT_2OF4 = {"method": "prune", "config": {"algorithm": "sparsegpt", "pattern": "2:4"}}
@@ -136,12 +141,16 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
     # each alone, with plain-SVD compensation of the residual (svd) and with EoRA (eora) at ranks 32 and 64;
     # statistics of the original model in one pass. gptq-w4-g64: a group size compressed-tensors accepts on
     # SmolLM2's 576-wide inputs (its checkpoint carries a quantization_config; group 128 ones cannot).
+# gptq-*-act-order: columns by decreasing Hessian diagonal; gptq-*-sequential: propagate compressed.
     "quant": [
         *[(f"{algorithm}-w{bits}{suffix}", compensated(quantize(algorithm, bits), space, rank))
           for algorithm in ("rtn", "gptq") for bits in (4, 3) for suffix, space, rank in COMPENSATIONS],
         *[(f"sparsegpt-2of4{suffix}", compensated(SPARSEGPT_2OF4, space, rank))
           for suffix, space, rank in COMPENSATIONS],
         ("gptq-w4-g64", compensated(quantize("gptq", 4, 64))),
+        # GPTQ variants: act-order, and sequential calibration (the GPTQ reference's and our gptq recipes')
+        *[(f"gptq-w{bits}-act-order", compensated(quantize("gptq", bits, act_order=True))) for bits in (4, 3)],
+        *[(f"gptq-w{bits}-sequential", sequential(compensated(quantize("gptq", bits)))) for bits in (4, 3)],
     ],
 }
 
