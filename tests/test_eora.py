@@ -159,9 +159,9 @@ def test_statistics_once_gives_eora_the_original_layers_gram(model_dirs, small_t
     seen = {}
     original_compress = EoRA.compress
 
-    def spy(self, target, ctx):
+    def spy(self, target, ctx, *shared):
         seen[target.name] = target.stats.gram.clone()
-        return original_compress(self, target, ctx)
+        return original_compress(self, target, ctx, *shared)
 
     model, tokenizer = models.load(str(model_dirs["llama"]))
     windows = calibration_windows(small_text, tokenizer, 4, 32, 0)
@@ -229,3 +229,37 @@ def test_step_calibration_is_checked():
     recipe = recipes.parse({"steps": [{"method": "quantize"},
                                       {"method": "eora", "calibration": {"seed": 0}}]})
     assert api.stream_name(recipe, 1) == pipeline.DEFAULT_STREAM  # the same set as the recipe's: one stream
+
+
+def test_modules_reading_one_input_share_one_eigendecomposition(model_dirs, small_text, ids, monkeypatch):
+    """q/k/v and gate/up read the same input: one eigh of its Gram per input serves them, and the model
+    is the one per-module eigendecompositions give."""
+    from compressor import linalg, models
+    from compressor.base import Compressor
+    from compressor.calibration import calibration_windows
+    from compressor.methods.eora import EoRA
+
+    calls = []
+    original_eigh = linalg.eigh
+
+    def counting(gram, cutoff=None):
+        calls.append(gram.shape[0])
+        return original_eigh(gram, cutoff)
+
+    monkeypatch.setattr(linalg, "eigh", counting)
+
+    def walked() -> torch.nn.Module:
+        model, tokenizer = models.load(str(model_dirs["llama"]))
+        windows = calibration_windows(small_text, tokenizer, 4, 32, 0)
+        pipeline.walk(model, api.build_steps(chain(small_text)), list(windows.split(2)),
+                      device=torch.device("cpu"), propagate="original", statistics="once")
+        return model
+
+    shared = walked()
+    n_layers = len(shared.model.layers)
+    assert len(calls) == 4 * n_layers  # per layer: the q/k/v, o, gate/up and down inputs
+    calls.clear()
+    monkeypatch.setattr(EoRA, "compress_layer", Compressor.compress_layer)  # one eigh per module
+    separate = walked()
+    assert len(calls) == 7 * n_layers
+    torch.testing.assert_close(logits(shared, ids), logits(separate, ids), rtol=0, atol=0)

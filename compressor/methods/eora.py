@@ -57,10 +57,12 @@ class EoRAConfig:
 
 
 def eora_factors(residual: Tensor, rank: int, gram: Tensor | None, cutoff: float | None = None,
-                 svd_dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+                 svd_dtype: torch.dtype = torch.float64,
+                 whitening: linalg.Whitening | None = None) -> tuple[Tensor, Tensor]:
     """(B (m, r), A (r, n)) minimizing ‖(ΔW − B A) Xᵀ‖_F (``gram`` = XᵀX),
-    or ‖ΔW − B A‖_F if ``gram`` is None."""
-    whitening = linalg.eigh(gram, cutoff) if gram is not None else linalg.identity()
+    or ‖ΔW − B A‖_F if ``gram`` is None. ``whitening``: ``linalg.eigh(gram, cutoff)`` already computed."""
+    if whitening is None:
+        whitening = linalg.eigh(gram, cutoff) if gram is not None else linalg.identity()
     up, down, _ = linalg.whitened_svd(residual.float(), rank, whitening, svd_dtype)
     return up, down
 
@@ -81,12 +83,24 @@ class EoRA(Compressor):
                 raise CompressorError(f"eora: rank {self.config.rank} is larger than min(m, n) = {min(m, n)} "
                                       f"of {name} ({m}×{n})")
 
-    def compress(self, target: Target, ctx: LayerContext) -> Outcome:
+    def compress_layer(self, targets: dict[str, Target], ctx: LayerContext) -> dict[str, Outcome]:
+        """Modules that read the same input (q/k/v, gate/up) share one eigendecomposition of its Gram."""
+        whitenings: dict[int, linalg.Whitening] = {}  # id(stats) → eigh of its Gram
+        return {name: self.compress(target, ctx, whitenings) for name, target in targets.items()}
+
+    def compress(self, target: Target, ctx: LayerContext,
+                 whitenings: dict[int, linalg.Whitening] | None = None) -> Outcome:
         residual = target.original - target.weight  # (m, n) fp32
         if not bool(residual.any()):
             return Outcome(None, note="no residual: an earlier step left this linear unchanged")
-        gram = target.stats.gram if self.config.space == "eigen" else None
+        whitening = linalg.identity()
+        if self.config.space == "eigen":
+            whitenings = {} if whitenings is None else whitenings
+            key = id(target.stats)
+            if key not in whitenings:
+                whitenings[key] = linalg.eigh(target.stats.gram, self.config.cutoff)
+            whitening = whitenings[key]
         dtype = torch.float64 if self.config.svd_dtype == "float64" else torch.float32
-        up, down = eora_factors(residual, self.config.rank, gram, self.config.cutoff, dtype)
+        up, down = eora_factors(residual, self.config.rank, None, svd_dtype=dtype, whitening=whitening)
         lora = LowRankLinear.from_factors(up, down, None, target.dense_class, dtype=ctx.dtype)
         return Outcome(CompensatedLinear(target.module, lora), rank=self.config.rank)
