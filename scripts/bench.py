@@ -151,6 +151,8 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         # GPTQ variants: act-order, and sequential calibration (the GPTQ reference's and our gptq recipes')
         *[(f"gptq-w{bits}-act-order", compensated(quantize("gptq", bits, act_order=True))) for bits in (4, 3)],
         *[(f"gptq-w{bits}-sequential", sequential(compensated(quantize("gptq", bits)))) for bits in (4, 3)],
+        *[(f"gptq-w{bits}-act-order-sequential", sequential(compensated(quantize("gptq", bits, act_order=True))))
+          for bits in (4, 3)],
     ],
 }
 
