@@ -9,12 +9,30 @@ place. The math lives in pure functions next to each compressor; ``compress`` is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from .stats import LinearStats
+
+
+T = TypeVar("T")
+
+
+def per_input(compute: Callable[["Target"], T]) -> Callable[["Target"], T]:
+    """``compute`` memoized on the target's input: within one layer, modules that read the same input
+    (q/k/v, gate/up) share one statistics object (``stats`` detects it), so a Hessian factor or an
+    eigendecomposition of their Gram is computed once for all of them. Make one per layer."""
+    cache: dict[int, T] = {}  # id(stats) → value
+
+    def shared(target: "Target") -> T:
+        key = id(target.stats)
+        if key not in cache:
+            cache[key] = compute(target)
+        return cache[key]
+
+    return shared
 
 
 @dataclass

@@ -28,13 +28,13 @@ steps:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
 
 from .. import linalg
-from ..base import Compressor, LayerContext, Outcome, Target
+from ..base import Compressor, LayerContext, Outcome, Target, per_input
 from ..configs import field
 from ..errors import CompressorError
 from ..modules import CompensatedLinear, LowRankLinear
@@ -84,22 +84,20 @@ class EoRA(Compressor):
                                       f"of {name} ({m}×{n})")
 
     def compress_layer(self, targets: dict[str, Target], ctx: LayerContext) -> dict[str, Outcome]:
-        """Modules that read the same input (q/k/v, gate/up) share one eigendecomposition of its Gram."""
-        whitenings: dict[int, linalg.Whitening] = {}  # id(stats) → eigh of its Gram
-        return {name: self.compress(target, ctx, whitenings) for name, target in targets.items()}
+        whiten = per_input(self._whitening)  # q/k/v, gate/up: one eigendecomposition of their Gram
+        return {name: self.compress(target, ctx, whiten) for name, target in targets.items()}
+
+    def _whitening(self, target: Target) -> linalg.Whitening:
+        if self.config.space == "weight":
+            return linalg.identity()
+        return linalg.eigh(target.stats.gram, self.config.cutoff)
 
     def compress(self, target: Target, ctx: LayerContext,
-                 whitenings: dict[int, linalg.Whitening] | None = None) -> Outcome:
+                 whiten: Callable[[Target], linalg.Whitening] | None = None) -> Outcome:
         residual = target.original - target.weight  # (m, n) fp32
         if not bool(residual.any()):
             return Outcome(None, note="no residual: an earlier step left this linear unchanged")
-        whitening = linalg.identity()
-        if self.config.space == "eigen":
-            whitenings = {} if whitenings is None else whitenings
-            key = id(target.stats)
-            if key not in whitenings:
-                whitenings[key] = linalg.eigh(target.stats.gram, self.config.cutoff)
-            whitening = whitenings[key]
+        whitening = (whiten or self._whitening)(target)
         dtype = torch.float64 if self.config.svd_dtype == "float64" else torch.float32
         up, down = eora_factors(residual, self.config.rank, None, svd_dtype=dtype, whitening=whitening)
         lora = LowRankLinear.from_factors(up, down, None, target.dense_class, dtype=ctx.dtype)

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..base import Compressor, LayerContext, Outcome, Target
+from ..base import Compressor, LayerContext, Outcome, Target, per_input
 from ..configs import field
 from ..modules import dense_module
 from .quantize import hessian, inverse_hessian_factor
@@ -142,19 +142,16 @@ class Prune(Compressor):
         return frozenset({"sq_norm"}) if self.config.algorithm == "wanda" else frozenset({"gram"})
 
     def compress_layer(self, targets: dict[str, Target], ctx: LayerContext) -> dict[str, Outcome]:
-        factors: dict[int, tuple[Tensor, Tensor]] = {}  # id(stats) → (H⁻¹ factor, dead): shared inputs
+        cfg = self.config
+        factor = per_input(lambda t: inverse_hessian_factor(
+            hessian(t.stats.gram, t.stats.n_tokens).to(t.weight.device), cfg.damp))  # (H⁻¹ factor, dead)
         outcomes = {}
         for name, target in targets.items():
-            cfg = self.config
             if cfg.algorithm == "wanda":
                 mask = wanda_mask(target.weight, target.stats.sq_norm, cfg.n_m, cfg.sparsity)
                 pruned = target.weight.masked_fill(mask, 0.0)
             else:
-                key = id(target.stats)
-                if key not in factors:
-                    h = hessian(target.stats.gram, target.stats.n_tokens).to(target.weight.device)
-                    factors[key] = inverse_hessian_factor(h, cfg.damp)
-                pruned = sparsegpt(target.weight, *factors[key], cfg.n_m, cfg.sparsity, cfg.block_size)
+                pruned = sparsegpt(target.weight, *factor(target), cfg.n_m, cfg.sparsity, cfg.block_size)
             module = dense_module(pruned.to(ctx.dtype), target.bias, target.dense_class)
             zeros = float((pruned == 0).float().mean())
             outcomes[name] = Outcome(module, note=f"{zeros:.1%} zeros", extra={"sparsity": round(zeros, 4)})

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import quant
-from ..base import Compressor, LayerContext, Outcome, Target
+from ..base import Compressor, LayerContext, Outcome, Target, per_input
 from ..configs import field
 from ..errors import CompressorError
 from ..modules import QuantizedLinear
@@ -138,14 +138,10 @@ class Quantize(Compressor):
         return frozenset({"gram"}) if self.config.algorithm == "gptq" else frozenset()
 
     def compress_layer(self, targets: dict[str, Target], ctx: LayerContext) -> dict[str, Outcome]:
-        factors: dict[int, tuple] = {}  # id(stats) → (H⁻¹ factor, dead, perm): q/k/v share one Hessian
-        outcomes = {}
-        for name, target in targets.items():
-            key = id(target.stats)
-            if self.config.algorithm == "gptq" and key not in factors:
-                factors[key] = self._factor(target)
-            outcomes[name] = self.compress(target, ctx, factors.get(key))
-        return outcomes
+        factor = per_input(self._factor)  # q/k/v share one Hessian
+        uses_hessian = self.config.algorithm == "gptq"
+        return {name: self.compress(target, ctx, factor(target) if uses_hessian else None)
+                for name, target in targets.items()}
 
     def _factor(self, target: Target) -> tuple[Tensor, Tensor, Tensor | None]:
         h = hessian(target.stats.gram, target.stats.n_tokens).to(target.weight.device)
