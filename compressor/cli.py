@@ -123,7 +123,7 @@ def eval_(
 def inspect(path: Annotated[Path, typer.Argument(help="compressed output directory")]) -> None:
     """Per-module table: kind, shape, rank, parameters, relative error; rank and parameter reduction."""
     from .io import LOG, read_manifest
-    from .ranks import reduction
+    from .ranks.uniform import reduction
 
     manifest = read_manifest(path)
     log_file = path / LOG
@@ -152,7 +152,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="compressed output directo
 @_guard
 def methods() -> None:
     """Registered compressors with their config fields and help."""
-    from .configs import describe
+    from .plan.configs import describe
     from .registry import COMPRESSORS
 
     for name, cls in COMPRESSORS.items():

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from . import calibration as sources
-from . import io, models
+from . import io
+from .model import loading as models
 
 PROTOCOL = "gptq: split joined with '\\n\\n', non-overlapping windows, mean NLL of shifted next-token targets"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import difflib
 
-from .base import Compressor
-from .configs import build
+from .contract import Compressor
+from .plan.configs import build
 from .errors import CompressorError
 from .methods import curing, eora, fwsvd, lord, prune, quantize, welore
 

@@ -44,7 +44,7 @@ def run_all(root: Path) -> dict[str, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     import compressor
-    from compressor.recipe import shipped
+    from compressor.plan.recipe import shipped
 
     torch.set_num_threads(1)
     conftest.LAYERS = 3

@@ -56,12 +56,14 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .. import arch, linalg, pipeline
-from ..base import Compressor, LayerContext, Outcome, Target
-from ..configs import field
+from ..contract import Compressor, Decision, Group, LayerContext, ModelView, Outcome, Target
 from ..errors import CompressorError
-from ..modules import CURLinear
-from ..stats import LinearStats, StatsCollector
+from ..kernels import linalg
+from ..kernels.linalg import symmetric_sqrt
+from ..model.modules import CURLinear
+from ..plan.configs import field
+from ..stats.accumulators import DistanceStats, Request, TensorStats, angular_distance, inputs
+from ..stats.hooks import Collector, Watch
 
 Score = Literal["wanda", "signed", "covariance", "weight"]
 PINV_RTOL = 1e-6  # relative cut-off of the pseudo-inverses of C and R D (v2's rcond for fp32 weights)
@@ -110,12 +112,6 @@ class CURingConfig:
 # Layer selection
 
 
-def angular_distance(a: Tensor, b: Tensor) -> Tensor:
-    """``arccos(cos(a, b)) / π`` along the last dimension: (..., d), (..., d) → (...), in [0, 1]."""
-    cosine = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
-    return torch.arccos(cosine.clamp(-1.0, 1.0)) / math.pi
-
-
 def candidate_layers(n_total: int) -> list[int]:
     """Layers CURing may compress: all but the first and the last."""
     return list(range(1, n_total - 1))
@@ -142,48 +138,24 @@ def select_layers(rule: str, n_total: int, count: int, distances: dict[int, floa
     return sorted(chosen)
 
 
-def _stats_to(stats: LinearStats, device: torch.device) -> LinearStats:
-    for name in ("gram", "abs_sum", "sq_sum"):
-        value = getattr(stats, name)
-        if value is not None:
-            setattr(stats, name, value.to(device))
-    return stats
-
-
-def selection_pass(model: nn.Module, batches: list[Tensor], device: torch.device, *, last_layer: int,
-                   distance_layers: set[int], collect: dict[int, list[str]], needs: frozenset[str],
-                   tokens: str = "last", offload: torch.device | None = None,
-                   ) -> tuple[dict[int, float], dict[str, LinearStats]]:
-    """One calibration pass through decoder layers 0 … ``last_layer`` of the unmodified model, one layer
-    on ``device`` at a time (the rest never runs: no final norm, no head).
-
-    Returns (layer → mean angular distance between its input and output hidden states, for the layers
-    in ``distance_layers``; linear name → input statistics ``needs``, for the names ``collect[layer]``).
-    """
-    offload = offload or torch.device("cpu")
-    prefix, layers = arch.decoder_layers(model)
+def selection_pass(view: ModelView, *, last_layer: int, distance_layers: set[int], collect: dict[int, list[str]],
+                   kinds: frozenset[str], tokens: str = "last") -> tuple[dict[int, float], dict[str, TensorStats]]:
+    """One walk through decoder layers 0 … ``last_layer`` of the unmodified model (the rest never runs: no
+    final norm, no head). Returns (layer → mean angular distance between its input and output hidden
+    states, for ``distance_layers``; linear name → input statistics ``kinds``, for ``collect[layer]``)."""
     distances: dict[int, float] = {}
-    statistics: dict[str, LinearStats] = {}
-    with pipeline.calibration_mode(model):
-        inputs = pipeline.capture_inputs(model, layers, batches, device, offload)
-        for index in range(last_layer + 1):
-            layer = layers[index].to(device)
-            linears = arch.layer_linears(layer, f"{prefix}.{index}")
-            watched = {name: linears[name] for name in collect.get(index, [])}
-            with StatsCollector(watched, needs if watched else frozenset()) as collector:
-                outputs = pipeline.run_layer(layer, inputs, device, offload)
-            if index in distance_layers:
-                total, count = 0.0, 0
-                for before, after in zip(inputs, outputs):  # (batch, seq, hidden) each
-                    a, b = before.hidden.double(), after.double()
-                    if tokens == "last":
-                        a, b = a[:, -1], b[:, -1]  # (batch, hidden)
-                    distance = angular_distance(a, b)
-                    total, count = total + float(distance.sum()), count + distance.numel()
-                distances[index] = total / count
-            statistics.update({name: _stats_to(s, offload) for name, s in collector.result().items()})
-            layer.to(offload)
-            inputs = [pipeline.LayerInput(h, item.args, item.kwargs) for h, item in zip(outputs, inputs)]
+    statistics: dict[str, TensorStats] = {}
+    for visit in view.walk(last_layer=last_layer):
+        names = collect.get(visit.index, [])
+        collector = Collector([Watch(n, visit.module(n), "input", kinds) for n in names])
+        inputs_ = [item.hidden for item in visit.streams["default"].inputs]
+        outputs = visit.forward(collector=collector)
+        if visit.index in distance_layers:
+            distance = DistanceStats()
+            for before, after in zip(inputs_, outputs):  # (batch, seq, hidden) each
+                distance.add(before, after, tokens)
+            distances[visit.index] = distance.mean
+        statistics.update({name: stats.to(visit.offload) for (name, _), stats in collector.result().items()})
     return distances, statistics
 
 
@@ -245,14 +217,7 @@ def choose_rank(m: int, n: int, rule: str = "paper", *, max_rank: int | None = 2
 # Scores, DEIM and the CUR factors
 
 
-def symmetric_sqrt(matrix: Tensor) -> Tensor:
-    """``Σ^½`` (n, n) of a symmetric PSD matrix, fp64 ``eigh`` with negative eigenvalues clamped to 0."""
-    matrix = matrix.double()
-    evals, evecs = torch.linalg.eigh((matrix + matrix.T) / 2)
-    return (evecs * evals.clamp_min(0).sqrt()[None, :]) @ evecs.T
-
-
-def activation_scales(stats: LinearStats | None, score: str) -> tuple[Tensor | None, Tensor | None]:
+def activation_scales(stats: TensorStats | None, score: str) -> tuple[Tensor | None, Tensor | None]:
     """(rms (n,) = √(Σx²/N), Σ^½ (n, n) of ``Σ = XᵀX/N``) from the statistics, where ``score`` uses them."""
     if score == "weight":
         return None, None
@@ -344,7 +309,7 @@ def cur_factors(weight: Tensor, rows: Tensor, cols: Tensor, weighting: Tensor | 
 # The compressor
 
 
-def score_needs(score: str) -> frozenset[str]:
+def score_kinds(score: str) -> frozenset[str]:
     return {"wanda": frozenset({"sq_norm"}), "signed": frozenset({"sq_norm"}),
             "covariance": frozenset({"gram"}), "weight": frozenset()}[score]
 
@@ -357,54 +322,48 @@ class CURing(Compressor):
 
     def __init__(self, config: CURingConfig) -> None:
         super().__init__(config)
-        self.target_names: list[str] = []
         self.selected: list[int] | None = None
         self.distances: dict[int, float] = {}
-        self.selection_stats: dict[str, LinearStats] = {}
+        self.selection_stats: dict[str, TensorStats] = {}
+
+    def requests(self) -> tuple[Request, ...]:
+        return inputs(*sorted(score_kinds(self.config.score))) if self.config.statistics == "walk" else ()
 
     @property
-    def needs(self) -> frozenset[str]:
-        return score_needs(self.config.score) if self.config.statistics == "walk" else frozenset()
+    def uses_data(self) -> bool:
+        return self.config.layer_selection == "angular" or bool(score_kinds(self.config.score))
 
-    @property
-    def needs_calibration(self) -> bool:
-        return self.config.layer_selection == "angular" or bool(score_needs(self.config.score))
-
-    def plan(self, shapes: dict[str, tuple[int, int]], model_params: int) -> None:
-        self.target_names = list(shapes)
-
-    def prepare(self, model: nn.Module, batches: list[Tensor] | None, device: torch.device) -> None:
+    def decide(self, view: ModelView) -> Decision:
+        """The layers to compress (and, with statistics: selection, their targets' input statistics)."""
         config = self.config
-        prefix, layers = arch.decoder_layers(model)
-        n_total = len(layers)
+        n_total = _n_layers(view)
         by_layer: dict[int, list[str]] = {}
-        for name in self.target_names:
-            by_layer.setdefault(int(name[len(prefix) + 1:].split(".")[0]), []).append(name)
+        for name in view.shapes:
+            by_layer.setdefault(view.layer_of(name), []).append(name)
         angular = config.layer_selection == "angular"
         if not angular:  # known before any data is seen
             self.selected = select_layers(config.layer_selection, n_total, config.n_layers, seed=config.seed)
-        stat_needs = score_needs(config.score) if config.statistics == "selection" else frozenset()
-        if angular or stat_needs:
-            if batches is None:
+        kinds = score_kinds(config.score) if config.statistics == "selection" else frozenset()
+        if angular or kinds:
+            if view.batches is None:
                 raise CompressorError("curing needs calibration data (layer selection or statistics)")
             layers_with_stats = candidate_layers(n_total) if angular else self.selected
-            last = n_total - 2 if angular else max(self.selected)
-            collect = {i: by_layer.get(i, []) for i in layers_with_stats} if stat_needs else {}
+            collect = {i: by_layer.get(i, []) for i in layers_with_stats} if kinds else {}
             self.distances, self.selection_stats = selection_pass(
-                model, batches, device, last_layer=last,
+                view, last_layer=n_total - 2 if angular else max(self.selected),
                 distance_layers=set(candidate_layers(n_total)) if angular else set(), collect=collect,
-                needs=stat_needs, tokens=config.distance_tokens)
+                kinds=kinds, tokens=config.distance_tokens)
         if angular:
             self.selected = select_layers("angular", n_total, config.n_layers, self.distances)
-        keep = {name for i in self.selected for name in by_layer.get(i, [])}
-        self.selection_stats = {k: v for k, v in self.selection_stats.items() if k in keep}
+        keep = [name for i in self.selected for name in by_layer.get(i, [])]
+        self.selection_stats = {k: v for k, v in self.selection_stats.items() if k in set(keep)}
+        return Decision({"layers": self.selected, "distances": self.distances}, targets=keep)
 
-    def wants_layer(self, index: int) -> bool:
-        if self.selected is None:
-            raise CompressorError("curing: prepare() must run before the layer walk")
-        return index in self.selected
+    def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
+        target = group.target
+        return {target.name: self.compress_linear(target, ctx)}
 
-    def compress(self, target: Target, ctx: LayerContext) -> Outcome:
+    def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         config = self.config
         weight = target.weight.double()  # (m, n)
         m, n = weight.shape
@@ -430,3 +389,9 @@ class CURing(Compressor):
         C, U, R = cur_factors(weight, rows, cols, least_squares_weighting(config.score, rms, root))
         module = CURLinear.from_factors(C, U, R, rows, cols, target.bias, target.dense_class, dtype=ctx.dtype)
         return Outcome(module, rank=rank, note=f"CUR rank {rank} ({note})", extra=extra)
+
+
+def _n_layers(view: ModelView) -> int:
+    from ..model.targets import decoder_layers
+
+    return len(decoder_layers(view.model)[1])

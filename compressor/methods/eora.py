@@ -28,16 +28,16 @@ steps:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .. import linalg
-from ..base import Compressor, LayerContext, Outcome, Target, per_input
-from ..configs import field
-from ..errors import CompressorError
-from ..modules import CompensatedLinear, LowRankLinear
+from ..contract import Compressor, Group, LayerContext, Outcome, Target
+from ..kernels import linalg
+from ..model.modules import CompensatedLinear, LowRankLinear
+from ..plan.configs import field
+from ..stats.accumulators import Request, inputs
 
 
 @dataclass
@@ -54,6 +54,11 @@ class EoRAConfig:
             raise ValueError(f"rank must be ≥ 1; got {self.rank}")
         if self.cutoff is not None and not 0 <= self.cutoff < 1:
             raise ValueError(f"cutoff must be in [0, 1); got {self.cutoff}")
+
+    def validate(self, shapes: dict[str, tuple[int, int]]) -> None:
+        for name, (m, n) in shapes.items():
+            if self.rank > min(m, n):
+                raise ValueError(f"rank {self.rank} is larger than min(m, n) = {min(m, n)} of {name} ({m}×{n})")
 
 
 def eora_factors(residual: Tensor, rank: int, gram: Tensor | None, cutoff: float | None = None,
@@ -73,31 +78,23 @@ class EoRA(Compressor):
     summary = "low-rank compensation of an earlier step's error: eigen (EoRA) | weight (plain SVD of ΔW)"
     paper = "arXiv:2410.21271"
 
-    @property
-    def needs(self) -> frozenset[str]:
-        return frozenset({"gram"}) if self.config.space == "eigen" else frozenset()
+    def requests(self) -> tuple[Request, ...]:
+        return inputs("gram") if self.config.space == "eigen" else ()
 
-    def plan(self, shapes: dict[str, tuple[int, int]], model_params: int) -> None:
-        for name, (m, n) in shapes.items():
-            if self.config.rank > min(m, n):
-                raise CompressorError(f"eora: rank {self.config.rank} is larger than min(m, n) = {min(m, n)} "
-                                      f"of {name} ({m}×{n})")
-
-    def compress_layer(self, targets: dict[str, Target], ctx: LayerContext) -> dict[str, Outcome]:
-        whiten = per_input(self._whitening)  # q/k/v, gate/up: one eigendecomposition of their Gram
-        return {name: self.compress(target, ctx, whiten) for name, target in targets.items()}
+    def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
+        target = group.target  # q/k/v, gate/up: one eigendecomposition of their Gram (ctx.per_input)
+        return {target.name: self.compress_linear(target, ctx)}
 
     def _whitening(self, target: Target) -> linalg.Whitening:
         if self.config.space == "weight":
             return linalg.identity()
         return linalg.eigh(target.stats.gram, self.config.cutoff)
 
-    def compress(self, target: Target, ctx: LayerContext,
-                 whiten: Callable[[Target], linalg.Whitening] | None = None) -> Outcome:
+    def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         residual = target.original - target.weight  # (m, n) fp32
         if not bool(residual.any()):
             return Outcome(None, note="no residual: an earlier step left this linear unchanged")
-        whitening = (whiten or self._whitening)(target)
+        whitening = ctx.per_input(self, target, self._whitening)
         dtype = torch.float64 if self.config.svd_dtype == "float64" else torch.float32
         up, down = eora_factors(residual, self.config.rank, None, svd_dtype=dtype, whitening=whitening)
         lora = LowRankLinear.from_factors(up, down, None, target.dense_class, dtype=ctx.dtype)

@@ -20,7 +20,7 @@ floors the scale at 1e-6 of its maximum when ``eps: 0``. The Fisher is the *sum*
 windows (not the mean), so ``eps`` is relative to that scale. The paper puts all of Σ_r on the up
 factor; the product ``Ŵ`` is identical, here √Σ goes to both factors as in the other methods.
 
-The Fisher pass (a backward pass per calibration window) runs once in ``prepare`` and is cached on
+The Fisher pass (a backward pass per calibration window) runs once in ``decide`` and is cached on
 disk; the layer walk itself then needs no data. With uniform Fisher, FWSVD is plain SVD.
 ``fisher_store: axis`` (default) accumulates and caches only the sums FWSVD uses: vectors, so the pass
 needs little beyond the model itself (on SmolLM2-135M, model + pass stay below 2× the fp32 model; fp32
@@ -41,14 +41,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .. import fisher as fisher_pass
-from .. import linalg, ranks
-from ..base import Compressor, LayerContext, Outcome, Target
-from ..configs import field
+from ..contract import Compressor, Decision, Group, LayerContext, ModelView, Outcome, Target
 from ..errors import CompressorError
-from ..modules import LowRankLinear
+from ..kernels import linalg
+from ..model.modules import LowRankLinear
+from ..plan.configs import field
+from ..ranks import uniform as ranks
+from ..stats import fisher as fisher_pass
 
 Axis = Literal["in", "out"]
 
@@ -110,43 +111,38 @@ class FWSVD(Compressor):
 
     def __init__(self, config: FWSVDConfig) -> None:
         super().__init__(config)
-        self.planned_ratio: float | None = None
-        self.targets: list[str] = []
+        self.ranks: dict[str, int] = {}
         self.scales: dict[str, Tensor] = {}  # name → √(Σ F + eps), (n,) or (m,), fp64 on CPU
         self.fisher_info: dict[str, object] = {}
 
     @property
-    def needs_calibration(self) -> bool:
-        return True  # the Fisher pass; no per-layer statistics (``needs`` stays empty)
+    def uses_data(self) -> bool:
+        return True  # the Fisher pass; no per-layer statistics (no requests)
 
-    def plan(self, shapes: dict[str, tuple[int, int]], model_params: int) -> None:
-        self.targets = list(shapes)
-        if self.config.model_ratio is not None:
-            self.planned_ratio = ranks.plan_model_ratio(self.config.model_ratio, list(shapes.values()),
-                                                        model_params)
-        else:  # check explicit ranks before any work is done
-            for m, n in shapes.values():
-                ranks.rank_for(self.config, m, n)
-
-    def prepare(self, model: nn.Module, batches: list[Tensor] | None, device: torch.device) -> None:
-        """The Fisher of every target (cached), reduced at once to the per-axis scales."""
-        if not self.targets:
-            return
+    def decide(self, view: ModelView) -> Decision:
+        """Every target's rank, and its Fisher (cached) reduced at once to the per-axis scales."""
+        self.ranks, record = ranks.uniform_ranks(self.config, view.shapes, view.model_params)
         reduce = self.config.axis if self.config.fisher_store == "axis" else None
-        fisher, self.fisher_info = fisher_pass.fisher_for(model, batches, self.targets, device,
+        fisher, self.fisher_info = fisher_pass.fisher_for(view.model, view.batches, list(view.shapes), view.device,
                                                           self.config.checkpointing, self.config.fisher_cache,
                                                           reduce)
-        for name in self.targets:
+        for name in view.shapes:
             value = fisher.pop(name)  # (m, n), or already summed: (n,) / (m,)
             importance = axis_importance(value, self.config.axis) if value.dim() == 2 else value.double()
             self.scales[name] = fisher_scale(importance, self.config.eps)
+        record["fisher_cache"] = "hit" if self.fisher_info.get("hit") else "computed"
+        return Decision(record)
 
-    def compress(self, target: Target, ctx: LayerContext) -> Outcome:
+    def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
+        target = group.target
+        return {target.name: self.compress_linear(target, ctx)}
+
+    def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         m, n = target.weight.shape
         if target.name not in self.scales:
-            raise CompressorError(f"fwsvd: no Fisher for {target.name} (prepare did not run for it)")
+            raise CompressorError(f"fwsvd: no Fisher for {target.name} (decide did not run for it)")
         scale = self.scales.pop(target.name)
-        rank = ranks.rank_for(self.config, m, n, self.planned_ratio)
+        rank = self.ranks[target.name]
         if not ranks.saves_parameters(rank, m, n):
             return Outcome(None, note=f"rank {rank} ≥ break-even {ranks.break_even(m, n):.0f}: kept dense")
         dtype = torch.float64 if self.config.svd_dtype == "float64" else torch.float32

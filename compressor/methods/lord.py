@@ -12,7 +12,7 @@ No public LoRD code exists; methods.md §2 specifies it from the paper. Ranks co
 rules; a matrix whose rank would not save parameters stays dense. With ``rank_rule: welore`` the ranks
 are non-uniform, from WeLore's threshold on the spectrum this method truncates (``welore_rule``): the
 raw one for ``whiten: none``, the whitened ``W S`` otherwise, with ``S`` from statistics of the original
-model taken in ``prepare`` (a pass of its own; the factors then use the walk's statistics as usual).
+model taken in ``decide`` (a walk of its own; the factors then use the walk's statistics as usual).
 
 ```yaml
 steps:
@@ -29,10 +29,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .. import linalg, ranks, welore_rule
-from ..base import Compressor, LayerContext, Outcome, Target
-from ..configs import field
-from ..modules import LowRankLinear
+from ..contract import Compressor, Decision, Group, LayerContext, ModelView, Outcome, Target
+from ..kernels import linalg
+from ..model.modules import LowRankLinear
+from ..plan.configs import field
+from ..ranks import uniform as ranks
+from ..ranks import welore as welore_rule
+from ..stats.accumulators import Request, inputs
 
 
 @dataclass
@@ -57,39 +60,34 @@ class LoRD(Compressor):
 
     def __init__(self, config: LoRDConfig) -> None:
         super().__init__(config)
-        self.planned_ratio: float | None = None
-        self.shapes: dict[str, tuple[int, int]] = {}
-        self.model_params = 0
+        self.ranks: dict[str, int] = {}  # uniform rules: every target's rank, from decide
         self.welore: welore_rule.Plan | None = None  # rank_rule welore: τ and every matrix's rank
 
     @property
-    def needs(self) -> frozenset[str]:
+    def kinds(self) -> frozenset[str]:
         return {"none": frozenset(), "activation": frozenset({"abs_mean"}), "gram": frozenset({"gram"})}[
             self.config.whiten]
 
-    def plan(self, shapes: dict[str, tuple[int, int]], model_params: int) -> None:
-        self.shapes, self.model_params = dict(shapes), model_params
-        if self.config.rank_rule == "welore":
-            return  # solved in prepare, from the spectra
-        if self.config.model_ratio is not None:
-            self.planned_ratio = ranks.plan_model_ratio(self.config.model_ratio, list(shapes.values()), model_params)
-        else:  # check explicit ranks before any work is done
-            for m, n in shapes.values():
-                ranks.rank_for(self.config, m, n)
+    def requests(self) -> tuple[Request, ...]:
+        return inputs(*sorted(self.kinds))
 
-    def prepare(self, model: nn.Module, batches: list[torch.Tensor] | None, device: torch.device) -> None:
+    @property
+    def svd_dtype(self) -> torch.dtype:
+        return torch.float64 if self.config.svd_dtype == "float64" else torch.float32
+
+    def decide(self, view: ModelView) -> Decision:
         if self.config.rank_rule != "welore":
-            return
-        dtype = torch.float64 if self.config.svd_dtype == "float64" else torch.float32
-        names = list(self.shapes)
+            self.ranks, record = ranks.uniform_ranks(self.config, view.shapes, view.model_params)
+            return Decision(record)
         if self.config.whiten == "none":
-            spectra = welore_rule.weight_spectra(model, names, device, dtype)
+            spectra = welore_rule.weight_spectra(view.model, list(view.shapes), view.device, self.svd_dtype)
         else:
-            spectra = welore_rule.whitened_spectra(model, names, self.needs, self.whitening_of, batches, device, dtype)
+            spectra = welore_rule.whitened_spectra(view, self.kinds, self.whitening_of, self.svd_dtype)
         target = welore_rule.budget(rank_reduction=self.config.rank_reduction, ratio=self.config.ratio,
-                                    model_ratio=self.config.model_ratio, shapes=self.shapes,
-                                    model_params=self.model_params)
-        self.welore = welore_rule.solve(spectra, self.shapes, **target)
+                                    model_ratio=self.config.model_ratio, shapes=view.shapes,
+                                    model_params=view.model_params)
+        self.welore = welore_rule.solve(spectra, view.shapes, **target)
+        return Decision(self.welore.record())
 
     def whitening_of(self, stats) -> linalg.Whitening:
         if self.config.whiten == "activation":
@@ -98,10 +96,11 @@ class LoRD(Compressor):
             return linalg.from_gram(stats.gram, self.config.gram_root)
         return linalg.identity()
 
-    def whitening(self, target: Target) -> linalg.Whitening:
-        return self.whitening_of(target.stats)
+    def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
+        target = group.target
+        return {target.name: self.compress_linear(target, ctx)}
 
-    def compress(self, target: Target, ctx: LayerContext) -> Outcome:
+    def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         m, n = target.weight.shape
         extra, note = {}, ""
         if self.welore is not None:
@@ -111,10 +110,9 @@ class LoRD(Compressor):
                 return Outcome(None, note=allocation.note(self.welore.tau), extra=extra)
             rank, note = allocation.rank, allocation.note(self.welore.tau)
         else:
-            rank = ranks.rank_for(self.config, m, n, self.planned_ratio)
+            rank = self.ranks[target.name]
         if not ranks.saves_parameters(rank, m, n):
             return Outcome(None, note=f"rank {rank} ≥ break-even {ranks.break_even(m, n):.0f}: kept dense")
-        dtype = torch.float64 if self.config.svd_dtype == "float64" else torch.float32
-        up, down = lord_factors(target.weight, rank, self.whitening(target), dtype)
+        up, down = lord_factors(target.weight, rank, self.whitening_of(target.stats), self.svd_dtype)
         module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
         return Outcome(module, rank=rank, note=note, extra=extra)

@@ -29,10 +29,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..base import Compressor, LayerContext, Outcome, Target, per_input
-from ..configs import field
-from ..modules import dense_module
-from .quantize import hessian, inverse_hessian_factor
+from ..contract import Compressor, Group, LayerContext, Outcome, Target
+from ..kernels.hessian import hessian, inverse_hessian_factor
+from ..model.modules import dense_module
+from ..plan.configs import field
+from ..stats.accumulators import Request, inputs
 
 
 @dataclass
@@ -137,22 +138,22 @@ class Prune(Compressor):
     summary = "pruning to N:M (2:4) or unstructured sparsity: wanda | sparsegpt (kept dense, zeros stored)"
     paper = "arXiv:2301.00774"
 
-    @property
-    def needs(self) -> frozenset[str]:
-        return frozenset({"sq_norm"}) if self.config.algorithm == "wanda" else frozenset({"gram"})
+    def requests(self) -> tuple[Request, ...]:
+        return inputs("sq_norm") if self.config.algorithm == "wanda" else inputs("gram")
 
-    def compress_layer(self, targets: dict[str, Target], ctx: LayerContext) -> dict[str, Outcome]:
-        cfg = self.config
-        factor = per_input(lambda t: inverse_hessian_factor(
-            hessian(t.stats.gram, t.stats.n_tokens).to(t.weight.device), cfg.damp))  # (H⁻¹ factor, dead)
-        outcomes = {}
-        for name, target in targets.items():
-            if cfg.algorithm == "wanda":
-                mask = wanda_mask(target.weight, target.stats.sq_norm, cfg.n_m, cfg.sparsity)
-                pruned = target.weight.masked_fill(mask, 0.0)
-            else:
-                pruned = sparsegpt(target.weight, *factor(target), cfg.n_m, cfg.sparsity, cfg.block_size)
-            module = dense_module(pruned.to(ctx.dtype), target.bias, target.dense_class)
-            zeros = float((pruned == 0).float().mean())
-            outcomes[name] = Outcome(module, note=f"{zeros:.1%} zeros", extra={"sparsity": round(zeros, 4)})
-        return outcomes
+    def _factor(self, target: Target) -> tuple[Tensor, Tensor]:
+        """(H⁻¹ factor, dead channels), shared by the linears reading the same input."""
+        return inverse_hessian_factor(hessian(target.stats.gram, target.stats.n_tokens).to(target.weight.device),
+                                      self.config.damp)
+
+    def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
+        cfg, target = self.config, group.target
+        if cfg.algorithm == "wanda":
+            mask = wanda_mask(target.weight, target.stats.sq_norm, cfg.n_m, cfg.sparsity)
+            pruned = target.weight.masked_fill(mask, 0.0)
+        else:
+            pruned = sparsegpt(target.weight, *ctx.per_input(self, target, self._factor), cfg.n_m, cfg.sparsity,
+                               cfg.block_size)
+        module = dense_module(pruned.to(ctx.dtype), target.bias, target.dense_class)
+        zeros = float((pruned == 0).float().mean())
+        return {target.name: Outcome(module, note=f"{zeros:.1%} zeros", extra={"sparsity": round(zeros, 4)})}

@@ -32,11 +32,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .. import quant
-from ..base import Compressor, LayerContext, Outcome, Target, per_input
-from ..configs import field
-from ..errors import CompressorError
-from ..modules import QuantizedLinear
+from ..contract import Compressor, Group, LayerContext, Outcome, Target
+from ..kernels import quant
+from ..kernels.hessian import hessian, inverse_hessian_factor
+from ..model.modules import QuantizedLinear
+from ..plan.configs import field
+from ..stats.accumulators import Request, inputs
 
 
 @dataclass
@@ -59,24 +60,6 @@ class QuantizeConfig:
             raise ValueError(f"damp must be in [0, 1); got {self.damp}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be ≥ 1; got {self.block_size}")
-
-
-def hessian(gram: Tensor, n_tokens: int) -> Tensor:
-    """``H = 2·XᵀX / N`` (n, n) in fp64 from the summed Gram."""
-    return gram.double() * (2.0 / max(n_tokens, 1))
-
-
-def inverse_hessian_factor(h: Tensor, damp: float) -> tuple[Tensor, Tensor]:
-    """(upper Cholesky factor of (H + λI)⁻¹ (n, n) fp32, dead-channel mask (n,)), computed in fp64."""
-    h = h.double().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    lower, info = torch.linalg.cholesky_ex(h)
-    if int(info) != 0:
-        raise CompressorError("GPTQ: the damped Hessian is not positive definite; raise damp")
-    inverse = torch.cholesky_inverse(lower)
-    return torch.linalg.cholesky(inverse, upper=True).float(), dead
 
 
 def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric: bool,
@@ -133,15 +116,13 @@ class Quantize(Compressor):
     summary = "integer weight quantization, packed: rtn | gptq; 2-8 bits, groups, (a)symmetric"
     paper = "arXiv:2210.17323"
 
-    @property
-    def needs(self) -> frozenset[str]:
-        return frozenset({"gram"}) if self.config.algorithm == "gptq" else frozenset()
+    def requests(self) -> tuple[Request, ...]:
+        return inputs("gram") if self.config.algorithm == "gptq" else ()
 
-    def compress_layer(self, targets: dict[str, Target], ctx: LayerContext) -> dict[str, Outcome]:
-        factor = per_input(self._factor)  # q/k/v share one Hessian
-        uses_hessian = self.config.algorithm == "gptq"
-        return {name: self.compress(target, ctx, factor(target) if uses_hessian else None)
-                for name, target in targets.items()}
+    def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
+        target = group.target  # q/k/v share one Hessian factor (ctx.per_input)
+        factor = ctx.per_input(self, target, self._factor) if self.config.algorithm == "gptq" else None
+        return {target.name: self.compress_linear(target, ctx, factor)}
 
     def _factor(self, target: Target) -> tuple[Tensor, Tensor, Tensor | None]:
         h = hessian(target.stats.gram, target.stats.n_tokens).to(target.weight.device)
@@ -154,7 +135,7 @@ class Quantize(Compressor):
             dead = dead[torch.argsort(perm)]  # back to the natural column order
         return upper, dead, perm
 
-    def compress(self, target: Target, ctx: LayerContext, factor: tuple | None = None) -> Outcome:
+    def compress_linear(self, target: Target, ctx: LayerContext, factor: tuple | None = None) -> Outcome:
         cfg = self.config
         if cfg.algorithm == "gptq":
             factor = factor or self._factor(target)

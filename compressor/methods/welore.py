@@ -1,7 +1,7 @@
 """WeLore: data-free, non-uniform ranks from the singular-value spectrum (Jaiswal et al., 2024,
 arXiv:2407.11239; VITA-Group/WeLore, methods.md §7).
 
-Before the layer walk, ``prepare`` takes the spectrum of every targeted ``W`` (m, n) and solves one
+Before the layer walk, ``decide`` takes the spectrum of every targeted ``W`` (m, n) and solves one
 threshold τ on the min-max normalised spectra for the budget (``welore_rule``): each matrix loses the
 ranks whose normalised singular value is below τ. Matrices that lose enough (low-rank components, LRC)
 become ``up = U_k Σ_k^½`` (m, k), ``down = Σ_k^½ V_kᵀ`` (k, n) by plain SVD (the ``linalg`` kernel
@@ -35,13 +35,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 
-from .. import linalg, welore_rule
-from ..base import Compressor, LayerContext, Outcome, Target
-from ..configs import field
+from ..contract import Compressor, Decision, Group, LayerContext, ModelView, Outcome
 from ..errors import CompressorError
-from ..modules import LowRankLinear
+from ..kernels import linalg
+from ..model.modules import LowRankLinear
+from ..plan.configs import field
+from ..ranks import welore as welore_rule
 
 BUDGETS = ("rank_reduction", "ratio", "threshold")
 
@@ -88,33 +88,31 @@ class WeLore(Compressor):
 
     def __init__(self, config: WeLoreConfig) -> None:
         super().__init__(config)
-        self.shapes: dict[str, tuple[int, int]] = {}
         self.plan_: welore_rule.Plan | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return torch.float64 if self.config.svd_dtype == "float64" else torch.float32
 
-    def plan(self, shapes: dict[str, tuple[int, int]], model_params: int) -> None:
-        self.shapes = dict(shapes)
-
-    def prepare(self, model: nn.Module, batches: list[torch.Tensor] | None, device: torch.device) -> None:
-        spectra = welore_rule.weight_spectra(model, list(self.shapes), device, self.dtype)
+    def decide(self, view: ModelView) -> Decision:
+        spectra = welore_rule.weight_spectra(view.model, list(view.shapes), view.device, self.dtype)
         c = self.config
         if c.threshold is not None:
-            self.plan_ = welore_rule.allocate(spectra, self.shapes, c.threshold, c.min_ratio, c.guard)
-            return
-        budget = welore_rule.budget(rank_reduction=c.rank_reduction, ratio=c.ratio, model_ratio=None,
-                                    shapes=self.shapes, model_params=0)
-        self.plan_ = welore_rule.solve(spectra, self.shapes, min_ratio=c.min_ratio, guard=c.guard, **budget)
+            self.plan_ = welore_rule.allocate(spectra, view.shapes, c.threshold, c.min_ratio, c.guard)
+        else:
+            budget = welore_rule.budget(rank_reduction=c.rank_reduction, ratio=c.ratio, model_ratio=None,
+                                        shapes=view.shapes, model_params=0)
+            self.plan_ = welore_rule.solve(spectra, view.shapes, min_ratio=c.min_ratio, guard=c.guard, **budget)
+        return Decision(self.plan_.record())
 
-    def compress(self, target: Target, ctx: LayerContext) -> Outcome:
+    def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
+        target = group.target
         if self.plan_ is None:
             raise CompressorError("welore has no plan; run it through the pipeline")
         allocation = self.plan_.allocations[target.name]
         extra, note = allocation.extra(self.plan_.tau), allocation.note(self.plan_.tau)
         if not allocation.lrc:
-            return Outcome(None, note=note, extra=extra)
+            return {target.name: Outcome(None, note=note, extra=extra)}
         up, down = welore_factors(target.weight, allocation.rank, self.dtype)
         module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
-        return Outcome(module, rank=allocation.rank, note=note, extra=extra)
+        return {target.name: Outcome(module, rank=allocation.rank, note=note, extra=extra)}

@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any, Literal, get_args, get_origin
 
-from .errors import CompressorError
+from ..errors import CompressorError
 
 
 def field(default: Any, help: str, **kwargs: Any) -> Any:

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .errors import CompressorError
+from ..errors import CompressorError
 
 WhiteningKind = Literal["none", "diagonal", "cholesky", "eigh"]
 
@@ -137,6 +137,13 @@ def whitened_svd(
     up = u[:, :rank] * root[None, :]  # (m, r)
     down = whitening.unapply(root[:, None] * vh[:rank])  # (r, n)
     return up, down, s
+
+
+def symmetric_sqrt(matrix: Tensor) -> Tensor:
+    """``Σ^½`` (n, n) of a symmetric PSD matrix, fp64 ``eigh`` with negative eigenvalues clamped to 0."""
+    matrix = matrix.double()
+    evals, evecs = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return (evecs * evals.clamp_min(0).sqrt()[None, :]) @ evecs.T
 
 
 def relative_error(weight: Tensor, approx: Tensor, gram: Tensor | None = None) -> float:

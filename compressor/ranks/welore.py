@@ -38,9 +38,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .errors import CompressorError
-from .modules import weight_of
-from .ranks import saves_parameters
+from ..errors import CompressorError
+from ..model.modules import weight_of
+from .uniform import saves_parameters
 
 
 def normalized(spectrum: Tensor) -> Tensor:
@@ -126,6 +126,10 @@ class Plan:
             "param_reduction": 1.0 - after / before if before else 0.0,
             "params_removed": before - after,
         }
+
+    def record(self) -> dict:
+        """The decision as compression.json records it: the summary and every matrix's kept rank (None: dense)."""
+        return {**self.summary(), "ranks": {name: a.rank if a.lrc else None for name, a in self.allocations.items()}}
 
 
 def allocate(spectra: dict[str, Tensor], shapes: dict[str, tuple[int, int]], tau: float,
@@ -223,24 +227,25 @@ def weight_spectra(model: nn.Module, names: list[str], device: torch.device,
     return spectra
 
 
-def whitened_spectra(model: nn.Module, names: list[str], needs: frozenset[str], whitening: Callable,
-                     batches: list[Tensor], device: torch.device,
+def whitened_spectra(view, kinds: frozenset[str], whitening: Callable,
                      dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
-    """name → singular values of ``W S`` with ``S = whitening(stats)``, the statistics taken on the
-    *original* model (a pass of its own before the layer walk, SVD-LLM's profiling; see
-    ``pipeline.original_statistics``). Each layer's statistics are dropped once its spectra are known."""
-    from .pipeline import original_statistics
+    """name → singular values of ``W S`` with ``S = whitening(stats)``, the input statistics ``kinds`` taken
+    on the *original* model (``view.walk``, SVD-LLM's profiling) for every target of ``view`` (a
+    ``contract.ModelView``). Each layer's statistics are dropped once its spectra are known."""
+    from ..stats.hooks import Collector, Watch
 
-    wanted = set(names)
+    by_layer: dict[int, list[str]] = {}
+    for name in view.shapes:
+        by_layer.setdefault(view.layer_of(name), []).append(name)
     spectra = {}
-
-    def each(index: int, stats: dict) -> None:
-        for name, layer_stats in stats.items():
-            weight = _weight(model.get_submodule(name)).to(device=device, dtype=dtype)  # (m, n)
-            spectra[name] = torch.linalg.svdvals(whitening(layer_stats).apply(weight)).cpu()
-
-    original_statistics(model, wanted, needs, batches, device, each)
-    missing = wanted - set(spectra)
+    for visit in view.walk(last_layer=max(by_layer, default=-1)):
+        names = by_layer.get(visit.index, [])
+        collector = Collector([Watch(n, visit.module(n), "input", kinds) for n in names])
+        visit.forward(collector=collector)
+        for (name, _), stats in collector.result().items():
+            weight = _weight(visit.module(name)).to(device=view.device, dtype=dtype)  # (m, n)
+            spectra[name] = torch.linalg.svdvals(whitening(stats).apply(weight)).cpu()
+    missing = set(view.shapes) - set(spectra)
     if missing:
         raise CompressorError(f"no statistics were collected for {sorted(missing)[0]} (and {len(missing) - 1} more)")
     return spectra

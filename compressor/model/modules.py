@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from . import quant
+from ..kernels import quant
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 

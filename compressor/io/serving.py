@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .modules import CompensatedLinear, LowRankLinear, QuantizedLinear
+from ..model.modules import CompensatedLinear, LowRankLinear, QuantizedLinear
 
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

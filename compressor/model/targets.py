@@ -12,7 +12,7 @@ import re
 
 from torch import nn
 
-from .errors import CompressorError
+from ..errors import CompressorError
 from .modules import LINEAR_TYPES, MODULE_KINDS
 
 _KNOWN_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "model.language_model.layers", "gpt_neox.layers")
@@ -47,6 +47,24 @@ def layer_linears(layer: nn.Module, prefix: str) -> dict[str, nn.Module]:
         if is_linear(module):
             found[f"{prefix}.{name}"] = module
     return found
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Fully qualified name → every linear (dense or compressed) inside the decoder layers, in model order."""
+    prefix, _ = decoder_layers(model)
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not name.startswith(prefix + ".") or any(name.startswith(done + ".") for done in found):
+            continue
+        if is_linear(module):
+            found[name] = module
+    return found
+
+
+def layer_index(model: nn.Module, name: str) -> int:
+    """The decoder layer index of a module name inside the decoder stack."""
+    prefix, _ = decoder_layers(model)
+    return int(name[len(prefix) + 1:].split(".")[0])
 
 
 def matches(name: str, pattern: str) -> bool:

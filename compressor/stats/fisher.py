@@ -54,9 +54,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import arch, models
-from .errors import CompressorError
-from .modules import Conv1D
+from ..model import loading as models, targets as arch
+from ..errors import CompressorError
+from ..model.modules import Conv1D
 
 FORMAT = "fisher-v1: sum over windows of squared grads of the mean next-token CE, batch 1, fp32"
 CacheMode = Literal["use", "refresh", "off"]

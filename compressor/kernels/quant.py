@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .errors import CompressorError
+from ..errors import CompressorError
 
 MIN_BITS, MAX_BITS = 2, 8
 

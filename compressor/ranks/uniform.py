@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .configs import field
-from .errors import CompressorError
+from ..plan.configs import field
+from ..errors import CompressorError
 
 RULES = ("ratio", "rank", "rank_reduction", "model_ratio")
 RankRuleKind = Literal["uniform", "welore"]
@@ -59,6 +59,12 @@ class RankRule:
     @property
     def rule(self) -> str:
         return next(name for name in RULES if getattr(self, name) is not None)
+
+    def validate(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """Explicit ranks must fit every targeted (out, in) shape; checked before any weight is read."""
+        if self.rank_rule == "uniform" and self.model_ratio is None:
+            for m, n in shapes.values():
+                rank_for(self, m, n)
 
 
 def break_even(m: int, n: int) -> float:
@@ -108,6 +114,20 @@ def plan_model_ratio(target: float, shapes: list[tuple[int, int]], model_params:
         mid = (low + high) / 2
         low, high = (mid, high) if removed(mid) < goal else (low, mid)
     return high
+
+
+def uniform_ranks(rule: RankRule, shapes: dict[str, tuple[int, int]],
+                  model_params: int) -> tuple[dict[str, int], dict]:
+    """(name → rank, the decision record) of a uniform rule over every target; ``model_ratio`` is solved
+    once here as the uniform ratio that meets it (recorded as ``solved_ratio``)."""
+    record: dict = {"rank_rule": "uniform", "rule": rule.rule}
+    ratio = None
+    if rule.model_ratio is not None:
+        ratio = plan_model_ratio(rule.model_ratio, list(shapes.values()), model_params)
+        record["solved_ratio"] = ratio
+    chosen = {name: rank_for(rule, m, n, ratio) for name, (m, n) in shapes.items()}
+    record["ranks"] = chosen
+    return chosen, record
 
 
 def reduction(log: list[dict]) -> dict:

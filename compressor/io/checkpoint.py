@@ -32,9 +32,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from . import __version__, export
-from .errors import CompressorError
-from .modules import MODULE_KINDS, merge as merge_module
+from .. import __version__
+from . import serving as export
+from ..errors import CompressorError
+from ..model.modules import MODULE_KINDS, from_spec, merge as merge_module, spec_of
 
 FORMAT_VERSION = 1
 MANIFEST = "compression.json"
@@ -95,14 +96,25 @@ def merge_in_place(model: nn.Module) -> int:
     return len(found)
 
 
+def module_specs(model: nn.Module, reshaped: dict[str, nn.Module] | None = None) -> dict[str, dict[str, Any]]:
+    """name → spec of every module the loader must rebuild: the compressed kinds, and plain modules whose
+    shape differs from what the model's config builds (``reshaped``), parents before children."""
+    specs = {name: m.spec() for name, m in compressed_modules(model).items()}
+    for name in reshaped or {}:
+        if name not in specs:
+            specs[name] = spec_of(model.get_submodule(name))
+    return dict(sorted(specs.items(), key=lambda item: item[0].count(".")))
+
+
 def save(model: nn.Module, tokenizer: Any, out: Path, manifest: dict[str, Any], log: list[dict[str, Any]],
-         merge: bool = False, overwrite: bool = False) -> Path:
-    """Write the model, tokenizer, manifest and log to ``out`` atomically."""
+         merge: bool = False, overwrite: bool = False, reshaped: dict[str, nn.Module] | None = None) -> Path:
+    """Write the model, tokenizer, manifest and log to ``out`` atomically. ``reshaped``: plain modules of a
+    new shape (a shrunk MLP's linears) that the manifest must describe for ``load``."""
     manifest = dict(manifest)
     manifest["format_version"] = FORMAT_VERSION
     manifest["package_version"] = __version__
     modules = compressed_modules(model)
-    manifest["modules"] = {name: m.spec() for name, m in modules.items()}
+    manifest["modules"] = module_specs(model, reshaped)
     manifest["merged"] = merge
     with atomic_directory(out, overwrite) as tmp:
         if merge:
@@ -157,11 +169,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         dtype = getattr(torch, dtype)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, spec in manifest["modules"].items():
-        kind = MODULE_KINDS.get(spec["kind"])
-        if kind is None:
+    for name, spec in sorted(manifest["modules"].items(), key=lambda item: item[0].count(".")):
+        if spec["kind"] != "dense" and spec["kind"] not in MODULE_KINDS:
             raise CompressorError(f"{path}: unknown module kind {spec['kind']!r} for {name}")
-        model.set_submodule(name, kind.empty(**spec, dtype=dtype))
+        model.set_submodule(name, from_spec(spec, dtype=dtype))
     state = export.state_for_load(_state_dict(path), manifest, path)
     result = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

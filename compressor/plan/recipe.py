@@ -30,8 +30,8 @@ import yaml
 
 from . import configs
 from .configs import field
-from .errors import CompressorError
-from .ranks import RULES
+from ..errors import CompressorError
+from ..ranks.uniform import RULES
 
 
 @dataclass

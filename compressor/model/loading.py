@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CompressorError
+from ..errors import CompressorError
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -119,3 +119,19 @@ def parameter_count(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def skeleton(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of MODEL built from its config on the meta device: module tree and shapes, no weights
+    read (what a plan is compiled against)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source, gguf_file = resolve(spec)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressorError(f"cannot load model {spec!r}: {first}") from None

@@ -1,0 +1,163 @@
+"""The compiled plan: a recipe turned into typed steps, once, before any weight is read.
+
+``compile_plan(recipe, model)`` needs only the model's module tree and shapes: a skeleton on the meta
+device (``model.loading.skeleton``) serves, so a bad value fails before loading. For every step it
+builds and validates the compressor's config (unknown keys, types, ranges, and ``Config.validate(shapes)``
+against the targeted shapes), resolves its targets against the architecture into groups per layer
+(``GroupSpec``), and records its calibration stream and statistics requests. ``decide`` later fills each
+step's ``decision`` (solved ratios, per-module ranks, chosen layers) on the loaded model;
+``Plan.to_dict`` is what compression.json records as applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .. import registry
+from ..contract import Compressor, Decision
+from ..errors import CompressorError
+from ..model.architecture import describe
+from ..model.modules import shape_of
+from ..model.targets import decoder_linears, layer_index, select
+from ..stats.accumulators import Request
+from ..walk.layers import DEFAULT_STREAM
+from . import configs
+from .recipe import CalibrationConfig, Recipe, step_calibration
+
+
+@dataclass
+class GroupSpec:
+    """One group a step compresses: members by role, in one decoder layer."""
+
+    kind: str  # "linear" | "mlp" | "attention"
+    name: str  # the linear's or the block's fully qualified name
+    layer: int
+    members: dict[str, str]  # role → fully qualified linear name
+    block: str | None = None  # the block module's name, where the block is a module
+
+    def module_name(self, role: str) -> str | None:
+        """The module a request's role refers to."""
+        return self.block if role == "block" else self.members.get(role)
+
+
+@dataclass
+class StepPlan:
+    index: int
+    compressor: Compressor
+    targets: list[str]  # the recipe's patterns
+    ignore: list[str]
+    stream: str  # calibration stream name
+    calibration: CalibrationConfig
+    shapes: dict[str, tuple[int, int]]  # every targeted linear → (out, in), model order
+    groups: list[GroupSpec]
+    decision: Decision | None = None
+
+    @property
+    def method(self) -> str:
+        return self.compressor.name
+
+    @property
+    def requests(self) -> tuple[Request, ...]:
+        return tuple(self.compressor.requests())
+
+    def groups_in(self, layer: int) -> list[GroupSpec]:
+        return [group for group in self.groups if group.layer == layer]
+
+    def apply(self, decision: Decision | None) -> None:
+        """Record a model-level decision; keep only the groups whose members it leaves targeted."""
+        self.decision = decision
+        if decision is not None and decision.targets is not None:
+            kept = set(decision.targets)
+            self.groups = [g for g in self.groups if all(n in kept for n in g.members.values())]
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    steps: list[StepPlan]
+    model_params: int
+    arch: Any = None  # model.architecture.Architecture, where a step needs roles (blocks, heads)
+
+    @property
+    def propagate(self) -> str:
+        return self.recipe.propagate
+
+    @property
+    def statistics(self) -> str:
+        return self.recipe.statistics
+
+    def data_streams(self) -> dict[str, CalibrationConfig]:
+        """Stream name → calibration set, for the steps that use data (statistics or a model-level pass)."""
+        return {s.stream: s.calibration for s in self.steps if s.compressor.uses_data}
+
+    def walk_streams(self) -> list[str]:
+        """The streams the layer walk carries: those of steps that request per-group statistics."""
+        return sorted({s.stream for s in self.steps if s.requests})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as applied (every default filled) with each step's targets and decisions."""
+        data = self.recipe.to_dict()
+        for raw, step in zip(data["steps"], self.steps):
+            raw["config"] = configs.to_dict(step.compressor.config)
+            raw["resolved"] = {"targets": len(step.shapes), "groups": len(step.groups), "group": step.compressor.group,
+                               "stream": step.stream}
+            if step.decision is not None:
+                raw["decision"] = step.decision.record
+        return data
+
+
+def stream_name(recipe: Recipe, index: int) -> str:
+    """The calibration stream of step ``index``: the recipe's ("default") or one named by its own set."""
+    cal = step_calibration(recipe.calibration, recipe.steps[index])
+    if cal == recipe.calibration:
+        return DEFAULT_STREAM
+    return f"{cal.dataset}:{cal.n_samples}x{cal.seq_len}:seed{cal.seed}:batch{cal.batch_size}"
+
+
+def linear_groups(names: list[str], model: nn.Module) -> list[GroupSpec]:
+    return [GroupSpec("linear", name, layer_index(model, name), {"linear": name}) for name in names]
+
+
+def block_groups(kind: str, names: list[str], model: nn.Module) -> list[GroupSpec]:
+    """The ``kind`` blocks ("mlp", "attention") all of whose role linears are among ``names``."""
+    arch, chosen, groups = describe(model), set(names), []
+    for layer in sorted({layer_index(model, name) for name in names}):
+        members = arch.block_names(kind, layer)
+        if members and all(name in chosen for name in members.values()):
+            block = arch.block_path(kind, layer)
+            groups.append(GroupSpec(kind, block or arch.layer_prefix(layer), layer, members, block))
+    return groups
+
+
+def compile_step(recipe: Recipe, index: int, linears: dict[str, nn.Module], model: nn.Module) -> StepPlan:
+    spec = recipe.steps[index]
+    where = f"step {index} ({spec.method})"
+    compressor = registry.create(spec.method, spec.config, where)
+    names = select(list(linears), spec.targets, spec.ignore)
+    shapes = {name: tuple(shape_of(linears[name])) for name in names}
+    validate = getattr(compressor.config, "validate", None)
+    if validate is not None and shapes:
+        try:
+            validate(shapes)
+        except (ValueError, CompressorError) as exc:
+            raise CompressorError(f"{where}: {exc}") from None
+    kind = compressor.group
+    groups = linear_groups(names, model) if kind == "linear" else block_groups(kind, names, model)
+    return StepPlan(index, compressor, spec.targets, spec.ignore, stream_name(recipe, index),
+                    step_calibration(recipe.calibration, spec), shapes, groups)
+
+
+def compile_plan(recipe: Recipe, model: nn.Module) -> Plan:
+    """Every step built, validated and resolved against ``model`` (a meta-device skeleton will do)."""
+    linears = decoder_linears(model)
+    steps = [compile_step(recipe, index, linears, model) for index in range(len(recipe.steps))]
+    seen, params = set(), 0
+    for p in model.parameters():  # distinct parameters: a tied embedding and head count once
+        if id(p) not in seen:
+            seen.add(id(p))
+            params += p.numel()
+    needs_roles = any(s.compressor.group != "linear" or any(r.per_head for r in s.requests) for s in steps)
+    return Plan(recipe, steps, params, describe(model) if needs_roles else None)

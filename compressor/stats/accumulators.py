@@ -1,0 +1,136 @@
+"""Typed statistics requests and the additive accumulators that answer them.
+
+A compressor asks for statistics with ``Request``s: *what* (``gram`` Σ xᵀx, ``abs_mean`` Σ|x| / N,
+``sq_norm`` Σ x², ``angular_distance`` between a decoder layer's input and output hidden states), *where*
+(a module's ``input`` or ``output``, or the decoder ``layer``), *of which member* of its group (``role``:
+"linear" for one-linear groups, a role such as "q" or "down", or "block" for the attention / MLP module)
+and at what granularity (``per_head``: output Grams per attention head).
+
+Every accumulator is a plain sum, so partial accumulations merge exactly (``merge``): two halves of the
+calibration data accumulated apart and merged equal one pass over all of it. That is what a run spread
+over several processes sums. Per tensor ``x`` (tokens, features), accumulated over the calibration data:
+
+- ``gram``: Σ xᵀx (f, f), each batch computed in fp32 and added into an fp64 accumulator;
+  per head: (heads, d, d) with x reshaped to (tokens, heads, d);
+- ``abs_sum``: Σ |x| (f,)   → ``abs_mean`` (ASVD's activation scale);
+- ``sq_sum``: Σ x² (f,)     → ``sq_norm`` (Wanda / CURing scores; the Gram's diagonal when a Gram exists).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Statistic = Literal["gram", "abs_mean", "sq_norm", "angular_distance"]
+TENSOR_STATISTICS = ("gram", "abs_mean", "sq_norm")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One statistic a compressor needs for each of its groups."""
+
+    statistic: Statistic
+    where: Literal["input", "output", "layer"] = "input"  # "layer": hidden states entering → leaving it
+    role: str = "linear"  # the group member: "linear", a role ("q", "down"), or "block"
+    per_head: bool = False  # output Gram per attention head
+    tokens: Literal["all", "last"] = "all"  # angular_distance: every token, or each window's last
+
+    def __post_init__(self) -> None:
+        if self.where == "layer" and self.statistic != "angular_distance":
+            raise ValueError(f"{self.statistic} is a module statistic; where must be input or output")
+        if self.statistic == "angular_distance" and self.where != "layer":
+            raise ValueError("angular_distance compares a layer's input and output: where must be 'layer'")
+        if self.per_head and (self.statistic != "gram" or self.where != "output"):
+            raise ValueError("per_head applies to output Grams")
+
+
+def inputs(*statistics: Statistic) -> tuple[Request, ...]:
+    """Requests of statistics of each linear's input (what every one-linear method asks)."""
+    return tuple(Request(s) for s in statistics)
+
+
+def _add(total: Tensor | None, batch: Tensor) -> Tensor:
+    return batch if total is None else total.add_(batch)
+
+
+@dataclass
+class TensorStats:
+    """Sums over the tensors one module reads (or writes); shared by the modules that read the same one."""
+
+    n_tokens: int = 0
+    gram: Tensor | None = None  # (f, f) fp64 Σ xᵀx, or (heads, d, d) per head
+    abs_sum: Tensor | None = None  # (f,) fp64 Σ |x|
+    sq_sum: Tensor | None = None  # (f,) fp64 Σ x²
+
+    @property
+    def abs_mean(self) -> Tensor:
+        return self.abs_sum / max(self.n_tokens, 1)
+
+    @property
+    def sq_norm(self) -> Tensor:
+        return self.sq_sum if self.sq_sum is not None else torch.diagonal(self.gram).clone()
+
+    def add(self, x: Tensor, kinds: frozenset[str], heads: int | None = None) -> None:
+        """Accumulate a batch x (..., f); ``heads``: Grams per head of x viewed as (..., heads, f / heads)."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, f)
+        self.n_tokens += x.shape[0]
+        if "gram" in kinds:
+            if heads:
+                per_head = x.reshape(x.shape[0], heads, -1).transpose(0, 1)  # (heads, tokens, d)
+                batch = (per_head.transpose(1, 2) @ per_head).double()  # (heads, d, d)
+            else:
+                batch = (x.T @ x).double()
+            self.gram = _add(self.gram, batch)
+        if "abs_mean" in kinds:
+            self.abs_sum = _add(self.abs_sum, x.abs().sum(0).double())
+        if "sq_norm" in kinds and "gram" not in kinds:
+            self.sq_sum = _add(self.sq_sum, x.square().sum(0).double())
+
+    def merge(self, other: "TensorStats") -> "TensorStats":
+        """Add another partial accumulation of the same statistics into this one (in place)."""
+        self.n_tokens += other.n_tokens
+        for name in ("gram", "abs_sum", "sq_sum"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs is not None:
+                setattr(self, name, theirs.clone() if mine is None else mine.add_(theirs.to(mine.device)))
+        return self
+
+    def to(self, device: torch.device) -> "TensorStats":
+        for name in ("gram", "abs_sum", "sq_sum"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
+
+def angular_distance(a: Tensor, b: Tensor) -> Tensor:
+    """``arccos(cos(a, b)) / π`` along the last dimension: (..., d), (..., d) → (...), in [0, 1]."""
+    cosine = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    return torch.arccos(cosine.clamp(-1.0, 1.0)) / torch.pi
+
+
+@dataclass
+class DistanceStats:
+    """Σ and count of the angular distance between a layer's input and output hidden states."""
+
+    total: float = 0.0
+    count: int = 0
+
+    def add(self, before: Tensor, after: Tensor, tokens: str = "all") -> None:
+        """One batch of hidden states (batch, seq, hidden) entering and leaving the layer, in fp64."""
+        a, b = before.double(), after.double()
+        if tokens == "last":
+            a, b = a[:, -1], b[:, -1]  # (batch, hidden)
+        distance = angular_distance(a, b)
+        self.total, self.count = self.total + float(distance.sum()), self.count + distance.numel()
+
+    def merge(self, other: "DistanceStats") -> "DistanceStats":
+        self.total, self.count = self.total + other.total, self.count + other.count
+        return self
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0

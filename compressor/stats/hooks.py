@@ -1,0 +1,95 @@
+"""Forward hooks that fill ``TensorStats`` during one calibration pass of a decoder layer.
+
+``with Collector(watches) as collector: run the layer`` then ``collector.result()`` → (module name,
+where) → stats. Modules that read the same input tensor (q/k/v, gate/up) share one ``TensorStats``:
+sharing is found on the first batch by tensor identity, so no architecture table is needed. Every
+hook is removed in ``remove`` (called by ``__exit__``, also when the forward raises): the one place.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from .accumulators import TensorStats
+
+
+@dataclass(frozen=True)
+class Watch:
+    """What to accumulate on one module: its ``input`` (first positional argument) or ``output``."""
+
+    name: str  # fully qualified module name
+    module: nn.Module
+    where: str  # "input" | "output"
+    kinds: frozenset[str]  # of accumulators.TENSOR_STATISTICS
+    heads: int | None = None  # output Grams per head
+
+
+Key = tuple[str, str]  # (module name, where)
+
+
+class Collector:
+    """Accumulates every ``Watch`` over the batches run inside the ``with`` block."""
+
+    def __init__(self, watches: list[Watch]) -> None:
+        self.watches = watches
+        self.stats: dict[Key, TensorStats] = {}
+        self.shared_with: dict[Key, Key] = {}  # input watch → the watch whose stats it shares
+        self.seconds = 0.0  # time spent accumulating (inside the hooks)
+        self._handles: list = []
+        self._first_inputs: list[tuple[Tensor, Key]] = []
+        self._seen: set[Key] = set()
+
+    def _owner(self, key: Key, x: Tensor) -> Key:
+        """The key whose stats ``x`` goes into: its own, or that of an earlier module reading the same x."""
+        if key in self._seen:  # second batch onwards: sharing is already known
+            return self.shared_with.get(key, key)
+        self._seen.add(key)
+        owner = next((o for t, o in self._first_inputs if t is x), key) if key[1] == "input" else key
+        if owner != key:
+            self.shared_with[key] = owner
+        else:
+            if key[1] == "input":
+                self._first_inputs.append((x, key))
+            self.stats[key] = TensorStats()
+        return owner
+
+    def _hook(self, watch: Watch):
+        key = (watch.name, watch.where)
+
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            start = time.perf_counter()
+            x = args[0] if watch.where == "input" else (output[0] if isinstance(output, tuple) else output)
+            owner = self._owner(key, x)
+            if owner == key:
+                self.stats[key].add(x, watch.kinds, watch.heads)
+            self.seconds += time.perf_counter() - start
+
+        return hook
+
+    def __enter__(self) -> "Collector":
+        try:
+            for watch in self.watches:
+                self._handles.append(watch.module.register_forward_hook(self._hook(watch)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._first_inputs.clear()
+
+    def result(self) -> dict[Key, TensorStats]:
+        """(name, where) → stats; shared objects for modules that read the same input."""
+        out = dict(self.stats)
+        for key, owner in self.shared_with.items():
+            out[key] = self.stats[owner]
+        return out

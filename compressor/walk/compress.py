@@ -1,0 +1,260 @@
+"""The compression pass: a compiled plan applied to a model, layer by layer, on the one layer walk.
+
+First every step's model-level ``decide`` runs (on the unmodified model). Then, for each decoder layer,
+the steps run in recipe order: the layer's statistics are collected for each step that requests any
+(``statistics: per_step``: one forward per such step, on the layer as the earlier steps left it;
+``once``: one forward per stream before any step, so every step sees the original layer's inputs), each
+group of the step is compressed, and its replacements are swapped in through ``Visit.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..contract import Group, LayerContext, ModelView, Outcome, Target
+from ..kernels.linalg import relative_error
+from ..model.modules import shape_of, weight_of
+from ..plan.compile import GroupSpec, Plan, StepPlan
+from ..stats.accumulators import TENSOR_STATISTICS, DistanceStats, Request, TensorStats
+from ..stats.hooks import Collector, Watch
+from .layers import DEFAULT_STREAM, Visit, run_layer, walk
+
+Stats = dict[tuple[str, str], Any]  # (module name, "input" | "output" | "layer") → TensorStats | DistanceStats
+
+
+@dataclass
+class Report:
+    log: list[dict[str, Any]] = field(default_factory=list)  # one entry per targeted module
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    reshaped: dict[str, nn.Module] = field(default_factory=dict)  # replacements of a new shape (for the manifest)
+
+
+def decide(model: nn.Module, plan: Plan, batches: dict[str, list[Tensor]], device: torch.device,
+           report: Report) -> None:
+    """Each step's model-level decisions, on the model before any step changed it."""
+    for step in plan.steps:
+        start = time.perf_counter()
+        view = ModelView(model, step.shapes, plan.model_params, batches.get(step.stream), device, plan.arch)
+        step.apply(step.compressor.decide(view) if step.shapes else None)
+        report.seconds["prepare"] += time.perf_counter() - start
+
+
+def compress_model(model: nn.Module, plan: Plan, batches: dict[str, list[Tensor]] | None, *,
+                   device: torch.device, offload: torch.device | None = None,
+                   on_layer: Callable[[int, int], None] | None = None, log_file=None) -> Report:
+    """Compress ``model`` in place by ``plan``; ``batches``: stream name → token ids (batch, seq)."""
+    report, batches = Report(), batches or {}
+    decide(model, plan, batches, device, report)
+    dtype = next(model.parameters()).dtype
+    streams = {name: batches[name] for name in plan.walk_streams()}
+    for visit in walk(model, streams, device=device, propagate=plan.propagate, offload=offload,
+                      seconds=report.seconds):
+        compress_layer(visit, plan, dtype, report, log_file)
+        if on_layer:
+            on_layer(visit.index, visit.n_layers)
+    return report
+
+
+def compress_layer(visit: Visit, plan: Plan, dtype: torch.dtype, report: Report, log_file=None) -> None:
+    ctx = LayerContext(visit.index, visit.n_layers, visit.device, dtype)
+    originals: dict[str, Tensor] = {}  # name → weight before the first step touched it
+    shared = collect_once(visit, plan, report) if plan.statistics == "once" else None
+    for step in plan.steps:
+        specs = step.groups_in(visit.index)
+        if not specs:
+            continue
+        if shared is not None:  # data-free steps get them too, for the log's output error
+            stats = shared.get(step.stream, {})
+        else:
+            stats = collect(visit, step.stream, [(step, specs)], report, plan.arch) if step.requests else {}
+        for spec in specs:
+            group = build_group(visit, spec, step, stats, originals, plan.arch)
+            start = time.perf_counter()
+            outcomes = step.compressor.compress(group, ctx)
+            elapsed = time.perf_counter() - start
+            report.seconds["decomposition"] += elapsed
+            apply(visit, step, group, outcomes, elapsed, report, log_file)
+
+
+def collect_once(visit: Visit, plan: Plan, report: Report) -> dict[str, Stats]:
+    """stream → statistics of one pass over the unmodified layer for every step that requests any."""
+    shared = {}
+    for stream in visit.streams:
+        wanted = [(s, s.groups_in(visit.index)) for s in plan.steps if s.stream == stream and s.requests]
+        wanted = [(s, specs) for s, specs in wanted if specs]
+        if wanted:
+            shared[stream] = collect(visit, stream, wanted, report, plan.arch)
+    return shared
+
+
+def watches(visit: Visit, wanted: list[tuple[StepPlan, list[GroupSpec]]], arch=None) -> list[Watch]:
+    """One hook per (module, side); every input watch accumulates every input statistic asked for here
+    (modules reading one input share one accumulator, whose kinds must cover all of them)."""
+    kinds: dict[str, set[str]] = defaultdict(set)
+    sides: dict[tuple[str, str], bool] = {}  # (name, where) → per head
+    for step, specs in wanted:
+        for request in step.requests:
+            if request.statistic not in TENSOR_STATISTICS:
+                continue
+            for spec in specs:
+                name = spec.module_name(request.role)
+                if name is not None:
+                    kinds[request.where].add(request.statistic)
+                    sides[(name, request.where)] = sides.get((name, request.where), False) or request.per_head
+    return [Watch(name, visit.module(name), where, frozenset(kinds[where]), _heads(arch, name) if per_head else None)
+            for (name, where), per_head in sides.items()]
+
+
+def _heads(arch, name: str) -> int:
+    role = arch.role_of(name)
+    return arch.n_kv_heads if role and role[2] in ("k", "v") else arch.n_heads
+
+
+def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSpec]]], report: Report,
+            arch=None) -> Stats:
+    """Run the layer once on ``stream`` with the hooks the steps' requests need; the statistics."""
+    collector = Collector(watches(visit, wanted, arch))
+    distance = [r for step, _ in wanted for r in step.requests if r.statistic == "angular_distance"]
+    start = time.perf_counter()
+    outputs = visit.forward(stream, collector)
+    report.seconds["statistics_forward"] += time.perf_counter() - start - collector.seconds
+    report.seconds["statistics_accumulation"] += collector.seconds
+    stats: Stats = dict(collector.result())
+    if distance:
+        stats[(visit.prefix, "layer")] = layer_distance(visit, stream, outputs, distance[0].tokens)
+    return stats
+
+
+def layer_distance(visit: Visit, stream: str, outputs: list[Tensor], tokens: str) -> DistanceStats:
+    total = DistanceStats()
+    for before, after in zip(visit.streams[stream].inputs, outputs):
+        total.add(before.hidden, after, tokens)
+    return total
+
+
+def effective_weight(module: nn.Module) -> Tensor:
+    if hasattr(module, "dense_weight"):
+        return module.dense_weight().detach()
+    return weight_of(module).detach()
+
+
+def build_group(visit: Visit, spec: GroupSpec, step: StepPlan, stats: Stats, originals: dict[str, Tensor],
+                arch=None) -> Group:
+    members = {}
+    for role, name in spec.members.items():
+        module = visit.module(name)
+        weight = effective_weight(module).to(device=visit.device, dtype=torch.float32)
+        originals.setdefault(name, weight)
+        members[role] = Target(name, module, weight, originals[name],
+                               None if module.bias is None else module.bias.detach(), stats.get((name, "input")),
+                               getattr(module, "dense_class", type(module).__name__))
+    answered = {}
+    for request in step.requests:
+        name = visit.prefix if request.where == "layer" else spec.module_name(request.role)
+        if (name, request.where) in stats:
+            answered[request] = stats[(name, request.where)]
+    block = visit.module(spec.block) if spec.block else None
+    return Group(spec.kind, spec.name, members, block, answered, arch)
+
+
+def apply(visit: Visit, step: StepPlan, group: Group, outcomes: dict[str, Outcome], elapsed: float,
+          report: Report, log_file=None) -> None:
+    """Log every member (and any block replacement), then swap the replacements in."""
+    names = [t.name for t in group.members.values()] + [n for n in outcomes if n not in
+                                                         {t.name for t in group.members.values()}]
+    changes_shape = any(_changes_shape(visit, name, o) for name, o in outcomes.items())
+    group_error = _group_output_error(visit, group, outcomes) if changes_shape else None
+    for name in names:
+        outcome = outcomes.get(name, Outcome(None, note="skipped"))
+        target = next((t for t in group.members.values() if t.name == name), None)
+        entry = log_entry(step, name, target, outcome, elapsed / len(names), group_error)
+        report.log.append(entry)
+        if log_file is not None:
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
+        if outcome.module is not None and not changes_shape:
+            visit.replace(name, outcome.module)
+    if changes_shape:
+        report.reshaped.update({name: o.module for name, o in outcomes.items() if o.module is not None})
+
+
+def _changes_shape(visit: Visit, name: str, outcome: Outcome) -> bool:
+    if outcome.module is None:
+        return False
+    try:
+        return tuple(shape_of(outcome.module)) != tuple(shape_of(visit.module(name)))
+    except AttributeError:  # a block: no (out, in) of its own
+        return True
+
+
+def _group_output_error(visit: Visit, group: Group, outcomes: dict[str, Outcome]) -> float | None:
+    """Swap a shape-changing group's replacements in; the relative error of the group's output (the block's,
+    or the layer's where the block is no module) on the first calibration batch, None without data."""
+    stream = visit.streams.get(DEFAULT_STREAM) or next(iter(visit.streams.values()), None)
+    probe = group.block if group.block is not None else visit.layer
+    name = group.name if group.block is not None else None
+    captured: dict[str, Any] = {}
+    if stream is not None:
+        handle = probe.register_forward_hook(
+            lambda m, args, kwargs, out: captured.update(args=args, kwargs=kwargs, out=_first(out)), with_kwargs=True)
+        try:
+            run_layer(visit.layer, stream.inputs[:1], visit.device, visit.offload)
+        finally:
+            handle.remove()
+    for key, outcome in outcomes.items():
+        if outcome.module is not None:
+            visit.replace(key, outcome.module)
+    if not captured:
+        return None
+    after = visit.module(name) if name else visit.layer
+    new = _first(after(*captured["args"], **captured["kwargs"]))
+    return relative_error(captured["out"].float(), new.float())
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (packed integers included)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def log_entry(step: StepPlan, name: str, target: Target | None, outcome: Outcome, seconds: float,
+              group_error: float | None = None) -> dict[str, Any]:
+    shape = list(target.weight.shape) if target is not None else None
+    entry: dict[str, Any] = {"name": name, "step": step.index, "method": step.method, "shape": shape,
+                             "params_before": _params(target.module) if target is not None else None}
+    if outcome.module is None:
+        entry.update(kind="dense", params_after=entry["params_before"], rank=None, note=outcome.note or "kept dense")
+    else:
+        entry.update(kind=getattr(outcome.module, "kind", type(outcome.module).__name__), rank=outcome.rank,
+                     params_after=_params(outcome.module), bytes_after=_bytes(outcome.module))
+        entry.update(_errors(target, outcome.module) if group_error is None and target is not None
+                     else {"rel_error": None, "rel_group_output_error": group_error})
+        if outcome.note:
+            entry["note"] = outcome.note
+    entry.update(outcome.extra)
+    entry["seconds"] = round(seconds, 4)
+    return entry
+
+
+def _errors(target: Target, module: nn.Module) -> dict[str, float | None]:
+    approx = effective_weight(module).float()
+    if tuple(approx.shape) != tuple(target.original.shape):
+        return {"rel_error": None, "rel_output_error": None}
+    gram = target.stats.gram if target.stats is not None else None
+    return {"rel_error": relative_error(target.original, approx),
+            "rel_output_error": None if gram is None else relative_error(target.original, approx,
+                                                                         gram.to(approx.device))}

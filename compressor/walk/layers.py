@@ -1,0 +1,217 @@
+"""The layer walk: the one loop in the package that moves calibration data through the decoder layers.
+
+``for visit in walk(model, streams, device=..., propagate=...)``: the first decoder layer's inputs are
+captured once per calibration stream (a pre-hook with kwargs, so attention masks and rotary embeddings
+come along); each layer is then moved to the compute device and handed to the caller as a ``Visit``,
+which runs it (``forward``, optionally under a statistics ``Collector``) and swaps modules in it
+(``replace``, the only place a module is swapped). When the caller is done with a layer, the walk
+computes the next layer's inputs and moves the layer back to ``offload``:
+
+- ``propagate: compressed`` (GPTQ's sequential convention): the outputs of the layer as it now is
+  (re-run only if a module changed since the stream's last forward);
+- ``propagate: original`` (SVD-LLM's profiling): the outputs of the layer before anything in it changed
+  (run before the first replacement if no forward had run yet).
+
+Every pass uses it: the compression walk, statistics of the original model for model-level rules,
+CURing's layer selection; a streaming loader or a distributed rank only changes where layers come from
+and where outputs go. Only the current decoder layer sits on the compute device; hidden states between
+layers are kept on ``offload`` (CPU by default).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..model.targets import decoder_layers
+from ..stats.hooks import Collector
+
+DEFAULT_STREAM = "default"
+
+
+class StopForward(Exception):
+    """Raised by the layer-0 pre-hook once its inputs are captured."""
+
+
+@dataclass
+class LayerInput:
+    hidden: Tensor  # (batch, seq, hidden), on the offload device
+    args: tuple  # positional arguments after the hidden states (GPT-2 passes some)
+    kwargs: dict[str, Any]  # attention mask, position embeddings, ...
+
+
+@dataclass
+class Stream:
+    """One calibration set at the current layer."""
+
+    inputs: list[LayerInput]  # this layer's inputs, one per batch
+    outputs: list[Tensor] | None = None  # outputs of the layer's latest forward
+    original: list[Tensor] | None = None  # outputs of the layer before anything in it changed
+    stale: bool = False  # a module changed since ``outputs`` were computed
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+@contextmanager
+def calibration_mode(model: nn.Module) -> Iterator[None]:
+    """no_grad, eval mode, no KV cache; everything restored on exit."""
+    was_training, config = model.training, getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    model.eval()
+    if config is not None:
+        config.use_cache = False
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+        if config is not None:
+            config.use_cache = use_cache
+
+
+def outside_layers(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
+    """The largest submodules that do not contain the decoder stack (embeddings, rotary, norm, head)."""
+
+    def visit(module: nn.Module) -> list[nn.Module]:
+        if module is layers:
+            return []
+        if not any(sub is layers for sub in module.modules()):
+            return [module]
+        return [found for child in module.children() for found in visit(child)]
+
+    return visit(model)
+
+
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor], device: torch.device,
+                   offload: torch.device) -> list[LayerInput]:
+    """Run the model up to layer 0 for each batch (token ids (b, seq)); keep its inputs and kwargs."""
+    captured: list[LayerInput] = []
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
+        captured.append(LayerInput(args[0].to(offload), args[1:], kwargs))
+        raise StopForward
+
+    handle = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    moved = outside_layers(model, layers)
+    for module in moved:
+        module.to(device)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(device))
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+        for module in moved:
+            module.to(offload)
+    return captured
+
+
+def run_layer(layer: nn.Module, inputs: list[LayerInput], device: torch.device,
+              offload: torch.device) -> list[Tensor]:
+    """The layer's outputs (on offload) for every captured input."""
+    outputs = []
+    for item in inputs:
+        out = layer(item.hidden.to(device), *to_device(item.args, device), **to_device(item.kwargs, device))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        outputs.append(out.to(offload))
+    return outputs
+
+
+class Visit:
+    """One decoder layer on the compute device, with every stream's inputs at it."""
+
+    def __init__(self, index: int, n_layers: int, prefix: str, layer: nn.Module, streams: dict[str, Stream],
+                 device: torch.device, offload: torch.device, propagate: str) -> None:
+        self.index, self.n_layers, self.prefix, self.layer = index, n_layers, prefix, layer
+        self.streams, self.device, self.offload, self.propagate = streams, device, offload, propagate
+        self.modified = False
+
+    def module(self, name: str) -> nn.Module:
+        """A module of this layer by its fully qualified name."""
+        return self.layer.get_submodule(self.relative(name))
+
+    def relative(self, name: str) -> str:
+        return name[len(self.prefix) + 1:] if name != self.prefix else ""
+
+    def forward(self, stream: str = DEFAULT_STREAM, collector: Collector | None = None) -> list[Tensor]:
+        """Run the layer on one stream's inputs (statistics into ``collector``); its outputs (on offload)."""
+        state = self.streams[stream]
+        if collector is None:
+            state.outputs = run_layer(self.layer, state.inputs, self.device, self.offload)
+        else:
+            with collector:
+                state.outputs = run_layer(self.layer, state.inputs, self.device, self.offload)
+        state.stale = False
+        if not self.modified:
+            state.original = state.outputs
+        return state.outputs
+
+    def replace(self, name: str, module: nn.Module) -> None:
+        """Swap the module ``name`` of this layer for ``module`` (the only place modules are swapped)."""
+        if self.propagate == "original" and not self.modified:
+            for stream, state in self.streams.items():
+                if state.original is None:  # the original outputs, before the layer first changes
+                    self.forward(stream)
+        module.to(self.device)
+        self.layer.set_submodule(self.relative(name), module)
+        self.modified = True
+        for state in self.streams.values():
+            state.stale = True
+
+    def next_inputs(self) -> dict[str, list[LayerInput]]:
+        """Every stream's inputs of the next layer, by the ``propagate`` rule."""
+        following = {}
+        for stream, state in self.streams.items():
+            if self.propagate == "original" and state.original is not None:
+                hidden = state.original
+            elif state.outputs is None or state.stale:
+                hidden = self.forward(stream)
+            else:
+                hidden = state.outputs
+            following[stream] = [LayerInput(h, item.args, item.kwargs) for h, item in zip(hidden, state.inputs)]
+        return following
+
+
+def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: torch.device,
+         propagate: str = "compressed", offload: torch.device | None = None,
+         last_layer: int | None = None, seconds: dict[str, float] | None = None) -> Iterator[Visit]:
+    """Visit decoder layers 0 … ``last_layer`` (default: all) in order, each on ``device`` in turn.
+
+    ``streams``: stream name → token ids (batch, seq) of a calibration set; None or {} for a data-free
+    walk (no forward passes; a visit then only swaps modules). Layers after ``last_layer`` never run.
+    ``seconds`` (if given) gets the time of the input capture and of the propagation between layers.
+    """
+    offload = offload or torch.device("cpu")
+    prefix, layers = decoder_layers(model)
+    last = len(layers) - 1 if last_layer is None else last_layer
+    seconds = seconds if seconds is not None else {}
+    with calibration_mode(model):
+        start = time.perf_counter()
+        inputs = {name: capture_inputs(model, layers, batches, device, offload)
+                  for name, batches in sorted((streams or {}).items())}
+        seconds["capture"] = seconds.get("capture", 0.0) + time.perf_counter() - start
+        for index in range(last + 1):
+            layer = layers[index].to(device)
+            visit = Visit(index, len(layers), f"{prefix}.{index}", layer,
+                          {name: Stream(items) for name, items in inputs.items()}, device, offload, propagate)
+            yield visit
+            start = time.perf_counter()
+            inputs = visit.next_inputs() if index < last else {}  # the last visited layer's outputs go nowhere
+            seconds["propagation"] = seconds.get("propagation", 0.0) + time.perf_counter() - start
+            layers[index].to(offload)
