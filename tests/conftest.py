@@ -94,7 +94,7 @@ def small_text(tmp_path_factory) -> str:
 
 def small_recipe(data: dict, text: str):
     """A recipe mapping with the small calibration on the local file ``text`` (the ``small_text`` fixture)."""
-    from compressor import recipe as recipes
+    from compressor.plan import recipe as recipes
 
     for assignment in (*SMALL_CALIBRATION, f"calibration.dataset={text}"):
         data = recipes.apply_override(data, assignment)
@@ -178,3 +178,21 @@ def llama(vocab_size):
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def run_steps(model, steps: list[dict], batches=None, *, propagate: str = "compressed",
+              statistics: str = "per_step", device: str = "cpu"):
+    """Compile ``steps`` (recipe step mappings: method, config, targets, ignore) against ``model`` and run
+    the compression pass in place on ``batches`` (token ids (b, seq), the default stream) or data-free.
+    Returns the walk's report, with the compiled plan as ``report.plan`` (``report.plan.steps[i].compressor``)."""
+    from compressor.plan import recipe as recipes
+    from compressor.plan.compile import compile_plan
+    from compressor.walk.compress import compress_model
+    from compressor.walk.layers import DEFAULT_STREAM
+
+    recipe = recipes.parse({"propagate": propagate, "statistics": statistics, "steps": steps})
+    plan = compile_plan(recipe, model)
+    report = compress_model(model, plan, {DEFAULT_STREAM: batches} if batches is not None else {},
+                            device=torch.device(device))
+    report.plan = plan
+    return report

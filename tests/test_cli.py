@@ -209,8 +209,35 @@ def test_unexpected_exception_is_one_line(tmp_path, model_dirs, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("something broke\nsecond line")
 
-    monkeypatch.setattr(compressor.api.pipeline, "walk", boom)
+    monkeypatch.setattr(compressor.api, "compress_model", boom)
     monkeypatch.delenv("COMPRESSOR_DEBUG", raising=False)
     out = tmp_path / "out"
     check_error(invoke(*compress_args(model_dirs["gpt2"], out, "--set", "lord.whiten=none")), out,
                 "RuntimeError: something broke", "COMPRESSOR_DEBUG")
+
+
+def test_checkout_cli_runs_without_the_package_installed(tmp_path):
+    """``python cli.py`` from a checkout finds compressor.calibration and compressor.recipes although only
+    the installer maps them into the package (the editable install's finder is removed here)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = tmp_path / "no_install.py"
+    script.write_text(
+        "import runpy, sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]\n"
+        "sys.path[:] = [p for p in sys.path if '__editable__' not in p]\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "sys.argv = ['cli.py', *sys.argv[1:]]\n"
+        f"runpy.run_path({str(root / 'cli.py')!r}, run_name='__main__')\n")
+    missing = tmp_path / "missing"
+    run = subprocess.run([sys.executable, str(script), "eval", str(missing)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert run.returncode == 1 and f"error: model not found: {missing}" in run.stderr, run.stderr
+    run = subprocess.run([sys.executable, "-c", "import sys; sys.meta_path[:] = [f for f in sys.meta_path if "
+                          "'editable' not in type(f).__module__.lower()]; sys.path.insert(0, sys.argv[1]); "
+                          "from compressor.plan.recipe import shipped; print(sorted(shipped()))", str(root)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert "'lord'" in run.stdout, run.stderr
