@@ -11,7 +11,7 @@ weight is read) and three methods:
   (``ModelView``: the weights, the targets' shapes, the calibration batches, walks over the original
   model). Returns a ``Decision``: a JSON-able record written to compression.json (solved ratios,
   per-module ranks, chosen layers, τ) and optionally the subset of targets to compress.
-- ``compress(group, ctx)``: turn one ``Group`` (one linear, or the named roles of an MLP or attention
+- ``compress(group, ctx)`` (``LinearCompressor.compress_linear(target, ctx)`` for one-linear methods): turn one ``Group`` (one linear, or the named roles of an MLP or attention
   block of one decoder layer) into replacements: name → ``Outcome`` (a module of any shape, or None to
   keep). Keys are member names or the block's name (a replacement for the whole block).
 
@@ -169,4 +169,15 @@ class Compressor:
         return None
 
     def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
+        raise NotImplementedError
+
+
+class LinearCompressor(Compressor):
+    """A compressor of one linear at a time (``group: linear``): implement ``compress_linear``."""
+
+    def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
+        target = group.target
+        return {target.name: self.compress_linear(target, ctx)}
+
+    def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         raise NotImplementedError

@@ -56,7 +56,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..contract import Compressor, Decision, Group, LayerContext, ModelView, Outcome, Target
+from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
 from ..kernels import linalg
 from ..kernels.linalg import symmetric_sqrt
@@ -314,7 +314,7 @@ def score_kinds(score: str) -> frozenset[str]:
             "covariance": frozenset({"gram"}), "weight": frozenset()}[score]
 
 
-class CURing(Compressor):
+class CURing(LinearCompressor):
     name = "curing"
     Config = CURingConfig
     summary = "CUR (actual rows and columns by DEIM) of the layers whose hidden state changes least"
@@ -358,10 +358,6 @@ class CURing(Compressor):
         keep = [name for i in self.selected for name in by_layer.get(i, [])]
         self.selection_stats = {k: v for k, v in self.selection_stats.items() if k in set(keep)}
         return Decision({"layers": self.selected, "distances": self.distances}, targets=keep)
-
-    def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
-        target = group.target
-        return {target.name: self.compress_linear(target, ctx)}
 
     def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         config = self.config

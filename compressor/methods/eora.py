@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..contract import Compressor, Group, LayerContext, Outcome, Target
+from ..contract import LayerContext, LinearCompressor, Outcome, Target
 from ..kernels import linalg
 from ..model.modules import CompensatedLinear, LowRankLinear
 from ..plan.configs import field
@@ -72,7 +72,7 @@ def eora_factors(residual: Tensor, rank: int, gram: Tensor | None, cutoff: float
     return up, down
 
 
-class EoRA(Compressor):
+class EoRA(LinearCompressor):
     name = "eora"
     Config = EoRAConfig
     summary = "low-rank compensation of an earlier step's error: eigen (EoRA) | weight (plain SVD of ΔW)"
@@ -80,10 +80,6 @@ class EoRA(Compressor):
 
     def requests(self) -> tuple[Request, ...]:
         return inputs("gram") if self.config.space == "eigen" else ()
-
-    def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
-        target = group.target  # q/k/v, gate/up: one eigendecomposition of their Gram (ctx.per_input)
-        return {target.name: self.compress_linear(target, ctx)}
 
     def _whitening(self, target: Target) -> linalg.Whitening:
         if self.config.space == "weight":

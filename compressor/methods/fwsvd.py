@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..contract import Compressor, Decision, Group, LayerContext, ModelView, Outcome, Target
+from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
 from ..kernels import linalg
 from ..model.modules import LowRankLinear
@@ -103,7 +103,7 @@ def weighted_error(weight: Tensor, approx: Tensor, scale: Tensor, axis: Axis) ->
     return float((delta * (scale[None, :] if axis == "in" else scale[:, None])).norm())
 
 
-class FWSVD(Compressor):
+class FWSVD(LinearCompressor):
     name = "fwsvd"
     Config = FWSVDConfig
     summary = "Fisher-weighted SVD: per-column (or row) Fisher weights from a cached gradient pass"
@@ -132,10 +132,6 @@ class FWSVD(Compressor):
             self.scales[name] = fisher_scale(importance, self.config.eps)
         record["fisher_cache"] = "hit" if self.fisher_info.get("hit") else "computed"
         return Decision(record)
-
-    def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
-        target = group.target
-        return {target.name: self.compress_linear(target, ctx)}
 
     def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         m, n = target.weight.shape

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..contract import Compressor, Decision, Group, LayerContext, ModelView, Outcome, Target
+from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..kernels import linalg
 from ..model.modules import LowRankLinear
 from ..plan.configs import field
@@ -52,7 +52,7 @@ def lord_factors(weight: torch.Tensor, rank: int, whitening: linalg.Whitening, s
     return up, down
 
 
-class LoRD(Compressor):
+class LoRD(LinearCompressor):
     name = "lord"
     Config = LoRDConfig
     summary = "truncated SVD of each linear; whiten none | activation (ASVD) | gram (SVD-LLM)"
@@ -95,10 +95,6 @@ class LoRD(Compressor):
         if self.config.whiten == "gram":
             return linalg.from_gram(stats.gram, self.config.gram_root)
         return linalg.identity()
-
-    def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
-        target = group.target
-        return {target.name: self.compress_linear(target, ctx)}
 
     def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         m, n = target.weight.shape

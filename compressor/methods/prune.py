@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..contract import Compressor, Group, LayerContext, Outcome, Target
+from ..contract import LayerContext, LinearCompressor, Outcome, Target
 from ..kernels.hessian import hessian, inverse_hessian_factor
 from ..model.modules import dense_module
 from ..plan.configs import field
@@ -132,7 +132,7 @@ def sparsegpt(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, n_m: tuple[int,
     return w
 
 
-class Prune(Compressor):
+class Prune(LinearCompressor):
     name = "prune"
     Config = PruneConfig
     summary = "pruning to N:M (2:4) or unstructured sparsity: wanda | sparsegpt (kept dense, zeros stored)"
@@ -146,8 +146,8 @@ class Prune(Compressor):
         return inverse_hessian_factor(hessian(target.stats.gram, target.stats.n_tokens).to(target.weight.device),
                                       self.config.damp)
 
-    def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
-        cfg, target = self.config, group.target
+    def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
+        cfg = self.config
         if cfg.algorithm == "wanda":
             mask = wanda_mask(target.weight, target.stats.sq_norm, cfg.n_m, cfg.sparsity)
             pruned = target.weight.masked_fill(mask, 0.0)
@@ -156,4 +156,4 @@ class Prune(Compressor):
                                cfg.block_size)
         module = dense_module(pruned.to(ctx.dtype), target.bias, target.dense_class)
         zeros = float((pruned == 0).float().mean())
-        return {target.name: Outcome(module, note=f"{zeros:.1%} zeros", extra={"sparsity": round(zeros, 4)})}
+        return Outcome(module, note=f"{zeros:.1%} zeros", extra={"sparsity": round(zeros, 4)})

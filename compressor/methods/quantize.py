@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..contract import Compressor, Group, LayerContext, Outcome, Target
+from ..contract import LayerContext, LinearCompressor, Outcome, Target
 from ..kernels import quant
 from ..kernels.hessian import hessian, inverse_hessian_factor
 from ..model.modules import QuantizedLinear
@@ -110,7 +110,7 @@ def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric
     return q, scale, zero_point
 
 
-class Quantize(Compressor):
+class Quantize(LinearCompressor):
     name = "quantize"
     Config = QuantizeConfig
     summary = "integer weight quantization, packed: rtn | gptq; 2-8 bits, groups, (a)symmetric"
@@ -118,11 +118,6 @@ class Quantize(Compressor):
 
     def requests(self) -> tuple[Request, ...]:
         return inputs("gram") if self.config.algorithm == "gptq" else ()
-
-    def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
-        target = group.target  # q/k/v share one Hessian factor (ctx.per_input)
-        factor = ctx.per_input(self, target, self._factor) if self.config.algorithm == "gptq" else None
-        return {target.name: self.compress_linear(target, ctx, factor)}
 
     def _factor(self, target: Target) -> tuple[Tensor, Tensor, Tensor | None]:
         h = hessian(target.stats.gram, target.stats.n_tokens).to(target.weight.device)
@@ -135,11 +130,10 @@ class Quantize(Compressor):
             dead = dead[torch.argsort(perm)]  # back to the natural column order
         return upper, dead, perm
 
-    def compress_linear(self, target: Target, ctx: LayerContext, factor: tuple | None = None) -> Outcome:
+    def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         cfg = self.config
         if cfg.algorithm == "gptq":
-            factor = factor or self._factor(target)
-            upper, dead, perm = factor
+            upper, dead, perm = ctx.per_input(self, target, self._factor)  # q/k/v share one Hessian factor
             q, scale, zero_point = gptq(target.weight, upper, dead, cfg.bits, cfg.symmetric, cfg.group_size,
                                         perm, cfg.block_size, ctx.dtype)
         else:

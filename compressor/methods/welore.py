@@ -36,7 +36,7 @@ from typing import Literal
 
 import torch
 
-from ..contract import Compressor, Decision, Group, LayerContext, ModelView, Outcome
+from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
 from ..kernels import linalg
 from ..model.modules import LowRankLinear
@@ -80,7 +80,7 @@ def welore_factors(weight: torch.Tensor, rank: int, svd_dtype: torch.dtype) -> t
     return up, down
 
 
-class WeLore(Compressor):
+class WeLore(LinearCompressor):
     name = "welore"
     Config = WeLoreConfig
     summary = "data-free non-uniform ranks: one threshold on the normalised spectra; LRC factorised, N-LRC dense"
@@ -105,14 +105,13 @@ class WeLore(Compressor):
             self.plan_ = welore_rule.solve(spectra, view.shapes, min_ratio=c.min_ratio, guard=c.guard, **budget)
         return Decision(self.plan_.record())
 
-    def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
-        target = group.target
+    def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         if self.plan_ is None:
             raise CompressorError("welore has no plan; run it through the pipeline")
         allocation = self.plan_.allocations[target.name]
         extra, note = allocation.extra(self.plan_.tau), allocation.note(self.plan_.tau)
         if not allocation.lrc:
-            return {target.name: Outcome(None, note=note, extra=extra)}
+            return Outcome(None, note=note, extra=extra)
         up, down = welore_factors(target.weight, allocation.rank, self.dtype)
         module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
-        return {target.name: Outcome(module, rank=allocation.rank, note=note, extra=extra)}
+        return Outcome(module, rank=allocation.rank, note=note, extra=extra)

@@ -123,7 +123,7 @@ def describe(model: nn.Module) -> Architecture:
     recognizable decoder stack, attention or MLP."""
     model_name = type(model).__name__
     config = _text_config(model)
-    layers_path, layers = _decoder_layers(model, config)
+    layers_path, layers = decoder_layers(model)
     layer = layers[0]
     attention, fused_qkv = _find_attention(layer, model_name)
     mlp = _find_mlp(layer, attention.path, model_name)
@@ -173,8 +173,11 @@ def _head_geometry(config, model_name: str) -> tuple[int, int, int, int]:
     return hidden_size, n_heads, n_kv_heads, head_dim
 
 
-def _decoder_layers(model: nn.Module, config) -> tuple[str, nn.ModuleList]:
-    """(path, layers) of the decoder stack: a known path, else the ModuleList of the config's layer count."""
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(path, layers) of the decoder stack, e.g. ("model.layers", ModuleList of 30): a known path
+    (Llama/Qwen2/Mistral ``model.layers``, OPT ``model.decoder.layers``, GPT-2 ``transformer.h``), else the
+    ``nn.ModuleList`` whose length is the config's layer count."""
+    config = _text_config(model)
     for path in _KNOWN_LAYER_PATHS:
         try:
             layers = model.get_submodule(path)

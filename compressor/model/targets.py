@@ -1,9 +1,5 @@
-"""Architecture facts found from the model itself: where the decoder layers are, which linears
-they hold, and which of those a recipe step targets.
-
-No per-architecture driver: the decoder stack is the ``nn.ModuleList`` whose length is the config's
-layer count (Llama/Qwen2/Mistral ``model.layers``, OPT ``model.decoder.layers``, GPT-2
-``transformer.h``), and linears are ``nn.Linear`` or GPT-2's ``Conv1D``.
+"""Which linears a recipe step targets: every linear inside the decoder stack (``architecture.decoder_layers``),
+dense (``nn.Linear``, GPT-2's ``Conv1D``) or already compressed, matched by name suffixes or ``re:`` regexes.
 """
 
 from __future__ import annotations
@@ -12,26 +8,8 @@ import re
 
 from torch import nn
 
-from ..errors import CompressorError
+from .architecture import decoder_layers
 from .modules import LINEAR_TYPES, MODULE_KINDS
-
-_KNOWN_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "model.language_model.layers", "gpt_neox.layers")
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(prefix, layers): the decoder stack, e.g. ("model.layers", ModuleList of 30)."""
-    for path in _KNOWN_PATHS:
-        try:
-            layers = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(layers, nn.ModuleList):
-            return path, layers
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers and n_layers:
-            return name, module
-    raise CompressorError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
 def is_linear(module: nn.Module) -> bool:
