@@ -73,7 +73,8 @@ def run_plan(model: torch.nn.Module, plan: Plan, batches: dict[str, list[torch.T
 
 def manifest_of(model_spec: str, recipe_name: str, plan: Plan, dtype: str, before: dict[str, int],
                 model: torch.nn.Module, report: Report) -> dict[str, Any]:
-    return {"base_model": model_spec, "recipe_source": recipe_name, "recipe": plan.to_dict(), "dtype": dtype,
+    return {"base_model": model_spec, "recipe_source": recipe_name, "recipe": plan.applied_recipe(),
+            "plan": plan.decisions(), "dtype": dtype,
             "params_before": before["params"], "params_after": models.parameter_count(model),
             "bytes_before": before["bytes"], "reduction": reduction(report.log), "bytes_after": tensor_bytes(model)}
 

@@ -104,7 +104,8 @@ class LayerContext:
         """``compute(target)`` memoized on the target's input within this layer: modules that read the same
         input (q/k/v, gate/up) share one statistics object, so a Hessian factor or an eigendecomposition of
         their Gram is computed once for all of them."""
-        key = (id(owner), compute.__name__, id(target.stats))
+        shared_by = id(target.stats) if target.stats is not None else target.name  # no statistics: its own
+        key = (id(owner), compute.__name__, shared_by)
         if key not in self.memo:  # the statistics are kept alive with the value, so no id is reused
             self.memo[key] = (target.stats, compute(target))
         return self.memo[key][1]

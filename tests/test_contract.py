@@ -87,7 +87,7 @@ def test_shape_changing_group_compresses_saves_and_reloads(arch, halve, model_di
     down = f"{layer_path}.1.{'mlp.down_proj' if arch == 'llama' else 'fc2'}"
     assert manifest["modules"][down] == {"kind": "dense", "in_features": 64, "out_features": 64,
                                          "bias": arch == "opt", "dense_class": "Linear"}
-    assert manifest["recipe"]["steps"][0]["decision"] == {"groups_seen": 2}
+    assert manifest["plan"][0]["decision"] == {"groups_seen": 2}
     log = [json.loads(line) for line in (tmp_path / "out" / io.LOG).read_text().splitlines()]
     assert len(log) == 2 * (3 if arch == "llama" else 2)
     errors = [e["rel_group_output_error"] for e in log]
@@ -126,15 +126,18 @@ def test_plan_fails_before_any_weight_is_read(model_dirs, small, tmp_path, monke
 def test_manifest_records_decisions(model_dirs, small, tmp_path):
     recipe = recipes.load("lord", [*small, "lord.ratio=null", "lord.model_ratio=0.05"])
     api.compress(str(model_dirs["llama"]), recipe, tmp_path / "out", progress=False)
-    step = io.read_manifest(tmp_path / "out")["recipe"]["steps"][0]
+    manifest = io.read_manifest(tmp_path / "out")
+    step = manifest["plan"][0]
     decision = step["decision"]
+    assert recipes.parse(manifest["recipe"]).steps[0].config["model_ratio"] == 0.05  # parses back
     assert decision["rank_rule"] == "uniform" and decision["rule"] == "model_ratio"
     assert 0 < decision["solved_ratio"] < 1
     log = [json.loads(line) for line in (tmp_path / "out" / io.LOG).read_text().splitlines()]
     assert decision["ranks"] == {e["name"]: e["rank"] for e in log if e["rank"] is not None} | {
         e["name"]: decision["ranks"][e["name"]] for e in log if e["rank"] is None}
-    assert len(decision["ranks"]) == 14 and step["resolved"] == {"targets": 14, "groups": 14, "group": "linear",
-                                                                  "stream": "default"}
+    assert len(decision["ranks"]) == 14
+    assert {k: step[k] for k in ("targets", "groups", "group", "stream")} == {
+        "targets": 14, "groups": 14, "group": "linear", "stream": "default"}
 
 
 def test_block_replacement_swaps_the_whole_block(monkeypatch, llama, batches, ids):

@@ -12,9 +12,12 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from compressor import io, pipeline, registry  # noqa: E402
+from compressor import io, registry  # noqa: E402
+from compressor.kernels.linalg import symmetric_sqrt  # noqa: E402
 from compressor.methods import curing  # noqa: E402
-from compressor.modules import CURLinear, merge  # noqa: E402
+from compressor.model.modules import CURLinear, merge  # noqa: E402
+from compressor.stats.accumulators import TensorStats  # noqa: E402
+from conftest import run_steps  # noqa: E402
 
 TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj"]
 
@@ -57,11 +60,10 @@ def batches(seed: int = 0) -> list[torch.Tensor]:
 
 
 def run(model, config: dict, targets=TARGETS, propagate: str = "compressed"):
-    compressor = registry.create("curing", config)
-    data = batches() if compressor.needs_calibration else None
-    report = pipeline.walk(model, [pipeline.Step(compressor, targets, [])], data, device=torch.device("cpu"),
-                           propagate=propagate)
-    return compressor, report
+    data = batches() if registry.create("curing", config).uses_data else None
+    report = run_steps(model, [{"method": "curing", "config": config, "targets": targets}], data,
+                       propagate=propagate)
+    return report.plan.steps[0].compressor, report
 
 
 # ------------------------------------------------------------------------------------------------------- DEIM
@@ -110,7 +112,7 @@ def test_cur_of_exact_rank_matrix_reconstructs_it(score, method):
     m, n, r = 48, 36, 5
     weight = exact_rank(m, n, r, seed=1)
     x = torch.randn(200, n, dtype=torch.float64)
-    stats = curing.LinearStats(n_tokens=200, gram=x.T @ x, sq_sum=x.square().sum(0))
+    stats = TensorStats(n_tokens=200, gram=x.T @ x, sq_sum=x.square().sum(0))
     rms, root = curing.activation_scales(stats, score)
     scores = curing.score_matrix(weight, score, rms, root)
     left, right = curing.singular_vectors(scores, r, method, seed=0)
@@ -125,7 +127,7 @@ def test_weighted_link_minimises_output_error():
     """U = C⁺ (W D)(R D)⁺ is the least-squares link under D: perturbing it never lowers ‖(W − CUR) D‖."""
     weight = torch.randn(30, 20, dtype=torch.float64)
     rows, cols = torch.arange(6), torch.arange(6)
-    root = curing.symmetric_sqrt(torch.cov(torch.randn(20, 100, dtype=torch.float64)) + 0.1 * torch.eye(20))
+    root = symmetric_sqrt(torch.cov(torch.randn(20, 100, dtype=torch.float64)) + 0.1 * torch.eye(20))
     C, U, R = curing.cur_factors(weight, rows, cols, root)
     best = ((weight - C @ U @ R) @ root).norm()
     for _ in range(5):
@@ -258,7 +260,7 @@ def test_compressor_variants(config):
     assert all(e["params_after"] <= e["params_before"] for e in report.log)
     assert any(e["kind"] == "cur" for e in report.log)
     if config.get("layer_selection") == "last":
-        assert compressor.selected == [3, 4] and not compressor.needs_calibration
+        assert compressor.selected == [3, 4] and not compressor.uses_data
 
 
 def test_matrix_that_would_grow_stays_dense():

@@ -6,10 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor import api, io, pipeline, quant, recipe as recipes
+from compressor import api, io
+from compressor.kernels import quant
 from compressor.methods.eora import EoRAConfig, eora_factors
-from compressor.modules import CompensatedLinear, LowRankLinear, QuantizedLinear
-from compressor.stats import StatsCollector
+from compressor.model.modules import CompensatedLinear, LowRankLinear, QuantizedLinear
+from compressor.plan import recipe as recipes
+from compressor.plan.compile import compile_plan, stream_name
+from compressor.stats.hooks import Collector, Watch
+from compressor.walk import layers as walk_layers
+from compressor.walk.compress import compress_model
+from compressor.walk.layers import DEFAULT_STREAM
 
 from conftest import logits, small_recipe
 from test_quantize import correlated_inputs, output_error
@@ -101,6 +107,16 @@ def test_compensated_module_forward_and_reload():
     assert torch.equal(again(x), dense_base(x))
 
 
+def input_grams(model: torch.nn.Module, names, batches) -> dict[str, torch.Tensor]:
+    """name → Gram of the linear's input over ``batches``, from plain forwards of the whole model."""
+    linears = {n: m for n, m in model.named_modules() if n in names}
+    watches = [Watch(name, module, "input", frozenset({"gram"})) for name, module in linears.items()]
+    with torch.no_grad(), Collector(watches) as collector:
+        for batch in batches:
+            model(input_ids=batch, use_cache=False)
+    return {name: stats.gram for (name, _), stats in collector.result().items()}
+
+
 def chain(text: str, space: str = "eigen", rank: int = 8, statistics: str = "once",
           algorithm: str = "rtn") -> recipes.Recipe:
     return small_recipe({"propagate": "original", "statistics": statistics, "steps": [
@@ -136,13 +152,13 @@ def test_compensation_reduces_the_logged_output_error(tmp_path, model_dirs, smal
 
 def test_statistics_once_is_one_pass_per_layer(monkeypatch, model_dirs, small_text, tmp_path):
     calls = []
-    original_run_layer = pipeline.run_layer
+    original_run_layer = walk_layers.run_layer  # what every Visit.forward calls
 
     def counting(layer, *args, **kwargs):
         calls.append(layer)
         return original_run_layer(layer, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "run_layer", counting)
+    monkeypatch.setattr(walk_layers, "run_layer", counting)
     for statistics, per_layer in (("once", 1), ("per_step", 2)):
         calls.clear()
         api.compress(str(model_dirs["llama"]), chain(small_text, statistics=statistics, algorithm="gptq"),
@@ -150,42 +166,38 @@ def test_statistics_once_is_one_pass_per_layer(monkeypatch, model_dirs, small_te
         assert len(calls) == 2 * per_layer  # 2 layers; propagate: original reuses the first pass's outputs
 
 
-def test_statistics_once_gives_eora_the_original_layers_gram(model_dirs, small_text):
+def test_statistics_once_gives_eora_the_original_layers_gram(model_dirs, small_text, monkeypatch):
     """With ``once`` the EoRA step sees the same Gram as a lone EoRA-less pass on the original model."""
-    from compressor import models
+    from compressor.model import loading as models
     from compressor.calibration import calibration_windows
     from compressor.methods.eora import EoRA
 
     seen = {}
     original_compress = EoRA.compress
 
-    def spy(self, target, ctx, *shared):
-        seen[target.name] = target.stats.gram.clone()
-        return original_compress(self, target, ctx, *shared)
+    def spy(self, group, ctx):
+        seen[group.target.name] = group.target.stats.gram.clone()
+        return original_compress(self, group, ctx)
 
     model, tokenizer = models.load(str(model_dirs["llama"]))
     windows = calibration_windows(small_text, tokenizer, 4, 32, 0)
-    recipe = chain(small_text)
-    steps = api.build_steps(recipe)
-    EoRA.compress = spy
-    try:
-        pipeline.walk(model, steps, list(windows.split(2)), device=torch.device("cpu"), propagate="original",
-                      statistics="once")
-    finally:
-        EoRA.compress = original_compress
+    recipe = chain(small_text)  # propagate: original, statistics: once
+    plan = compile_plan(recipe, model)
+    monkeypatch.setattr(EoRA, "compress", spy)
+    compress_model(model, plan, {DEFAULT_STREAM: list(windows.split(2))}, device=torch.device("cpu"))
+    monkeypatch.undo()
+    assert seen
     reference, _ = models.load(str(model_dirs["llama"]))
-    linears = {n: m for n, m in reference.named_modules() if n in seen}
-    with torch.no_grad(), StatsCollector(linears, frozenset({"gram"})) as collector:
-        for batch in windows.split(2):
-            reference(input_ids=batch, use_cache=False)
-    for name, stats in collector.result().items():
-        torch.testing.assert_close(seen[name], stats.gram, rtol=1e-4, atol=1e-3)
+    grams = input_grams(reference, seen, windows.split(2))
+    assert set(grams) == set(seen)
+    for name, gram in grams.items():
+        torch.testing.assert_close(seen[name], gram, rtol=1e-4, atol=1e-3)
 
 
 def test_eora_calibrates_on_its_own_dataset(model_dirs, tmp_path, small_text):
     """A step's ``calibration`` gives it its own stream: EoRA's Gram comes from its set, GPTQ's from the
     recipe's."""
-    from compressor import models
+    from compressor.model import loading as models
     from compressor.calibration import calibration_windows
     from compressor.methods.eora import EoRA
     from compressor.methods.quantize import Quantize
@@ -194,14 +206,15 @@ def test_eora_calibrates_on_its_own_dataset(model_dirs, tmp_path, small_text):
     task.write_text(" ".join(["The budget, the deficit and the army."] * 400))
     recipe = chain(small_text, algorithm="gptq")
     recipe.steps[1].calibration = {"dataset": str(task), "n_samples": 3}
-    assert api.stream_name(recipe, 0) == pipeline.DEFAULT_STREAM != api.stream_name(recipe, 1)
+    assert stream_name(recipe, 0) == DEFAULT_STREAM != stream_name(recipe, 1)
     seen: dict[str, dict] = {"eora": {}, "quantize": {}}
     originals = {cls: cls.compress for cls in (EoRA, Quantize)}
 
     def spy(cls, key):
-        def compress(self, target, ctx, *args):
+        def compress(self, group, ctx):
+            target = group.target
             seen[key][target.name] = (target.stats.gram.clone(), target.stats.n_tokens)
-            return originals[cls](self, target, ctx, *args)
+            return originals[cls](self, group, ctx)
         return compress
 
     EoRA.compress, Quantize.compress = spy(EoRA, "eora"), spy(Quantize, "quantize")
@@ -212,13 +225,12 @@ def test_eora_calibrates_on_its_own_dataset(model_dirs, tmp_path, small_text):
     model, tokenizer = models.load(str(model_dirs["llama"]))
     for key, text, n_samples in (("eora", str(task), 3), ("quantize", small_text, 4)):
         windows = calibration_windows(text, tokenizer, n_samples, 32, 0)
-        linears = {n: m for n, m in model.named_modules() if n in seen[key]}
-        with torch.no_grad(), StatsCollector(linears, frozenset({"gram"})) as collector:
-            for batch in windows.split(2):
-                model(input_ids=batch, use_cache=False)
-        for name, stats in collector.result().items():
+        assert seen[key]
+        grams = input_grams(model, seen[key], windows.split(2))
+        assert set(grams) == set(seen[key])
+        for name, gram in grams.items():
             assert seen[key][name][1] == n_samples * 32
-            torch.testing.assert_close(seen[key][name][0], stats.gram, rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(seen[key][name][0], gram, rtol=1e-4, atol=1e-3)
 
 
 def test_step_calibration_is_checked():
@@ -228,16 +240,16 @@ def test_step_calibration_is_checked():
         recipes.parse({"steps": [{"method": "quantize"}, {"method": "eora", "calibration": {"bogus": 1}}]})
     recipe = recipes.parse({"steps": [{"method": "quantize"},
                                       {"method": "eora", "calibration": {"seed": 0}}]})
-    assert api.stream_name(recipe, 1) == pipeline.DEFAULT_STREAM  # the same set as the recipe's: one stream
+    assert stream_name(recipe, 1) == DEFAULT_STREAM  # the same set as the recipe's: one stream
 
 
 def test_modules_reading_one_input_share_one_eigendecomposition(model_dirs, small_text, ids, monkeypatch):
     """q/k/v and gate/up read the same input: one eigh of its Gram per input serves them, and the model
     is the one per-module eigendecompositions give."""
-    from compressor import linalg, models
-    from compressor.base import Compressor
     from compressor.calibration import calibration_windows
-    from compressor.methods.eora import EoRA
+    from compressor.contract import LayerContext
+    from compressor.kernels import linalg
+    from compressor.model import loading as models
 
     calls = []
     original_eigh = linalg.eigh
@@ -251,15 +263,16 @@ def test_modules_reading_one_input_share_one_eigendecomposition(model_dirs, smal
     def walked() -> torch.nn.Module:
         model, tokenizer = models.load(str(model_dirs["llama"]))
         windows = calibration_windows(small_text, tokenizer, 4, 32, 0)
-        pipeline.walk(model, api.build_steps(chain(small_text)), list(windows.split(2)),
-                      device=torch.device("cpu"), propagate="original", statistics="once")
+        plan = compile_plan(chain(small_text), model)  # propagate: original, statistics: once
+        compress_model(model, plan, {DEFAULT_STREAM: list(windows.split(2))}, device=torch.device("cpu"))
         return model
 
     shared = walked()
     n_layers = len(shared.model.layers)
     assert len(calls) == 4 * n_layers  # per layer: the q/k/v, o, gate/up and down inputs
     calls.clear()
-    monkeypatch.setattr(EoRA, "compress_layer", Compressor.compress_layer)  # one eigh per module
+    # no memo shared between a layer's groups: one eigh per module
+    monkeypatch.setattr(LayerContext, "per_input", lambda self, owner, target, compute: compute(target))
     separate = walked()
     assert len(calls) == 7 * n_layers
     torch.testing.assert_close(logits(shared, ids), logits(separate, ids), rtol=0, atol=0)

@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
-from compressor import api, export, io, recipe as recipes
-from compressor.modules import CompensatedLinear, LowRankLinear
+from compressor import api, io
+from compressor.io import serving as export
+from compressor.plan import recipe as recipes
+from compressor.model.modules import CompensatedLinear, LowRankLinear
 
 from conftest import logits, small_recipe
 

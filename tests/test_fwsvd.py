@@ -12,13 +12,18 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from compressor import api, arch as arch_mod, fisher, linalg, pipeline, recipe as recipes, registry
+from compressor import api, registry
 from compressor.cli import app
 from compressor.errors import CompressorError
+from compressor.kernels import linalg
 from compressor.methods.fwsvd import FWSVD, axis_importance, fisher_scale, fwsvd_factors, weighted_error
 from compressor.methods.lord import lord_factors
-from compressor.modules import LowRankLinear, weight_of
-from conftest import build_model, logits
+from compressor.model import targets as arch_mod
+from compressor.model.modules import LowRankLinear, weight_of
+from compressor.plan import recipe as recipes
+from compressor.stats import fisher
+from compressor.walk import layers as walk_layers
+from conftest import build_model, logits, run_steps
 
 CPU = torch.device("cpu")
 
@@ -55,9 +60,8 @@ def direct_fisher(model, batches, names) -> dict[str, torch.Tensor]:
 
 
 def fwsvd_walk(model, batches, **config):
-    step = pipeline.Step(registry.create("fwsvd", {"checkpointing": False, **config}), [], [])
-    report = pipeline.walk(model, [step], batches, device=CPU)
-    return step.compressor, report
+    report = run_steps(model, [{"method": "fwsvd", "config": {"checkpointing": False, **config}}], batches)
+    return report.plan.steps[0].compressor, report
 
 
 # ---------------------------------------------------------------- the Fisher pass
@@ -203,7 +207,7 @@ def test_config_checks():
     with pytest.raises(CompressorError, match="set only one"):
         registry.create("fwsvd", {"ratio": 0.2, "rank": 4})
     compressor = registry.create("fwsvd", {})
-    assert isinstance(compressor, FWSVD) and compressor.needs == frozenset() and compressor.needs_calibration
+    assert isinstance(compressor, FWSVD) and compressor.requests() == () and compressor.uses_data
     assert compressor.config.axis == "in" and compressor.config.ratio == 0.2
 
 
@@ -211,7 +215,11 @@ def test_config_checks():
 
 
 @pytest.mark.parametrize("axis", ["in", "out"])
-def test_fwsvd_walk_on_every_architecture(tiny_model, arch, ids, batches, axis):
+def test_fwsvd_walk_on_every_architecture(tiny_model, arch, ids, batches, axis, monkeypatch):
+    captured = []
+    capture_inputs = walk_layers.capture_inputs
+    monkeypatch.setattr(walk_layers, "capture_inputs",
+                        lambda *args: captured.append(1) or capture_inputs(*args))
     before = logits(tiny_model, ids)
     compressor, report = fwsvd_walk(tiny_model, batches, ratio=0.2, axis=axis)
     swapped = {n: m for n, m in tiny_model.named_modules() if isinstance(m, LowRankLinear)}
@@ -221,13 +229,15 @@ def test_fwsvd_walk_on_every_architecture(tiny_model, arch, ids, batches, axis):
         assert entry["rank"] == int(0.8 * m * n / (m + n))
         assert 0 < entry["rel_fisher_error"] < 1 and entry["fisher_cache"] == "computed"
     assert compressor.scales == {}  # each scale is dropped once used
-    assert report.seconds["prepare"] > 0 and "capture" not in report.seconds  # no per-layer statistics
+    # no per-layer statistics: the layer walk carries no calibration stream, so no input capture runs
+    assert report.seconds["prepare"] > 0 and report.plan.walk_streams() == [] and not captured
+    assert report.seconds.get("statistics_forward", 0.0) == 0.0
     after = logits(tiny_model, ids)
     assert torch.isfinite(after).all() and not torch.allclose(after, before, atol=1e-4)
 
 
 def test_full_rank_fwsvd_reproduces_logits(llama, ids, batches, monkeypatch):
-    from compressor import ranks
+    from compressor.ranks import uniform as ranks
 
     monkeypatch.setattr(ranks, "saves_parameters", lambda rank, m, n: True)
     before = logits(llama, ids)

@@ -10,11 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import compressor
-from compressor import io, models
+from compressor import io
+from compressor.model import loading as models
 from compressor.api import compress
 from compressor.errors import CompressorError
 from compressor.methods.lord import LoRDConfig
-from compressor.modules import LowRankLinear
+from compressor.model.modules import LowRankLinear
 from conftest import build_model, logits
 
 LINEARS = {"llama": 14, "qwen2": 14, "mistral": 14, "opt": 12, "gpt2": 8}

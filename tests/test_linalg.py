@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor import linalg
+from compressor.kernels import linalg
 from compressor.errors import CompressorError
 
 

@@ -7,20 +7,23 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from compressor import pipeline, ranks, registry
-from compressor.modules import LowRankLinear
-from conftest import build_model, logits
+from compressor import registry
+from compressor.model.modules import LowRankLinear
+from compressor.ranks import uniform as ranks
+from compressor.walk.layers import capture_inputs
+from conftest import build_model, logits, run_steps
 
-# every linear inside the decoder layers, per layer (independent of compressor.arch)
+# every linear inside the decoder layers, per layer (independent of compressor.model.targets)
 LINEARS_PER_LAYER = {"llama": 7, "qwen2": 7, "mistral": 7, "opt": 6, "gpt2": 4}
 LAYER_PREFIX = {"llama": "model.layers", "qwen2": "model.layers", "mistral": "model.layers",
                 "opt": "model.decoder.layers", "gpt2": "transformer.h"}
 
 
 def walk(model, config: dict, batches, propagate: str = "compressed", targets=(), ignore=()):
-    step = pipeline.Step(registry.create("lord", config), list(targets), list(ignore))
-    return pipeline.walk(model, [step], batches if step.compressor.needs else None, device=torch.device("cpu"),
-                         propagate=propagate)
+    """One LoRD step over ``model`` in place (data-free when the config needs no statistics)."""
+    uses_data = registry.create("lord", config).uses_data
+    step = {"method": "lord", "config": config, "targets": list(targets), "ignore": list(ignore)}
+    return run_steps(model, [step], batches if uses_data else None, propagate=propagate)
 
 
 def decoder_linears(model, arch: str) -> dict[str, nn.Module]:
@@ -104,7 +107,8 @@ def test_propagate_original_vs_compressed(batches, vocab_size):
     for name in compressed:
         if ".layers.0." in name:  # layer 0 sees the same inputs either way
             assert torch.allclose(compressed[name], original[name], atol=1e-6), name
-    differ = [n for n in compressed if ".layers.1." in n and not torch.allclose(compressed[n], original[n], atol=1e-4)]
+    differ = [n for n in compressed
+              if ".layers.1." in n and not torch.allclose(compressed[n], original[n], atol=1e-4)]
     assert len(differ) == 7  # every linear of layer 1 was calibrated on different inputs
 
 
@@ -161,7 +165,8 @@ def test_targets_on_gpt2_conv1d(vocab_size):
     assert set(low_rank(model)) == {"transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"}
 
 
-@pytest.mark.parametrize("targets", [[], ["re:.*"], ["re:embed|lm_head|wte|wpe|embed_tokens|embed_positions"]])
+@pytest.mark.parametrize("targets", [[], ["re:.*"],
+                                     ["re:embed|lm_head|wte|wpe|embed_tokens|embed_positions"]])
 def test_embeddings_and_head_are_never_touched(tiny_model, arch, batches, targets):
     outside = {name: p.detach().clone() for name, p in tiny_model.named_parameters()
                if not name.startswith(LAYER_PREFIX[arch] + ".")}
@@ -185,13 +190,15 @@ def test_model_ratio_through_the_walk(llama, batches):
 
 def test_two_steps_on_one_layer(llama, batches, ids):
     """A second LoRD step at a lower rank refactorizes the first step's output."""
-    steps = [pipeline.Step(registry.create("lord", {"ratio": 0.2, "whiten": "gram"}), [], []),
-             pipeline.Step(registry.create("lord", {"rank": 8, "whiten": "none"}), ["mlp.down_proj"], [])]
-    report = pipeline.walk(llama, steps, batches, device=torch.device("cpu"))
+    steps = [{"method": "lord", "config": {"ratio": 0.2, "whiten": "gram"}, "targets": [], "ignore": []},
+             {"method": "lord", "config": {"rank": 8, "whiten": "none"}, "targets": ["mlp.down_proj"],
+              "ignore": []}]
+    report = run_steps(llama, steps, batches)
     assert len(report.log) == 14 + 2
     down = llama.model.layers[0].mlp.down_proj
     assert isinstance(down, LowRankLinear) and down.rank == 8
-    assert isinstance(llama.model.layers[0].mlp.up_proj, LowRankLinear) and llama.model.layers[0].mlp.up_proj.rank == 34
+    up = llama.model.layers[0].mlp.up_proj
+    assert isinstance(up, LowRankLinear) and up.rank == 34
     assert torch.isfinite(logits(llama, ids)).all()
 
 
@@ -211,7 +218,7 @@ def test_capture_stops_at_layer_zero(vocab_size, batches):
     handle = model.model.layers[1].register_forward_pre_hook(lambda *a: calls.append(1))
     try:
         _, layers = model.model, model.model.layers
-        captured = pipeline.capture_inputs(model, layers, batches, torch.device("cpu"), torch.device("cpu"))
+        captured = capture_inputs(model, layers, batches, torch.device("cpu"), torch.device("cpu"))
     finally:
         handle.remove()
     assert not calls

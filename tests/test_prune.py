@@ -9,7 +9,7 @@ import torch
 from compressor import api, io
 from compressor.methods.eora import eora_factors
 from compressor.methods.prune import PruneConfig, lowest_in_groups, sparsegpt, wanda_mask
-from compressor.methods.quantize import hessian, inverse_hessian_factor
+from compressor.kernels.hessian import hessian, inverse_hessian_factor
 
 from conftest import logits, small_recipe
 from test_quantize import correlated_inputs, output_error

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor import api, io, quant, recipe as recipes
+from compressor import api, io
+from compressor.kernels import quant
+from compressor.plan import recipe as recipes
 from compressor.methods.quantize import QuantizeConfig, gptq, hessian, inverse_hessian_factor
-from compressor.modules import QuantizedLinear
+from compressor.model.modules import QuantizedLinear
 
 from conftest import logits, small_recipe
 

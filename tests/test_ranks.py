@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from compressor import ranks
-from compressor.base import LayerContext, Target
+from compressor.contract import Group, LayerContext, ModelView, Target
 from compressor.errors import CompressorError
 from compressor.methods.lord import LoRD, LoRDConfig
+from compressor.plan import recipe as recipes
+from compressor.plan.compile import compile_plan
+from compressor.ranks import uniform as ranks
+from conftest import VOCAB, build_config
 
 
 @pytest.mark.parametrize("m, n, ratio, expected", [
@@ -48,8 +52,21 @@ def test_explicit_rank_and_too_large():
 
 
 def test_plan_checks_explicit_rank_before_any_work():
-    with pytest.raises(CompressorError, match="rank 100"):
-        LoRD(LoRDConfig(rank=100)).plan({"a": (64, 64), "b": (32, 64)}, 10_000)
+    """compile_plan validates an explicit rank against every targeted shape from module names and shapes
+    alone: a tiny Llama on the meta device (no weights at all) is enough to reject it."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(build_config("llama", VOCAB), dtype=torch.float32)
+    recipe = recipes.parse({"steps": [{"method": "lord", "config": {"rank": 100}}]})
+    with pytest.raises(CompressorError, match="rank 100") as info:
+        compile_plan(recipe, skeleton)
+    assert "step 0 (lord)" in str(info.value) and "larger than min" in str(info.value)
+    # a rank that fits the targeted shapes (k/v are 32 × 64 under GQA) compiles
+    fits = recipes.parse({"steps": [{"method": "lord", "config": {"rank": 32}}]})
+    assert len(compile_plan(fits, skeleton).steps[0].shapes) == 14
+    # and the check is on the targeted shapes only: q/o are 64 × 64
+    targeted = recipes.parse({"steps": [{"method": "lord", "config": {"rank": 64},
+                                         "targets": ["q_proj", "o_proj"]}]})
+    assert len(compile_plan(targeted, skeleton).steps[0].shapes) == 4
 
 
 @pytest.mark.parametrize("bad", [dict(ratio=0.2, rank=4), dict(ratio=1.0), dict(ratio=-0.1),
@@ -68,16 +85,29 @@ def test_break_even():
 
 def _target(m: int, n: int) -> Target:
     weight = torch.randn(m, n)
-    return Target("model.layers.0.mlp.down_proj", torch.nn.Linear(n, m, bias=False), weight, weight, None, None)
+    module = torch.nn.Linear(n, m, bias=False)
+    return Target("model.layers.0.mlp.down_proj", module, weight, weight, None, None)
+
+
+def _compress(config: LoRDConfig, target: Target):
+    """LoRD's two hooks on one linear: ``decide`` (the ranks, from the shapes) then ``compress``."""
+    m, n = target.weight.shape
+    lord = LoRD(config)
+    view = ModelView(target.module, {target.name: (m, n)}, m * n, None, torch.device("cpu"))
+    decision = lord.decide(view)
+    assert decision.targets is None and decision.record["ranks"] == lord.ranks
+    ctx = LayerContext(0, 1, torch.device("cpu"), torch.float32)
+    outcomes = lord.compress(Group("linear", target.name, {"linear": target}, None, {}), ctx)
+    assert set(outcomes) == {target.name}
+    return outcomes[target.name]
 
 
 def test_break_even_keeps_dense():
-    ctx = LayerContext(0, 1, torch.device("cpu"), torch.float32)
     for config in (LoRDConfig(rank_reduction=0.0), LoRDConfig(rank=32), LoRDConfig(rank_reduction=0.5)):
-        outcome = LoRD(config).compress(_target(64, 64), ctx)
+        outcome = _compress(config, _target(64, 64))
         assert outcome.module is None  # rank 64, 32, 32 ≥ break-even 32
         assert "break-even" in outcome.note
-    outcome = LoRD(LoRDConfig(rank=31)).compress(_target(64, 64), ctx)
+    outcome = _compress(LoRDConfig(rank=31), _target(64, 64))
     assert outcome.module is not None and outcome.rank == 31
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
-from compressor import recipe as recipes
-from compressor.api import applied_recipe, build_steps
 from compressor.errors import CompressorError
 from compressor.methods.lord import LoRDConfig
+from compressor.plan import recipe as recipes
+from compressor.plan.compile import compile_plan
+from conftest import VOCAB, build_config
 
 
 def write(tmp_path, data, name="r.yaml"):
@@ -19,7 +22,21 @@ def write(tmp_path, data, name="r.yaml"):
     return str(path)
 
 
-BASE = {"calibration": {"n_samples": 16}, "steps": [{"method": "lord", "config": {"ratio": 0.2, "whiten": "gram"}}]}
+BASE = {"calibration": {"n_samples": 16},
+        "steps": [{"method": "lord", "config": {"ratio": 0.2, "whiten": "gram"}}]}
+
+
+@pytest.fixture(scope="module")
+def skeleton():
+    """A tiny OPT on the meta device: module names and shapes, no weights (what a plan is compiled against).
+    Every decoder linear of it has min(out, in) = 64, so the explicit ranks below (≤ 64) fit."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(build_config("opt", VOCAB), dtype=torch.float32)
+
+
+def build_steps(recipe, model):
+    """The compiled steps of ``recipe`` on ``model`` (what ``api.build_steps`` was)."""
+    return compile_plan(recipe, model).steps
 
 
 def test_shipped_lord_loads_by_name():
@@ -53,20 +70,20 @@ def test_unknown_keys_are_readable_errors(tmp_path, data, where, key):
     assert "\n" not in message
 
 
-def test_unknown_method_config_key_lists_valid_keys(tmp_path):
+def test_unknown_method_config_key_lists_valid_keys(tmp_path, skeleton):
     r = recipes.load(write(tmp_path, {"steps": [{"method": "lord", "config": {"ration": 0.2}}]}))
     with pytest.raises(CompressorError) as info:
-        build_steps(r)
+        build_steps(r, skeleton)
     message = str(info.value)
     assert "unknown key 'ration'" in message
     for valid in ("ratio", "rank", "rank_reduction", "model_ratio", "whiten", "alpha", "gram_root"):
         assert valid in message
 
 
-def test_unknown_method(tmp_path):
+def test_unknown_method(tmp_path, skeleton):
     r = recipes.load(write(tmp_path, {"steps": [{"method": "lords"}]}))
     with pytest.raises(CompressorError, match=r"unknown method 'lords' \(did you mean 'lord'\?\)"):
-        build_steps(r)
+        build_steps(r, skeleton)
 
 
 @pytest.mark.parametrize("data, match", [
@@ -85,12 +102,12 @@ def test_bad_recipes(tmp_path, data, match):
         recipes.load(write(tmp_path, data))
 
 
-def test_bad_method_config_values(tmp_path):
+def test_bad_method_config_values(tmp_path, skeleton):
     for config, match in (({"whiten": "zca"}, "whiten must be one of"), ({"ratio": 1.5}, "ratio must be in"),
                           ({"ratio": 0.2, "rank": 8}, "set only one of")):
         r = recipes.load(write(tmp_path, {"steps": [{"method": "lord", "config": config}]}))
         with pytest.raises(CompressorError, match=match):
-            build_steps(r)
+            build_steps(r, skeleton)
 
 
 def test_missing_recipe_lists_shipped():
@@ -100,32 +117,32 @@ def test_missing_recipe_lists_shipped():
         recipes.load("/nonexistent/dir/recipe.yaml")
 
 
-def test_overrides():
+def test_overrides(skeleton):
     r = recipes.load("lord", ["lord.ratio=0.4", "calibration.n_samples=8", "steps.0.config.whiten=none",
                               "propagate=original"])
     assert r.steps[0].config == {"ratio": 0.4, "whiten": "none"}
     assert r.calibration.n_samples == 8 and r.calibration.seq_len == 512
     assert r.propagate == "original"
-    step = build_steps(r)[0]
+    step = build_steps(r, skeleton)[0]
     assert step.compressor.config.ratio == 0.4 and step.compressor.config.whiten == "none"
-    assert not step.compressor.needs
+    assert step.compressor.requests() == () and not step.compressor.uses_data
 
 
-def test_override_values_are_yaml():
+def test_override_values_are_yaml(skeleton):
     r = recipes.load("lord", ["lord.ratio=null", "lord.rank=12", "steps.0.targets=[q_proj, 're:mlp\\..*']",
                               "calibration.dataset=/tmp/some file.txt"])
     assert r.steps[0].config["rank"] == 12 and r.steps[0].config.get("ratio") is None
     assert r.steps[0].targets == ["q_proj", "re:mlp\\..*"]
     assert r.calibration.dataset == "/tmp/some file.txt"
-    assert build_steps(r)[0].compressor.config.rule == "rank"
+    assert build_steps(r, skeleton)[0].compressor.config.rule == "rank"
 
 
-def test_setting_one_rank_rule_replaces_the_recipes_other_rule():
+def test_setting_one_rank_rule_replaces_the_recipes_other_rule(skeleton):
     r = recipes.load("lord", ["lord.rank=64"])  # the shipped recipe sets ratio: 0.2
     assert r.steps[0].config["rank"] == 64 and "ratio" not in r.steps[0].config
-    assert build_steps(r)[0].compressor.config.rule == "rank"
+    assert build_steps(r, skeleton)[0].compressor.config.rule == "rank"
     r = recipes.load("lord", ["steps.0.config.rank_reduction=0.3"])
-    assert build_steps(r)[0].compressor.config.rule == "rank_reduction"
+    assert build_steps(r, skeleton)[0].compressor.config.rule == "rank_reduction"
 
 
 def test_overrides_do_not_touch_the_file(tmp_path):
@@ -154,16 +171,23 @@ def test_override_of_unknown_key_is_reported_with_valid_keys():
         recipes.load("lord", ["svd.ratio=0.4"])
 
 
-def test_applied_recipe_fills_defaults():
+def test_applied_recipe_fills_defaults(skeleton):
     r = recipes.load("lord-plain")
-    data = applied_recipe(r, build_steps(r))
+    plan = compile_plan(r, skeleton)
+    data = plan.applied_recipe()
     config = data["steps"][0]["config"]
     assert set(config) == {f.name for f in dataclasses.fields(LoRDConfig)}  # every field, defaults included
     assert config["ratio"] == 0.2 and config["whiten"] == "none"
     assert config["alpha"] == 0.5 and config["gram_root"] == "cholesky" and config["svd_dtype"] == "float64"
     assert config["rank"] is None and config["rank_reduction"] is None and config["model_ratio"] is None
-    assert data["calibration"] == {"dataset": "sotu", "n_samples": 32, "seq_len": 512, "seed": 0, "batch_size": 8}
+    assert data["calibration"] == {"dataset": "sotu", "n_samples": 32, "seq_len": 512, "seed": 0,
+                                   "batch_size": 8}
     assert data["propagate"] == "compressed"
-    # the result is itself a valid recipe that builds the same steps
+    # per step, what it resolved to on the model (no decision yet: decide runs on the loaded weights)
+    resolved = {"method": "lord", "targets": 12, "groups": 12, "group": "linear", "stream": "default",
+                "decision": None}  # OPT: 6 linears × 2
+    assert plan.decisions() == [resolved]
+    # the applied recipe is itself a valid recipe that builds the same steps
     again = recipes.parse(data)
-    assert build_steps(again)[0].compressor.config == build_steps(r)[0].compressor.config
+    assert build_steps(again, skeleton)[0].compressor.config == build_steps(r, skeleton)[0].compressor.config
+    assert compile_plan(again, skeleton).applied_recipe() == data

@@ -7,10 +7,11 @@ import re
 
 import pytest
 
-from compressor import configs, recipe, registry
-from compressor.base import Compressor
+from compressor import registry
+from compressor.contract import Compressor
 from compressor.errors import CompressorError
-from compressor.stats import STAT_KINDS
+from compressor.plan import configs, recipe
+from compressor.stats.accumulators import TENSOR_STATISTICS, Request
 
 ITEMS = sorted(registry.COMPRESSORS.items())
 
@@ -39,7 +40,10 @@ def test_config_default_constructs(name, cls):
     config = cls.Config()
     compressor = registry.create(name, {})
     assert compressor.config == config
-    assert set(compressor.needs) <= set(STAT_KINDS)
+    requests = compressor.requests()
+    assert isinstance(requests, tuple)
+    assert all(isinstance(r, Request) and r.statistic in TENSOR_STATISTICS for r in requests)
+    assert isinstance(compressor.uses_data, bool) and (compressor.uses_data or not requests)
     assert configs.to_dict(config)  # plain data, as compression.json records it
 
 

@@ -31,7 +31,8 @@ def test_smollm2_lord_gram_0_2(tmp_path):
     from compressor.evaluate import evaluate
 
     out = tmp_path / "smollm2-lord-gram-0.2"
-    summary = compress("smollm2-135m", "lord", out, overrides=["lord.ratio=0.2", "lord.whiten=gram"], progress=False)
+    summary = compress("smollm2-135m", "lord", out, overrides=["lord.ratio=0.2", "lord.whiten=gram"],
+                       progress=False)
     assert summary["compressed"] == summary["modules"] == 30 * 7
     manifest = io.read_manifest(out)
     assert manifest["params_after"] < manifest["params_before"]

@@ -9,14 +9,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compressor import pipeline, ranks, registry, welore_rule
 from compressor.cli import app
 from compressor.errors import CompressorError
 from compressor.methods.lord import LoRDConfig
 from compressor.methods.welore import WeLoreConfig
-from compressor.modules import weight_of
-
-CPU = torch.device("cpu")
+from compressor.model.modules import weight_of
+from compressor.ranks import uniform as ranks, welore as welore_rule
+from conftest import run_steps
 
 
 def with_spectrum(sigma: list[float], m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -40,7 +39,8 @@ KNOWN = {
 
 def known_spectra():
     shapes = {name: shape for name, (_, shape, _, _) in KNOWN.items()}
-    spectra = {name: torch.linalg.svdvals(with_spectrum(sigma, *shape)) for name, (sigma, shape, _, _) in KNOWN.items()}
+    spectra = {name: torch.linalg.svdvals(with_spectrum(sigma, *shape))
+               for name, (sigma, shape, _, _) in KNOWN.items()}
     return spectra, shapes
 
 
@@ -67,7 +67,8 @@ def test_rule_picks_expected_ranks_on_known_spectra():
 
 def random_spectra(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    shapes = {f"w{i}": shape for i, shape in enumerate([(64, 64), (64, 160), (160, 64), (32, 64), (96, 96)] * 3)}
+    shapes = {f"w{i}": shape
+              for i, shape in enumerate([(64, 64), (64, 160), (160, 64), (32, 64), (96, 96)] * 3)}
     spectra = {}
     for name, (m, n) in shapes.items():
         decay = float(torch.rand(1, generator=g)) * 4
@@ -87,7 +88,8 @@ def test_bisection_meets_rank_budget_within_one_rank(target):
     assert plan.summary()["attempted_rank_reduction"] == pytest.approx(pruned / full)
     # the same τ through allocate gives the same plan (τ is the threshold that was actually applied)
     again = welore_rule.allocate(spectra, shapes, plan.tau)
-    assert {n: a.rank for n, a in again.allocations.items()} == {n: a.rank for n, a in plan.allocations.items()}
+    assert {n: a.rank for n, a in again.allocations.items()} == \
+        {n: a.rank for n, a in plan.allocations.items()}
 
 
 @pytest.mark.parametrize("ratio", [0.05, 0.1, 0.2, 0.4])
@@ -117,9 +119,8 @@ def test_no_matrix_grows(seed):
 
 
 def walk(model, method: str, config: dict, batches=None):
-    steps = [pipeline.Step(registry.create(method, config), [], [])]
-    report = pipeline.walk(model, steps, batches, device=CPU)
-    return steps[0].compressor, report.log
+    report = run_steps(model, [{"method": method, "config": config}], batches)
+    return report.plan.steps[0].compressor, report.log
 
 
 def test_welore_compressor_on_planted_spectra(llama):
@@ -160,7 +161,8 @@ def test_rank_reduction_budget_and_guard(llama):
     compressor, log = walk(llama, "welore", {"rank_reduction": 0.3})
     summary = compressor.plan_.summary()
     full = sum(min(e["shape"]) for e in log)
-    assert abs(sum(e["pruned_ranks"] for e in log) - 0.3 * full) <= len(log)  # random spectra may tie at σ_min
+    # random spectra may tie at σ_min
+    assert abs(sum(e["pruned_ranks"] for e in log) - 0.3 * full) <= len(log)
     assert all(e["params_after"] <= e["params_before"] for e in log)
     assert summary["rank_reduction"] <= summary["attempted_rank_reduction"]
     assert ranks.reduction(log)["rank_reduction"] == pytest.approx(summary["rank_reduction"])
@@ -193,7 +195,8 @@ def test_lord_welore_rule_on_whitened_spectra(vocab_size):
     from conftest import build_model
 
     model = build_model("llama", vocab_size)
-    batches = [torch.randint(0, vocab_size, (4, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    batches = [torch.randint(0, vocab_size, (4, 32), generator=torch.Generator().manual_seed(i))
+               for i in range(2)]
     grams, hooks = {}, []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
@@ -232,7 +235,8 @@ def test_reduction_accounting():
 def test_recipe_and_inspect_show_lrc(model_dirs, tmp_path):
     out = tmp_path / "welore"
     runner = CliRunner()
-    result = runner.invoke(app, ["compress", str(model_dirs["llama"]), "-r", "welore-50", "-o", str(out), "-q"])
+    result = runner.invoke(app, ["compress", str(model_dirs["llama"]), "-r", "welore-50", "-o", str(out),
+                                 "-q"])
     assert result.exit_code == 0, result.output
     assert "rank reduction" in result.output
     manifest = json.loads((out / "compression.json").read_text())

@@ -6,7 +6,7 @@ builds and validates the compressor's config (unknown keys, types, ranges, and `
 against the targeted shapes), resolves its targets against the architecture into groups per layer
 (``GroupSpec``), and records its calibration stream and statistics requests. ``decide`` later fills each
 step's ``decision`` (solved ratios, per-module ranks, chosen layers) on the loaded model;
-``Plan.to_dict`` is what compression.json records as applied.
+``Plan.applied_recipe`` and ``Plan.decisions`` are what compression.json records as ``recipe`` and ``plan``.
 """
 
 from __future__ import annotations
@@ -97,16 +97,18 @@ class Plan:
         """The streams the layer walk carries: those of steps that request per-group statistics."""
         return sorted({s.stream for s in self.steps if s.requests})
 
-    def to_dict(self) -> dict[str, Any]:
-        """The recipe as applied (every default filled) with each step's targets and decisions."""
+    def applied_recipe(self) -> dict[str, Any]:
+        """The recipe as applied, every config default filled (it parses back into the same plan)."""
         data = self.recipe.to_dict()
         for raw, step in zip(data["steps"], self.steps):
             raw["config"] = configs.to_dict(step.compressor.config)
-            raw["resolved"] = {"targets": len(step.shapes), "groups": len(step.groups), "group": step.compressor.group,
-                               "stream": step.stream}
-            if step.decision is not None:
-                raw["decision"] = step.decision.record
         return data
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """Per step: what its targets resolved to, and what its model-level decision produced."""
+        return [{"method": step.method, "targets": len(step.shapes), "groups": len(step.groups),
+                 "group": step.compressor.group, "stream": step.stream,
+                 "decision": None if step.decision is None else step.decision.record} for step in self.steps]
 
 
 def stream_name(recipe: Recipe, index: int) -> str:

@@ -11,7 +11,7 @@ A rule turns a matrix shape (m, n) into a rank. Exactly one of these is set in a
 ``rank_rule`` says how the budget is spread: ``uniform`` (the rule above, matrix by matrix) or
 ``welore`` (one threshold τ on every matrix's normalised spectrum, ``welore_rule``): then ``ratio`` is
 the fraction of all targeted parameters removed, ``rank_reduction`` the global Σ pruned / Σ min(m, n),
-``model_ratio`` as above, and ``rank`` is not allowed. A method that offers it solves τ in ``prepare``.
+``model_ratio`` as above, and ``rank`` is not allowed. A method that offers it solves τ in ``decide``.
 
 A factorization saves parameters only if ``r·(m + n) < m·n``; at or above that break-even rank the
 matrix stays dense and the log says so.

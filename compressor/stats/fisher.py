@@ -24,7 +24,7 @@ Memory (the pass must fit next to the model, well under twice its size):
 Measured on SmolLM2-135M (fp32 model 513 MiB, 32 × 512 tokens): the pass adds ≈ 405 MiB of fp32
 accumulators and ≈ 100 MiB of working set (see results/bench-fwsvd.json).
 
-Cache: ``models.cache_dir()/"fisher"/<fingerprint>.safetensors``. The pipeline gives ``prepare`` the
+Cache: ``models.cache_dir()/"fisher"/<fingerprint>.safetensors``. The pipeline gives ``decide`` the
 model and the token ids, not the model spec or the recipe, so the fingerprint is derived from them:
 the architecture, every parameter's name, shape, dtype and a strided sample of its values (a cheap
 identity of the weights), the token ids themselves (they determine dataset, n_samples, seq_len, seed

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..errors import CompressorError
 from ..contract import Group, LayerContext, ModelView, Outcome, Target
 from ..kernels.linalg import relative_error
 from ..model.modules import shape_of, weight_of
@@ -53,6 +54,9 @@ def compress_model(model: nn.Module, plan: Plan, batches: dict[str, list[Tensor]
     report, batches = Report(), batches or {}
     decide(model, plan, batches, device, report)
     dtype = next(model.parameters()).dtype
+    missing = [name for name in plan.walk_streams() if name not in batches]
+    if missing:
+        raise CompressorError(f"the plan's statistics need calibration data (stream {missing[0]!r}); none was given")
     streams = {name: batches[name] for name in plan.walk_streams()}
     for visit in walk(model, streams, device=device, propagate=plan.propagate, offload=offload,
                       seconds=report.seconds):
