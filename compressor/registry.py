@@ -5,9 +5,9 @@ from __future__ import annotations
 import difflib
 
 from .contract import Compressor
-from .plan.configs import build
 from .errors import CompressorError
 from .methods import curing, eora, fwsvd, lord, prune, quantize, welore
+from .plan.configs import build
 
 COMPRESSORS: dict[str, type[Compressor]] = {
     cls.name: cls for cls in (lord.LoRD, welore.WeLore, quantize.Quantize, eora.EoRA, prune.Prune,

@@ -236,8 +236,8 @@ def run_dense() -> dict:
     import torch
 
     from compressor import calibration
-    from compressor.model import loading as models
     from compressor.evaluate import perplexity
+    from compressor.model import loading as models
 
     start = time.perf_counter()
     model, tokenizer = models.load(MODEL)
@@ -276,8 +276,8 @@ def plain_forward_seconds(batch_size: int) -> float:
 def run_one(name: str, recipe_data: dict, speed: bool = True) -> dict:
     """Compress, save, and evaluate one configuration (in this process)."""
     from compressor import api
-    from compressor.plan import recipe as recipes
     from compressor.evaluate import bytes_on_disk, perplexity
+    from compressor.plan import recipe as recipes
 
     recipe = recipes.parse(recipe_data, name)
     with tempfile.TemporaryDirectory() as tmp:

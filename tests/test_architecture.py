@@ -10,8 +10,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from compressor.model.architecture import Architecture, Block, describe
 from compressor.errors import CompressorError
+from compressor.model.architecture import Architecture, Block, describe
 
 _LLAMA_LIKE = dict(
     layers_path="model.layers",

@@ -11,13 +11,13 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import run_steps  # noqa: E402
 
 from compressor import io, registry  # noqa: E402
 from compressor.kernels.linalg import symmetric_sqrt  # noqa: E402
 from compressor.methods import curing  # noqa: E402
 from compressor.model.modules import CURLinear, merge  # noqa: E402
 from compressor.stats.accumulators import TensorStats  # noqa: E402
-from conftest import run_steps  # noqa: E402
 
 TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj"]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import logits, small_recipe
+from test_quantize import correlated_inputs, output_error
 
 from compressor import api, io
 from compressor.kernels import quant
@@ -16,9 +18,6 @@ from compressor.stats.hooks import Collector, Watch
 from compressor.walk import layers as walk_layers
 from compressor.walk.compress import compress_model
 from compressor.walk.layers import DEFAULT_STREAM
-
-from conftest import logits, small_recipe
-from test_quantize import correlated_inputs, output_error
 
 
 def reference_eora(residual: torch.Tensor, gram: torch.Tensor, rank: int) -> torch.Tensor:
@@ -168,9 +167,10 @@ def test_statistics_once_is_one_pass_per_layer(monkeypatch, model_dirs, small_te
 
 def test_statistics_once_gives_eora_the_original_layers_gram(model_dirs, small_text, monkeypatch):
     """With ``once`` the EoRA step sees the same Gram as a lone EoRA-less pass on the original model."""
-    from compressor.model import loading as models
     from compressor.calibration import calibration_windows
+
     from compressor.methods.eora import EoRA
+    from compressor.model import loading as models
 
     seen = {}
     original_compress = EoRA.compress
@@ -197,10 +197,11 @@ def test_statistics_once_gives_eora_the_original_layers_gram(model_dirs, small_t
 def test_eora_calibrates_on_its_own_dataset(model_dirs, tmp_path, small_text):
     """A step's ``calibration`` gives it its own stream: EoRA's Gram comes from its set, GPTQ's from the
     recipe's."""
-    from compressor.model import loading as models
     from compressor.calibration import calibration_windows
+
     from compressor.methods.eora import EoRA
     from compressor.methods.quantize import Quantize
+    from compressor.model import loading as models
 
     task = tmp_path / "task.txt"
     task.write_text(" ".join(["The budget, the deficit and the army."] * 400))
@@ -247,6 +248,7 @@ def test_modules_reading_one_input_share_one_eigendecomposition(model_dirs, smal
     """q/k/v and gate/up read the same input: one eigh of its Gram per input serves them, and the model
     is the one per-module eigendecompositions give."""
     from compressor.calibration import calibration_windows
+
     from compressor.contract import LayerContext
     from compressor.kernels import linalg
     from compressor.model import loading as models

@@ -7,13 +7,12 @@ import json
 
 import pytest
 import torch
+from conftest import logits, small_recipe
 
 from compressor import api, io
 from compressor.io import serving as export
-from compressor.plan import recipe as recipes
 from compressor.model.modules import CompensatedLinear, LowRankLinear
-
-from conftest import logits, small_recipe
+from compressor.plan import recipe as recipes
 
 
 def quantize_then(steps: list[dict], group_size: int = 32) -> recipes.Recipe:

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from conftest import build_model, logits, run_steps
 from torch import nn
 from typer.testing import CliRunner
 
@@ -23,7 +24,6 @@ from compressor.model.modules import LowRankLinear, weight_of
 from compressor.plan import recipe as recipes
 from compressor.stats import fisher
 from compressor.walk import layers as walk_layers
-from conftest import build_model, logits, run_steps
 
 CPU = torch.device("cpu")
 

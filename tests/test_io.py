@@ -7,16 +7,16 @@ import json
 
 import pytest
 import torch
+from conftest import build_model, logits
 from transformers import AutoModelForCausalLM
 
 import compressor
 from compressor import io
-from compressor.model import loading as models
 from compressor.api import compress
 from compressor.errors import CompressorError
 from compressor.methods.lord import LoRDConfig
+from compressor.model import loading as models
 from compressor.model.modules import LowRankLinear
-from conftest import build_model, logits
 
 LINEARS = {"llama": 14, "qwen2": 14, "mistral": 14, "opt": 12, "gpt2": 8}
 

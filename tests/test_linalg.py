@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.kernels import linalg
 from compressor.errors import CompressorError
+from compressor.kernels import linalg
 
 
 def _gen(seed: int = 0) -> torch.Generator:

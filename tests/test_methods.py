@@ -54,9 +54,8 @@ def _recipe(method: str, small_text: str) -> recipes.Recipe:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
 def test_compress_save_load_identical_logits(method, arch, tmp_path, small_text, ids, vocab_size):
-    from conftest import LAYERS, build_model
-
     import conftest
+    from conftest import LAYERS, build_model
 
     conftest.LAYERS = 3  # CURing never touches the first or last layer
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_model, logits, run_steps
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -11,7 +12,6 @@ from compressor import registry
 from compressor.model.modules import LowRankLinear
 from compressor.ranks import uniform as ranks
 from compressor.walk.layers import capture_inputs
-from conftest import build_model, logits, run_steps
 
 # every linear inside the decoder layers, per layer (independent of compressor.model.targets)
 LINEARS_PER_LAYER = {"llama": 7, "qwen2": 7, "mistral": 7, "opt": 6, "gpt2": 4}

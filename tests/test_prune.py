@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from compressor import api, io
-from compressor.methods.eora import eora_factors
-from compressor.methods.prune import PruneConfig, lowest_in_groups, sparsegpt, wanda_mask
-from compressor.kernels.hessian import hessian, inverse_hessian_factor
-
 from conftest import logits, small_recipe
 from test_quantize import correlated_inputs, output_error
+
+from compressor import api, io
+from compressor.kernels.hessian import hessian, inverse_hessian_factor
+from compressor.methods.eora import eora_factors
+from compressor.methods.prune import PruneConfig, lowest_in_groups, sparsegpt, wanda_mask
 
 
 def assert_n_m(weight: torch.Tensor, keep: int = 2, group: int = 4) -> None:

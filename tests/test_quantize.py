@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import logits, small_recipe
 
 from compressor import api, io
 from compressor.kernels import quant
-from compressor.plan import recipe as recipes
 from compressor.methods.quantize import QuantizeConfig, gptq, hessian, inverse_hessian_factor
 from compressor.model.modules import QuantizedLinear
-
-from conftest import logits, small_recipe
+from compressor.plan import recipe as recipes
 
 
 def correlated_inputs(tokens: int, n: int, seed: int = 0) -> torch.Tensor:

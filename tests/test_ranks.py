@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import VOCAB, build_config
 from transformers import AutoModelForCausalLM
 
 from compressor.contract import Group, LayerContext, ModelView, Target
@@ -12,7 +13,6 @@ from compressor.methods.lord import LoRD, LoRDConfig
 from compressor.plan import recipe as recipes
 from compressor.plan.compile import compile_plan
 from compressor.ranks import uniform as ranks
-from conftest import VOCAB, build_config
 
 
 @pytest.mark.parametrize("m, n, ratio, expected", [

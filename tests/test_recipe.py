@@ -7,13 +7,13 @@ import dataclasses
 import pytest
 import torch
 import yaml
+from conftest import VOCAB, build_config
 from transformers import AutoModelForCausalLM
 
 from compressor.errors import CompressorError
 from compressor.methods.lord import LoRDConfig
 from compressor.plan import recipe as recipes
 from compressor.plan.compile import compile_plan
-from conftest import VOCAB, build_config
 
 
 def write(tmp_path, data, name="r.yaml"):

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import run_steps
 from typer.testing import CliRunner
 
 from compressor.cli import app
@@ -14,8 +15,8 @@ from compressor.errors import CompressorError
 from compressor.methods.lord import LoRDConfig
 from compressor.methods.welore import WeLoreConfig
 from compressor.model.modules import weight_of
-from compressor.ranks import uniform as ranks, welore as welore_rule
-from conftest import run_steps
+from compressor.ranks import uniform as ranks
+from compressor.ranks import welore as welore_rule
 
 
 def with_spectrum(sigma: list[float], m: int, n: int, seed: int = 0) -> torch.Tensor:

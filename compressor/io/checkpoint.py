@@ -33,9 +33,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .. import __version__
-from . import serving as export
 from ..errors import CompressorError
-from ..model.modules import MODULE_KINDS, from_spec, merge as merge_module, spec_of
+from ..model.modules import MODULE_KINDS, from_spec, spec_of
+from ..model.modules import merge as merge_module
+from . import serving as export
 
 FORMAT_VERSION = 1
 MANIFEST = "compression.json"

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
@@ -62,7 +62,7 @@ from ..kernels import linalg
 from ..kernels.linalg import symmetric_sqrt
 from ..model.modules import CURLinear
 from ..plan.configs import field
-from ..stats.accumulators import DistanceStats, Request, TensorStats, angular_distance, inputs
+from ..stats.accumulators import DistanceStats, Request, TensorStats, inputs
 from ..stats.hooks import Collector, Watch
 
 Score = Literal["wanda", "signed", "covariance", "weight"]

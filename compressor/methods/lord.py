@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..kernels import linalg

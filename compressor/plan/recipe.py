@@ -28,10 +28,10 @@ from typing import Any, Literal
 
 import yaml
 
-from . import configs
-from .configs import field
 from ..errors import CompressorError
 from ..ranks.uniform import RULES
+from . import configs
+from .configs import field
 
 
 @dataclass

@@ -54,8 +54,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..model import loading as models, targets as arch
 from ..errors import CompressorError
+from ..model import loading as models
+from ..model import targets as arch
 from ..model.modules import Conv1D
 
 FORMAT = "fisher-v1: sum over windows of squared grads of the mean next-token CE, batch 1, fp32"

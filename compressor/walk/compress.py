@@ -18,12 +18,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..errors import CompressorError
 from ..contract import Group, LayerContext, ModelView, Outcome, Target
+from ..errors import CompressorError
 from ..kernels.linalg import relative_error
 from ..model.modules import shape_of, weight_of
 from ..plan.compile import GroupSpec, Plan, StepPlan
-from ..stats.accumulators import TENSOR_STATISTICS, DistanceStats, Request, TensorStats
+from ..stats.accumulators import TENSOR_STATISTICS, DistanceStats
 from ..stats.hooks import Collector, Watch
 from .layers import DEFAULT_STREAM, Visit, run_layer, walk
 
