@@ -64,6 +64,7 @@ from ..model.modules import CURLinear
 from ..plan.configs import field
 from ..stats.accumulators import DistanceStats, Request, TensorStats, inputs
 from ..stats.hooks import Collector, Watch
+from ..walk.layers import DEFAULT_STREAM
 
 Score = Literal["wanda", "signed", "covariance", "weight"]
 PINV_RTOL = 1e-6  # relative cut-off of the pseudo-inverses of C and R D (v2's rcond for fp32 weights)
@@ -148,7 +149,7 @@ def selection_pass(view: ModelView, *, last_layer: int, distance_layers: set[int
     for visit in view.walk(last_layer=last_layer):
         names = collect.get(visit.index, [])
         collector = Collector([Watch(n, visit.module(n), "input", kinds) for n in names])
-        inputs_ = [item.hidden for item in visit.streams["default"].inputs]
+        inputs_ = [item.hidden for item in visit.streams[DEFAULT_STREAM].inputs]
         outputs = visit.forward(collector=collector)
         if visit.index in distance_layers:
             distance = DistanceStats()
@@ -356,7 +357,8 @@ class CURing(LinearCompressor):
         if angular:
             self.selected = select_layers("angular", n_total, config.n_layers, self.distances)
         keep = [name for i in self.selected for name in by_layer.get(i, [])]
-        self.selection_stats = {k: v for k, v in self.selection_stats.items() if k in set(keep)}
+        kept = set(keep)
+        self.selection_stats = {k: v for k, v in self.selection_stats.items() if k in kept}
         return Decision({"layers": self.selected, "distances": self.distances}, targets=keep)
 
     def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:

@@ -20,6 +20,7 @@ from .. import registry
 from ..contract import Compressor, Decision
 from ..errors import CompressorError
 from ..model.architecture import describe
+from ..model.loading import parameter_count
 from ..model.modules import shape_of
 from ..model.targets import decoder_linears, layer_index, select
 from ..stats.accumulators import Request
@@ -156,10 +157,6 @@ def compile_plan(recipe: Recipe, model: nn.Module) -> Plan:
     """Every step built, validated and resolved against ``model`` (a meta-device skeleton will do)."""
     linears = decoder_linears(model)
     steps = [compile_step(recipe, index, linears, model) for index in range(len(recipe.steps))]
-    seen, params = set(), 0
-    for p in model.parameters():  # distinct parameters: a tied embedding and head count once
-        if id(p) not in seen:
-            seen.add(id(p))
-            params += p.numel()
+    params = parameter_count(model)  # distinct parameters: a tied embedding and head count once
     needs_roles = any(s.compressor.group != "linear" or any(r.per_head for r in s.requests) for s in steps)
     return Plan(recipe, steps, params, describe(model) if needs_roles else None)
