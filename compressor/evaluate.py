@@ -20,6 +20,7 @@ from torch import nn
 from . import calibration as sources
 from . import io
 from .model import loading as models
+from .model.modules import dequantized
 
 PROTOCOL = "gptq: split joined with '\\n\\n', non-overlapping windows, mean NLL of shifted next-token targets"
 
@@ -27,17 +28,19 @@ PROTOCOL = "gptq: split joined with '\\n\\n', non-overlapping windows, mean NLL 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
                device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Perplexity of ``model`` on token windows (k, seq_len)."""
+    """Perplexity of ``model`` on token windows (k, seq_len). Quantized weights are dequantized once for the
+    whole evaluation (``modules.dequantized``: same numbers, a dense model's speed); the time includes that."""
     model.eval()
     total_nll, total_tokens = 0.0, 0
     start = time.perf_counter()
-    for first in range(0, windows.shape[0], batch_size):
-        ids = windows[first: first + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()  # (b, seq, vocab)
-        nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                          reduction="sum")
-        total_nll += float(nll)
-        total_tokens += ids[:, 1:].numel()
+    with dequantized(model):
+        for first in range(0, windows.shape[0], batch_size):
+            ids = windows[first: first + batch_size].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits.float()  # (b, seq, vocab)
+            nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                              reduction="sum")
+            total_nll += float(nll)
+            total_tokens += ids[:, 1:].numel()
     seconds = time.perf_counter() - start
     return {"value": math.exp(total_nll / total_tokens), "nll": total_nll / total_tokens, "windows": windows.shape[0],
             "tokens": windows.numel(), "scored_tokens": total_tokens, "seconds": seconds,

@@ -3,6 +3,8 @@ and save → load of quantized models."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import logits, small_recipe
@@ -10,7 +12,8 @@ from conftest import logits, small_recipe
 from compressor import api, io
 from compressor.kernels import quant
 from compressor.methods.quantize import QuantizeConfig, gptq, hessian, inverse_hessian_factor
-from compressor.model.modules import QuantizedLinear
+from compressor.evaluate import perplexity
+from compressor.model.modules import CompensatedLinear, LowRankLinear, QuantizedLinear, dequantized
 from compressor.plan import recipe as recipes
 
 
@@ -155,6 +158,32 @@ def test_quantized_linear_forward_spec_and_reload():
     assert torch.equal(rebuilt(x), module(x))
     symmetric = QuantizedLinear.from_integers(*quant.rtn(weight, 4, True, None), 4, None, True, None)
     assert "weight_zero_point" not in symmetric.state_dict()
+
+
+def test_dequantized_cache_gives_the_same_numbers_and_is_dropped_after(tmp_path, model_dir, ids):
+    torch.manual_seed(0)
+    weight = torch.randn(20, 40)
+    module = QuantizedLinear.from_integers(*quant.rtn(weight, 3, False, 16), 3, 16, False, torch.randn(20))
+    lora = LowRankLinear.from_factors(torch.randn(20, 2), torch.randn(2, 40), None)
+    compensated = CompensatedLinear(module, lora)
+    x = torch.randn(5, 40)
+    plain, plain_compensated = module(x), compensated(x)
+    with dequantized(compensated) as cached:
+        assert cached == 1 and module.cached_weight is not None
+        assert torch.equal(module(x), plain) and torch.equal(compensated(x), plain_compensated)
+        module.weight_packed.zero_()  # the cache is what the forward uses inside the block
+        assert torch.equal(module(x), plain)
+    assert module.cached_weight is None and "cached_weight" not in module.state_dict()
+    assert not torch.equal(module(x), plain)  # outside, the (zeroed) packed weight is read again
+    summary = api.compress(str(model_dir), recipes.parse({"steps": [{"method": "quantize", "config": {
+        "bits": 3, "group_size": 32}}]}), tmp_path / "out", progress=False)
+    model, windows = summary["model"], ids.reshape(4, 12)
+    uncached = [model(input_ids=w[None], use_cache=False).logits for w in windows]
+    ppl = perplexity(model, windows, batch_size=1)
+    nll = sum(float(torch.nn.functional.cross_entropy(l[0, :-1], w[1:], reduction="sum"))
+              for l, w in zip(uncached, windows))
+    assert ppl["value"] == pytest.approx(math.exp(nll / (4 * 11)), rel=1e-12)
+    assert all(m.cached_weight is None for m in model.modules() if isinstance(m, QuantizedLinear))
 
 
 def test_config_checks():

@@ -12,7 +12,8 @@ Weights are always handled as (out, in) = (m, n), the ``nn.Linear`` layout; GPT-
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -175,7 +176,8 @@ class CURLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 class QuantizedLinear(nn.Module):
-    """``y = x Ŵᵀ + b`` with ``Ŵ = (q − zero_point) · scale`` dequantized from packed integers on each call.
+    """``y = x Ŵᵀ + b`` with ``Ŵ = (q − zero_point) · scale`` dequantized from packed integers on each call
+    (or, inside ``dequantized(model)``, once: the evaluation path).
 
     Buffers use compressed-tensors' ``pack-quantized`` names and layouts (``quant`` module docstring):
     ``weight_packed`` (out, ceil(in·bits/32)) int32, ``weight_scale`` (out, G) in the model dtype,
@@ -201,6 +203,7 @@ class QuantizedLinear(nn.Module):
                                                                   dtype=torch.int32, device=device))
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.cached_weight: Tensor | None = None  # set by ``dequantized``; never saved (not a buffer)
 
     @classmethod
     def from_integers(cls, q: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group_size: int | None,
@@ -232,7 +235,8 @@ class QuantizedLinear(nn.Module):
         return quant.dequantize(q, self.weight_scale, zero_point, self.group_size, dtype=self.weight_scale.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.linear(x, self.dense_weight().to(x.dtype), self.bias)
+        weight = self.cached_weight if self.cached_weight is not None else self.dense_weight()
+        return nn.functional.linear(x, weight.to(x.dtype), self.bias)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
@@ -321,6 +325,22 @@ class CompensatedLinear(nn.Module):
 MODULE_KINDS: dict[str, type[nn.Module]] = {
     cls.kind: cls for cls in (LowRankLinear, CURLinear, QuantizedLinear, CompensatedLinear)
 }
+
+
+@contextmanager
+def dequantized(model: nn.Module) -> Iterator[int]:
+    """Within the block every ``QuantizedLinear`` of ``model`` dequantizes its weight once and reuses it:
+    the same numbers as dequantizing on each call, a dense layer's speed, the memory of a dense weight more.
+    Yields how many modules it caches. For evaluation; the stored (packed) tensors are not touched."""
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    try:
+        with torch.no_grad():
+            for module in quantized:
+                module.cached_weight = module.dense_weight()
+        yield len(quantized)
+    finally:
+        for module in quantized:
+            module.cached_weight = None
 
 
 def merge(module: nn.Module) -> nn.Module:
