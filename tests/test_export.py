@@ -36,7 +36,7 @@ def test_quantized_checkpoint_has_compressed_tensors_layout(tmp_path, model_dirs
     assert {f"{name}.weight_scale", f"{name}.weight_zero_point", f"{name}.weight_shape"} <= set(state)
     assert f"{name}.weight" not in state
     manifest = io.read_manifest(tmp_path / "out")
-    assert manifest["serving"] == {"compressed_tensors": True, "adapter": None,
+    assert manifest["serving"] == {"compressed_tensors": True, "adapter": None, "stock_transformers": True,
                                    "transformers": export.TRANSFORMERS_ASYMMETRIC}
 
 
@@ -59,10 +59,33 @@ def test_compressed_tensors_config_validates_and_decompresses(tmp_path, model_di
         torch.testing.assert_close(weight, model.get_submodule(name).dense_weight())
 
 
-def test_not_describable_by_compressed_tensors_is_noted(tmp_path, model_dirs):
-    api.compress(str(model_dirs["llama"]), quantize_then([], group_size=48), tmp_path / "out", progress=False)
-    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
-    assert "does not divide" in io.read_manifest(tmp_path / "out")["serving"]["note"]
+def test_not_describable_by_compressed_tensors_is_noted_and_refused_by_stock_loaders(tmp_path, model_dirs, ids):
+    """Group 48 on width 64, like group 128 on SmolLM2's 576: plain ``from_pretrained`` used to load it with
+    random linears (perplexity 6.4e15 on SmolLM2); it must raise instead, and our loader read it exactly."""
+    from transformers import AutoModelForCausalLM
+
+    model = api.compress(str(model_dirs["llama"]), quantize_then([], group_size=48), tmp_path / "out",
+                         progress=False)["model"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "compressor-llama"
+    manifest = io.read_manifest(tmp_path / "out")
+    assert "does not divide" in manifest["serving"]["note"] and manifest["serving"]["stock_transformers"] is False
+    with pytest.raises(ValueError, match="compressor-llama"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(logits(io.load(tmp_path / "out"), ids), logits(model, ids))
+    recipe = quantize_then([{"method": "eora", "config": {"rank": 4, "space": "weight"}}], group_size=48)
+    api.compress(str(model_dirs["llama"]), recipe, tmp_path / "eora", progress=False)  # the base is not readable
+    with pytest.raises(ValueError, match="compressor-llama"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "eora")
+
+
+def test_stock_readable_outputs_keep_their_model_type(tmp_path, model_dirs, ids):
+    model = api.compress(str(model_dirs["llama"]), quantize_then([]), tmp_path / "out", progress=False)["model"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"
+    assert io.read_manifest(tmp_path / "out")["serving"]["stock_transformers"] is True
+    assert export.not_stock_reason({"a": {"kind": "compensated", "base": {"kind": "dense"}}}, False) == ""
+    assert "cur" in export.not_stock_reason({"a": {"kind": "cur"}}, True)
+    assert "new shape" in export.not_stock_reason({"a": {"kind": "dense"}}, True)
 
 
 def test_adapter_files_and_config(tmp_path, model_dirs, ids):

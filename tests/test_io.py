@@ -49,6 +49,26 @@ def test_save_load_roundtrip(model_dir, arch, tmp_path, small, ids):
     assert [p.name for p in out.parent.iterdir()] == ["compressed"]
 
 
+def test_factorized_output_fails_loudly_in_plain_from_pretrained(model_dir, arch, tmp_path, small, ids):
+    """Stock transformers would load the factorized output with random linears and a warning: it must refuse it,
+    naming the marker, while our loader, the tokenizer and the manifest still read it."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    summary = run(model_dir, out, small)
+    with pytest.raises(ValueError, match=f"compressor-{summary['model'].config.model_type}"):
+        AutoModelForCausalLM.from_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["compressor"]["base_model_type"] == summary["model"].config.model_type
+    assert "low_rank" in config["compressor"]["why"]
+    assert io.read_manifest(out)["serving"]["stock_transformers"] is False
+    assert torch.equal(logits(io.load(out), ids), logits(summary["model"], ids))
+    assert AutoTokenizer.from_pretrained(out)("the state").input_ids
+    merged = tmp_path / "merged"  # --merge stays a plain checkpoint
+    run(model_dir, merged, small, merge=True)
+    assert json.loads((merged / "config.json").read_text())["model_type"] == summary["model"].config.model_type
+
+
 def test_manifest(model_dir, arch, tmp_path, small):
     out = tmp_path / "out"
     summary = run(model_dir, out, small, "lord.ratio=0.3")

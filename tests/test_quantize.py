@@ -180,8 +180,8 @@ def test_dequantized_cache_gives_the_same_numbers_and_is_dropped_after(tmp_path,
     model, windows = summary["model"], ids.reshape(4, 12)
     uncached = [model(input_ids=w[None], use_cache=False).logits for w in windows]
     ppl = perplexity(model, windows, batch_size=1)
-    nll = sum(float(torch.nn.functional.cross_entropy(l[0, :-1], w[1:], reduction="sum"))
-              for l, w in zip(uncached, windows))
+    nll = sum(float(torch.nn.functional.cross_entropy(out[0, :-1], w[1:], reduction="sum"))
+              for out, w in zip(uncached, windows))
     assert ppl["value"] == pytest.approx(math.exp(nll / (4 * 11)), rel=1e-12)
     assert all(m.cached_weight is None for m in model.modules() if isinstance(m, QuantizedLinear))
 

@@ -2,7 +2,9 @@
 
 Output directory::
 
-    config.json, generation_config.json, tokenizer files    # the base model's, untouched
+    config.json, generation_config.json, tokenizer files    # the base model's; config.json gets a
+                             # quantization_config, or model_type compressor-<base> where stock loaders
+                             # would not rebuild the modules (serving.mark_not_stock)
     model.safetensors (or shards + model.safetensors.index.json)
     compression.json         # format version, recipe as applied, per-module kind/shapes/rank, counts
     compression_log.jsonl    # one line per targeted module: rank, parameters, errors, seconds
@@ -125,6 +127,10 @@ def save(model: nn.Module, tokenizer: Any, out: Path, manifest: dict[str, Any], 
             with export.base_layout(model, modules) as loras:
                 model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
                 manifest["serving"] = export.write_serving(tmp, model, modules, loras, str(Path(out).resolve()))
+            reason = export.not_stock_reason(manifest["modules"], manifest["serving"]["compressed_tensors"])
+            if reason:
+                export.mark_not_stock(tmp, reason)
+            manifest["serving"]["stock_transformers"] = not reason
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -156,7 +162,7 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a model written by ``save`` (compressed or merged) with identical outputs."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     path = Path(path)
@@ -164,7 +170,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if manifest.get("merged"):
         kwargs = {"dtype": dtype} if dtype is not None else {}
         return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
-    config = AutoConfig.from_pretrained(path)
+    config = export.model_config(path)
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

@@ -19,6 +19,13 @@ existing tools read it without this package:
 
 ``io.load`` reads both back (``state_for_load``), so our own loader and ``peft`` see the same numbers.
 
+- **Everything else fails loudly in stock loaders.** An output that plain ``from_pretrained`` would not
+  rebuild (low-rank or CUR factors, quantized modules compressed-tensors cannot describe, such as a group
+  size that does not divide ``in_features``, layers of a new shape) would otherwise load with those linears
+  randomly initialized and only a warning. Its ``config.json`` therefore gets ``model_type``
+  ``compressor-<base>`` (which ``transformers`` refuses with an error naming it) and a ``compressor`` entry
+  holding the base ``model_type`` and the reason; ``io.load`` reads it back (``model_config``).
+
 Loading in ``transformers``: symmetric checkpoints load as they are; asymmetric ones need
 ``quantization_config=CompressedTensorsConfig(dequantize=True)`` with compressed-tensors 0.20, whose
 compressed-mode initialization expects an unpacked zero point although its compressor (and vLLM) use the
@@ -154,6 +161,47 @@ def state_for_load(state: dict[str, torch.Tensor], manifest: dict[str, Any],
         name, part = key[len(PEFT_PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
         state[f"{name}.lora.{'down' if part == 'lora_A' else 'up'}.weight"] = tensor
     return state
+
+
+NOT_STOCK_PREFIX = "compressor-"
+NOT_STOCK_KEY = "compressor"
+
+
+def not_stock_reason(modules: dict[str, dict[str, Any]], compressed_tensors: bool) -> str:
+    """Why plain ``from_pretrained`` would not rebuild the modules of a manifest ("" when it would):
+    a quantized module is read when compressed-tensors describes it, a compensated one when its base is."""
+    for name, spec in modules.items():
+        base = spec["base"]["kind"] if spec["kind"] == "compensated" else spec["kind"]
+        if base == "quantized" and compressed_tensors:
+            continue
+        if base == "dense" and spec["kind"] == "compensated":
+            continue  # a plain linear; its low-rank path is the PEFT adapter
+        what = "a layer of a new shape" if base == "dense" else f"a {base} module"
+        return f"{name} is {what}, which stock transformers does not rebuild"
+    return ""
+
+
+def mark_not_stock(folder: Path, reason: str) -> None:
+    """Make ``folder``/config.json one that ``transformers`` refuses (instead of loading random weights)."""
+    file = folder / "config.json"
+    data = json.loads(file.read_text())
+    data[NOT_STOCK_KEY] = {"base_model_type": data["model_type"], "why": reason,
+                           "load": "compressor.load(path), or `compressor eval path`; --merge writes a plain checkpoint"}
+    data["model_type"] = NOT_STOCK_PREFIX + data["model_type"]
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def model_config(path: Path):
+    """The ``transformers`` config of an output directory, marked by ``mark_not_stock`` or not."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    data = json.loads((Path(path) / "config.json").read_text())
+    marker = data.pop(NOT_STOCK_KEY, None)
+    if marker is None:
+        return AutoConfig.from_pretrained(path)
+    data["model_type"] = marker["base_model_type"]
+    return CONFIG_MAPPING[data["model_type"]].from_dict(data)
 
 
 TRANSFORMERS_ASYMMETRIC = ("asymmetric: load in transformers with quantization_config="
