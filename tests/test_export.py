@@ -80,7 +80,7 @@ def test_not_describable_by_compressed_tensors_is_noted_and_refused_by_stock_loa
 
 
 def test_stock_readable_outputs_keep_their_model_type(tmp_path, model_dirs, ids):
-    model = api.compress(str(model_dirs["llama"]), quantize_then([]), tmp_path / "out", progress=False)["model"]
+    api.compress(str(model_dirs["llama"]), quantize_then([]), tmp_path / "out", progress=False)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"
     assert io.read_manifest(tmp_path / "out")["serving"]["stock_transformers"] is True
     assert export.not_stock_reason({"a": {"kind": "compensated", "base": {"kind": "dense"}}}, False) == ""

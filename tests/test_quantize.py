@@ -10,9 +10,9 @@ import torch
 from conftest import logits, small_recipe
 
 from compressor import api, io
+from compressor.evaluate import perplexity
 from compressor.kernels import quant
 from compressor.methods.quantize import QuantizeConfig, gptq, hessian, inverse_hessian_factor
-from compressor.evaluate import perplexity
 from compressor.model.modules import CompensatedLinear, LowRankLinear, QuantizedLinear, dequantized
 from compressor.plan import recipe as recipes
 
