@@ -80,11 +80,14 @@ def manifest_of(model_spec: str, recipe_name: str, plan: Plan, dtype: str, befor
 
 
 def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: list[str] | None = None,
-             device: str = "cpu", dtype: str = "float32", overwrite: bool = False, merge: bool = False,
-             progress: bool = True) -> dict[str, Any]:
-    """Compress ``model`` with ``recipe`` and write the result to ``out``; returns a summary."""
+             device: str = "cpu", dtype: str = "float32", storage_dtype: str | None = None, overwrite: bool = False,
+             merge: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Compress ``model`` with ``recipe`` and write the result to ``out``; returns a summary.
+    ``dtype``: the model's dtype while compressing; ``storage_dtype``: of the floating tensors written
+    (None: ``dtype``)."""
     recipe_name, recipe = ("<object>", recipe) if isinstance(recipe, Recipe) else (recipe, recipes.load(recipe, overrides))
     torch_dtype = models.parse_dtype(dtype)
+    stored = models.parse_dtype(storage_dtype) if storage_dtype is not None else None
     plan = compile_plan(recipe, models.skeleton(model, torch_dtype))  # every value checked, no weight read
     out = Path(out)
     io.check_output(out, overwrite)
@@ -103,7 +106,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     seconds["compression"] = time.perf_counter() - start
     manifest = manifest_of(model, recipe_name, plan, dtype, before, loaded, report)
     start = time.perf_counter()
-    io.save(loaded, tokenizer, out, manifest, report.log, merge=merge, overwrite=overwrite, reshaped=report.reshaped)
+    io.save(loaded, tokenizer, out, manifest, report.log, merge=merge, overwrite=overwrite, reshaped=report.reshaped,
+            storage_dtype=stored)
     seconds["save"] = time.perf_counter() - start
     return {"out": str(out), "params_before": before["params"], "params_after": manifest["params_after"],
             "seconds": seconds, "cpu_seconds": cpu_seconds, "walk_seconds": dict(report.seconds),

@@ -58,6 +58,8 @@ def compress(
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory (must be empty or absent)")],
     device: Annotated[str, typer.Option(help="compute device: cpu, cuda, cuda:1, ...")] = "cpu",
     dtype: Annotated[str, typer.Option(help="model dtype: float32, bfloat16, float16")] = "float32",
+    storage_dtype: Annotated[Optional[str], typer.Option(help="dtype of the floating tensors written (weights "
+                                                         "left dense, factors, adapter, scales); default: --dtype")] = None,
     calib_dataset: Annotated[Optional[str], typer.Option(help="calibration source or .txt/.jsonl file")] = None,
     n_samples: Annotated[Optional[int], typer.Option(help="number of calibration windows")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="tokens per calibration window")] = None,
@@ -75,8 +77,8 @@ def compress(
     for key, value in (("dataset", calib_dataset), ("n_samples", n_samples), ("seq_len", seq_len), ("seed", seed)):
         if value is not None:
             overrides.append(f"calibration.{key}={value}")
-    summary = run(model, recipe, out, overrides=overrides, device=device, dtype=dtype, overwrite=overwrite,
-                  merge=merge, progress=not quiet and sys.stderr.isatty())
+    summary = run(model, recipe, out, overrides=overrides, device=device, dtype=dtype, storage_dtype=storage_dtype,
+                  overwrite=overwrite, merge=merge, progress=not quiet and sys.stderr.isatty())
     removed = 1 - summary["params_after"] / summary["params_before"]
     console.print(f"wrote {summary['out']}: {summary['compressed']}/{summary['modules']} modules compressed, "
                   f"parameters {summary['params_before']:,} → {summary['params_after']:,} ({removed:.1%} removed), "

@@ -178,3 +178,42 @@ def test_bytes_on_disk_count_the_adapter(tmp_path, model_dirs):
     adapter = (tmp_path / "out" / export.ADAPTER_DIR / export.ADAPTER_WEIGHTS).stat().st_size
     base = (tmp_path / "out" / "model.safetensors").stat().st_size
     assert bytes_on_disk(tmp_path / "out") == base + adapter
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_storage_dtype_rounds_every_floating_tensor_written_and_nothing_in_memory(tmp_path, model_dirs, merge):
+    from safetensors.torch import load_file
+
+    recipe = quantize_then([{"method": "eora", "config": {"rank": 8, "space": "weight"}}])
+    summary = api.compress(str(model_dirs["llama"]), recipe, tmp_path / "out", storage_dtype="bfloat16",
+                           merge=merge, progress=False)
+    model = summary["model"]
+    assert all(t.dtype == torch.float32 for t in model.parameters())  # the model in memory keeps its dtype
+    files = [tmp_path / "out" / "model.safetensors"]
+    if not merge:
+        files.append(tmp_path / "out" / export.ADAPTER_DIR / export.ADAPTER_WEIGHTS)
+    written = {k: v for f in files for k, v in load_file(str(f)).items()}
+    assert {v.dtype for v in written.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert io.read_manifest(tmp_path / "out")["storage_dtype"] == "bfloat16"
+    loaded = io.load(tmp_path / "out", dtype=torch.float32)
+    if merge:  # the merged output is stock: exactly the merged weights, rounded once
+        from transformers import AutoModelForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    state = loaded.state_dict()
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            assert torch.equal(state[name], tensor.to(torch.bfloat16).float()), name
+        else:
+            assert torch.equal(state[name], tensor), name
+    assert io.load(tmp_path / "out").dtype == torch.bfloat16  # config.json's dtype is the default
+
+
+def test_model_dtype_applies_to_the_adapter_too(tmp_path, model_dirs):
+    from safetensors.torch import load_file
+
+    recipe = quantize_then([{"method": "eora", "config": {"rank": 8, "space": "weight"}}])
+    api.compress(str(model_dirs["llama"]), recipe, tmp_path / "out", dtype="bfloat16", progress=False)
+    adapter = load_file(str(tmp_path / "out" / export.ADAPTER_DIR / export.ADAPTER_WEIGHTS))
+    assert {v.dtype for v in adapter.values()} == {torch.bfloat16}

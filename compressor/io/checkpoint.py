@@ -14,6 +14,10 @@ Quantized linears are stored packed in compressed-tensors' layout, with a ``quan
 config.json where compressed-tensors can describe them; compensated linears store their base under their
 own name and their low-rank path in ``adapter/`` (export.py), so vLLM, ``transformers`` and ``peft`` load it.
 
+``storage_dtype`` is the dtype of every floating tensor in the files (unquantized weights, factors, the
+adapter, quantization scales), recorded as config.json's ``dtype``; by default the dtype the model was
+compressed in. It rounds copies made for the write; the model in memory is not changed.
+
 Everything is written into a temporary sibling directory and renamed at the end, so an
 interrupted run never leaves a half-written output. ``load`` rebuilds the architecture from
 config.json, swaps in empty compressed modules from the manifest, and loads the tensors.
@@ -109,28 +113,58 @@ def module_specs(model: nn.Module, reshaped: dict[str, nn.Module] | None = None)
     return dict(sorted(specs.items(), key=lambda item: item[0].count(".")))
 
 
+@contextmanager
+def stored_as(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Within the block every floating parameter and buffer of ``model`` holds a copy in ``dtype``
+    (the originals are put back after): what ``save_pretrained`` and the adapter writer then write."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())
+               if dtype is not None and t.is_floating_point() and t.dtype != dtype}
+    originals = {key: t.data for key, t in tensors.items()}
+    try:
+        for t in tensors.values():
+            t.data = t.data.to(dtype)
+        yield
+    finally:
+        for key, t in tensors.items():
+            t.data = originals[key]
+
+
+def _set_config_dtype(folder: Path, dtype: torch.dtype) -> None:
+    file = folder / "config.json"
+    data = json.loads(file.read_text())
+    data["dtype"] = str(dtype).removeprefix("torch.")
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def save(model: nn.Module, tokenizer: Any, out: Path, manifest: dict[str, Any], log: list[dict[str, Any]],
-         merge: bool = False, overwrite: bool = False, reshaped: dict[str, nn.Module] | None = None) -> Path:
+         merge: bool = False, overwrite: bool = False, reshaped: dict[str, nn.Module] | None = None,
+         storage_dtype: torch.dtype | None = None) -> Path:
     """Write the model, tokenizer, manifest and log to ``out`` atomically. ``reshaped``: plain modules of a
-    new shape (a shrunk MLP's linears) that the manifest must describe for ``load``."""
+    new shape (a shrunk MLP's linears) that the manifest must describe for ``load``. ``storage_dtype``:
+    the dtype of the floating tensors written (None: as they are in memory)."""
     manifest = dict(manifest)
     manifest["format_version"] = FORMAT_VERSION
     manifest["package_version"] = __version__
     modules = compressed_modules(model)
     manifest["modules"] = module_specs(model, reshaped)
     manifest["merged"] = merge
+    if storage_dtype is not None:
+        manifest["storage_dtype"] = str(storage_dtype).removeprefix("torch.")
     with atomic_directory(out, overwrite) as tmp:
         if merge:
             merge_in_place(model)
-            model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+            with stored_as(model, storage_dtype):
+                model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
         else:  # quantized and compensated modules in the layout vLLM / transformers / peft read (export.py)
-            with export.base_layout(model, modules) as loras:
+            with stored_as(model, storage_dtype), export.base_layout(model, modules) as loras:
                 model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
                 manifest["serving"] = export.write_serving(tmp, model, modules, loras, str(Path(out).resolve()))
             reason = export.not_stock_reason(manifest["modules"], manifest["serving"]["compressed_tensors"])
             if reason:
                 export.mark_not_stock(tmp, reason)
             manifest["serving"]["stock_transformers"] = not reason
+        if storage_dtype is not None:
+            _set_config_dtype(tmp, storage_dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
