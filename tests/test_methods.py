@@ -29,6 +29,7 @@ TINY = {
     "quantize": ({"config": {"algorithm": "gptq", "bits": 4, "group_size": 32}}, []),
     "prune": ({"config": {"algorithm": "wanda", "pattern": "2:4"}}, []),
     "eora": ({"config": {"rank": 4}}, [{"method": "quantize", "config": {"bits": 3, "group_size": 32}}]),
+    "modegpt": ({"config": {"ratio": 0.3}}, []),
 }
 METHODS = sorted(registry.COMPRESSORS)
 
