@@ -69,6 +69,27 @@ def lord_matched(reference: str, same_layers: bool = True):
     return build
 
 
+def modegpt(ratio: float, **config) -> dict:
+    """MoDeGPT with the reference's protocol: statistics of the original model in one pass."""
+    return {"calibration": CALIBRATION, "propagate": "original", "statistics": "once",
+            "steps": [{"method": "modegpt", "config": {"ratio": ratio, **config}}]}
+
+
+def lord_gram_as(reference: str, targets: list[str]):
+    """LoRD gram on ``targets`` removing the same fraction of the model as the earlier run ``reference``."""
+
+    def build(done: dict[str, dict]) -> dict:
+        ref = done[reference]
+        ratio = 1 - ref["parameters"] / ref["parameters_before"]
+        return {"calibration": CALIBRATION, "steps": [{"method": "lord", "targets": targets,
+                                                       "config": {"model_ratio": ratio, "whiten": "gram"}}]}
+
+    return build
+
+
+MLP_TARGETS = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
 def fwsvd(ratio: float, fisher_cache: str = "use", **config) -> dict:
     return {"calibration": CALIBRATION, "steps": [{"method": "fwsvd", "config": {
         "ratio": ratio, "fisher_cache": fisher_cache, **config}}]}
@@ -136,6 +157,14 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         ("fisher-pass-axis", {"fisher_pass": {"checkpointing": True, "n_samples": 4, "reduce": "in"}}),
         ("fwsvd-0.2", fwsvd(0.2)), ("fwsvd-0.4", fwsvd(0.4)),
         ("lord-none-0.2", lord("none", 0.2)), ("lord-none-0.4", lord("none", 0.4)),
+    ],
+    # MoDeGPT so far: the MLP part (Nyström) at 20% and 30% of the MLP channels removed on average; LoRD gram
+    # removing the same parameters from the same MLP linears, and from every decoder linear.
+    "modegpt": [
+        *[(name, recipe) for r in (0.2, 0.3) for name, recipe in (
+            (f"modegpt-mlp-{r}", modegpt(r)),
+            (f"lord-gram-mlp-as-modegpt-mlp-{r}", lord_gram_as(f"modegpt-mlp-{r}", MLP_TARGETS)),
+            (f"lord-gram-all-as-modegpt-mlp-{r}", lord_gram_as(f"modegpt-mlp-{r}", [])))],
     ],
     # Quantize or prune, then compensate (asymmetric, group 128): RTN and GPTQ at 4 and 3 bits, SparseGPT 2:4,
     # each alone, with plain-SVD compensation of the residual (svd) and with EoRA (eora) at ranks 32 and 64;
