@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--after", type=Path, required=True)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    report: dict = {"suites": {}}
+    report: dict = {"what": f"re-run figures ({args.after}) against the committed ones ({args.before}), "
+                            "as the README prints them", "suites": {}}
     differ = 0
     for suite in SUITES:
         old_file, new_file = args.before / f"bench-{suite}.json", args.after / f"bench-{suite}.json"
