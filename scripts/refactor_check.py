@@ -45,7 +45,9 @@ def main() -> None:
     parser.add_argument("--after", type=Path, required=True)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    report: dict = {"what": f"re-run figures ({args.after}) against the committed ones ({args.before}), "
+    where = {path: (path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path)
+             for path in (args.after, args.before)}
+    report: dict = {"what": f"re-run figures ({where[args.after]}) against the committed ones ({where[args.before]}), "
                             "as the README prints them", "suites": {}}
     differ = 0
     for suite in SUITES:
