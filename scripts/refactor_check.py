@@ -27,12 +27,18 @@ def printed(value: float | None) -> str | None:
 
 
 def compare(before: dict, after: dict) -> dict:
-    row = {"name": before["name"], "perplexity_before": before.get("perplexity"),
-           "perplexity_after": after.get("perplexity"), "parameters_before": before.get("parameters"),
-           "parameters_after": after.get("parameters")}
-    same = (printed(before.get("perplexity")) == printed(after.get("perplexity"))
-            and before.get("parameters") == after.get("parameters")
-            and before.get("ranks") == after.get("ranks"))
+    row = {
+        "name": before["name"],
+        "perplexity_before": before.get("perplexity"),
+        "perplexity_after": after.get("perplexity"),
+        "parameters_before": before.get("parameters"),
+        "parameters_after": after.get("parameters"),
+    }
+    same = (
+        printed(before.get("perplexity")) == printed(after.get("perplexity"))
+        and before.get("parameters") == after.get("parameters")
+        and before.get("ranks") == after.get("ranks")
+    )
     row["same_at_printed_precision"] = same and "error" not in after
     if "error" in after:
         row["error_after"] = after["error"]
@@ -45,10 +51,15 @@ def main() -> None:
     parser.add_argument("--after", type=Path, required=True)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    where = {path: (path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path)
-             for path in (args.after, args.before)}
-    report: dict = {"what": f"re-run figures ({where[args.after]}) against the committed ones ({where[args.before]}), "
-                            "as the README prints them", "suites": {}}
+    where = {
+        path: (path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path)
+        for path in (args.after, args.before)
+    }
+    report: dict = {
+        "what": f"re-run figures ({where[args.after]}) against the committed ones ({where[args.before]}), "
+        "as the README prints them",
+        "suites": {},
+    }
     differ = 0
     for suite in SUITES:
         old_file, new_file = args.before / f"bench-{suite}.json", args.after / f"bench-{suite}.json"
@@ -58,10 +69,16 @@ def main() -> None:
         new = {r["name"]: r for r in json.loads(new_file.read_text())["runs"]} if new_file.is_file() else {}
         rows = [compare(old[name], new[name]) for name in old if name in new]
         differ += sum(not r["same_at_printed_precision"] for r in rows)
-        report["suites"][suite] = {"re_run": len(rows), "of": len(old), "rows": rows,
-                                   "not_re_run": [name for name in old if name not in new]}
-        print(f"{suite}: {len(rows)}/{len(old)} re-run, "
-              f"{sum(r['same_at_printed_precision'] for r in rows)} same at printed precision")
+        report["suites"][suite] = {
+            "re_run": len(rows),
+            "of": len(old),
+            "rows": rows,
+            "not_re_run": [name for name in old if name not in new],
+        }
+        print(
+            f"{suite}: {len(rows)}/{len(old)} re-run, "
+            f"{sum(r['same_at_printed_precision'] for r in rows)} same at printed precision"
+        )
     report["differ"] = differ
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -21,14 +21,18 @@ def mlp_inputs(model, batches, index: int, arch: str) -> tuple[torch.Tensor, tor
     mlp = model.model.decoder.layers[index] if arch == "opt" else model.model.layers[index].mlp
     seen = []
     module = mlp.fc1 if arch == "opt" else mlp
-    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    handle = module.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+    )
     with torch.no_grad():
         for batch in batches:
             model(input_ids=batch, use_cache=False)
     handle.remove()
     if arch == "opt":
+
         def run(x, layer=mlp):
             return layer.fc2(torch.relu(layer.fc1(x)))
+
         return torch.cat(seen), run
     return torch.cat(seen), mlp
 
@@ -37,8 +41,13 @@ def mlp_inputs(model, batches, index: int, arch: str) -> tuple[torch.Tensor, tor
 def test_keeping_every_channel_reproduces_the_model(arch, model_dirs, batches, ids):
     model = models.load(str(model_dirs[arch]))[0]
     before = logits(model, ids)
-    run_steps(model, [{"method": "modegpt", "config": {"ratio": 0.0}}], batches, propagate="original",
-              statistics="once")
+    run_steps(
+        model,
+        [{"method": "modegpt", "config": {"ratio": 0.0}}],
+        batches,
+        propagate="original",
+        statistics="once",
+    )
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-4, atol=1e-4)
 
 
@@ -51,8 +60,13 @@ def test_mlp_error_falls_as_more_channels_are_kept_and_the_refit_helps(arch, mod
     errors = []
     for ratio in (0.6, 0.4, 0.2):
         model = copy.deepcopy(source)
-        report = run_steps(model, [{"method": "modegpt", "config": {"ratio": ratio, "smoothing": 10.0}}],
-                           batches, propagate="original", statistics="once")
+        report = run_steps(
+            model,
+            [{"method": "modegpt", "config": {"ratio": ratio, "smoothing": 10.0}}],
+            batches,
+            propagate="original",
+            statistics="once",
+        )
         _, compressed = mlp_inputs(model, batches, 1, arch)
         with torch.no_grad():
             errors.append(float((compressed(x) - target).norm() / target.norm()))
@@ -63,7 +77,9 @@ def test_mlp_error_falls_as_more_channels_are_kept_and_the_refit_helps(arch, mod
     mlp = source.model.decoder.layers[1] if arch == "opt" else source.model.layers[1].mlp
     down = mlp.fc2 if arch == "opt" else mlp.down_proj
     hidden_seen = []
-    handle = down.register_forward_pre_hook(lambda m, args: hidden_seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    handle = down.register_forward_pre_hook(
+        lambda m, args: hidden_seen.append(args[0].reshape(-1, args[0].shape[-1]))
+    )
     with torch.no_grad():
         original(x)
     handle.remove()
@@ -84,10 +100,14 @@ def test_kept_counts_meet_the_total_exactly():
 
 
 def test_save_reload_and_manifest(model_dirs, small_text, ids, tmp_path):
-    data = {"propagate": "original", "statistics": "once",
-            "steps": [{"method": "modegpt", "config": {"ratio": 0.25}}]}
-    summary = api.compress(str(model_dirs["llama"]), small_recipe(data, small_text), tmp_path / "out",
-                           progress=False)
+    data = {
+        "propagate": "original",
+        "statistics": "once",
+        "steps": [{"method": "modegpt", "config": {"ratio": 0.25}}],
+    }
+    summary = api.compress(
+        str(model_dirs["llama"]), small_recipe(data, small_text), tmp_path / "out", progress=False
+    )
     manifest = io.read_manifest(tmp_path / "out")
     decision = manifest["plan"][0]["decision"]
     assert set(decision) == {"influence", "sparsity", "kept_channels", "width"} and decision["width"] == 128

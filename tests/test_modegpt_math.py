@@ -14,7 +14,9 @@ from compressor.methods import modegpt_math as mg
 def samples(tokens: int, dim: int, seed: int = 0) -> torch.Tensor:
     """(tokens, dim) correlated activations with a few large channels, fp64."""
     g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(dim, dim, generator=g, dtype=torch.float64) / dim ** 0.5 + torch.eye(dim, dtype=torch.float64)
+    mix = torch.randn(dim, dim, generator=g, dtype=torch.float64) / dim**0.5 + torch.eye(
+        dim, dtype=torch.float64
+    )
     scale = 1 + 4 * (torch.rand(dim, generator=g, dtype=torch.float64) > 0.8)
     return (torch.randn(tokens, dim, generator=g, dtype=torch.float64) @ mix) * scale
 
@@ -46,7 +48,9 @@ def test_nystrom_down_is_the_least_squares_refit_and_error_falls_with_kept_chann
         kept = mg.mlp_keep(c, keep)
         approx = hidden[:, kept] @ mg.nystrom_down(c, kept, down).T
         errors.append(float((hidden @ down.T - approx).norm()))
-    assert all(b <= a + 1e-9 for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-5 * errors[0]  # the 1e-6 jitter
+    assert (
+        all(b <= a + 1e-9 for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-5 * errors[0]
+    )  # the 1e-6 jitter
 
 
 def test_qk_scores_equal_the_column_norms_of_the_square_roots():
@@ -72,7 +76,9 @@ def test_rope_pair_selection_equals_brute_force(n_heads, n_kv):
         group = [(qs[h] ** 2).mean(0) for h in range(kv * per_group, (kv + 1) * per_group)]
 
         def total(pairs, group=group, sq_k=sq_k):
-            return sum(float(sq_q[j] * sq_k[j] + sq_q[j + half] * sq_k[j + half]) for sq_q in group for j in pairs)
+            return sum(
+                float(sq_q[j] * sq_k[j] + sq_q[j + half] * sq_k[j + half]) for sq_q in group for j in pairs
+            )
 
         best = max(itertools.combinations(range(half), keep // 2), key=total)
         assert dims == set(best) | {j + half for j in best}
@@ -83,7 +89,7 @@ def test_rope_pair_selection_equals_brute_force(n_heads, n_kv):
 def test_qk_without_rope_keeps_single_dims():
     q, k = samples(300, 6, 3), samples(300, 6, 4)
     kept = mg.qk_keep(cov(q)[None], cov(k)[None], 3, rope=False)
-    score = ((q ** 2).mean(0) * (k ** 2).mean(0)).sqrt()
+    score = ((q**2).mean(0) * (k**2).mean(0)).sqrt()
     assert set(kept[0].tolist()) == set(torch.topk(score, 3).indices.tolist())
 
 
@@ -106,7 +112,9 @@ def test_value_output_mha_reaches_the_optimal_truncation():
         errors.append(_vo_error(x, [value], [[output]], [new_value], [[new_output]]))
         # the best rank-keep map in the whitened space: ‖√C (M − M̂)‖ = sqrt(Σ_{i>keep} σ_i²) of √C M
         sigma = torch.linalg.svdvals(root @ value.T @ output.T)
-        assert errors[-1] / x.shape[0] ** 0.5 == pytest.approx(float(sigma[keep:].square().sum().sqrt()), abs=1e-9)
+        assert errors[-1] / x.shape[0] ** 0.5 == pytest.approx(
+            float(sigma[keep:].square().sum().sqrt()), abs=1e-9
+        )
     assert all(b <= a + 1e-9 for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-8
 
 
@@ -133,6 +141,8 @@ def test_allocation_meets_the_average_respects_the_cap_and_spares_influential_la
     assert torch.equal(torch.argsort(phi), torch.argsort(-influence.double()))  # more influence, less removed
     capped = mg.allocate_sparsity(influence, 0.5, smoothing=0.02, cap=0.6)  # a sharp softmax hits the cap
     assert float(capped.mean()) == pytest.approx(0.5) and float(capped.max()) == pytest.approx(0.6)
-    assert torch.allclose(mg.allocate_sparsity(torch.zeros(4), 0.2), torch.full((4,), 0.2, dtype=torch.float64))
+    assert torch.allclose(
+        mg.allocate_sparsity(torch.zeros(4), 0.2), torch.full((4,), 0.2, dtype=torch.float64)
+    )
     with pytest.raises(ValueError):
         mg.allocate_sparsity(influence, 0.9, cap=0.8)

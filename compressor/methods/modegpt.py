@@ -31,9 +31,13 @@ from . import modegpt_math as mg
 
 @dataclass
 class MoDeGPTConfig:
-    ratio: float = field(0.2, "mean fraction of each layer's MLP channels removed (per-layer by block influence)")
+    ratio: float = field(
+        0.2, "mean fraction of each layer's MLP channels removed (per-layer by block influence)"
+    )
     part: Literal["mlp"] = field("mlp", "which modules: mlp (Type I, Nyström)")
-    ridge_mlp: float = field(1e-2, "λ of the ridge leverage scores, absolute on the covariance (reference 1e-2)")
+    ridge_mlp: float = field(
+        1e-2, "λ of the ridge leverage scores, absolute on the covariance (reference 1e-2)"
+    )
     smoothing: float = field(0.15, "ε of the softmax allocation over block influence (reference 0.15)")
     max_sparsity: float = field(0.8, "cap on one layer's removed fraction (reference 0.8)")
 
@@ -69,14 +73,15 @@ def kept_counts(sparsity: torch.Tensor, width: int, ratio: float) -> list[int]:
     extra = total - int(floor.sum())
     order = torch.argsort(removed - floor, descending=True)
     counts = floor.clone()
-    counts[order[:max(extra, 0)]] += 1
+    counts[order[: max(extra, 0)]] += 1
     return [max(1, width - int(c)) for c in counts]
 
 
 class MoDeGPT(Compressor):
     name = "modegpt"
     Config = MoDeGPTConfig
-    summary = "structured: keep MLP channels by ridge leverage, refit down (Nyström); per-layer sparsity by influence"
+    summary = ("structured: keep MLP channels by ridge leverage, refit down (Nyström); "
+               "per-layer sparsity by influence")
     paper = "MoDeGPT (Lin et al., ICLR 2025, arXiv:2408.09632)"
     group = "mlp"
 
@@ -91,18 +96,31 @@ class MoDeGPT(Compressor):
         if view.batches is None:
             raise CompressorError("modegpt needs calibration data (block influence and covariances)")
         layers = sorted({view.layer_of(name) for name in view.shapes})
-        widths = {view.shapes[name][1] for name in view.shapes if (view.arch.role_of(name) or (0, "", ""))[2] == "down"}
+        widths = {
+            view.shapes[name][1]
+            for name in view.shapes
+            if (view.arch.role_of(name) or (0, "", ""))[2] == "down"
+        }
         if len(widths) != 1:
-            raise CompressorError(f"modegpt needs one MLP width across the targeted layers; found {sorted(widths)}")
+            raise CompressorError(
+                f"modegpt needs one MLP width across the targeted layers; found {sorted(widths)}"
+            )
         (width,) = widths
         influence = block_influence(view)
         chosen = torch.tensor([influence[i] for i in layers])
-        sparsity = mg.allocate_sparsity(chosen, self.config.ratio, self.config.smoothing, self.config.max_sparsity)
+        sparsity = mg.allocate_sparsity(
+            chosen, self.config.ratio, self.config.smoothing, self.config.max_sparsity
+        )
         counts = kept_counts(sparsity, width, self.config.ratio)
         self.keep = dict(zip(layers, counts))
-        return Decision({"influence": {str(i): influence[i] for i in layers},
-                         "sparsity": {str(i): float(s) for i, s in zip(layers, sparsity)},
-                         "kept_channels": {str(i): k for i, k in self.keep.items()}, "width": width})
+        return Decision(
+            {
+                "influence": {str(i): influence[i] for i in layers},
+                "sparsity": {str(i): float(s) for i, s in zip(layers, sparsity)},
+                "kept_channels": {str(i): k for i, k in self.keep.items()},
+                "width": width,
+            }
+        )
 
     def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
         down = group.members["down"]
@@ -119,8 +137,10 @@ class MoDeGPT(Compressor):
                 bias = target.bias
             else:  # gate, up: their rows of the kept channels
                 weight, bias = target.weight[kept], None if target.bias is None else target.bias[kept]
-            module = dense_module(weight.to(ctx.dtype).clone(), None if bias is None else bias.to(ctx.dtype).clone(),
-                                  target.dense_class)
+            module = dense_module(
+                weight.to(ctx.dtype).clone(),
+                None if bias is None else bias.to(ctx.dtype).clone(),
+                target.dense_class,
+            )
             outcomes[target.name] = Outcome(module, rank=keep)
         return outcomes
-

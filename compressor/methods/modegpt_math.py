@@ -12,9 +12,9 @@ Weights are in the ``nn.Linear`` layout (out, in). Covariances are of the calibr
   ``down' = down Cᵀ_{:,J} (C_{J,J} + εI)⁻¹``, shape (d, k) (``nystrom_down``).
 - **Type II, query–key (CR).** Per head, the score of dim j is ``‖C_q^½[:, j]‖ · ‖C_k^½[:, j]‖`` from
   the covariances of the query and key projections' outputs (= ``√(C_q,jj C_k,jj)``: the reference
-  forms the square roots by eigh; their column norms are the diagonals' roots). With RoPE (``rotate_half``: dims j and
-  j + d_h/2 rotate together) dims are kept in pairs scored ``‖q_j‖²‖k_j‖² + ‖q_{j'}‖²‖k_{j'}‖²``
-  (the reference's squared form). With GQA the scores of a KV group's query heads are summed and one
+  forms the square roots by eigh; their column norms are the diagonals' roots). With RoPE
+  (``rotate_half``: dims j and j + d_h/2 rotate together) dims are kept in pairs scored
+  ``‖q_j‖²‖k_j‖² + ‖q_{j'}‖²‖k_{j'}‖²`` (the reference's squared form). With GQA the scores of a KV group's query heads are summed and one
   mask serves the KV head and all its query heads (``qk_keep``).
 - **Type III, value–output (SVD).** ``C`` is the covariance of the attention input. Per KV head
   ``√C W_Vᵀ = U S Vᵀ``; with one query head per KV head (MHA) a second SVD ``S Vᵀ W_Oᵀ = U' S' V'ᵀ``
@@ -33,7 +33,8 @@ from torch import Tensor
 
 
 def covariance_sqrt(cov: Tensor, ridge: float = 0.0) -> tuple[Tensor, Tensor]:
-    """(``√(C + ridge·I)``, its inverse) by fp64 eigh, eigenvalues clamped at 0 (inverse: a pseudo-inverse)."""
+    """(``√(C + ridge·I)``, its inverse) by fp64 eigh, eigenvalues clamped at 0 (the inverse: a
+    pseudo-inverse)."""
     cov = cov.double()
     cov = (cov + cov.T) / 2 + ridge * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     evals, evecs = torch.linalg.eigh(cov)
@@ -75,7 +76,8 @@ def nystrom_down(cov: Tensor, kept: Tensor, down: Tensor, jitter: float = 1e-6) 
 def qk_dim_scores(cov_q: Tensor, cov_k: Tensor, rope: bool, ridge: float = 1e-6) -> Tensor:
     """Scores (d_h,) of one query head's dims against its key head (covariances (d_h, d_h)); with RoPE the
     score of pair j (j < d_h/2) is in entry j and repeated in j + d_h/2. The column norm of the symmetric
-    square root is ``‖(C + ρI)^½[:, j]‖ = √(C_jj + ρ)`` (``(C^½)ᵀ C^½ = C``), so no factorization is needed."""
+    square root is ``‖(C + ρI)^½[:, j]‖ = √(C_jj + ρ)`` (``(C^½)ᵀ C^½ = C``): no factorization is
+    needed."""
     sq_q = torch.diagonal(cov_q.double()).clamp_min(0) + ridge  # ‖C_q^½[:, j]‖²
     sq_k = torch.diagonal(cov_k.double()).clamp_min(0) + ridge
     if not rope:
@@ -97,8 +99,10 @@ def qk_keep(cov_q: Tensor, cov_k: Tensor, keep: int, rope: bool, ridge: float = 
     per_group = n_heads // n_kv
     kept = []
     for kv in range(n_kv):
-        score = sum(qk_dim_scores(cov_q[h], cov_k[kv], rope, ridge) for h in range(kv * per_group,
-                                                                                 (kv + 1) * per_group))
+        score = sum(
+            qk_dim_scores(cov_q[h], cov_k[kv], rope, ridge)
+            for h in range(kv * per_group, (kv + 1) * per_group)
+        )
         if rope:
             half = d_head // 2
             pairs = torch.topk(score[:half], keep // 2).indices
@@ -112,8 +116,9 @@ def qk_keep(cov_q: Tensor, cov_k: Tensor, keep: int, rope: bool, ridge: float = 
 # --- Type III: value-output ----------------------------------------------------------------------------
 
 
-def vo_head(cov_sqrt: Tensor, cov_inv_sqrt: Tensor, value: Tensor, outputs: list[Tensor],
-            keep: int) -> tuple[Tensor, list[Tensor]]:
+def vo_head(
+    cov_sqrt: Tensor, cov_inv_sqrt: Tensor, value: Tensor, outputs: list[Tensor], keep: int
+) -> tuple[Tensor, list[Tensor]]:
     """One KV head: ``value`` (d_h, d) = its rows of v_proj, ``outputs`` = for each of its query heads the
     (d, d_h) columns of o_proj. Returns (value' (keep, d), [output' (d, keep)])."""
     u, s, vh = torch.linalg.svd(cov_sqrt @ value.double().T, full_matrices=False)  # (d, d_h) = U S Vᵀ
