@@ -142,5 +142,5 @@ class MoDeGPT(Compressor):
                 None if bias is None else bias.to(ctx.dtype).clone(),
                 target.dense_class,
             )
-            outcomes[target.name] = Outcome(module, rank=keep)
+            outcomes[target.name] = Outcome(module, extra={"kept_channels": keep})  # a width, not a rank
         return outcomes
