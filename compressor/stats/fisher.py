@@ -58,6 +58,7 @@ from ..errors import CompressorError
 from ..model import loading as models
 from ..model import targets as arch
 from ..model.modules import Conv1D
+from ..walk.layers import calibration_mode
 
 FORMAT = "fisher-v1: sum over windows of squared grads of the mean next-token CE, batch 1, fp32"
 CacheMode = Literal["use", "refresh", "off"]
@@ -129,9 +130,6 @@ def _gradient_setup(model: nn.Module, weights: dict[str, nn.Parameter],
                     checkpointing: bool) -> Iterator[None]:
     """Freeze all but ``weights``, eval mode, grads on, optional per-layer checkpointing; undone on exit."""
     flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
-    was_training = model.training
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
     layers = arch.decoder_layers(model)[1] if checkpointing else []
     for p, _ in flags.values():
         p.requires_grad_(False)
@@ -139,11 +137,8 @@ def _gradient_setup(model: nn.Module, weights: dict[str, nn.Parameter],
         p.requires_grad_(True)
     for layer in layers:  # an instance attribute shadows the class's forward; removed on exit
         layer.forward = functools.partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
-    model.eval()
-    if config is not None:
-        config.use_cache = False
     try:
-        with torch.enable_grad():
+        with calibration_mode(model, gradients=True):
             yield
     finally:
         for layer in layers:
@@ -151,9 +146,6 @@ def _gradient_setup(model: nn.Module, weights: dict[str, nn.Parameter],
         for p, flag in flags.values():
             p.requires_grad_(flag)
             p.grad = None
-        model.train(was_training)
-        if config is not None:
-            config.use_cache = use_cache
 
 
 @contextmanager

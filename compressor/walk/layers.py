@@ -66,15 +66,16 @@ def to_device(value: Any, device: torch.device) -> Any:
 
 
 @contextmanager
-def calibration_mode(model: nn.Module) -> Iterator[None]:
-    """no_grad, eval mode, no KV cache; everything restored on exit."""
+def calibration_mode(model: nn.Module, gradients: bool = False) -> Iterator[None]:
+    """Eval mode, no KV cache, and no_grad (or, with ``gradients``, grads on: the Fisher pass); everything
+    restored on exit."""
     was_training, config = model.training, getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
     model.eval()
     if config is not None:
         config.use_cache = False
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(gradients):
             yield
     finally:
         model.train(was_training)
