@@ -237,6 +237,17 @@ def test_merged_distance_halves_equal_one_accumulation():
         assert 0.0 < whole.mean < 1.0
 
 
+def test_cosine_distance_is_one_minus_the_cosine_per_token():
+    g = torch.Generator().manual_seed(2)
+    before, after = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    stats = DistanceStats(measure="cosine")
+    stats.add(before, after)
+    a, b = before.double().reshape(-1, 16), after.double().reshape(-1, 16)
+    by_hand = [1 - float(x @ y / (x.norm() * y.norm())) for x, y in zip(a, b)]
+    assert stats.count == 10 and stats.mean == pytest.approx(sum(by_hand) / 10, rel=1e-12)
+    assert DistanceStats().measure == "angular"  # CURing's default is unchanged
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(statistic="gram", where="layer"),  # a module statistic asked of a decoder layer
     dict(statistic="angular_distance"),  # where input: the distance compares a layer's input and output

@@ -24,7 +24,7 @@ from ..contract import Compressor, Decision, Group, LayerContext, ModelView, Out
 from ..errors import CompressorError
 from ..model.modules import dense_module
 from ..plan.configs import field
-from ..stats.accumulators import Request
+from ..stats.accumulators import DistanceStats, Request
 from ..walk.layers import DEFAULT_STREAM
 from . import modegpt_math as mg
 
@@ -55,12 +55,10 @@ def block_influence(view: ModelView) -> list[float]:
     influence = []
     for visit in view.walk():
         before = [item.hidden for item in visit.streams[DEFAULT_STREAM].inputs]
-        after = visit.forward()
-        total, count = 0.0, 0
-        for x, y in zip(before, after):  # (batch, seq, hidden) each
-            cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
-            total, count = total + float((1 - cos).sum()), count + cos.numel()
-        influence.append(total / max(count, 1))
+        distance = DistanceStats(measure="cosine")
+        for x, y in zip(before, visit.forward()):  # (batch, seq, hidden) each
+            distance.add(x, y)
+        influence.append(distance.mean)
     return influence
 
 

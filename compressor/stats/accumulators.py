@@ -112,19 +112,29 @@ def angular_distance(a: Tensor, b: Tensor) -> Tensor:
     return torch.arccos(cosine.clamp(-1.0, 1.0)) / torch.pi
 
 
+def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+    """``1 − cos(a, b)`` along the last dimension (ShortGPT's block influence): (..., d), (..., d) → (...)."""
+    return 1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+DISTANCES = {"angular": angular_distance, "cosine": cosine_distance}
+
+
 @dataclass
 class DistanceStats:
-    """Σ and count of the angular distance between a layer's input and output hidden states."""
+    """Σ and count of a distance between a layer's input and output hidden states: ``angular``
+    (CURing's layer choice) or ``cosine`` (1 − cos, MoDeGPT's block influence)."""
 
     total: float = 0.0
     count: int = 0
+    measure: Literal["angular", "cosine"] = "angular"
 
     def add(self, before: Tensor, after: Tensor, tokens: str = "all") -> None:
         """One batch of hidden states (batch, seq, hidden) entering and leaving the layer, in fp64."""
         a, b = before.double(), after.double()
         if tokens == "last":
             a, b = a[:, -1], b[:, -1]  # (batch, hidden)
-        distance = angular_distance(a, b)
+        distance = DISTANCES[self.measure](a, b)
         self.total, self.count = self.total + float(distance.sum()), self.count + distance.numel()
 
     def merge(self, other: "DistanceStats") -> "DistanceStats":
