@@ -129,13 +129,6 @@ def stored_as(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
             t.data = originals[key]
 
 
-def _set_config_dtype(folder: Path, dtype: torch.dtype) -> None:
-    file = folder / "config.json"
-    data = json.loads(file.read_text())
-    data["dtype"] = str(dtype).removeprefix("torch.")
-    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def save(model: nn.Module, tokenizer: Any, out: Path, manifest: dict[str, Any], log: list[dict[str, Any]],
          merge: bool = False, overwrite: bool = False, reshaped: dict[str, nn.Module] | None = None,
          storage_dtype: torch.dtype | None = None) -> Path:
@@ -148,8 +141,9 @@ def save(model: nn.Module, tokenizer: Any, out: Path, manifest: dict[str, Any], 
     modules = compressed_modules(model)
     manifest["modules"] = module_specs(model, reshaped)
     manifest["merged"] = merge
-    if storage_dtype is not None:
-        manifest["storage_dtype"] = str(storage_dtype).removeprefix("torch.")
+    stored = str(storage_dtype).removeprefix("torch.") if storage_dtype is not None else None
+    if stored is not None:
+        manifest["storage_dtype"] = stored
     with atomic_directory(out, overwrite) as tmp:
         if merge:
             merge_in_place(model)
@@ -163,8 +157,8 @@ def save(model: nn.Module, tokenizer: Any, out: Path, manifest: dict[str, Any], 
             if reason:
                 export.mark_not_stock(tmp, reason)
             manifest["serving"]["stock_transformers"] = not reason
-        if storage_dtype is not None:
-            _set_config_dtype(tmp, storage_dtype)
+        if stored is not None:
+            export.edit_config(tmp, lambda data: data.update(dtype=stored))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -38,7 +38,7 @@ import json
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -135,12 +135,17 @@ def write_adapter(folder: Path, loras: dict[str, LowRankLinear], base: str, all_
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def add_quantization_config(folder: Path, config: dict[str, Any]) -> None:
-    """Put ``config`` into ``folder``/config.json as ``quantization_config``."""
+def edit_config(folder: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrite ``folder``/config.json with ``edit`` applied to its data (in place)."""
     file = folder / "config.json"
     data = json.loads(file.read_text())
-    data["quantization_config"] = config
+    edit(data)
     file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def add_quantization_config(folder: Path, config: dict[str, Any]) -> None:
+    """Put ``config`` into ``folder``/config.json as ``quantization_config``."""
+    edit_config(folder, lambda data: data.update(quantization_config=config))
 
 
 def state_for_load(state: dict[str, torch.Tensor], manifest: dict[str, Any],
@@ -183,12 +188,14 @@ def not_stock_reason(modules: dict[str, dict[str, Any]], compressed_tensors: boo
 
 def mark_not_stock(folder: Path, reason: str) -> None:
     """Make ``folder``/config.json one that ``transformers`` refuses (instead of loading random weights)."""
-    file = folder / "config.json"
-    data = json.loads(file.read_text())
-    data[NOT_STOCK_KEY] = {"base_model_type": data["model_type"], "why": reason,
-                           "load": "compressor.load(path), or `compressor eval path`; --merge writes a plain checkpoint"}
-    data["model_type"] = NOT_STOCK_PREFIX + data["model_type"]
-    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def mark(data: dict[str, Any]) -> None:
+        data[NOT_STOCK_KEY] = {"base_model_type": data["model_type"], "why": reason,
+                               "load": "compressor.load(path), or `compressor eval path`; "
+                                       "--merge writes a plain checkpoint"}
+        data["model_type"] = NOT_STOCK_PREFIX + data["model_type"]
+
+    edit_config(folder, mark)
 
 
 def model_config(path: Path):
