@@ -198,11 +198,12 @@ def test_storage_dtype_rounds_every_floating_tensor_written_and_nothing_in_memor
     assert {v.dtype for v in written.values() if v.is_floating_point()} == {torch.bfloat16}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     assert io.read_manifest(tmp_path / "out")["storage_dtype"] == "bfloat16"
-    loaded = io.load(tmp_path / "out", dtype=torch.float32)
     if merge:  # the merged output is stock: exactly the merged weights, rounded once
         from transformers import AutoModelForCausalLM
 
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    else:
+        loaded = io.load(tmp_path / "out", dtype=torch.float32)
     state = loaded.state_dict()
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point():

@@ -96,7 +96,9 @@ def test_kept_counts_meet_the_total_exactly():
     sparsity = torch.tensor([0.05, 0.33, 0.21, 0.41])
     counts = kept_counts(sparsity, 100, 0.25)
     assert sum(100 - c for c in counts) == 100 and all(1 <= c <= 100 for c in counts)
-    assert counts == sorted(counts, reverse=True) or counts[0] > counts[3]
+    assert counts == [95, 67, 79, 59]  # no remainders: 5 + 33 + 21 + 41 = 100 removed
+    # 5.5 + 33.3 + 21.1 + 40.1 = 100: the floors remove 99, the largest remainder (layer 0's .5) one more
+    assert kept_counts(torch.tensor([0.055, 0.333, 0.211, 0.401]), 100, 0.25) == [94, 67, 79, 60]
 
 
 def test_save_reload_and_manifest(model_dirs, small_text, ids, tmp_path):
