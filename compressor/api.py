@@ -89,6 +89,10 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     torch_dtype = models.parse_dtype(dtype)
     stored = models.parse_dtype(storage_dtype) if storage_dtype is not None else None
     plan = compile_plan(recipe, models.skeleton(model, torch_dtype))  # every value checked, no weight read
+    unmergeable = [step.method for step in plan.steps if merge and not step.compressor.mergeable]
+    if unmergeable:
+        raise CompressorError(f"--merge: {unmergeable[0]} changes the layers' own dimensions, which the model's "
+                              "config cannot describe; save without --merge and load with compressor.load")
     out = Path(out)
     io.check_output(out, overwrite)
     compute = _device(device)

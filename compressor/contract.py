@@ -17,7 +17,9 @@ weight is read) and three methods:
 
 ``group`` (class attribute) says what a group is: ``linear`` (each targeted linear alone), ``mlp``
 ({gate, up, down} of a layer; OPT and GPT-2 have no gate) or ``attention`` ({q, k, v, o}, or GPT-2's
-fused {qkv, o}), with the architecture's heads, kv heads, head_dim and RoPE in ``group.arch``. A
+fused {qkv, o}), with the architecture's heads, kv heads, head_dim and RoPE in ``group.arch``; ``blocks``
+is both (each layer's attention group, then its MLP group; ``group.kind`` says which). ``group`` may be
+set per instance from the config. A
 compressor never swaps modules itself and never walks layers: the pipeline does both, in one place each.
 The math lives in pure functions next to each compressor; ``compress`` is a thin wrapper.
 
@@ -152,6 +154,7 @@ class Compressor:
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     group: ClassVar[str] = "linear"
+    mergeable: ClassVar[bool] = True  # whether --merge can write its output as the model's own modules
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -72,7 +72,8 @@ def test_compress_save_load_identical_logits(method, arch, tmp_path, small_text,
     log = [json.loads(line) for line in (tmp_path / "out" / io.LOG).read_text().splitlines()]
     compressed = {e["name"] for e in log if e["kind"] != "dense" and e["method"] == method}
     manifest = io.read_manifest(tmp_path / "out")
-    assert compressed <= set(manifest["modules"]) or method == "prune"  # a pruned linear stays a dense Linear
+    rebuilt = set(manifest["modules"])  # a module, or the block that holds it (MoDeGPT's shrunk attention)
+    assert all(name in rebuilt or name.rsplit(".", 1)[0] in rebuilt for name in compressed) or method == "prune"
     if not (method == "curing" and arch == "gpt2"):  # GPT-2 has no q_proj/k_proj/gate_proj to CUR
         assert compressed or method == "prune" and any(e["kind"] == "Linear" for e in log)
 

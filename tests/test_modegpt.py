@@ -1,6 +1,8 @@
-"""MoDeGPT's MLP step on tiny models: keeping every channel reproduces the model, the layer's MLP error
-on calibration inputs falls as more channels are kept, the Nyström refit beats slicing alone, the
-allocation meets the target exactly, and the shrunk model saves and reloads."""
+"""MoDeGPT on tiny Llama (GQA), Qwen2 (biases) and OPT (no RoPE): keeping every dim reproduces the model
+through the shrunk attention; each module's output error on calibration inputs falls as more dims are
+kept; the Nyström refit beats slicing alone; the allocation meets the target exactly; the post-RoPE
+statistic is the Gram of transformers' own rotated queries; the shrunk model saves and reloads with
+identical logits; generation with the KV cache equals generation without."""
 
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ import torch
 from conftest import logits, run_steps, small_recipe
 
 from compressor import api, io
+from compressor.errors import CompressorError
 from compressor.methods import modegpt_math as mg
-from compressor.methods.modegpt import kept_counts
+from compressor.methods.modegpt import MoDeGPT, kept_counts
 from compressor.model import loading as models
+from compressor.model.attention import ShrunkAttention
+from compressor.stats.hooks import Collector, Watch
 
 
 def mlp_inputs(model, batches, index: int, arch: str) -> tuple[torch.Tensor, torch.nn.Module]:
@@ -37,18 +42,96 @@ def mlp_inputs(model, batches, index: int, arch: str) -> tuple[torch.Tensor, tor
     return torch.cat(seen), mlp
 
 
+def attention_of(model, index: int, arch: str):
+    layers = model.model.decoder.layers if arch == "opt" else model.model.layers
+    return layers[index].self_attn
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
-def test_keeping_every_channel_reproduces_the_model(arch, model_dirs, batches, ids):
+def test_keeping_every_dim_reproduces_the_model(arch, model_dirs, batches, ids, monkeypatch):
     model = models.load(str(model_dirs[arch]))[0]
     before = logits(model, ids)
-    run_steps(
-        model,
-        [{"method": "modegpt", "config": {"ratio": 0.0}}],
-        batches,
-        propagate="original",
-        statistics="once",
-    )
+    # the shrunk attention at full width (the pipeline itself keeps a block whose dims are all kept)
+    monkeypatch.setattr(MoDeGPT, "compress_attention",
+                        lambda self, group, ctx: self.shrink_attention(group, ctx, group.arch.head_dim,
+                                                                       group.arch.head_dim))
+    run_steps(model, [{"method": "modegpt", "config": {"ratio": 0.0}}], batches, propagate="original",
+              statistics="once")
+    assert all(isinstance(attention_of(model, i, arch), ShrunkAttention) for i in range(2))
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-4, atol=1e-4)
+
+
+def attention_calls(model, batches, index: int, arch: str) -> list[tuple[tuple, dict, torch.Tensor]]:
+    """(args, kwargs, output) of every call of layer ``index``'s attention on the calibration batches."""
+    calls = []
+    handle = attention_of(model, index, arch).register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((args, kwargs, out[0].detach())), with_kwargs=True)
+    with torch.no_grad():
+        for batch in batches:
+            model(input_ids=batch, use_cache=False)
+    handle.remove()
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("covariance", ["pre_rope", "post_rope"])
+def test_attention_error_falls_as_more_dims_are_kept(arch, covariance, model_dirs, batches):
+    if arch == "opt" and covariance == "post_rope":
+        pytest.skip("OPT has no rotary embedding")
+    source = models.load(str(model_dirs[arch]))[0]
+    calls = attention_calls(source, batches, 1, arch)
+    errors = []
+    for ratio in (0.6, 0.4, 0.2):
+        model = copy.deepcopy(source)
+        config = {"ratio": ratio, "smoothing": 10.0, "part": "attention", "qk_covariance": covariance}
+        report = run_steps(model, [{"method": "modegpt", "config": config}], batches, propagate="original",
+                           statistics="once")
+        keep = report.plan.steps[0].compressor.keep
+        head_dim = 16
+        if arch != "opt":  # RoPE: whole pairs, exactly round(ratio · layers · 8) of them removed
+            assert sum(head_dim - k["qk_dims"] for k in keep.values()) == 2 * round(ratio * 2 * head_dim / 2)
+        assert sum(head_dim - k["v_dims"] for k in keep.values()) == round(ratio * 2 * head_dim)
+        shrunk = attention_of(model, 1, arch)
+        assert isinstance(shrunk, ShrunkAttention) and shrunk.qk_dim == keep[1]["qk_dims"]
+        with torch.no_grad():
+            error = sum(float((shrunk(*args, **kwargs)[0] - out).square().sum()) for args, kwargs, out in calls)
+        errors.append((error / sum(float(out.square().sum()) for _, _, out in calls)) ** 0.5)
+    assert errors[0] > errors[1] > errors[2] > 0
+
+
+def test_rotated_statistic_is_the_gram_of_transformers_rotated_queries(model_dirs, batches):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = models.load(str(model_dirs["llama"]))[0]
+    attention = model.model.layers[0].self_attn
+    seen = {}
+    handles = [attention.q_proj.register_forward_hook(lambda m, a, out: seen.update(q=out)),
+               attention.register_forward_pre_hook(
+                   lambda m, a, kw: seen.update(rope=kw["position_embeddings"]), with_kwargs=True)]
+    watch = Watch("q", attention.q_proj, "rotated", frozenset({"gram"}), 4, attention)
+    with Collector([watch]) as collector, torch.no_grad():
+        model(input_ids=batches[0], use_cache=False)
+    for handle in handles:
+        handle.remove()
+    q = seen["q"].view(*seen["q"].shape[:2], 4, 16).transpose(1, 2)  # (batch, heads, seq, d)
+    rotated, _ = apply_rotary_pos_emb(q, q, *seen["rope"])
+    per_head = rotated.transpose(0, 1).reshape(4, -1, 16).double()  # (heads, tokens, d)
+    expected = per_head.transpose(1, 2) @ per_head
+    got = collector.result()[("q", "rotated")].gram
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, (q.transpose(0, 1).reshape(4, -1, 16).double().mT
+                                    @ q.transpose(0, 1).reshape(4, -1, 16).double()), rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2"])
+def test_generate_with_the_cache_equals_without(arch, model_dirs, batches, ids):
+    model = models.load(str(model_dirs[arch]))[0]
+    run_steps(model, [{"method": "modegpt", "config": {"ratio": 0.4}}], batches, propagate="original",
+              statistics="once")
+    prompt = ids[:1, :12]
+    cached = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=True)
+    uncached = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert cached.shape[1] == 22 and torch.equal(cached, uncached)
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
@@ -62,7 +145,7 @@ def test_mlp_error_falls_as_more_channels_are_kept_and_the_refit_helps(arch, mod
         model = copy.deepcopy(source)
         report = run_steps(
             model,
-            [{"method": "modegpt", "config": {"ratio": ratio, "smoothing": 10.0}}],
+            [{"method": "modegpt", "config": {"ratio": ratio, "smoothing": 10.0, "part": "mlp"}}],
             batches,
             propagate="original",
             statistics="once",
@@ -71,7 +154,7 @@ def test_mlp_error_falls_as_more_channels_are_kept_and_the_refit_helps(arch, mod
         with torch.no_grad():
             errors.append(float((compressed(x) - target).norm() / target.norm()))
         decision = report.plan.steps[0].compressor.keep
-        assert sum(decision.values()) == round((1 - ratio) * 2 * 128)  # exactly the target, in channels
+        assert sum(k["channels"] for k in decision.values()) == round((1 - ratio) * 2 * 128)  # exactly, in channels
     assert errors[0] > errors[1] > errors[2] > 0
     # the least-squares refit of down beats keeping the same channels with down merely sliced
     mlp = source.model.decoder.layers[1] if arch == "opt" else source.model.layers[1].mlp
@@ -112,11 +195,30 @@ def test_save_reload_and_manifest(model_dirs, small_text, ids, tmp_path):
     )
     manifest = io.read_manifest(tmp_path / "out")
     decision = manifest["plan"][0]["decision"]
-    assert set(decision) == {"influence", "sparsity", "kept_channels", "width"} and decision["width"] == 128
+    assert set(decision) == {"influence", "sparsity", "kept_channels", "kept_qk_dims", "kept_v_dims", "widths"}
+    assert decision["widths"] == {"channels": 128, "head_dim": 16}
     kept = decision["kept_channels"]
     assert sum(kept.values()) == round(0.75 * 2 * 128)
     for layer, width in kept.items():
         spec = manifest["modules"][f"model.layers.{layer}.mlp.down_proj"]
         assert spec["kind"] == "dense" and spec["in_features"] == width
-    assert torch.equal(logits(io.load(tmp_path / "out"), ids), logits(summary["model"], ids))
-    assert summary["params_after"] < summary["params_before"]
+        attention = manifest["modules"][f"model.layers.{layer}.self_attn"]
+        assert attention["kind"] == "shrunk_attention"
+        assert (attention["qk_dim"], attention["v_dim"]) == (decision["kept_qk_dims"][layer],
+                                                              decision["kept_v_dims"][layer])
+        assert f"model.layers.{layer}.self_attn.q_proj" not in manifest["modules"]  # the block rebuilds it
+    reloaded = io.load(tmp_path / "out")
+    assert torch.equal(logits(reloaded, ids), logits(summary["model"], ids))
+    assert torch.equal(reloaded.model.layers[0].self_attn.rope_dims, summary["model"].model.layers[0].self_attn.rope_dims)
+    removed = 1 - summary["params_after"] / summary["params_before"]
+    decoder = sum(p.numel() for p in summary["model"].model.layers.parameters())
+    assert summary["params_after"] < summary["params_before"] and removed > 0.1
+    assert decoder > 0
+
+
+def test_merge_is_refused_before_any_work(model_dirs, small_text, tmp_path):
+    data = {"steps": [{"method": "modegpt", "config": {"ratio": 0.25}}]}
+    with pytest.raises(CompressorError, match="--merge: modegpt changes the layers' own dimensions"):
+        api.compress(str(model_dirs["llama"]), small_recipe(data, small_text), tmp_path / "out", merge=True,
+                     progress=False)
+    assert not (tmp_path / "out").exists()

@@ -108,7 +108,7 @@ def module_specs(model: nn.Module, reshaped: dict[str, nn.Module] | None = None)
     shape differs from what the model's config builds (``reshaped``), parents before children."""
     specs = {name: m.spec() for name, m in compressed_modules(model).items()}
     for name in reshaped or {}:
-        if name not in specs:
+        if not any(name == s or name.startswith(f"{s}.") for s in specs):  # a compressed block rebuilds its own
             specs[name] = spec_of(model.get_submodule(name))
     return dict(sorted(specs.items(), key=lambda item: item[0].count(".")))
 

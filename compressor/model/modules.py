@@ -3,8 +3,9 @@
 Each kind has ``spec()`` (plain data recorded in compression.json) and ``empty(**spec)`` (an
 uninitialized module of the right shapes, filled by ``load_state_dict``), plus ``dense_weight()``
 for ``--merge``. ``MODULE_KINDS`` is the closed set the loader knows: ``low_rank`` (``up @ down``),
-``quantized`` (packed integers, compressed-tensors layout) and ``compensated`` (any base linear plus a
-low-rank ``lora`` path, what EoRA emits).
+``quantized`` (packed integers, compressed-tensors layout), ``compensated`` (any base linear plus a
+low-rank ``lora`` path, what EoRA emits) and ``shrunk_attention`` (an attention block with fewer dims per
+head, MoDeGPT's; ``attention.py``; it has no dense equivalent in the model's config, so no merge).
 
 Weights are always handled as (out, in) = (m, n), the ``nn.Linear`` layout; GPT-2's ``Conv1D`` stores
 (in, out) and is converted at the edges (``weight_of`` / ``dense_module``).
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..kernels import quant
+from .attention import ShrunkAttention
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -323,7 +325,7 @@ class CompensatedLinear(nn.Module):
 
 
 MODULE_KINDS: dict[str, type[nn.Module]] = {
-    cls.kind: cls for cls in (LowRankLinear, CURLinear, QuantizedLinear, CompensatedLinear)
+    cls.kind: cls for cls in (LowRankLinear, CURLinear, QuantizedLinear, CompensatedLinear, ShrunkAttention)
 }
 
 

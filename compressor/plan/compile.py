@@ -148,7 +148,12 @@ def compile_step(recipe: Recipe, index: int, linears: dict[str, nn.Module], mode
         except (ValueError, CompressorError) as exc:
             raise CompressorError(f"{where}: {exc}") from None
     kind = compressor.group
-    groups = linear_groups(names, model) if kind == "linear" else block_groups(kind, names, model)
+    if kind == "linear":
+        groups = linear_groups(names, model)
+    else:  # "blocks": a layer's attention, then its MLP
+        kinds = ("attention", "mlp") if kind == "blocks" else (kind,)
+        found = [group for k in kinds for group in block_groups(k, names, model)]
+        groups = sorted(found, key=lambda group: group.layer)  # stable: attention before MLP within a layer
     return StepPlan(index, compressor, spec.targets, spec.ignore, stream_name(recipe, index),
                     step_calibration(recipe.calibration, spec), shapes, groups)
 

@@ -2,7 +2,7 @@
 
 A compressor asks for statistics with ``Request``s: *what* (``gram`` Σ xᵀx, ``abs_mean`` Σ|x| / N,
 ``sq_norm`` Σ x², ``angular_distance`` between a decoder layer's input and output hidden states), *where*
-(a module's ``input`` or ``output``, or the decoder ``layer``), *of which member* of its group (``role``:
+(a module's ``input`` or ``output``, a q/k linear's output ``rotated`` by RoPE, or the decoder ``layer``), *of which member* of its group (``role``:
 "linear" for one-linear groups, a role such as "q" or "down", or "block" for the attention / MLP module)
 and at what granularity (``per_head``: output Grams per attention head).
 
@@ -33,7 +33,8 @@ class Request:
     """One statistic a compressor needs for each of its groups."""
 
     statistic: Statistic
-    where: Literal["input", "output", "layer"] = "input"  # "layer": hidden states entering → leaving it
+    # "layer": hidden states entering → leaving it; "rotated": a q/k linear's output after RoPE
+    where: Literal["input", "output", "rotated", "layer"] = "input"
     role: str = "linear"  # the group member: "linear", a role ("q", "down"), or "block"
     per_head: bool = False  # output Gram per attention head
     tokens: Literal["all", "last"] = "all"  # angular_distance: every token, or each window's last
@@ -43,8 +44,10 @@ class Request:
             raise ValueError(f"{self.statistic} is a module statistic; where must be input or output")
         if self.statistic == "angular_distance" and self.where != "layer":
             raise ValueError("angular_distance compares a layer's input and output: where must be 'layer'")
-        if self.per_head and (self.statistic != "gram" or self.where != "output"):
+        if self.per_head and (self.statistic != "gram" or self.where not in ("output", "rotated")):
             raise ValueError("per_head applies to output Grams")
+        if self.where == "rotated" and not self.per_head:
+            raise ValueError("a rotated output is per head: set per_head")
 
 
 def inputs(*statistics: Statistic) -> tuple[Request, ...]:

@@ -18,13 +18,15 @@ from .accumulators import TensorStats
 
 @dataclass(frozen=True)
 class Watch:
-    """What to accumulate on one module: its ``input`` (first positional argument) or ``output``."""
+    """What to accumulate on one module: its ``input`` (first positional argument), ``output``, or its
+    output ``rotated`` by the rotary embedding its attention block applies (q/k after RoPE, per head)."""
 
     name: str  # fully qualified module name
     module: nn.Module
     where: str  # "input" | "output"
     kinds: frozenset[str]  # of accumulators.TENSOR_STATISTICS
     heads: int | None = None  # output Grams per head
+    rope_block: nn.Module | None = None  # "rotated": the attention block whose position_embeddings rotate it
 
 
 Key = tuple[str, str]  # (module name, where)
@@ -41,6 +43,7 @@ class Collector:
         self._handles: list = []
         self._first_inputs: list[tuple[Tensor, Key]] = []
         self._seen: set[Key] = set()
+        self._rotary: dict[int, tuple[Tensor, Tensor]] = {}  # id(attention block) → its current (cos, sin)
 
     def _owner(self, key: Key, x: Tensor) -> Key:
         """The key whose stats ``x`` goes into: its own, or that of an earlier module reading the same x."""
@@ -62,6 +65,8 @@ class Collector:
         def hook(module: nn.Module, args: tuple, output) -> None:
             start = time.perf_counter()
             x = args[0] if watch.where == "input" else (output[0] if isinstance(output, tuple) else output)
+            if watch.where == "rotated":
+                x = rotated(x, *self._rotary[id(watch.rope_block)], watch.heads)
             owner = self._owner(key, x)
             if owner == key:
                 self.stats[key].add(x, watch.kinds, watch.heads)
@@ -71,12 +76,21 @@ class Collector:
 
     def __enter__(self) -> "Collector":
         try:
+            blocks = {id(w.rope_block): w.rope_block for w in self.watches if w.rope_block is not None}
+            for block in blocks.values():
+                self._handles.append(block.register_forward_pre_hook(self._rotary_hook, with_kwargs=True))
             for watch in self.watches:
                 self._handles.append(watch.module.register_forward_hook(self._hook(watch)))
         except BaseException:
             self.remove()
             raise
         return self
+
+    def _rotary_hook(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
+        embeddings = kwargs.get("position_embeddings")
+        if embeddings is None:
+            raise ValueError(f"{type(block).__name__} got no position_embeddings: nothing to rotate by")
+        self._rotary[id(block)] = embeddings
 
     def __exit__(self, *exc) -> None:
         self.remove()
@@ -86,6 +100,7 @@ class Collector:
             handle.remove()
         self._handles.clear()
         self._first_inputs.clear()
+        self._rotary.clear()
 
     def result(self) -> dict[Key, TensorStats]:
         """(name, where) → stats; shared objects for modules that read the same input."""
@@ -93,3 +108,12 @@ class Collector:
         for key, owner in self.shared_with.items():
             out[key] = self.stats[owner]
         return out
+
+
+def rotated(x: Tensor, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
+    """``x`` (batch, seq, heads·d) with each head rotated by RoPE (``rotate_half``; cos/sin (batch, seq, d))."""
+    from ..model.attention import rotate_half
+
+    per_head = x.reshape(*x.shape[:-1], heads, -1)  # (batch, seq, heads, d)
+    cos, sin = cos[..., None, :].to(x.dtype), sin[..., None, :].to(x.dtype)
+    return (per_head * cos + rotate_half(per_head) * sin).reshape(x.shape)

@@ -100,9 +100,11 @@ def collect_once(visit: Visit, plan: Plan, report: Report) -> dict[str, Stats]:
 
 def watches(visit: Visit, wanted: list[tuple[StepPlan, list[GroupSpec]]], arch=None) -> list[Watch]:
     """One hook per (module, side); every input watch accumulates every input statistic asked for here
-    (modules reading one input share one accumulator, whose kinds must cover all of them)."""
+    (modules reading one input share one accumulator, whose kinds must cover all of them). A ``rotated``
+    watch also knows its attention block, whose position embeddings rotate the output."""
     kinds: dict[str, set[str]] = defaultdict(set)
     sides: dict[tuple[str, str], bool] = {}  # (name, where) → per head
+    rope_blocks: dict[str, str] = {}  # q/k linear → its attention block
     for step, specs in wanted:
         for request in step.requests:
             if request.statistic not in TENSOR_STATISTICS:
@@ -112,12 +114,18 @@ def watches(visit: Visit, wanted: list[tuple[StepPlan, list[GroupSpec]]], arch=N
                 if name is not None:
                     kinds[request.where].add(request.statistic)
                     sides[(name, request.where)] = sides.get((name, request.where), False) or request.per_head
-    return [Watch(name, visit.module(name), where, frozenset(kinds[where]), _heads(arch, name) if per_head else None)
+                    if request.where == "rotated":
+                        rope_blocks[name] = spec.block
+    return [Watch(name, visit.module(name), where, frozenset(kinds[where]), _heads(arch, name) if per_head else None,
+                  visit.module(rope_blocks[name]) if where == "rotated" else None)
             for (name, where), per_head in sides.items()]
 
 
 def _heads(arch, name: str) -> int:
+    """Heads of a linear's output: KV heads for k/v, q + k + v heads for a fused qkv, else query heads."""
     role = arch.role_of(name)
+    if role and role[2] == "qkv":
+        return arch.n_heads + 2 * arch.n_kv_heads
     return arch.n_kv_heads if role and role[2] in ("k", "v") else arch.n_heads
 
 
@@ -170,9 +178,12 @@ def build_group(visit: Visit, spec: GroupSpec, step: StepPlan, stats: Stats, ori
 
 def apply(visit: Visit, step: StepPlan, group: Group, outcomes: dict[str, Outcome], elapsed: float,
           report: Report, log_file=None) -> None:
-    """Log every member (and any block replacement), then swap the replacements in."""
-    names = [t.name for t in group.members.values()] + [n for n in outcomes if n not in
-                                                         {t.name for t in group.members.values()}]
+    """Log every member, then swap the replacements in (members first, then a block's own replacement).
+    A block replacement is logged through its members when they have replacements too (the block holds
+    them: MoDeGPT's shrunk attention), else as an entry of its own."""
+    members = [t.name for t in group.members.values()]
+    through_members = any(outcomes.get(name, Outcome(None)).module is not None for name in members)
+    names = members + ([] if through_members else [n for n in outcomes if n not in members])
     changes_shape = any(_changes_shape(visit, name, o) for name, o in outcomes.items())
     group_error = _group_output_error(visit, group, outcomes) if changes_shape else None
     for name in names:
