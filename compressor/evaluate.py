@@ -47,6 +47,29 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
             "tokens_per_s": windows.numel() / seconds}
 
 
+@torch.no_grad()
+def generation_speed(model: nn.Module, prompts: torch.Tensor, new_tokens: int = 32,
+                     device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Greedy generation from ``prompts`` (batch, prompt_len) with the KV cache: prefill (one forward over the
+    prompts) and decode (``new_tokens`` single-token steps) timed apart, as tokens per second of the batch."""
+    model.eval()
+    ids = prompts.to(device)
+    with dequantized(model):
+        start = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        prefill = time.perf_counter() - start
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (batch, 1)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decode = time.perf_counter() - start
+    batch, prompt_len = ids.shape
+    return {"batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+            "prefill_seconds": prefill, "decode_seconds": decode,
+            "prefill_tokens_per_s": batch * prompt_len / prefill, "decode_tokens_per_s": batch * new_tokens / decode}
+
+
 def bytes_on_disk(path: Path) -> int:
     """Bytes of the weight files (safetensors) in a model directory, an EoRA adapter in adapter/ included."""
     return sum(f.stat().st_size for f in Path(path).rglob("*.safetensors"))

@@ -87,7 +87,6 @@ def lord_gram_as(reference: str, targets: list[str]):
     return build
 
 
-MLP_TARGETS = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
 def fwsvd(ratio: float, fisher_cache: str = "use", **config) -> dict:
@@ -158,13 +157,13 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         ("fwsvd-0.2", fwsvd(0.2)), ("fwsvd-0.4", fwsvd(0.4)),
         ("lord-none-0.2", lord("none", 0.2)), ("lord-none-0.4", lord("none", 0.4)),
     ],
-    # MoDeGPT so far: the MLP part (Nyström) at 20% and 30% of the MLP channels removed on average; LoRD gram
-    # removing the same parameters from the same MLP linears, and from every decoder linear.
+    # MoDeGPT, the whole method (MLP, query-key, value-output) at 20% and 30% of each layer removed on average,
+    # query/key covariances before RoPE (the reference's) and after it; LoRD gram removing the same
+    # parameters from every decoder linear.
     "modegpt": [
-        *[(name, recipe) for r in (0.2, 0.3) for name, recipe in (
-            (f"modegpt-mlp-{r}", modegpt(r)),
-            (f"lord-gram-mlp-as-modegpt-mlp-{r}", lord_gram_as(f"modegpt-mlp-{r}", MLP_TARGETS)),
-            (f"lord-gram-all-as-modegpt-mlp-{r}", lord_gram_as(f"modegpt-mlp-{r}", [])))],
+        *[(f"modegpt-{r}{suffix}", modegpt(r, qk_covariance=covariance))
+          for r in (0.2, 0.3) for suffix, covariance in (("", "pre_rope"), ("-post-rope", "post_rope"))],
+        *[(f"lord-gram-as-modegpt-{r}", lord_gram_as(f"modegpt-{r}", [])) for r in (0.2, 0.3)],
     ],
     # Quantize or prune, then compensate (asymmetric, group 128): RTN and GPTQ at 4 and 3 bits, SparseGPT 2:4,
     # each alone, with plain-SVD compensation of the residual (svd) and with EoRA (eora) at ranks 32 and 64;

@@ -32,11 +32,12 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def rope_at(x: Tensor, cos: Tensor, sin: Tensor, dims: Tensor) -> Tensor:
-    """Rotary embedding of ``x`` (batch, heads, seq, k) whose k dims are the original dims ``dims``
-    (heads, k) of each head, sorted and closed under j ↔ j + d/2; ``cos``/``sin`` (batch, seq, d)."""
-    cos = cos[:, :, dims].permute(0, 2, 1, 3)  # (batch, heads, seq, k)
-    sin = sin[:, :, dims].permute(0, 2, 1, 3)
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+    """Rotary embedding of ``x`` (batch, n_kv, group, seq, k): the query (or key, group 1) heads of each KV
+    head, whose k dims are the original dims ``dims`` (n_kv, k) of that KV head, sorted and closed under
+    j ↔ j + d/2; ``cos``/``sin`` (batch, seq, d)."""
+    cos = cos[:, :, dims].permute(0, 2, 1, 3)[:, :, None].to(x.dtype)  # (batch, n_kv, 1, seq, k)
+    sin = sin[:, :, dims].permute(0, 2, 1, 3)[:, :, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
 
 
 class ShrunkAttention(nn.Module):
@@ -77,17 +78,16 @@ class ShrunkAttention(nn.Module):
             cos, sin = position_embeddings  # (batch, seq, head_dim)
             if cos.shape[-1] != self.head_dim:
                 raise ValueError(f"rotary embedding of {cos.shape[-1]} dims for heads of {self.head_dim}")
-            q = rope_at(q, cos, sin, self.rope_dims.repeat_interleave(group, dim=0))
-            k = rope_at(k, cos, sin, self.rope_dims)
+            shape = (batch, self.n_kv_heads, group, seq, self.qk_dim)  # query heads grouped by KV head
+            q = rope_at(q.reshape(shape), cos, sin, self.rope_dims).reshape(q.shape)
+            k = rope_at(k[:, :, None], cos, sin, self.rope_dims)[:, :, 0]
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        if group > 1:  # (batch, n_kv, s, d) → (batch, n_heads, s, d)
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = attention_mask[:, :, :, : k.shape[-2]]
         causal = attention_mask is None and seq > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal,
-                                             scale=self.scaling)  # (batch, n_heads, seq, v_dim)
+                                             scale=self.scaling, enable_gqa=group > 1)  # (batch, heads, seq, v_dim)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim)
         return self.linear("o")(out), None
 
