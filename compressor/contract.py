@@ -32,7 +32,7 @@ The seven methods on this contract:
 | WeLore   | linear    | none                                  | τ on the weight spectra; LRC / N-LRC and ranks per matrix |
 | CURing   | linear    | sq_norm or gram (statistics: walk)    | layers by angular distance (a walk over the original model); restricts targets |
 | EoRA     | linear    | gram of the input (space: eigen)      | rank checks; sees ``Target.original`` and the earlier step's module |
-| MoDeGPT  | mlp, attention | input Gram of down; per-head output Grams of q/k; Gram of the block input | per-layer sparsity from block influence; replaces blocks by smaller ones |
+| MoDeGPT  | blocks (or mlp / attention) | input Gram of down; per-head Grams of q/k outputs (or rotated); input Gram of v | per-layer sparsity from block influence; smaller linears, attention replaced by ``ShrunkAttention`` |
 | LQ-LoRA  | linear    | none (uses_data: the Fisher pass)     | the integer program over every matrix's (bits, rank) |
 | quantize, prune | linear | gram / sq_norm of the input     | –                                       |
 """
