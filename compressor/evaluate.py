@@ -8,6 +8,7 @@ The protocol, dataset, seq_len and token count go into the results.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -51,23 +52,28 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
 def generation_speed(model: nn.Module, prompts: torch.Tensor, new_tokens: int = 32,
                      device: str | torch.device = "cpu") -> dict[str, Any]:
     """Greedy generation from ``prompts`` (batch, prompt_len) with the KV cache: prefill (one forward over the
-    prompts) and decode (``new_tokens`` single-token steps) timed apart, as tokens per second of the batch."""
+    prompts) and decode (``new_tokens`` single-token steps) timed apart, as tokens per second of the batch;
+    ``generated`` holds the greedy tokens (what ``generate`` would give)."""
     model.eval()
     ids = prompts.to(device)
     with dequantized(model):
         start = time.perf_counter()
         out = model(input_ids=ids, use_cache=True)
         prefill = time.perf_counter() - start
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (batch, 1)
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        cache, token = getattr(out, name), out.logits[:, -1:].argmax(-1)  # (batch, 1)
+        generated = [token]
         start = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, use_cache=True, **{name: cache})
+            cache, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
+            generated.append(token)
         decode = time.perf_counter() - start
     batch, prompt_len = ids.shape
     return {"batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
             "prefill_seconds": prefill, "decode_seconds": decode,
-            "prefill_tokens_per_s": batch * prompt_len / prefill, "decode_tokens_per_s": batch * new_tokens / decode}
+            "prefill_tokens_per_s": batch * prompt_len / prefill, "decode_tokens_per_s": batch * new_tokens / decode,
+            "generated": torch.cat(generated, dim=1).cpu()}  # (batch, new_tokens + 1): greedy continuations
 
 
 def bytes_on_disk(path: Path) -> int:

@@ -14,6 +14,7 @@ from conftest import logits, run_steps, small_recipe
 
 from compressor import api, io
 from compressor.errors import CompressorError
+from compressor.evaluate import generation_speed
 from compressor.methods import modegpt_math as mg
 from compressor.methods.modegpt import MoDeGPT, kept_counts
 from compressor.model import loading as models
@@ -132,6 +133,9 @@ def test_generate_with_the_cache_equals_without(arch, model_dirs, batches, ids):
     cached = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=True)
     uncached = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False)
     assert cached.shape[1] == 22 and torch.equal(cached, uncached)
+    # the speed measurement's own greedy loop generates the same tokens
+    speed = generation_speed(model, prompt, new_tokens=9)
+    assert torch.equal(speed["generated"], cached[:, 12:]) and speed["decode_tokens_per_s"] > 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])

@@ -35,8 +35,11 @@ def rope_at(x: Tensor, cos: Tensor, sin: Tensor, dims: Tensor) -> Tensor:
     """Rotary embedding of ``x`` (batch, n_kv, group, seq, k): the query (or key, group 1) heads of each KV
     head, whose k dims are the original dims ``dims`` (n_kv, k) of that KV head, sorted and closed under
     j ↔ j + d/2; ``cos``/``sin`` (batch, seq, d)."""
-    cos = cos[:, :, dims].permute(0, 2, 1, 3)[:, :, None].to(x.dtype)  # (batch, n_kv, 1, seq, k)
-    sin = sin[:, :, dims].permute(0, 2, 1, 3)[:, :, None].to(x.dtype)
+    batch, seq = cos.shape[:2]
+    flat = dims.reshape(-1)
+    shape = (batch, seq, dims.shape[0], 1, dims.shape[1])
+    cos = cos.index_select(-1, flat).view(shape).permute(0, 2, 3, 1, 4)  # (batch, n_kv, 1, seq, k)
+    sin = sin.index_select(-1, flat).view(shape).permute(0, 2, 3, 1, 4)
     return x * cos + rotate_half(x) * sin
 
 
