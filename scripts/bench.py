@@ -157,6 +157,13 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         ("fwsvd-0.2", fwsvd(0.2)), ("fwsvd-0.4", fwsvd(0.4)),
         ("lord-none-0.2", lord("none", 0.2)), ("lord-none-0.4", lord("none", 0.4)),
     ],
+    # Low-rank quality beyond SVD-LLM (issue: allocation by truncation loss, refits, two-sided weighting),
+    # LoRD gram at the same ratio of the targeted parameters: ranks uniform (the lord suite's), from WeLore's
+    # threshold on whitened spectra, and of least total relative truncation loss (rank_rule loss).
+    "quality": [
+        *[(f"lord-gram-{rule}-{r}", lord("gram", r, rank_rule=rule)) for r in (0.2, 0.4)
+          for rule in ("uniform", "welore", "loss")],
+    ],
     # MoDeGPT, the whole method (MLP, query-key, value-output) at 20% and 30% of each layer removed on average,
     # query/key covariances before RoPE (the reference's) and after it; LoRD gram removing the same
     # parameters from every decoder linear.

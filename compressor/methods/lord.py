@@ -12,7 +12,9 @@ No public LoRD code exists; methods.md §2 specifies it from the paper. Ranks co
 rules; a matrix whose rank would not save parameters stays dense. With ``rank_rule: welore`` the ranks
 are non-uniform, from WeLore's threshold on the spectrum this method truncates (``welore_rule``): the
 raw one for ``whiten: none``, the whitened ``W S`` otherwise, with ``S`` from statistics of the original
-model taken in ``decide`` (a walk of its own; the factors then use the walk's statistics as usual).
+model taken in ``decide`` (a walk of its own; the factors then use the walk's statistics as usual). With
+``rank_rule: loss`` the same spectra give the ranks of least total relative truncation loss
+(``ranks.loss``).
 
 ```yaml
 steps:
@@ -32,6 +34,7 @@ from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outc
 from ..kernels import linalg
 from ..model.modules import LowRankLinear
 from ..plan.configs import field
+from ..ranks import loss as loss_rule
 from ..ranks import uniform as ranks
 from ..ranks import welore as welore_rule
 from ..stats.accumulators import Request, inputs
@@ -75,7 +78,7 @@ class LoRD(LinearCompressor):
         return torch.float64 if self.config.svd_dtype == "float64" else torch.float32
 
     def decide(self, view: ModelView) -> Decision:
-        if self.config.rank_rule != "welore":
+        if self.config.rank_rule == "uniform":
             self.ranks, record = ranks.uniform_ranks(self.config, view.shapes, view.model_params)
             return Decision(record)
         if self.config.whiten == "none":
@@ -85,6 +88,10 @@ class LoRD(LinearCompressor):
         target = welore_rule.budget(rank_reduction=self.config.rank_reduction, ratio=self.config.ratio,
                                     model_ratio=self.config.model_ratio, shapes=view.shapes,
                                     model_params=view.model_params)
+        if self.config.rank_rule == "loss":
+            solved = loss_rule.allocate(spectra, view.shapes, target["removed_params"])
+            self.ranks = solved["ranks"]
+            return Decision({"rank_rule": "loss", "rule": self.config.rule, **solved})
         self.welore = welore_rule.solve(spectra, view.shapes, **target)
         return Decision(self.welore.record())
 
@@ -106,6 +113,8 @@ class LoRD(LinearCompressor):
             rank, note = allocation.rank, allocation.note(self.welore.tau)
         else:
             rank = self.ranks[target.name]
+            if rank is None:  # rank_rule loss: cheaper to keep it dense
+                return Outcome(None, note="rank_rule loss: kept dense")
         if not ranks.saves_parameters(rank, m, n):
             return Outcome(None, note=f"rank {rank} ≥ break-even {ranks.break_even(m, n):.0f}: kept dense")
         up, down = lord_factors(target.weight, rank, self.whitening_of(target.stats), self.svd_dtype)

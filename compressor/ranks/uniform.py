@@ -12,6 +12,8 @@ A rule turns a matrix shape (m, n) into a rank. Exactly one of these is set in a
 ``welore`` (one threshold τ on every matrix's normalised spectrum, ``welore_rule``): then ``ratio`` is
 the fraction of all targeted parameters removed, ``rank_reduction`` the global Σ pruned / Σ min(m, n),
 ``model_ratio`` as above, and ``rank`` is not allowed. A method that offers it solves τ in ``decide``.
+``loss`` (``ranks.loss``) spends a parameter budget (``ratio`` of the targeted parameters, or
+``model_ratio``) where the relative truncation loss of the spectra is least.
 
 A factorization saves parameters only if ``r·(m + n) < m·n``; at or above that break-even rank the
 matrix stays dense and the log says so.
@@ -26,7 +28,7 @@ from ..errors import CompressorError
 from ..plan.configs import field
 
 RULES = ("ratio", "rank", "rank_reduction", "model_ratio")
-RankRuleKind = Literal["uniform", "welore"]
+RankRuleKind = Literal["uniform", "welore", "loss"]
 
 
 @dataclass
@@ -37,8 +39,9 @@ class RankRule:
     rank: int | None = field(None, "one explicit rank for every targeted matrix")
     rank_reduction: float | None = field(None, "LoRD's rank reduction 1 - r/min(m,n)")
     model_ratio: float | None = field(None, "fraction of the whole model's parameters removed (solved globally)")
-    rank_rule: RankRuleKind = field("uniform", "uniform (the same rule per matrix) or welore (non-uniform ranks "
-                                    "from one threshold on the normalised spectra, meeting the budget globally)")
+    rank_rule: RankRuleKind = field("uniform", "uniform (the same rule per matrix), welore (non-uniform ranks "
+                                    "from one threshold on the normalised spectra, meeting the budget globally) "
+                                    "or loss (the least total relative truncation loss for the budget)")
 
     def __post_init__(self) -> None:
         chosen = [name for name in RULES if getattr(self, name) is not None]
@@ -55,6 +58,8 @@ class RankRule:
             raise ValueError(f"rank must be ≥ 1; got {self.rank}")
         if self.rank_rule == "welore" and self.rank is not None:
             raise ValueError("rank_rule welore needs a budget (ratio, rank_reduction or model_ratio), not a rank")
+        if self.rank_rule == "loss" and self.rule not in ("ratio", "model_ratio"):
+            raise ValueError("rank_rule loss needs a parameter budget: ratio or model_ratio")
 
     @property
     def rule(self) -> str:

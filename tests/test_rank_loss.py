@@ -1,0 +1,68 @@
+"""The loss rank rule: the Lagrangian allocation is optimal for the budget it reaches (brute force over every
+rank combination of small matrices), spends rank where spectra decay slowly, and drives LoRD end to end."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import run_steps
+
+from compressor.errors import CompressorError
+from compressor.ranks import loss as loss_rule
+
+
+def spectra_and_shapes():
+    torch.manual_seed(0)
+    shapes = {"a": (8, 12), "b": (8, 12), "c": (5, 9)}
+    decay = {"a": 0.3, "b": 0.9, "c": 0.6}
+    spectra = {name: (torch.rand(min(s)) + 0.5) * decay[name] ** torch.arange(min(s), dtype=torch.float64)
+               for name, s in shapes.items()}
+    return {n: v.sort(descending=True).values for n, v in spectra.items()}, shapes
+
+
+def candidates(spectrum, shape):
+    """Every (params, relative loss) option of one matrix: ranks below break-even, then dense."""
+    m, n = shape
+    energy = spectrum.double().square()
+    options = [(r * (m + n), float(energy[r:].sum() / energy.sum()), r) for r in range(1, min(m, n) + 1)
+               if r * (m + n) < m * n]
+    return options + [(m * n, 0.0, None)]
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.4, 0.6])
+def test_allocation_is_optimal_for_the_budget_it_reaches(fraction):
+    spectra, shapes = spectra_and_shapes()
+    before = sum(m * n for m, n in shapes.values())
+    solved = loss_rule.allocate(spectra, shapes, fraction * before)
+    assert solved["removed_params"] >= fraction * before
+    options = [candidates(spectra[name], shapes[name]) for name in shapes]
+    best = min(sum(o[1] for o in combo) for combo in itertools.product(*options)
+               if before - sum(o[0] for o in combo) >= solved["removed_params"])
+    assert solved["total_loss"] == pytest.approx(best, abs=1e-12)
+    chosen = dict(zip(shapes, (next(o for o in opts if o[2] == solved["ranks"][name])
+                               for name, opts in zip(shapes, options))))
+    assert sum(o[1] for o in chosen.values()) == pytest.approx(solved["total_loss"], abs=1e-12)
+    # of two matrices of one shape, the fast-decaying spectrum ("a") keeps less rank than the flat one ("b")
+    ranks = {n: (r if r is not None else min(shapes[n])) / min(shapes[n]) for n, r in solved["ranks"].items()}
+    assert ranks["a"] < ranks["b"]
+
+
+def test_out_of_reach_budget_is_refused():
+    spectra, shapes = spectra_and_shapes()
+    with pytest.raises(CompressorError, match="cannot remove"):
+        loss_rule.allocate(spectra, shapes, 0.99 * sum(m * n for m, n in shapes.values()))
+
+
+def test_lord_with_the_loss_rule(llama, batches):
+    report = run_steps(llama, [{"method": "lord", "config": {"ratio": 0.3, "whiten": "gram", "rank_rule": "loss"}}],
+                       batches)
+    decision = report.plan.steps[0].decision.record
+    before = sum(e["params_before"] for e in report.log)
+    after = sum(e["params_after"] for e in report.log)
+    assert before - after == decision["removed_params"] >= 0.3 * before
+    ranks = {e["name"]: e["rank"] for e in report.log}
+    assert ranks == decision["ranks"] and len(set(ranks.values())) > 2  # non-uniform
+    with pytest.raises(CompressorError, match="rank_rule loss needs a parameter budget"):
+        run_steps(llama, [{"method": "lord", "config": {"rank": 4, "rank_rule": "loss"}}], batches)
