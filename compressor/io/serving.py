@@ -35,15 +35,17 @@ packed one written here; the manifest's ``serving.transformers`` entry then says
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from ..model import modeling_compressor as portable
 from ..model.modules import CompensatedLinear, LowRankLinear, QuantizedLinear
 
 ADAPTER_DIR = "adapter"
@@ -150,26 +152,19 @@ def add_quantization_config(folder: Path, config: dict[str, Any]) -> None:
 
 def state_for_load(state: dict[str, torch.Tensor], manifest: dict[str, Any],
                    path: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors under the names of our modules: a compensated module's base tensors move
-    under ``<name>.base.`` and its factors come from the adapter (``lora.down`` = lora_A,
-    ``lora.up`` = lora_B)."""
-    compensated = [name for name, spec in manifest["modules"].items() if spec["kind"] == "compensated"]
-    if not compensated or not manifest.get("serving", {}).get("adapter"):
-        return state
-    state = dict(state)
-    for name in compensated:
-        prefix = f"{name}."
-        for key in [k for k in state if k.startswith(prefix)]:
-            state[f"{name}.base.{key[len(prefix):]}"] = state.pop(key)
-    adapter = load_file(str(path / manifest["serving"]["adapter"] / ADAPTER_WEIGHTS))
-    for key, tensor in adapter.items():
-        name, part = key[len(PEFT_PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-        state[f"{name}.lora.{'down' if part == 'lora_A' else 'up'}.weight"] = tensor
-    return state
+    """The checkpoint's tensors under the names of our modules (``modeling_compressor.state_for_modules``):
+    a compensated module's base under ``<name>.base.``, its factors from the adapter."""
+    adapter = manifest.get("serving", {}).get("adapter")
+    return portable.state_for_modules(state, manifest["modules"], str(Path(path) / adapter) if adapter else None)
 
 
-NOT_STOCK_PREFIX = "compressor-"
-NOT_STOCK_KEY = "compressor"
+NOT_STOCK_PREFIX = portable.MARK_PREFIX
+NOT_STOCK_KEY = portable.CONFIG_KEY
+REMOTE_CODE = "modeling_compressor.py"
+AUTO_CONFIG = "modeling_compressor.CompressorConfig"
+AUTO_MODEL = "modeling_compressor.CompressorForCausalLM"
+LOAD_HINT = ("AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) (the modeling_compressor.py "
+             "here), compressor.load(path), or `compressor eval path`; --merge writes a plain checkpoint")
 
 
 def not_stock_reason(modules: dict[str, dict[str, Any]], compressed_tensors: bool) -> str:
@@ -186,29 +181,38 @@ def not_stock_reason(modules: dict[str, dict[str, Any]], compressed_tensors: boo
     return ""
 
 
-def mark_not_stock(folder: Path, reason: str) -> None:
-    """Make ``folder``/config.json one that ``transformers`` refuses (instead of loading random weights)."""
+def write_remote_code(folder: Path, modules: dict[str, dict[str, Any]], adapter: str | None, reason: str) -> None:
+    """Make ``folder`` load with ``from_pretrained(folder, trust_remote_code=True)``: copy
+    ``modeling_compressor.py`` (this package's own definition of the modules and the loader) and put the
+    module specs and the adapter folder into config.json's ``compressor`` entry, with ``auto_map`` naming the
+    loader. Where stock transformers would not rebuild the modules (``reason``), ``model_type`` becomes
+    ``compressor-<base>``: stock loaders refuse it unless the code is trusted, instead of loading random
+    weights; otherwise the model type stays and only ``trust_remote_code=True`` picks the loader."""
+    shutil.copyfile(portable.__file__, folder / REMOTE_CODE)
 
     def mark(data: dict[str, Any]) -> None:
-        data[NOT_STOCK_KEY] = {"base_model_type": data["model_type"], "why": reason,
-                               "load": "compressor.load(path), or `compressor eval path`; "
-                                       "--merge writes a plain checkpoint"}
-        data["model_type"] = NOT_STOCK_PREFIX + data["model_type"]
+        entry: dict[str, Any] = {"modules": modules, "adapter": adapter}
+        auto_map = {"AutoModelForCausalLM": AUTO_MODEL}
+        if reason:
+            entry.update(base_model_type=data["model_type"], why=reason, load=LOAD_HINT)
+            data["model_type"] = NOT_STOCK_PREFIX + data["model_type"]
+            auto_map["AutoConfig"] = AUTO_CONFIG
+        data[NOT_STOCK_KEY] = entry
+        data["auto_map"] = auto_map
 
     edit_config(folder, mark)
 
 
 def model_config(path: Path):
-    """The ``transformers`` config of an output directory, marked by ``mark_not_stock`` or not."""
+    """The base family's ``transformers`` config of an output directory, marked or not, without the
+    ``compressor`` entry and ``auto_map`` (the model built from it is the family's own class)."""
     from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     data = json.loads((Path(path) / "config.json").read_text())
-    marker = data.pop(NOT_STOCK_KEY, None)
-    if marker is None:
+    if NOT_STOCK_KEY not in data:
         return AutoConfig.from_pretrained(path)
-    data["model_type"] = marker["base_model_type"]
-    return CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    data.pop("auto_map", None)
+    return portable.base_config(data)
 
 
 TRANSFORMERS_ASYMMETRIC = ("asymmetric: load in transformers with quantization_config="
