@@ -163,3 +163,16 @@ def test_compressor_load_strips_the_loader_entries_from_the_config(outputs):
     config = io.load(outputs["lord-llama"]).config
     assert config.model_type == "llama"
     assert not hasattr(config, "auto_map") and not hasattr(config, "compressor")
+
+
+def test_outputs_written_before_the_remote_code_still_load(outputs, ids, tmp_path):
+    """Format-1 outputs had no modeling file, no auto_map and, when marked, a ``compressor`` entry without specs."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(outputs["modegpt-llama"], old)
+    (old / serving.REMOTE_CODE).unlink()
+    config = json.loads((old / "config.json").read_text())
+    del config["auto_map"], config["compressor"]["modules"], config["compressor"]["adapter"]
+    (old / "config.json").write_text(json.dumps(config))
+    assert torch.equal(logits(io.load(old), ids), logits(io.load(outputs["modegpt-llama"]), ids))

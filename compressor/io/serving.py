@@ -1,7 +1,7 @@
-"""The serving layout of quantized and compensated models: what vLLM, ``transformers`` and ``peft`` load.
+"""The serving layout of an output: what vLLM, ``transformers`` and ``peft`` load without this package.
 
 A compressed output directory that holds ``quantized`` or ``compensated`` modules is written so that
-existing tools read it without this package:
+existing tools read it as they are:
 
 - **Quantized base.** Each ``QuantizedLinear`` is stored under its own module name with compressed-tensors'
   ``pack-quantized`` tensors (``weight_packed``, ``weight_scale``, ``weight_zero_point``, ``weight_shape``,
@@ -17,14 +17,22 @@ existing tools read it without this package:
   ``lora_alpha = r`` (PEFT scales by α/r, so 1), and ``rank_pattern`` / ``alpha_pattern`` (equal) for
   modules of another rank (peers.md §3.2, §16.3).
 
-``io.load`` reads both back (``state_for_load``), so our own loader and ``peft`` see the same numbers.
+``io.load`` reads both back (``modeling_compressor.state_for_modules``), so our own loader and ``peft`` see
+the same numbers.
 
-- **Everything else fails loudly in stock loaders.** An output that plain ``from_pretrained`` would not
-  rebuild (low-rank or CUR factors, quantized modules compressed-tensors cannot describe, such as a group
-  size that does not divide ``in_features``, layers of a new shape) would otherwise load with those linears
-  randomly initialized and only a warning. Its ``config.json`` therefore gets ``model_type``
-  ``compressor-<base>`` (which ``transformers`` refuses with an error naming it) and a ``compressor`` entry
-  holding the base ``model_type`` and the reason; ``io.load`` reads it back (``model_config``).
+- **Every kind with trusted remote code.** Each non-merged output carries ``modeling_compressor.py``, this
+  package's own definition of the module kinds and of the loader (it imports only torch and transformers),
+  and config.json a ``compressor`` entry with the module specs and the adapter folder, and an ``auto_map``
+  naming the loader (``write_remote_code``): ``AutoModelForCausalLM.from_pretrained(out,
+  trust_remote_code=True)`` returns the base family's model with the compressed modules, the logits of
+  ``io.load``, on a machine without compressor.
+- **Without the flag, stock loaders refuse what they cannot rebuild.** An output that plain
+  ``from_pretrained`` would not rebuild (low-rank or CUR factors, quantized modules compressed-tensors cannot
+  describe, such as a group size that does not divide ``in_features``, layers of a new shape) would
+  otherwise load with those linears randomly initialized and only a warning. Its ``config.json`` therefore
+  gets ``model_type`` ``compressor-<base>`` (with the base type and the reason in the ``compressor`` entry)
+  and an ``AutoConfig`` in ``auto_map``: ``transformers`` raises unless ``trust_remote_code=True``.
+  ``io.load`` reads the base config back (``model_config``).
 
 Loading in ``transformers``: symmetric checkpoints load as they are; asymmetric ones need
 ``quantization_config=CompressedTensorsConfig(dequantize=True)`` with compressed-tensors 0.20, whose
@@ -41,7 +49,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -148,14 +155,6 @@ def edit_config(folder: Path, edit: Callable[[dict[str, Any]], None]) -> None:
 def add_quantization_config(folder: Path, config: dict[str, Any]) -> None:
     """Put ``config`` into ``folder``/config.json as ``quantization_config``."""
     edit_config(folder, lambda data: data.update(quantization_config=config))
-
-
-def state_for_load(state: dict[str, torch.Tensor], manifest: dict[str, Any],
-                   path: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors under the names of our modules (``modeling_compressor.state_for_modules``):
-    a compensated module's base under ``<name>.base.``, its factors from the adapter."""
-    adapter = manifest.get("serving", {}).get("adapter")
-    return portable.state_for_modules(state, manifest["modules"], str(Path(path) / adapter) if adapter else None)
 
 
 NOT_STOCK_PREFIX = portable.MARK_PREFIX

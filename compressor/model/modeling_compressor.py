@@ -531,7 +531,8 @@ class CompressorConfig(PretrainedConfig):
 class CompressorForCausalLM(PreTrainedModel):
     """``AutoModelForCausalLM`` of an output: ``from_pretrained`` returns the base family's model (e.g.
     ``LlamaForCausalLM``) with the compressed modules of config.json's ``compressor`` entry swapped in.
-    Supports ``dtype`` (default: config.json's) and a single-device ``device_map``."""
+    Supports ``dtype`` (default: config.json's) and a single-device ``device_map`` ("auto": cuda if there is
+    one); other ``from_pretrained`` options are ignored."""
 
     config_class = PretrainedConfig
 
@@ -550,5 +551,7 @@ class CompressorForCausalLM(PreTrainedModel):
             dtype = getattr(torch, dtype)
         if isinstance(device_map, dict):
             raise ValueError("compressor outputs load on one device: pass device_map='cuda' (or a torch.device)")
+        if device_map == "auto":
+            device_map = "cuda" if torch.cuda.is_available() else "cpu"
         adapter = os.path.join(folder, entry["adapter"]) if entry.get("adapter") else None
         return load_compressed(folder, config, entry.get("modules", {}), adapter, dtype, device_map or "cpu")
