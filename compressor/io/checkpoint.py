@@ -9,6 +9,7 @@ Output directory::
     model.safetensors (or shards + model.safetensors.index.json)
     compression.json         # format version, recipe as applied, per-module kind/shapes/rank, counts
     compression_log.jsonl    # one line per targeted module: rank, parameters, errors, seconds
+    README.md                # the model card: Hub metadata, recipe, summary, how to load (model_card.py)
     adapter/                 # compensated models: the low-rank paths as a PEFT LoRA adapter (export.py)
 
 Quantized linears are stored packed in compressed-tensors' layout, with a ``quantization_config`` in
@@ -43,6 +44,7 @@ from ..errors import CompressorError
 from ..model.modeling_compressor import load_compressed
 from ..model.modules import MODULE_KINDS, spec_of
 from ..model.modules import merge as merge_module
+from . import model_card
 from . import serving as export
 
 FORMAT_VERSION = 1
@@ -163,6 +165,7 @@ def save(model: nn.Module, tokenizer: Any, out: Path, manifest: dict[str, Any], 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        model_card.write(tmp, manifest, log, Path(out).name)
         (tmp / LOG).write_text("".join(json.dumps(entry) + "\n" for entry in log))
     return out
 
