@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import calibration as sources
-from . import io
+from . import io, summary
 from .errors import CompressorError
 from .model import loading as models
 from .plan import recipe as recipes
@@ -76,7 +76,8 @@ def manifest_of(model_spec: str, recipe_name: str, plan: Plan, dtype: str, befor
     return {"base_model": model_spec, "recipe_source": recipe_name, "recipe": plan.applied_recipe(),
             "plan": plan.decisions(), "dtype": dtype,
             "params_before": before["params"], "params_after": models.parameter_count(model),
-            "bytes_before": before["bytes"], "reduction": reduction(report.log), "bytes_after": tensor_bytes(model)}
+            "bytes_before": before["bytes"], "reduction": reduction(report.log), "bytes_after": tensor_bytes(model),
+            "steps": summary.steps(report.log)}
 
 
 def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: list[str] | None = None,
@@ -116,4 +117,6 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     return {"out": str(out), "params_before": before["params"], "params_after": manifest["params_after"],
             "seconds": seconds, "cpu_seconds": cpu_seconds, "walk_seconds": dict(report.seconds),
             "modules": len(report.log), "compressed": sum(1 for e in report.log if e["kind"] != "dense"),
-            "reduction": manifest["reduction"], "model": loaded, "plan": plan}
+            "reduction": manifest["reduction"], "bytes_before": manifest["bytes_before"],
+            "bytes_after": manifest["bytes_after"], "steps": manifest["steps"], "log": report.log, "model": loaded,
+            "plan": plan}

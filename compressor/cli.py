@@ -79,16 +79,11 @@ def compress(
             overrides.append(f"calibration.{key}={value}")
     summary = run(model, recipe, out, overrides=overrides, device=device, dtype=dtype, storage_dtype=storage_dtype,
                   overwrite=overwrite, merge=merge, progress=not quiet and sys.stderr.isatty())
-    removed = 1 - summary["params_after"] / summary["params_before"]
-    console.print(f"wrote {summary['out']}: {summary['compressed']}/{summary['modules']} modules compressed, "
-                  f"parameters {summary['params_before']:,} → {summary['params_after']:,} ({removed:.1%} removed), "
-                  f"{sum(summary['seconds'].values()):.1f}s", highlight=False)
-    console.print(_reduction_line(summary["reduction"]), highlight=False)
+    from . import summary as summaries
 
-
-def _reduction_line(r: dict) -> str:
-    return (f"targeted linears: {r['param_reduction']:.1%} of parameters removed, {r['rank_reduction']:.1%} rank "
-            f"reduction (Σ ranks cut / Σ min(m,n)); {r['factorized']}/{r['targeted_modules']} factorized")
+    console.print(f"wrote {summary['out']} in {sum(summary['seconds'].values()):.1f}s", highlight=False)
+    for line in summaries.lines(summary, summary["log"]):
+        console.print(line, highlight=False)
 
 
 @app.command("eval")
@@ -124,8 +119,8 @@ def eval_(
 @_guard
 def inspect(path: Annotated[Path, typer.Argument(help="compressed output directory")]) -> None:
     """Per-module table: kind, shape, rank, parameters, relative error; rank and parameter reduction."""
+    from . import summary as summaries
     from .io import LOG, read_manifest
-    from .ranks.uniform import reduction
 
     manifest = read_manifest(path)
     log_file = path / LOG
@@ -141,7 +136,8 @@ def inspect(path: Annotated[Path, typer.Argument(help="compressed output directo
                       fmt(e.get("rel_error")), fmt(e.get("rel_output_error")), e.get("note", ""))
     console.print(table)
     if entries:
-        console.print(_reduction_line(manifest.get("reduction") or reduction(entries)), highlight=False)
+        for line in summaries.lines(manifest, entries):
+            console.print(line, highlight=False)
         lrc = [e for e in entries if "lrc" in e]
         if lrc:
             console.print(f"WeLore τ = {lrc[0]['tau']:.4g}: {sum(e['lrc'] for e in lrc)} LRC (factorized), "

@@ -8,12 +8,15 @@ and API tests can pass a local model directory.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# trust_remote_code loads copy the outputs' modeling_compressor.py here, not into ~/.cache
+os.environ.setdefault("HF_MODULES_CACHE", os.path.join(tempfile.gettempdir(), "compressor-tests-hf-modules"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

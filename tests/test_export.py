@@ -37,6 +37,7 @@ def test_quantized_checkpoint_has_compressed_tensors_layout(tmp_path, model_dirs
     assert f"{name}.weight" not in state
     manifest = io.read_manifest(tmp_path / "out")
     assert manifest["serving"] == {"compressed_tensors": True, "adapter": None, "stock_transformers": True,
+                                   "remote_code": "modeling_compressor.py",
                                    "transformers": export.TRANSFORMERS_ASYMMETRIC}
 
 
@@ -72,12 +73,12 @@ def test_not_describable_by_compressed_tensors_is_noted_and_refused_by_stock_loa
     assert "quantization_config" not in config and config["model_type"] == "compressor-llama"
     manifest = io.read_manifest(tmp_path / "out")
     assert "does not divide" in manifest["serving"]["note"] and manifest["serving"]["stock_transformers"] is False
-    with pytest.raises(ValueError, match="compressor-llama"):
+    with pytest.raises(ValueError, match="trust_remote_code"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.equal(logits(io.load(tmp_path / "out"), ids), logits(model, ids))
     recipe = quantize_then([{"method": "eora", "config": {"rank": 4, "space": "weight"}}], group_size=group_size)
     api.compress(str(model_dirs["llama"]), recipe, tmp_path / "eora", progress=False)  # the base is not readable
-    with pytest.raises(ValueError, match="compressor-llama"):
+    with pytest.raises(ValueError, match="trust_remote_code"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "eora")
 
 

@@ -2,12 +2,14 @@
 
 Output directory::
 
-    config.json, generation_config.json, tokenizer files    # the base model's; config.json gets a
-                             # quantization_config, or model_type compressor-<base> where stock loaders
-                             # would not rebuild the modules (serving.mark_not_stock)
+    config.json, generation_config.json, tokenizer files    # the base model's; config.json gets the module
+                             # specs and auto_map (``compressor`` entry), a quantization_config, and
+                             # model_type compressor-<base> where stock loaders would not rebuild the modules
+    modeling_compressor.py   # the modules and loader for trust_remote_code (serving.write_remote_code)
     model.safetensors (or shards + model.safetensors.index.json)
     compression.json         # format version, recipe as applied, per-module kind/shapes/rank, counts
     compression_log.jsonl    # one line per targeted module: rank, parameters, errors, seconds
+    README.md                # the model card: Hub metadata, recipe, summary, how to load (model_card.py)
     adapter/                 # compensated models: the low-rank paths as a PEFT LoRA adapter (export.py)
 
 Quantized linears are stored packed in compressed-tensors' layout, with a ``quantization_config`` in
@@ -35,13 +37,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .. import __version__
 from ..errors import CompressorError
-from ..model.modules import MODULE_KINDS, from_spec, spec_of
+from ..model.modeling_compressor import load_compressed
+from ..model.modules import MODULE_KINDS, spec_of
 from ..model.modules import merge as merge_module
+from . import model_card
 from . import serving as export
 
 FORMAT_VERSION = 1
@@ -154,14 +157,15 @@ def save(model: nn.Module, tokenizer: Any, out: Path, manifest: dict[str, Any], 
                 model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
                 manifest["serving"] = export.write_serving(tmp, model, modules, loras, str(Path(out).resolve()))
             reason = export.not_stock_reason(manifest["modules"], manifest["serving"]["compressed_tensors"])
-            if reason:
-                export.mark_not_stock(tmp, reason)
+            export.write_remote_code(tmp, manifest["modules"], manifest["serving"]["adapter"], reason)
             manifest["serving"]["stock_transformers"] = not reason
+            manifest["serving"]["remote_code"] = export.REMOTE_CODE
         if stored is not None:
             export.edit_config(tmp, lambda data: data.update(dtype=stored))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        model_card.write(tmp, manifest, log, Path(out).name)
         (tmp / LOG).write_text("".join(json.dumps(entry) + "\n" for entry in log))
     return out
 
@@ -176,22 +180,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(str(path / name)))
-    return state
-
-
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a model written by ``save`` (compressed or merged) with identical outputs."""
+    """Rebuild a model written by ``save`` (compressed or merged) with identical outputs: the loader the
+    outputs carry (``modeling_compressor.load_compressed``) with this package's module classes, reading the
+    module specs from the manifest."""
     from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -202,26 +195,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, spec in sorted(manifest["modules"].items(), key=lambda item: item[0].count(".")):
+    for name, spec in manifest["modules"].items():
         if spec["kind"] != "dense" and spec["kind"] not in MODULE_KINDS:
             raise CompressorError(f"{path}: unknown module kind {spec['kind']!r} for {name}")
-        model.set_submodule(name, from_spec(spec, dtype=dtype))
-    state = export.state_for_load(_state_dict(path), manifest, path)
-    result = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in result.missing_keys if k not in tied and not _is_tied(model, k)]
-    if missing or result.unexpected_keys:
-        raise CompressorError(f"{path}: checkpoint does not match its manifest "
-                              f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
-    model.tie_weights()
-    return model.to(device).eval()
-
-
-def _is_tied(model: nn.Module, key: str) -> bool:
-    """True for the output head of a model whose input and output embeddings are tied."""
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return False
-    head = model.get_output_embeddings()
-    return head is not None and key.endswith("weight") and model.get_submodule(key.rsplit(".", 1)[0]) is head
+    adapter = manifest.get("serving", {}).get("adapter")
+    try:
+        return load_compressed(str(path), config, manifest["modules"], str(path / adapter) if adapter else None,
+                               dtype, device, MODULE_KINDS)
+    except ValueError as error:
+        raise CompressorError(f"{error} (the manifest's modules)") from None

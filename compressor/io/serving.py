@@ -1,7 +1,7 @@
-"""The serving layout of quantized and compensated models: what vLLM, ``transformers`` and ``peft`` load.
+"""The serving layout of an output: what vLLM, ``transformers`` and ``peft`` load without this package.
 
 A compressed output directory that holds ``quantized`` or ``compensated`` modules is written so that
-existing tools read it without this package:
+existing tools read it as they are:
 
 - **Quantized base.** Each ``QuantizedLinear`` is stored under its own module name with compressed-tensors'
   ``pack-quantized`` tensors (``weight_packed``, ``weight_scale``, ``weight_zero_point``, ``weight_shape``,
@@ -17,14 +17,22 @@ existing tools read it without this package:
   ``lora_alpha = r`` (PEFT scales by α/r, so 1), and ``rank_pattern`` / ``alpha_pattern`` (equal) for
   modules of another rank (peers.md §3.2, §16.3).
 
-``io.load`` reads both back (``state_for_load``), so our own loader and ``peft`` see the same numbers.
+``io.load`` reads both back (``modeling_compressor.state_for_modules``), so our own loader and ``peft`` see
+the same numbers.
 
-- **Everything else fails loudly in stock loaders.** An output that plain ``from_pretrained`` would not
-  rebuild (low-rank or CUR factors, quantized modules compressed-tensors cannot describe, such as a group
-  size that does not divide ``in_features``, layers of a new shape) would otherwise load with those linears
-  randomly initialized and only a warning. Its ``config.json`` therefore gets ``model_type``
-  ``compressor-<base>`` (which ``transformers`` refuses with an error naming it) and a ``compressor`` entry
-  holding the base ``model_type`` and the reason; ``io.load`` reads it back (``model_config``).
+- **Every kind with trusted remote code.** Each non-merged output carries ``modeling_compressor.py``, this
+  package's own definition of the module kinds and of the loader (it imports only torch and transformers),
+  and config.json a ``compressor`` entry with the module specs and the adapter folder, and an ``auto_map``
+  naming the loader (``write_remote_code``): ``AutoModelForCausalLM.from_pretrained(out,
+  trust_remote_code=True)`` returns the base family's model with the compressed modules, the logits of
+  ``io.load``, on a machine without compressor.
+- **Without the flag, stock loaders refuse what they cannot rebuild.** An output that plain
+  ``from_pretrained`` would not rebuild (low-rank or CUR factors, quantized modules compressed-tensors cannot
+  describe, such as a group size that does not divide ``in_features``, layers of a new shape) would
+  otherwise load with those linears randomly initialized and only a warning. Its ``config.json`` therefore
+  gets ``model_type`` ``compressor-<base>`` (with the base type and the reason in the ``compressor`` entry)
+  and an ``AutoConfig`` in ``auto_map``: ``transformers`` raises unless ``trust_remote_code=True``.
+  ``io.load`` reads the base config back (``model_config``).
 
 Loading in ``transformers``: symmetric checkpoints load as they are; asymmetric ones need
 ``quantization_config=CompressedTensorsConfig(dequantize=True)`` with compressed-tensors 0.20, whose
@@ -35,15 +43,16 @@ packed one written here; the manifest's ``serving.transformers`` entry then says
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from ..model import modeling_compressor as portable
 from ..model.modules import CompensatedLinear, LowRankLinear, QuantizedLinear
 
 ADAPTER_DIR = "adapter"
@@ -148,28 +157,13 @@ def add_quantization_config(folder: Path, config: dict[str, Any]) -> None:
     edit_config(folder, lambda data: data.update(quantization_config=config))
 
 
-def state_for_load(state: dict[str, torch.Tensor], manifest: dict[str, Any],
-                   path: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors under the names of our modules: a compensated module's base tensors move
-    under ``<name>.base.`` and its factors come from the adapter (``lora.down`` = lora_A,
-    ``lora.up`` = lora_B)."""
-    compensated = [name for name, spec in manifest["modules"].items() if spec["kind"] == "compensated"]
-    if not compensated or not manifest.get("serving", {}).get("adapter"):
-        return state
-    state = dict(state)
-    for name in compensated:
-        prefix = f"{name}."
-        for key in [k for k in state if k.startswith(prefix)]:
-            state[f"{name}.base.{key[len(prefix):]}"] = state.pop(key)
-    adapter = load_file(str(path / manifest["serving"]["adapter"] / ADAPTER_WEIGHTS))
-    for key, tensor in adapter.items():
-        name, part = key[len(PEFT_PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-        state[f"{name}.lora.{'down' if part == 'lora_A' else 'up'}.weight"] = tensor
-    return state
-
-
-NOT_STOCK_PREFIX = "compressor-"
-NOT_STOCK_KEY = "compressor"
+NOT_STOCK_PREFIX = portable.MARK_PREFIX
+NOT_STOCK_KEY = portable.CONFIG_KEY
+REMOTE_CODE = "modeling_compressor.py"
+AUTO_CONFIG = "modeling_compressor.CompressorConfig"
+AUTO_MODEL = "modeling_compressor.CompressorForCausalLM"
+LOAD_HINT = ("AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) (the modeling_compressor.py "
+             "here), compressor.load(path), or `compressor eval path`; --merge writes a plain checkpoint")
 
 
 def not_stock_reason(modules: dict[str, dict[str, Any]], compressed_tensors: bool) -> str:
@@ -186,29 +180,38 @@ def not_stock_reason(modules: dict[str, dict[str, Any]], compressed_tensors: boo
     return ""
 
 
-def mark_not_stock(folder: Path, reason: str) -> None:
-    """Make ``folder``/config.json one that ``transformers`` refuses (instead of loading random weights)."""
+def write_remote_code(folder: Path, modules: dict[str, dict[str, Any]], adapter: str | None, reason: str) -> None:
+    """Make ``folder`` load with ``from_pretrained(folder, trust_remote_code=True)``: copy
+    ``modeling_compressor.py`` (this package's own definition of the modules and the loader) and put the
+    module specs and the adapter folder into config.json's ``compressor`` entry, with ``auto_map`` naming the
+    loader. Where stock transformers would not rebuild the modules (``reason``), ``model_type`` becomes
+    ``compressor-<base>``: stock loaders refuse it unless the code is trusted, instead of loading random
+    weights; otherwise the model type stays and only ``trust_remote_code=True`` picks the loader."""
+    shutil.copyfile(portable.__file__, folder / REMOTE_CODE)
 
     def mark(data: dict[str, Any]) -> None:
-        data[NOT_STOCK_KEY] = {"base_model_type": data["model_type"], "why": reason,
-                               "load": "compressor.load(path), or `compressor eval path`; "
-                                       "--merge writes a plain checkpoint"}
-        data["model_type"] = NOT_STOCK_PREFIX + data["model_type"]
+        entry: dict[str, Any] = {"modules": modules, "adapter": adapter}
+        auto_map = {"AutoModelForCausalLM": AUTO_MODEL}
+        if reason:
+            entry.update(base_model_type=data["model_type"], why=reason, load=LOAD_HINT)
+            data["model_type"] = NOT_STOCK_PREFIX + data["model_type"]
+            auto_map["AutoConfig"] = AUTO_CONFIG
+        data[NOT_STOCK_KEY] = entry
+        data["auto_map"] = auto_map
 
     edit_config(folder, mark)
 
 
 def model_config(path: Path):
-    """The ``transformers`` config of an output directory, marked by ``mark_not_stock`` or not."""
+    """The base family's ``transformers`` config of an output directory, marked or not, without the
+    ``compressor`` entry and ``auto_map`` (the model built from it is the family's own class)."""
     from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     data = json.loads((Path(path) / "config.json").read_text())
-    marker = data.pop(NOT_STOCK_KEY, None)
-    if marker is None:
+    if NOT_STOCK_KEY not in data:
         return AutoConfig.from_pretrained(path)
-    data["model_type"] = marker["base_model_type"]
-    return CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    data.pop("auto_map", None)
+    return portable.base_config(data)
 
 
 TRANSFORMERS_ASYMMETRIC = ("asymmetric: load in transformers with quantization_config="

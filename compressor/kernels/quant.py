@@ -19,6 +19,9 @@ Packing (compressed-tensors ``pack-quantized``, dense cross-element): each row's
 unsigned (``q + 2^(b−1)``) and element i occupies bits [i·b, (i+1)·b) of the row's little-endian bit
 stream of int32 words, so a row of n values takes ``ceil(n·b / 32)`` words. Zero points are packed the
 same way along the output dimension (dim 0).
+
+Unpacking and dequantizing (``unpack_int32``, ``dequantize``, ``expand_groups``) are defined in
+``model.modeling_compressor``, the file outputs carry for loading without this package, and re-exported here.
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..errors import CompressorError
+from ..model.modeling_compressor import (  # noqa: F401  (dequantizing is defined once, where outputs carry it)
+    bit_layout,
+    dequantize,
+    expand_groups,
+    n_groups,
+    packed_width,
+    unpack_int32,
+)
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -42,17 +53,6 @@ def check_bits(bits: int) -> None:
 def qrange(bits: int) -> tuple[int, int]:
     """(q_min, q_max) of the signed b-bit grid."""
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
-def n_groups(n: int, group_size: int | None) -> int:
-    return 1 if not group_size else math.ceil(n / group_size)
-
-
-def expand_groups(values: Tensor, n: int, group_size: int | None) -> Tensor:
-    """Per-group values (m, G) → per-column (m, n)."""
-    if not group_size:
-        return values[:, :1].expand(-1, n)
-    return values.repeat_interleave(group_size, dim=1)[:, :n]
 
 
 def group_range(weight: Tensor, group_size: int | None) -> tuple[Tensor, Tensor]:
@@ -99,17 +99,6 @@ def quantize(weight: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
     return (torch.round(weight.float() / scale) + zero_point).clamp(q_min, q_max).to(torch.int8)
 
 
-def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor | None, group_size: int | None = None,
-               dtype: torch.dtype = torch.float32) -> Tensor:
-    """``(q − zero_point) · scale`` (m, n) in ``dtype`` (computed in fp32 at least)."""
-    n = q.shape[1]
-    work = torch.promote_types(scale.dtype, torch.float32)
-    values = q.to(work)
-    if zero_point is not None:
-        values = values - expand_groups(zero_point, n, group_size).to(work)
-    return (values * expand_groups(scale.to(work), n, group_size)).to(dtype)
-
-
 def rtn(weight: Tensor, bits: int, symmetric: bool, group_size: int | None = None,
         scale_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Round-to-nearest: (q (m, n) int8, scale (m, G), zero_point (m, G) int32)."""
@@ -118,16 +107,6 @@ def rtn(weight: Tensor, bits: int, symmetric: bool, group_size: int | None = Non
 
 
 # --- packing ---------------------------------------------------------------------------------------------
-
-
-def _bit_layout(bits: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """For the 32 elements of one packing unit (= ``bits`` int32 words): word index and bit offset."""
-    start = torch.arange(32, dtype=torch.int64, device=device) * bits
-    return start // 32, start % 32
-
-
-def packed_width(n: int, bits: int) -> int:
-    return math.ceil(n * bits / 32)
 
 
 def pack_int32(values: Tensor, bits: int, dim: int = 1) -> Tensor:
@@ -139,7 +118,7 @@ def pack_int32(values: Tensor, bits: int, dim: int = 1) -> Tensor:
     units = math.ceil(cols / 32)
     unsigned = values.to(torch.int64) + (1 << (bits - 1))  # [0, 2^b)
     unsigned = F.pad(unsigned, (0, units * 32 - cols)).view(rows, units, 32)
-    word, offset = _bit_layout(bits, values.device)
+    word, offset = bit_layout(bits, values.device)
     # one spare word per unit catches the high bits of the last element (dropped below)
     words = torch.zeros(rows, units, bits + 1, dtype=torch.int64, device=values.device)
     index = word.expand(rows, units, 32)
@@ -150,20 +129,3 @@ def pack_int32(values: Tensor, bits: int, dim: int = 1) -> Tensor:
         words.scatter_add_(2, (word[spill] + 1).expand(rows, units, -1), high_bits)
     words = words[..., :bits].reshape(rows, units * bits)[:, :packed_width(cols, bits)]
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-
-
-def unpack_int32(packed: Tensor, bits: int, size: int, dim: int = 1) -> Tensor:
-    """The inverse of ``pack_int32``: int32 words → signed integers (int8), ``size`` of them along ``dim``."""
-    check_bits(bits)
-    if dim == 0:
-        return unpack_int32(packed.T, bits, size, 1).T.contiguous()
-    rows, width = packed.shape
-    units = math.ceil(size / 32)
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    words = F.pad(words, (0, units * bits + 1 - width)).view(rows, -1)
-    word, offset = _bit_layout(bits, packed.device)
-    unit_base = (torch.arange(units, dtype=torch.int64, device=packed.device) * bits)[:, None]  # (units, 1)
-    low = words[:, unit_base + word] >> offset  # (rows, units, 32)
-    high = words[:, unit_base + word + 1] << (32 - offset)
-    unsigned = torch.where(offset + bits > 32, low | high, low) & ((1 << bits) - 1)
-    return (unsigned.reshape(rows, units * 32)[:, :size] - (1 << (bits - 1))).to(torch.int8)

@@ -250,7 +250,8 @@ def log_entry(step: StepPlan, name: str, target: Target | None, outcome: Outcome
               group_error: float | None = None) -> dict[str, Any]:
     shape = list(target.weight.shape) if target is not None else None
     entry: dict[str, Any] = {"name": name, "step": step.index, "method": step.method, "shape": shape,
-                             "params_before": _params(target.module) if target is not None else None}
+                             "params_before": _params(target.module) if target is not None else None,
+                             "bytes_before": _bytes(target.module) if target is not None else None}
     if outcome.module is None:
         entry.update(kind="dense", params_after=entry["params_before"], rank=None, note=outcome.note or "kept dense")
     else:
