@@ -163,6 +163,12 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
     "quality": [
         *[(f"lord-gram-{rule}-{r}", lord("gram", r, rank_rule=rule)) for r in (0.2, 0.4)
           for rule in ("uniform", "welore", "loss")],
+        # numerics: the Gram's square root by eigh (SVD-LLM V2's SVD whitening) instead of Cholesky, in fp64
+        *[(f"lord-gram-eigh-{r}", lord("gram", r, gram_root="eigh")) for r in (0.2, 0.4)],
+        # two-sided: rows weighted by √(Fisher row sums) (IO-SVD's output side), alone and with the loss rule
+        *[(f"lord-gram-fisher-rows-{r}", lord("gram", r, output_weight="fisher")) for r in (0.2, 0.4)],
+        *[(f"lord-gram-fisher-rows-loss-{r}", lord("gram", r, output_weight="fisher", rank_rule="loss"))
+          for r in (0.2, 0.4)],
     ],
     # MoDeGPT, the whole method (MLP, query-key, value-output) at 20% and 30% of each layer removed on average,
     # query/key covariances before RoPE (the reference's) and after it; LoRD gram removing the same

@@ -17,12 +17,13 @@ from compressor import api, registry
 from compressor.cli import app
 from compressor.errors import CompressorError
 from compressor.kernels import linalg
-from compressor.methods.fwsvd import FWSVD, axis_importance, fisher_scale, fwsvd_factors, weighted_error
+from compressor.methods.fwsvd import FWSVD, fwsvd_factors, weighted_error
 from compressor.methods.lord import lord_factors
 from compressor.model import targets as arch_mod
 from compressor.model.modules import LowRankLinear, weight_of
 from compressor.plan import recipe as recipes
 from compressor.stats import fisher
+from compressor.stats.fisher import diagonal_weight
 from compressor.walk import layers as walk_layers
 
 CPU = torch.device("cpu")
@@ -157,7 +158,7 @@ def test_uniform_fisher_is_plain_svd(axis):
     weight = random_weight(40, 24)
     plain_up, plain_down = lord_factors(weight, 8, linalg.identity(), torch.float64)
     fisher_ = torch.full(weight.shape, 0.37, dtype=torch.float64)
-    scale = fisher_scale(axis_importance(fisher_, axis), 1e-6)
+    scale = diagonal_weight(fisher_, axis, 1e-6)
     up, down = fwsvd_factors(weight, 8, scale, axis)
     assert up.shape == (40, 8) and down.shape == (8, 24)
     torch.testing.assert_close(up @ down, plain_up @ plain_down, rtol=1e-10, atol=1e-10)
@@ -192,7 +193,7 @@ def test_zero_fisher_channels_do_not_divide_by_zero(axis, eps):
     fisher_[:, :10] = 0.0  # dead input channels
     fisher_[:7, :] = 0.0  # dead output channels
     fisher_[8, 12] = float("nan")
-    scale = fisher_scale(axis_importance(fisher_, axis), eps)
+    scale = diagonal_weight(fisher_, axis, eps)
     assert torch.isfinite(scale).all()
     up, down = fwsvd_factors(weight, 5, scale, axis)
     assert torch.isfinite(up).all() and torch.isfinite(down).all()

@@ -66,3 +66,34 @@ def test_lord_with_the_loss_rule(llama, batches):
     assert ranks == decision["ranks"] and len(set(ranks.values())) > 2  # non-uniform
     with pytest.raises(CompressorError, match="rank_rule loss needs a parameter budget"):
         run_steps(llama, [{"method": "lord", "config": {"rank": 4, "rank_rule": "loss"}}], batches)
+
+
+def test_two_sided_factors_minimize_the_row_and_input_weighted_error():
+    from compressor.kernels import linalg
+    from compressor.methods.lord import lord_factors
+
+    torch.manual_seed(1)
+    weight = torch.randn(12, 10, dtype=torch.float64)
+    x = torch.randn(200, 10, dtype=torch.float64) * torch.linspace(0.2, 3, 10)
+    rows = torch.rand(12, dtype=torch.float64) * 5 + 0.1
+    whitening = linalg.from_gram(x.T @ x, "cholesky")
+
+    def weighted(approx):  # ‖diag(rows) (W − Ŵ) Xᵀ‖
+        return float((rows[:, None] * (weight - approx) @ x.T).norm())
+
+    up, down = lord_factors(weight, 4, whitening, torch.float64, rows)
+    spectrum = torch.linalg.svdvals(rows[:, None] * weight @ x.T)  # the weighted problem's own spectrum
+    assert weighted(up @ down) == pytest.approx(float(spectrum[4:].square().sum().sqrt()), rel=1e-9)
+    plain_up, plain_down = lord_factors(weight, 4, whitening, torch.float64)
+    assert weighted(up @ down) < weighted(plain_up @ plain_down)
+
+
+def test_lord_with_output_weights_from_the_fisher(llama, batches):
+    config = {"ratio": 0.3, "whiten": "gram", "output_weight": "fisher", "fisher_cache": "off"}
+    report = run_steps(llama, [{"method": "lord", "config": config}], batches)
+    decision = report.plan.steps[0].decision.record
+    assert decision["output_weight"] == "fisher" and decision["fisher_cache"] == "computed"
+    assert all(e["kind"] == "low_rank" for e in report.log)
+    fresh = __import__("conftest").build_model("llama", llama.config.vocab_size)
+    loss = run_steps(fresh, [{"method": "lord", "config": {**config, "rank_rule": "loss"}}], batches)
+    assert loss.plan.steps[0].decision.record["rank_rule"] == "loss"

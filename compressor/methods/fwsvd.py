@@ -73,17 +73,6 @@ class FWSVDConfig(ranks.RankRule):
             raise ValueError(f"eps must be ≥ 0; got {self.eps}")
 
 
-def axis_importance(fisher: Tensor, axis: Axis) -> Tensor:
-    """The Fisher (m, n) summed over the other axis, fp64: (n,) for ``in``, (m,) for ``out``."""
-    return fisher.double().sum(0 if axis == "in" else 1)
-
-
-def fisher_scale(importance: Tensor, eps: float) -> Tensor:
-    """√(importance + eps), the diagonal weight; negative or non-finite sums count as zero."""
-    importance = torch.nan_to_num(importance.double(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
-    return (importance + eps).sqrt()
-
-
 def fwsvd_factors(weight: Tensor, rank: int, scale: Tensor, axis: Axis,
                   svd_dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """(up (m, r), down (r, n)) minimizing ‖(W − up·down) diag(scale)‖_F (``in``, scale (n,)) or
@@ -128,8 +117,7 @@ class FWSVD(LinearCompressor):
                                                           reduce)
         for name in view.shapes:
             value = fisher.pop(name)  # (m, n), or already summed: (n,) / (m,)
-            importance = axis_importance(value, self.config.axis) if value.dim() == 2 else value.double()
-            self.scales[name] = fisher_scale(importance, self.config.eps)
+            self.scales[name] = fisher_pass.diagonal_weight(value, self.config.axis, self.config.eps)
         record["fisher_cache"] = "hit" if self.fisher_info.get("hit") else "computed"
         return Decision(record)
 

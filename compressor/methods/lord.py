@@ -31,12 +31,14 @@ from typing import Literal
 import torch
 
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
+from ..errors import CompressorError
 from ..kernels import linalg
 from ..model.modules import LowRankLinear
 from ..plan.configs import field
 from ..ranks import loss as loss_rule
 from ..ranks import uniform as ranks
 from ..ranks import welore as welore_rule
+from ..stats import fisher as fisher_pass
 from ..stats.accumulators import Request, inputs
 
 
@@ -46,12 +48,23 @@ class LoRDConfig(ranks.RankRule):
     alpha: float = field(0.5, "exponent of mean|x| for whiten: activation (ASVD's alpha)")
     gram_root: Literal["cholesky", "eigh"] = field("cholesky", "square root of the Gram for whiten: gram")
     svd_dtype: Literal["float64", "float32"] = field("float64", "precision of the SVD")
+    output_weight: Literal["none", "fisher"] = field(
+        "none", "weight the truncation on the output side too: fisher = √(Fisher summed per output row + 1e-6) "
+        "(IO-SVD's two-sided weighting; FWSVD's Fisher pass, cached)")
+    fisher_cache: Literal["use", "refresh", "off"] = field(
+        "use", "output_weight fisher: the Fisher cache on disk: use (read/write), refresh (recompute), off")
 
 
-def lord_factors(weight: torch.Tensor, rank: int, whitening: linalg.Whitening, svd_dtype: torch.dtype):
-    """(up (m, r), down (r, n)) of the whitened truncated SVD of ``weight`` (m, n)."""
-    up, down, _ = linalg.whitened_svd(weight, rank, whitening, svd_dtype)
-    return up, down
+def lord_factors(weight: torch.Tensor, rank: int, whitening: linalg.Whitening, svd_dtype: torch.dtype,
+                 row_scale: torch.Tensor | None = None):
+    """(up (m, r), down (r, n)) of the whitened truncated SVD of ``weight`` (m, n): the minimizer of
+    ``‖diag(row_scale) (W − up·down) S‖_F`` (``row_scale`` None: no output-side weight)."""
+    if row_scale is None:
+        up, down, _ = linalg.whitened_svd(weight, rank, whitening, svd_dtype)
+        return up, down
+    scale = row_scale.to(device=weight.device, dtype=svd_dtype)[:, None]  # (m, 1)
+    up, down, _ = linalg.whitened_svd(weight.to(svd_dtype) * scale, rank, whitening, svd_dtype)
+    return up / scale, down
 
 
 class LoRD(LinearCompressor):
@@ -64,6 +77,11 @@ class LoRD(LinearCompressor):
         super().__init__(config)
         self.ranks: dict[str, int] = {}  # uniform rules: every target's rank, from decide
         self.welore: welore_rule.Plan | None = None  # rank_rule welore: τ and every matrix's rank
+        self.row_scales: dict[str, torch.Tensor] = {}  # output_weight fisher: name → (m,) fp64
+
+    @property
+    def uses_data(self) -> bool:
+        return bool(self.requests()) or self.config.output_weight == "fisher"
 
     @property
     def kinds(self) -> frozenset[str]:
@@ -78,22 +96,35 @@ class LoRD(LinearCompressor):
         return torch.float64 if self.config.svd_dtype == "float64" else torch.float32
 
     def decide(self, view: ModelView) -> Decision:
+        fisher_record = self.output_weights(view) if self.config.output_weight == "fisher" else {}
         if self.config.rank_rule == "uniform":
             self.ranks, record = ranks.uniform_ranks(self.config, view.shapes, view.model_params)
-            return Decision(record)
+            return Decision({**record, **fisher_record})
         if self.config.whiten == "none":
-            spectra = welore_rule.weight_spectra(view.model, list(view.shapes), view.device, self.svd_dtype)
+            spectra = welore_rule.weight_spectra(view.model, list(view.shapes), view.device, self.svd_dtype,
+                                                 self.row_scales)
         else:
-            spectra = welore_rule.whitened_spectra(view, self.kinds, self.whitening_of, self.svd_dtype)
+            spectra = welore_rule.whitened_spectra(view, self.kinds, self.whitening_of, self.svd_dtype,
+                                                   self.row_scales)
         target = welore_rule.budget(rank_reduction=self.config.rank_reduction, ratio=self.config.ratio,
                                     model_ratio=self.config.model_ratio, shapes=view.shapes,
                                     model_params=view.model_params)
         if self.config.rank_rule == "loss":
             solved = loss_rule.allocate(spectra, view.shapes, target["removed_params"])
             self.ranks = solved["ranks"]
-            return Decision({"rank_rule": "loss", "rule": self.config.rule, **solved})
+            return Decision({"rank_rule": "loss", "rule": self.config.rule, **solved, **fisher_record})
         self.welore = welore_rule.solve(spectra, view.shapes, **target)
-        return Decision(self.welore.record())
+        return Decision({**self.welore.record(), **fisher_record})
+
+    def output_weights(self, view: ModelView) -> dict:
+        """The output-side weights √(Σ_in F + 1e-6) (m,) of every target, from the (cached) Fisher pass."""
+        if view.batches is None:
+            raise CompressorError("lord output_weight fisher needs calibration data (the Fisher pass)")
+        fisher, info = fisher_pass.fisher_for(view.model, view.batches, list(view.shapes), view.device,
+                                              checkpointing=True, cache=self.config.fisher_cache, reduce="out")
+        for name in view.shapes:
+            self.row_scales[name] = fisher_pass.diagonal_weight(fisher.pop(name), "out")
+        return {"output_weight": "fisher", "fisher_cache": "hit" if info.get("hit") else "computed"}
 
     def whitening_of(self, stats) -> linalg.Whitening:
         if self.config.whiten == "activation":
@@ -117,6 +148,7 @@ class LoRD(LinearCompressor):
                 return Outcome(None, note="rank_rule loss: kept dense")
         if not ranks.saves_parameters(rank, m, n):
             return Outcome(None, note=f"rank {rank} ≥ break-even {ranks.break_even(m, n):.0f}: kept dense")
-        up, down = lord_factors(target.weight, rank, self.whitening_of(target.stats), self.svd_dtype)
+        up, down = lord_factors(target.weight, rank, self.whitening_of(target.stats), self.svd_dtype,
+                                self.row_scales.pop(target.name, None))
         module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
         return Outcome(module, rank=rank, note=note, extra=extra)

@@ -217,21 +217,31 @@ def _weight(module: nn.Module) -> Tensor:
     return (module.dense_weight() if hasattr(module, "dense_weight") else weight_of(module)).detach()
 
 
+def _rows_scaled(weight: Tensor, row_scales: dict[str, Tensor] | None, name: str) -> Tensor:
+    """``diag(row_scales[name]) W`` (an output-side weight), or W."""
+    scale = (row_scales or {}).get(name)
+    return weight if scale is None else weight * scale.to(device=weight.device, dtype=weight.dtype)[:, None]
+
+
 def weight_spectra(model: nn.Module, names: list[str], device: torch.device,
-                   dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
-    """name → singular values (min(m, n),) of each targeted linear's current weight (data-free)."""
+                   dtype: torch.dtype = torch.float64,
+                   row_scales: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """name → singular values (min(m, n),) of each targeted linear's current weight (data-free), rows
+    scaled by ``row_scales`` where given."""
     spectra = {}
     for name in names:
         weight = _weight(model.get_submodule(name)).to(device=device, dtype=dtype)  # (m, n)
-        spectra[name] = torch.linalg.svdvals(weight).cpu()
+        spectra[name] = torch.linalg.svdvals(_rows_scaled(weight, row_scales, name)).cpu()
     return spectra
 
 
 def whitened_spectra(view, kinds: frozenset[str], whitening: Callable,
-                     dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
+                     dtype: torch.dtype = torch.float64,
+                     row_scales: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """name → singular values of ``W S`` with ``S = whitening(stats)``, the input statistics ``kinds`` taken
     on the *original* model (``view.walk``, SVD-LLM's profiling) for every target of ``view`` (a
-    ``contract.ModelView``). Each layer's statistics are dropped once its spectra are known."""
+    ``contract.ModelView``), rows scaled by ``row_scales`` where given (an output-side weight). Each
+    layer's statistics are dropped once its spectra are known."""
     from ..stats.hooks import Collector, Watch
 
     by_layer: dict[int, list[str]] = {}
@@ -244,7 +254,7 @@ def whitened_spectra(view, kinds: frozenset[str], whitening: Callable,
         visit.forward(collector=collector)
         for (name, _), stats in collector.result().items():
             weight = _weight(visit.module(name)).to(device=view.device, dtype=dtype)  # (m, n)
-            spectra[name] = torch.linalg.svdvals(whitening(stats).apply(weight)).cpu()
+            spectra[name] = torch.linalg.svdvals(whitening(stats).apply(_rows_scaled(weight, row_scales, name))).cpu()
     missing = set(view.shapes) - set(spectra)
     if missing:
         raise CompressorError(f"no statistics were collected for {sorted(missing)[0]} (and {len(missing) - 1} more)")

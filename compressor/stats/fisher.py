@@ -348,3 +348,11 @@ def fisher_for(model: nn.Module, batches: list[Tensor] | None, target_names: lis
                                                      "seq_len": str(batches[0].shape[1])}))
     info["seconds"] = time.perf_counter() - start
     return fisher, info
+
+
+def diagonal_weight(fisher: Tensor, axis: Reduce, eps: float = 1e-6) -> Tensor:
+    """√(Σ F + eps) (fp64) along ``axis``: (in,) for ``in``, (out,) for ``out``, from a full (out, in) Fisher or
+    one already summed; negative or non-finite sums count as zero. FWSVD's weight, LoRD's output weight."""
+    importance = fisher.double().sum(0 if axis == "in" else 1) if fisher.dim() == 2 else fisher.double()
+    importance = torch.nan_to_num(importance, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
+    return (importance + eps).sqrt()
