@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CompressorError
+from ..errors import CompressorError, one_line
+from . import weights
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -91,24 +92,68 @@ def resolve(spec: str) -> tuple[str, str | None]:
     return spec, None  # a Hugging Face hub id
 
 
-def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model, tokenizer) for MODEL, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_error(spec: str, exc: Exception) -> CompressorError:
+    """A loading error of ``transformers`` as one line; code the directory ships is named as such."""
+    message = one_line(exc)
+    if "trust_remote_code" in message:
+        return CompressorError(f"model {spec!r} ships its own code (auto_map), which runs only if you pass "
+                               "--trust-remote-code; refused")
+    return CompressorError(f"cannot load model {spec!r}: {message}")
+
+
+def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         trust_remote_code: bool = False):
+    """(model, tokenizer) for MODEL, in eval mode; its weights complete, of the right shapes and finite
+    (``weights.load_pretrained``). Code shipped with the model runs only with ``trust_remote_code``."""
+    from transformers import AutoTokenizer
 
     source, gguf_file = resolve(spec)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompressorError(f"cannot load model {spec!r}: {first}") from None
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        model = weights.load_pretrained(source, f"model {spec}", dtype=dtype, trust_remote_code=trust_remote_code,
+                                        **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise _load_error(spec, exc) from None
     if gguf_file and hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
         model.hf_quantizer = None
         model.is_quantized = False
     model.eval()
     return model.to(device), tokenizer
+
+
+def compute_device(name: str) -> torch.device:
+    """``--device``: a device torch knows, and one this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CompressorError(f"--device: unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CompressorError(f"--device {name} was asked for, but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CompressorError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CompressorError(f"--device {name} was asked for, but MPS is not available here")
+    return device
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover (None if the config does not say)."""
+    config = getattr(config, "text_config", None) or config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(config, seq_len: int, option: str) -> None:
+    """Refuse windows longer than the model's positions (an IndexError on GPT-2 and OPT, silent on Llama)."""
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
+        raise CompressorError(f"{option} {seq_len} is longer than the model's {limit} positions "
+                              "(max_position_embeddings)")
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -121,7 +166,7 @@ def parameter_count(model: nn.Module) -> int:
     return total
 
 
-def skeleton(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+def skeleton(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
     """The model of MODEL built from its config on the meta device: module tree and shapes, no weights
     read (what a plan is compiled against)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -129,9 +174,8 @@ def skeleton(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     source, gguf_file = resolve(spec)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompressorError(f"cannot load model {spec!r}: {first}") from None
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise _load_error(spec, exc) from None
