@@ -193,5 +193,4 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     else:
         state = _state_dict(path)
     load_state(model, state, str(path), hint)
-    model.tie_weights()
     return model.to(device).eval()

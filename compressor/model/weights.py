@@ -88,5 +88,6 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, hin
     missing = [k for k in expected if k not in state]
     check_complete(model, where, missing, mismatched, unexpected, hint)
     model.load_state_dict(state, strict=False)
+    model.tie_weights()  # a tied head is the embedding, not the uninitialized tensor from_config made
     check_finite(model, where)
 
