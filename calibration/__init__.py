@@ -77,17 +77,26 @@ def joined_text_source(name: str, description: str, train_text: Callable[[], str
     )
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CompressorError(f"calibration file {path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise CompressorError(f"calibration file {path}: cannot read it ({exc.strerror})") from None
+
+
 def _file_text(path: Path) -> str:
     if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(_read(path).splitlines(), 1):
             if line.strip():
                 try:
                     texts.append(json.loads(line)["text"])
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise CompressorError(f"{path}:{number}: expected a JSON object with a 'text' field") from None
         return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8")
+    return _read(path)
 
 
 def file_source(path: Path) -> Source:
