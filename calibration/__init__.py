@@ -92,9 +92,12 @@ def _file_text(path: Path) -> str:
         for number, line in enumerate(_read(path).splitlines(), 1):
             if line.strip():
                 try:
-                    texts.append(json.loads(line)["text"])
+                    text = json.loads(line)["text"]
+                    if not isinstance(text, str):
+                        raise TypeError
+                    texts.append(text)
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise CompressorError(f"{path}:{number}: expected a JSON object with a 'text' field") from None
+                    raise CompressorError(f"{path}:{number}: expected a JSON object with a 'text' string") from None
         return "\n\n".join(texts)
     return _read(path)
 

@@ -151,8 +151,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="compressed output directo
     from .ranks.uniform import reduction
 
     manifest = read_manifest(path)
-    log_file = path / LOG
-    entries = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
+    entries = _log_entries(path / LOG)
     table = Table(title=f"{path} (parameters {manifest['params_before']:,} → {manifest['params_after']:,})")
     for column in ("module", "step", "kind", "shape", "rank", "params", "rel. error", "rel. output error", "note"):
         table.add_column(column, justify="left" if column in ("module", "kind", "note") else "right")
@@ -171,6 +170,23 @@ def inspect(path: Annotated[Path, typer.Argument(help="compressed output directo
                           f"{sum(not e['lrc'] for e in lrc)} N-LRC (dense); ranks below τ: "
                           f"{sum(e['pruned_ranks'] for e in lrc) / sum(e['full_rank'] for e in lrc):.1%}",
                           highlight=False)
+
+
+def _log_entries(log_file: Path) -> list[dict]:
+    """The compression log's entries (none if there is no log); a damaged line is named."""
+    if not log_file.is_file():
+        return []
+    entries = []
+    for number, line in enumerate(log_file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict) or not {"name", "step", "kind", "shape", "params_before",
+                                                   "params_after"} <= set(entry):
+                raise ValueError
+        except ValueError:
+            raise CompressorError(f"{log_file}:{number}: not a compression log entry") from None
+        entries.append(entry)
+    return entries
 
 
 @app.command()
