@@ -34,6 +34,7 @@ from ..errors import CompressorError
 TMP, OLD = "tmp", "old"
 _NAME_LIMIT = 200  # characters of --out's name kept in a sibling's name (255 is the usual limit)
 PAUSE_ENV = "COMPRESSOR_TEST_PAUSE"  # fault-injection hook of the signal tests: pause at a named stage
+RESUME_ENV = "COMPRESSOR_TEST_RESUME"  # ... until this file exists
 
 
 def sibling_prefix(out: Path, kind: str) -> str:
@@ -137,10 +138,16 @@ def deferred_signals() -> Iterator[None]:
 
 
 def pause_for_tests(stage: str) -> None:
-    """The signal tests' hook: with ``COMPRESSOR_TEST_PAUSE=stage`` say so on stdout and wait 60 s."""
-    if os.environ.get(PAUSE_ENV) == stage:
-        print(f"paused at {stage}", flush=True)
-        time.sleep(60)
+    """The fault tests' hook, inert unless ``COMPRESSOR_TEST_PAUSE=stage``: then say so on stdout and wait
+    until the file ``$COMPRESSOR_TEST_RESUME`` exists (at most 120 s), so a test can send a signal or
+    change ``--out`` at a known point of the run ("walk": after the first layer; "save": files written)."""
+    if os.environ.get(PAUSE_ENV) != stage:
+        return
+    print(f"paused at {stage}", flush=True)
+    resume = os.environ.get(RESUME_ENV)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (resume and os.path.exists(resume)):
+        time.sleep(0.05)
 
 
 class OutputDirectory:
