@@ -1,10 +1,11 @@
 """Bad inputs and faults against the CLI, as a hostile or careless user would try them (issue 15).
 
-Every case of ``CASES`` runs ``cli.py`` in a subprocess (its own directory, holding ``--out`` and whatever
-the case prepared) and must give: a non-zero exit, exactly one line on stderr that starts with ``error:``
+Every case of ``CASES`` runs the CLI in a subprocess of its own (its own directory, holding ``--out`` and
+whatever the case prepared; started by ``cli_launcher.py``, which forks a fresh process per run from one
+that has done the slow imports once) and must give: a non-zero exit, exactly one line on stderr that starts with ``error:``
 and names the culprit (file, option, module or tensor), no traceback, nothing new at or beside ``--out``,
 and everything that was there before intact (checksums of the whole directory). The cases run a few at a
-time in a thread pool (each is mostly the interpreter starting); the test of a case waits for its own.
+time in a thread pool; the test of a case waits for its own.
 
 Then the faults that need a running process: a directory appearing at ``--out`` during the run, two runs
 given one ``--out``, SIGINT / SIGTERM during the layer walk and during the save, SIGKILL then a rerun. They
@@ -20,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,13 +57,15 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 @dataclass
 class World:
-    """What the cases share: tiny model directories, a calibration text, a compressed output, a cache."""
+    """What the cases share: tiny model directories, a calibration text, a compressed output, a cache, and
+    the launcher that starts CLI processes."""
 
     root: Path
     models: dict[str, Path]
     text: Path
     compressed: Path
     cache: Path
+    launcher: "Launcher"
 
     def copy_model(self, arch: str, into: Path) -> Path:
         into.mkdir(parents=True, exist_ok=True)
@@ -75,6 +79,90 @@ class World:
         return target
 
 
+class Child:
+    """A CLI process started by the launcher: ``pid``, its exit status, and its output (files)."""
+
+    def __init__(self, request_id: int, streams: Path):
+        self.id, self.streams = request_id, streams
+        self.pid_ready, self.done = threading.Event(), threading.Event()
+        self.pid = self.returncode = None
+
+    def wait(self, timeout: float = 600) -> int:
+        assert self.done.wait(timeout), "the CLI process did not end"
+        return self.returncode
+
+    def _read(self, suffix: str) -> str:
+        path = self.streams / f"{self.id}.{suffix}"
+        return path.read_text() if path.is_file() else ""  # not yet opened by the child
+
+    @property
+    def stdout(self) -> str:
+        return self._read("out")
+
+    @property
+    def stderr(self) -> str:
+        return self._read("err")
+
+    def wait_for(self, line: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.done.is_set():
+            if line in self.stdout.splitlines():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"never printed {line!r}: {self.stdout} {self.stderr}")
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+
+class Launcher:
+    """Client of ``cli_launcher.py``: ``start(argv, cwd, ...)`` → a ``Child``."""
+
+    def __init__(self, env: dict[str, str], streams: Path):
+        self.env, self.streams = env, streams
+        streams.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_launcher.py"))],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
+        assert json.loads(self.process.stdout.readline()) == {"ready": True}
+        self.children: dict[int, Child] = {}
+        self.lock, self.next_id = threading.Lock(), 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            message = json.loads(line)
+            child = self.children[message["id"]]
+            if "pid" in message:
+                child.pid = message["pid"]
+                child.pid_ready.set()
+            else:
+                child.returncode = message["returncode"]
+                child.done.set()
+
+    def start(self, argv: list, cwd: Path, stdin: str | None = None, **env: str) -> Child:
+        with self.lock:
+            self.next_id += 1
+            child = Child(self.next_id, self.streams)
+            self.children[child.id] = child
+            stdin_file = None
+            if stdin is not None:
+                stdin_file = self.streams / f"{child.id}.in"
+                stdin_file.write_text(stdin)
+            request = {"id": child.id, "argv": [str(a) for a in argv], "cwd": str(cwd), "script": CLI[1],
+                       "env": {**self.env, **env}, "stdin": str(stdin_file) if stdin_file else None,
+                       "stdout": str(self.streams / f"{child.id}.out"),
+                       "stderr": str(self.streams / f"{child.id}.err")}
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+        assert child.pid_ready.wait(60)
+        return child
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.kill()
+        self.process.wait()
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory, model_dirs, small_text) -> World:
     from compressor.api import compress
@@ -84,7 +172,9 @@ def world(tmp_path_factory, model_dirs, small_text) -> World:
     compress(str(model_dirs["llama"]), "lord", compressed, progress=False,
              overrides=["calibration.n_samples=4", "calibration.seq_len=32", "calibration.batch_size=2",
                         f"calibration.dataset={small_text}"])
-    return World(root, dict(model_dirs), Path(small_text), compressed, root / "cache")
+    launcher = Launcher(cli_env(root / "cache"), root / "streams")
+    yield World(root, dict(model_dirs), Path(small_text), compressed, root / "cache", launcher)
+    launcher.close()
 
 
 # -- the cases ----------------------------------------------------------------------------------------------
@@ -163,6 +253,7 @@ def nan_at(key: str) -> Callable[[dict], None]:
 
 
 DOWN = "model.layers.0.mlp.down_proj.weight"
+GPT2_FC = "transformer.h.1.mlp.c_fc.weight"
 EVIL_CODE = """import pathlib
 pathlib.Path(__file__).with_name("CODE_RAN").write_text("it ran")
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -203,7 +294,7 @@ def precious_out(w: World, d: Path) -> None:
 
 
 def model_is_out(w: World, d: Path) -> list:
-    model = w.copy_model("llama", d)
+    model = d / "llama-model"
     return ["compress", model, "--recipe", "lord", "--out", model, "--overwrite", *SMALL, "--calib-dataset", w.text]
 
 
@@ -224,7 +315,8 @@ CASES = [
     Case("out-is-a-file", compress(llama), ("not a directory",), prepare=write("out", "x"), early=True),
     Case("out-parent-is-a-file", lambda w, d: compress(llama)(w, d)[:4] + ["--out", d / "file" / "out"]
          + compress(llama)(w, d)[6:], ("file", "not a directory"), prepare=write("file", "x"), early=True),
-    Case("out-is-the-model", model_is_out, ("holds the input", "llama-model"), early=True),
+    Case("out-is-the-model", model_is_out, ("holds the input", "llama-model"),
+         prepare=lambda w, d: w.copy_model("llama", d), early=True),
     Case("out-holds-the-model", lambda w, d: ["compress", d / "sub" / "llama-model", "--recipe", "lord", "--out",
                                               d / "sub", "--overwrite", *SMALL, "--calib-dataset", w.text],
          ("holds the input", "llama-model"), prepare=lambda w, d: w.copy_model("llama", d / "sub"), early=True),
@@ -252,9 +344,8 @@ CASES = [
          prepare=edit_weights("llama", nan_at(DOWN))),
     Case("nan-weight-lord", compress(local("llama-model")), (DOWN, "non-finite"),
          prepare=edit_weights("llama", nan_at(DOWN))),
-    Case("inf-weight-gpt2", compress(local("gpt2-model")), ("transformer.h.1.mlp.c_fc.weight", "non-finite"),
-         prepare=edit_weights("gpt2", lambda s: s.__setitem__("h.1.mlp.c_fc.weight",
-                                                                s["h.1.mlp.c_fc.weight"] * float("inf")))),
+    Case("inf-weight-gpt2", compress(local("gpt2-model")), (GPT2_FC, "non-finite"),
+         prepare=edit_weights("gpt2", lambda s: s.__setitem__(GPT2_FC, s[GPT2_FC] * float("inf")))),
     # -- 5: the manifest is held to the tensors present
     Case("manifest-says-merged", evaluate(output), ("compression.json", "merged: true"),
          prepare=edit_manifest(lambda m: m.update(merged=True))),
@@ -313,7 +404,7 @@ CASES = [
     Case("calibration-section-scalar", compress(llama, "--set", "calibration=5"), ("calibration=5", "section"),
          early=True),
     Case("recipe-section-scalar", lambda w, d: compress(llama, recipe=str(d / "r.yaml"))(w, d),
-         ("calibration", "mapping"), prepare=write("r.yaml", "calibration: 5\nsteps:\n  - method: lord\n"),
+         ("calibration", "not a mapping"), prepare=write("r.yaml", "calibration: 5\nsteps:\n  - method: lord\n"),
          early=True),
     Case("eval-cuda-missing", lambda w, d: ["eval", w.models["llama"], "--device", "cuda"], ("CUDA",), early=True,
          extra={"skip_if_cuda": True}),
@@ -353,15 +444,21 @@ CASES = [
 ]
 
 
-def run_case(case: Case, world: World, folder: Path) -> tuple[subprocess.CompletedProcess, dict, dict]:
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_case(case: Case, world: World, folder: Path) -> tuple[Done, dict, dict]:
     folder.mkdir(parents=True, exist_ok=True)
     if case.prepare:
         case.prepare(world, folder)
     before = snapshot(folder)
-    args = [str(a) for a in case.args(world, folder)]
-    done = subprocess.run([*CLI, *args], cwd=folder, env=cli_env(world.cache), capture_output=True, text=True,
-                          input=case.stdin, timeout=600)
-    return done, before, snapshot(folder)
+    child = world.launcher.start(case.args(world, folder), folder, stdin=case.stdin)
+    code = child.wait()
+    return Done(code, child.stdout, child.stderr), before, snapshot(folder)
 
 
 @pytest.fixture(scope="session")
@@ -414,31 +511,17 @@ class Run:
     def __init__(self, world: World, folder: Path, stage: str | None, *extra: str, tag: str = "a"):
         folder.mkdir(parents=True, exist_ok=True)
         self.out, self.token = folder / "out", folder / f".resume-{tag}"
-        env = cli_env(world.cache, **({"COMPRESSOR_TEST_PAUSE": stage, "COMPRESSOR_TEST_RESUME": str(self.token)}
-                                      if stage else {}))
+        env = {"COMPRESSOR_TEST_PAUSE": stage, "COMPRESSOR_TEST_RESUME": str(self.token)} if stage else {}
         args = ["compress", world.models["llama"], "--recipe", "lord", "--out", self.out, *SMALL,
                 "--calib-dataset", world.text, *extra]
-        self.process = subprocess.Popen([*CLI, *map(str, args)], cwd=folder, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
-
-    def wait_for(self, line: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        seen = []
-        while time.monotonic() < deadline:
-            got = self.process.stdout.readline()
-            if not got and self.process.poll() is not None:
-                break
-            seen.append(got)
-            if got.strip() == line:
-                return
-        raise AssertionError(f"never printed {line!r}: {seen} {self.process.stderr.read()}")
+        self.child = world.launcher.start(args, folder, **env)
 
     def resume(self) -> None:
         self.token.write_text("go")
 
-    def finish(self, timeout: float = 300) -> tuple[int, str, str]:
-        stdout, stderr = self.process.communicate(timeout=timeout)
-        return self.process.returncode, stdout, stderr
+    def finish(self) -> tuple[int, str, str]:
+        code = self.child.wait()
+        return code, self.child.stdout, self.child.stderr
 
 
 def siblings(out: Path) -> list[str]:
@@ -447,13 +530,13 @@ def siblings(out: Path) -> list[str]:
 
 def test_a_directory_appearing_at_out_during_the_run_is_not_deleted(world, tmp_path):
     run = Run(world, tmp_path, "walk")
-    run.wait_for("paused at walk")
+    run.child.wait_for("paused at walk")
     run.out.mkdir()
     (run.out / "mine.txt").write_text("made during the run")
     run.resume()
-    code, _, stderr = run.finish()
+    code, stdout, stderr = run.finish()
     assert code == 1
-    assert_one_error_line(stderr, "", str(run.out), "appeared during the run")
+    assert_one_error_line(stderr, stdout, str(run.out), "appeared during the run")
     assert [p.name for p in run.out.iterdir()] == ["mine.txt"]
     assert (run.out / "mine.txt").read_text() == "made during the run"
     assert siblings(run.out) == []
@@ -462,10 +545,10 @@ def test_a_directory_appearing_at_out_during_the_run_is_not_deleted(world, tmp_p
 def test_two_runs_given_the_same_out_do_not_replace_each_other(world, tmp_path):
     first = Run(world, tmp_path, "walk")
     second = Run(world, tmp_path, "walk", "--set", "lord.ratio=0.5", tag="b")
-    first.wait_for("paused at walk")
-    second.wait_for("paused at walk")
+    first.child.wait_for("paused at walk")
+    second.child.wait_for("paused at walk")
     first.resume()
-    code, stdout, stderr = first.finish()
+    code, _, stderr = first.finish()
     assert code == 0, stderr
     written = snapshot(first.out)
     second.resume()
@@ -485,11 +568,11 @@ def test_two_runs_given_the_same_out_do_not_replace_each_other(world, tmp_path):
 def test_signals_leave_nothing_behind(world, tmp_path, stage, signum, code):
     (tmp_path / "out").mkdir()  # an empty --out that exists stays as it was
     run = Run(world, tmp_path, stage)
-    run.wait_for(f"paused at {stage}")
+    run.child.wait_for(f"paused at {stage}")
     if stage == "save":
         assert any((tmp_path / name / "model.safetensors").is_file() for name in siblings(run.out))
-    run.process.send_signal(signum)
-    returncode, _, stderr = run.finish()
+    run.child.send_signal(signum)
+    returncode, stdout, stderr = run.finish()
     assert returncode == code, stderr
     assert_one_error_line(stderr, "", "nothing was written")
     assert list(run.out.iterdir()) == [] and siblings(run.out) == []
@@ -498,15 +581,32 @@ def test_signals_leave_nothing_behind(world, tmp_path, stage, signum, code):
 
 def test_sigkill_leaves_a_temporary_directory_that_the_next_run_removes(world, tmp_path):
     run = Run(world, tmp_path, "save")
-    run.wait_for("paused at save")
-    run.process.kill()
-    run.finish()
+    run.child.wait_for("paused at save")
+    run.child.send_signal(signal.SIGKILL)
+    assert run.finish()[0] == -signal.SIGKILL
     stale = siblings(run.out)
     assert len(stale) == 1 and stale[0].startswith(".out.tmp-")  # SIGKILL cannot be cleaned up after...
-    rerun = Run(world, tmp_path, None)
-    code, stdout, stderr = rerun.finish()
+    code, _, stderr = Run(world, tmp_path, None).finish()
     assert code == 0, stderr
     assert siblings(run.out) == [] and (run.out / "compression.json").is_file()  # ...but the next run does
+
+
+def test_the_cli_script_itself_exits_143_on_sigterm(world, tmp_path):
+    """The same through ``python cli.py`` (not the launcher): its own SIGTERM handler, exit 143."""
+    token = tmp_path / ".resume"
+    env = cli_env(world.cache, COMPRESSOR_TEST_PAUSE="walk", COMPRESSOR_TEST_RESUME=str(token))
+    out = tmp_path / "out"
+    process = subprocess.Popen([*CLI, "compress", str(world.models["gpt2"]), "--recipe", "lord", "--out", str(out),
+                                *SMALL, "--calib-dataset", str(world.text)], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.strip() == "paused at walk":
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr
+    assert_one_error_line(stderr, "", "SIGTERM")
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- what now works (before: silently wrong or refused late) ------------------------------------------------
@@ -514,20 +614,17 @@ def test_sigkill_leaves_a_temporary_directory_that_the_next_run_removes(world, t
 
 def test_a_245_character_name_is_written(world, tmp_path):
     out = tmp_path / ("o" * 245)
-    done = subprocess.run([*CLI, "compress", str(world.models["gpt2"]), "--recipe", "lord", "--out", str(out), *SMALL,
-                           "--calib-dataset", str(world.text), "--quiet"], env=cli_env(world.cache), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    child = world.launcher.start(["compress", world.models["gpt2"], "--recipe", "lord", "--out", out, *SMALL,
+                                  "--calib-dataset", world.text, "--quiet"], tmp_path)
+    assert child.wait() == 0, child.stderr
     assert [p.name for p in tmp_path.iterdir()] == [out.name] and (out / "model.safetensors").is_file()
 
 
 def test_progress_says_the_tokens_up_front_and_an_eta_per_layer(world, tmp_path):
-    out = tmp_path / "out"
-    done = subprocess.run([*CLI, "compress", str(world.models["llama"]), "--recipe", "lord", "--out", str(out),
-                           *SMALL, "--calib-dataset", str(world.text)], env=cli_env(world.cache), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    child = world.launcher.start(["compress", world.models["llama"], "--recipe", "lord", "--out", tmp_path / "out",
+                                  *SMALL, "--calib-dataset", world.text], tmp_path)
+    assert child.wait() == 0, child.stderr
+    lines = child.stdout.splitlines()
     assert lines[0] == f"calibration: 4 windows × 32 tokens = 128 tokens of {world.text}, through 2 decoder layers"
     assert lines[1].startswith("layer 1/2 done") and "eta" in lines[1] and lines[2].startswith("layer 2/2 done")
 

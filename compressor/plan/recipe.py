@@ -158,7 +158,8 @@ def _assign(data: dict[str, Any], assignment: str) -> tuple[dict[str, Any], tupl
         else:
             raise CompressorError(f"override {assignment!r}: {'.'.join(parts[:position])} is not a mapping")
     if not isinstance(node, dict):
-        raise CompressorError(f"override {assignment!r}: cannot set {parts[-1]!r} here")
+        raise CompressorError(f"override {assignment!r}: cannot set {parts[-1]!r} here: {'.'.join(parts[:-1])} "
+                              f"is {node!r} in the recipe, not a mapping")
     node[parts[-1]] = value
     rule = None
     if parts[0] == "steps" and parts[-2:-1] == ["config"] and parts[-1] in RULES and value is not None:
