@@ -40,10 +40,10 @@ def _guard(command: Callable) -> Callable:
         except CompressorError as exc:
             _error(f"error: {one_line(exc)}")
         except Terminated:
-            _error("error: terminated (SIGTERM); nothing was written to --out")
+            _error("error: terminated (SIGTERM); nothing was written")
             raise typer.Exit(143)
         except KeyboardInterrupt:
-            _error("error: interrupted; nothing was written to --out")
+            _error("error: interrupted (Ctrl-C); nothing was written")
             raise typer.Exit(130)
         except Exception as exc:  # a bug, or an input we did not foresee: still one line
             if os.environ.get("COMPRESSOR_DEBUG"):

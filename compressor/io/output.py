@@ -63,7 +63,7 @@ def remove_stale(out: Path) -> list[Path]:
     removed = []
     for kind in (TMP, OLD):
         prefix = sibling_prefix(out, kind)
-        for entry in sorted(out.parent.glob(f"{prefix}*")):
+        for entry in sorted(e for e in out.parent.iterdir() if e.name.startswith(prefix)):  # no glob: [ ] * ?
             pid = _owner(entry, prefix)
             if pid is None or pid == os.getpid() or _alive(pid) or not entry.is_dir():
                 continue
