@@ -110,6 +110,8 @@ def parse_text(raw: str, annotation: Any, what: str) -> Any:
         (item,) = get_args(annotation)[:1] or (Any,)
         return [parse_text(text, item, what)]
     if dataclasses.is_dataclass(annotation):
+        if text.startswith("{"):  # the whole section as a mapping
+            return _yaml(text, what)
         raise CompressorError(f"{what}: this is a section, not a value; set one of its keys "
                               f"({', '.join(f.name for f in dataclasses.fields(annotation))}) as KEY.NAME=VALUE")
     return _yaml(text, what)

@@ -117,8 +117,8 @@ def declared_type(data: dict[str, Any], parts: list[str]) -> Any:
     if len(parts) < 3:
         return Any
     step_hints = typing.get_type_hints(StepSpec)
-    if parts[2] == "calibration":
-        return CalibrationConfig if len(parts) == 3 else typing.get_type_hints(CalibrationConfig).get(parts[3], Any)
+    if parts[2] == "calibration" and len(parts) == 4:
+        return typing.get_type_hints(CalibrationConfig).get(parts[3], Any)
     if parts[2] != "config" or len(parts) != 4:
         return step_hints.get(parts[2], Any) if len(parts) == 3 else Any
     steps = data.get("steps") or []
