@@ -107,12 +107,13 @@ def evaluate(spec: str, dataset: str = "sotu", seq_len: int | None = None, max_t
     check_options(seq_len, max_tokens, batch_size)
     models.compute_device(device)
     source = sources.get(dataset)
+    option = "--seq-len" if seq_len else f"--seq-len (the default of {dataset})"
     seq_len = seq_len or source.eval_seq_len
     max_tokens = max_tokens if max_tokens is not None else source.eval_max_tokens
     start = time.perf_counter()
     model, tokenizer, manifest = load_any(spec, device, dtype, trust_remote_code)
     load_seconds = time.perf_counter() - start
-    models.check_seq_len(model.config, seq_len, "--seq-len")
+    models.check_seq_len(model.config, seq_len, option)
     windows = source.evaluation(tokenizer, seq_len, max_tokens)
     result = perplexity(model, windows, batch_size, device)
     path = Path(spec)

@@ -153,7 +153,7 @@ def check_seq_len(config, seq_len: int, option: str) -> None:
     limit = max_positions(config)
     if limit is not None and seq_len > limit:
         raise CompressorError(f"{option} {seq_len} is longer than the model's {limit} positions "
-                              "(max_position_embeddings)")
+                              f"(max_position_embeddings); use {limit} or less")
 
 
 def parameter_count(model: nn.Module) -> int:
