@@ -1,8 +1,9 @@
 """``compress()``: recipe → compiled plan (on the model's skeleton) → load → decisions and layer walk → save.
 
 The CLI's ``compress`` command is this function. Everything that can be checked without weights is
-checked before they are read: the recipe, every step's config against the targeted shapes, the output
-directory, the device and the calibration sources.
+checked before they are read: the recipe, every step's config against the targeted shapes, the windows
+against the model's positions, the device, the calibration sources, and the output directory, whose
+temporary sibling is reserved then and held for the whole run (``io.OutputDirectory``).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def run_plan(model: torch.nn.Module, plan: Plan, batches: dict[str, list[torch.T
         if on_layer is None and say is not None:
             on_layer = _layer_line(time.perf_counter(), say)
         report = compress_model(model, plan, batches, device=device,
-                                on_layer=_pausing(on_layer) if on_layer else _pausing(lambda i, n: None))
+                                on_layer=_pausing(on_layer or (lambda index, total: None)))
     # CPU seconds: unlike wall time, not inflated by a busy machine
     return report, {"compression": time.process_time() - cpu_start}
 
@@ -108,8 +109,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     (None: ``dtype``). ``trust_remote_code``: run code shipped in the model directory (off unless asked
     for). ``say``: receives progress lines (what the calibration will process, each layer with an ETA)."""
     recipe_name, recipe = ("<object>", recipe) if isinstance(recipe, Recipe) else (recipe, recipes.load(recipe, overrides))
-    torch_dtype = models.parse_dtype(dtype)
-    stored = models.parse_dtype(storage_dtype) if storage_dtype is not None else None
+    torch_dtype = models.parse_dtype(dtype, "--dtype")
+    stored = models.parse_dtype(storage_dtype, "--storage-dtype") if storage_dtype is not None else None
     skeleton = models.skeleton(model, torch_dtype, trust_remote_code=trust_remote_code)
     plan = compile_plan(recipe, skeleton)  # every value checked, no weight read
     unmergeable = [step.method for step in plan.steps if merge and not step.compressor.mergeable]

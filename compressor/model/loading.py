@@ -28,9 +28,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "compressor"
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str, option: str = "dtype") -> torch.dtype:
     if name not in DTYPES:
-        raise CompressorError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+        raise CompressorError(f"{option}: unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
