@@ -670,3 +670,28 @@ def test_mount_points_are_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(output.os.path, "ismount", lambda p: str(p) == str(tmp_path / "mnt"))
     with pytest.raises(CompressorError, match="mount point"):
         output.check_output(tmp_path / "mnt", overwrite=True)
+
+
+def test_a_damaged_conversion_cache_of_the_default_model_is_rebuilt(world, tmp_path, monkeypatch):
+    """The cached conversion of smollm2-135m is a cache too: a NaN in it is not used; it is converted again
+    (here the conversion copies a tiny model) and loaded."""
+    from compressor.model import loading as models
+
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path))
+    cached = tmp_path / "models" / models.DEFAULT_MODEL
+    shutil.copytree(world.models["llama"], cached)
+    edit_weights("llama", nan_at(DOWN))(world, tmp_path / "damaged")
+    shutil.copy(tmp_path / "damaged" / "llama-model" / "model.safetensors", cached / "model.safetensors")
+    conversions = []
+
+    def convert(gguf, out):
+        conversions.append(out)
+        shutil.rmtree(out)
+        shutil.copytree(world.models["llama"], out)
+        return out
+
+    monkeypatch.setattr(models, "_smollm2_gguf", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    model, _ = models.load(models.DEFAULT_MODEL)
+    assert conversions == [cached]
+    assert bool(torch.isfinite(model.get_submodule("model.layers.0.mlp.down_proj").weight).all())

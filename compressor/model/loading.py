@@ -53,13 +53,13 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        where = f"GGUF file {gguf}"
+        loaded = weights.load_pretrained(str(gguf.parent), where, gguf_file=gguf.name, dtype=torch.float32)
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # dequantized weights: a plain checkpoint
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict(), strict=False)
-        model.tie_weights()
+        weights.load_state(model, loaded.state_dict(), where)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if out.exists():
@@ -104,10 +104,27 @@ def _load_error(spec: str, exc: Exception) -> CompressorError:
 def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
          trust_remote_code: bool = False):
     """(model, tokenizer) for MODEL, in eval mode; its weights complete, of the right shapes and finite
-    (``weights.load_pretrained``). Code shipped with the model runs only with ``trust_remote_code``."""
+    (``weights.load_pretrained``). Code shipped with the model runs only with ``trust_remote_code``.
+    The cached conversion of ``smollm2-135m`` is made again once if it fails those checks."""
+    source, gguf_file = resolve(spec)
+    try:
+        model, tokenizer = _load_from(spec, source, gguf_file, dtype, trust_remote_code)
+    except CompressorError:
+        if spec != DEFAULT_MODEL:
+            raise
+        convert_gguf(_smollm2_gguf(), Path(source))  # a damaged cache is rebuilt, not used
+        model, tokenizer = _load_from(spec, source, gguf_file, dtype, trust_remote_code)
+    if gguf_file and hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+    model.eval()
+    return model.to(device), tokenizer
+
+
+def _load_from(spec: str, source: str, gguf_file: str | None, dtype: torch.dtype, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    source, gguf_file = resolve(spec)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
@@ -115,12 +132,7 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
                                         **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise _load_error(spec, exc) from None
-    if gguf_file and hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
-    model.eval()
-    return model.to(device), tokenizer
+    return model, tokenizer
 
 
 def compute_device(name: str) -> torch.device:
