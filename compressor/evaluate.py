@@ -20,7 +20,7 @@ from torch import nn
 
 from . import calibration as sources
 from . import io
-from .errors import CompressorError
+from .errors import CompressorError, one_line
 from .model import loading as models
 from .model.modules import dequantized
 
@@ -84,7 +84,10 @@ def load_any(spec: str, device: str = "cpu", dtype: torch.dtype | None = None, t
     path = Path(spec)
     if (path / io.MANIFEST).is_file():
         manifest = io.read_manifest(path)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CompressorError(f"{path}: cannot load its tokenizer ({one_line(exc)})") from None
         return io.load(path, device, dtype), tokenizer, manifest
     model, tokenizer = models.load(spec, dtype or torch.float32, device, trust_remote_code=trust_remote_code)
     return model, tokenizer, None

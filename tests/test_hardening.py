@@ -365,6 +365,8 @@ CASES = [
          prepare=lambda w, d: (w.copy_output(d), (d / "compressed" / "model.safetensors").write_bytes(b"\0" * 10))),
     Case("weights-missing", evaluate(output), ("model.safetensors", "missing"),
          prepare=lambda w, d: (w.copy_output(d), (d / "compressed" / "model.safetensors").unlink())),
+    Case("output-without-tokenizer", evaluate(output), ("compressed", "tokenizer"),
+         prepare=lambda w, d: (w.copy_output(d), *(p.unlink() for p in (d / "compressed").glob("tokenizer*")))),
     Case("log-damaged", lambda w, d: ["inspect", d / "compressed"], ("compression_log.jsonl:2",),
          prepare=lambda w, d: (w.copy_output(d), (d / "compressed" / "compression_log.jsonl").write_text(
              (w.compressed / "compression_log.jsonl").read_text().splitlines()[0] + "\n{not json\n"))),
@@ -695,3 +697,23 @@ def test_a_damaged_conversion_cache_of_the_default_model_is_rebuilt(world, tmp_p
     model, _ = models.load(models.DEFAULT_MODEL)
     assert conversions == [cached]
     assert bool(torch.isfinite(model.get_submodule("model.layers.0.mlp.down_proj").weight).all())
+
+
+def test_a_previous_output_moved_aside_by_a_killed_run_is_put_back(tmp_path):
+    """Killed between the two renames of a replacement, a run leaves ``--out`` missing and the previous
+    output in ``.NAME.old-PID-*/x``: the next run on that ``--out`` puts it back (and then, without
+    --overwrite, refuses to replace it)."""
+    from compressor.errors import CompressorError
+    from compressor.io import OutputDirectory
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    aside = tmp_path / f".out.old-{dead}-abcd" / "x"
+    aside.mkdir(parents=True)
+    (aside / "model.safetensors").write_text("previous output")
+    (tmp_path / f".out.tmp-{dead}-efgh").mkdir()
+    with pytest.raises(CompressorError, match="not empty"):
+        with OutputDirectory(tmp_path / "out", overwrite=False):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out" / "model.safetensors").read_text() == "previous output"

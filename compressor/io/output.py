@@ -163,13 +163,17 @@ class OutputDirectory:
         self._start: tuple | None = None
 
     def __enter__(self) -> "OutputDirectory":
+        if self.path.parent.is_dir():  # first: a previous output moved back counts for the checks below
+            try:
+                remove_stale(self.path)
+            except OSError:
+                pass
         check_output(self.path, self.overwrite, self.inputs)
         try:
             missing = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
             for parent in reversed(missing):
                 parent.mkdir()
                 self._created.append(parent)
-            remove_stale(self.path)
             prefix = f"{sibling_prefix(self.path, TMP)}{os.getpid()}-"
             self.tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.path.parent))
             umask = os.umask(0)
