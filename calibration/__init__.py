@@ -46,10 +46,11 @@ def tokenize(tokenizer, text: str) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def random_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int) -> Tensor:
-    """``n_samples`` windows (n, seq_len) at seeded random offsets of ``ids`` (N,)."""
+def random_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int, name: str = "") -> Tensor:
+    """``n_samples`` windows (n, seq_len) at seeded random offsets of ``ids`` (N,) of the source ``name``."""
     if ids.numel() <= seq_len:
-        raise CompressorError(f"calibration text has {ids.numel()} tokens, fewer than seq_len {seq_len} + 1")
+        raise CompressorError(f"calibration text{f' {name}' if name else ''} has {ids.numel()} tokens, fewer than "
+                              f"seq_len {seq_len} + 1")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=generator)
     return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
@@ -70,24 +71,36 @@ def joined_text_source(name: str, description: str, train_text: Callable[[], str
     """A source whose calibration and held-out splits are each one text joined with "\\n\\n"."""
     return Source(
         name, description,
-        calibration=lambda tok, n, seq_len, seed: random_windows(tokenize(tok, train_text()), n, seq_len, seed),
+        calibration=lambda tok, n, seq_len, seed: random_windows(tokenize(tok, train_text()), n, seq_len, seed, name),
         evaluation=lambda tok, seq_len, max_tokens: consecutive_windows(tokenize(tok, test_text()), seq_len,
                                                                         max_tokens),
         eval_seq_len=eval_seq_len, eval_max_tokens=eval_max_tokens,
     )
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CompressorError(f"calibration file {path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise CompressorError(f"calibration file {path}: cannot read it ({exc.strerror})") from None
+
+
 def _file_text(path: Path) -> str:
     if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(_read(path).splitlines(), 1):
             if line.strip():
                 try:
-                    texts.append(json.loads(line)["text"])
+                    text = json.loads(line)["text"]
+                    if not isinstance(text, str):
+                        raise TypeError
+                    texts.append(text)
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise CompressorError(f"{path}:{number}: expected a JSON object with a 'text' field") from None
+                    raise CompressorError(f"{path}:{number}: expected a JSON object with a 'text' string") from None
         return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8")
+    return _read(path)
 
 
 def file_source(path: Path) -> Source:

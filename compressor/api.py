@@ -1,8 +1,9 @@
 """``compress()``: recipe → compiled plan (on the model's skeleton) → load → decisions and layer walk → save.
 
 The CLI's ``compress`` command is this function. Everything that can be checked without weights is
-checked before they are read: the recipe, every step's config against the targeted shapes, the output
-directory, the device and the calibration sources.
+checked before they are read: the recipe, every step's config against the targeted shapes, the windows
+against the model's positions, the device, the calibration sources, and the output directory, whose
+temporary sibling is reserved then and held for the whole run (``io.OutputDirectory``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -18,21 +19,12 @@ from . import calibration as sources
 from . import io, summary
 from .errors import CompressorError
 from .model import loading as models
+from .model.architecture import decoder_layers
 from .plan import recipe as recipes
 from .plan.compile import Plan, compile_plan
 from .plan.recipe import Recipe
 from .ranks.uniform import reduction
 from .walk.compress import Report, compress_model
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CompressorError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CompressorError("--device cuda was asked for, but CUDA is not available here")
-    return device
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:
@@ -59,16 +51,45 @@ def calibration_batches(plan: Plan, tokenizer, found: dict[str, Any]) -> dict[st
     return batches
 
 
+def calibration_summary(plan: Plan, n_layers: int) -> str:
+    """What the calibration will process, said before any of it runs: windows, tokens, layers."""
+    parts = [f"{cal.n_samples:,} windows × {cal.seq_len:,} tokens = {cal.n_samples * cal.seq_len:,} tokens of "
+             f"{cal.dataset}" for cal in plan.data_streams().values()]
+    if not parts:
+        return f"no calibration data (data-free steps); {n_layers} decoder layers"
+    return f"calibration: {'; '.join(parts)}, through {n_layers} decoder layers"
+
+
+def _layer_line(start: float, say: Callable[[str], None]) -> Callable[[int, int], None]:
+    def on_layer(index: int, total: int) -> None:
+        elapsed = time.perf_counter() - start
+        eta = elapsed / (index + 1) * (total - index - 1)
+        say(f"layer {index + 1}/{total} done, {elapsed:.1f}s elapsed, eta {eta:.1f}s")
+    return on_layer
+
+
 def run_plan(model: torch.nn.Module, plan: Plan, batches: dict[str, list[torch.Tensor]], device: torch.device,
-             progress: bool = False) -> tuple[Report, dict[str, float]]:
-    """Decisions and the layer walk on ``model`` in place; (report, CPU seconds of all threads)."""
+             progress: bool = False, say: Callable[[str], None] | None = None) -> tuple[Report, dict[str, float]]:
+    """Decisions and the layer walk on ``model`` in place; (report, CPU seconds of all threads). ``progress``:
+    a progress bar with an ETA (a terminal); else ``say`` gets one line per layer with an ETA."""
     cpu_start = time.process_time()
     with _progress(progress) as bar:
         task = bar.add_task("compressing", total=None) if bar else None
         on_layer = (lambda i, n: bar.update(task, completed=i + 1, total=n)) if bar else None
-        report = compress_model(model, plan, batches, device=device, on_layer=on_layer)
+        if on_layer is None and say is not None:
+            on_layer = _layer_line(time.perf_counter(), say)
+        report = compress_model(model, plan, batches, device=device,
+                                on_layer=_pausing(on_layer or (lambda index, total: None)))
     # CPU seconds: unlike wall time, not inflated by a busy machine
     return report, {"compression": time.process_time() - cpu_start}
+
+
+def _pausing(on_layer: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    def call(index: int, total: int) -> None:
+        on_layer(index, total)
+        if index == 0:
+            io.pause_for_tests("walk")  # the signal tests' hook (inert unless asked for)
+    return call
 
 
 def manifest_of(model_spec: str, recipe_name: str, plan: Plan, dtype: str, before: dict[str, int],
@@ -82,41 +103,54 @@ def manifest_of(model_spec: str, recipe_name: str, plan: Plan, dtype: str, befor
 
 def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: list[str] | None = None,
              device: str = "cpu", dtype: str = "float32", storage_dtype: str | None = None, overwrite: bool = False,
-             merge: bool = False, progress: bool = True) -> dict[str, Any]:
+             merge: bool = False, progress: bool = True, trust_remote_code: bool = False,
+             say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compress ``model`` with ``recipe`` and write the result to ``out``; returns a summary.
     ``dtype``: the model's dtype while compressing; ``storage_dtype``: of the floating tensors written
-    (None: ``dtype``)."""
+    (None: ``dtype``). ``trust_remote_code``: run code shipped in the model directory (off unless asked
+    for). ``say``: receives progress lines (what the calibration will process, each layer with an ETA)."""
     recipe_name, recipe = ("<object>", recipe) if isinstance(recipe, Recipe) else (recipe, recipes.load(recipe, overrides))
-    torch_dtype = models.parse_dtype(dtype)
-    stored = models.parse_dtype(storage_dtype) if storage_dtype is not None else None
-    plan = compile_plan(recipe, models.skeleton(model, torch_dtype))  # every value checked, no weight read
+    torch_dtype = models.parse_dtype(dtype, "--dtype")
+    stored = models.parse_dtype(storage_dtype, "--storage-dtype") if storage_dtype is not None else None
+    skeleton = models.skeleton(model, torch_dtype, trust_remote_code=trust_remote_code)
+    plan = compile_plan(recipe, skeleton)  # every value checked, no weight read
     unmergeable = [step.method for step in plan.steps if merge and not step.compressor.mergeable]
     if unmergeable:
         raise CompressorError(f"--merge: {unmergeable[0]} changes the layers' own dimensions, which the model's "
                               "config cannot describe; save without --merge and load with compressor.load")
-    out = Path(out)
-    io.check_output(out, overwrite)
-    compute = _device(device)
+    for cal in plan.data_streams().values():
+        models.check_seq_len(skeleton.config, cal.seq_len, "--seq-len (calibration.seq_len)")
+    compute = models.compute_device(device)
     found = {name: sources.get(cal.dataset) for name, cal in plan.data_streams().items()}  # unknown sets fail early
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    loaded, tokenizer = models.load(model, torch_dtype, "cpu")
-    seconds["load"] = time.perf_counter() - start
-    before = {"params": models.parameter_count(loaded), "bytes": tensor_bytes(loaded)}
-    start = time.perf_counter()
-    batches = calibration_batches(plan, tokenizer, found)
-    seconds["calibration_data"] = time.perf_counter() - start
-    start = time.perf_counter()
-    report, cpu_seconds = run_plan(loaded, plan, batches, compute, progress)
-    seconds["compression"] = time.perf_counter() - start
-    manifest = manifest_of(model, recipe_name, plan, dtype, before, loaded, report)
-    start = time.perf_counter()
-    io.save(loaded, tokenizer, out, manifest, report.log, merge=merge, overwrite=overwrite, reshaped=report.reshaped,
-            storage_dtype=stored)
-    seconds["save"] = time.perf_counter() - start
+    inputs = [models.resolve(model)[0], *(cal.dataset for cal in plan.data_streams().values())]
+    if recipe_name != "<object>":
+        inputs.append(recipe_name)
+    with io.OutputDirectory(out, overwrite, inputs) as output:  # reserved now, replaced at the end
+        if say is not None:
+            say(calibration_summary(plan, plan_layers(skeleton)))
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        loaded, tokenizer = models.load(model, torch_dtype, "cpu", trust_remote_code=trust_remote_code)
+        seconds["load"] = time.perf_counter() - start
+        before = {"params": models.parameter_count(loaded), "bytes": tensor_bytes(loaded)}
+        start = time.perf_counter()
+        batches = calibration_batches(plan, tokenizer, found)
+        seconds["calibration_data"] = time.perf_counter() - start
+        start = time.perf_counter()
+        report, cpu_seconds = run_plan(loaded, plan, batches, compute, progress, say)
+        seconds["compression"] = time.perf_counter() - start
+        manifest = manifest_of(model, recipe_name, plan, dtype, before, loaded, report)
+        start = time.perf_counter()
+        io.save(loaded, tokenizer, output, manifest, report.log, merge=merge, reshaped=report.reshaped,
+                storage_dtype=stored)
+        seconds["save"] = time.perf_counter() - start
     return {"out": str(out), "params_before": before["params"], "params_after": manifest["params_after"],
             "seconds": seconds, "cpu_seconds": cpu_seconds, "walk_seconds": dict(report.seconds),
             "modules": len(report.log), "compressed": sum(1 for e in report.log if e["kind"] != "dense"),
             "reduction": manifest["reduction"], "bytes_before": manifest["bytes_before"],
             "bytes_after": manifest["bytes_after"], "steps": manifest["steps"], "log": report.log, "model": loaded,
             "plan": plan}
+
+
+def plan_layers(model: torch.nn.Module) -> int:
+    return len(decoder_layers(model)[1])

@@ -1,6 +1,7 @@
 """The ``compressor`` command line: compress, eval, inspect, methods.
 
-A thin shell over the public API; user errors print one line to stderr and exit 1.
+A thin shell over the public API; user errors print one line to stderr and exit 1 (Ctrl-C: 130,
+SIGTERM: 143, after removing the temporary output).
 Set ``COMPRESSOR_DEBUG=1`` to see the traceback of an unexpected error.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -18,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import CompressorError
+from .errors import CompressorError, Terminated, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-training compression of large language models.")
@@ -27,7 +29,7 @@ errors = Console(stderr=True)
 
 
 def _guard(command: Callable) -> Callable:
-    """Turn every error into one line on stderr and exit status 1."""
+    """Turn every error into one line on stderr: exit status 1, or 130 (Ctrl-C) and 143 (SIGTERM)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -36,18 +38,33 @@ def _guard(command: Callable) -> Callable:
         except (typer.Exit, typer.Abort):
             raise
         except CompressorError as exc:
-            errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            _error(f"error: {one_line(exc)}")
+        except Terminated:
+            _error("error: terminated (SIGTERM); nothing was written")
+            raise typer.Exit(143)
         except KeyboardInterrupt:
-            errors.print("error: interrupted; nothing was written", markup=False)
+            _error("error: interrupted (Ctrl-C); nothing was written")
+            raise typer.Exit(130)
         except Exception as exc:  # a bug, or an input we did not foresee: still one line
             if os.environ.get("COMPRESSOR_DEBUG"):
                 raise
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            errors.print(f"error: {type(exc).__name__}: {message} (set COMPRESSOR_DEBUG=1 for the traceback)",
-                         markup=False, highlight=False, soft_wrap=True)
+            _error(f"error: {type(exc).__name__}: {one_line(exc)} (set COMPRESSOR_DEBUG=1 for the traceback)")
         raise typer.Exit(1)
 
     return wrapper
+
+
+def _error(line: str) -> None:
+    errors.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _say(line: str) -> None:
+    """A progress line on stdout, at once (stdout may be a pipe)."""
+    print(line, flush=True)
+
+
+TRUST = typer.Option("--trust-remote-code", help="run code shipped in the model directory (auto_map); "
+                     "off unless given")
 
 
 @app.command()
@@ -68,7 +85,8 @@ def compress(
                                                       "e.g. lord.ratio=0.4 or propagate=original")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
     merge: Annotated[bool, typer.Option(help="write dense weights that plain from_pretrained loads")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or progress lines")] = False,
+    trust_remote_code: Annotated[bool, TRUST] = False,
 ) -> None:
     """Compress MODEL with a recipe and write a loadable model to --out."""
     from .api import compress as run
@@ -77,8 +95,10 @@ def compress(
     for key, value in (("dataset", calib_dataset), ("n_samples", n_samples), ("seq_len", seq_len), ("seed", seed)):
         if value is not None:
             overrides.append(f"calibration.{key}={value}")
+    bar = not quiet and sys.stderr.isatty()
     summary = run(model, recipe, out, overrides=overrides, device=device, dtype=dtype, storage_dtype=storage_dtype,
-                  overwrite=overwrite, merge=merge, progress=not quiet and sys.stderr.isatty())
+                  overwrite=overwrite, merge=merge, progress=bar, trust_remote_code=trust_remote_code,
+                  say=None if quiet else _say)
     from . import summary as summaries
 
     console.print(f"wrote {summary['out']} in {sum(summary['seconds'].values()):.1f}s", highlight=False)
@@ -96,11 +116,14 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results to this file")] = None,
+    trust_remote_code: Annotated[bool, TRUST] = False,
 ) -> None:
     """Perplexity, parameters, bytes on disk and tokens/s of a model."""
-    from .evaluate import evaluate, write_json
+    from .evaluate import check_json_target, evaluate, write_json
 
-    result = evaluate(model, dataset, seq_len, max_tokens, batch_size, device)
+    if json_out:
+        check_json_target(json_out)
+    result = evaluate(model, dataset, seq_len, max_tokens, batch_size, device, trust_remote_code=trust_remote_code)
     table = Table(title=f"{model}", show_header=False)
     ppl = result["perplexity"]
     table.add_row("perplexity", f"{ppl['value']:.4g}  ({ppl['dataset']}, seq_len {ppl['seq_len']}, "
@@ -123,8 +146,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="compressed output directo
     from .io import LOG, read_manifest
 
     manifest = read_manifest(path)
-    log_file = path / LOG
-    entries = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
+    entries = _log_entries(path / LOG)
     table = Table(title=f"{path} (parameters {manifest['params_before']:,} → {manifest['params_after']:,})")
     for column in ("module", "step", "kind", "shape", "rank", "params", "rel. error", "rel. output error", "note"):
         table.add_column(column, justify="left" if column in ("module", "kind", "note") else "right")
@@ -146,6 +168,23 @@ def inspect(path: Annotated[Path, typer.Argument(help="compressed output directo
                           highlight=False)
 
 
+def _log_entries(log_file: Path) -> list[dict]:
+    """The compression log's entries (none if there is no log); a damaged line is named."""
+    if not log_file.is_file():
+        return []
+    entries = []
+    for number, line in enumerate(log_file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict) or not {"name", "step", "kind", "shape", "params_before",
+                                                   "params_after"} <= set(entry):
+                raise ValueError
+        except ValueError:
+            raise CompressorError(f"{log_file}:{number}: not a compression log entry") from None
+        entries.append(entry)
+    return entries
+
+
 @app.command()
 @_guard
 def methods() -> None:
@@ -163,16 +202,26 @@ def methods() -> None:
         console.print(table)
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    signal.signal(signal.SIGTERM, _terminate)  # cleaned up like Ctrl-C: the temporary output is removed
     try:
-        from transformers.utils import logging as hf_logging
+        try:
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-    app()
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+        app()
+    except Terminated:
+        sys.exit(143)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

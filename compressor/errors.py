@@ -3,3 +3,13 @@
 
 class CompressorError(Exception):
     """Bad input (model, recipe, option, path): a message meant for the user, not a bug report."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is (the CLI installs the handler): cleaned up like Ctrl-C."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (multi-line messages of ``transformers`` joined, not cut)."""
+    text = " ".join(part.strip() for part in str(exc).strip().splitlines() if part.strip())
+    return text or type(exc).__name__

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torch import nn
 
 from . import calibration as sources
 from . import io
+from .errors import CompressorError, one_line
 from .model import loading as models
 from .model.modules import dequantized
 
@@ -81,26 +83,46 @@ def bytes_on_disk(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*.safetensors"))
 
 
-def load_any(spec: str, device: str = "cpu", dtype: torch.dtype | None = None):
+def load_any(spec: str, device: str = "cpu", dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """(model, tokenizer, manifest | None) for a compressed directory or any MODEL spec."""
     from transformers import AutoTokenizer
 
     path = Path(spec)
     if (path / io.MANIFEST).is_file():
-        return io.load(path, device, dtype), AutoTokenizer.from_pretrained(path), io.read_manifest(path)
-    model, tokenizer = models.load(spec, dtype or torch.float32, device)
+        manifest = io.read_manifest(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CompressorError(f"{path}: cannot load its tokenizer ({one_line(exc)})") from None
+        return io.load(path, device, dtype), tokenizer, manifest
+    model, tokenizer = models.load(spec, dtype or torch.float32, device, trust_remote_code=trust_remote_code)
     return model, tokenizer, None
 
 
+def check_options(seq_len: int | None, max_tokens: int | None, batch_size: int) -> None:
+    """The evaluation's numeric options, before anything is loaded."""
+    if seq_len is not None and seq_len < 2:
+        raise CompressorError(f"--seq-len must be ≥ 2 (a window scores its seq_len − 1 next tokens); got {seq_len}")
+    if max_tokens is not None and max_tokens < 1:
+        raise CompressorError(f"--max-tokens must be ≥ 1; got {max_tokens}")
+    if batch_size < 1:
+        raise CompressorError(f"--batch-size must be ≥ 1; got {batch_size}")
+
+
 def evaluate(spec: str, dataset: str = "sotu", seq_len: int | None = None, max_tokens: int | None = None,
-             batch_size: int = 4, device: str = "cpu", dtype: torch.dtype | None = None) -> dict[str, Any]:
+             batch_size: int = 4, device: str = "cpu", dtype: torch.dtype | None = None,
+             trust_remote_code: bool = False) -> dict[str, Any]:
     """Perplexity and size figures of a compressed directory or a model, as one JSON-able dict."""
+    check_options(seq_len, max_tokens, batch_size)
+    models.compute_device(device)
     source = sources.get(dataset)
+    option = "--seq-len" if seq_len else f"--seq-len (the default of {dataset})"
     seq_len = seq_len or source.eval_seq_len
     max_tokens = max_tokens if max_tokens is not None else source.eval_max_tokens
     start = time.perf_counter()
-    model, tokenizer, manifest = load_any(spec, device, dtype)
+    model, tokenizer, manifest = load_any(spec, device, dtype, trust_remote_code)
     load_seconds = time.perf_counter() - start
+    models.check_seq_len(model.config, seq_len, option)
     windows = source.evaluation(tokenizer, seq_len, max_tokens)
     result = perplexity(model, windows, batch_size, device)
     path = Path(spec)
@@ -118,6 +140,17 @@ def evaluate(spec: str, dataset: str = "sotu", seq_len: int | None = None, max_t
         "seconds": {"load": load_seconds, "perplexity": result["seconds"]},
         "device": str(device),
     }
+
+
+def check_json_target(path: Path) -> None:
+    """``--json``: a file that can be written, checked before the evaluation runs."""
+    path = Path(path)
+    if path.is_dir():
+        raise CompressorError(f"--json {path} is a directory")
+    if not path.parent.is_dir():
+        raise CompressorError(f"--json {path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CompressorError(f"--json {path}: not writable")
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:

@@ -6,6 +6,7 @@ weighted error is optimal on a known case, zero Fisher never divides by zero, an
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,9 +276,31 @@ def test_cache_off_writes_nothing_and_a_broken_file_is_a_miss(llama, batches, ca
     key = fisher.fingerprint(llama, batches, names)
     fisher.cache_path(key).parent.mkdir(parents=True)
     fisher.cache_path(key).write_bytes(b"not safetensors")
-    assert fisher.load_cached(key, names) is None
+    shapes = {name: fisher.expected_shape(llama, name, None) for name in names}
+    assert fisher.load_cached(key, shapes) == (None, "unreadable")
     _, info = fisher.fisher_for(llama, batches, names)
-    assert info["hit"] is False and fisher.load_cached(key, names) is not None
+    assert info["hit"] is False and fisher.load_cached(key, shapes)[0] is not None
+
+
+@pytest.mark.parametrize("corrupt, why", [
+    (lambda t: torch.full_like(t, -1.0), "negative"),
+    (lambda t: t.clone().fill_(float("nan")), "non-finite"),
+    (lambda t: t[:, :-1].contiguous(), "shape"),
+])
+def test_a_cache_whose_values_were_overwritten_is_recomputed(llama, batches, cache, corrupt, why):
+    """What is read back is validated: a Fisher overwritten with −1, NaN or a wrong shape is a miss, is
+    recomputed (the same values as the first pass) and rewritten, and info says why it was rejected."""
+    from safetensors.torch import load_file, save_file
+
+    names = decoder_targets(llama)[:3]
+    first, info = fisher.fisher_for(llama, batches, names)
+    path = Path(info["path"])
+    save_file({k: corrupt(v) for k, v in load_file(str(path)).items()}, str(path))
+    again, info = fisher.fisher_for(llama, batches, names)
+    assert info["hit"] is False and why in next(iter(info["rejected"].values()))
+    assert all(torch.equal(first[n], again[n]) for n in names)
+    _, info = fisher.fisher_for(llama, batches, names)  # rewritten: a valid hit now
+    assert info["hit"] is True
 
 
 def test_recipe_api_and_cli(model_dirs, small, tmp_path):

@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from compressor import registry
+from compressor.errors import CompressorError
 from compressor.model.modules import LowRankLinear
 from compressor.ranks import uniform as ranks
 from compressor.walk.layers import capture_inputs
@@ -141,7 +142,6 @@ def test_layers_without_targets_still_propagate(vocab_size, batches, ids, propag
 @pytest.mark.parametrize("targets, ignore, expected", [
     (["mlp.down_proj"], [], {"mlp.down_proj"}),
     (["down_proj", "q_proj"], [], {"mlp.down_proj", "self_attn.q_proj"}),
-    (["proj"], [], set()),  # a suffix matches on a dot boundary only
     ([], ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
      {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}),
     (["re:self_attn\\.[qk]_proj$"], [], {"self_attn.q_proj", "self_attn.k_proj"}),
@@ -154,6 +154,12 @@ def test_targets_and_ignore(llama, targets, ignore, expected):
     swapped = set(low_rank(llama))
     assert swapped == {f"model.layers.{i}.{s}" for i in (0, 1) for s in expected}
     assert {e["name"] for e in report.log} == swapped
+
+
+def test_targets_that_match_nothing_are_an_error_naming_the_linears(llama):
+    """A suffix matches on a dot boundary only, so "proj" matches nothing: refused, not "0/0 compressed"."""
+    with pytest.raises(CompressorError, match=r"targets \['proj'\].*match none.*mlp\.down_proj"):
+        walk(llama, {"ratio": 0.2}, None, targets=["proj"])
 
 
 def test_targets_on_gpt2_conv1d(vocab_size):
@@ -171,7 +177,11 @@ def test_embeddings_and_head_are_never_touched(tiny_model, arch, batches, target
     outside = {name: p.detach().clone() for name, p in tiny_model.named_parameters()
                if not name.startswith(LAYER_PREFIX[arch] + ".")}
     head = tiny_model.get_output_embeddings()
-    walk(tiny_model, {"ratio": 0.5, "whiten": "gram"}, batches, targets=targets)
+    if targets and "embed" in targets[0]:  # they match no decoder linear: refused, the model untouched
+        with pytest.raises(CompressorError, match="match none"):
+            walk(tiny_model, {"ratio": 0.5, "whiten": "gram"}, batches, targets=targets)
+    else:
+        walk(tiny_model, {"ratio": 0.5, "whiten": "gram"}, batches, targets=targets)
     assert tiny_model.get_output_embeddings() is head and isinstance(head, nn.Linear)
     assert isinstance(tiny_model.get_input_embeddings(), nn.Embedding)
     for name, module in low_rank(tiny_model).items():

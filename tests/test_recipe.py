@@ -191,3 +191,22 @@ def test_applied_recipe_fills_defaults(skeleton):
     again = recipes.parse(data)
     assert build_steps(again, skeleton)[0].compressor.config == build_steps(r, skeleton)[0].compressor.config
     assert compile_plan(again, skeleton).applied_recipe() == data
+
+
+def test_override_values_are_read_by_the_declared_type():
+    """``--set`` values follow the schema, not YAML's guesses: a str field keeps ``2:4`` (YAML: 124), an
+    empty value is an error, a section takes a mapping but not a scalar."""
+    data = {"steps": [{"method": "prune", "config": {"algorithm": "wanda"}}]}
+    assert recipes.apply_override(data, "prune.pattern=2:4")["steps"][0]["config"]["pattern"] == "2:4"
+    assert recipes.apply_override(data, "steps.0.targets=q_proj")["steps"][0]["targets"] == ["q_proj"]
+    assert recipes.apply_override(data, "calibration={n_samples: 4}")["calibration"] == {"n_samples": 4}
+    assert recipes.apply_override(data, "steps.0.calibration={seed: 3}")["steps"][0]["calibration"] == {"seed": 3}
+    assert recipes.apply_override(data, "calibration.dataset=2:4")["calibration"]["dataset"] == "2:4"
+    with pytest.raises(CompressorError, match="empty value"):
+        recipes.apply_override(data, "prune.sparsity=")
+    with pytest.raises(CompressorError, match="section"):
+        recipes.apply_override(data, "calibration=5")
+    with pytest.raises(CompressorError, match="expected an integer"):
+        recipes.apply_override(data, "calibration.n_samples=many")
+    with pytest.raises(CompressorError, match="set only one of"):
+        recipes.load("lord", ["lord.rank=8", "lord.rank_reduction=0.5"])

@@ -5,13 +5,13 @@ from .checkpoint import (
                          FORMAT_VERSION,
                          LOG,
                          MANIFEST,
-                         check_output,
                          compressed_modules,
                          load,
                          merge_in_place,
                          read_manifest,
                          save,
 )
+from .output import OutputDirectory, check_output, pause_for_tests
 
-__all__ = ["FORMAT_VERSION", "LOG", "MANIFEST", "check_output", "compressed_modules", "load", "merge_in_place",
-           "read_manifest", "save"]
+__all__ = ["FORMAT_VERSION", "LOG", "MANIFEST", "OutputDirectory", "check_output", "compressed_modules", "load",
+           "merge_in_place", "pause_for_tests", "read_manifest", "save"]

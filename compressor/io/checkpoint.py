@@ -20,8 +20,8 @@ own name and their low-rank path in ``adapter/`` (export.py), so vLLM, ``transfo
 adapter, quantization scales), recorded as config.json's ``dtype``; by default the dtype the model was
 compressed in. It rounds copies made for the write; the model in memory is not changed.
 
-Everything is written into a temporary sibling directory and renamed at the end, so an
-interrupted run never leaves a half-written output. ``load`` rebuilds the architecture from
+Everything is written into a temporary sibling directory (``output.OutputDirectory``, reserved at the
+start of a run) and renamed at the end, so an interrupted run never leaves a half-written output. ``load`` rebuilds the architecture from
 config.json, swaps in empty compressed modules from the manifest, and loads the tensors.
 ``merge=True`` writes dense weights instead, which plain ``from_pretrained`` loads.
 """
@@ -29,64 +29,27 @@ config.json, swaps in empty compressed modules from the manifest, and loads the 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .. import __version__
-from ..errors import CompressorError
-from ..model.modeling_compressor import load_compressed
-from ..model.modules import MODULE_KINDS, spec_of
+from ..errors import CompressorError, one_line
+from ..model.modeling_compressor import state_for_modules
+from ..model.modules import MODULE_KINDS, from_spec, spec_of
 from ..model.modules import merge as merge_module
+from ..model.weights import load_state
 from . import model_card
 from . import serving as export
+from .manifest import FORMAT_VERSION, MANIFEST, mismatch_hint, read_manifest
+from .output import OutputDirectory, pause_for_tests
 
-FORMAT_VERSION = 1
-MANIFEST = "compression.json"
 LOG = "compression_log.jsonl"
 MAX_SHARD_SIZE = "2GB"
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    """Fail early (before any work) if ``out`` cannot be written."""
-    if out.exists() and not out.is_dir():
-        raise CompressorError(f"output path exists and is not a directory: {out}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CompressorError(f"output directory is not empty: {out} (use --overwrite to replace it)")
-    for parent in out.resolve().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CompressorError(f"cannot create {out}: {parent} is not a directory")
-            break
-
-
-@contextmanager
-def atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``out`` only if the block completes."""
-    check_output(out, overwrite)
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output is an ordinary directory
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -132,12 +95,26 @@ def stored_as(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
             t.data = originals[key]
 
 
-def save(model: nn.Module, tokenizer: Any, out: Path, manifest: dict[str, Any], log: list[dict[str, Any]],
-         merge: bool = False, overwrite: bool = False, reshaped: dict[str, nn.Module] | None = None,
-         storage_dtype: torch.dtype | None = None) -> Path:
-    """Write the model, tokenizer, manifest and log to ``out`` atomically. ``reshaped``: plain modules of a
-    new shape (a shrunk MLP's linears) that the manifest must describe for ``load``. ``storage_dtype``:
-    the dtype of the floating tensors written (None: as they are in memory)."""
+def save(model: nn.Module, tokenizer: Any, out: Path | OutputDirectory, manifest: dict[str, Any],
+         log: list[dict[str, Any]], merge: bool = False, overwrite: bool = False,
+         reshaped: dict[str, nn.Module] | None = None, storage_dtype: torch.dtype | None = None) -> Path:
+    """Write the model, tokenizer, manifest and log to ``out`` atomically. ``out``: a path, or an
+    ``OutputDirectory`` the caller reserved at the start of its run (written into; it replaces ``--out``
+    when the caller's block ends). ``reshaped``: plain modules of a new shape (a shrunk MLP's linears) that
+    the manifest must describe for ``load``. ``storage_dtype``: the dtype of the floating tensors written
+    (None: as they are in memory)."""
+    if isinstance(out, OutputDirectory):
+        _write(model, tokenizer, out.tmp, out.path, manifest, log, merge, reshaped, storage_dtype)
+        return out.path
+    with OutputDirectory(out, overwrite) as output:
+        _write(model, tokenizer, output.tmp, output.path, manifest, log, merge, reshaped, storage_dtype)
+    return output.path
+
+
+def _write(model: nn.Module, tokenizer: Any, tmp: Path, out: Path, manifest: dict[str, Any],
+           log: list[dict[str, Any]], merge: bool, reshaped: dict[str, nn.Module] | None,
+           storage_dtype: torch.dtype | None) -> None:
+    """Everything ``save`` writes, into the directory ``tmp`` (which becomes ``out``)."""
     manifest = dict(manifest)
     manifest["format_version"] = FORMAT_VERSION
     manifest["package_version"] = __version__
@@ -147,60 +124,81 @@ def save(model: nn.Module, tokenizer: Any, out: Path, manifest: dict[str, Any], 
     stored = str(storage_dtype).removeprefix("torch.") if storage_dtype is not None else None
     if stored is not None:
         manifest["storage_dtype"] = stored
-    with atomic_directory(out, overwrite) as tmp:
-        if merge:
-            merge_in_place(model)
-            with stored_as(model, storage_dtype):
-                model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
-        else:  # quantized and compensated modules in the layout vLLM / transformers / peft read (export.py)
-            with stored_as(model, storage_dtype), export.base_layout(model, modules) as loras:
-                model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
-                manifest["serving"] = export.write_serving(tmp, model, modules, loras, str(Path(out).resolve()))
-            reason = export.not_stock_reason(manifest["modules"], manifest["serving"]["compressed_tensors"])
-            export.write_remote_code(tmp, manifest["modules"], manifest["serving"]["adapter"], reason)
-            manifest["serving"]["stock_transformers"] = not reason
-            manifest["serving"]["remote_code"] = export.REMOTE_CODE
-        if stored is not None:
-            export.edit_config(tmp, lambda data: data.update(dtype=stored))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        model_card.write(tmp, manifest, log, Path(out).name)
-        (tmp / LOG).write_text("".join(json.dumps(entry) + "\n" for entry in log))
-    return out
+    if merge:
+        merge_in_place(model)
+        with stored_as(model, storage_dtype):
+            model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+    else:  # quantized and compensated modules in the layout vLLM / transformers / peft read (export.py)
+        with stored_as(model, storage_dtype), export.base_layout(model, modules) as loras:
+            model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+            manifest["serving"] = export.write_serving(tmp, model, modules, loras, str(Path(out).resolve()))
+        reason = export.not_stock_reason(manifest["modules"], manifest["serving"]["compressed_tensors"])
+        export.write_remote_code(tmp, manifest["modules"], manifest["serving"]["adapter"], reason)
+        manifest["serving"]["stock_transformers"] = not reason
+        manifest["serving"]["remote_code"] = export.REMOTE_CODE
+    if stored is not None:
+        export.edit_config(tmp, lambda data: data.update(dtype=stored))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    pause_for_tests("save")
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    model_card.write(tmp, manifest, log, Path(out).name)
+    (tmp / LOG).write_text("".join(json.dumps(entry) + "\n" for entry in log))
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    file = Path(path) / MANIFEST
-    if not file.is_file():
-        raise CompressorError(f"not a compressed model directory (no {MANIFEST}): {path}")
-    manifest = json.loads(file.read_text())
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise CompressorError(f"{path} was written by a newer format ({manifest['format_version']}); upgrade compressor")
-    return manifest
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    try:
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+                 else ["model.safetensors"])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise CompressorError(f"{index}: not a safetensors index (no weight_map)") from None
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        file = path / name
+        if not file.is_file():
+            raise CompressorError(f"{path}: weight file {name} is missing")
+        try:
+            state.update(load_file(str(file)))
+        except Exception as exc:  # safetensors raises its own error types on a damaged file
+            raise CompressorError(f"{file}: cannot read the weights ({one_line(exc)})") from None
+    return state
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a model written by ``save`` (compressed or merged) with identical outputs: the loader the
-    outputs carry (``modeling_compressor.load_compressed``) with this package's module classes, reading the
-    module specs from the manifest."""
+    """Rebuild a model written by ``save`` (compressed or merged) with identical outputs. The model the
+    manifest describes is built from config.json with this package's module classes (those of
+    ``modeling_compressor``, which outputs carry for ``trust_remote_code``), the checkpoint's tensors renamed
+    as that loader does (``state_for_modules``), and every tensor must match (``weights.load_state``)."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     path = Path(path)
     manifest = read_manifest(path)
-    if manifest.get("merged"):
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
-    config = export.model_config(path)
+    try:
+        config = export.model_config(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CompressorError(f"{path / 'config.json'}: {one_line(exc)}") from None
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    for name, spec in manifest["modules"].items():
-        if spec["kind"] != "dense" and spec["kind"] not in MODULE_KINDS:
-            raise CompressorError(f"{path}: unknown module kind {spec['kind']!r} for {name}")
-    adapter = manifest.get("serving", {}).get("adapter")
-    try:
-        return load_compressed(str(path), config, manifest["modules"], str(path / adapter) if adapter else None,
-                               dtype, device, MODULE_KINDS)
-    except ValueError as error:
-        raise CompressorError(f"{error} (the manifest's modules)") from None
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    hint = mismatch_hint(manifest)
+    if not manifest["merged"]:
+        for name, spec in sorted(manifest["modules"].items(), key=lambda item: item[0].count(".")):
+            try:
+                model.get_submodule(name)
+                model.set_submodule(name, from_spec(spec, dtype=dtype))
+            except AttributeError:
+                raise CompressorError(f"{path / MANIFEST}: module {name} is not in the model config.json "
+                                      "describes") from None
+            except (TypeError, ValueError, KeyError) as exc:
+                raise CompressorError(f"{path / MANIFEST}: the entry of module {name} is malformed "
+                                      f"({one_line(exc)})") from None
+        adapter = manifest.get("serving", {}).get("adapter")
+        state = state_for_modules(_state_dict(path), manifest["modules"], str(path / adapter) if adapter else None)
+    else:
+        state = _state_dict(path)
+    load_state(model, state, str(path), hint)
+    return model.to(device).eval()

@@ -151,9 +151,13 @@ def relative_error(weight: Tensor, approx: Tensor, gram: Tensor | None = None) -
     sqrt(tr(ΔW G ΔWᵀ) / tr(W G Wᵀ)) = ‖(W − Ŵ) Xᵀ‖_F / ‖W Xᵀ‖_F."""
     delta = (weight.double() - approx.double())
     if gram is None:
-        denom = weight.double().norm()
-        return float(delta.norm() / denom) if denom > 0 else 0.0
-    gram = gram.double()
-    num = ((delta @ gram) * delta).sum().clamp_min(0)
-    den = ((weight.double() @ gram) * weight.double()).sum()
-    return float((num / den).sqrt()) if den > 0 else 0.0
+        num, den = delta.norm(), weight.double().norm()
+    else:
+        gram = gram.double()
+        num = ((delta @ gram) * delta).sum().clamp_min(0)
+        den = ((weight.double() @ gram) * weight.double()).sum()
+    if not (torch.isfinite(num) and torch.isfinite(den)):
+        return float("nan")  # a non-finite weight or approximation is never "no error"
+    if not den > 0:
+        return 0.0
+    return float(num / den) if gram is None else float((num / den).sqrt())

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CompressorError
+from ..errors import CompressorError, one_line
+from . import weights
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -27,9 +28,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "compressor"
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str, option: str = "dtype") -> torch.dtype:
     if name not in DTYPES:
-        raise CompressorError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+        raise CompressorError(f"{option}: unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -52,13 +53,13 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        where = f"GGUF file {gguf}"
+        loaded = weights.load_pretrained(str(gguf.parent), where, gguf_file=gguf.name, dtype=torch.float32)
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # dequantized weights: a plain checkpoint
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict(), strict=False)
-        model.tie_weights()
+        weights.load_state(model, loaded.state_dict(), where)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if out.exists():
@@ -91,24 +92,80 @@ def resolve(spec: str) -> tuple[str, str | None]:
     return spec, None  # a Hugging Face hub id
 
 
-def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model, tokenizer) for MODEL, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_error(spec: str, exc: Exception) -> CompressorError:
+    """A loading error of ``transformers`` as one line; code the directory ships is named as such."""
+    message = one_line(exc)
+    if "trust_remote_code" in message:
+        return CompressorError(f"model {spec!r} ships its own code (auto_map), which runs only if you pass "
+                               "--trust-remote-code; refused")
+    return CompressorError(f"cannot load model {spec!r}: {message}")
 
+
+def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         trust_remote_code: bool = False):
+    """(model, tokenizer) for MODEL, in eval mode; its weights complete, of the right shapes and finite
+    (``weights.load_pretrained``). Code shipped with the model runs only with ``trust_remote_code``.
+    The cached conversion of ``smollm2-135m`` is made again once if it fails those checks."""
     source, gguf_file = resolve(spec)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompressorError(f"cannot load model {spec!r}: {first}") from None
+        model, tokenizer = _load_from(spec, source, gguf_file, dtype, trust_remote_code)
+    except CompressorError:
+        if spec != DEFAULT_MODEL:
+            raise
+        convert_gguf(_smollm2_gguf(), Path(source))  # a damaged cache is rebuilt, not used
+        model, tokenizer = _load_from(spec, source, gguf_file, dtype, trust_remote_code)
     if gguf_file and hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
         model.hf_quantizer = None
         model.is_quantized = False
     model.eval()
     return model.to(device), tokenizer
+
+
+def _load_from(spec: str, source: str, gguf_file: str | None, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        model = weights.load_pretrained(source, f"model {spec}", dtype=dtype, trust_remote_code=trust_remote_code,
+                                        **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise _load_error(spec, exc) from None
+    return model, tokenizer
+
+
+def compute_device(name: str) -> torch.device:
+    """``--device``: a device torch knows, and one this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CompressorError(f"--device: unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CompressorError(f"--device {name} was asked for, but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CompressorError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CompressorError(f"--device {name} was asked for, but MPS is not available here")
+    return device
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover (None if the config does not say)."""
+    config = getattr(config, "text_config", None) or config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(config, seq_len: int, option: str) -> None:
+    """Refuse windows longer than the model's positions (an IndexError on GPT-2 and OPT, silent on Llama)."""
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
+        raise CompressorError(f"{option} {seq_len} is longer than the model's {limit} positions "
+                              f"(max_position_embeddings); use {limit} or less")
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -121,7 +178,7 @@ def parameter_count(model: nn.Module) -> int:
     return total
 
 
-def skeleton(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+def skeleton(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
     """The model of MODEL built from its config on the meta device: module tree and shapes, no weights
     read (what a plan is compiled against)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -129,9 +186,8 @@ def skeleton(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     source, gguf_file = resolve(spec)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompressorError(f"cannot load model {spec!r}: {first}") from None
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise _load_error(spec, exc) from None

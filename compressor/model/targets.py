@@ -45,6 +45,25 @@ def layer_index(model: nn.Module, name: str) -> int:
     return int(name[len(prefix) + 1:].split(".")[0])
 
 
+def check_pattern(pattern: str) -> None:
+    """Raise ValueError for a ``re:`` pattern that is not a valid regular expression."""
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ValueError(f"target {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+def linear_roles(linears: dict[str, nn.Module]) -> list[str]:
+    """The distinct names of the decoder linears within their layer ("self_attn.q_proj", "mlp.down_proj")."""
+    roles: dict[str, None] = {}
+    for name in linears:
+        parts = name.split(".")
+        digits = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        roles[".".join(parts[digits + 1:]) if digits is not None else name] = None
+    return list(roles)
+
+
 def matches(name: str, pattern: str) -> bool:
     """A pattern is a name suffix on a dot boundary ("mlp.down_proj", "q_proj") or a regex ("re:...")."""
     if pattern.startswith("re:"):

@@ -22,7 +22,7 @@ from ..errors import CompressorError
 from ..model.architecture import describe
 from ..model.loading import parameter_count
 from ..model.modules import shape_of
-from ..model.targets import decoder_linears, layer_index, select
+from ..model.targets import check_pattern, decoder_linears, layer_index, linear_roles, select
 from ..stats.accumulators import Request
 from ..walk.layers import DEFAULT_STREAM
 from . import configs
@@ -139,7 +139,16 @@ def compile_step(recipe: Recipe, index: int, linears: dict[str, nn.Module], mode
     spec = recipe.steps[index]
     where = f"step {index} ({spec.method})"
     compressor = registry.create(spec.method, spec.config, where)
+    for pattern in (*spec.targets, *spec.ignore):
+        try:
+            check_pattern(pattern)
+        except ValueError as exc:
+            raise CompressorError(f"{where}: {exc}") from None
     names = select(list(linears), spec.targets, spec.ignore)
+    if not names:
+        raise CompressorError(f"{where}: targets {spec.targets or '[]'} (ignore {spec.ignore}) match none of the "
+                              f"model's decoder linears; they are named {', '.join(linear_roles(linears))} "
+                              f"(e.g. {next(iter(linears), '?')})")
     shapes = {name: tuple(shape_of(linears[name])) for name in names}
     validate = getattr(compressor.config, "validate", None)
     if validate is not None and shapes:

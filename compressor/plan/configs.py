@@ -65,8 +65,71 @@ def _check_type(value: Any, annotation: Any, name: str, where: str) -> Any:
     return value
 
 
+_NULL = ("null", "none", "~")
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def parse_text(raw: str, annotation: Any, what: str) -> Any:
+    """A command-line value read by its field's declared type (``--set KEY=VALUE``), not guessed by YAML:
+    ``2:4`` stays the string a ``str`` field declares (YAML reads it as the base-60 integer 124), ``1e-3`` is
+    a float where one is declared, ``null`` clears an optional field. An empty value is an error."""
+    text = raw.strip()
+    if not text:
+        raise CompressorError(f"{what}: empty value (write null to unset an optional field)")
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [o for o in get_args(annotation) if o is not type(None)]
+        if text.lower() in _NULL and len(options) < len(get_args(annotation)):
+            return None
+        return parse_text(text, options[0], what) if len(options) == 1 else _yaml(text, what)
+    if annotation is str:
+        return text
+    if origin is Literal:
+        allowed = get_args(annotation)
+        return text if all(isinstance(a, str) for a in allowed) else _yaml(text, what)
+    if annotation is bool:
+        if text.lower() not in _BOOLS:
+            raise CompressorError(f"{what}: expected true or false; got {text!r}")
+        return _BOOLS[text.lower()]
+    if annotation is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise CompressorError(f"{what}: expected an integer; got {text!r}") from None
+    if annotation is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise CompressorError(f"{what}: expected a number; got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise CompressorError(f"{what}: expected a finite number; got {text!r}")
+        return value
+    if origin in (list, tuple):
+        if text.startswith("["):
+            return _yaml(text, what)
+        (item,) = get_args(annotation)[:1] or (Any,)
+        return [parse_text(text, item, what)]
+    if dataclasses.is_dataclass(annotation):
+        if text.startswith("{"):  # the whole section as a mapping
+            return _yaml(text, what)
+        raise CompressorError(f"{what}: this is a section, not a value; set one of its keys "
+                              f"({', '.join(f.name for f in dataclasses.fields(annotation))}) as KEY.NAME=VALUE")
+    return _yaml(text, what)
+
+
+def _yaml(text: str, what: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CompressorError(f"{what}: not a valid value ({str(exc).splitlines()[0]})") from None
+
+
 def build(cls: type, mapping: dict[str, Any] | None, where: str) -> Any:
     """``cls(**mapping)`` with unknown keys and wrong types reported as one-line errors."""
+    if mapping is not None and not isinstance(mapping, dict):
+        raise CompressorError(f"{where}: expected a mapping of keys to values; got {mapping!r}")
     mapping = dict(mapping or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

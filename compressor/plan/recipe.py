@@ -14,13 +14,16 @@ steps:
 
 ``--recipe`` takes a path or the name of a recipe shipped with the package (``lord``).
 Overrides are dotted paths: ``calibration.n_samples=64``, ``propagate=original``,
-``steps.0.config.ratio=0.4`` or, for the step of a method, ``lord.ratio=0.4``.
+``steps.0.config.ratio=0.4`` or, for the step of a method, ``lord.ratio=0.4``. Their values are read by
+the type the schema declares for the key (``prune.pattern=2:4`` is the string a pattern is, not YAML's
+base-60 integer), an empty value is an error, and two rank rules set for one step are an error.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -86,6 +89,10 @@ def read(spec: str) -> dict[str, Any]:
         path = known[spec]
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CompressorError(f"recipe {path}: not a text file (not UTF-8)") from None
+    except OSError as exc:
+        raise CompressorError(f"recipe {path}: cannot read it ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise CompressorError(f"recipe {spec}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -94,35 +101,89 @@ def read(spec: str) -> dict[str, Any]:
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
-    """Return a copy of ``data`` with ``a.b.c=value`` set (value parsed as YAML)."""
+    """Return a copy of ``data`` with ``a.b.c=value`` set (value read by the field's declared type)."""
+    return _assign(data, assignment)[0]
+
+
+def declared_type(data: dict[str, Any], parts: list[str]) -> Any:
+    """The type the recipe schema declares for the value at ``parts`` (steps resolved to their method's
+    config), or Any where the schema does not say (an unknown key: ``configs.build`` reports it)."""
+    hints = typing.get_type_hints(Recipe)
+    if parts[0] != "steps":
+        kind = hints.get(parts[0], Any)
+        if len(parts) == 1:
+            return kind
+        return typing.get_type_hints(CalibrationConfig).get(parts[1], Any) if parts[0] == "calibration" else Any
+    if len(parts) < 3:
+        return Any
+    step_hints = typing.get_type_hints(StepSpec)
+    if parts[2] == "calibration" and len(parts) == 4:
+        return typing.get_type_hints(CalibrationConfig).get(parts[3], Any)
+    if parts[2] != "config" or len(parts) != 4:
+        return step_hints.get(parts[2], Any) if len(parts) == 3 else Any
+    steps = data.get("steps") or []
+    index = int(parts[1]) if parts[1].isdigit() else next(
+        (i for i, s in enumerate(steps) if isinstance(s, dict) and s.get("method") == parts[1]), None)
+    method = steps[index].get("method") if index is not None and index < len(steps) else None
+    from .. import registry  # the compressors' configs (registry imports this package's configs)
+
+    cls = registry.COMPRESSORS.get(method) if isinstance(method, str) else None
+    return typing.get_type_hints(cls.Config).get(parts[3], Any) if cls is not None else Any
+
+
+def _assign(data: dict[str, Any], assignment: str) -> tuple[dict[str, Any], tuple[int, str] | None, Any]:
+    """(new data, (step index, rank rule) if the assignment set one, the value)."""
     if "=" not in assignment:
         raise CompressorError(f"override {assignment!r}: expected KEY=VALUE")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
     data = copy.deepcopy(data)
     parts = key.strip().split(".")
+    if not all(parts):
+        raise CompressorError(f"override {assignment!r}: empty key")
     steps = data.setdefault("steps", [])
     methods = [s.get("method") for s in steps if isinstance(s, dict)]
     if parts[0] in methods and parts[0] not in ("calibration", "propagate", "statistics", "steps"):
         parts = ["steps", parts[0], "config", *parts[1:]]
+    value = configs.parse_text(raw, declared_type(data, parts), f"override {assignment!r}")
     node: Any = data
+    step_index = None
     for position, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             index = int(part) if part.isdigit() else next((i for i, s in enumerate(node) if s.get("method") == part), None)
             if index is None or index >= len(node):
                 raise CompressorError(f"override {assignment!r}: no step {part!r}")
-            node = node[index]
+            node, step_index = node[index], index
         elif isinstance(node, dict):
             node = node.setdefault(part, {})
         else:
             raise CompressorError(f"override {assignment!r}: {'.'.join(parts[:position])} is not a mapping")
     if not isinstance(node, dict):
-        raise CompressorError(f"override {assignment!r}: cannot set {parts[-1]!r} here")
+        raise CompressorError(f"override {assignment!r}: cannot set {parts[-1]!r} here: {'.'.join(parts[:-1])} "
+                              f"is {node!r} in the recipe, not a mapping")
     node[parts[-1]] = value
+    rule = None
     if parts[0] == "steps" and parts[-2:-1] == ["config"] and parts[-1] in RULES and value is not None:
+        rule = (step_index, parts[-1])
         for other in RULES:  # one rank rule at a time: --set lord.rank=64 replaces the recipe's ratio
             if other != parts[-1]:
                 node.pop(other, None)
+    return data, rule, value
+
+
+def apply_overrides(data: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """``apply_override`` for each assignment in order; two different rank rules set for one step by the
+    assignments are an error (as in a recipe file), not a silent "last one wins"."""
+    rules: dict[int, tuple[str, str]] = {}
+    for assignment in assignments:
+        data, rule, _ = _assign(data, assignment)
+        if rule is None:
+            continue
+        step, name = rule
+        earlier = rules.get(step)
+        if earlier is not None and earlier[0] != name:
+            raise CompressorError(f"--set {earlier[1]} and --set {assignment}: set only one of "
+                                  f"{', '.join(RULES)} for a step")
+        rules[step] = (name, assignment)
     return data
 
 
@@ -156,7 +217,5 @@ def step_calibration(calibration: CalibrationConfig, step: StepSpec, where: str 
 
 
 def load(spec: str, overrides: list[str] | None = None) -> Recipe:
-    data = read(spec)
-    for assignment in overrides or []:
-        data = apply_override(data, assignment)
+    data = apply_overrides(read(spec), list(overrides or []))
     return parse(data, f"recipe {spec}")

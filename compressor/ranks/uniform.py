@@ -16,7 +16,8 @@ the fraction of all targeted parameters removed, ``rank_reduction`` the global �
 ``model_ratio``) where the relative truncation loss of the spectra is least.
 
 A factorization saves parameters only if ``r·(m + n) < m·n``; at or above that break-even rank the
-matrix stays dense and the log says so.
+matrix stays dense and the log says so. A ratio of 0 (``ratio``, ``model_ratio``) asks for the full rank:
+every matrix stays dense (the formula's integer rounding would otherwise factorize matrices to save ≈1 %).
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def rank_for(rule: RankRule, m: int, n: int, planned_ratio: float | None = None)
     ratio = rule.ratio if rule.ratio is not None else planned_ratio
     if ratio is None:
         raise CompressorError("model_ratio needs a plan; run it through the pipeline")
+    if ratio == 0:  # nothing to remove: the full rank, so the matrix stays dense (not int rounding's 1 %)
+        return min(m, n)
     return max(1, int((1.0 - ratio) * break_even(m, n)))
 
 
@@ -108,6 +111,8 @@ def plan_model_ratio(target: float, shapes: list[tuple[int, int]], model_params:
                 total += m * n - r * (m + n)
         return total
 
+    if target == 0:
+        return 0.0
     goal = target * model_params
     if removed(0.999) < goal:
         raise CompressorError(

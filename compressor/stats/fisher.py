@@ -33,7 +33,9 @@ loss convention and the reduction. Any method that needs Fisher (FWSVD, LQ-LoRA)
 
 ``reduce: in | out`` accumulates only the Fisher summed over the other axis (FWSVD's per-column or
 per-row importance): vectors instead of the 0.8×-the-model fp32 accumulators. A cached full Fisher
-also serves a reduced request; a reduced one serves only itself.
+also serves a reduced request; a reduced one serves only itself. What is read back is checked
+(``check_cached``: every target present, in its expected shape, finite and ≥ 0); a file that fails is a
+miss, recomputed and rewritten, and ``info["rejected"]`` says why.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import CompressorError
 from ..model import loading as models
 from ..model import targets as arch
-from ..model.modules import Conv1D
+from ..model.modules import Conv1D, shape_of
 from ..walk.layers import calibration_mode
 
 FORMAT = "fisher-v1: sum over windows of squared grads of the mean next-token CE, batch 1, fp32"
@@ -285,20 +287,46 @@ def cache_path(key: str) -> Path:
     return models.cache_dir() / "fisher" / f"{key}.safetensors"
 
 
-def load_cached(key: str, target_names: list[str]) -> dict[str, Tensor] | None:
-    """The cached Fisher for ``key``, or None if absent, unreadable or missing a target."""
+def expected_shape(model: nn.Module, name: str, reduce: Reduce) -> tuple[int, ...]:
+    """The shape a stored Fisher of target ``name`` must have: (out, in), or (in,) / (out,) when reduced."""
+    out_features, in_features = shape_of(model.get_submodule(name))
+    if reduce is None:
+        return (out_features, in_features)
+    return (in_features,) if reduce == "in" else (out_features,)
+
+
+def check_cached(fisher: dict[str, Tensor], shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why what was read back from the cache cannot be used (None: it can): a Fisher is a sum of squares,
+    so every value is finite and ≥ 0, and each target's tensor has its expected shape."""
+    for name, shape in shapes.items():
+        value = fisher.get(name)
+        if value is None:
+            return f"no tensor for {name}"
+        if tuple(value.shape) != tuple(shape):
+            return f"{name} has shape {list(value.shape)}, expected {list(shape)}"
+        if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+            return f"{name} holds non-finite values"
+        if bool((value < 0).any()):
+            return f"{name} holds negative values (a Fisher is a sum of squares)"
+    return None
+
+
+def load_cached(key: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Tensor] | None, str | None]:
+    """(the cached Fisher for ``key``, None) if present and valid, else (None, why not: absent, unreadable,
+    or failing ``check_cached``)."""
     from safetensors.torch import load_file
 
     path = cache_path(key)
     if not path.is_file():
-        return None
+        return None, "absent"
     try:
         fisher = load_file(str(path))
     except Exception:  # a truncated or foreign file is a miss, not an error
-        return None
-    if any(name not in fisher for name in target_names):
-        return None
-    return {name: fisher[name] for name in target_names}
+        return None, "unreadable"
+    problem = check_cached(fisher, shapes)
+    if problem is not None:
+        return None, problem
+    return {name: fisher[name] for name in shapes}, None
 
 
 def save_cached(key: str, fisher: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -334,15 +362,23 @@ def fisher_for(model: nn.Module, batches: list[Tensor] | None, target_names: lis
         raise CompressorError("the Fisher pass needs calibration data (batches is None)")
     start = time.perf_counter()
     key = fingerprint(model, batches, target_names, reduce) if cache != "off" else None
+    rejected = {}
     if cache == "use":
-        for found in ([key] if reduce is None else [fingerprint(model, batches, target_names), key]):
-            cached = load_cached(found, target_names)
+        candidates = [(key, reduce)] if reduce is None else [(fingerprint(model, batches, target_names), None),
+                                                              (key, reduce)]
+        for found, stored in candidates:
+            shapes = {name: expected_shape(model, name, stored) for name in target_names}
+            cached, problem = load_cached(found, shapes)
             if cached is not None:
                 cached = {name: reduce_fisher(f, reduce) if f.dim() == 2 else f for name, f in cached.items()}
                 return cached, {"key": found, "hit": True, "seconds": time.perf_counter() - start,
                                 "path": str(cache_path(found))}
+            if problem != "absent":
+                rejected[str(cache_path(found))] = problem  # recomputed (and rewritten) below
     fisher = collect_fisher(model, batches, target_names, device, checkpointing, reduce=reduce)
     info: dict[str, object] = {"key": key, "hit": False, "windows": len(samples(batches))}
+    if rejected:
+        info["rejected"] = rejected
     if key is not None:
         info["path"] = str(save_cached(key, fisher, {"windows": str(info["windows"]), "reduce": str(reduce),
                                                      "seq_len": str(batches[0].shape[1])}))

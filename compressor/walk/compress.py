@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..contract import Group, LayerContext, ModelView, Outcome, Target
-from ..errors import CompressorError
+from ..errors import CompressorError, one_line
 from ..kernels.linalg import relative_error
 from ..model.modules import shape_of, weight_of
 from ..plan.compile import GroupSpec, Plan, StepPlan
@@ -81,7 +81,11 @@ def compress_layer(visit: Visit, plan: Plan, dtype: torch.dtype, report: Report,
         for spec in specs:
             group = build_group(visit, spec, step, stats, originals, plan.arch)
             start = time.perf_counter()
-            outcomes = step.compressor.compress(group, ctx)
+            try:
+                outcomes = step.compressor.compress(group, ctx)
+            except torch.linalg.LinAlgError as exc:  # e.g. statistics that overflowed: name the module
+                raise CompressorError(f"step {step.index} ({step.method}) failed on {group.name}: "
+                                      f"{one_line(exc)}") from None
             elapsed = time.perf_counter() - start
             report.seconds["decomposition"] += elapsed
             apply(visit, step, group, outcomes, elapsed, report, log_file)

@@ -1,0 +1,228 @@
+"""The one output-directory guard: ``--out`` reserved at the start of a run, replaced only at its end.
+
+``OutputDirectory(out, overwrite, inputs)`` is what every writer goes through (``compress`` holds one for
+the whole run; ``io.save`` makes its own when called alone):
+
+- on entry, before any weight is read: ``out`` must be absent, an empty directory, or (``overwrite``) a
+  directory; never a mount point, the current directory or one above it, or a directory holding one of
+  the run's ``inputs`` (the model being read). Temporary siblings left by processes that no longer exist
+  (``.NAME.tmp-PID-*``, killed by SIGKILL or a power cut) are removed. Then the temporary sibling
+  ``.NAME.tmp-PID-XXXXXXXX`` is created in the same directory (same file system: the final rename is
+  atomic), so an output that cannot be written (read-only or virtual file system, a name too long) fails
+  here, not after the run;
+- ``commit()`` (on a clean exit of the block) renames the temporary directory to ``out`` only if ``out`` is
+  as it was at the start: a file or directory that appeared meanwhile (another run given the same
+  ``--out``, a user) is never deleted; the run fails instead and its result is discarded;
+- on an error or a signal (the CLI turns SIGTERM into ``Terminated``) the temporary directory and any
+  parent directories it created are removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from ..errors import CompressorError
+
+TMP, OLD = "tmp", "old"
+_NAME_LIMIT = 200  # characters of --out's name kept in a sibling's name (255 is the usual limit)
+PAUSE_ENV = "COMPRESSOR_TEST_PAUSE"  # fault-injection hook of the signal tests: pause at a named stage
+RESUME_ENV = "COMPRESSOR_TEST_RESUME"  # ... until this file exists
+
+
+def sibling_prefix(out: Path, kind: str) -> str:
+    """``.NAME.tmp-`` / ``.NAME.old-``: how temporary siblings of ``out`` are named (then PID-random)."""
+    return f".{out.name[:_NAME_LIMIT]}.{kind}-"
+
+
+def _owner(entry: Path, prefix: str) -> int | None:
+    pid = entry.name[len(prefix):].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the temporary siblings of ``out`` whose owner process is gone; the removed paths. An ``old``
+    sibling (the previous output, moved aside for the final rename) is moved back if ``out`` is missing."""
+    removed = []
+    for kind in (TMP, OLD):
+        prefix = sibling_prefix(out, kind)
+        for entry in sorted(e for e in out.parent.iterdir() if e.name.startswith(prefix)):  # no glob: [ ] * ?
+            pid = _owner(entry, prefix)
+            if pid is None or pid == os.getpid() or _alive(pid) or not entry.is_dir():
+                continue
+            if kind == OLD and not os.path.lexists(out) and (entry / "x").is_dir():
+                os.replace(entry / "x", out)  # died between the two renames of a replacement
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _state(out: Path) -> tuple | None:
+    """What ``out`` is now (None: absent): identity, modification time and entries."""
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        return None
+    entries = tuple(sorted(os.listdir(out))) if os.path.isdir(out) and not os.path.islink(out) else None
+    return st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns, entries
+
+
+def check_output(out: Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
+    """Fail early (before any work) if ``out`` cannot be (re)placed by this run."""
+    out = Path(os.path.abspath(out))
+    here = Path.cwd().resolve()
+    resolved = out.resolve()
+    if resolved == here or resolved in here.parents:
+        raise CompressorError(f"--out {out} is the current directory or holds it; name a new directory instead")
+    for source in inputs:
+        source = Path(source).expanduser()
+        if not source.exists():
+            continue
+        source = source.resolve()
+        if source == resolved or resolved in source.parents:
+            raise CompressorError(f"--out {out} holds the input {source}, which the run reads; "
+                                  "write the output elsewhere")
+    if out.is_symlink() and not out.exists():
+        raise CompressorError(f"--out {out} is a broken symbolic link")
+    if out.exists() and not out.is_dir():
+        raise CompressorError(f"output path exists and is not a directory: {out}")
+    if out.is_dir():
+        if os.path.ismount(out):
+            raise CompressorError(f"--out {out} is a mount point, which cannot be replaced; "
+                                  "name a directory inside it")
+        try:
+            full = any(out.iterdir())
+        except OSError as exc:
+            raise CompressorError(f"cannot read --out {out}: {exc.strerror}") from None
+        if full and not overwrite:
+            raise CompressorError(f"output directory is not empty: {out} (use --overwrite to replace it)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CompressorError(f"cannot create {out}: {parent} is not a directory")
+            break
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM held back for the block (the final renames), delivered after it."""
+    if sys.platform == "win32" or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except (ValueError, OSError):  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def pause_for_tests(stage: str) -> None:
+    """The fault tests' hook, inert unless ``COMPRESSOR_TEST_PAUSE=stage``: then say so on stdout and wait
+    until the file ``$COMPRESSOR_TEST_RESUME`` exists (at most 120 s), so a test can send a signal or
+    change ``--out`` at a known point of the run ("walk": after the first layer; "save": files written)."""
+    if os.environ.get(PAUSE_ENV) != stage:
+        return
+    print(f"paused at {stage}", flush=True)
+    resume = os.environ.get(RESUME_ENV)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (resume and os.path.exists(resume)):
+        time.sleep(0.05)
+
+
+class OutputDirectory:
+    """``with OutputDirectory(out, overwrite, inputs) as output:`` write into ``output.tmp``; on a clean exit
+    it replaces ``out`` (``commit``), on an error or signal it is removed."""
+
+    def __init__(self, out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> None:
+        self.path = Path(os.path.abspath(Path(out).expanduser()))
+        self.overwrite = overwrite
+        self.inputs = list(inputs)
+        self.tmp: Path | None = None
+        self._created: list[Path] = []  # parent directories this run made (removed again on failure)
+        self._start: tuple | None = None
+
+    def __enter__(self) -> "OutputDirectory":
+        if self.path.parent.is_dir():  # first: a previous output moved back counts for the checks below
+            try:
+                remove_stale(self.path)
+            except OSError:
+                pass
+        check_output(self.path, self.overwrite, self.inputs)
+        try:
+            missing = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
+            for parent in reversed(missing):
+                parent.mkdir()
+                self._created.append(parent)
+            prefix = f"{sibling_prefix(self.path, TMP)}{os.getpid()}-"
+            self.tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.path.parent))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output is an ordinary directory
+        except OSError as exc:
+            self._discard()
+            reason = exc.strerror or str(exc)
+            raise CompressorError(f"cannot write the output beside --out {self.path}: {reason}") from None
+        self._start = _state(self.path)
+        return self
+
+    def commit(self) -> Path:
+        """Replace ``out`` by the temporary directory, unless ``out`` changed since the start."""
+        assert self.tmp is not None
+        with deferred_signals():
+            now = _state(self.path)
+            if now != self._start:
+                what = "appeared" if self._start is None else "changed"
+                raise CompressorError(f"--out {self.path} {what} during the run (another run or program wrote "
+                                      "there); it was left untouched and this run's result discarded")
+            if now is not None and now[-1]:  # a non-empty directory (--overwrite): moved aside first
+                old = Path(tempfile.mkdtemp(prefix=f"{sibling_prefix(self.path, OLD)}{os.getpid()}-",
+                                            dir=self.path.parent))
+                os.replace(self.path, old / "x")
+                os.replace(self.tmp, self.path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.tmp, self.path)  # onto an empty directory, or where nothing is
+            self.tmp = None
+        return self.path
+
+    def _discard(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+        for parent in reversed(self._created):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        self._created = []
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            self._discard()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self._discard()
+            raise
