@@ -382,9 +382,16 @@ class ShrunkAttention(nn.Module):
         if attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = attention_mask[:, :, :, : k.shape[-2]]
         causal = attention_mask is None and seq > 1
+        # PyTorch's fused CPU/GPU kernels need one head width for q, k and v: zero dims make them equal
+        # (a zero query/key dim adds nothing to a score; a zero value dim is sliced off the output)
+        width = max(self.qk_dim, self.v_dim)
+        if self.qk_dim < width:
+            q, k = F.pad(q, (0, width - self.qk_dim)), F.pad(k, (0, width - self.qk_dim))
+        elif self.v_dim < width:
+            v = F.pad(v, (0, width - self.v_dim))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal,
-                                             scale=self.scaling, enable_gqa=group > 1)  # (batch, heads, seq, v_dim)
-        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim)
+                                             scale=self.scaling, enable_gqa=group > 1)  # (batch, heads, seq, width)
+        out = out[..., : self.v_dim].transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim)
         return self.linear("o")(out), None
 
     def spec(self) -> dict[str, Any]:
