@@ -105,7 +105,24 @@ def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor | None, group_size: 
 # --- the modules -------------------------------------------------------------------------------------------
 
 
-class LowRankLinear(nn.Module):
+class RankedLinear(nn.Module):
+    """What the factorized kinds (low-rank, CUR) share: (in, out, rank, bias, dense class) as their spec, an
+    empty module of those shapes, and their repr."""
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "rank": self.rank, "bias": self.bias is not None, "dense_class": self.dense_class}
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, rank: int, bias: bool, dense_class: str = "Linear",
+              dtype: torch.dtype | None = None, device: Any = None, **_: Any) -> "RankedLinear":
+        return cls(in_features, out_features, rank, bias, dense_class, dtype=dtype, device=device)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class LowRankLinear(RankedLinear):
     """``y = (x downᵀ) upᵀ + b``: a rank-r factorization ``W ≈ up @ down`` of a linear.
 
     down: (r, in) ("A", lora_A), up: (out, r) ("B", lora_B). Stored as two ``nn.Linear`` so the
@@ -129,20 +146,9 @@ class LowRankLinear(nn.Module):
     def bias(self) -> Tensor | None:
         return self.up.bias
 
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
-                "rank": self.rank, "bias": self.up.bias is not None, "dense_class": self.dense_class}
-
-    @classmethod
-    def empty(cls, in_features: int, out_features: int, rank: int, bias: bool, dense_class: str = "Linear",
-              dtype: torch.dtype | None = None, device: Any = None, **_: Any) -> "LowRankLinear":
-        return cls(in_features, out_features, rank, bias, dense_class, dtype=dtype, device=device)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-class CURLinear(nn.Module):
+class CURLinear(RankedLinear):
     """``y = ((x Rᵀ) Uᵀ) Cᵀ + b``: a CUR decomposition ``W ≈ C @ U @ R`` of a linear (CURing).
 
     C: (out, r) actual columns ``W[:, col_indices]``, R: (r, in) actual rows ``W[row_indices, :]``,
@@ -170,17 +176,6 @@ class CURLinear(nn.Module):
         hidden = F.linear(hidden, self.U)  # (..., r)
         return F.linear(hidden, self.C, self.bias)  # (..., out)
 
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
-                "rank": self.rank, "bias": self.bias is not None, "dense_class": self.dense_class}
-
-    @classmethod
-    def empty(cls, in_features: int, out_features: int, rank: int, bias: bool, dense_class: str = "Linear",
-              dtype: torch.dtype | None = None, device: Any = None, **_: Any) -> "CURLinear":
-        return cls(in_features, out_features, rank, bias, dense_class, dtype=dtype, device=device)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
 class QuantizedLinear(nn.Module):
