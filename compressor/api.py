@@ -18,7 +18,9 @@ import torch
 from . import calibration as sources
 from . import io, summary
 from .errors import CompressorError
+from .io.shards import ShardWriter
 from .model import loading as models
+from .model import streaming
 from .model.architecture import decoder_layers
 from .plan import recipe as recipes
 from .plan.compile import Plan, compile_plan
@@ -69,7 +71,8 @@ def _layer_line(start: float, say: Callable[[str], None]) -> Callable[[int, int]
 
 
 def run_plan(model: torch.nn.Module, plan: Plan, batches: dict[str, list[torch.Tensor]], device: torch.device,
-             progress: bool = False, say: Callable[[str], None] | None = None) -> tuple[Report, dict[str, float]]:
+             progress: bool = False, say: Callable[[str], None] | None = None,
+             sink: Callable | None = None) -> tuple[Report, dict[str, float]]:
     """Decisions and the layer walk on ``model`` in place; (report, CPU seconds of all threads). ``progress``:
     a progress bar with an ETA (a terminal); else ``say`` gets one line per layer with an ETA."""
     cpu_start = time.process_time()
@@ -78,7 +81,7 @@ def run_plan(model: torch.nn.Module, plan: Plan, batches: dict[str, list[torch.T
         on_layer = (lambda i, n: bar.update(task, completed=i + 1, total=n)) if bar else None
         if on_layer is None and say is not None:
             on_layer = _layer_line(time.perf_counter(), say)
-        report = compress_model(model, plan, batches, device=device,
+        report = compress_model(model, plan, batches, device=device, sink=sink,
                                 on_layer=_pausing(on_layer or (lambda index, total: None)))
     # CPU seconds: unlike wall time, not inflated by a busy machine
     return report, {"compression": time.process_time() - cpu_start}
@@ -104,11 +107,14 @@ def manifest_of(model_spec: str, recipe_name: str, plan: Plan, dtype: str, befor
 def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: list[str] | None = None,
              device: str = "cpu", dtype: str = "float32", storage_dtype: str | None = None, overwrite: bool = False,
              merge: bool = False, progress: bool = True, trust_remote_code: bool = False,
-             say: Callable[[str], None] | None = None) -> dict[str, Any]:
+             say: Callable[[str], None] | None = None, stream: bool = False) -> dict[str, Any]:
     """Compress ``model`` with ``recipe`` and write the result to ``out``; returns a summary.
     ``dtype``: the model's dtype while compressing; ``storage_dtype``: of the floating tensors written
     (None: ``dtype``). ``trust_remote_code``: run code shipped in the model directory (off unless asked
-    for). ``say``: receives progress lines (what the calibration will process, each layer with an ETA)."""
+    for). ``say``: receives progress lines (what the calibration will process, each layer with an ETA).
+    ``stream``: weights stay on disk and are read one decoder layer at a time, and each finished layer is
+    written at once (``model.streaming``, ``io.shards``): peak memory of about one layer plus the calibration
+    activations. The summary's ``model`` is then the skeleton, without weights: load the output to use it."""
     recipe_name, recipe = ("<object>", recipe) if isinstance(recipe, Recipe) else (recipe, recipes.load(recipe, overrides))
     torch_dtype = models.parse_dtype(dtype, "--dtype")
     stored = models.parse_dtype(storage_dtype, "--storage-dtype") if storage_dtype is not None else None
@@ -130,19 +136,24 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
             say(calibration_summary(plan, plan_layers(skeleton)))
         seconds: dict[str, float] = {}
         start = time.perf_counter()
-        loaded, tokenizer = models.load(model, torch_dtype, "cpu", trust_remote_code=trust_remote_code)
+        if stream:
+            loaded, tokenizer, _ = streaming.open_streamed(model, torch_dtype, trust_remote_code)
+            shards = ShardWriter(output.tmp, plan_layers(loaded), stored, merge)
+        else:
+            loaded, tokenizer = models.load(model, torch_dtype, "cpu", trust_remote_code=trust_remote_code)
+            shards = None
         seconds["load"] = time.perf_counter() - start
         before = {"params": models.parameter_count(loaded), "bytes": tensor_bytes(loaded)}
         start = time.perf_counter()
         batches = calibration_batches(plan, tokenizer, found)
         seconds["calibration_data"] = time.perf_counter() - start
         start = time.perf_counter()
-        report, cpu_seconds = run_plan(loaded, plan, batches, compute, progress, say)
+        report, cpu_seconds = run_plan(loaded, plan, batches, compute, progress, say, sink=shards)
         seconds["compression"] = time.perf_counter() - start
         manifest = manifest_of(model, recipe_name, plan, dtype, before, loaded, report)
         start = time.perf_counter()
         io.save(loaded, tokenizer, output, manifest, report.log, merge=merge, reshaped=report.reshaped,
-                storage_dtype=stored)
+                storage_dtype=stored, shards=shards)
         seconds["save"] = time.perf_counter() - start
     return {"out": str(out), "params_before": before["params"], "params_after": manifest["params_after"],
             "seconds": seconds, "cpu_seconds": cpu_seconds, "walk_seconds": dict(report.seconds),

@@ -87,6 +87,9 @@ def compress(
     merge: Annotated[bool, typer.Option(help="write dense weights that plain from_pretrained loads")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or progress lines")] = False,
     trust_remote_code: Annotated[bool, TRUST] = False,
+    stream: Annotated[bool, typer.Option(help="keep the weights on disk: read one decoder layer at a time and "
+                                         "write each as it is done (peak memory about one layer; needs "
+                                         "safetensors)")] = False,
 ) -> None:
     """Compress MODEL with a recipe and write a loadable model to --out."""
     from .api import compress as run
@@ -98,7 +101,7 @@ def compress(
     bar = not quiet and sys.stderr.isatty()
     summary = run(model, recipe, out, overrides=overrides, device=device, dtype=dtype, storage_dtype=storage_dtype,
                   overwrite=overwrite, merge=merge, progress=bar, trust_remote_code=trust_remote_code,
-                  say=None if quiet else _say)
+                  say=None if quiet else _say, stream=stream)
     from . import summary as summaries
 
     console.print(f"wrote {summary['out']} in {sum(summary['seconds'].values()):.1f}s", highlight=False)

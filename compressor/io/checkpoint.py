@@ -97,14 +97,16 @@ def stored_as(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
 
 def save(model: nn.Module, tokenizer: Any, out: Path | OutputDirectory, manifest: dict[str, Any],
          log: list[dict[str, Any]], merge: bool = False, overwrite: bool = False,
-         reshaped: dict[str, nn.Module] | None = None, storage_dtype: torch.dtype | None = None) -> Path:
+         reshaped: dict[str, nn.Module] | None = None, storage_dtype: torch.dtype | None = None,
+         shards: Any = None) -> Path:
     """Write the model, tokenizer, manifest and log to ``out`` atomically. ``out``: a path, or an
     ``OutputDirectory`` the caller reserved at the start of its run (written into; it replaces ``--out``
     when the caller's block ends). ``reshaped``: plain modules of a new shape (a shrunk MLP's linears) that
     the manifest must describe for ``load``. ``storage_dtype``: the dtype of the floating tensors written
-    (None: as they are in memory)."""
+    (None: as they are in memory). ``shards``: the ``io.shards.ShardWriter`` of a streamed run, which has
+    written the decoder layers already (into ``out``'s temporary directory)."""
     if isinstance(out, OutputDirectory):
-        _write(model, tokenizer, out.tmp, out.path, manifest, log, merge, reshaped, storage_dtype)
+        _write(model, tokenizer, out.tmp, out.path, manifest, log, merge, reshaped, storage_dtype, shards)
         return out.path
     with OutputDirectory(out, overwrite) as output:
         _write(model, tokenizer, output.tmp, output.path, manifest, log, merge, reshaped, storage_dtype)
@@ -113,24 +115,30 @@ def save(model: nn.Module, tokenizer: Any, out: Path | OutputDirectory, manifest
 
 def _write(model: nn.Module, tokenizer: Any, tmp: Path, out: Path, manifest: dict[str, Any],
            log: list[dict[str, Any]], merge: bool, reshaped: dict[str, nn.Module] | None,
-           storage_dtype: torch.dtype | None) -> None:
+           storage_dtype: torch.dtype | None, shards: Any = None) -> None:
     """Everything ``save`` writes, into the directory ``tmp`` (which becomes ``out``)."""
     manifest = dict(manifest)
     manifest["format_version"] = FORMAT_VERSION
     manifest["package_version"] = __version__
     modules = compressed_modules(model)
-    manifest["modules"] = module_specs(model, reshaped)
+    manifest["modules"] = (shards.merged_specs if shards is not None and merge else module_specs(model, reshaped))
     manifest["merged"] = merge
     stored = str(storage_dtype).removeprefix("torch.") if storage_dtype is not None else None
     if stored is not None:
         manifest["storage_dtype"] = stored
-    if merge:
+    if merge and shards is not None:
+        shards.finish(model)  # the layers were merged as they were written
+    elif merge:
         merge_in_place(model)
         with stored_as(model, storage_dtype):
             model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
     else:  # quantized and compensated modules in the layout vLLM / transformers / peft read (export.py)
         with stored_as(model, storage_dtype), export.base_layout(model, modules) as loras:
-            model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+            if shards is not None:
+                shards.finish(model)
+                loras = shards.loras
+            else:
+                model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
             manifest["serving"] = export.write_serving(tmp, model, modules, loras, str(Path(out).resolve()))
         reason = export.not_stock_reason(manifest["modules"], manifest["serving"]["compressed_tensors"])
         export.write_remote_code(tmp, manifest["modules"], manifest["serving"]["adapter"], reason)

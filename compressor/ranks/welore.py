@@ -228,11 +228,18 @@ def weight_spectra(model: nn.Module, names: list[str], device: torch.device,
                    row_scales: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """name → singular values (min(m, n),) of each targeted linear's current weight (data-free), rows
     scaled by ``row_scales`` where given."""
-    spectra = {}
+    from ..model.targets import layer_index
+    from ..walk.layers import walk
+
+    by_layer: dict[int, list[str]] = {}
     for name in names:
-        weight = _weight(model.get_submodule(name)).to(device=device, dtype=dtype)  # (m, n)
-        spectra[name] = torch.linalg.svdvals(_rows_scaled(weight, row_scales, name)).cpu()
-    return spectra
+        by_layer.setdefault(layer_index(model, name), []).append(name)
+    spectra = {}
+    for visit in walk(model, None, device=device, last_layer=max(by_layer, default=-1)):  # data-free: no forward
+        for name in by_layer.get(visit.index, []):
+            weight = _weight(visit.module(name)).to(device=device, dtype=dtype)  # (m, n)
+            spectra[name] = torch.linalg.svdvals(_rows_scaled(weight, row_scales, name)).cpu()
+    return {name: spectra[name] for name in names}
 
 
 def whitened_spectra(view, kinds: frozenset[str], whitening: Callable,

@@ -360,6 +360,11 @@ def fisher_for(model: nn.Module, batches: list[Tensor] | None, target_names: lis
     """
     if batches is None:
         raise CompressorError("the Fisher pass needs calibration data (batches is None)")
+    from ..model.streaming import source_of
+
+    if source_of(model) is not None:
+        raise CompressorError("the Fisher pass back-propagates through the whole model at once, which a streamed "
+                              "run (--stream) does not hold; run this recipe without --stream")
     start = time.perf_counter()
     key = fingerprint(model, batches, target_names, reduce) if cache != "off" else None
     rejected = {}

@@ -16,6 +16,11 @@ Every pass uses it: the compression walk, statistics of the original model for m
 CURing's layer selection; a streaming loader or a distributed rank only changes where layers come from
 and where outputs go. Only the current decoder layer sits on the compute device; hidden states between
 layers are kept on ``offload`` (CPU by default).
+
+A streamed model (``model.streaming.source_of(model)``, weights left on disk) has each layer's tensors read
+when the walk reaches it and dropped when it leaves, and the modules outside the stack (embeddings) only
+while the inputs are captured; ``sink(index, prefix, layer)``, if given, sees each finished layer last
+(after the next layer's inputs are computed): where a streamed compression writes it out.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from ..model.streaming import source_of
 from ..model.targets import decoder_layers
 from ..stats.hooks import Collector
 
@@ -108,6 +114,9 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor
 
     handle = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
     moved = outside_layers(model, layers)
+    source = source_of(model)
+    if source is not None:
+        source.materialize(*moved)  # together: a tied head stays the embedding
     for module in moved:
         module.to(device)
     try:
@@ -120,6 +129,8 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor
         handle.remove()
         for module in moved:
             module.to(offload)
+        if source is not None:
+            source.release(*moved)
     return captured
 
 
@@ -191,7 +202,8 @@ class Visit:
 
 def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: torch.device,
          propagate: str = "compressed", offload: torch.device | None = None,
-         last_layer: int | None = None, seconds: dict[str, float] | None = None) -> Iterator[Visit]:
+         last_layer: int | None = None, seconds: dict[str, float] | None = None,
+         sink: Callable[[int, str, nn.Module], None] | None = None) -> Iterator[Visit]:
     """Visit decoder layers 0 … ``last_layer`` (default: all) in order, each on ``device`` in turn.
 
     ``streams``: stream name → token ids (batch, seq) of a calibration set; None or {} for a data-free
@@ -200,6 +212,7 @@ def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: t
     """
     offload = offload or torch.device("cpu")
     prefix, layers = decoder_layers(model)
+    source = source_of(model)
     last = len(layers) - 1 if last_layer is None else last_layer
     seconds = seconds if seconds is not None else {}
     with calibration_mode(model):
@@ -208,6 +221,8 @@ def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: t
                   for name, batches in sorted((streams or {}).items())}
         seconds["capture"] = seconds.get("capture", 0.0) + time.perf_counter() - start
         for index in range(last + 1):
+            if source is not None:
+                source.materialize(layers[index])
             layer = layers[index].to(device)
             visit = Visit(index, len(layers), f"{prefix}.{index}", layer,
                           {name: Stream(items) for name, items in inputs.items()}, device, offload, propagate)
@@ -215,4 +230,8 @@ def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: t
             start = time.perf_counter()
             inputs = visit.next_inputs() if index < last else {}  # the last visited layer's outputs go nowhere
             seconds["propagation"] = seconds.get("propagation", 0.0) + time.perf_counter() - start
+            if sink is not None:
+                sink(index, f"{prefix}.{index}", layers[index])
             layers[index].to(offload)
+            if source is not None:
+                source.release(layers[index])

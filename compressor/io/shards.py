@@ -1,0 +1,98 @@
+"""Incremental output of a streamed compression: each finished decoder layer goes to its own shard at once.
+
+``ShardWriter(folder, n_layers, ...)`` is the walk's ``sink``: when a layer is done (after the next layer's
+inputs are computed), its tensors are written, in the same layout ``io.save`` gives a model in memory
+(compensated modules as their base, ``--merge`` as dense weights, floating tensors in the storage dtype),
+to ``model-<i>-of-<n>.safetensors`` with ``n = layers + 1``; the low-rank paths of compensated modules are
+kept (copies, in the storage dtype) for the adapter. ``finish`` writes the last shard (the tensors outside the
+decoder stack, read from the checkpoint: embeddings, final norm, an untied head), the index and the config.
+The folder is the run's temporary output directory: nothing appears at ``--out`` before the whole output is.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..model.architecture import decoder_layers
+from ..model.streaming import source_of
+from ..model.weights import is_tied
+from . import serving as export
+from .checkpoint import compressed_modules, merge_in_place, stored_as
+
+INDEX = "model.safetensors.index.json"
+
+
+class ShardWriter:
+    def __init__(self, folder: Path, n_layers: int, storage_dtype: torch.dtype | None, merge: bool) -> None:
+        self.folder, self.n_shards = Path(folder), n_layers + 1
+        self.storage_dtype, self.merge = storage_dtype, merge
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self.loras: dict[str, nn.Module] = {}  # name → a copy of a compensated module's low-rank path
+        self.written: set[int] = set()
+        self.merged_specs: dict[str, dict[str, Any]] = {}  # --merge: what the layers held before merging
+
+    def shard(self, position: int) -> str:
+        return f"model-{position + 1:05d}-of-{self.n_shards:05d}.safetensors"
+
+    def _save(self, position: int, tensors: dict[str, torch.Tensor]) -> None:
+        name = self.shard(position)
+        tensors = {key: value.detach().contiguous() for key, value in tensors.items()}
+        save_file(tensors, str(self.folder / name), metadata={"format": "pt"})
+        for key, value in tensors.items():
+            self.weight_map[key] = name
+            self.total_size += value.numel() * value.element_size()
+
+    def __call__(self, index: int, prefix: str, layer: nn.Module) -> None:
+        """Write decoder layer ``index`` (the walk's ``sink``)."""
+        modules = compressed_modules(layer)
+        if self.merge:  # dense weights written; the layer keeps its compressed modules (the manifest counts them)
+            self.merged_specs.update({f"{prefix}.{name}": m.spec() for name, m in modules.items()})
+            merge_in_place(layer)
+            with stored_as(layer, self.storage_dtype):
+                self._save(index, {f"{prefix}.{key}": value for key, value in layer.state_dict().items()})
+            for name, module in modules.items():
+                layer.set_submodule(name, module)
+        else:
+            with stored_as(layer, self.storage_dtype), export.base_layout(layer, modules) as loras:
+                self.loras.update({f"{prefix}.{name}": copy.deepcopy(lora) for name, lora in loras.items()})
+                self._save(index, {f"{prefix}.{key}": value for key, value in layer.state_dict().items()})
+        self.written.add(index)
+
+    def finish(self, model: nn.Module) -> None:
+        """The tensors outside the decoder stack, the index and the config (after every layer)."""
+        prefix, layers = decoder_layers(model)
+        missing = sorted(set(range(len(layers))) - self.written)
+        if missing:
+            raise RuntimeError(f"streamed output: decoder layer {missing[0]} was never written")
+        source = source_of(model)
+        with source.held(_outside(model, layers)), stored_as(model, self.storage_dtype):
+            state = {key: value for key, value in model.state_dict().items()
+                     if not key.startswith(prefix + ".") and not is_tied(model, key)}
+            self._save(self.n_shards - 1, state)
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_config(model, self.folder, self.storage_dtype)
+
+
+def _outside(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
+    from ..walk.layers import outside_layers
+
+    return outside_layers(model, layers)
+
+
+def write_config(model: nn.Module, folder: Path, dtype: torch.dtype | None) -> None:
+    """config.json and generation_config.json as ``save_pretrained`` writes them."""
+    config: Any = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.dtype = dtype or next(model.parameters()).dtype
+    config.save_pretrained(folder)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)

@@ -1,0 +1,258 @@
+"""Streaming a checkpoint: a model whose weights stay on disk until the layer walk reaches them.
+
+``open_streamed(spec, dtype)`` builds the model from its config with every parameter on the meta device
+(buffers that the config computes, such as rotary frequencies, are real) and attaches a ``LayerSource``
+(``source_of(model)``): the walk asks it to ``materialize`` a module (its tensors read from the
+checkpoint's safetensors files, converted to the model's dtype, checked for shape and
+finiteness) before using it and to ``release`` it afterwards (its parameters back on meta). So the process
+holds one decoder layer's weights at a time, plus what the walk keeps (calibration activations), whatever
+the depth; the output is written as layers finish (``io.shards``).
+
+Sources: a local directory with ``*.safetensors`` (one file or shards with an index), a Hugging Face id
+(only the config, tokenizer and safetensors files are downloaded, through ``huggingface_hub``, then read
+from its cache), or a ``.gguf`` file (converted once into a cached safetensors directory, then streamed).
+A parameter whose name the checkpoint spells with or without the model's ``base_model_prefix`` (GPT-2's
+``h.0...`` for ``transformer.h.0...``) is found either way; a tied output head reads the input embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import CompressorError, one_line
+
+_SOURCES: "weakref.WeakKeyDictionary[nn.Module, LayerSource]" = weakref.WeakKeyDictionary()
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+
+
+def source_of(model: nn.Module) -> "LayerSource | None":
+    """The streaming source attached to ``model`` (None: an ordinary model in memory)."""
+    return _SOURCES.get(model)
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_header(path: Path) -> dict:
+    """A safetensors file's header: name → {dtype, shape, data_offsets} (offsets from the data start)."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 0 < size < 100_000_000:
+            raise ValueError("not a safetensors file (bad header size)")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return {name: dict(entry, start=8 + size) for name, entry in header.items()}
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint directory by name, each read on request with plain file reads
+    (not a memory map: mapped pages would stay in the process's resident set until the file is closed, so
+    a whole checkpoint read layer by layer would end up counted in it)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise CompressorError(f"{index}: not a safetensors index (no weight_map)") from None
+        else:
+            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if not files:
+            raise CompressorError(f"{self.folder}: --stream reads safetensors files, and this model directory "
+                                  "has none (convert it with save_pretrained, or run without --stream)")
+        self.entries: dict[str, tuple[Path, dict]] = {}  # tensor name → (file, header entry)
+        for name in files:
+            path = self.folder / name
+            if not path.is_file():
+                raise CompressorError(f"{self.folder}: weight file {name} is missing")
+            try:
+                header = read_header(path)
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                raise CompressorError(f"{path}: cannot read the weights ({one_line(exc)})") from None
+            self.entries.update({key: (path, entry) for key, entry in header.items()})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def read(self, name: str) -> torch.Tensor:
+        path, entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CompressorError(f"{path}: tensor {name} has dtype {entry['dtype']}, which --stream does not read")
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        with open(path, "rb") as handle:
+            handle.seek(entry["start"] + begin)
+            if handle.readinto(memoryview(raw.numpy())) != end - begin:
+                raise CompressorError(f"{path}: tensor {name} is cut short (the file is truncated)")
+        return raw.view(dtype).reshape(entry["shape"])
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built within the block get their parameters on the meta device (and no initialization);
+    buffers stay where their constructor made them (rotary frequencies are computed, not stored)."""
+    from transformers.initialization import no_init_weights
+
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        with no_init_weights():
+            yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _slots(module: nn.Module) -> list[tuple[str, nn.Module, str, bool]]:
+    """(qualified name, owner, attribute, is parameter) for every parameter and persistent buffer."""
+    slots = []
+    for owner_name, owner in module.named_modules(remove_duplicate=False):
+        for attr, value in owner._parameters.items():
+            if value is not None:
+                slots.append((f"{owner_name}.{attr}" if owner_name else attr, owner, attr, True))
+        for attr, value in owner._buffers.items():
+            if value is not None and attr not in owner._non_persistent_buffers_set:
+                slots.append((f"{owner_name}.{attr}" if owner_name else attr, owner, attr, False))
+    return slots
+
+
+class LayerSource:
+    """Where a streamed model's tensors come from: ``materialize`` before use, ``release`` after."""
+
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype, where: str) -> None:
+        self.model, self.checkpoint, self.dtype, self.where = model, checkpoint, dtype, where
+        self.names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+        sharing: dict[int, list[str]] = {}  # a parameter → every name it has (a tied head and embedding)
+        for name, param in model.named_parameters(remove_duplicate=False):
+            sharing.setdefault(id(param), []).append(name)
+        self.tied = {name: names for names in sharing.values() for name in names}  # name → all its names
+
+    def _key(self, names: list[str]) -> str:
+        """The checkpoint's name for a tensor the model calls ``names`` (several when tied)."""
+        for name in names:
+            candidates = [name]
+            if self.prefix and name.startswith(self.prefix + "."):
+                candidates.append(name[len(self.prefix) + 1:])
+            elif self.prefix:
+                candidates.append(f"{self.prefix}.{name}")
+            for key in candidates:
+                if key in self.checkpoint:
+                    return key
+        raise CompressorError(f"{self.where}: the checkpoint lacks tensor {names[0]}, which the model needs; it "
+                              "is incomplete, or its config.json describes more than its weights hold")
+
+    def _slots(self, modules: tuple[nn.Module, ...]) -> list[tuple[str, nn.Module, str, bool]]:
+        """``_slots`` of several modules with model-level names (a tensor two of them share stays shared)."""
+        found = []
+        for module in modules:
+            base = self.names[id(module)]
+            found += [(f"{base}.{relative}" if base else relative, owner, attr, is_param)
+                      for relative, owner, attr, is_param in _slots(module)]
+        return found
+
+    def materialize(self, *modules: nn.Module) -> None:
+        """Read the modules' parameters and persistent buffers from the checkpoint (those still on meta)."""
+        done: dict[int, torch.Tensor] = {}
+        for name, owner, attr, is_param in self._slots(modules):
+            value = getattr(owner, attr)
+            if value.device.type != "meta":
+                continue
+            if id(value) not in done:
+                key = self._key(self.tied.get(name, [name]) if is_param else [name])
+                tensor = self.checkpoint.read(key)
+                if tuple(tensor.shape) != tuple(value.shape):
+                    raise CompressorError(f"{self.where}: tensor {key} has shape {list(tensor.shape)} in the "
+                                          f"checkpoint but {list(value.shape)} in the model its config describes")
+                if tensor.is_floating_point():
+                    tensor = tensor.to(self.dtype)
+                    if not bool(torch.isfinite(tensor).all()):
+                        raise CompressorError(f"{self.where}: tensor {key} holds non-finite values (NaN or "
+                                              "infinity); refusing to use these weights")
+                done[id(value)] = nn.Parameter(tensor, requires_grad=False) if is_param else tensor
+            setattr(owner, attr, done[id(value)])
+
+    def release(self, *modules: nn.Module) -> None:
+        """Put the modules' parameters and buffers back on meta (shapes and dtypes kept, memory freed)."""
+        done: dict[int, torch.Tensor] = {}
+        for _, owner, attr, is_param in self._slots(modules):
+            value = getattr(owner, attr)
+            if value.device.type == "meta":
+                continue
+            if id(value) not in done:
+                empty = torch.empty_like(value, device="meta")
+                done[id(value)] = nn.Parameter(empty, requires_grad=False) if is_param else empty
+            setattr(owner, attr, done[id(value)])
+
+    @contextmanager
+    def held(self, modules: list[nn.Module]) -> Iterator[None]:
+        """``modules`` materialized within the block, released after."""
+        self.materialize(*modules)
+        try:
+            yield
+        finally:
+            self.release(*modules)
+
+
+def local_folder(spec: str) -> tuple[str, Path]:
+    """(source, a local safetensors directory) for MODEL: a directory as it is, a hub id downloaded (config,
+    tokenizer and safetensors only) into the hub's cache, a ``.gguf`` file converted once into our cache."""
+    from . import loading
+
+    source, gguf_file = loading.resolve(spec)
+    if gguf_file is not None:
+        gguf = Path(source) / gguf_file
+        stat = gguf.stat()
+        digest = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        target = loading.cache_dir() / "models" / f"{gguf.stem}-{digest}"
+        if not (target / "config.json").is_file():
+            loading.convert_gguf(gguf, target)
+        return str(target), target
+    if Path(source).is_dir():
+        return source, Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return source, Path(snapshot_download(source, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # offline without the files cached, unknown id, no access
+        raise CompressorError(f"cannot get model {spec!r} from the Hugging Face hub: {one_line(exc)}") from None
+
+
+def open_streamed(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(model with its weights left on disk, tokenizer, the local folder) for MODEL; ``source_of(model)``
+    reads them layer by layer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .loading import _load_error
+
+    _, folder = local_folder(spec)
+    checkpoint = Checkpoint(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        with parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model.tie_weights()  # tying by assignment happened before the parameters moved to meta
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise _load_error(spec, exc) from None
+    model.eval()
+    _SOURCES[model] = LayerSource(model, checkpoint, dtype, f"model {spec}")
+    return model, tokenizer, folder

@@ -1,0 +1,109 @@
+"""Streamed compression (weights read layer by layer from disk, output written as layers finish) gives the
+output of an in-memory run: the same tensors, manifest and logits, on every family and kind of step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import logits
+from safetensors.torch import load_file
+
+import compressor
+from compressor.api import compress
+from compressor.errors import CompressorError
+from compressor.model import streaming
+
+
+def tensors(out) -> dict[str, torch.Tensor]:
+    state = {}
+    for file in sorted(out.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state
+
+
+def both(model_dir, tmp_path, recipe, overrides, **options):
+    """(in-memory output, streamed output) of the same run."""
+    memory, streamed = tmp_path / "memory", tmp_path / "streamed"
+    compress(str(model_dir), recipe, memory, overrides=overrides, progress=False, **options)
+    summary = compress(str(model_dir), recipe, streamed, overrides=overrides, progress=False, stream=True,
+                       **options)
+    return memory, streamed, summary
+
+
+def assert_same_output(memory, streamed, ids):
+    expected, got = tensors(memory), tensors(streamed)
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    manifest = [json.loads((out / "compression.json").read_text()) for out in (memory, streamed)]
+    assert manifest[1] == manifest[0]
+    config = [json.loads((out / "config.json").read_text()) for out in (memory, streamed)]
+    assert config[1] == config[0]
+    assert (streamed / "model.safetensors.index.json").is_file()
+    assert torch.equal(logits(compressor.load(streamed), ids), logits(compressor.load(memory), ids))
+
+
+def test_streamed_lord_equals_in_memory(model_dir, arch, tmp_path, small, ids):
+    memory, streamed, summary = both(model_dir, tmp_path, "lord", small)
+    assert_same_output(memory, streamed, ids)
+    # the model the run worked on never held all its weights: they are still on disk
+    assert all(p.device.type == "meta" for p in summary["model"].parameters())
+
+
+@pytest.mark.parametrize("recipe,merge", [("rtn-w4-eora-r64", False), ("lord", True), ("modegpt-20", False)])
+def test_streamed_kinds_equal_in_memory(model_dirs, tmp_path, small, ids, recipe, merge):
+    overrides = list(small) + (["steps.0.config.group_size=32", "steps.1.config.rank=8"] if recipe.startswith("rtn") else [])
+    memory, streamed, _ = both(model_dirs["llama"], tmp_path, recipe, overrides, merge=merge)
+    assert_same_output(memory, streamed, ids)
+    if recipe.startswith("rtn"):
+        assert (streamed / "adapter" / "adapter_model.safetensors").is_file()
+        adapter = [load_file(str(out / "adapter" / "adapter_model.safetensors")) for out in (memory, streamed)]
+        assert sorted(adapter[1]) == sorted(adapter[0])
+        assert all(torch.equal(adapter[1][k], adapter[0][k]) for k in adapter[0])
+
+
+def test_streamed_storage_dtype(model_dirs, tmp_path, small, ids):
+    memory, streamed, _ = both(model_dirs["qwen2"], tmp_path, "lord", small, storage_dtype="bfloat16")
+    assert_same_output(memory, streamed, ids)
+    assert all(t.dtype == torch.bfloat16 for t in tensors(streamed).values() if t.is_floating_point())
+
+
+def test_source_reads_one_layer_at_a_time(model_dirs):
+    model, _, _ = streaming.open_streamed(str(model_dirs["llama"]))
+    source = streaming.source_of(model)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert model.model.rotary_emb.inv_freq.device.type == "cpu"  # computed from the config, not stored
+    layer = model.model.layers[1]
+    source.materialize(layer)
+    expected = load_file(str(model_dirs["llama"] / "model.safetensors"))
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(tensor, expected[f"model.layers.1.{name}"])
+    assert all(p.device.type == "meta" for p in model.model.layers[0].parameters())
+    source.release(layer)
+    assert all(p.device.type == "meta" for p in layer.parameters())
+
+
+def test_stream_refuses_a_directory_without_safetensors(model_dirs, tmp_path):
+    folder = tmp_path / "bin-only"
+    folder.mkdir()
+    (folder / "config.json").write_text((model_dirs["llama"] / "config.json").read_text())
+    with pytest.raises(CompressorError, match="safetensors"):
+        streaming.open_streamed(str(folder))
+
+
+def test_stream_refuses_a_damaged_tensor(model_dirs, tmp_path, small):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(model_dirs["llama"], folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(CompressorError, match="model.layers.1.mlp.up_proj.weight.*non-finite"):
+        compress(str(folder), "lord", out, overrides=small, progress=False, stream=True)
+    assert not out.exists()
