@@ -24,6 +24,7 @@ from .model import streaming
 from .model.architecture import decoder_layers
 from .plan import recipe as recipes
 from .plan.compile import Plan, compile_plan
+from .plan.preview import preview
 from .plan.recipe import Recipe
 from .ranks.uniform import reduction
 from .walk.compress import Report, compress_model
@@ -107,14 +108,17 @@ def manifest_of(model_spec: str, recipe_name: str, plan: Plan, dtype: str, befor
 def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: list[str] | None = None,
              device: str = "cpu", dtype: str = "float32", storage_dtype: str | None = None, overwrite: bool = False,
              merge: bool = False, progress: bool = True, trust_remote_code: bool = False,
-             say: Callable[[str], None] | None = None, stream: bool = False) -> dict[str, Any]:
+             say: Callable[[str], None] | None = None, stream: bool = False,
+             dry_run: bool = False) -> dict[str, Any]:
     """Compress ``model`` with ``recipe`` and write the result to ``out``; returns a summary.
     ``dtype``: the model's dtype while compressing; ``storage_dtype``: of the floating tensors written
     (None: ``dtype``). ``trust_remote_code``: run code shipped in the model directory (off unless asked
     for). ``say``: receives progress lines (what the calibration will process, each layer with an ETA).
     ``stream``: weights stay on disk and are read one decoder layer at a time, and each finished layer is
     written at once (``model.streaming``, ``io.shards``): peak memory of about one layer plus the calibration
-    activations. The summary's ``model`` is then the skeleton, without weights: load the output to use it."""
+    activations. The summary's ``model`` is then the skeleton, without weights: load the output to use it.
+    ``dry_run``: everything checked, then ``{"dry_run": plan.preview.preview(...)}`` returned; no weight or
+    calibration text is read and nothing is written."""
     recipe_name, recipe = ("<object>", recipe) if isinstance(recipe, Recipe) else (recipe, recipes.load(recipe, overrides))
     torch_dtype = models.parse_dtype(dtype, "--dtype")
     stored = models.parse_dtype(storage_dtype, "--storage-dtype") if storage_dtype is not None else None
@@ -131,6 +135,9 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     inputs = [models.resolve(model)[0], *(cal.dataset for cal in plan.data_streams().values())]
     if recipe_name != "<object>":
         inputs.append(recipe_name)
+    if dry_run:
+        io.check_output(Path(out), overwrite, inputs)
+        return {"dry_run": preview(plan, skeleton, torch_dtype, stored, stream), "plan": plan}
     with io.OutputDirectory(out, overwrite, inputs) as output:  # reserved now, replaced at the end
         if say is not None:
             say(calibration_summary(plan, plan_layers(skeleton)))

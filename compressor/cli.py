@@ -90,6 +90,9 @@ def compress(
     stream: Annotated[bool, typer.Option(help="keep the weights on disk: read one decoder layer at a time and "
                                          "write each as it is done (peak memory about one layer; needs "
                                          "safetensors)")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print the plan (targets, ranks, parameters and bytes, "
+                                          "calibration tokens, estimated peak memory) and stop; reads no "
+                                          "weights or data, writes nothing")] = False,
 ) -> None:
     """Compress MODEL with a recipe and write a loadable model to --out."""
     from .api import compress as run
@@ -101,7 +104,13 @@ def compress(
     bar = not quiet and sys.stderr.isatty()
     summary = run(model, recipe, out, overrides=overrides, device=device, dtype=dtype, storage_dtype=storage_dtype,
                   overwrite=overwrite, merge=merge, progress=bar, trust_remote_code=trust_remote_code,
-                  say=None if quiet else _say, stream=stream)
+                  say=None if quiet or dry_run else _say, stream=stream, dry_run=dry_run)
+    if dry_run:
+        from .plan.preview import lines
+
+        for line in lines(summary["dry_run"]):
+            console.print(line, highlight=False, markup=False)
+        return
     from . import summary as summaries
 
     console.print(f"wrote {summary['out']} in {sum(summary['seconds'].values()):.1f}s", highlight=False)

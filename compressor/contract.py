@@ -175,6 +175,17 @@ class Compressor:
     def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
         raise NotImplementedError
 
+    def preview(self, shapes: dict[str, tuple[int, int]], model_params: int) -> dict[str, dict] | None:
+        """``--dry-run``: name → {rank, params, bits} each target will have, where the config alone decides
+        it (no weights, no data); None where calibration data or the weights decide (a global rank rule,
+        a chosen layer subset). ``bits``: stored bits per original weight (quantized kinds). The default
+        answers for a uniform rank rule (``ranks.RankRule``); other kinds override it."""
+        from .ranks.uniform import RankRule, preview_ranks
+
+        if isinstance(self.config, RankRule):
+            return preview_ranks(self.config, shapes, model_params)
+        return None
+
 
 class LinearCompressor(Compressor):
     """A compressor of one linear at a time (``group: linear``): implement ``compress_linear``."""

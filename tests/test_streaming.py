@@ -107,3 +107,35 @@ def test_stream_refuses_a_damaged_tensor(model_dirs, tmp_path, small):
     with pytest.raises(CompressorError, match="model.layers.1.mlp.up_proj.weight.*non-finite"):
         compress(str(folder), "lord", out, overrides=small, progress=False, stream=True)
     assert not out.exists()
+
+
+def test_dry_run_reads_nothing_and_predicts_the_output(model_dirs, tmp_path, small):
+    from compressor.plan.preview import lines
+
+    folder = model_dirs["llama"]
+    out = tmp_path / "dry"
+    report = compress(str(folder), "lord", out, overrides=small, progress=False, dry_run=True)["dry_run"]
+    assert not out.exists()
+    step = report["steps"][0]
+    assert step["targets"] == 14 and step["layers"] == 2
+    real = compress(str(folder), "lord", tmp_path / "real", overrides=small, progress=False)
+    assert step["params_after"] == real["reduction"]["targeted_params_after"]
+    assert report["estimated_output_bytes"] == sum(f.stat().st_size for f in (tmp_path / "real").glob("*.safetensors")) \
+        - _headers(tmp_path / "real")
+    assert any("nothing was read" in line for line in lines(report))
+
+
+def test_dry_run_of_a_data_decided_rule_says_so(model_dirs, tmp_path, small):
+    report = compress(str(model_dirs["qwen2"]), "welore-50", tmp_path / "dry", overrides=small, progress=False,
+                      dry_run=True)["dry_run"]
+    assert report["estimated_output_bytes"] is None
+    assert "decided" in report["steps"][0]["after"]
+
+
+def _headers(out) -> int:
+    """Bytes of the safetensors headers (8-byte length + JSON) of an output's weight files."""
+    total = 0
+    for file in out.glob("*.safetensors"):
+        with open(file, "rb") as handle:
+            total += 8 + int.from_bytes(handle.read(8), "little")
+    return total

@@ -81,6 +81,11 @@ class EoRA(LinearCompressor):
     def requests(self) -> tuple[Request, ...]:
         return inputs("gram") if self.config.space == "eigen" else ()
 
+    def preview(self, shapes: dict[str, tuple[int, int]], model_params: int) -> dict[str, dict]:
+        """A compensation path of rank r beside what the earlier steps left ("added")."""
+        return {name: {"rank": self.config.rank, "added_params": self.config.rank * (m + n)}
+                for name, (m, n) in shapes.items()}
+
     def _whitening(self, target: Target) -> linalg.Whitening:
         if self.config.space == "weight":
             return linalg.identity()

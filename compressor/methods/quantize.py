@@ -119,6 +119,11 @@ class Quantize(LinearCompressor):
     def requests(self) -> tuple[Request, ...]:
         return inputs("gram") if self.config.algorithm == "gptq" else ()
 
+    def preview(self, shapes: dict[str, tuple[int, int]], model_params: int) -> dict[str, dict]:
+        cfg = self.config
+        return {name: {"rank": None, "params": m * n, "bits": cfg.bits, "group_size": cfg.group_size or n,
+                       "symmetric": cfg.symmetric} for name, (m, n) in shapes.items()}
+
     def _factor(self, target: Target) -> tuple[Tensor, Tensor, Tensor | None]:
         h = hessian(target.stats.gram, target.stats.n_tokens).to(target.weight.device)
         perm = None

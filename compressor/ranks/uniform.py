@@ -140,6 +140,21 @@ def uniform_ranks(rule: RankRule, shapes: dict[str, tuple[int, int]],
     return chosen, record
 
 
+def preview_ranks(rule: RankRule, shapes: dict[str, tuple[int, int]],
+                  model_params: int) -> dict[str, dict] | None:
+    """name → {rank, params} a uniform rule gives (a matrix that would not save parameters stays dense:
+    rank None); None for a global rule (its ranks come from the weights or data)."""
+    if getattr(rule, "rank_rule", "uniform") != "uniform":
+        return None
+    chosen, _ = uniform_ranks(rule, shapes, model_params)
+    found = {}
+    for name, rank in chosen.items():
+        m, n = shapes[name]
+        saves = saves_parameters(rank, m, n)
+        found[name] = {"rank": rank if saves else None, "params": rank * (m + n) if saves else m * n}
+    return found
+
+
 def reduction(log: list[dict]) -> dict:
     """Rank and parameter reduction of the targeted linears, from the walk's log entries, side by side.
 

@@ -1,0 +1,141 @@
+"""``--dry-run``: what a compiled plan will do, from the model's config alone (no weights, no data read).
+
+``preview(plan, skeleton, ...)`` gives, per step, the targets and groups, the layers touched, the ranks and
+the parameters and bytes after (``Compressor.preview``; "decided on data" where a global rank rule or a
+layer choice decides), the calibration tokens, and estimates of the peak memory and of the output's size:
+
+- peak memory ≈ runtime (torch + transformers, ~0.5 GiB) + weights held (in memory: the whole model; with
+  ``--stream``: the largest decoder layer twice, original and replacement, or the modules outside the stack
+  while the inputs are captured) + calibration activations (each stream's windows × hidden size, three
+  copies: a layer's inputs, outputs and original outputs) + the largest fp64 statistic (a Gram of the
+  widest targeted input, with its factor);
+- output bytes: every tensor in the storage dtype, targets as their steps leave them (quantized weights
+  at their bits, with one scale per group and a zero point when asymmetric).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..model.architecture import decoder_layers
+from ..walk.layers import outside_layers
+from .compile import Plan
+
+RUNTIME_BYTES = 512 * 2**20
+
+
+def _bytes_of(module: nn.Module) -> int:
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _target_bytes(state: dict[str, Any], element: int) -> int:
+    """Stored bytes of one target after the steps (its own tensors, plus a compensation path)."""
+    m, n = state["shape"]
+    if state.get("bits"):
+        groups = -(-n // state["group_size"])
+        stored = m * n * state["bits"] // 8 + m * groups * element  # packed weights + scales
+        if not state["symmetric"]:
+            stored += m * groups * state["bits"] // 8  # packed zero points
+    else:
+        stored = state["params"] * element
+    return stored + state.get("added", 0) * element
+
+
+def preview(plan: Plan, model: nn.Module, dtype: torch.dtype, storage_dtype: torch.dtype | None,
+            stream: bool) -> dict[str, Any]:
+    """The dry run's report (``lines`` prints it)."""
+    element = torch.tensor([], dtype=storage_dtype or dtype).element_size()
+    compute = torch.tensor([], dtype=dtype).element_size()
+    targets: dict[str, dict[str, Any]] = {}
+    steps = []
+    for step in plan.steps:
+        found = step.compressor.preview(step.shapes, plan.model_params)
+        layers = sorted({group.layer for group in step.groups})
+        before = sum(m * n for m, n in step.shapes.values())
+        entry: dict[str, Any] = {"method": step.method, "targets": len(step.shapes), "groups": len(step.groups),
+                                 "layers": len(layers), "params_before": before}
+        for name, shape in step.shapes.items():
+            state = targets.setdefault(name, {"shape": shape, "params": shape[0] * shape[1]})
+            if found is None:
+                state["unknown"] = True
+                continue
+            change = found[name]
+            if "added_params" in change:
+                state["added"] = state.get("added", 0) + change["added_params"]
+            else:
+                state.update({k: v for k, v in change.items() if k in ("params", "bits", "group_size", "symmetric")})
+                state["rank"] = change.get("rank")
+        if found is None:
+            entry["after"] = "decided on calibration data or the weights"
+        else:
+            ranks = sorted({c.get("rank") for c in found.values() if c.get("rank") is not None})
+            entry["ranks"] = ranks if len(ranks) <= 6 else [ranks[0], "…", ranks[-1]]
+            entry["params_after"] = sum(c.get("params", 0) + c.get("added_params", 0) for c in found.values()
+                                        if c.get("params") is not None or "added_params" in c)
+            if "added_params" in next(iter(found.values()), {}):
+                entry["params_after"] += before  # a compensation path beside the (earlier) weights
+            bits = {c["bits"] for c in found.values() if c.get("bits")}
+            if bits:
+                entry["bits"] = sorted(bits)
+        steps.append(entry)
+    known = not any(state.get("unknown") for state in targets.values())
+    model_bytes = _bytes_of(model)
+    targeted_before = sum(state["shape"][0] * state["shape"][1] for state in targets.values())
+    prefix, layers = decoder_layers(model)
+    layer_bytes = max((_bytes_of(layer) for layer in layers), default=0)
+    outside_bytes = sum(_bytes_of(m) for m in outside_layers(model, layers))
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None) or getattr(model.config, "n_embd", 0)
+    streams = plan.data_streams()
+    tokens = {name: cal.n_samples * cal.seq_len for name, cal in streams.items()}
+    activations = sum(count * hidden * compute * 3 for name, count in tokens.items() if name in plan.walk_streams())
+    widest = max((n for state in targets.values() for n in [state["shape"][1]]), default=0)
+    statistics = 2 * widest * widest * 8 if plan.walk_streams() else 0
+    weights_held = max(2 * layer_bytes, outside_bytes) if stream else model_bytes + layer_bytes
+    peak = RUNTIME_BYTES + weights_held + activations + statistics
+    out_bytes = None
+    if known:
+        dense_elements = plan.model_params - targeted_before  # parameters (not computed buffers) are stored
+        out_bytes = dense_elements * element + sum(_target_bytes(s, element) for s in targets.values())
+    return {"steps": steps, "calibration_tokens": tokens, "model_bytes": model_bytes,
+            "params_before": plan.model_params, "largest_layer_bytes": layer_bytes, "stream": stream,
+            "estimated_peak_memory_bytes": peak, "estimated_output_bytes": out_bytes,
+            "layers": len(layers), "layers_path": prefix}
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "decided on data"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def lines(report: dict[str, Any]) -> list[str]:
+    """The dry run as lines for the terminal."""
+    out = [f"dry run: {report['layers']} decoder layers ({report['layers_path']}), "
+           f"{report['params_before']:,} parameters, {_size(report['model_bytes'])} in memory"]
+    for index, step in enumerate(report["steps"]):
+        line = (f"step {index} {step['method']}: {step['targets']} linears in {step['groups']} groups over "
+                f"{step['layers']} layers, {step['params_before']:,} parameters")
+        if "params_after" in step:
+            line += f" → {step['params_after']:,}"
+            if step.get("ranks"):
+                line += f", ranks {', '.join(map(str, step['ranks']))}"
+            if step.get("bits"):
+                line += f", {'/'.join(map(str, step['bits']))} bits"
+        else:
+            line += f" → {step['after']}"
+        out.append(line)
+    tokens = report["calibration_tokens"]
+    out.append("calibration: " + (", ".join(f"{count:,} tokens ({name})" for name, count in tokens.items())
+                                  if tokens else "none (data-free)"))
+    out.append(f"estimated peak memory {_size(report['estimated_peak_memory_bytes'])} "
+               f"({'streamed: about one layer' if report['stream'] else 'the whole model in memory'}); "
+               f"output on disk {_size(report['estimated_output_bytes'])}")
+    out.append("nothing was read or written (--dry-run)")
+    return out

@@ -1,0 +1,177 @@
+"""Peak memory of a streamed compression against depth: does it stay about one decoder layer?
+
+    python scripts/bench_memory.py [--layers 8 32] [--recipes lord gptq] [--out results/bench-memory.json]
+
+Random Llama checkpoints of Llama-3.2-1B's width (hidden 2048, intermediate 8192, 32 query / 8 KV heads,
+SmolLM2's tokenizer and vocabulary of 49,152 so that real calibration text applies) are written to the
+cache directory in bf16, shard by shard (the writer never holds more than one layer either), with 8 and 32
+layers. Each is compressed with ``compressor compress --stream --dtype bfloat16`` in a subprocess, with
+LoRD-gram at ratio 0.2 and with GPTQ 4-bit (group 128); the subprocess's peak RSS (``ru_maxrss`` of the
+child), its wall time per decoder layer and the checkpoint's bytes on disk are recorded. The calibration is
+small (16 windows of 256 tokens): the benchmark is about the weights, which grow with depth.
+
+The Done-when of the streaming issue: for each recipe, peak RSS at 32 layers within 15% of that at 8, and
+below 30% of the 32-layer checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+WIDTH = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+             max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True)
+RECIPES = {
+    "lord": {"calibration": {"dataset": "sotu", "n_samples": 16, "seq_len": 256, "seed": 0, "batch_size": 4},
+             "propagate": "compressed",
+             "steps": [{"method": "lord", "config": {"ratio": 0.2, "whiten": "gram"}}]},
+    "gptq": {"calibration": {"dataset": "sotu", "n_samples": 16, "seq_len": 256, "seed": 0, "batch_size": 4},
+             "propagate": "compressed",
+             "steps": [{"method": "quantize", "config": {"algorithm": "gptq", "bits": 4, "group_size": 128,
+                                                         "symmetric": False, "damp": 0.01}}]},
+}
+
+
+def write_checkpoint(folder: Path, n_layers: int) -> Path:
+    """A random bf16 Llama of 1B width with ``n_layers`` layers, one safetensors shard per layer."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from compressor.model import loading
+    from compressor.model.streaming import parameters_on_meta
+
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(loading.resolve(loading.DEFAULT_MODEL)[0])
+    config = LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=n_layers, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **WIDTH)
+    with parameters_on_meta():
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    names = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}  # tied head listed once
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    generator = torch.Generator().manual_seed(0)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        key = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else "outside"
+        groups.setdefault(key, []).append(name)
+    weight_map, total = {}, 0
+    for position, (key, members) in enumerate(groups.items()):
+        shard = f"model-{position + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name in members:
+            shape = names[name]
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+            weight_map[name] = shard
+            total += tensors[name].numel() * 2
+        save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+        del tensors
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}, indent=2))
+    config.dtype = torch.bfloat16
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
+def disk_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def run(checkpoint: Path, recipe: str, n_layers: int, stream: bool = True) -> dict:
+    """One compression in a subprocess: its peak RSS, wall time, time per layer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe_file = Path(tmp) / f"{recipe}.yaml"
+        recipe_file.write_text(json.dumps(RECIPES[recipe]))  # JSON is YAML
+        out = Path(tmp) / "out"
+        command = [sys.executable, "-m", "compressor.cli", "compress", str(checkpoint), "--recipe",
+                   str(recipe_file), "--out", str(out), "--dtype", "bfloat16", "--quiet"]
+        if stream:
+            command.append("--stream")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT)))
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if done.returncode:
+            return {"recipe": recipe, "layers": n_layers, "stream": stream,
+                    "error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
+        manifest = json.loads((out / "compression.json").read_text())
+        output_bytes = disk_bytes(out)
+    if peak <= before:
+        peak_mib = None  # an earlier child peaked higher; ru_maxrss of children is a maximum over all of them
+    else:
+        peak_mib = peak / 1024
+    return {"recipe": recipe, "layers": n_layers, "stream": stream, "peak_rss_mib": peak_mib,
+            "seconds": seconds, "seconds_per_layer": seconds / n_layers, "output_bytes": output_bytes,
+            "params_before": manifest["params_before"], "params_after": manifest["params_after"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench-memory.json")
+    args = parser.parse_args()
+    from compressor.model import loading
+
+    checkpoints = {}
+    for n in args.layers:
+        folder = loading.cache_dir() / "bench-memory" / f"llama-1b-width-{n}-layers-bf16"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        checkpoints[n] = write_checkpoint(folder, n)
+    rows = []
+    # the largest run first: ru_maxrss of children only grows, so each later (smaller) run is its own child
+    for recipe in args.recipes:
+        for n in sorted(args.layers):
+            row = run_isolated(checkpoints[n], recipe, n)
+            row["checkpoint_bytes"] = disk_bytes(checkpoints[n])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    verdicts = {}
+    for recipe in args.recipes:
+        by = {r["layers"]: r for r in rows if r["recipe"] == recipe and r.get("peak_rss_mib")}
+        if 8 in by and 32 in by:
+            deep, shallow = by[32], by[8]
+            verdicts[recipe] = {
+                "rss_32_over_8": deep["peak_rss_mib"] / shallow["peak_rss_mib"],
+                "rss_32_over_checkpoint": deep["peak_rss_mib"] * 2**20 / deep["checkpoint_bytes"],
+                "within_15_percent": deep["peak_rss_mib"] <= 1.15 * shallow["peak_rss_mib"],
+                "below_30_percent_of_checkpoint": deep["peak_rss_mib"] * 2**20 < 0.3 * deep["checkpoint_bytes"]}
+    result = {"what": "peak RSS of compressor compress --stream against depth (random Llama, 1B width, bf16)",
+              "width": WIDTH, "recipes": RECIPES, "runs": rows, "verdicts": verdicts,
+              "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                              "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count()}}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(verdicts, indent=2))
+
+
+def run_isolated(checkpoint: Path, recipe: str, n_layers: int) -> dict:
+    """``run`` in a fresh Python process of its own, so ``RUSAGE_CHILDREN`` sees only that compression."""
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import bench_memory as b; "
+            f"from pathlib import Path; print(json.dumps(b.run(Path({str(checkpoint)!r}), {recipe!r}, {n_layers})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if done.returncode:
+        return {"recipe": recipe, "layers": n_layers, "error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()
