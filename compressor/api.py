@@ -9,6 +9,7 @@ temporary sibling is reserved then and held for the whole run (``io.OutputDirect
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +18,7 @@ import torch
 
 from . import calibration as sources
 from . import io, summary
-from .errors import CompressorError
+from .errors import CompressorError, CompressorWarning
 from .model import loading as models
 from .model.architecture import decoder_layers
 from .plan import recipe as recipes
@@ -104,11 +105,15 @@ def manifest_of(model_spec: str, recipe_name: str, plan: Plan, dtype: str, befor
 def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: list[str] | None = None,
              device: str = "cpu", dtype: str = "float32", storage_dtype: str | None = None, overwrite: bool = False,
              merge: bool = False, progress: bool = True, trust_remote_code: bool = False,
-             say: Callable[[str], None] | None = None) -> dict[str, Any]:
+             say: Callable[[str], None] | None = None,
+             warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compress ``model`` with ``recipe`` and write the result to ``out``; returns a summary.
     ``dtype``: the model's dtype while compressing; ``storage_dtype``: of the floating tensors written
     (None: ``dtype``). ``trust_remote_code``: run code shipped in the model directory (off unless asked
-    for). ``say``: receives progress lines (what the calibration will process, each layer with an ETA)."""
+    for). ``say``: receives progress lines (what the calibration will process, each layer with an ETA).
+    ``warn``: receives the plan's warnings (``Plan.warnings``: e.g. a group size no serving stack can
+    describe) once every check has passed, before any weight is read; default ``warnings.warn``
+    (``CompressorWarning``)."""
     recipe_name, recipe = ("<object>", recipe) if isinstance(recipe, Recipe) else (recipe, recipes.load(recipe, overrides))
     torch_dtype = models.parse_dtype(dtype, "--dtype")
     stored = models.parse_dtype(storage_dtype, "--storage-dtype") if storage_dtype is not None else None
@@ -126,6 +131,11 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     if recipe_name != "<object>":
         inputs.append(recipe_name)
     with io.OutputDirectory(out, overwrite, inputs) as output:  # reserved now, replaced at the end
+        for line in plan.warnings():
+            if warn is None:
+                warnings.warn(line, CompressorWarning, stacklevel=2)
+            else:
+                warn(line)
         if say is not None:
             say(calibration_summary(plan, plan_layers(skeleton)))
         seconds: dict[str, float] = {}
@@ -149,7 +159,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
             "modules": len(report.log), "compressed": sum(1 for e in report.log if e["kind"] != "dense"),
             "reduction": manifest["reduction"], "bytes_before": manifest["bytes_before"],
             "bytes_after": manifest["bytes_after"], "steps": manifest["steps"], "log": report.log, "model": loaded,
-            "plan": plan}
+            "plan": plan, "warnings": plan.warnings()}
 
 
 def plan_layers(model: torch.nn.Module) -> int:

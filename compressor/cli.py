@@ -98,7 +98,7 @@ def compress(
     bar = not quiet and sys.stderr.isatty()
     summary = run(model, recipe, out, overrides=overrides, device=device, dtype=dtype, storage_dtype=storage_dtype,
                   overwrite=overwrite, merge=merge, progress=bar, trust_remote_code=trust_remote_code,
-                  say=None if quiet else _say)
+                  say=None if quiet else _say, warn=lambda line: _error(f"warning: {line}"))
     from . import summary as summaries
 
     console.print(f"wrote {summary['out']} in {sum(summary['seconds'].values()):.1f}s", highlight=False)
