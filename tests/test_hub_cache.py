@@ -75,5 +75,8 @@ def test_a_hub_id_missing_from_the_offline_cache_is_one_line(tmp_path):
                          timeout=600)
     assert run.returncode == 1
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "nobody/absent" in lines[0], run.stderr
+    assert len(lines) == 1, run.stderr
+    assert lines[0] == (f"error: model 'nobody/absent' is not in the Hugging Face cache ({tmp_path / 'hub'}) and "
+                        "HF_HUB_OFFLINE=1 forbids downloading it; download it once online, or set HF_HOME / "
+                        "HF_HUB_CACHE to the cache that holds it")
     assert not (tmp_path / "out").exists()
