@@ -95,7 +95,10 @@ def _pausing(on_layer: Callable[[int, int], None]) -> Callable[[int, int], None]
 
 def manifest_of(model_spec: str, recipe_name: str, plan: Plan, dtype: str, before: dict[str, int],
                 model: torch.nn.Module, report: Report) -> dict[str, Any]:
-    return {"base_model": model_spec, "recipe_source": recipe_name, "recipe": plan.applied_recipe(),
+    source, gguf_file = models.resolve(model_spec)
+    local = Path(source) / gguf_file if gguf_file else Path(source)
+    return {"base_model": model_spec, "base_model_path": str(local.resolve()) if local.exists() else None,
+            "recipe_source": recipe_name, "recipe": plan.applied_recipe(),
             "plan": plan.decisions(), "dtype": dtype,
             "params_before": before["params"], "params_after": models.parameter_count(model),
             "bytes_before": before["bytes"], "reduction": reduction(report.log), "bytes_after": tensor_bytes(model),
