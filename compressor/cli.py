@@ -198,14 +198,17 @@ def _print_evaluation(model: str, result: dict) -> None:
             speed_table.add_column(column, justify="left" if column == "model" else "right")
         for key in ("compressed", "base"):
             row = run[key]
+            peak = _size(row["peak_memory_bytes"])
+            if row.get("rss_before_load_bytes"):  # CPU: what loading and running the model added
+                peak += f" (+{_size(row['peak_memory_bytes'] - row['rss_before_load_bytes'])})"
             speed_table.add_row(escape(f"{key}: {row['model']}"), f"{row['prefill_tokens_per_s']:,.1f}",
-                                f"{row['decode_tokens_per_s']:,.1f}", _size(row["peak_memory_bytes"]),
-                                _size(row["weights_bytes"]))
+                                f"{row['decode_tokens_per_s']:,.1f}", peak, _size(row["weights_bytes"]))
         ratios = [run.get(f"{k}_ratio") for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_bytes")]
         speed_table.add_row("compressed ÷ base", *[f"{r:.2f}×" if r is not None else "" for r in ratios], "")
         console.print(speed_table)
         same = run.get("same_greedy_tokens")
-        console.print(f"peak memory: {run['compressed']['memory']}; greedy tokens equal to the base's: "
+        console.print(f"peak memory: {run['compressed']['memory']} (+ over the process before loading the model); "
+                      "greedy tokens equal to the base's: "
                       + (f"{same:.1%}" if same is not None else "–"), highlight=False)
 
 

@@ -78,18 +78,25 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], manager, batch
                    num_fewshot: int | None = None, limit: int | None = None) -> dict[str, Any]:
     """lm-eval's ``simple_evaluate`` of ``model`` (an ``HFLM`` around the object itself) on ``tasks``:
     {"tasks": {task: {metric: value}}, "samples": {task: documents scored}, "num_fewshot", "limit"}."""
-    from lm_eval import simple_evaluate
+    from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
 
     model.eval()
+    git_hash = evaluator.get_git_commit_hash
+    # lm-eval records the git commit of the working directory, and git prints "fatal: not a git repository"
+    # outside one; that commit says nothing about the model evaluated here
+    evaluator.get_git_commit_hash = lambda: None
     try:
         with _quiet(), dequantized(model):
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            output = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                     task_manager=manager, log_samples=False)
-    except (ValueError, KeyError, OSError, FileNotFoundError, RuntimeError) as exc:
+            output = evaluator.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                               task_manager=manager, log_samples=False)
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise CompressorError(f"lm-eval: {one_line(exc)}") from None
-    results = {task: {k: v for k, v in metrics.items() if k != "alias" and isinstance(v, (int, float))}
+    finally:
+        evaluator.get_git_commit_hash = git_hash
+    results = {task: {k: v for k, v in metrics.items() if k not in ("alias", "sample_len")
+                      and isinstance(v, (int, float))}
                for task, metrics in output["results"].items()}
     samples = {task: counts.get("effective") for task, counts in (output.get("n-samples") or {}).items()}
     return {"harness": "lm-eval", "version": _version(), "tasks": results, "samples": samples,
