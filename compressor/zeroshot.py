@@ -82,10 +82,11 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], manager, batch
     from lm_eval.models.huggingface import HFLM
 
     model.eval()
-    git_hash = evaluator.get_git_commit_hash
+    git_hash = getattr(evaluator, "get_git_commit_hash", None)
     # lm-eval records the git commit of the working directory, and git prints "fatal: not a git repository"
     # outside one; that commit says nothing about the model evaluated here
-    evaluator.get_git_commit_hash = lambda: None
+    if git_hash is not None:
+        evaluator.get_git_commit_hash = lambda: None
     try:
         with _quiet(), dequantized(model):
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
@@ -94,7 +95,8 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], manager, batch
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise CompressorError(f"lm-eval: {one_line(exc)}") from None
     finally:
-        evaluator.get_git_commit_hash = git_hash
+        if git_hash is not None:
+            evaluator.get_git_commit_hash = git_hash
     results = {task: {k: v for k, v in metrics.items() if k not in ("alias", "sample_len")
                       and isinstance(v, (int, float))}
                for task, metrics in output["results"].items()}

@@ -46,7 +46,6 @@ def test_compress_a_hub_id_from_the_cache_offline(tmp_path, model_dirs, calib_fi
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "COMPRESSOR_CACHE": str(tmp_path / "compressor-cache")}
-    env.pop("HF_DATASETS_CACHE", None)
     out = tmp_path / "out"
     overrides = [item for o in SMALL_CALIBRATION for item in ("--set", o)]
     run = subprocess.run([sys.executable, "-m", "compressor.cli", "compress", REPO, "--recipe", "lord",
