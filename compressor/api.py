@@ -9,6 +9,7 @@ temporary sibling is reserved then and held for the whole run (``io.OutputDirect
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +18,7 @@ import torch
 
 from . import calibration as sources
 from . import io, summary
-from .errors import CompressorError
+from .errors import CompressorError, CompressorWarning
 from .io.shards import ShardWriter
 from .model import loading as models
 from .model import streaming
@@ -98,7 +99,10 @@ def _pausing(on_layer: Callable[[int, int], None]) -> Callable[[int, int], None]
 
 def manifest_of(model_spec: str, recipe_name: str, plan: Plan, dtype: str, before: dict[str, int],
                 model: torch.nn.Module, report: Report) -> dict[str, Any]:
-    return {"base_model": model_spec, "recipe_source": recipe_name, "recipe": plan.applied_recipe(),
+    source, gguf_file = models.resolve(model_spec)
+    local = Path(source) / gguf_file if gguf_file else Path(source)
+    return {"base_model": model_spec, "base_model_path": str(local.resolve()) if local.exists() else None,
+            "recipe_source": recipe_name, "recipe": plan.applied_recipe(),
             "plan": plan.decisions(), "dtype": dtype,
             "params_before": before["params"], "params_after": models.parameter_count(model),
             "bytes_before": before["bytes"], "reduction": reduction(report.log), "bytes_after": tensor_bytes(model),
@@ -108,8 +112,8 @@ def manifest_of(model_spec: str, recipe_name: str, plan: Plan, dtype: str, befor
 def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: list[str] | None = None,
              device: str = "cpu", dtype: str = "float32", storage_dtype: str | None = None, overwrite: bool = False,
              merge: bool = False, progress: bool = True, trust_remote_code: bool = False,
-             say: Callable[[str], None] | None = None, stream: bool = False,
-             dry_run: bool = False) -> dict[str, Any]:
+             say: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None,
+             stream: bool = False, dry_run: bool = False) -> dict[str, Any]:
     """Compress ``model`` with ``recipe`` and write the result to ``out``; returns a summary.
     ``dtype``: the model's dtype while compressing; ``storage_dtype``: of the floating tensors written
     (None: ``dtype``). ``trust_remote_code``: run code shipped in the model directory (off unless asked
@@ -118,7 +122,10 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     written at once (``model.streaming``, ``io.shards``): peak memory of about one layer plus the calibration
     activations. The summary's ``model`` is then the skeleton, without weights: load the output to use it.
     ``dry_run``: everything checked, then ``{"dry_run": plan.preview.preview(...)}`` returned; no weight or
-    calibration text is read and nothing is written."""
+    calibration text is read and nothing is written (the plan's warnings are in its ``warnings``).
+    ``warn``: receives the plan's warnings (``Plan.warnings``: e.g. a group size no serving stack can
+    describe) once every check has passed, before any weight is read; default ``warnings.warn``
+    (``CompressorWarning``)."""
     recipe_name, recipe = ("<object>", recipe) if isinstance(recipe, Recipe) else (recipe, recipes.load(recipe, overrides))
     torch_dtype = models.parse_dtype(dtype, "--dtype")
     stored = models.parse_dtype(storage_dtype, "--storage-dtype") if storage_dtype is not None else None
@@ -137,8 +144,15 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
         inputs.append(recipe_name)
     if dry_run:
         io.check_output(Path(out), overwrite, inputs)
-        return {"dry_run": preview(plan, skeleton, torch_dtype, stored, stream), "plan": plan}
+        report = preview(plan, skeleton, torch_dtype, stored, stream)
+        report["warnings"] = list(plan.warnings())
+        return {"dry_run": report, "plan": plan}
     with io.OutputDirectory(out, overwrite, inputs) as output:  # reserved now, replaced at the end
+        for line in plan.warnings():
+            if warn is None:
+                warnings.warn(line, CompressorWarning, stacklevel=2)
+            else:
+                warn(line)
         if say is not None:
             say(calibration_summary(plan, plan_layers(skeleton)))
         seconds: dict[str, float] = {}
@@ -167,7 +181,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
             "modules": len(report.log), "compressed": sum(1 for e in report.log if e["kind"] != "dense"),
             "reduction": manifest["reduction"], "bytes_before": manifest["bytes_before"],
             "bytes_after": manifest["bytes_after"], "steps": manifest["steps"], "log": report.log, "model": loaded,
-            "plan": plan}
+            "plan": plan, "warnings": plan.warnings()}
 
 
 def plan_layers(model: torch.nn.Module) -> int:

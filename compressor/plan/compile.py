@@ -3,7 +3,8 @@
 ``compile_plan(recipe, model)`` needs only the model's module tree and shapes: a skeleton on the meta
 device (``model.loading.skeleton``) serves, so a bad value fails before loading. For every step it
 builds and validates the compressor's config (unknown keys, types, ranges, and ``Config.validate(shapes)``
-against the targeted shapes), resolves its targets against the architecture into groups per layer
+against the targeted shapes; ``Config.warnings(shapes)``, where a config has it, gives the lines
+``Plan.warnings`` returns, such as a quantization group size no serving stack can describe), resolves its targets against the architecture into groups per layer
 (``GroupSpec``), and records its calibration stream and statistics requests. ``decide`` later fills each
 step's ``decision`` (solved ratios, per-module ranks, chosen layers) on the loaded model;
 ``Plan.applied_recipe`` and ``Plan.decisions`` are what compression.json records as ``recipe`` and ``plan``.
@@ -11,7 +12,7 @@ step's ``decision`` (solved ratios, per-module ranks, chosen layers) on the load
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -55,6 +56,7 @@ class StepPlan:
     shapes: dict[str, tuple[int, int]]  # every targeted linear → (out, in), model order
     groups: list[GroupSpec]
     decision: Decision | None = None
+    warnings: list[str] = field(default_factory=list)  # said before the run: e.g. an unservable group size
 
     @property
     def method(self) -> str:
@@ -89,6 +91,11 @@ class Plan:
     @property
     def statistics(self) -> str:
         return self.recipe.statistics
+
+    def warnings(self) -> list[str]:
+        """What the run will produce that the user may not want, each naming its step (``Config.warnings``):
+        said before any weight is read (``compress``; a dry run prints them too)."""
+        return [line for step in self.steps for line in step.warnings]
 
     def data_streams(self) -> dict[str, CalibrationConfig]:
         """Stream name → calibration set, for the steps that use data (statistics or a model-level pass)."""
@@ -156,6 +163,8 @@ def compile_step(recipe: Recipe, index: int, linears: dict[str, nn.Module], mode
             validate(shapes)
         except (ValueError, CompressorError) as exc:
             raise CompressorError(f"{where}: {exc}") from None
+    notes = getattr(compressor.config, "warnings", None)
+    warnings = [f"{where}: {line}" for line in (notes(shapes) if notes is not None else [])]
     kind = compressor.group
     if kind == "linear":
         groups = linear_groups(names, model)
@@ -164,7 +173,7 @@ def compile_step(recipe: Recipe, index: int, linears: dict[str, nn.Module], mode
         found = [group for k in kinds for group in block_groups(k, names, model)]
         groups = sorted(found, key=lambda group: group.layer)  # stable: attention before MLP within a layer
     return StepPlan(index, compressor, spec.targets, spec.ignore, stream_name(recipe, index),
-                    step_calibration(recipe.calibration, spec), shapes, groups)
+                    step_calibration(recipe.calibration, spec), shapes, groups, warnings=warnings)
 
 
 def compile_plan(recipe: Recipe, model: nn.Module) -> Plan:

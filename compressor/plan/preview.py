@@ -137,5 +137,6 @@ def lines(report: dict[str, Any]) -> list[str]:
     out.append(f"estimated peak memory {_size(report['estimated_peak_memory_bytes'])} "
                f"({'streamed: about one layer' if report['stream'] else 'the whole model in memory'}); "
                f"output on disk {_size(report['estimated_output_bytes'])}")
+    out += [f"warning: {line}" for line in report.get("warnings", [])]
     out.append("nothing was read or written (--dry-run)")
     return out
