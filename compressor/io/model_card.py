@@ -40,7 +40,8 @@ def header(manifest: dict[str, Any]) -> dict[str, Any]:
     kinds = {spec["kind"] for spec in (manifest.get("modules") or {}).values()}
     kinds |= {spec["base"]["kind"] for spec in (manifest.get("modules") or {}).values() if "base" in spec}
     tags = ["compressor", *dict.fromkeys(methods)]
-    if "quantized" in kinds:
+    quantized = bool(kinds & {"quantized", "normal_float"})
+    if quantized:
         tags.append("quantized")
     if not manifest.get("merged"):
         tags.append("custom_code")
@@ -52,7 +53,7 @@ def header(manifest: dict[str, Any]) -> dict[str, Any]:
     base = hub_id(manifest.get("base_model"))
     if base:
         data["base_model"] = base
-        if "quantized" in kinds and not manifest.get("merged"):
+        if quantized and not manifest.get("merged"):
             data["base_model_relation"] = "quantized"
     data.update(library_name="transformers", pipeline_tag="text-generation", tags=tags)
     return data
