@@ -97,6 +97,12 @@ def loading(manifest: dict[str, Any], name: str) -> str:
         intro = ("With stock `transformers`" + (" and `peft` (the low-rank compensation is a LoRA adapter in "
                                                 f"`{serving['adapter']}/`)" if serving.get("adapter") else "") + ":\n")
         parts += [intro, _code("\n".join(stock))]
+    if serving.get("adapter") and not serving.get("stock_transformers"):  # e.g. a NormalFloat base (LQ-LoRA)
+        parts += [f"The low-rank parts are a PEFT LoRA adapter in `{serving['adapter']}/`; `peft` loads it over the "
+                  "base with its quantized layers dequantized (to fine-tune it, as LQ-LoRA intends):\n",
+                  _code(f'from compressor.io import dequantized_base\nfrom peft import PeftModel\n'
+                        f'base = dequantized_base("{name}")\n'
+                        f'model = PeftModel.from_pretrained(base, "{name}/{serving["adapter"]}", is_trainable=True)')]
     if serving.get("compressed_tensors"):
         vllm = [f'from vllm import LLM\nllm = LLM(model="{name}")  # compressed-tensors pack-quantized']
         if serving.get("adapter"):
