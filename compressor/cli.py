@@ -257,20 +257,26 @@ def compare(
 @app.command()
 @_guard
 def inspect(path: Annotated[Path, typer.Argument(help="compressed output directory")]) -> None:
-    """Per-module table: kind, shape, rank, parameters, relative error; rank and parameter reduction."""
+    """Per-module table: kind, shape, rank, bits (quantized steps), parameters, relative error; the summary."""
     from . import summary as summaries
     from .io import LOG, read_manifest
 
     manifest = read_manifest(path)
     entries = _log_entries(path / LOG)
     table = Table(title=f"{path} (parameters {manifest['params_before']:,} → {manifest['params_after']:,})")
-    for column in ("module", "step", "kind", "shape", "rank", "params", "rel. error", "rel. output error", "note"):
+    bits = any("bits" in e for e in entries)
+    columns = ("module", "step", "kind", "shape", "rank", *(("bits",) if bits else ()), "params", "rel. error",
+               "rel. output error", "note")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("module", "kind", "note") else "right")
     for e in entries:
         def fmt(v):
             return "" if v is None else f"{v:.4f}"
+        bits_cell = (() if not bits else (f"{e['bits_per_weight']:.3f}" if "bits_per_weight" in e
+                                           else str(e.get("bits", "")),))  # bits stored per weight, or the width
         table.add_row(e["name"], str(e["step"]), e["kind"], "×".join(map(str, e["shape"])),
-                      "" if e.get("rank") is None else str(e["rank"]), f"{e['params_before']:,}→{e['params_after']:,}",
+                      "" if e.get("rank") is None else str(e["rank"]), *bits_cell,
+                      f"{e['params_before']:,}→{e['params_after']:,}",
                       fmt(e.get("rel_error")), fmt(e.get("rel_output_error")), e.get("note", ""))
     console.print(table)
     if entries:

@@ -33,7 +33,7 @@ The seven methods on this contract:
 | CURing   | linear    | sq_norm or gram (statistics: walk)    | layers by angular distance (a walk over the original model); restricts targets |
 | EoRA     | linear    | gram of the input (space: eigen)      | rank checks; sees ``Target.original`` and the earlier step's module |
 | MoDeGPT  | blocks (or mlp / attention) | input Gram of down; per-head Grams of q/k outputs (or rotated); input Gram of v | per-layer sparsity from block influence; smaller linears, attention replaced by ``ShrunkAttention`` |
-| LQ-LoRA  | linear    | none (uses_data: the Fisher pass)     | the integer program over every matrix's (bits, rank) |
+| LQ-LoRA  | linear    | none (uses_data: the Fisher pass, if weighted) | the exact integer program over every matrix's NF configuration (bits, block sizes, scale precision) at a fixed rank, from each pair's decomposition error |
 | quantize, prune | linear | gram / sq_norm of the input     | –                                       |
 """
 

@@ -6,12 +6,12 @@ import difflib
 
 from .contract import Compressor
 from .errors import CompressorError
-from .methods import curing, eora, fwsvd, lord, modegpt, prune, quantize, welore
+from .methods import curing, eora, fwsvd, lord, lqlora, modegpt, prune, quantize, welore
 from .plan.configs import build
 
 COMPRESSORS: dict[str, type[Compressor]] = {
     cls.name: cls for cls in (lord.LoRD, welore.WeLore, quantize.Quantize, eora.EoRA, prune.Prune,
-                              curing.CURing, fwsvd.FWSVD, modegpt.MoDeGPT)
+                              curing.CURing, fwsvd.FWSVD, modegpt.MoDeGPT, lqlora.LQLoRA)
 }
 
 

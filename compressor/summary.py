@@ -5,8 +5,11 @@ of step is summarized by what it changes:
 
 - **factorization** (``low_rank``, ``cur`` modules: LoRD, FWSVD, WeLore, CURing): the targeted linears'
   parameters before and after, and the rank reduction (``ranks.uniform.reduction``);
-- **quantization** (``quantized``): the bit width, the bytes of the targeted linears before and after, and
-  the bits stored per weight (scales, zero points and biases included);
+- **quantization** (``quantized``, ``normal_float``, and LQ-LoRA's ``compensated`` modules over a
+  ``normal_float`` base): the bit width, the bytes of the targeted linears before and after, and the bits
+  stored per weight (scales, zero points, biases and low-rank factors included); where the quantized part
+  is accounted on its own (LQ-LoRA: ``quantized_bits``), its bits per weight (what a bit budget counts)
+  and the rank of the low-rank parts too;
 - **pruning** (dense linears with a ``sparsity``): the fraction of zero weights; the zeros are stored
   dense, so bytes do not change;
 - **compensation** (``compensated``: EoRA): the ranks and the parameters and bytes the low-rank paths add;
@@ -23,13 +26,19 @@ from typing import Any
 
 from .ranks.uniform import reduction
 
-FACTORIZED, QUANTIZED, COMPENSATED = ("low_rank", "cur"), "quantized", "compensated"
+FACTORIZED, COMPENSATED = ("low_rank", "cur"), "compensated"
+QUANTIZED_KINDS = ("quantized", "normal_float")
+
+
+def is_quantized(entry: dict[str, Any]) -> bool:
+    """A quantized module, or a compensated one built over a quantized base in the same step (LQ-LoRA)."""
+    return entry["kind"] in QUANTIZED_KINDS or entry.get("base_kind") in QUANTIZED_KINDS
 
 
 def kind_of_step(entries: list[dict[str, Any]]) -> str:
     """"factorization", "quantization", "pruning", "compensation", "resizing", or "unchanged"."""
     kinds = {e["kind"] for e in entries if e["kind"] != "dense"}
-    if QUANTIZED in kinds:
+    if any(is_quantized(e) for e in entries):
         return "quantization"
     if kinds & set(FACTORIZED):
         return "factorization"
@@ -65,14 +74,18 @@ def step_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
         summary.update(params_before=before, params_after=after, param_reduction=r["param_reduction"],
                        rank_reduction=r["rank_reduction"], factorized=r["factorized"])
     elif kind == "quantization":
-        quantized = [e for e in changed if e["kind"] == QUANTIZED]
+        quantized = [e for e in changed if is_quantized(e)]
         weights = sum(_weights(e) for e in quantized)
         bytes_after = _total(quantized, "bytes_after") or 0
         summary.update(bits=sorted({e["bits"] for e in quantized if "bits" in e}),
-                       group_sizes=sorted({e.get("group_size") or 0 for e in quantized}),
+                       group_sizes=sorted({e.get("group_size") or e.get("block_size") or 0 for e in quantized}),
                        quantized=len(quantized), weights=weights,
                        bytes_before=_total(quantized, "bytes_before"), bytes_after=bytes_after,
                        bits_per_weight=8 * bytes_after / weights if weights else 0.0)
+        accounted = _total(quantized, "quantized_bits")
+        if accounted is not None and weights:  # the quantized part on its own (what a bit budget counts)
+            summary.update(quantized_bits_per_weight=accounted / weights,
+                           ranks=sorted({e["rank"] for e in quantized if e.get("rank")}))
     elif kind == "pruning":
         pruned = [e for e in changed if "sparsity" in e]
         weights = sum(_weights(e) for e in pruned)
@@ -105,10 +118,10 @@ def quantized_weights(log: list[dict[str, Any]]) -> int:
     quantized: set[str] = set()
     for entry in log:
         last[entry["name"]] = entry
-        if entry["kind"] == QUANTIZED:
+        if is_quantized(entry):
             quantized.add(entry["name"])
     return sum(_weights(e) for name, e in last.items()
-               if e["kind"] == QUANTIZED or (e["kind"] == COMPENSATED and name in quantized))
+               if is_quantized(e) or (e["kind"] == COMPENSATED and name in quantized))
 
 
 def _size(n: float | None) -> str:
@@ -142,6 +155,13 @@ def step_line(s: dict[str, Any]) -> str:
     if kind == "quantization":
         bits = "/".join(map(str, s["bits"])) or "?"
         groups = ", ".join(f"group {g}" if g else "per channel" for g in s["group_sizes"])
+        if "quantized_bits_per_weight" in s:  # LQ-LoRA: NormalFloat blocks, a bit budget, low-rank parts
+            ranks = "/".join(map(str, s["ranks"]))
+            return head + (f"{s['quantized']}/{s['targeted']} linears NormalFloat-quantized to {bits} bits "
+                           f"(blocks of {'/'.join(map(str, s['group_sizes']))})" + (f" + rank {ranks}" if ranks else "")
+                           + f": {s['quantized_bits_per_weight']:.3f} bits per weight in the quantized part, "
+                           f"{s['bits_per_weight']:.2f} with everything stored, {_size(s['bytes_before'])} → "
+                           f"{_size(s['bytes_after'])}")
         return head + (f"{s['quantized']}/{s['targeted']} linears quantized to {bits} bits ({groups}): "
                        f"{s['bits_per_weight']:.2f} bits per weight with scales, {_size(s['bytes_before'])} → "
                        f"{_size(s['bytes_after'])}")

@@ -1,7 +1,7 @@
 """Benchmarks on the offline default model (SmolLM2-135M), written as JSON.
 
     python scripts/bench.py --suite lord [--out results/bench-lord.json] [--only NAME ...] [--resume]
-                            [--no-speed]
+                            [--no-speed] [--device cuda]
 
 --only runs the named configurations in the order given; --resume keeps the finished runs already in
 the output file (dense included) and runs only the missing or failed ones; --no-speed skips each run's
@@ -114,6 +114,13 @@ def sequential(recipe: dict) -> dict:
     return {**recipe, "propagate": "compressed"}
 
 
+def lqlora(budget: float | None, rank: int = 64, weighting: str = "none", **config) -> dict:
+    """LQ-LoRA with the shipped recipes' grid and settings (``budget`` None: one configuration, ``rank`` 0:
+    NormalFloat alone). The calibration windows serve only the Fisher (``weighting: fisher``)."""
+    return {"calibration": CALIBRATION, "steps": [{"method": "lqlora", "config": {
+        "budget": budget, "rank": rank, "weighting": weighting, **config}}]}
+
+
 SPARSEGPT_2OF4 = {"method": "prune", "config": {"algorithm": "sparsegpt", "pattern": "2:4"}}
 COMPENSATIONS = [("", None, None)] + [(f"-{label}-r{r}", space, r) for label, space in (("svd", "weight"),
                                                                                        ("eora", "eigen"))
@@ -179,6 +186,21 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         *[(f"modegpt-{r}{suffix}", modegpt(r, qk_covariance=covariance))
           for r in (0.2, 0.3) for suffix, covariance in (("", "pre_rope"), ("-post-rope", "post_rope"))],
         *[(f"lord-gram-as-modegpt-{r}", lord_gram_as(f"modegpt-{r}", [])) for r in (0.2, 0.3)],
+    ],
+    # LQ-LoRA: NF4 and NF3 alone (the paper's default NF configuration: blocks of 64, 8-bit scales in groups
+    # of 256, fp32 group absmax; 4.127 and 3.127 bits per weight), LQ-LoRA at 3.0 and 2.75 average bits of
+    # the quantized part with rank 64 (the recipes' 9-configuration grid, exact ILP), unweighted and Fisher-
+    # weighted, beside GPTQ 3-bit (asymmetric, group 128, act-order) + EoRA r64 at its own bits. Each run
+    # reports bits_per_weight_all: everything the targeted linears store (codes, scales, low-rank factors,
+    # biases) per weight. Order matters for the time column: the 3.0-bit run of each weighting prices every
+    # (matrix, configuration) once and caches the errors; its 2.75-bit run reuses them (error_cache:
+    # "computed": 0 in its decision) and the Fisher runs share one cached Fisher pass.
+    "lqlora": [
+        ("nf4", lqlora(None, 0, bits=[4], block_size=[64])),
+        ("nf3", lqlora(None, 0, bits=[3], block_size=[64])),
+        *[(f"lqlora-{budget}-r64{suffix}", lqlora(budget, 64, weighting))
+          for suffix, weighting in (("", "none"), ("-fisher", "fisher")) for budget in (3.0, 2.75)],
+        ("gptq-w3-eora-r64", compensated(quantize("gptq", 3, act_order=True), "eigen", 64)),
     ],
     # Quantize or prune, then compensate (asymmetric, group 128): RTN and GPTQ at 4 and 3 bits, SparseGPT 2:4,
     # each alone, with plain-SVD compensation of the residual (svd) and with EoRA (eora) at ranks 32 and 64;
@@ -319,7 +341,16 @@ def plain_forward_seconds(batch_size: int) -> float:
         return time.perf_counter() - start
 
 
-def run_one(name: str, recipe_data: dict, speed: bool = True) -> dict:
+def stored_bits_per_weight(log: list[dict]) -> float | None:
+    """Bits everything the targeted linears store (codes or weights, scales, low-rank factors, biases) per
+    targeted weight, from each module's last log entry."""
+    last = {e["name"]: e for e in log}
+    weights = sum(e["shape"][0] * e["shape"][1] for e in last.values() if e.get("shape"))
+    stored = [e.get("bytes_after", e.get("bytes_before")) for e in last.values()]
+    return 8 * sum(stored) / weights if weights and None not in stored else None
+
+
+def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu") -> dict:
     """Compress, save, and evaluate one configuration (in this process)."""
     from compressor import api
     from compressor.evaluate import bytes_on_disk, perplexity
@@ -329,7 +360,7 @@ def run_one(name: str, recipe_data: dict, speed: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / name
         cpu = time.process_time()
-        summary = api.compress(MODEL, recipe, out, progress=False)
+        summary = api.compress(MODEL, recipe, out, progress=False, device=device)
         cpu = time.process_time() - cpu  # CPU seconds of all threads: unaffected by waiting (contention, SIGSTOP)
         disk = bytes_on_disk(out)
         log = [json.loads(line) for line in (out / "compression_log.jsonl").read_text().splitlines()]
@@ -359,11 +390,14 @@ def run_one(name: str, recipe_data: dict, speed: bool = True) -> dict:
             # the whole run without model load (calibration data, layer walk, save) over one plain forward
             "run_over_plain_forward": (sum(v for k, v in summary["seconds"].items() if k != "load") / forward
                                        if forward else None),
-            "compression_peak_rss_mib": compression_rss, "peak_rss_mib": peak_rss_mib()}
+            "compression_peak_rss_mib": compression_rss, "peak_rss_mib": peak_rss_mib(),
+            "bits_per_weight_all": stored_bits_per_weight(log), "steps": summary["steps"],
+            "decisions": [{k: v for k, v in (d["decision"] or {}).items() if k not in ("matrices", "ranks")}
+                          for d in summary["plan"].decisions()]}
 
 
-def subprocess_run(name: str, recipe_data: dict | None, speed: bool = True) -> dict:
-    payload = json.dumps({"name": name, "recipe": recipe_data, "speed": speed})
+def subprocess_run(name: str, recipe_data: dict | None, speed: bool = True, device: str = "cpu") -> dict:
+    payload = json.dumps({"name": name, "recipe": recipe_data, "speed": speed, "device": device})
     done = subprocess.run([sys.executable, __file__, "--one", payload], capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         return {"name": name, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
@@ -377,6 +411,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON file (default: results/bench-<suite>.json)")
     parser.add_argument("--resume", action="store_true", help="keep finished runs in the output file")
     parser.add_argument("--no-speed", action="store_true", help="skip each run's plain-forward measurement")
+    parser.add_argument("--device", default="cpu", help="compute device of the compression (cpu, cuda, ...)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -386,7 +421,7 @@ def main() -> None:
         elif "fisher_pass" in job["recipe"]:
             result = run_fisher_pass(job["name"], job["recipe"]["fisher_pass"])
         else:
-            result = run_one(job["name"], job["recipe"], job.get("speed", True))
+            result = run_one(job["name"], job["recipe"], job.get("speed", True), job.get("device", "cpu"))
         print(json.dumps(result))
         return
     out = args.out or ROOT / "results" / f"bench-{args.suite}.json"
@@ -411,7 +446,7 @@ def main() -> None:
         except KeyError as exc:  # the run it matches did not run or failed
             result = {"name": name, "error": f"needs the result of an earlier run: {exc}"}
         else:
-            result = subprocess_run(name, recipe_data, speed=not args.no_speed)
+            result = subprocess_run(name, recipe_data, speed=not args.no_speed, device=args.device)
             dense = done.get("dense")
             if result.get("run_over_plain_forward", 0) is None and dense:
                 seconds = sum(v for k, v in result["seconds"].items() if k != "load")

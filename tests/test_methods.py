@@ -30,6 +30,8 @@ TINY = {
     "prune": ({"config": {"algorithm": "wanda", "pattern": "2:4"}}, []),
     "eora": ({"config": {"rank": 4}}, [{"method": "quantize", "config": {"bits": 3, "group_size": 32}}]),
     "modegpt": ({"config": {"ratio": 0.3}}, []),
+    "lqlora": ({"config": {"budget": 3.0, "rank": 4, "bits": [2, 3, 4], "block_size": [32], "iterations": 10,
+                           "error_cache": "off"}}, []),
 }
 METHODS = sorted(registry.COMPRESSORS)
 

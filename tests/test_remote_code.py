@@ -34,6 +34,10 @@ OUTPUTS = {
     "modegpt-mistral": ("mistral", MODEGPT),
     "modegpt-opt": ("opt", MODEGPT),
     "modegpt-gpt2": ("gpt2", MODEGPT),
+    "lqlora-llama": ("llama", [{"method": "lqlora", "config": {"rank": 4, "block_size": [32], "iterations": 10,
+                                                               "error_cache": "off"}}]),
+    "lqlora-nf-gpt2": ("gpt2", [{"method": "lqlora", "config": {"budget": None, "rank": 0, "bits": [3],
+                                                                "block_size": [16]}}]),
 }
 CUR_ARCHS = ("llama", "gpt2")  # CURing never touches the first or last layer: built on 4-layer models
 
@@ -112,7 +116,8 @@ def remote(outputs, ids, tmp_path_factory) -> dict[str, dict]:
 
 EXPECTED_KINDS = {"lord": ["LowRankLinear"], "cur": ["CURLinear"], "quantize-eora": ["CompensatedLinear",
                   "LowRankLinear", "QuantizedLinear"], "quantize-48": ["QuantizedLinear"],
-                  "modegpt": ["ShrunkAttention"]}
+                  "modegpt": ["ShrunkAttention"], "lqlora": ["CompensatedLinear", "LowRankLinear", "NormalFloatLinear"],
+                  "lqlora-nf": ["NormalFloatLinear"]}
 
 
 @pytest.mark.parametrize("name", [*OUTPUTS, *(f"cur-{arch}" for arch in CUR_ARCHS)])
@@ -141,7 +146,7 @@ def test_the_shipped_file_is_the_package_module_and_config_names_it(outputs):
         "compressor-")  # compressed-tensors describes it: stock transformers + peft load it without the flag
 
 
-@pytest.mark.parametrize("name", ["lord-llama", "modegpt-gpt2", "cur-llama", "quantize-48-qwen2"])
+@pytest.mark.parametrize("name", ["lord-llama", "modegpt-gpt2", "cur-llama", "quantize-48-qwen2", "lqlora-llama"])
 def test_stock_transformers_still_refuses_marked_outputs_without_the_flag(name, outputs):
     from transformers import AutoModelForCausalLM
 

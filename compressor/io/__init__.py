@@ -6,6 +6,7 @@ from .checkpoint import (
                          LOG,
                          MANIFEST,
                          compressed_modules,
+                         dequantized_base,
                          load,
                          merge_in_place,
                          read_manifest,
@@ -13,5 +14,5 @@ from .checkpoint import (
 )
 from .output import OutputDirectory, check_output, pause_for_tests
 
-__all__ = ["FORMAT_VERSION", "LOG", "MANIFEST", "OutputDirectory", "check_output", "compressed_modules", "load",
-           "merge_in_place", "pause_for_tests", "read_manifest", "save"]
+__all__ = ["FORMAT_VERSION", "LOG", "MANIFEST", "OutputDirectory", "check_output", "compressed_modules",
+           "dequantized_base", "load", "merge_in_place", "pause_for_tests", "read_manifest", "save"]

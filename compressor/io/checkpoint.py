@@ -40,7 +40,7 @@ from torch import nn
 from .. import __version__
 from ..errors import CompressorError, one_line
 from ..model.modeling_compressor import state_for_modules
-from ..model.modules import MODULE_KINDS, from_spec, spec_of
+from ..model.modules import MODULE_KINDS, CompensatedLinear, from_spec, spec_of
 from ..model.modules import merge as merge_module
 from ..model.weights import load_state
 from . import model_card
@@ -210,3 +210,16 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         state = _state_dict(path)
     load_state(model, state, str(path), hint)
     return model.to(device).eval()
+
+
+def dequantized_base(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """The model of ``path`` without its compensation paths, each compensated module's base merged into a plain
+    linear of the model's own class (a quantized base dequantized): what the output's PEFT adapter applies to.
+    ``PeftModel.from_pretrained(dequantized_base(path), path / "adapter")`` gives ``load(path)``'s logits, and
+    fine-tunes the low-rank part over a frozen base (LQ-LoRA's use)."""
+    model = load(path, device, dtype)
+    for name, module in compressed_modules(model).items():
+        if isinstance(module, CompensatedLinear):
+            model.set_submodule(name, merge_module(module.base) if hasattr(module.base, "dense_weight")
+                                else module.base)
+    return model

@@ -40,7 +40,8 @@ def header(manifest: dict[str, Any]) -> dict[str, Any]:
     kinds = {spec["kind"] for spec in (manifest.get("modules") or {}).values()}
     kinds |= {spec["base"]["kind"] for spec in (manifest.get("modules") or {}).values() if "base" in spec}
     tags = ["compressor", *dict.fromkeys(methods)]
-    if "quantized" in kinds:
+    quantized = bool(kinds & {"quantized", "normal_float"})
+    if quantized:
         tags.append("quantized")
     if not manifest.get("merged"):
         tags.append("custom_code")
@@ -52,7 +53,7 @@ def header(manifest: dict[str, Any]) -> dict[str, Any]:
     base = hub_id(manifest.get("base_model"))
     if base:
         data["base_model"] = base
-        if "quantized" in kinds and not manifest.get("merged"):
+        if quantized and not manifest.get("merged"):
             data["base_model_relation"] = "quantized"
     data.update(library_name="transformers", pipeline_tag="text-generation", tags=tags)
     return data
@@ -96,6 +97,12 @@ def loading(manifest: dict[str, Any], name: str) -> str:
         intro = ("With stock `transformers`" + (" and `peft` (the low-rank compensation is a LoRA adapter in "
                                                 f"`{serving['adapter']}/`)" if serving.get("adapter") else "") + ":\n")
         parts += [intro, _code("\n".join(stock))]
+    if serving.get("adapter") and not serving.get("stock_transformers"):  # e.g. a NormalFloat base (LQ-LoRA)
+        parts += [f"The low-rank parts are a PEFT LoRA adapter in `{serving['adapter']}/`; `peft` loads it over the "
+                  "base with its quantized layers dequantized (to fine-tune it, as LQ-LoRA intends):\n",
+                  _code(f'from compressor.io import dequantized_base\nfrom peft import PeftModel\n'
+                        f'base = dequantized_base("{name}")\n'
+                        f'model = PeftModel.from_pretrained(base, "{name}/{serving["adapter"]}", is_trainable=True)')]
     if serving.get("compressed_tensors"):
         vllm = [f'from vllm import LLM\nllm = LLM(model="{name}")  # compressed-tensors pack-quantized']
         if serving.get("adapter"):

@@ -18,7 +18,9 @@ existing tools read it as they are:
   modules of another rank (peers.md §3.2, §16.3).
 
 ``io.load`` reads both back (``modeling_compressor.state_for_modules``), so our own loader and ``peft`` see
-the same numbers.
+the same numbers. A NormalFloat base (LQ-LoRA's ``normal_float``) has no compressed-tensors format: the
+manifest's ``serving.note`` says so, the output loads with ``trust_remote_code`` or ``compressor.load``, and
+``io.dequantized_base`` gives the plain model with ``Q`` dequantized, over which ``peft`` loads the adapter.
 
 - **Every kind with trusted remote code.** Each non-merged output carries ``modeling_compressor.py``, this
   package's own definition of the module kinds and of the loader (it imports only torch and transformers),
@@ -53,7 +55,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..model import modeling_compressor as portable
-from ..model.modules import CompensatedLinear, LowRankLinear, QuantizedLinear
+from ..model.modules import QUANTIZED_KINDS, CompensatedLinear, LowRankLinear, QuantizedLinear
 
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -224,7 +226,7 @@ def write_serving(folder: Path, model: nn.Module, modules: dict[str, nn.Module],
     """Inside ``base_layout``, after ``save_pretrained(folder)``: the quantization config and the adapter.
     Returns the manifest's ``serving`` entry."""
     serving: dict[str, Any] = {"compressed_tensors": False, "adapter": None}
-    if not any(isinstance(m, (QuantizedLinear, CompensatedLinear)) for m in modules.values()):
+    if not any(isinstance(m, (*QUANTIZED_KINDS, CompensatedLinear)) for m in modules.values()):
         return serving
     config, reason = quantization_config(model, modules)
     if config is not None:
@@ -232,7 +234,7 @@ def write_serving(folder: Path, model: nn.Module, modules: dict[str, nn.Module],
         serving["compressed_tensors"] = True
         if any(not group["weights"]["symmetric"] for group in config["config_groups"].values()):
             serving["transformers"] = TRANSFORMERS_ASYMMETRIC
-    elif any(isinstance(m, QuantizedLinear) or isinstance(getattr(m, "base", None), QuantizedLinear)
+    elif any(isinstance(m, QUANTIZED_KINDS) or isinstance(getattr(m, "base", None), QUANTIZED_KINDS)
              for m in modules.values()):
         serving["note"] = f"no quantization_config written: {reason}"
     if loras:

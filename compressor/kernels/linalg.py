@@ -16,6 +16,9 @@ Regularization, documented once:
 - eigh: eigenvalues ``≤ λ_max · cutoff`` (default ``n · eps_fp32``) are dropped: their square root
   and inverse square root are set to zero (a truncated pseudo-inverse, GPTQModel's fix for outliers).
 - diagonal: entries are floored at ``1e-6 · max`` so ``S⁻¹`` stays finite.
+
+Weighting on both sides (``left``: a diagonal row weight, e.g. LQ-LoRA's Fisher row sums) and a randomized
+SVD (``Sketch``, seeded) are options of the same kernel.
 """
 
 from __future__ import annotations
@@ -120,21 +123,58 @@ def svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.linalg.svd(matrix, full_matrices=False)
 
 
-def whitened_svd(
-    weight: Tensor, rank: int, whitening: Whitening | None = None, dtype: torch.dtype = torch.float64
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Best rank-``rank`` approximation of ``weight`` (m, n) under ``whitening``.
+@dataclass(frozen=True)
+class Sketch:
+    """Settings of a randomized SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4; what ``torch.svd_lowrank``
+    does): ``oversample`` extra columns, ``power_iterations`` subspace iterations, a seeded Gaussian."""
 
-    Returns ``up`` (m, r), ``down`` (r, n) with ``Ŵ = up @ down``, and all singular values of ``W S``.
-    ``√Σ`` is split between the two factors, as SVD-LLM, ASVD and EoRA do.
+    oversample: int = 10
+    power_iterations: int = 2
+    seed: int = 0
+
+
+def randomized_svd(matrix: Tensor, rank: int, sketch: Sketch) -> tuple[Tensor, Tensor, Tensor]:
+    """The leading ``q = min(rank + oversample, m, n)`` singular triplets ``U (m, q), Σ (q,), Vh (q, n)`` of
+    ``matrix`` (m, n), from a Gaussian test matrix drawn with its own generator (seeded: the same numbers
+    every call, unlike ``torch.svd_lowrank``'s global RNG)."""
+    m, n = matrix.shape
+    q = min(rank + sketch.oversample, m, n)
+    generator = torch.Generator(device="cpu").manual_seed(sketch.seed)
+    test = torch.randn(n, q, generator=generator, dtype=matrix.dtype).to(matrix.device)  # (n, q)
+    basis = torch.linalg.qr(matrix @ test).Q  # (m, q)
+    for _ in range(sketch.power_iterations):  # re-orthonormalized each half step
+        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.mT @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.mT @ matrix, full_matrices=False)  # (q, q), (q,), (q, n)
+    return basis @ u, s, vh
+
+
+def whitened_svd(
+    weight: Tensor, rank: int, whitening: Whitening | None = None, dtype: torch.dtype = torch.float64,
+    left: Tensor | None = None, sketch: Sketch | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Best rank-``rank`` approximation of ``weight`` (m, n) under ``whitening`` (and ``left``).
+
+    Returns ``up`` (m, r), ``down`` (r, n) with ``Ŵ = up @ down``, and the singular values of ``W S``
+    (all of them; the leading ``rank + oversample`` with a ``sketch``). ``√Σ`` is split between the two
+    factors, as SVD-LLM, ASVD and EoRA do. ``left`` (m,), positive row weights ``d``: weighting on both sides,
+    ``min ‖diag(d) (W − Ŵ) S‖_F``, solved by the SVD of ``diag(d) W S`` with ``up = diag(d)⁻¹ U_r Σ_r^½``
+    (floored at 1e-6 of its maximum, as ``diagonal``). ``sketch``: a randomized SVD (``randomized_svd``)
+    instead of the exact one.
     """
     whitening = whitening or identity()
     m, n = weight.shape
     if not 0 < rank <= min(m, n):
         raise CompressorError(f"rank {rank} is out of range for a {m}×{n} matrix (1..{min(m, n)})")
-    u, s, vh = svd(whitening.apply(weight.to(dtype)))
+    work = whitening.apply(weight.to(dtype))
+    rows = None
+    if left is not None:
+        rows = diagonal(left.to(weight.device)).factor.to(dtype)  # (m,), floored
+        work = rows[:, None] * work
+    u, s, vh = svd(work) if sketch is None else randomized_svd(work, rank, sketch)
     root = s[:rank].sqrt()
     up = u[:, :rank] * root[None, :]  # (m, r)
+    if rows is not None:
+        up = up / rows[:, None]
     down = whitening.unapply(root[:, None] * vh[:rank])  # (r, n)
     return up, down, s
 

@@ -22,6 +22,7 @@ Module kinds (weights are (out, in) = (m, n), the ``nn.Linear`` layout):
 - ``low_rank``: ``up(down(x))``, down (r, in), up (out, r) + bias;
 - ``cur``: ``((x Rᵀ) Uᵀ) Cᵀ + b``, C (out, r), U (r, r), R (r, in), kept row/col indices (r,);
 - ``quantized``: compressed-tensors ``pack-quantized`` buffers, dequantized on each call;
+- ``normal_float``: blockwise NormalFloat codes with double-quantized scales (LQ-LoRA), dequantized on each call;
 - ``compensated``: ``base(x) + lora(x)``; in the files the base's tensors sit under the module's own name
   and the low-rank path (lora_A = down, lora_B = up) in the PEFT adapter;
 - ``shrunk_attention``: attention with ``qk_dim`` query/key and ``v_dim`` value dims per head (MoDeGPT).
@@ -100,6 +101,59 @@ def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor | None, group_size: 
     if zero_point is not None:
         values = values - expand_groups(zero_point, n, group_size).to(work)
     return (values * expand_groups(scale.to(work), n, group_size)).to(dtype)
+
+
+# --- NormalFloat: dequantizing LQ-LoRA's blockwise, double-quantized NF codes -----------------------------
+
+NF_OFFSET = 0.9677083  # the extreme quantile of the NF grid (bitsandbytes' and LQ-LoRA's constant)
+SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SCALE_STORAGE = {"fp32": torch.int32, "fp16": torch.int16, "bf16": torch.int16}  # the raw bits of each
+
+
+def normal_float_levels(bits: int) -> Tensor:
+    """The 2^b NormalFloat levels (2^b,) fp32, ascending, in [−1, 1] with an exact 0: normal quantiles at
+    ``linspace(1 − NF_OFFSET, 0.5, 2^(b−1))`` ∪ ``linspace(0.5, NF_OFFSET, 2^(b−1) + 1)`` (0.5 once), scaled
+    so that the extreme quantile is ±1. Computed in fp64 on the CPU (the same numbers on every device)."""
+    half = 2 ** (bits - 1)
+    left = torch.linspace(1 - NF_OFFSET, 0.5, half, dtype=torch.float64)[:-1]
+    right = torch.linspace(0.5, NF_OFFSET, half + 1, dtype=torch.float64)
+    quantiles = torch.cat([left, right])
+    extreme = torch.special.erfinv(torch.tensor(2 * NF_OFFSET - 1, dtype=torch.float64))
+    return (torch.special.erfinv(2 * quantiles - 1) / extreme).float()
+
+
+def nf_layout(numel: int, block_size: int, group_size: int) -> tuple[int, int]:
+    """(blocks, groups): first-level blocks of ``block_size`` consecutive weights and second-level groups of
+    ``group_size`` consecutive block scales in a weight of ``numel`` elements (the last of each may be short)."""
+    blocks = math.ceil(numel / block_size)
+    return blocks, math.ceil(blocks / group_size)
+
+
+def block_scales(scale_codes: Tensor, group_absmax: Tensor, offset: Tensor, group_size: int,
+                 scale_bits: int) -> Tensor:
+    """The dequantized absmax scale of every block (blocks,) fp32 from its unsigned ``scale_bits``-bit code
+    (blocks,), its group's absmax (groups,) and the one offset (1,): ``offset + c / ((2^b0 − 1) / absmax)``
+    (pytorch_quantization's unsigned fake quantization, which LQ-LoRA uses; a zero absmax gives the offset)."""
+    top = float(2 ** scale_bits - 1)
+    per_block = group_absmax.float().repeat_interleave(group_size)[: scale_codes.numel()]  # (blocks,)
+    return offset.float() + scale_codes.float() / (top / per_block)
+
+
+def unpack_codes(packed: Tensor, bits: int, size: int) -> Tensor:
+    """A flat stream of int32 words → ``size`` unsigned b-bit codes (size,) int64 (``unpack_int32`` of one row)."""
+    return unpack_int32(packed.view(1, -1), bits, size)[0].to(torch.int64) + (1 << (bits - 1))
+
+
+def dequantize_normal_float(codes: Tensor, scales: Tensor, bits: int, block_size: int, shape: tuple[int, int],
+                            dtype: torch.dtype = torch.float32) -> Tensor:
+    """``level[code] · scale`` of every weight, (out, in) in ``dtype``: ``codes`` (numel,) of the row-major
+    flattened weight, ``scales`` (blocks,) of its consecutive blocks of ``block_size`` weights."""
+    out_features, in_features = shape
+    numel = out_features * in_features
+    blocks = scales.numel()
+    levels = normal_float_levels(bits).to(scales.device)
+    values = F.pad(levels[codes], (0, blocks * block_size - numel)).view(blocks, block_size)
+    return (values * scales[:, None]).reshape(-1)[:numel].view(out_features, in_features).to(dtype)
 
 
 # --- the modules -------------------------------------------------------------------------------------------
@@ -239,6 +293,85 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, symmetric={self.symmetric}")
+
+
+class NormalFloatLinear(nn.Module):
+    """``y = x Ŵᵀ + b`` with ``Ŵ`` dequantized on each call (or from ``cached_weight``) from blockwise
+    NormalFloat codes with double-quantized scales (LQ-LoRA's quantizer, QLoRA's NF generalized to b bits).
+
+    The (out, in) weight is flattened row-major into blocks of ``block_size`` (B0) weights, each with an
+    absmax scale; the scales, less their minimum ``offset``, are quantized to unsigned ``scale_bits`` (b0)
+    integers in groups of ``group_size`` (B1) with a per-group absmax stored in ``scale_dtype`` (b1). Buffers
+    (all integer, so no dtype cast touches them; the group absmax and offset are their floats' raw bits):
+
+    - ``weight_codes`` (ceil(out·in·b/32),) int32: the b-bit codes, one little-endian bit stream;
+    - ``scale_codes`` (ceil(blocks·b0/32),) int32: the blocks' b0-bit scale codes, the same way;
+    - ``group_absmax`` (groups,) int32 (fp32) or int16 (fp16 / bf16);
+    - ``scale_offset`` (1,) int32: the fp32 offset; ``weight_shape`` (2,) int64 = (out, in).
+    """
+
+    kind = "normal_float"
+
+    def __init__(self, in_features: int, out_features: int, bits: int, block_size: int, scale_bits: int,
+                 group_size: int, scale_dtype: str, bias: bool = False, dense_class: str = "Linear",
+                 dtype: torch.dtype | None = None, device: Any = None) -> None:
+        super().__init__()
+        if scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"unknown scale_dtype {scale_dtype!r}")
+        self.in_features, self.out_features, self.dense_class = in_features, out_features, dense_class
+        self.bits, self.block_size, self.scale_bits = bits, block_size, scale_bits
+        self.group_size, self.scale_dtype = group_size, scale_dtype
+        blocks, groups = nf_layout(in_features * out_features, block_size, group_size)
+        dtype = dtype or torch.float32
+        words = {"weight_codes": math.ceil(in_features * out_features * bits / 32),
+                 "scale_codes": math.ceil(blocks * scale_bits / 32)}
+        for name, size in words.items():
+            self.register_buffer(name, torch.zeros(size, dtype=torch.int32, device=device))
+        self.register_buffer("group_absmax", torch.zeros(groups, dtype=SCALE_STORAGE[scale_dtype], device=device))
+        self.register_buffer("scale_offset", torch.zeros(1, dtype=torch.int32, device=device))
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], device=device))
+        # the dtype the weight is dequantized to: an empty float buffer follows model.to(dtype), is never saved
+        self.register_buffer("dtype_marker", torch.empty(0, dtype=dtype, device=device), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.cached_weight: Tensor | None = None  # never saved (not a buffer)
+
+    def scales(self) -> Tensor:
+        """The dequantized absmax scale of every block (blocks,) fp32."""
+        blocks, _ = nf_layout(self.in_features * self.out_features, self.block_size, self.group_size)
+        codes = unpack_codes(self.scale_codes, self.scale_bits, blocks)
+        absmax = self.group_absmax.view(SCALE_DTYPES[self.scale_dtype])
+        return block_scales(codes, absmax, self.scale_offset.view(torch.float32), self.group_size, self.scale_bits)
+
+    def codes(self) -> Tensor:
+        """The NF code of every weight of the row-major flattened weight (out·in,) int64."""
+        return unpack_codes(self.weight_codes, self.bits, self.in_features * self.out_features)
+
+    def dense_weight(self) -> Tensor:
+        """The dequantized weight (out, in), in the module's dtype."""
+        return dequantize_normal_float(self.codes(), self.scales(), self.bits, self.block_size,
+                                       (self.out_features, self.in_features), self.dtype_marker.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.cached_weight if self.cached_weight is not None else self.dense_weight()
+        return F.linear(x, weight.to(x.dtype), self.bias)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "bits": self.bits, "block_size": self.block_size, "scale_bits": self.scale_bits,
+                "group_size": self.group_size, "scale_dtype": self.scale_dtype, "bias": self.bias is not None,
+                "dense_class": self.dense_class}
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bits: int, block_size: int, scale_bits: int,
+              group_size: int, scale_dtype: str, bias: bool, dense_class: str = "Linear",
+              dtype: torch.dtype | None = None, device: Any = None, **_: Any) -> "NormalFloatLinear":
+        return cls(in_features, out_features, bits, block_size, scale_bits, group_size, scale_dtype, bias,
+                   dense_class, dtype=dtype, device=device)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nf{self.bits}, "
+                f"block_size={self.block_size}, scale_bits={self.scale_bits}, group_size={self.group_size}, "
+                f"scale_dtype={self.scale_dtype}")
 
 
 def shape_of(module: nn.Module) -> tuple[int, int]:
@@ -407,7 +540,8 @@ class ShrunkAttention(nn.Module):
 
 
 MODULE_KINDS: dict[str, type[nn.Module]] = {
-    cls.kind: cls for cls in (LowRankLinear, CURLinear, QuantizedLinear, CompensatedLinear, ShrunkAttention)
+    cls.kind: cls for cls in (LowRankLinear, CURLinear, QuantizedLinear, NormalFloatLinear, CompensatedLinear,
+                              ShrunkAttention)
 }
 
 

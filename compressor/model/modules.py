@@ -6,7 +6,8 @@ compressor needs: building from factors or integers, ``dense_weight()`` for ``--
 Each kind has ``spec()`` (plain data recorded in compression.json and config.json) and ``empty(**spec)``
 (an uninitialized module of the right shapes, filled by ``load_state_dict``). ``MODULE_KINDS`` is the
 closed set the loader knows: ``low_rank`` (``up @ down``), ``quantized`` (packed integers,
-compressed-tensors layout), ``cur`` (``C @ U @ R``), ``compensated`` (any base linear plus a low-rank
+compressed-tensors layout), ``normal_float`` (blockwise NormalFloat codes with double-quantized scales,
+LQ-LoRA's), ``cur`` (``C @ U @ R``), ``compensated`` (any base linear plus a low-rank
 ``lora`` path, what EoRA emits) and ``shrunk_attention`` (an attention block with fewer dims per head,
 MoDeGPT's; it has no dense equivalent in the model's config, so no merge).
 
@@ -23,14 +24,14 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from ..kernels import quant
+from ..kernels import normal_float, quant
 from . import modeling_compressor as portable
 from .attention import ShrunkAttention
 from .modeling_compressor import shape_of, spec_of
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
-__all__ = ["LINEAR_TYPES", "CURLinear", "CompensatedLinear", "LowRankLinear", "MODULE_KINDS", "QuantizedLinear",
-           "ShrunkAttention", "dense_module", "dequantized", "from_spec", "merge", "shape_of", "spec_of", "weight_of"]
+__all__ = ["LINEAR_TYPES", "CURLinear", "CompensatedLinear", "LowRankLinear", "MODULE_KINDS", "NormalFloatLinear",
+           "QuantizedLinear", "ShrunkAttention", "dense_module", "dequantized", "from_spec", "merge", "shape_of", "spec_of", "weight_of"]
 
 
 def weight_of(module: nn.Module) -> Tensor:
@@ -128,6 +129,25 @@ class QuantizedLinear(portable.QuantizedLinear):
         return module
 
 
+class NormalFloatLinear(portable.NormalFloatLinear):
+    """``y = x Ŵᵀ + b`` from blockwise NormalFloat codes (``modeling_compressor.NormalFloatLinear``); inside
+    ``dequantized(model)`` the weight is dequantized once (the evaluation path)."""
+
+    @classmethod
+    def from_codes(cls, codes: "normal_float.NFCodes", bias: Tensor | None, dense_class: str = "Linear",
+                   dtype: torch.dtype | None = None) -> "NormalFloatLinear":
+        """From ``kernels.normal_float.quantize``'s codes of an (out, in) weight."""
+        out_features, in_features = codes.shape
+        c = codes.config
+        module = cls(in_features, out_features, c.bits, c.block_size, c.scale_bits, c.group_size, c.scale_dtype,
+                     bias is not None, dense_class, dtype=dtype or torch.float32, device=codes.codes.device)
+        for name, tensor in codes.packed().items():
+            getattr(module, name).copy_(tensor)
+        if bias is not None:
+            module.bias.data.copy_(bias.detach())
+        return module
+
+
 def from_spec(spec: dict[str, Any], dtype: torch.dtype | None = None, device: Any = None) -> nn.Module:
     """An empty module of the shapes ``spec`` describes (the inverse of ``spec_of``), of this module's classes."""
     return portable.from_spec(spec, dtype, device, MODULE_KINDS)
@@ -145,16 +165,18 @@ class CompensatedLinear(portable.CompensatedLinear):
 
 
 MODULE_KINDS: dict[str, type[nn.Module]] = {
-    cls.kind: cls for cls in (LowRankLinear, CURLinear, QuantizedLinear, CompensatedLinear, ShrunkAttention)
+    cls.kind: cls for cls in (LowRankLinear, CURLinear, QuantizedLinear, NormalFloatLinear, CompensatedLinear,
+                              ShrunkAttention)
 }
+QUANTIZED_KINDS = (QuantizedLinear, NormalFloatLinear)  # dequantized from packed codes on each call
 
 
 @contextmanager
 def dequantized(model: nn.Module) -> Iterator[int]:
-    """Within the block every ``QuantizedLinear`` of ``model`` dequantizes its weight once and reuses it:
+    """Within the block every quantized module (``QuantizedLinear``, ``NormalFloatLinear``) of ``model`` dequantizes its weight once and reuses it:
     the same numbers as dequantizing on each call, a dense layer's speed, the memory of a dense weight more.
     Yields how many modules it caches. For evaluation; the stored (packed) tensors are not touched."""
-    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    quantized = [m for m in model.modules() if isinstance(m, QUANTIZED_KINDS)]
     try:
         with torch.no_grad():
             for module in quantized:
