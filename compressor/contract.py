@@ -139,6 +139,13 @@ class ModelView:
         streams = {DEFAULT_STREAM: self.batches} if self.batches is not None else None
         return walk(self.model, streams, device=self.device, propagate="original", last_layer=last_layer)
 
+    def layers(self, last_layer: int | None = None) -> Iterator["Visit"]:
+        """A data-free walk (no forward): each decoder layer's modules in turn, read from disk when the model
+        is streamed. Read weights through it (``visit.module(name)``), not through ``model``."""
+        from .walk.layers import walk
+
+        return walk(self.model, None, device=self.device, last_layer=last_layer)
+
     def layer_of(self, name: str) -> int:
         """The decoder layer index of a target name."""
         from .model.targets import layer_index

@@ -139,3 +139,16 @@ def _headers(out) -> int:
         with open(file, "rb") as handle:
             total += 8 + int.from_bytes(handle.read(8), "little")
     return total
+
+
+def test_streamed_lqlora_equals_in_memory(model_dirs, tmp_path, small, ids):
+    overrides = [*small, "lqlora.rank=4", "lqlora.error_cache=off"]  # a cache hit is recorded
+    memory, streamed, _ = both(model_dirs["llama"], tmp_path, "lqlora-3bit-r64", overrides)
+    assert_same_output(memory, streamed, ids)
+
+
+def test_streamed_fisher_recipe_is_refused(model_dirs, tmp_path, small):
+    out = tmp_path / "out"
+    with pytest.raises(CompressorError, match="without --stream"):
+        compress(str(model_dirs["llama"]), "fwsvd", out, overrides=small, progress=False, stream=True)
+    assert not out.exists()

@@ -230,8 +230,14 @@ class LQLoRA(LinearCompressor):
         stored = np.zeros((len(names), len(grid)), dtype=np.int64)
         numel = np.array([m * n for m, n in view.shapes.values()], dtype=np.int64)
         cache = {"hits": 0, "computed": 0}
-        for i, name in enumerate(names):
-            weight = weight_of(view.model.get_submodule(name)).detach().float().to(view.device)  # (m, n)
+        by_layer: dict[int, list[str]] = {}
+        for name in names:
+            by_layer.setdefault(view.layer_of(name), []).append(name)
+        index_of = {name: i for i, name in enumerate(names)}
+        visits = view.layers(last_layer=max(by_layer, default=-1))  # weights read layer by layer (--stream)
+        for visit, name in ((visit, name) for visit in visits for name in by_layer.get(visit.index, [])):
+            i = index_of[name]
+            weight = weight_of(visit.module(name)).detach().float().to(view.device)  # (m, n)
             matrix_fisher = fisher[name].to(view.device) if name in fisher else None
             key = error_key(weight, matrix_fisher, {**self.settings, "device": view.device.type})
             errors = read_errors(key) if c.error_cache == "use" and len(grid) > 1 else {}
