@@ -8,6 +8,7 @@ temporary sibling is reserved then and held for the whole run (``io.OutputDirect
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from contextlib import nullcontext
@@ -18,7 +19,8 @@ import torch
 
 from . import calibration as sources
 from . import io, summary
-from .errors import CompressorError, CompressorWarning
+from .errors import CompressorError, CompressorWarning, Terminated
+from .io.resume import Resume, fingerprint
 from .io.shards import ShardWriter
 from .model import loading as models
 from .model import streaming
@@ -74,7 +76,8 @@ def _layer_line(start: float, say: Callable[[str], None]) -> Callable[[int, int]
 
 def run_plan(model: torch.nn.Module, plan: Plan, batches: dict[str, list[torch.Tensor]], device: torch.device,
              progress: bool = False, say: Callable[[str], None] | None = None,
-             sink: Callable | None = None) -> tuple[Report, dict[str, float]]:
+             sink: Callable | None = None, report: Report | None = None,
+             resume: tuple | None = None) -> tuple[Report, dict[str, float]]:
     """Decisions and the layer walk on ``model`` in place; (report, CPU seconds of all threads). ``progress``:
     a progress bar with an ETA (a terminal); else ``say`` gets one line per layer with an ETA."""
     cpu_start = time.process_time()
@@ -83,7 +86,7 @@ def run_plan(model: torch.nn.Module, plan: Plan, batches: dict[str, list[torch.T
         on_layer = (lambda i, n: bar.update(task, completed=i + 1, total=n)) if bar else None
         if on_layer is None and say is not None:
             on_layer = _layer_line(time.perf_counter(), say)
-        report = compress_model(model, plan, batches, device=device, sink=sink,
+        report = compress_model(model, plan, batches, device=device, sink=sink, report=report, resume=resume,
                                 on_layer=_pausing(on_layer or (lambda index, total: None)))
     # CPU seconds: unlike wall time, not inflated by a busy machine
     return report, {"compression": time.process_time() - cpu_start}
@@ -113,7 +116,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
              device: str = "cpu", dtype: str = "float32", storage_dtype: str | None = None, overwrite: bool = False,
              merge: bool = False, progress: bool = True, trust_remote_code: bool = False,
              say: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None,
-             stream: bool = False, dry_run: bool = False) -> dict[str, Any]:
+             stream: bool = False, dry_run: bool = False, resume: bool = False) -> dict[str, Any]:
     """Compress ``model`` with ``recipe`` and write the result to ``out``; returns a summary.
     ``dtype``: the model's dtype while compressing; ``storage_dtype``: of the floating tensors written
     (None: ``dtype``). ``trust_remote_code``: run code shipped in the model directory (off unless asked
@@ -123,6 +126,9 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     activations. The summary's ``model`` is then the skeleton, without weights: load the output to use it.
     ``dry_run``: everything checked, then ``{"dry_run": plan.preview.preview(...)}`` returned; no weight or
     calibration text is read and nothing is written (the plan's warnings are in its ``warnings``).
+    ``resume``: continue the interrupted streamed run of ``out`` (implies ``stream``; ``io.resume``): every
+    streamed run records each finished layer in ``.NAME.partial`` beside ``out``, kept after an error or a
+    signal; the resumed output is the uninterrupted run's.
     ``warn``: receives the plan's warnings (``Plan.warnings``: e.g. a group size no serving stack can
     describe) once every check has passed, before any weight is read; default ``warnings.warn``
     (``CompressorWarning``)."""
@@ -147,7 +153,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
         report = preview(plan, skeleton, torch_dtype, stored, stream)
         report["warnings"] = list(plan.warnings())
         return {"dry_run": report, "plan": plan}
-    with io.OutputDirectory(out, overwrite, inputs) as output:  # reserved now, replaced at the end
+    stream = stream or resume
+    with io.OutputDirectory(out, overwrite, inputs, partial=stream, resume=resume) as output:  # replaced at the end
         for line in plan.warnings():
             if warn is None:
                 warnings.warn(line, CompressorWarning, stacklevel=2)
@@ -158,7 +165,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
         seconds: dict[str, float] = {}
         start = time.perf_counter()
         if stream:
-            loaded, tokenizer, _ = streaming.open_streamed(model, torch_dtype, trust_remote_code)
+            loaded, tokenizer, folder = streaming.open_streamed(model, torch_dtype, trust_remote_code)
             shards = ShardWriter(output.tmp, plan_layers(loaded), stored, merge)
         else:
             loaded, tokenizer = models.load(model, torch_dtype, "cpu", trust_remote_code=trust_remote_code)
@@ -169,12 +176,38 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
         batches = calibration_batches(plan, tokenizer, found)
         seconds["calibration_data"] = time.perf_counter() - start
         start = time.perf_counter()
-        report, cpu_seconds = run_plan(loaded, plan, batches, compute, progress, say, sink=shards)
+        report, sink, record, walk_resume = Report(), shards, None, None
+        if stream:
+            options = {"dtype": dtype, "storage_dtype": storage_dtype, "merge": merge}
+            record = Resume(output.tmp, fingerprint(folder, plan.applied_recipe(), options, batches))
+            if record.exists():  # only with --resume (OutputDirectory refuses a recorded run otherwise)
+                first, hidden, log, reshaped = record.restore(loaded, shards, record.read(), torch_dtype)
+                report.log.extend(log)
+                report.reshaped.update(reshaped)
+                walk_resume = (first, hidden)
+                if say is not None:
+                    say(f"resuming: {first} of {plan_layers(loaded)} decoder layers were done")
+
+            def sink(index, prefix, layer, next_inputs):
+                shards(index, prefix, layer)
+                record.save(index, prefix, layer, next_inputs, shards, report.log, report.reshaped)
+                io.pause_for_tests("recorded")  # the resume tests' hook: a layer is durably done
+        try:
+            report, cpu_seconds = run_plan(loaded, plan, batches, compute, progress, say, sink=sink, report=report,
+                                           resume=walk_resume)
+        except (KeyboardInterrupt, Terminated) as exc:
+            if record is not None and record.exists():
+                exc.resume_hint = (f"{json.loads((record.path / 'state.json').read_text())['layers_done']} "
+                                   f"decoder layers are done and kept in {output.tmp}; run the same command "
+                                   "with --resume to continue")
+            raise
         seconds["compression"] = time.perf_counter() - start
         manifest = manifest_of(model, recipe_name, plan, dtype, before, loaded, report)
         start = time.perf_counter()
         io.save(loaded, tokenizer, output, manifest, report.log, merge=merge, reshaped=report.reshaped,
                 storage_dtype=stored, shards=shards)
+        if record is not None:
+            record.finish()
         seconds["save"] = time.perf_counter() - start
     return {"out": str(out), "params_before": before["params"], "params_after": manifest["params_after"],
             "seconds": seconds, "cpu_seconds": cpu_seconds, "walk_seconds": dict(report.seconds),

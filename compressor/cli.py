@@ -39,11 +39,11 @@ def _guard(command: Callable) -> Callable:
             raise
         except CompressorError as exc:
             _error(f"error: {one_line(exc)}")
-        except Terminated:
-            _error("error: terminated (SIGTERM); nothing was written")
+        except Terminated as exc:
+            _error(f"error: terminated (SIGTERM); {_stopped(exc)}")
             raise typer.Exit(143)
-        except KeyboardInterrupt:
-            _error("error: interrupted (Ctrl-C); nothing was written")
+        except KeyboardInterrupt as exc:
+            _error(f"error: interrupted (Ctrl-C); {_stopped(exc)}")
             raise typer.Exit(130)
         except Exception as exc:  # a bug, or an input we did not foresee: still one line
             if os.environ.get("COMPRESSOR_DEBUG"):
@@ -52,6 +52,11 @@ def _guard(command: Callable) -> Callable:
         raise typer.Exit(1)
 
     return wrapper
+
+
+def _stopped(exc: BaseException) -> str:
+    """What an interruption left: nothing, or (a streamed run) the layers kept for ``--resume``."""
+    return getattr(exc, "resume_hint", None) or "nothing was written"
 
 
 def _error(line: str) -> None:
@@ -90,6 +95,8 @@ def compress(
     stream: Annotated[bool, typer.Option(help="keep the weights on disk: read one decoder layer at a time and "
                                          "write each as it is done (peak memory about one layer; needs "
                                          "safetensors)")] = False,
+    resume: Annotated[bool, typer.Option(help="continue the interrupted --stream run of --out where it stopped "
+                                         "(implies --stream; the same command otherwise)")] = False,
     dry_run: Annotated[bool, typer.Option(help="print the plan (targets, ranks, parameters and bytes, "
                                           "calibration tokens, estimated peak memory) and stop; reads no "
                                           "weights or data, writes nothing")] = False,
@@ -105,7 +112,7 @@ def compress(
     summary = run(model, recipe, out, overrides=overrides, device=device, dtype=dtype, storage_dtype=storage_dtype,
                   overwrite=overwrite, merge=merge, progress=bar, trust_remote_code=trust_remote_code,
                   say=None if quiet or dry_run else _say, warn=lambda line: _error(f"warning: {line}"),
-                  stream=stream, dry_run=dry_run)
+                  stream=stream, dry_run=dry_run, resume=resume)
     if dry_run:
         from .plan.preview import lines
 

@@ -128,12 +128,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench-memory.json")
+    parser.add_argument("--hidden", type=int, default=WIDTH["hidden_size"], help="a narrower model (quick check)")
     args = parser.parse_args()
+    if args.hidden != WIDTH["hidden_size"]:  # same shape ratios: intermediate 4×, 64-dim heads, 4 queries per KV
+        WIDTH.update(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                     num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 256)
     from compressor.model import loading
 
     checkpoints = {}
     for n in args.layers:
-        folder = loading.cache_dir() / "bench-memory" / f"llama-1b-width-{n}-layers-bf16"
+        folder = loading.cache_dir() / "bench-memory" / f"llama-hidden-{WIDTH['hidden_size']}-{n}-layers-bf16"
         folder.parent.mkdir(parents=True, exist_ok=True)
         checkpoints[n] = write_checkpoint(folder, n)
     rows = []
@@ -165,6 +169,7 @@ def main() -> None:
 def run_isolated(checkpoint: Path, recipe: str, n_layers: int) -> dict:
     """``run`` in a fresh Python process of its own, so ``RUSAGE_CHILDREN`` sees only that compression."""
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import bench_memory as b; "
+            f"b.WIDTH.update({WIDTH!r}); "
             f"from pathlib import Path; print(json.dumps(b.run(Path({str(checkpoint)!r}), {recipe!r}, {n_layers})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))

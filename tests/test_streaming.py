@@ -152,3 +152,60 @@ def test_streamed_fisher_recipe_is_refused(model_dirs, tmp_path, small):
     with pytest.raises(CompressorError, match="without --stream"):
         compress(str(model_dirs["llama"]), "fwsvd", out, overrides=small, progress=False, stream=True)
     assert not out.exists()
+
+
+def _cli(args, env_extra=None, pause=None):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "compressor.cli", "compress", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_interrupted_streamed_run_resumes_to_identical_output(model_dirs, tmp_path, small):
+    import signal
+    import time
+
+    folder = model_dirs["llama"]
+    args = [str(folder), "--recipe", "rtn-w4-eora-r64", "--quiet", "--set", "steps.0.config.group_size=32",
+            "--set", "steps.1.config.rank=8", *[a for o in small for a in ("--set", o)]]
+    reference = tmp_path / "reference"
+    done = _cli([*args, "--out", str(reference), "--stream"])
+    assert done.wait(300) == 0, done.stderr.read()
+    out = tmp_path / "out"
+    go = tmp_path / "go"
+    child = _cli([*args, "--out", str(out), "--stream"],
+                 {"COMPRESSOR_TEST_PAUSE": "recorded", "COMPRESSOR_TEST_RESUME": str(go)})
+    deadline = time.monotonic() + 300
+    line = child.stdout.readline()
+    while "paused at recorded" not in line and time.monotonic() < deadline and line:
+        line = child.stdout.readline()
+    assert "paused at recorded" in line
+    child.send_signal(signal.SIGINT)  # a real signal, after layer 0 of 2 is durably recorded
+    assert child.wait(120) == 130
+    message = child.stderr.read()
+    assert "1 decoder layers are done" in message and "--resume" in message
+    assert not out.exists()
+    partial = tmp_path / ".out.partial"
+    assert (partial / ".resume" / "state.json").is_file()
+    # without --resume the recorded run is neither overwritten nor removed
+    again = _cli([*args, "--out", str(out), "--stream"])
+    assert again.wait(300) == 1 and "--resume" in again.stderr.read()
+    assert (partial / ".resume" / "state.json").is_file()
+    # another recipe is refused: its fingerprint differs
+    other = _cli([*args, "--out", str(out), "--resume", "--set", "steps.1.config.rank=4"])
+    assert other.wait(300) == 1 and "fingerprint differs" in other.stderr.read()
+    resumed = _cli([*args, "--out", str(out), "--resume"])
+    assert resumed.wait(300) == 0, resumed.stderr.read()
+    assert not partial.exists() and not (out / ".resume").exists()
+    expected, got = tensors(reference), tensors(out)
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    adapter = [load_file(str(o / "adapter" / "adapter_model.safetensors")) for o in (reference, out)]
+    assert sorted(adapter[1]) == sorted(adapter[0]) and all(torch.equal(adapter[1][k], adapter[0][k]) for k in adapter[0])
+    manifests = [json.loads((o / "compression.json").read_text()) for o in (reference, out)]
+    assert manifests[1] == manifests[0]
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+             for line in (o / "compression_log.jsonl").read_text().splitlines()] for o in (reference, out)]
+    assert logs[1] == logs[0]

@@ -84,6 +84,11 @@ def _state(out: Path) -> tuple | None:
     return st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns, entries
 
 
+def partial_path(out: Path) -> Path:
+    """Where a streamed run of ``out`` works (kept after an interruption, for ``--resume``)."""
+    return out.parent / f".{out.name[:_NAME_LIMIT]}.partial"
+
+
 def check_output(out: Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
     """Fail early (before any work) if ``out`` cannot be (re)placed by this run."""
     out = Path(os.path.abspath(out))
@@ -154,8 +159,10 @@ class OutputDirectory:
     """``with OutputDirectory(out, overwrite, inputs) as output:`` write into ``output.tmp``; on a clean exit
     it replaces ``out`` (``commit``), on an error or signal it is removed."""
 
-    def __init__(self, out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> None:
+    def __init__(self, out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = (),
+                 partial: bool = False, resume: bool = False) -> None:
         self.path = Path(os.path.abspath(Path(out).expanduser()))
+        self.partial, self.resume = partial, resume
         self.overwrite = overwrite
         self.inputs = list(inputs)
         self.tmp: Path | None = None
@@ -174,8 +181,19 @@ class OutputDirectory:
             for parent in reversed(missing):
                 parent.mkdir()
                 self._created.append(parent)
-            prefix = f"{sibling_prefix(self.path, TMP)}{os.getpid()}-"
-            self.tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.path.parent))
+            if self.partial:
+                self.tmp = partial_path(self.path)
+                recorded = (self.tmp / ".resume" / "state.json").is_file()
+                if recorded and not self.resume:
+                    self.tmp = None  # hours of work, perhaps: never removed unasked
+                    raise CompressorError(f"an interrupted run of --out {self.path} is in {partial_path(self.path)}: "
+                                          "continue it with --resume, or remove that directory to start over")
+                if self.tmp.exists() and not recorded:  # a run that died before finishing a layer
+                    shutil.rmtree(self.tmp)
+                self.tmp.mkdir(exist_ok=True)
+            else:
+                prefix = f"{sibling_prefix(self.path, TMP)}{os.getpid()}-"
+                self.tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.path.parent))
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output is an ordinary directory
@@ -207,6 +225,9 @@ class OutputDirectory:
         return self.path
 
     def _discard(self) -> None:
+        if self.tmp is not None and self.partial and (self.tmp / ".resume" / "state.json").is_file():
+            self.tmp = None  # a streamed run with layers done: kept for --resume
+            return
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None

@@ -50,7 +50,7 @@ class ShardWriter:
             self.weight_map[key] = name
             self.total_size += value.numel() * value.element_size()
 
-    def __call__(self, index: int, prefix: str, layer: nn.Module) -> None:
+    def __call__(self, index: int, prefix: str, layer: nn.Module, next_inputs: Any = None) -> None:
         """Write decoder layer ``index`` (the walk's ``sink``)."""
         modules = compressed_modules(layer)
         if self.merge:  # dense weights written; the layer keeps its compressed modules (the manifest counts them)

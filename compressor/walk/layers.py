@@ -203,12 +203,16 @@ class Visit:
 def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: torch.device,
          propagate: str = "compressed", offload: torch.device | None = None,
          last_layer: int | None = None, seconds: dict[str, float] | None = None,
-         sink: Callable[[int, str, nn.Module], None] | None = None) -> Iterator[Visit]:
+         sink: Callable[[int, str, nn.Module, dict[str, list[LayerInput]]], None] | None = None,
+         resume: tuple[int, dict[str, list[Tensor]]] | None = None) -> Iterator[Visit]:
     """Visit decoder layers 0 … ``last_layer`` (default: all) in order, each on ``device`` in turn.
 
     ``streams``: stream name → token ids (batch, seq) of a calibration set; None or {} for a data-free
     walk (no forward passes; a visit then only swaps modules). Layers after ``last_layer`` never run.
     ``seconds`` (if given) gets the time of the input capture and of the propagation between layers.
+    ``sink(index, prefix, layer, next_inputs)`` sees each finished layer and the next layer's inputs.
+    ``resume``: (first layer, stream → its hidden states per batch) continues an interrupted walk there
+    (the inputs' other arguments, masks and position embeddings, are captured again).
     """
     offload = offload or torch.device("cpu")
     prefix, layers = decoder_layers(model)
@@ -220,7 +224,12 @@ def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: t
         inputs = {name: capture_inputs(model, layers, batches, device, offload)
                   for name, batches in sorted((streams or {}).items())}
         seconds["capture"] = seconds.get("capture", 0.0) + time.perf_counter() - start
-        for index in range(last + 1):
+        first = 0
+        if resume is not None:
+            first, hidden = resume
+            inputs = {name: [LayerInput(h, item.args, item.kwargs) for h, item in zip(hidden[name], items)]
+                      for name, items in inputs.items()}
+        for index in range(first, last + 1):
             if source is not None:
                 source.materialize(layers[index])
             layer = layers[index].to(device)
@@ -231,7 +240,7 @@ def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: t
             inputs = visit.next_inputs() if index < last else {}  # the last visited layer's outputs go nowhere
             seconds["propagation"] = seconds.get("propagation", 0.0) + time.perf_counter() - start
             if sink is not None:
-                sink(index, f"{prefix}.{index}", layers[index])
+                sink(index, f"{prefix}.{index}", layers[index], inputs)
             layers[index].to(offload)
             if source is not None:
                 source.release(layers[index])

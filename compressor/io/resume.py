@@ -1,0 +1,165 @@
+"""Resuming an interrupted streamed run (``compress --stream``; ``--resume`` continues it).
+
+A streamed run works in ``.NAME.partial`` beside ``--out`` (not a temporary directory: it survives an
+error, a signal or a crash) and, after each decoder layer, makes a durable record in its ``.resume/``
+folder, each file written to a temporary name, flushed and renamed, the state last:
+
+- ``hidden-<next layer>.safetensors``: every calibration stream's inputs of the next layer
+  (``<stream>.<batch>``); the other arguments (masks, position embeddings) are captured again on resume;
+- ``lora-<layer>.safetensors``: the layer's compensation paths (for the adapter written at the end);
+- ``state.json``: the fingerprint, the layers done, the log so far, the specs of the compressed and
+  reshaped modules of the finished layers, and the output shards' index so far.
+
+The layer's own tensors are already in their output shard (``io.shards``). ``--resume`` checks the
+fingerprint (the model's config and weight files, the recipe as applied, the dtypes, ``--merge``, the
+calibration token ids and the package version), runs the model-level decisions again (deterministic),
+rebuilds the finished layers' modules on the meta device from their specs, and continues the walk at the
+next layer: the output is the uninterrupted run's, bit for bit. At the end ``.resume/`` is removed and the
+directory renamed to ``--out``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from ..errors import CompressorError, one_line
+from ..model.modules import from_spec, spec_of
+from .checkpoint import compressed_modules
+
+STATE_DIR = ".resume"
+STATE = "state.json"
+VERSION = 1
+
+
+def fingerprint(folder: Path, recipe: dict[str, Any], options: dict[str, Any],
+                batches: dict[str, list[torch.Tensor]]) -> str:
+    """A hex key of everything the output depends on: model files, recipe, options, calibration ids."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"recipe": recipe, "options": options, "version": __version__},
+                             sort_keys=True, default=str).encode())
+    digest.update((folder / "config.json").read_bytes())
+    for file in sorted(folder.glob("*.safetensors")):
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for name in sorted(batches):
+        for ids in batches[name]:
+            digest.update(name.encode())
+            digest.update(ids.to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _durable(path: Path, write) -> None:
+    """``write(tmp)`` then flush to disk and rename onto ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class Resume:
+    """The ``.resume/`` record of one streamed run in ``folder`` (its partial output directory)."""
+
+    def __init__(self, folder: Path, key: str) -> None:
+        self.folder, self.key = Path(folder), key
+        self.path = self.folder / STATE_DIR
+        self.specs: dict[str, dict[str, Any]] = {}  # finished layers' compressed and reshaped modules
+        self.reshaped: list[str] = []
+        self.loras: dict[str, dict[str, Any]] = {}  # name → rank, dense class, file
+
+    def exists(self) -> bool:
+        return (self.path / STATE).is_file()
+
+    def read(self) -> dict[str, Any]:
+        """The recorded state, checked against this run's fingerprint."""
+        try:
+            state = json.loads((self.path / STATE).read_text())
+            done = int(state["layers_done"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CompressorError(f"{self.path / STATE}: the interrupted run's record is unreadable "
+                                  f"({one_line(exc)}); remove {self.folder} to start over") from None
+        if state.get("version") != VERSION or state.get("fingerprint") != self.key:
+            raise CompressorError(f"{self.folder} holds an interrupted run of another model, recipe, calibration "
+                                  "or options (its fingerprint differs); run the original command with --resume, "
+                                  f"or remove {self.folder} to start over")
+        if done < 1:
+            raise CompressorError(f"{self.path / STATE}: no layer recorded; remove {self.folder} to start over")
+        return state
+
+    def save(self, index: int, prefix: str, layer: nn.Module, next_inputs: dict[str, list[Any]], shards: Any,
+             log: list[dict[str, Any]], reshaped: dict[str, nn.Module]) -> None:
+        """Record decoder layer ``index`` as done (after its shard is written)."""
+        self.path.mkdir(exist_ok=True)
+        specs = {f"{prefix}.{name}": module.spec() for name, module in compressed_modules(layer).items()}
+        for name in reshaped:
+            if name.startswith(prefix + ".") and not any(name == s or name.startswith(f"{s}.") for s in specs):
+                specs[name] = spec_of(reshaped[name])
+                self.reshaped.append(name)
+        self.specs.update(specs)
+        hidden = {f"{stream}.{i}": item.hidden.contiguous() for stream, items in next_inputs.items()
+                  for i, item in enumerate(items)}
+        hidden_file = f"hidden-{index + 1:05d}.safetensors"  # the inputs of the next layer
+        _durable(self.path / hidden_file, lambda tmp: save_file(hidden, str(tmp)))
+        loras = {name: lora for name, lora in shards.loras.items() if name.startswith(prefix + ".")}
+        if loras:
+            file = f"lora-{index:05d}.safetensors"
+            tensors = {f"{name}.{part}": getattr(lora, part).weight.detach().contiguous()
+                       for name, lora in loras.items() for part in ("down", "up")}
+            _durable(self.path / file, lambda tmp: save_file(tensors, str(tmp)))
+            self.loras.update({name: {"spec": lora.spec(), "file": file} for name, lora in loras.items()})
+        state = {"version": VERSION, "fingerprint": self.key, "layers_done": index + 1, "log": log,
+                 "hidden": hidden_file,
+                 "specs": self.specs, "reshaped": self.reshaped, "loras": self.loras,
+                 "shards": {"weight_map": shards.weight_map, "total_size": shards.total_size,
+                            "written": sorted(shards.written), "merged_specs": shards.merged_specs}}
+        _durable(self.path / STATE, lambda tmp: tmp.write_text(json.dumps(state)))
+        for old in self.path.glob("hidden-*.safetensors"):
+            if old.name != hidden_file:
+                old.unlink()
+
+    def restore(self, model: nn.Module, shards: Any, state: dict[str, Any], dtype: torch.dtype
+                ) -> tuple[int, dict[str, list[torch.Tensor]], list[dict[str, Any]], dict[str, nn.Module]]:
+        """Put a recorded run back: the finished layers' modules (on meta) into ``model``, the shard writer's
+        index and compensation paths; returns (next layer, stream → hidden states, log, reshaped)."""
+        self.specs, self.reshaped, self.loras = state["specs"], state["reshaped"], state["loras"]
+        try:
+            for name, spec in sorted(self.specs.items(), key=lambda item: item[0].count(".")):
+                model.set_submodule(name, from_spec(spec, dtype=dtype, device="meta"))
+            recorded = state["shards"]
+            shards.weight_map, shards.total_size = dict(recorded["weight_map"]), int(recorded["total_size"])
+            shards.written, shards.merged_specs = set(recorded["written"]), dict(recorded["merged_specs"])
+            files = {entry["file"] for entry in self.loras.values()}
+            tensors = {key: value for file in sorted(files) for key, value in load_file(str(self.path / file)).items()}
+            for name, entry in self.loras.items():
+                lora = from_spec(entry["spec"], dtype=tensors[f"{name}.down"].dtype)
+                lora.down.weight.data.copy_(tensors[f"{name}.down"])
+                lora.up.weight.data.copy_(tensors[f"{name}.up"])
+                shards.loras[name] = lora
+            stored = load_file(str(self.path / state["hidden"]))
+        except (OSError, KeyError, ValueError, TypeError, AttributeError, RuntimeError) as exc:
+            raise CompressorError(f"{self.path}: the interrupted run's record does not fit this model "
+                                  f"({one_line(exc)}); remove {self.folder} to start over") from None
+        missing = [name for name in sorted(shards.weight_map.values()) if not (self.folder / name).is_file()]
+        if missing:
+            raise CompressorError(f"{self.folder}: shard {missing[0]} of a finished layer is missing; remove "
+                                  f"{self.folder} to start over")
+        hidden: dict[str, list[torch.Tensor]] = {}
+        for key in sorted(stored, key=lambda k: (k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1]))):
+            stream, _ = key.rsplit(".", 1)
+            hidden.setdefault(stream, []).append(stored[key])
+        reshaped = {name: model.get_submodule(name) for name in self.reshaped}
+        return int(state["layers_done"]), hidden, list(state["log"]), reshaped
+
+    def finish(self) -> None:
+        """The run is complete: its record goes (the directory becomes the output)."""
+        shutil.rmtree(self.path, ignore_errors=True)
