@@ -31,6 +31,7 @@ from .plan.preview import preview
 from .plan.recipe import Recipe
 from .ranks.uniform import reduction
 from .walk.compress import Report, compress_model
+from .walk.spill import Spill, parse_size
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:
@@ -77,7 +78,7 @@ def _layer_line(start: float, say: Callable[[str], None]) -> Callable[[int, int]
 def run_plan(model: torch.nn.Module, plan: Plan, batches: dict[str, list[torch.Tensor]], device: torch.device,
              progress: bool = False, say: Callable[[str], None] | None = None,
              sink: Callable | None = None, report: Report | None = None,
-             resume: tuple | None = None) -> tuple[Report, dict[str, float]]:
+             resume: tuple | None = None, spill: Spill | None = None) -> tuple[Report, dict[str, float]]:
     """Decisions and the layer walk on ``model`` in place; (report, CPU seconds of all threads). ``progress``:
     a progress bar with an ETA (a terminal); else ``say`` gets one line per layer with an ETA."""
     cpu_start = time.process_time()
@@ -87,6 +88,7 @@ def run_plan(model: torch.nn.Module, plan: Plan, batches: dict[str, list[torch.T
         if on_layer is None and say is not None:
             on_layer = _layer_line(time.perf_counter(), say)
         report = compress_model(model, plan, batches, device=device, sink=sink, report=report, resume=resume,
+                                spill=spill,
                                 on_layer=_pausing(on_layer or (lambda index, total: None)))
     # CPU seconds: unlike wall time, not inflated by a busy machine
     return report, {"compression": time.process_time() - cpu_start}
@@ -116,7 +118,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
              device: str = "cpu", dtype: str = "float32", storage_dtype: str | None = None, overwrite: bool = False,
              merge: bool = False, progress: bool = True, trust_remote_code: bool = False,
              say: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None,
-             stream: bool = False, dry_run: bool = False, resume: bool = False) -> dict[str, Any]:
+             stream: bool = False, dry_run: bool = False, resume: bool = False,
+             max_memory: str | None = None) -> dict[str, Any]:
     """Compress ``model`` with ``recipe`` and write the result to ``out``; returns a summary.
     ``dtype``: the model's dtype while compressing; ``storage_dtype``: of the floating tensors written
     (None: ``dtype``). ``trust_remote_code``: run code shipped in the model directory (off unless asked
@@ -129,6 +132,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     ``resume``: continue the interrupted streamed run of ``out`` (implies ``stream``; ``io.resume``): every
     streamed run records each finished layer in ``.NAME.partial`` beside ``out``, kept after an error or a
     signal; the resumed output is the uninterrupted run's.
+    ``max_memory`` ("8GB"): the calibration activations the layer walk holds past this budget go to disk
+    (``walk.spill``; the values are unchanged).
     ``warn``: receives the plan's warnings (``Plan.warnings``: e.g. a group size no serving stack can
     describe) once every check has passed, before any weight is read; default ``warnings.warn``
     (``CompressorWarning``)."""
@@ -154,6 +159,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
         report["warnings"] = list(plan.warnings())
         return {"dry_run": report, "plan": plan}
     stream = stream or resume
+    budget = parse_size(max_memory) if max_memory is not None else None
     with io.OutputDirectory(out, overwrite, inputs, partial=stream, resume=resume) as output:  # replaced at the end
         for line in plan.warnings():
             if warn is None:
@@ -192,15 +198,19 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
                 shards(index, prefix, layer)
                 record.save(index, prefix, layer, next_inputs, shards, report.log, report.reshaped)
                 io.pause_for_tests("recorded")  # the resume tests' hook: a layer is durably done
+        spill = Spill(budget, output.tmp) if budget is not None else None
         try:
             report, cpu_seconds = run_plan(loaded, plan, batches, compute, progress, say, sink=sink, report=report,
-                                           resume=walk_resume)
+                                           resume=walk_resume, spill=spill)
         except (KeyboardInterrupt, Terminated) as exc:
             if record is not None and record.exists():
                 exc.resume_hint = (f"{json.loads((record.path / 'state.json').read_text())['layers_done']} "
                                    f"decoder layers are done and kept in {output.tmp}; run the same command "
                                    "with --resume to continue")
             raise
+        finally:
+            if spill is not None:
+                spill.close()
         seconds["compression"] = time.perf_counter() - start
         manifest = manifest_of(model, recipe_name, plan, dtype, before, loaded, report)
         start = time.perf_counter()

@@ -95,6 +95,8 @@ def compress(
     stream: Annotated[bool, typer.Option(help="keep the weights on disk: read one decoder layer at a time and "
                                          "write each as it is done (peak memory about one layer; needs "
                                          "safetensors)")] = False,
+    max_memory: Annotated[Optional[str], typer.Option(help="memory budget of the calibration activations "
+                                                      "(e.g. 8GB); beyond it they go to disk")] = None,
     resume: Annotated[bool, typer.Option(help="continue the interrupted --stream run of --out where it stopped "
                                          "(implies --stream; the same command otherwise)")] = False,
     dry_run: Annotated[bool, typer.Option(help="print the plan (targets, ranks, parameters and bytes, "
@@ -112,7 +114,7 @@ def compress(
     summary = run(model, recipe, out, overrides=overrides, device=device, dtype=dtype, storage_dtype=storage_dtype,
                   overwrite=overwrite, merge=merge, progress=bar, trust_remote_code=trust_remote_code,
                   say=None if quiet or dry_run else _say, warn=lambda line: _error(f"warning: {line}"),
-                  stream=stream, dry_run=dry_run, resume=resume)
+                  stream=stream, dry_run=dry_run, resume=resume, max_memory=max_memory)
     if dry_run:
         from .plan.preview import lines
 

@@ -209,3 +209,34 @@ def test_interrupted_streamed_run_resumes_to_identical_output(model_dirs, tmp_pa
     logs = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
              for line in (o / "compression_log.jsonl").read_text().splitlines()] for o in (reference, out)]
     assert logs[1] == logs[0]
+
+
+@pytest.mark.parametrize("propagate", ["compressed", "original"])
+def test_spilled_activations_give_the_same_output(model_dirs, tmp_path, small, ids, monkeypatch, propagate):
+    from compressor.walk import spill as spill_module
+
+    written = []
+    store = spill_module.Spill.store
+
+    def counting(self, tensor):
+        mapped = store(self, tensor)
+        written.append(mapped is not tensor)
+        return mapped
+
+    monkeypatch.setattr(spill_module.Spill, "store", counting)
+    overrides = [*small, f"propagate={propagate}"]
+    memory = tmp_path / "memory"
+    compress(str(model_dirs["mistral"]), "lord", memory, overrides=overrides, progress=False)
+    spilled = tmp_path / "spilled"
+    compress(str(model_dirs["mistral"]), "lord", spilled, overrides=overrides, progress=False, stream=True,
+             max_memory="1KB")
+    assert written and all(written)  # every hidden state went to disk
+    assert not any(p.name.startswith("compressor-spill-") for p in spilled.iterdir())
+    expected, got = tensors(memory), tensors(spilled)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_max_memory_must_be_a_size(model_dirs, tmp_path, small):
+    with pytest.raises(CompressorError, match="not a size"):
+        compress(str(model_dirs["llama"]), "lord", tmp_path / "o", overrides=small, progress=False, max_memory="lots")
+    assert not (tmp_path / "o").exists()

@@ -51,7 +51,7 @@ def compress_model(model: nn.Module, plan: Plan, batches: dict[str, list[Tensor]
                    device: torch.device, offload: torch.device | None = None,
                    on_layer: Callable[[int, int], None] | None = None, log_file=None,
                    sink: Callable | None = None, report: Report | None = None,
-                   resume: tuple[int, dict[str, list[Tensor]]] | None = None) -> Report:
+                   resume: tuple[int, dict[str, list[Tensor]]] | None = None, spill=None) -> Report:
     """Compress ``model`` in place by ``plan``; ``batches``: stream name → token ids (batch, seq);
     ``sink``: sees each finished layer (a streamed run's output writer, ``walk``'s sink); ``report`` and
     ``resume``: an interrupted run's report so far and where its walk continues (``walk``'s resume)."""
@@ -63,7 +63,7 @@ def compress_model(model: nn.Module, plan: Plan, batches: dict[str, list[Tensor]
         raise CompressorError(f"the plan's statistics need calibration data (stream {missing[0]!r}); none was given")
     streams = {name: batches[name] for name in plan.walk_streams()}
     for visit in walk(model, streams, device=device, propagate=plan.propagate, offload=offload,
-                      seconds=report.seconds, sink=sink, resume=resume):
+                      seconds=report.seconds, sink=sink, resume=resume, spill=spill):
         compress_layer(visit, plan, dtype, report, log_file)
         if on_layer:
             on_layer(visit.index, visit.n_layers)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..model.streaming import source_of
 from ..model.targets import decoder_layers
 from ..stats.hooks import Collector
+from .spill import Spill
 
 DEFAULT_STREAM = "default"
 
@@ -135,13 +136,14 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor
 
 
 def run_layer(layer: nn.Module, inputs: list[LayerInput], device: torch.device,
-              offload: torch.device) -> list[Tensor]:
-    """The layer's outputs (on offload) for every captured input."""
+              offload: torch.device, spill: Spill | None = None) -> list[Tensor]:
+    """The layer's outputs (on offload; to disk past the memory budget) for every captured input."""
     outputs = []
     for item in inputs:
         out = layer(item.hidden.to(device), *to_device(item.args, device), **to_device(item.kwargs, device))
         out = out[0] if isinstance(out, (tuple, list)) else out
-        outputs.append(out.to(offload))
+        out = out.to(offload)
+        outputs.append(spill.store(out) if spill is not None else out)
     return outputs
 
 
@@ -149,8 +151,9 @@ class Visit:
     """One decoder layer on the compute device, with every stream's inputs at it."""
 
     def __init__(self, index: int, n_layers: int, prefix: str, layer: nn.Module, streams: dict[str, Stream],
-                 device: torch.device, offload: torch.device, propagate: str) -> None:
+                 device: torch.device, offload: torch.device, propagate: str, spill: Spill | None = None) -> None:
         self.index, self.n_layers, self.prefix, self.layer = index, n_layers, prefix, layer
+        self.spill = spill
         self.streams, self.device, self.offload, self.propagate = streams, device, offload, propagate
         self.modified = False
 
@@ -165,10 +168,10 @@ class Visit:
         """Run the layer on one stream's inputs (statistics into ``collector``); its outputs (on offload)."""
         state = self.streams[stream]
         if collector is None:
-            state.outputs = run_layer(self.layer, state.inputs, self.device, self.offload)
+            state.outputs = run_layer(self.layer, state.inputs, self.device, self.offload, self.spill)
         else:
             with collector:
-                state.outputs = run_layer(self.layer, state.inputs, self.device, self.offload)
+                state.outputs = run_layer(self.layer, state.inputs, self.device, self.offload, self.spill)
         state.stale = False
         if not self.modified:
             state.original = state.outputs
@@ -204,7 +207,8 @@ def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: t
          propagate: str = "compressed", offload: torch.device | None = None,
          last_layer: int | None = None, seconds: dict[str, float] | None = None,
          sink: Callable[[int, str, nn.Module, dict[str, list[LayerInput]]], None] | None = None,
-         resume: tuple[int, dict[str, list[Tensor]]] | None = None) -> Iterator[Visit]:
+         resume: tuple[int, dict[str, list[Tensor]]] | None = None,
+         spill: Spill | None = None) -> Iterator[Visit]:
     """Visit decoder layers 0 … ``last_layer`` (default: all) in order, each on ``device`` in turn.
 
     ``streams``: stream name → token ids (batch, seq) of a calibration set; None or {} for a data-free
@@ -212,7 +216,8 @@ def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: t
     ``seconds`` (if given) gets the time of the input capture and of the propagation between layers.
     ``sink(index, prefix, layer, next_inputs)`` sees each finished layer and the next layer's inputs.
     ``resume``: (first layer, stream → its hidden states per batch) continues an interrupted walk there
-    (the inputs' other arguments, masks and position embeddings, are captured again).
+    (the inputs' other arguments, masks and position embeddings, are captured again). ``spill``: hidden
+    states past a memory budget go to disk (``walk.spill``).
     """
     offload = offload or torch.device("cpu")
     prefix, layers = decoder_layers(model)
@@ -229,12 +234,18 @@ def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: t
             first, hidden = resume
             inputs = {name: [LayerInput(h, item.args, item.kwargs) for h, item in zip(hidden[name], items)]
                       for name, items in inputs.items()}
+        if spill is not None:
+            spill.check(sum(item.hidden.numel() * item.hidden.element_size()
+                            for items in inputs.values() for item in items))
+            inputs = {name: [LayerInput(spill.store(item.hidden), item.args, item.kwargs) for item in items]
+                      for name, items in inputs.items()}
         for index in range(first, last + 1):
             if source is not None:
                 source.materialize(layers[index])
             layer = layers[index].to(device)
             visit = Visit(index, len(layers), f"{prefix}.{index}", layer,
-                          {name: Stream(items) for name, items in inputs.items()}, device, offload, propagate)
+                          {name: Stream(items) for name, items in inputs.items()}, device, offload, propagate,
+                          spill)
             yield visit
             start = time.perf_counter()
             inputs = visit.next_inputs() if index < last else {}  # the last visited layer's outputs go nowhere
