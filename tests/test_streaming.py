@@ -240,3 +240,38 @@ def test_max_memory_must_be_a_size(model_dirs, tmp_path, small):
     with pytest.raises(CompressorError, match="not a size"):
         compress(str(model_dirs["llama"]), "lord", tmp_path / "o", overrides=small, progress=False, max_memory="lots")
     assert not (tmp_path / "o").exists()
+
+
+def _peak_rss_mib(folder, out, overrides) -> float:
+    """Peak RSS (MiB) of one streamed ``compress`` in a fresh process of its own."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, resource, sys; from compressor import api; "
+            "api.compress(sys.argv[1], 'lord', sys.argv[2], overrides=json.loads(sys.argv[3]), progress=False, "
+            "stream=True); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", code, str(folder), str(out), json.dumps(overrides)],
+                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.strip().splitlines()[-1]) / 1024
+
+
+def test_streamed_peak_memory_does_not_grow_with_depth(tmp_path, tokenizer, small):
+    """Random Llamas of 2 and 8 layers (34 MiB of fp32 weights a layer, 204 MiB more for the deeper one in
+    memory): streamed, the deeper one's peak RSS grows by less than half of that. (Measured: about a third
+    of a layer per layer on these fp32 single-file checkpoints, none on sharded bf16 ones,
+    ``results/bench-memory-512.json``; the residue is open in the streaming issue.)"""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    peaks = {}
+    for n_layers in (2, 8):
+        config = LlamaConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=n_layers,
+                             num_attention_heads=12, num_key_value_heads=3, vocab_size=len(tokenizer),
+                             max_position_embeddings=128, tie_word_embeddings=True)
+        torch.manual_seed(0)
+        folder = tmp_path / f"llama-{n_layers}"
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        peaks[n_layers] = _peak_rss_mib(folder, tmp_path / f"out-{n_layers}", small)
+    assert peaks[8] - peaks[2] < 0.5 * 6 * 34, peaks  # in memory: all six more layers
