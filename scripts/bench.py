@@ -350,8 +350,9 @@ def stored_bits_per_weight(log: list[dict]) -> float | None:
     return 8 * sum(stored) / weights if weights and None not in stored else None
 
 
-def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu") -> dict:
-    """Compress, save, and evaluate one configuration (in this process)."""
+def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu", stream: bool = False) -> dict:
+    """Compress, save, and evaluate one configuration (in this process). ``stream``: compress with
+    ``--stream`` and evaluate the output as ``compressor.load`` reads it back."""
     from compressor import api
     from compressor.evaluate import bytes_on_disk, perplexity
     from compressor.plan import recipe as recipes
@@ -360,9 +361,13 @@ def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / name
         cpu = time.process_time()
-        summary = api.compress(MODEL, recipe, out, progress=False, device=device)
+        summary = api.compress(MODEL, recipe, out, progress=False, device=device, stream=stream)
         cpu = time.process_time() - cpu  # CPU seconds of all threads: unaffected by waiting (contention, SIGSTOP)
         disk = bytes_on_disk(out)
+        if stream:  # the run's model is a skeleton: its weights went to the output
+            import compressor
+
+            summary["model"] = compressor.load(out)
         log = [json.loads(line) for line in (out / "compression_log.jsonl").read_text().splitlines()]
     compression_rss = peak_rss_mib()  # high-water mark of load + calibration + walk + save
     # same process, right after the run (or None: the caller divides by the dense run's)
@@ -396,8 +401,9 @@ def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu
                           for d in summary["plan"].decisions()]}
 
 
-def subprocess_run(name: str, recipe_data: dict | None, speed: bool = True, device: str = "cpu") -> dict:
-    payload = json.dumps({"name": name, "recipe": recipe_data, "speed": speed, "device": device})
+def subprocess_run(name: str, recipe_data: dict | None, speed: bool = True, device: str = "cpu",
+                   stream: bool = False) -> dict:
+    payload = json.dumps({"name": name, "recipe": recipe_data, "speed": speed, "device": device, "stream": stream})
     done = subprocess.run([sys.executable, __file__, "--one", payload], capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         return {"name": name, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
@@ -412,6 +418,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep finished runs in the output file")
     parser.add_argument("--no-speed", action="store_true", help="skip each run's plain-forward measurement")
     parser.add_argument("--device", default="cpu", help="compute device of the compression (cpu, cuda, ...)")
+    parser.add_argument("--stream", action="store_true", help="compress with --stream (weights read per layer)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -421,7 +428,8 @@ def main() -> None:
         elif "fisher_pass" in job["recipe"]:
             result = run_fisher_pass(job["name"], job["recipe"]["fisher_pass"])
         else:
-            result = run_one(job["name"], job["recipe"], job.get("speed", True), job.get("device", "cpu"))
+            result = run_one(job["name"], job["recipe"], job.get("speed", True), job.get("device", "cpu"),
+                             job.get("stream", False))
         print(json.dumps(result))
         return
     out = args.out or ROOT / "results" / f"bench-{args.suite}.json"
@@ -446,7 +454,8 @@ def main() -> None:
         except KeyError as exc:  # the run it matches did not run or failed
             result = {"name": name, "error": f"needs the result of an earlier run: {exc}"}
         else:
-            result = subprocess_run(name, recipe_data, speed=not args.no_speed, device=args.device)
+            result = subprocess_run(name, recipe_data, speed=not args.no_speed, device=args.device,
+                                    stream=args.stream)
             dense = done.get("dense")
             if result.get("run_over_plain_forward", 0) is None and dense:
                 seconds = sum(v for k, v in result["seconds"].items() if k != "load")
