@@ -17,6 +17,7 @@ A parameter whose name the checkpoint spells with or without the model's ``base_
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import weakref
@@ -38,6 +39,7 @@ def return_freed_memory() -> None:
     a layer's freed tensors stay in the process's heap, fragmented, and the resident set grows by about
     a layer per layer walked even though nothing is held."""
     global _TRIM
+    gc.collect()  # tensors held only by reference cycles (a layer's hooks, visits) go now, not at some later pass
     if _TRIM is None:
         try:
             import ctypes
