@@ -200,22 +200,23 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
                 io.pause_for_tests("recorded")  # the resume tests' hook: a layer is durably done
         spill = Spill(budget, output.tmp) if budget is not None else None
         try:
-            report, cpu_seconds = run_plan(loaded, plan, batches, compute, progress, say, sink=sink, report=report,
-                                           resume=walk_resume, spill=spill)
-        except (KeyboardInterrupt, Terminated) as exc:
+            try:
+                report, cpu_seconds = run_plan(loaded, plan, batches, compute, progress, say, sink=sink,
+                                               report=report, resume=walk_resume, spill=spill)
+            finally:
+                if spill is not None:
+                    spill.close()
+            seconds["compression"] = time.perf_counter() - start
+            manifest = manifest_of(model, recipe_name, plan, dtype, before, loaded, report)
+            start = time.perf_counter()
+            io.save(loaded, tokenizer, output, manifest, report.log, merge=merge, reshaped=report.reshaped,
+                    storage_dtype=stored, shards=shards)
+        except (KeyboardInterrupt, Terminated) as exc:  # the walk or the save: a recorded run is kept
             if record is not None and record.exists():
                 exc.resume_hint = (f"{json.loads((record.path / 'state.json').read_text())['layers_done']} "
                                    f"decoder layers are done and kept in {output.tmp}; run the same command "
                                    "with --resume to continue")
             raise
-        finally:
-            if spill is not None:
-                spill.close()
-        seconds["compression"] = time.perf_counter() - start
-        manifest = manifest_of(model, recipe_name, plan, dtype, before, loaded, report)
-        start = time.perf_counter()
-        io.save(loaded, tokenizer, output, manifest, report.log, merge=merge, reshaped=report.reshaped,
-                storage_dtype=stored, shards=shards)
         if record is not None:
             record.finish()
         seconds["save"] = time.perf_counter() - start
