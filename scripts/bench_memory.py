@@ -93,14 +93,14 @@ def disk_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def run(checkpoint: Path, recipe: str, n_layers: int, stream: bool = True) -> dict:
+def run(checkpoint: Path, recipe: str, n_layers: int, stream: bool = True, dtype: str = "bfloat16") -> dict:
     """One compression in a subprocess: its peak RSS, wall time, time per layer."""
     with tempfile.TemporaryDirectory() as tmp:
         recipe_file = Path(tmp) / f"{recipe}.yaml"
         recipe_file.write_text(json.dumps(RECIPES[recipe]))  # JSON is YAML
         out = Path(tmp) / "out"
         command = [sys.executable, "-m", "compressor.cli", "compress", str(checkpoint), "--recipe",
-                   str(recipe_file), "--out", str(out), "--dtype", "bfloat16", "--quiet"]
+                   str(recipe_file), "--out", str(out), "--dtype", dtype, "--quiet"]
         if stream:
             command.append("--stream")
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -118,7 +118,7 @@ def run(checkpoint: Path, recipe: str, n_layers: int, stream: bool = True) -> di
         peak_mib = None  # an earlier child peaked higher; ru_maxrss of children is a maximum over all of them
     else:
         peak_mib = peak / 1024
-    return {"recipe": recipe, "layers": n_layers, "stream": stream, "peak_rss_mib": peak_mib,
+    return {"recipe": recipe, "layers": n_layers, "stream": stream, "dtype": dtype, "peak_rss_mib": peak_mib,
             "seconds": seconds, "seconds_per_layer": seconds / n_layers, "output_bytes": output_bytes,
             "params_before": manifest["params_before"], "params_after": manifest["params_after"]}
 
@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench-memory.json")
     parser.add_argument("--hidden", type=int, default=WIDTH["hidden_size"], help="a narrower model (quick check)")
+    parser.add_argument("--dtype", default="bfloat16", help="compute dtype (float32 is much faster on CPUs without "
+                        "bf16 units; the bf16 checkpoint is converted layer by layer)")
     args = parser.parse_args()
     if args.hidden != WIDTH["hidden_size"]:  # same shape ratios: intermediate 4×, 64-dim heads, 4 queries per KV
         WIDTH.update(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
@@ -144,7 +146,7 @@ def main() -> None:
     # the largest run first: ru_maxrss of children only grows, so each later (smaller) run is its own child
     for recipe in args.recipes:
         for n in sorted(args.layers):
-            row = run_isolated(checkpoints[n], recipe, n)
+            row = run_isolated(checkpoints[n], recipe, n, args.dtype)
             row["checkpoint_bytes"] = disk_bytes(checkpoints[n])
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -158,7 +160,8 @@ def main() -> None:
                 "rss_32_over_checkpoint": deep["peak_rss_mib"] * 2**20 / deep["checkpoint_bytes"],
                 "within_15_percent": deep["peak_rss_mib"] <= 1.15 * shallow["peak_rss_mib"],
                 "below_30_percent_of_checkpoint": deep["peak_rss_mib"] * 2**20 < 0.3 * deep["checkpoint_bytes"]}
-    result = {"what": "peak RSS of compressor compress --stream against depth (random Llama, 1B width, bf16)",
+    result = {"what": "peak RSS of compressor compress --stream against depth (random Llama, bf16 checkpoint)",
+              "dtype": args.dtype,
               "width": WIDTH, "recipes": RECIPES, "runs": rows, "verdicts": verdicts,
               "environment": {"torch": torch.__version__, "python": platform.python_version(),
                               "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count()}}
@@ -166,11 +169,11 @@ def main() -> None:
     print(json.dumps(verdicts, indent=2))
 
 
-def run_isolated(checkpoint: Path, recipe: str, n_layers: int) -> dict:
+def run_isolated(checkpoint: Path, recipe: str, n_layers: int, dtype: str = "bfloat16") -> dict:
     """``run`` in a fresh Python process of its own, so ``RUSAGE_CHILDREN`` sees only that compression."""
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import bench_memory as b; "
             f"b.WIDTH.update({WIDTH!r}); "
-            f"from pathlib import Path; print(json.dumps(b.run(Path({str(checkpoint)!r}), {recipe!r}, {n_layers})))")
+            f"from pathlib import Path; print(json.dumps(b.run(Path({str(checkpoint)!r}), {recipe!r}, {n_layers}, dtype={dtype!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if done.returncode:
