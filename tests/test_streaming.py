@@ -257,6 +257,41 @@ def _peak_rss_mib(folder, out, overrides) -> float:
     return int(done.stdout.strip().splitlines()[-1]) / 1024
 
 
+def test_streamed_run_holds_one_layer_of_weights(model_dirs, tmp_path, small, monkeypatch):
+    """At no point of a streamed run are more weights materialized than the largest of: one decoder layer
+    (with its replacements), or the modules outside the stack (while the inputs are captured)."""
+    from compressor.model.architecture import decoder_layers
+
+    held, peak = {}, [0]
+    materialize, release = streaming.LayerSource.materialize, streaming.LayerSource.release
+
+    def live(model) -> int:
+        tensors = {id(t): t for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta"}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def counting(self, *modules):
+        materialize(self, *modules)
+        held["model"] = self.model
+        peak[0] = max(peak[0], live(self.model))
+
+    def counting_release(self, *modules):
+        peak[0] = max(peak[0], live(self.model))  # a layer with its replacements, before it goes
+        release(self, *modules)
+
+    monkeypatch.setattr(streaming.LayerSource, "materialize", counting)
+    monkeypatch.setattr(streaming.LayerSource, "release", counting_release)
+    compress(str(model_dirs["llama"]), "lord", tmp_path / "out", overrides=small, progress=False, stream=True)
+    model = held["model"]
+    _, layers = decoder_layers(model)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    layer_bytes = 4 * sum(int(torch.Size(s).numel()) for n, s in shapes.items() if ".layers.0." in n)
+    outside = 4 * sum(int(torch.Size(s).numel()) for n, s in shapes.items() if ".layers." not in n)
+    buffers = sum(t.numel() * t.element_size() for t in model.buffers() if t.device.type != "meta")
+    assert 0 < peak[0] <= max(2 * layer_bytes, outside) + buffers, (peak[0], layer_bytes, outside)
+    assert len(layers) == 2 and peak[0] < 2 * layer_bytes + outside  # never both layers and the embeddings
+
+
+@pytest.mark.slow
 def test_streamed_peak_memory_does_not_grow_with_depth(tmp_path, tokenizer, small):
     """Random Llamas of 2 and 8 layers (34 MiB of fp32 weights a layer, 204 MiB more for the deeper one in
     memory): streamed, the deeper one's peak RSS grows by less than half of that. (Measured: about a third
