@@ -25,6 +25,7 @@ from .io.shards import ShardWriter
 from .model import loading as models
 from .model import streaming
 from .model.architecture import decoder_layers
+from .model.loading import tensor_bytes
 from .plan import recipe as recipes
 from .plan.compile import Plan, compile_plan
 from .plan.preview import preview
@@ -32,12 +33,6 @@ from .plan.recipe import Recipe
 from .ranks.uniform import reduction
 from .walk.compress import Report, compress_model
 from .walk.spill import Spill, parse_size
-
-
-def tensor_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the distinct parameters and buffers (packed quantized weights are buffers)."""
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _progress(enabled: bool):
@@ -153,12 +148,12 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     inputs = [models.resolve(model)[0], *(cal.dataset for cal in plan.data_streams().values())]
     if recipe_name != "<object>":
         inputs.append(recipe_name)
+    stream = stream or resume
     if dry_run:
         io.check_output(Path(out), overwrite, inputs)
         report = preview(plan, skeleton, torch_dtype, stored, stream)
         report["warnings"] = list(plan.warnings())
         return {"dry_run": report, "plan": plan}
-    stream = stream or resume
     budget = parse_size(max_memory) if max_memory is not None else None
     with io.OutputDirectory(out, overwrite, inputs, partial=stream, resume=resume) as output:  # replaced at the end
         for line in plan.warnings():
@@ -182,7 +177,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
         batches = calibration_batches(plan, tokenizer, found)
         seconds["calibration_data"] = time.perf_counter() - start
         start = time.perf_counter()
-        report, sink, record, walk_resume = Report(), shards, None, None
+        report, sink, record, walk_resume = Report(), None, None, None
         if stream:
             options = {"dtype": dtype, "storage_dtype": storage_dtype, "merge": merge}
             record = Resume(output.tmp, fingerprint(folder, plan.applied_recipe(), options, batches))

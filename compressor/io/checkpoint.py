@@ -42,7 +42,7 @@ from ..errors import CompressorError, one_line
 from ..model.modeling_compressor import state_for_modules
 from ..model.modules import MODULE_KINDS, CompensatedLinear, from_spec, spec_of
 from ..model.modules import merge as merge_module
-from ..model.weights import load_state
+from ..model.weights import indexed_files, load_state
 from . import model_card
 from . import serving as export
 from .manifest import FORMAT_VERSION, MANIFEST, mismatch_hint, read_manifest
@@ -121,7 +121,7 @@ def _write(model: nn.Module, tokenizer: Any, tmp: Path, out: Path, manifest: dic
     manifest["format_version"] = FORMAT_VERSION
     manifest["package_version"] = __version__
     modules = compressed_modules(model)
-    manifest["modules"] = (shards.merged_specs if shards is not None and merge else module_specs(model, reshaped))
+    manifest["modules"] = module_specs(model, reshaped)
     manifest["merged"] = merge
     stored = str(storage_dtype).removeprefix("torch.") if storage_dtype is not None else None
     if stored is not None:
@@ -155,12 +155,8 @@ def _write(model: nn.Module, tokenizer: Any, tmp: Path, out: Path, manifest: dic
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    try:
-        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-                 else ["model.safetensors"])
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise CompressorError(f"{index}: not a safetensors index (no weight_map)") from None
+    files = indexed_files(path)
+    files = ["model.safetensors"] if files is None else files
     state: dict[str, torch.Tensor] = {}
     for name in files:
         file = path / name

@@ -33,8 +33,8 @@ from torch import nn
 
 from .. import __version__
 from ..errors import CompressorError, one_line
-from ..model.modules import from_spec, spec_of
-from .checkpoint import compressed_modules
+from ..model.modules import from_spec
+from .checkpoint import module_specs
 
 STATE_DIR = ".resume"
 STATE = "state.json"
@@ -74,7 +74,7 @@ class Resume:
         self.folder, self.key = Path(folder), key
         self.path = self.folder / STATE_DIR
         self.specs: dict[str, dict[str, Any]] = {}  # finished layers' compressed and reshaped modules
-        self.reshaped: list[str] = []
+        self.reshaped: list[str] = []  # the finished layers' replacements of a new shape (Report.reshaped)
         self.loras: dict[str, dict[str, Any]] = {}  # name → rank, dense class, file
 
     def exists(self) -> bool:
@@ -100,12 +100,9 @@ class Resume:
              log: list[dict[str, Any]], reshaped: dict[str, nn.Module]) -> None:
         """Record decoder layer ``index`` as done (after its shard is written)."""
         self.path.mkdir(exist_ok=True)
-        specs = {f"{prefix}.{name}": module.spec() for name, module in compressed_modules(layer).items()}
-        for name in reshaped:
-            if name.startswith(prefix + ".") and not any(name == s or name.startswith(f"{s}.") for s in specs):
-                specs[name] = spec_of(reshaped[name])
-                self.reshaped.append(name)
-        self.specs.update(specs)
+        inside = {name[len(prefix) + 1:]: module for name, module in reshaped.items() if name.startswith(prefix + ".")}
+        self.specs.update({f"{prefix}.{name}": spec for name, spec in module_specs(layer, inside).items()})
+        self.reshaped += [f"{prefix}.{name}" for name in inside]
         hidden = {f"{stream}.{i}": item.hidden.contiguous() for stream, items in next_inputs.items()
                   for i, item in enumerate(items)}
         hidden_file = f"hidden-{index + 1:05d}.safetensors"  # the inputs of the next layer
@@ -121,7 +118,7 @@ class Resume:
                  "hidden": hidden_file,
                  "specs": self.specs, "reshaped": self.reshaped, "loras": self.loras,
                  "shards": {"weight_map": shards.weight_map, "total_size": shards.total_size,
-                            "written": sorted(shards.written), "merged_specs": shards.merged_specs}}
+                            "written": sorted(shards.written)}}
         _durable(self.path / STATE, lambda tmp: tmp.write_text(json.dumps(state)))
         for old in self.path.glob("hidden-*.safetensors"):
             if old.name != hidden_file:
@@ -137,7 +134,7 @@ class Resume:
                 model.set_submodule(name, from_spec(spec, dtype=dtype, device="meta"))
             recorded = state["shards"]
             shards.weight_map, shards.total_size = dict(recorded["weight_map"]), int(recorded["total_size"])
-            shards.written, shards.merged_specs = set(recorded["written"]), dict(recorded["merged_specs"])
+            shards.written = set(recorded["written"])
             files = {entry["file"] for entry in self.loras.values()}
             tensors = {key: value for file in sorted(files) for key, value in load_file(str(self.path / file)).items()}
             for name, entry in self.loras.items():
@@ -157,7 +154,8 @@ class Resume:
         for key in sorted(stored, key=lambda k: (k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1]))):
             stream, _ = key.rsplit(".", 1)
             hidden.setdefault(stream, []).append(stored[key])
-        reshaped = {name: model.get_submodule(name) for name in self.reshaped}
+        # those the manifest describes on their own (not rebuilt by a compressed block around them)
+        reshaped = {name: model.get_submodule(name) for name in self.reshaped if name in self.specs}
         return int(state["layers_done"]), hidden, list(state["log"]), reshaped
 
     def finish(self) -> None:

@@ -37,7 +37,6 @@ class ShardWriter:
         self.total_size = 0
         self.loras: dict[str, nn.Module] = {}  # name → a copy of a compensated module's low-rank path
         self.written: set[int] = set()
-        self.merged_specs: dict[str, dict[str, Any]] = {}  # --merge: what the layers held before merging
 
     def shard(self, position: int) -> str:
         return f"model-{position + 1:05d}-of-{self.n_shards:05d}.safetensors"
@@ -50,21 +49,23 @@ class ShardWriter:
             self.weight_map[key] = name
             self.total_size += value.numel() * value.element_size()
 
-    def __call__(self, index: int, prefix: str, layer: nn.Module, next_inputs: Any = None) -> None:
-        """Write decoder layer ``index`` (the walk's ``sink``)."""
+    def __call__(self, index: int, prefix: str, layer: nn.Module) -> None:
+        """Write decoder layer ``index`` (when it is done, before the walk releases it)."""
         modules = compressed_modules(layer)
         if self.merge:  # dense weights written; the layer keeps its compressed modules (the manifest counts them)
-            self.merged_specs.update({f"{prefix}.{name}": m.spec() for name, m in modules.items()})
             merge_in_place(layer)
             with stored_as(layer, self.storage_dtype):
-                self._save(index, {f"{prefix}.{key}": value for key, value in layer.state_dict().items()})
+                self._save_layer(index, prefix, layer)
             for name, module in modules.items():
                 layer.set_submodule(name, module)
         else:
             with stored_as(layer, self.storage_dtype), export.base_layout(layer, modules) as loras:
                 self.loras.update({f"{prefix}.{name}": copy.deepcopy(lora) for name, lora in loras.items()})
-                self._save(index, {f"{prefix}.{key}": value for key, value in layer.state_dict().items()})
+                self._save_layer(index, prefix, layer)
         self.written.add(index)
+
+    def _save_layer(self, index: int, prefix: str, layer: nn.Module) -> None:
+        self._save(index, {f"{prefix}.{key}": value for key, value in layer.state_dict().items()})
 
     def finish(self, model: nn.Module) -> None:
         """The tensors outside the decoder stack, the index and the config (after every layer)."""

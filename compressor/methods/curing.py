@@ -61,6 +61,7 @@ from ..errors import CompressorError
 from ..kernels import linalg
 from ..kernels.linalg import symmetric_sqrt
 from ..model.modules import CURLinear
+from ..model.targets import names_by_layer
 from ..plan.configs import field
 from ..stats.accumulators import DistanceStats, Request, TensorStats, inputs
 from ..stats.hooks import Collector, Watch
@@ -338,9 +339,7 @@ class CURing(LinearCompressor):
         """The layers to compress (and, with statistics: selection, their targets' input statistics)."""
         config = self.config
         n_total = _n_layers(view)
-        by_layer: dict[int, list[str]] = {}
-        for name in view.shapes:
-            by_layer.setdefault(view.layer_of(name), []).append(name)
+        by_layer = names_by_layer(view.model, view.shapes)
         angular = config.layer_selection == "angular"
         if not angular:  # known before any data is seen
             self.selected = select_layers(config.layer_selection, n_total, config.n_layers, seed=config.seed)

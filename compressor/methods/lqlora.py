@@ -67,6 +67,7 @@ from ..kernels import linalg
 from ..kernels import normal_float as nf
 from ..model import loading as models
 from ..model.modules import CompensatedLinear, LowRankLinear, NormalFloatLinear, weight_of
+from ..model.targets import names_by_layer
 from ..plan.configs import field
 from ..ranks import bits as bit_allocation
 from ..stats import fisher as fisher_pass
@@ -230,9 +231,7 @@ class LQLoRA(LinearCompressor):
         stored = np.zeros((len(names), len(grid)), dtype=np.int64)
         numel = np.array([m * n for m, n in view.shapes.values()], dtype=np.int64)
         cache = {"hits": 0, "computed": 0}
-        by_layer: dict[int, list[str]] = {}
-        for name in names:
-            by_layer.setdefault(view.layer_of(name), []).append(name)
+        by_layer = names_by_layer(view.model, names)
         index_of = {name: i for i, name in enumerate(names)}
         visits = view.layers(last_layer=max(by_layer, default=-1))  # weights read layer by layer (--stream)
         for visit, name in ((visit, name) for visit in visits for name in by_layer.get(visit.index, [])):

@@ -185,6 +185,13 @@ def parameter_count(model: nn.Module) -> int:
     return total
 
 
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct parameters and buffers (packed quantized weights are buffers; meta tensors count
+    by shape and dtype)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def skeleton(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
     """The model of MODEL built from its config on the meta device: module tree and shapes, no weights
     read (what a plan is compiled against)."""

@@ -29,9 +29,13 @@ import torch
 from torch import nn
 
 from ..errors import CompressorError, one_line
+from . import weights
 
 _SOURCES: "weakref.WeakKeyDictionary[nn.Module, LayerSource]" = weakref.WeakKeyDictionary()
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+
+
+_TRIM = None  # glibc's malloc_trim, once looked up (False: not available)
 
 
 def return_freed_memory() -> None:
@@ -49,9 +53,6 @@ def return_freed_memory() -> None:
             _TRIM = False
     if _TRIM:
         _TRIM(0)
-
-
-_TRIM = None
 
 
 def source_of(model: nn.Module) -> "LayerSource | None":
@@ -82,13 +83,8 @@ class Checkpoint:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise CompressorError(f"{index}: not a safetensors index (no weight_map)") from None
-        else:
+        files = weights.indexed_files(self.folder)
+        if files is None:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
         if not files:
             raise CompressorError(f"{self.folder}: --stream reads safetensors files, and this model directory "
@@ -201,15 +197,12 @@ class LayerSource:
                 key = self._key(self.tied.get(name, [name]) if is_param else [name])
                 tensor = self.checkpoint.read(key)
                 if tuple(tensor.shape) != tuple(value.shape):
-                    raise CompressorError(f"{self.where}: tensor {key} has shape {list(tensor.shape)} in the "
-                                          f"checkpoint but {list(value.shape)} in the model its config describes")
-                if tensor.is_floating_point():
-                    tensor = tensor.to(self.dtype)
-                    if not bool(torch.isfinite(tensor).all()):
-                        raise CompressorError(f"{self.where}: tensor {key} holds non-finite values (NaN or "
-                                              "infinity); refusing to use these weights")
+                    weights.check_complete(self.model, self.where, [], [(key, tensor.shape, value.shape)])
+                tensor = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
                 done[id(value)] = nn.Parameter(tensor, requires_grad=False) if is_param else tensor
             setattr(owner, attr, done[id(value)])
+        if done:
+            weights.check_finite(self.model, self.where)  # what is not on meta: just what was read, and buffers
 
     def release(self, *modules: nn.Module) -> None:
         """Put the modules' parameters and buffers back on meta (shapes and dtypes kept, memory freed)."""

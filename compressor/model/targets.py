@@ -45,6 +45,14 @@ def layer_index(model: nn.Module, name: str) -> int:
     return int(name[len(prefix) + 1:].split(".")[0])
 
 
+def names_by_layer(model: nn.Module, names) -> dict[int, list[str]]:
+    """Decoder layer index → the ``names`` in it, in the order given."""
+    found: dict[int, list[str]] = {}
+    for name in names:
+        found.setdefault(layer_index(model, name), []).append(name)
+    return found
+
+
 def check_pattern(pattern: str) -> None:
     """Raise ValueError for a ``re:`` pattern that is not a valid regular expression."""
     if pattern.startswith("re:"):

@@ -15,6 +15,8 @@ A tied output head (``tie_word_embeddings``) counts as present when the input em
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +55,17 @@ def check_complete(model: nn.Module, where: str, missing: list[str], mismatched:
     if unexpected:
         raise CompressorError(f"{where}: the checkpoint holds {len(unexpected)} tensor(s) the model does not "
                               f"have ({_examples(list(unexpected))}){hint}")
+
+
+def indexed_files(folder: Path) -> list[str] | None:
+    """The weight files ``folder``'s ``model.safetensors.index.json`` lists (None: no index, one file)."""
+    index = Path(folder) / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise CompressorError(f"{index}: not a safetensors index (no weight_map)") from None
 
 
 def check_finite(model: nn.Module, where: str) -> None:

@@ -21,15 +21,11 @@ import torch
 from torch import nn
 
 from ..model.architecture import decoder_layers
+from ..model.loading import tensor_bytes
 from ..walk.layers import outside_layers
 from .compile import Plan
 
 RUNTIME_BYTES = 512 * 2**20
-
-
-def _bytes_of(module: nn.Module) -> int:
-    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _target_bytes(state: dict[str, Any], element: int) -> int:
@@ -68,31 +64,29 @@ def preview(plan: Plan, model: nn.Module, dtype: torch.dtype, storage_dtype: tor
                 state["added"] = state.get("added", 0) + change["added_params"]
             else:
                 state.update({k: v for k, v in change.items() if k in ("params", "bits", "group_size", "symmetric")})
-                state["rank"] = change.get("rank")
         if found is None:
             entry["after"] = "decided on calibration data or the weights"
         else:
             ranks = sorted({c.get("rank") for c in found.values() if c.get("rank") is not None})
             entry["ranks"] = ranks if len(ranks) <= 6 else [ranks[0], "…", ranks[-1]]
-            entry["params_after"] = sum(c.get("params", 0) + c.get("added_params", 0) for c in found.values()
-                                        if c.get("params") is not None or "added_params" in c)
-            if "added_params" in next(iter(found.values()), {}):
-                entry["params_after"] += before  # a compensation path beside the (earlier) weights
+            # what this and the earlier steps leave: weights (or factors) plus any compensation paths
+            entry["params_after"] = sum(targets[name]["params"] + targets[name].get("added", 0)
+                                        for name in step.shapes)
             bits = {c["bits"] for c in found.values() if c.get("bits")}
             if bits:
                 entry["bits"] = sorted(bits)
         steps.append(entry)
     known = not any(state.get("unknown") for state in targets.values())
-    model_bytes = _bytes_of(model)
+    model_bytes = tensor_bytes(model)
     targeted_before = sum(state["shape"][0] * state["shape"][1] for state in targets.values())
     prefix, layers = decoder_layers(model)
-    layer_bytes = max((_bytes_of(layer) for layer in layers), default=0)
-    outside_bytes = sum(_bytes_of(m) for m in outside_layers(model, layers))
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None) or getattr(model.config, "n_embd", 0)
+    layer_bytes = max((tensor_bytes(layer) for layer in layers), default=0)
+    outside_bytes = sum(tensor_bytes(m) for m in outside_layers(model, layers))
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 0)
     streams = plan.data_streams()
     tokens = {name: cal.n_samples * cal.seq_len for name, cal in streams.items()}
     activations = sum(count * hidden * compute * 3 for name, count in tokens.items() if name in plan.walk_streams())
-    widest = max((n for state in targets.values() for n in [state["shape"][1]]), default=0)
+    widest = max((state["shape"][1] for state in targets.values()), default=0)
     statistics = 2 * widest * widest * 8 if plan.walk_streams() else 0
     weights_held = max(2 * layer_bytes, outside_bytes) if stream else model_bytes + layer_bytes
     peak = RUNTIME_BYTES + weights_held + activations + statistics

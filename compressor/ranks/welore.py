@@ -228,12 +228,10 @@ def weight_spectra(model: nn.Module, names: list[str], device: torch.device,
                    row_scales: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """name → singular values (min(m, n),) of each targeted linear's current weight (data-free), rows
     scaled by ``row_scales`` where given."""
-    from ..model.targets import layer_index
+    from ..model.targets import names_by_layer
     from ..walk.layers import walk
 
-    by_layer: dict[int, list[str]] = {}
-    for name in names:
-        by_layer.setdefault(layer_index(model, name), []).append(name)
+    by_layer = names_by_layer(model, names)
     spectra = {}
     for visit in walk(model, None, device=device, last_layer=max(by_layer, default=-1)):  # data-free: no forward
         for name in by_layer.get(visit.index, []):
@@ -249,11 +247,10 @@ def whitened_spectra(view, kinds: frozenset[str], whitening: Callable,
     on the *original* model (``view.walk``, SVD-LLM's profiling) for every target of ``view`` (a
     ``contract.ModelView``), rows scaled by ``row_scales`` where given (an output-side weight). Each
     layer's statistics are dropped once its spectra are known."""
+    from ..model.targets import names_by_layer
     from ..stats.hooks import Collector, Watch
 
-    by_layer: dict[int, list[str]] = {}
-    for name in view.shapes:
-        by_layer.setdefault(view.layer_of(name), []).append(name)
+    by_layer = names_by_layer(view.model, view.shapes)
     spectra = {}
     for visit in view.walk(last_layer=max(by_layer, default=-1)):
         names = by_layer.get(visit.index, [])

@@ -19,8 +19,9 @@ layers are kept on ``offload`` (CPU by default).
 
 A streamed model (``model.streaming.source_of(model)``, weights left on disk) has each layer's tensors read
 when the walk reaches it and dropped when it leaves, and the modules outside the stack (embeddings) only
-while the inputs are captured; ``sink(index, prefix, layer)``, if given, sees each finished layer last
-(after the next layer's inputs are computed): where a streamed compression writes it out.
+while the inputs are captured; ``sink(index, prefix, layer, next_inputs)``, if given, sees each finished
+layer last (after the next layer's inputs are computed): where a streamed compression writes it out and
+records it for ``--resume``.
 """
 
 from __future__ import annotations

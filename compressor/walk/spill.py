@@ -43,7 +43,7 @@ class Spill:
     """Hidden states to disk once a layer's worth of them passes ``budget`` bytes."""
 
     def __init__(self, budget: int, folder: Path | None = None) -> None:
-        self.budget, self.active, self.bytes_written = budget, False, 0
+        self.budget, self.active = budget, False
         self.folder = Path(tempfile.mkdtemp(prefix="compressor-spill-", dir=folder))
 
     def check(self, per_layer_bytes: int) -> None:
@@ -58,11 +58,10 @@ class Spill:
         handle, name = tempfile.mkstemp(dir=self.folder, suffix=".bin")
         try:
             with os.fdopen(handle, "wb") as file:
-                file.write(tensor.view(torch.uint8).reshape(-1).numpy().tobytes())
+                file.write(memoryview(tensor.view(torch.uint8).reshape(-1).numpy()))  # no copy
             mapped = torch.from_file(name, shared=True, size=tensor.numel(), dtype=tensor.dtype)
         finally:
             os.unlink(name)  # the mapping keeps the data; the disk space goes with the tensor
-        self.bytes_written += tensor.numel() * tensor.element_size()
         return mapped.view(tensor.shape)
 
     def close(self) -> None:
