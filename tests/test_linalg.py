@@ -98,6 +98,7 @@ def test_cholesky_regularizes_a_singular_gram():
     gram[3, :] = 0  # and a dead channel
     gram[:, 3] = 0
     assert int(torch.linalg.cholesky_ex(gram)[1]) != 0  # plain Cholesky fails
+    before = gram.clone()
     whitening = linalg.cholesky(gram)
     assert whitening.jitter > 0
     assert torch.isfinite(whitening.factor).all()
@@ -106,6 +107,9 @@ def test_cholesky_regularizes_a_singular_gram():
     weight = torch.randn(8, n, generator=_gen(6), dtype=torch.float64)
     up, down, _ = linalg.whitened_svd(weight, 4, whitening)
     assert torch.isfinite(up).all() and torch.isfinite(down).all()
+    # the shift on a working copy's diagonal is exactly G + δI (the factor is bit-identical), and G is untouched
+    assert torch.equal(factor, torch.linalg.cholesky(gram + whitening.jitter * torch.eye(n, dtype=gram.dtype)))
+    assert torch.equal(gram, before)
 
 
 def test_cholesky_of_a_positive_definite_gram_needs_no_jitter():
@@ -158,3 +162,13 @@ def test_float32_svd_is_close_to_float64():
     up32, down32, _ = linalg.whitened_svd(weight, 8, dtype=torch.float32)
     assert up32.dtype == torch.float32
     assert torch.allclose((up32 @ down32).double(), up64 @ down64, atol=1e-4)
+
+
+def test_non_finite_counts_across_chunks():
+    from compressor.model.weights import non_finite
+
+    tensor = torch.zeros(10, 7)  # 70 values in chunks of 8: flat 7 and 8 sit either side of an edge
+    tensor[1, 0], tensor[1, 1], tensor[9, 6] = float("nan"), float("inf"), -float("inf")
+    assert non_finite(tensor, chunk=8) == 3
+    assert non_finite(tensor, chunk=1 << 22) == 3
+    assert non_finite(torch.ones(5)) == 0

@@ -68,6 +68,14 @@ def indexed_files(folder: Path) -> list[str] | None:
         raise CompressorError(f"{index}: not a safetensors index (no weight_map)") from None
 
 
+def non_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> int:
+    """How many NaN or infinite values ``tensor`` holds, scanned in chunks (no full-size mask: the embedding of
+    a large vocabulary in fp32 is GBs)."""
+    flat = tensor.reshape(-1)
+    return sum(int(torch.isfinite(flat[start: start + chunk]).logical_not_().sum())
+               for start in range(0, flat.numel(), chunk))
+
+
 def check_finite(model: nn.Module, where: str) -> None:
     """Raise naming the first floating parameter or buffer that holds NaN or infinity."""
     seen = set()
@@ -75,7 +83,7 @@ def check_finite(model: nn.Module, where: str) -> None:
         if id(tensor) in seen or not tensor.is_floating_point() or tensor.device.type == "meta":
             continue
         seen.add(id(tensor))
-        bad = int((~torch.isfinite(tensor.detach())).sum())
+        bad = non_finite(tensor.detach())
         if bad:
             raise CompressorError(f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or infinity); "
                                   "refusing to use these weights")
