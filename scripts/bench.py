@@ -178,6 +178,11 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         *[(f"lord-gram-fisher-rows-{r}", lord("gram", r, output_weight="fisher")) for r in (0.2, 0.4)],
         *[(f"lord-gram-fisher-rows-loss-{r}", lord("gram", r, output_weight="fisher", rank_rule="loss"))
           for r in (0.2, 0.4)],
+        # output-matching refit: each matrix fit to the original model's outputs from the inputs it now sees
+        # (reduced-rank regression on the cross-covariance with the reference stream), alone and combined
+        *[(f"lord-gram-refit-{r}", lord("gram", r, refit="outputs")) for r in (0.2, 0.4)],
+        *[(f"lord-gram-fisher-rows-loss-refit-{r}", lord("gram", r, output_weight="fisher", rank_rule="loss",
+                                                         refit="outputs")) for r in (0.2, 0.4)],
     ],
     # MoDeGPT, the whole method (MLP, query-key, value-output) at 20% and 30% of each layer removed on average,
     # query/key covariances before RoPE (the reference's) and after it; LoRD gram removing the same
@@ -290,13 +295,27 @@ def run_fisher_pass(name: str, config: dict) -> dict:
             "pass_peak_rss_over_model": pass_peak / model_mib, "peak_rss_mib": peak_rss_mib(), "cache": cache}
 
 
+ON_CALIBRATION = ("quality",)  # suites that also report the perplexity on the calibration windows
+
+
 def heldout(tokenizer):
     from compressor.calibration import sotu
 
     return sotu.SOURCE.evaluation(tokenizer, 512, 40960)
 
 
-def run_dense() -> dict:
+def calibration_perplexity(model, tokenizer) -> float:
+    """Perplexity on the calibration windows themselves (the quality suite's: a mechanism that lowers it
+    much more than the held-out one is fitting the calibration text)."""
+    from compressor import calibration
+    from compressor.evaluate import perplexity
+
+    windows = calibration.calibration_windows("sotu", tokenizer, CALIBRATION["n_samples"], CALIBRATION["seq_len"],
+                                              CALIBRATION["seed"])
+    return perplexity(model, windows, batch_size=8)["value"]
+
+
+def run_dense(on_calibration: bool = False) -> dict:
     """Dense perplexity and the reference time: one plain forward over the calibration data."""
     import torch
 
@@ -319,6 +338,7 @@ def run_dense() -> dict:
     from compressor.evaluate import bytes_on_disk
 
     return {"name": "dense", "perplexity": ppl["value"], "parameters": models.parameter_count(model),
+            **({"calibration_perplexity": calibration_perplexity(model, tokenizer)} if on_calibration else {}),
             "bytes_on_disk": bytes_on_disk(Path(models.resolve(MODEL)[0])),
             "seconds": {"load": load_s, "plain_forward": min(forwards)}, "plain_forward_runs": forwards,
             "peak_rss_mib": peak_rss_mib()}
@@ -350,9 +370,11 @@ def stored_bits_per_weight(log: list[dict]) -> float | None:
     return 8 * sum(stored) / weights if weights and None not in stored else None
 
 
-def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu", stream: bool = False) -> dict:
+def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu", stream: bool = False,
+            on_calibration: bool = False) -> dict:
     """Compress, save, and evaluate one configuration (in this process). ``stream``: compress with
-    ``--stream`` and evaluate the output as ``compressor.load`` reads it back."""
+    ``--stream`` and evaluate the output as ``compressor.load`` reads it back; ``on_calibration``: the
+    perplexity on the calibration windows too."""
     from compressor import api
     from compressor.evaluate import bytes_on_disk, perplexity
     from compressor.plan import recipe as recipes
@@ -386,6 +408,7 @@ def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(MODEL)[0])
     ppl = perplexity(model, heldout(tokenizer), batch_size=8)
     return {"name": name, "recipe": recipe_data, "perplexity": ppl["value"],
+            **({"calibration_perplexity": calibration_perplexity(model, tokenizer)} if on_calibration else {}),
             "parameters": summary["params_after"], "parameters_before": summary["params_before"],
             "bytes_on_disk": disk, "seconds": summary["seconds"], "breakdown": summary["walk_seconds"],
             "compress_cpu_seconds": cpu, "compression_cpu_seconds": summary.get("cpu_seconds", {}).get("compression"),
@@ -402,8 +425,9 @@ def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu
 
 
 def subprocess_run(name: str, recipe_data: dict | None, speed: bool = True, device: str = "cpu",
-                   stream: bool = False) -> dict:
-    payload = json.dumps({"name": name, "recipe": recipe_data, "speed": speed, "device": device, "stream": stream})
+                   stream: bool = False, on_calibration: bool = False) -> dict:
+    payload = json.dumps({"name": name, "recipe": recipe_data, "speed": speed, "device": device, "stream": stream,
+                          "on_calibration": on_calibration})
     done = subprocess.run([sys.executable, __file__, "--one", payload], capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         return {"name": name, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
@@ -424,12 +448,12 @@ def main() -> None:
     if args.one:
         job = json.loads(args.one)
         if job["recipe"] is None:
-            result = run_dense()
+            result = run_dense(job.get("on_calibration", False))
         elif "fisher_pass" in job["recipe"]:
             result = run_fisher_pass(job["name"], job["recipe"]["fisher_pass"])
         else:
             result = run_one(job["name"], job["recipe"], job.get("speed", True), job.get("device", "cpu"),
-                             job.get("stream", False))
+                             job.get("stream", False), job.get("on_calibration", False))
         print(json.dumps(result))
         return
     out = args.out or ROOT / "results" / f"bench-{args.suite}.json"
@@ -455,7 +479,7 @@ def main() -> None:
             result = {"name": name, "error": f"needs the result of an earlier run: {exc}"}
         else:
             result = subprocess_run(name, recipe_data, speed=not args.no_speed, device=args.device,
-                                    stream=args.stream)
+                                    stream=args.stream, on_calibration=args.suite in ON_CALIBRATION)
             dense = done.get("dense")
             if result.get("run_over_plain_forward", 0) is None and dense:
                 seconds = sum(v for k, v in result["seconds"].items() if k != "load")

@@ -185,6 +185,21 @@ def whitened_svd(
     return up, down, s
 
 
+def output_refit(weight: Tensor, cross: Tensor, whitening: Whitening) -> Tensor:
+    """``W C G̃⁻¹`` (m, n) in fp64: the least-squares map from the inputs x̃ a module now sees to the outputs
+    ``W x`` it had in the original model, ``argmin_M Σ ‖W x − M x̃‖²``; ``cross`` C = Σ x x̃ᵀ (n, n) (rows:
+    the original input), G̃ = S Sᵀ the Gram ``whitening`` was made from (Cholesky, jitter included, or the
+    pseudo-inverse of ``eigh``). Its whitened truncated SVD under the same ``whitening`` is the rank-r
+    minimizer of ``Σ ‖W x − Ŵ x̃‖²`` (reduced-rank regression)."""
+    target = weight.double() @ cross.double().to(weight.device)  # (m, n): W C
+    if whitening.kind == "cholesky":
+        return torch.cholesky_solve(target.T, whitening.factor.to(target.device)).T  # (G̃ + δI)⁻¹ is symmetric
+    if whitening.kind == "eigh":
+        inverse = whitening.inverse.to(target.device)  # Λ^-½ Qᵀ: G̃⁺ = inverseᵀ inverse
+        return (target @ inverse.T) @ inverse
+    raise CompressorError(f"output_refit needs a Gram whitening (cholesky or eigh), not {whitening.kind}")
+
+
 def symmetric_sqrt(matrix: Tensor) -> Tensor:
     """``Σ^½`` (n, n) of a symmetric PSD matrix, fp64 ``eigh`` with negative eigenvalues clamped to 0."""
     matrix = matrix.double()

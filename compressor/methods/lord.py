@@ -16,6 +16,13 @@ model taken in ``decide`` (a walk of its own; the factors then use the walk's st
 ``rank_rule: loss`` the same spectra give the ranks of least total relative truncation loss
 (``ranks.loss``).
 
+``refit: outputs`` (with ``whiten: gram``) fits each matrix to the outputs the *original* model produces
+rather than to its own weight: with ``propagate: compressed`` a layer sees inputs X̃ that earlier compression
+changed, while it should still produce W·X. The minimizer of ``‖W X − Ŵ X̃‖_F`` over rank-r ``Ŵ`` is the
+reduced-rank regression: the whitened truncated SVD (under G̃ = X̃ᵀX̃) of the least-squares map
+``W C G̃⁻¹`` (``linalg.output_refit``, C = Σ x x̃ᵀ from the walk's reference stream, which carries the same
+calibration batches through the original model). At layer 0, where X̃ = X, it is plain SVD-LLM.
+
 ```yaml
 steps:
   - method: lord
@@ -53,6 +60,14 @@ class LoRDConfig(ranks.RankRule):
         "(IO-SVD's two-sided weighting; FWSVD's Fisher pass, cached)")
     fisher_cache: Literal["use", "refresh", "off"] = field(
         "use", "output_weight fisher: the Fisher cache on disk: use (read/write), refresh (recompute), off")
+    refit: Literal["none", "outputs"] = field(
+        "none", "outputs: fit each matrix to the original model's outputs from the inputs it now sees (reduced-"
+        "rank regression; needs whiten gram, and propagate compressed to differ from none)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.refit == "outputs" and self.whiten != "gram":
+            raise ValueError("refit: outputs needs whiten: gram (it solves under the Gram of the inputs)")
 
 
 def lord_factors(weight: torch.Tensor, rank: int, whitening: linalg.Whitening, svd_dtype: torch.dtype,
@@ -89,7 +104,8 @@ class LoRD(LinearCompressor):
             self.config.whiten]
 
     def requests(self) -> tuple[Request, ...]:
-        return inputs(*sorted(self.kinds))
+        refit = ("cross_gram",) if self.config.refit == "outputs" else ()
+        return inputs(*sorted(self.kinds), *refit)
 
     @property
     def svd_dtype(self) -> torch.dtype:
@@ -148,7 +164,10 @@ class LoRD(LinearCompressor):
                 return Outcome(None, note="rank_rule loss: kept dense")
         if not ranks.saves_parameters(rank, m, n):
             return Outcome(None, note=f"rank {rank} ≥ break-even {ranks.break_even(m, n):.0f}: kept dense")
-        up, down = lord_factors(target.weight, rank, self.whitening_of(target.stats), self.svd_dtype,
-                                self.row_scales.pop(target.name, None))
+        whitening = self.whitening_of(target.stats)
+        weight = target.weight
+        if self.config.refit == "outputs":  # W C G̃⁻¹: the least-squares map from X̃ to W·X
+            weight = linalg.output_refit(weight, target.stats.cross, whitening)
+        up, down = lord_factors(weight, rank, whitening, self.svd_dtype, self.row_scales.pop(target.name, None))
         module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
         return Outcome(module, rank=rank, note=note, extra=extra)

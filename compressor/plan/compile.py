@@ -24,8 +24,8 @@ from ..model.architecture import describe
 from ..model.loading import parameter_count
 from ..model.modules import shape_of
 from ..model.targets import check_pattern, decoder_linears, layer_index, linear_roles, select
-from ..stats.accumulators import Request
-from ..walk.layers import DEFAULT_STREAM
+from ..stats.accumulators import PAIRED_STATISTICS, Request
+from ..walk.layers import DEFAULT_STREAM, base_stream, reference_of
 from . import configs
 from .recipe import CalibrationConfig, Recipe, step_calibration
 
@@ -102,8 +102,17 @@ class Plan:
         return {s.stream: s.calibration for s in self.steps if s.compressor.uses_data}
 
     def walk_streams(self) -> list[str]:
-        """The streams the layer walk carries: those of steps that request per-group statistics."""
-        return sorted({s.stream for s in self.steps if s.requests})
+        """The streams the layer walk carries: those of steps that request per-group statistics, and the
+        reference stream (``walk.layers.reference_of``) of each whose step pairs statistics with it."""
+        names = {s.stream for s in self.steps if s.requests}
+        names |= {reference_of(s.stream) for s in self.steps
+                  if any(r.statistic in PAIRED_STATISTICS for r in s.requests)}
+        return sorted(names)
+
+    def stream_rules(self) -> dict[str, str]:
+        """Stream → its own propagate rule where it is not the recipe's: reference streams follow the
+        original model."""
+        return {name: "original" for name in self.walk_streams() if name != base_stream(name)}
 
     def applied_recipe(self) -> dict[str, Any]:
         """The recipe as applied, every config default filled (it parses back into the same plan)."""
@@ -180,6 +189,10 @@ def compile_plan(recipe: Recipe, model: nn.Module) -> Plan:
     """Every step built, validated and resolved against ``model`` (a meta-device skeleton will do)."""
     linears = decoder_linears(model)
     steps = [compile_step(recipe, index, linears, model) for index in range(len(recipe.steps))]
+    for step in steps:
+        if recipe.statistics == "once" and any(r.statistic in PAIRED_STATISTICS for r in step.requests):
+            raise CompressorError(f"step {step.index} ({step.method}) pairs its statistics with the original "
+                                  "model (an output-matching refit): it needs statistics: per_step")
     params = parameter_count(model)  # distinct parameters: a tied embedding and head count once
     needs_roles = any(s.compressor.group != "linear" or any(r.per_head for r in s.requests) for s in steps)
     return Plan(recipe, steps, params, describe(model) if needs_roles else None)

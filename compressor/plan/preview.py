@@ -22,7 +22,7 @@ from torch import nn
 
 from ..model.architecture import decoder_layers
 from ..model.loading import tensor_bytes
-from ..walk.layers import outside_layers
+from ..walk.layers import base_stream, outside_layers
 from .compile import Plan
 
 RUNTIME_BYTES = 512 * 2**20
@@ -85,9 +85,11 @@ def preview(plan: Plan, model: nn.Module, dtype: torch.dtype, storage_dtype: tor
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 0)
     streams = plan.data_streams()
     tokens = {name: cal.n_samples * cal.seq_len for name, cal in streams.items()}
-    activations = sum(count * hidden * compute * 3 for name, count in tokens.items() if name in plan.walk_streams())
+    walked = plan.walk_streams()  # a reference stream carries its calibration stream's tokens once more
+    activations = sum(tokens[base_stream(name)] * hidden * compute * 3 for name in walked)
     widest = max((state["shape"][1] for state in targets.values()), default=0)
-    statistics = 2 * widest * widest * 8 if plan.walk_streams() else 0
+    matrices = 2 + (len(walked) > len({base_stream(name) for name in walked}))  # a cross-Gram beside each Gram
+    statistics = matrices * widest * widest * 8 if walked else 0
     weights_held = max(2 * layer_bytes, outside_bytes) if stream else model_bytes + layer_bytes
     peak = RUNTIME_BYTES + weights_held + activations + statistics
     out_bytes = None

@@ -1,6 +1,7 @@
 """Typed statistics requests and the additive accumulators that answer them.
 
-A compressor asks for statistics with ``Request``s: *what* (``gram`` Σ xᵀx, ``abs_mean`` Σ|x| / N,
+A compressor asks for statistics with ``Request``s: *what* (``gram`` Σ xᵀx, ``cross_gram`` Σ x_refᵀ x between
+the original model's input of the module and the one it now sees, ``abs_mean`` Σ|x| / N,
 ``sq_norm`` Σ x², ``angular_distance`` between a decoder layer's input and output hidden states), *where*
 (a module's ``input`` or ``output``, a q/k linear's output ``rotated`` by RoPE, or the decoder ``layer``), *of which member* of its group (``role``:
 "linear" for one-linear groups, a role such as "q" or "down", or "block" for the attention / MLP module)
@@ -11,6 +12,8 @@ calibration data accumulated apart and merged equal one pass over all of it. Tha
 over several processes sums. Per tensor ``x`` (tokens, features), accumulated over the calibration data:
 
 - ``gram``: Σ xᵀx (f, f), each batch computed in fp32 and added into an fp64 accumulator;
+- ``cross_gram``: Σ x_refᵀ x (f, f), likewise, where x_ref is the same token's input of the module in the
+  original model (the walk's reference stream: ``walk.layers``), x the one in the model as compressed so far;
   per head: (heads, d, d) with x reshaped to (tokens, heads, d);
 - ``abs_sum``: Σ |x| (f,)   → ``abs_mean`` (ASVD's activation scale);
 - ``sq_sum``: Σ x² (f,)     → ``sq_norm`` (Wanda / CURing scores; the Gram's diagonal when a Gram exists).
@@ -24,8 +27,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Statistic = Literal["gram", "abs_mean", "sq_norm", "angular_distance"]
-TENSOR_STATISTICS = ("gram", "abs_mean", "sq_norm")
+Statistic = Literal["gram", "cross_gram", "abs_mean", "sq_norm", "angular_distance"]
+TENSOR_STATISTICS = ("gram", "cross_gram", "abs_mean", "sq_norm")
+PAIRED_STATISTICS = ("cross_gram",)  # need the reference stream's input of the same module, batch by batch
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class Request:
             raise ValueError("per_head applies to output Grams")
         if self.where == "rotated" and not self.per_head:
             raise ValueError("a rotated output is per head: set per_head")
+        if self.statistic in PAIRED_STATISTICS and (self.where != "input" or self.per_head):
+            raise ValueError(f"{self.statistic} pairs a module's inputs: where must be input, not per head")
 
 
 def inputs(*statistics: Statistic) -> tuple[Request, ...]:
@@ -67,6 +73,7 @@ class TensorStats:
 
     n_tokens: int = 0
     gram: Tensor | None = None  # (f, f) fp64 Σ xᵀx, or (heads, d, d) per head
+    cross: Tensor | None = None  # (f, f) fp64 Σ x_refᵀ x (rows: the reference input's features)
     abs_sum: Tensor | None = None  # (f,) fp64 Σ |x|
     sq_sum: Tensor | None = None  # (f,) fp64 Σ x²
 
@@ -78,8 +85,9 @@ class TensorStats:
     def sq_norm(self) -> Tensor:
         return self.sq_sum if self.sq_sum is not None else torch.diagonal(self.gram).clone()
 
-    def add(self, x: Tensor, kinds: frozenset[str], heads: int | None = None) -> None:
-        """Accumulate a batch x (..., f); ``heads``: Grams per head of x viewed as (..., heads, f / heads)."""
+    def add(self, x: Tensor, kinds: frozenset[str], heads: int | None = None, reference: Tensor | None = None) -> None:
+        """Accumulate a batch x (..., f); ``heads``: Grams per head of x viewed as (..., heads, f / heads);
+        ``reference`` (..., f): the same tokens' input in the original model (for ``cross_gram``)."""
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, f)
         self.n_tokens += x.shape[0]
         if "gram" in kinds:
@@ -89,6 +97,13 @@ class TensorStats:
             else:
                 batch = x.T @ x  # (f, f) fp32
             self.gram = _add(self.gram, batch)
+        if "cross_gram" in kinds:
+            if reference is None:
+                raise ValueError("cross_gram needs the reference input of the same batch")
+            paired = reference.detach().reshape(-1, x.shape[-1]).float()  # (tokens, f)
+            if paired.shape != x.shape:
+                raise ValueError(f"cross_gram: reference batch {tuple(paired.shape)} ≠ batch {tuple(x.shape)}")
+            self.cross = _add(self.cross, paired.T @ x)  # (f, f)
         if "abs_mean" in kinds:
             self.abs_sum = _add(self.abs_sum, x.abs().sum(0))
         if "sq_norm" in kinds and "gram" not in kinds:
@@ -97,14 +112,14 @@ class TensorStats:
     def merge(self, other: "TensorStats") -> "TensorStats":
         """Add another partial accumulation of the same statistics into this one (in place)."""
         self.n_tokens += other.n_tokens
-        for name in ("gram", "abs_sum", "sq_sum"):
+        for name in ("gram", "cross", "abs_sum", "sq_sum"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if theirs is not None:
                 setattr(self, name, theirs.clone() if mine is None else mine.add_(theirs.to(mine.device)))
         return self
 
     def to(self, device: torch.device) -> "TensorStats":
-        for name in ("gram", "abs_sum", "sq_sum"):
+        for name in ("gram", "cross", "abs_sum", "sq_sum"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))

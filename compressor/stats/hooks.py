@@ -1,7 +1,8 @@
 """Forward hooks that fill ``TensorStats`` during one calibration pass of a decoder layer.
 
 ``with Collector(watches) as collector: run the layer`` then ``collector.result()`` → (module name,
-where) → stats. Modules that read the same input tensor (q/k/v, gate/up) share one ``TensorStats``:
+where) → stats. Paired statistics (``cross_gram``) read ``collector.reference``: module name → that module's
+input on the same batch of the reference stream, recorded just before by ``record_inputs``. Modules that read the same input tensor (q/k/v, gate/up) share one ``TensorStats``:
 sharing is found on the first batch by tensor identity, so no architecture table is needed. Every
 hook is removed in ``remove`` (called by ``__exit__``, also when the forward raises): the one place.
 """
@@ -9,7 +10,9 @@ hook is removed in ``remove`` (called by ``__exit__``, also when the forward rai
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 from torch import Tensor, nn
 
@@ -44,6 +47,7 @@ class Collector:
         self._first_inputs: list[tuple[Tensor, Key]] = []
         self._seen: set[Key] = set()
         self._rotary: dict[int, tuple[Tensor, Tensor]] = {}  # id(attention block) → its current (cos, sin)
+        self.reference: dict[str, Tensor] = {}  # module name → its reference input of the current batch
 
     def _owner(self, key: Key, x: Tensor) -> Key:
         """The key whose stats ``x`` goes into: its own, or that of an earlier module reading the same x."""
@@ -69,7 +73,7 @@ class Collector:
                 x = rotated(x, *self._rotary[id(watch.rope_block)], watch.heads)
             owner = self._owner(key, x)
             if owner == key:
-                self.stats[key].add(x, watch.kinds, watch.heads)
+                self.stats[key].add(x, watch.kinds, watch.heads, self.reference.get(watch.name))
             self.seconds += time.perf_counter() - start
 
         return hook
@@ -117,3 +121,21 @@ def rotated(x: Tensor, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
     per_head = x.reshape(*x.shape[:-1], heads, -1)  # (batch, seq, heads, d)
     cos, sin = cos[..., None, :].to(x.dtype), sin[..., None, :].to(x.dtype)
     return (per_head * cos + rotate_half(per_head) * sin).reshape(x.shape)
+
+
+@contextmanager
+def record_inputs(layer: nn.Module, names: dict[str, str]) -> Iterator[dict[str, Tensor]]:
+    """Within the block, each forward of ``layer`` leaves the input of the modules ``names`` (fully
+    qualified name → name relative to ``layer``) in the yielded dict, by fully qualified name (the last
+    batch's; hooks removed on exit)."""
+    recorded: dict[str, Tensor] = {}
+    handles = []
+    try:
+        for name, relative in names.items():
+            module = layer.get_submodule(relative)
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, name=name: recorded.__setitem__(name, args[0].detach())))
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()

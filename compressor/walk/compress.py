@@ -23,9 +23,9 @@ from ..errors import CompressorError, one_line
 from ..kernels.linalg import relative_error
 from ..model.modules import shape_of, weight_of
 from ..plan.compile import GroupSpec, Plan, StepPlan
-from ..stats.accumulators import TENSOR_STATISTICS, DistanceStats
+from ..stats.accumulators import PAIRED_STATISTICS, TENSOR_STATISTICS, DistanceStats
 from ..stats.hooks import Collector, Watch
-from .layers import DEFAULT_STREAM, Visit, run_layer, walk
+from .layers import DEFAULT_STREAM, Visit, base_stream, reference_of, run_layer, walk
 
 Stats = dict[tuple[str, str], Any]  # (module name, "input" | "output" | "layer") → TensorStats | DistanceStats
 
@@ -58,12 +58,12 @@ def compress_model(model: nn.Module, plan: Plan, batches: dict[str, list[Tensor]
     report, batches = report or Report(), batches or {}
     decide(model, plan, batches, device, report)
     dtype = next(model.parameters()).dtype
-    missing = [name for name in plan.walk_streams() if name not in batches]
+    missing = [name for name in plan.walk_streams() if base_stream(name) not in batches]
     if missing:
         raise CompressorError(f"the plan's statistics need calibration data (stream {missing[0]!r}); none was given")
-    streams = {name: batches[name] for name in plan.walk_streams()}
+    streams = {name: batches[base_stream(name)] for name in plan.walk_streams()}
     for visit in walk(model, streams, device=device, propagate=plan.propagate, offload=offload,
-                      seconds=report.seconds, sink=sink, resume=resume, spill=spill):
+                      seconds=report.seconds, sink=sink, resume=resume, spill=spill, rules=plan.stream_rules()):
         compress_layer(visit, plan, dtype, report, log_file)
         if on_layer:
             on_layer(visit.index, visit.n_layers)
@@ -78,21 +78,50 @@ def compress_layer(visit: Visit, plan: Plan, dtype: torch.dtype, report: Report,
         specs = step.groups_in(visit.index)
         if not specs:
             continue
+        if shared is None and paired(step):
+            compress_in_stages(visit, plan, step, specs, ctx, originals, report, log_file)
+            continue
         if shared is not None:  # data-free steps get them too, for the log's output error
             stats = shared.get(step.stream, {})
         else:
             stats = collect(visit, step.stream, [(step, specs)], report, plan.arch) if step.requests else {}
         for spec in specs:
-            group = build_group(visit, spec, step, stats, originals, plan.arch)
-            start = time.perf_counter()
-            try:
-                outcomes = step.compressor.compress(group, ctx)
-            except torch.linalg.LinAlgError as exc:  # e.g. statistics that overflowed: name the module
-                raise CompressorError(f"step {step.index} ({step.method}) failed on {group.name}: "
-                                      f"{one_line(exc)}") from None
-            elapsed = time.perf_counter() - start
-            report.seconds["decomposition"] += elapsed
-            apply(visit, step, group, outcomes, elapsed, report, log_file)
+            compress_group(visit, plan, step, spec, stats, ctx, originals, report, log_file)
+
+
+def paired(step: StepPlan) -> bool:
+    return any(r.statistic in PAIRED_STATISTICS for r in step.requests)
+
+
+def compress_in_stages(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupSpec], ctx: LayerContext,
+                       originals: dict[str, Tensor], report: Report, log_file=None) -> None:
+    """A step that pairs its statistics with the original model (an output-matching refit), stage by stage:
+    the groups reading the first pending group's input (q/k/v; gate/up) are compressed on statistics
+    collected after every earlier stage's replacement, so each fits the inputs its compressed upstream
+    modules now give, not those of the original layer."""
+    pending = list(specs)
+    while pending:
+        stats = collect(visit, step.stream, [(step, pending)], report, plan.arch)
+        first = stats.get((pending[0].module_name("linear"), "input"))
+        stage = [spec for spec in pending if len(spec.members) == 1 and first is not None
+                 and stats.get((spec.module_name("linear"), "input")) is first] or pending[:1]
+        for spec in stage:
+            compress_group(visit, plan, step, spec, stats, ctx, originals, report, log_file)
+        pending = [spec for spec in pending if spec not in stage]
+
+
+def compress_group(visit: Visit, plan: Plan, step: StepPlan, spec: GroupSpec, stats: Stats, ctx: LayerContext,
+                   originals: dict[str, Tensor], report: Report, log_file=None) -> None:
+    group = build_group(visit, spec, step, stats, originals, plan.arch)
+    start = time.perf_counter()
+    try:
+        outcomes = step.compressor.compress(group, ctx)
+    except torch.linalg.LinAlgError as exc:  # e.g. statistics that overflowed: name the module
+        raise CompressorError(f"step {step.index} ({step.method}) failed on {group.name}: "
+                              f"{one_line(exc)}") from None
+    elapsed = time.perf_counter() - start
+    report.seconds["decomposition"] += elapsed
+    apply(visit, step, group, outcomes, elapsed, report, log_file)
 
 
 def collect_once(visit: Visit, plan: Plan, report: Report) -> dict[str, Stats]:
@@ -142,8 +171,13 @@ def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSp
     """Run the layer once on ``stream`` with the hooks the steps' requests need; the statistics."""
     collector = Collector(watches(visit, wanted, arch))
     distance = [r for step, _ in wanted for r in step.requests if r.statistic == "angular_distance"]
+    paired = any(r.statistic in PAIRED_STATISTICS for step, _ in wanted for r in step.requests)
     start = time.perf_counter()
-    outputs = visit.forward(stream, collector)
+    if paired:  # each batch of the reference stream first, its module inputs paired with the same batch here
+        names = {w.name: visit.relative(w.name) for w in collector.watches if w.where == "input"}
+        outputs = visit.forward_paired(stream, reference_of(stream), collector, names)
+    else:
+        outputs = visit.forward(stream, collector)
     report.seconds["statistics_forward"] += time.perf_counter() - start - collector.seconds
     report.seconds["statistics_accumulation"] += collector.seconds
     stats: Stats = dict(collector.result())

@@ -12,6 +12,11 @@ computes the next layer's inputs and moves the layer back to ``offload``:
 - ``propagate: original`` (SVD-LLM's profiling): the outputs of the layer before anything in it changed
   (run before the first replacement if no forward had run yet).
 
+``rules`` overrides that per stream. A *reference stream* (``reference_of(name)``: the same token batches as
+``name``, always propagated by ``original``) carries the original model's hidden states beside the
+compressed ones, for statistics that pair the two on each batch (``Visit.forward_paired``: the
+cross-covariances of an output-matching refit).
+
 Every pass uses it: the compression walk, statistics of the original model for model-level rules,
 CURing's layer selection; a streaming loader or a distributed rank only changes where layers come from
 and where outputs go. Only the current decoder layer sits on the compute device; hidden states between
@@ -40,6 +45,17 @@ from ..stats.hooks import Collector
 from .spill import Spill
 
 DEFAULT_STREAM = "default"
+REFERENCE_SUFFIX = ".reference"
+
+
+def reference_of(stream: str) -> str:
+    """The name of the stream that carries ``stream``'s batches through the original model."""
+    return stream + REFERENCE_SUFFIX
+
+
+def base_stream(name: str) -> str:
+    """The calibration stream a (reference) stream's token batches come from."""
+    return name[: -len(REFERENCE_SUFFIX)] if name.endswith(REFERENCE_SUFFIX) else name
 
 
 class StopForward(Exception):
@@ -152,9 +168,11 @@ class Visit:
     """One decoder layer on the compute device, with every stream's inputs at it."""
 
     def __init__(self, index: int, n_layers: int, prefix: str, layer: nn.Module, streams: dict[str, Stream],
-                 device: torch.device, offload: torch.device, propagate: str, spill: Spill | None = None) -> None:
+                 device: torch.device, offload: torch.device, propagate: str, spill: Spill | None = None,
+                 rules: dict[str, str] | None = None) -> None:
         self.index, self.n_layers, self.prefix, self.layer = index, n_layers, prefix, layer
-        self.spill = spill
+        self.spill, self.rules = spill, rules or {}
+        self.pristine: nn.Module | None = None  # a copy of the layer before any change (paired statistics)
         self.streams, self.device, self.offload, self.propagate = streams, device, offload, propagate
         self.modified = False
 
@@ -178,11 +196,46 @@ class Visit:
             state.original = state.outputs
         return state.outputs
 
+    def rule(self, stream: str) -> str:
+        """How ``stream`` goes on to the next layer: ``compressed`` or ``original``."""
+        return self.rules.get(stream, self.propagate)
+
+    def forward_paired(self, stream: str, reference: str, collector: Collector,
+                       names: dict[str, str]) -> list[Tensor]:
+        """Run the layer as it is on ``stream`` and as the original model has it (a copy taken at the first
+        call, which must come before any change) on ``reference``, batch by batch: the modules ``names``
+        (qualified → relative) record their reference inputs for ``collector`` to pair with the same batch
+        of ``stream``, whose statistics go into ``collector``. Both streams' outputs are kept."""
+        import copy
+
+        from ..errors import CompressorError
+        from ..stats.hooks import record_inputs
+
+        if self.pristine is None:
+            if self.modified:
+                raise CompressorError("paired statistics (an output-matching refit) need the layer as the "
+                                      "original model has it: put that step first")
+            self.pristine = copy.deepcopy(self.layer)  # the reference runs' layer, once modules are swapped
+        mine, theirs, ours, reference_outputs = self.streams[stream], self.streams[reference], [], []
+        for item, reference_item in zip(mine.inputs, theirs.inputs):
+            with record_inputs(self.pristine, names) as recorded:
+                reference_outputs += run_layer(self.pristine, [reference_item], self.device, self.offload,
+                                               self.spill)
+            collector.reference = recorded
+            with collector:
+                ours += run_layer(self.layer, [item], self.device, self.offload, self.spill)
+            collector.reference = {}
+        mine.outputs, mine.stale = ours, False
+        if not self.modified:
+            mine.original = ours
+        theirs.outputs, theirs.original, theirs.stale = reference_outputs, reference_outputs, False
+        return ours
+
     def replace(self, name: str, module: nn.Module) -> None:
         """Swap the module ``name`` of this layer for ``module`` (the only place modules are swapped)."""
-        if self.propagate == "original" and not self.modified:
+        if not self.modified:
             for stream, state in self.streams.items():
-                if state.original is None:  # the original outputs, before the layer first changes
+                if self.rule(stream) == "original" and state.original is None:  # before the layer first changes
                     self.forward(stream)
         module.to(self.device)
         self.layer.set_submodule(self.relative(name), module)
@@ -194,7 +247,7 @@ class Visit:
         """Every stream's inputs of the next layer, by the ``propagate`` rule."""
         following = {}
         for stream, state in self.streams.items():
-            if self.propagate == "original" and state.original is not None:
+            if self.rule(stream) == "original" and state.original is not None:
                 hidden = state.original
             elif state.outputs is None or state.stale:
                 hidden = self.forward(stream)
@@ -209,7 +262,7 @@ def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: t
          last_layer: int | None = None, seconds: dict[str, float] | None = None,
          sink: Callable[[int, str, nn.Module, dict[str, list[LayerInput]]], None] | None = None,
          resume: tuple[int, dict[str, list[Tensor]]] | None = None,
-         spill: Spill | None = None) -> Iterator[Visit]:
+         spill: Spill | None = None, rules: dict[str, str] | None = None) -> Iterator[Visit]:
     """Visit decoder layers 0 … ``last_layer`` (default: all) in order, each on ``device`` in turn.
 
     ``streams``: stream name → token ids (batch, seq) of a calibration set; None or {} for a data-free
@@ -218,7 +271,8 @@ def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: t
     ``sink(index, prefix, layer, next_inputs)`` sees each finished layer and the next layer's inputs.
     ``resume``: (first layer, stream → its hidden states per batch) continues an interrupted walk there
     (the inputs' other arguments, masks and position embeddings, are captured again). ``spill``: hidden
-    states past a memory budget go to disk (``walk.spill``).
+    states past a memory budget go to disk (``walk.spill``). ``rules``: stream name → its own propagate
+    rule (a reference stream's ``original``).
     """
     offload = offload or torch.device("cpu")
     prefix, layers = decoder_layers(model)
@@ -246,7 +300,7 @@ def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: t
             layer = layers[index].to(device)
             visit = Visit(index, len(layers), f"{prefix}.{index}", layer,
                           {name: Stream(items) for name, items in inputs.items()}, device, offload, propagate,
-                          spill)
+                          spill, rules)
             yield visit
             start = time.perf_counter()
             inputs = visit.next_inputs() if index < last else {}  # the last visited layer's outputs go nowhere

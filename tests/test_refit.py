@@ -1,0 +1,121 @@
+"""The output-matching refit (LoRD ``refit: outputs``): the reduced-rank regression from the inputs a module
+now sees to the outputs it had in the original model; the paired statistics and the walk's reference stream
+that feed it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_model, run_steps
+
+from compressor.kernels import linalg
+from compressor.methods.lord import lord_factors
+from compressor.stats.accumulators import Request, TensorStats
+
+
+def problem(m=6, n=10, tokens=80, drift=0.3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n, generator=generator, dtype=torch.float64)  # original inputs (tokens, n)
+    x_now = x + drift * torch.randn(tokens, n, generator=generator, dtype=torch.float64)  # after earlier compression
+    weight = torch.randn(m, n, generator=generator, dtype=torch.float64)
+    return x, x_now, weight
+
+
+def misfit(weight, approx, x, x_now) -> float:
+    """‖W X − Ŵ X̃‖_F: how far the compressed module's outputs are from the original model's."""
+    return float((x @ weight.T - x_now @ approx.T).norm())
+
+
+def test_full_rank_refit_is_the_least_squares_map():
+    x, x_now, weight = problem()
+    whitening = linalg.cholesky(x_now.T @ x_now)
+    refit = linalg.output_refit(weight, x.T @ x_now, whitening)
+    least_squares = torch.linalg.lstsq(x_now, x @ weight.T).solution.T  # argmin_M ‖X̃ Mᵀ − X Wᵀ‖
+    torch.testing.assert_close(refit, least_squares, rtol=1e-9, atol=1e-9)
+    up, down = lord_factors(refit, 6, whitening, torch.float64)  # rank min(m, n): the map itself
+    torch.testing.assert_close(up @ down, least_squares, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 5])
+def test_refit_is_the_reduced_rank_regression(rank):
+    x, x_now, weight = problem()
+    whitening = linalg.cholesky(x_now.T @ x_now)
+    up, down = lord_factors(linalg.output_refit(weight, x.T @ x_now, whitening), rank, whitening, torch.float64)
+    # the closed form of reduced-rank regression: project the least-squares fit Ŷ = X̃ M_lsᵀ on its top-r
+    # right singular vectors V_r; the optimum is V_r V_rᵀ M_ls
+    least_squares = torch.linalg.lstsq(x_now, x @ weight.T).solution.T  # (m, n)
+    v = torch.linalg.svd(x_now @ least_squares.T, full_matrices=False).Vh[:rank].T  # (m, r)
+    optimum = v @ v.T @ least_squares
+    assert misfit(weight, up @ down, x, x_now) == pytest.approx(misfit(weight, optimum, x, x_now), rel=1e-9)
+    plain_up, plain_down = lord_factors(weight, rank, whitening, torch.float64)  # SVD-LLM on X̃, targets W X̃
+    assert misfit(weight, up @ down, x, x_now) < misfit(weight, plain_up @ plain_down, x, x_now)
+
+
+def test_without_drift_the_refit_is_svd_llm():
+    x, _, weight = problem()
+    whitening = linalg.cholesky(x.T @ x)
+    refit = linalg.output_refit(weight, x.T @ x, whitening)
+    torch.testing.assert_close(refit, weight, rtol=1e-9, atol=1e-9)
+
+
+def test_eigh_whitening_refits_through_the_pseudo_inverse():
+    x, x_now, weight = problem()
+    cholesky, eigh = linalg.cholesky(x_now.T @ x_now), linalg.eigh(x_now.T @ x_now)
+    torch.testing.assert_close(linalg.output_refit(weight, x.T @ x_now, eigh),
+                               linalg.output_refit(weight, x.T @ x_now, cholesky), rtol=1e-7, atol=1e-7)
+
+
+def test_cross_gram_accumulates_the_paired_batches():
+    x, x_now, _ = problem()
+    stats = TensorStats()
+    for start in range(0, 80, 32):  # three batches, uneven
+        stats.add(x_now[start: start + 32].float(), frozenset({"gram", "cross_gram"}),
+                  reference=x[start: start + 32].float())
+    torch.testing.assert_close(stats.cross, (x.float().T @ x_now.float()).double(), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="reference"):
+        TensorStats().add(x_now.float(), frozenset({"cross_gram"}))
+    with pytest.raises(ValueError, match="input"):
+        Request("cross_gram", where="output")
+
+
+def test_refit_needs_the_gram():
+    from compressor.methods.lord import LoRDConfig
+
+    with pytest.raises(ValueError, match="whiten: gram"):
+        LoRDConfig(whiten="activation", refit="outputs")
+
+
+def final_hidden(model, batches):
+    with torch.no_grad():
+        return torch.cat([model(input_ids=ids, output_hidden_states=True).hidden_states[-1] for ids in batches])
+
+
+def test_lord_refit_end_to_end(vocab_size, batches):
+    dense = build_model("llama", vocab_size)
+    reference = final_hidden(dense, batches)
+    config = {"ratio": 0.4, "whiten": "gram"}
+    plain, refit = build_model("llama", vocab_size), build_model("llama", vocab_size)
+    plain_report = run_steps(plain, [{"method": "lord", "config": config}], batches)
+    refit_report = run_steps(refit, [{"method": "lord", "config": {**config, "refit": "outputs"}}], batches)
+    assert refit_report.plan.walk_streams() == ["default", "default.reference"]
+    assert [e["rank"] for e in refit_report.log] == [e["rank"] for e in plain_report.log]  # same budget
+    # layer 0 sees the original inputs: the refit is SVD-LLM there, to rounding
+    first = plain.model.layers[0].self_attn.q_proj, refit.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(first[1].dense_weight(), first[0].dense_weight(), rtol=1e-4, atol=1e-5)
+    later = plain.model.layers[-1].mlp.down_proj, refit.model.layers[-1].mlp.down_proj
+    assert not torch.allclose(later[1].dense_weight(), later[0].dense_weight(), rtol=1e-3, atol=1e-4)
+    # on the calibration data, the refit model's last hidden states are closer to the dense model's
+    error = {name: float((final_hidden(model, batches) - reference).norm() / reference.norm())
+             for name, model in (("plain", plain), ("refit", refit))}
+    assert error["refit"] < error["plain"]
+
+
+def test_refit_needs_its_step_to_see_the_original_layer(vocab_size, batches):
+    from compressor.errors import CompressorError
+
+    model = build_model("llama", vocab_size)
+    steps = [{"method": "quantize", "config": {"algorithm": "rtn", "bits": 4, "group_size": 32}},
+             {"method": "lord", "config": {"ratio": 0.3, "whiten": "gram", "refit": "outputs"},
+              "targets": ["mlp.down_proj"]}]
+    with pytest.raises(CompressorError, match="original model"):
+        run_steps(model, steps, batches)
