@@ -119,3 +119,21 @@ def test_refit_needs_its_step_to_see_the_original_layer(vocab_size, batches):
               "targets": ["mlp.down_proj"]}]
     with pytest.raises(CompressorError, match="original model"):
         run_steps(model, steps, batches)
+
+
+def test_a_refit_step_runs_in_four_stages_per_llama_layer(vocab_size, batches, monkeypatch):
+    from compressor.walk import compress as walk_compress
+
+    seen = []
+    original = walk_compress.stages
+
+    def recording(specs, stats):
+        found = original(specs, stats)
+        seen.append([[spec.name.rsplit(".", 1)[-1] for spec in stage] for stage in found])
+        return found
+
+    monkeypatch.setattr(walk_compress, "stages", recording)
+    model = build_model("llama", vocab_size)
+    run_steps(model, [{"method": "lord", "config": {"ratio": 0.3, "whiten": "gram", "refit": "outputs"}}], batches)
+    assert seen[0] == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    assert len(seen) == model.config.num_hidden_layers

@@ -99,15 +99,27 @@ def compress_in_stages(visit: Visit, plan: Plan, step: StepPlan, specs: list[Gro
     the groups reading the first pending group's input (q/k/v; gate/up) are compressed on statistics
     collected after every earlier stage's replacement, so each fits the inputs its compressed upstream
     modules now give, not those of the original layer."""
-    pending = list(specs)
-    while pending:
-        stats = collect(visit, step.stream, [(step, pending)], report, plan.arch)
-        first = stats.get((pending[0].module_name("linear"), "input"))
-        stage = [spec for spec in pending if len(spec.members) == 1 and first is not None
-                 and stats.get((spec.module_name("linear"), "input")) is first] or pending[:1]
+    stats = collect(visit, step.stream, [(step, specs)], report, plan.arch)
+    for number, stage in enumerate(stages(specs, stats)):
+        if number:  # the earlier stages changed this stage's inputs: collect them again, for this stage only
+            stats = collect(visit, step.stream, [(step, stage)], report, plan.arch)
         for spec in stage:
             compress_group(visit, plan, step, spec, stats, ctx, originals, report, log_file)
-        pending = [spec for spec in pending if spec not in stage]
+
+
+def stages(specs: list[GroupSpec], stats: Stats) -> list[list[GroupSpec]]:
+    """``specs`` in order, cut where the input changes: consecutive one-linear groups whose statistics are one
+    shared accumulator (they read the same tensor: q/k/v, gate/up) form a stage; any other group is its own."""
+    found: list[list[GroupSpec]] = []
+    previous = None
+    for spec in specs:
+        shared = stats.get((spec.module_name("linear"), "input")) if len(spec.members) == 1 else None
+        if found and shared is not None and shared is previous:
+            found[-1].append(spec)
+        else:
+            found.append([spec])
+        previous = shared
+    return found
 
 
 def compress_group(visit: Visit, plan: Plan, step: StepPlan, spec: GroupSpec, stats: Stats, ctx: LayerContext,
