@@ -178,6 +178,10 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         *[(f"lord-gram-fisher-rows-{r}", lord("gram", r, output_weight="fisher")) for r in (0.2, 0.4)],
         *[(f"lord-gram-fisher-rows-loss-{r}", lord("gram", r, output_weight="fisher", rank_rule="loss"))
           for r in (0.2, 0.4)],
+        # the loss rule on the Fisher-weighted spectra without the per-matrix normalization (their losses are
+        # already in units of the model's loss)
+        *[(f"lord-gram-fisher-rows-loss-abs-{r}", lord("gram", r, output_weight="fisher", rank_rule="loss",
+                                                       loss_scale="absolute")) for r in (0.2, 0.4)],
         # output-matching refit: each matrix fit to the original model's outputs from the inputs it now sees
         # (reduced-rank regression on the cross-covariance with the reference stream), alone and combined
         *[(f"lord-gram-refit-{r}", lord("gram", r, refit="outputs")) for r in (0.2, 0.4)],

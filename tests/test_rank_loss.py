@@ -22,11 +22,12 @@ def spectra_and_shapes():
     return {n: v.sort(descending=True).values for n, v in spectra.items()}, shapes
 
 
-def candidates(spectrum, shape):
-    """Every (params, relative loss) option of one matrix: ranks below break-even, then dense."""
+def candidates(spectrum, shape, normalize=True):
+    """Every (params, relative or absolute loss) option of one matrix: ranks below break-even, then dense."""
     m, n = shape
     energy = spectrum.double().square()
-    options = [(r * (m + n), float(energy[r:].sum() / energy.sum()), r) for r in range(1, min(m, n) + 1)
+    scale = energy.sum() if normalize else 1.0
+    options = [(r * (m + n), float(energy[r:].sum() / scale), r) for r in range(1, min(m, n) + 1)
                if r * (m + n) < m * n]
     return options + [(m * n, 0.0, None)]
 
@@ -47,6 +48,23 @@ def test_allocation_is_optimal_for_the_budget_it_reaches(fraction):
     # of two matrices of one shape, the fast-decaying spectrum ("a") keeps less rank than the flat one ("b")
     ranks = {n: (r if r is not None else min(shapes[n])) / min(shapes[n]) for n, r in solved["ranks"].items()}
     assert ranks["a"] < ranks["b"]
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5])
+def test_absolute_allocation_is_optimal_and_sees_scale(fraction):
+    spectra, shapes = spectra_and_shapes()
+    spectra["b"] = spectra["b"] * 10  # "b" matters 100× more in absolute loss
+    before = sum(m * n for m, n in shapes.values())
+    solved = loss_rule.allocate(spectra, shapes, fraction * before, normalize=False)
+    options = [candidates(spectra[name], shapes[name], normalize=False) for name in shapes]
+    best = min(sum(o[1] for o in combo) for combo in itertools.product(*options)
+               if before - sum(o[0] for o in combo) >= solved["removed_params"])
+    assert solved["total_loss"] == pytest.approx(best, rel=1e-12)
+    relative = loss_rule.allocate(spectra, shapes, fraction * before)
+    assert relative["ranks"] == loss_rule.allocate(spectra_and_shapes()[0], shapes, fraction * before)["ranks"]
+    rank_of = {n: r if r is not None else min(shapes[n]) for n, r in solved["ranks"].items()}
+    relative_rank_of = {n: r if r is not None else min(shapes[n]) for n, r in relative["ranks"].items()}
+    assert rank_of["b"] >= relative_rank_of["b"]  # the scaled matrix keeps at least as much rank
 
 
 def test_out_of_reach_budget_is_refused():
@@ -97,3 +115,16 @@ def test_lord_with_output_weights_from_the_fisher(llama, batches):
     fresh = __import__("conftest").build_model("llama", llama.config.vocab_size)
     loss = run_steps(fresh, [{"method": "lord", "config": {**config, "rank_rule": "loss"}}], batches)
     assert loss.plan.steps[0].decision.record["rank_rule"] == "loss"
+    fresh = __import__("conftest").build_model("llama", llama.config.vocab_size)
+    absolute = run_steps(fresh, [{"method": "lord", "config": {**config, "rank_rule": "loss",
+                                                                 "loss_scale": "absolute"}}], batches)
+    record = absolute.plan.steps[0].decision.record
+    assert record["loss_scale"] == "absolute" and record["removed_params"] >= loss.plan.steps[0].decision.record[
+        "removed_params"] * 0.99
+
+
+def test_loss_scale_needs_the_loss_rule():
+    from compressor.methods.lord import LoRDConfig
+
+    with pytest.raises(ValueError, match="rank_rule: loss"):
+        LoRDConfig(ratio=0.2, loss_scale="absolute")

@@ -60,6 +60,9 @@ class LoRDConfig(ranks.RankRule):
         "(IO-SVD's two-sided weighting; FWSVD's Fisher pass, cached)")
     fisher_cache: Literal["use", "refresh", "off"] = field(
         "use", "output_weight fisher: the Fisher cache on disk: use (read/write), refresh (recompute), off")
+    loss_scale: Literal["relative", "absolute"] = field(
+        "relative", "rank_rule loss: each matrix's truncation loss divided by its own output energy (relative), "
+        "or as it is (absolute: with output_weight fisher, in units of the model's loss)")
     refit: Literal["none", "outputs"] = field(
         "none", "outputs: fit each matrix to the original model's outputs from the inputs it now sees (reduced-"
         "rank regression; needs whiten gram, and propagate compressed to differ from none)")
@@ -68,6 +71,8 @@ class LoRDConfig(ranks.RankRule):
         super().__post_init__()
         if self.refit == "outputs" and self.whiten != "gram":
             raise ValueError("refit: outputs needs whiten: gram (it solves under the Gram of the inputs)")
+        if self.loss_scale != "relative" and self.rank_rule != "loss":
+            raise ValueError("loss_scale applies to rank_rule: loss")
 
 
 def lord_factors(weight: torch.Tensor, rank: int, whitening: linalg.Whitening, svd_dtype: torch.dtype,
@@ -126,9 +131,11 @@ class LoRD(LinearCompressor):
                                     model_ratio=self.config.model_ratio, shapes=view.shapes,
                                     model_params=view.model_params)
         if self.config.rank_rule == "loss":
-            solved = loss_rule.allocate(spectra, view.shapes, target["removed_params"])
+            solved = loss_rule.allocate(spectra, view.shapes, target["removed_params"],
+                                        normalize=self.config.loss_scale == "relative")
             self.ranks = solved["ranks"]
-            return Decision({"rank_rule": "loss", "rule": self.config.rule, **solved, **fisher_record})
+            return Decision({"rank_rule": "loss", "rule": self.config.rule, "loss_scale": self.config.loss_scale,
+                             **solved, **fisher_record})
         self.welore = welore_rule.solve(spectra, view.shapes, **target)
         return Decision({**self.welore.record(), **fisher_record})
 

@@ -9,6 +9,10 @@ output energy) it is the relative output error², comparable between matrices of
     loss_i(r)   = Σ_{j ≥ r} σ_j² / Σ_j σ_j²          r = 1 … ⌈break-even⌉ − 1, or dense (loss 0)
     params_i(r) = r (m + n)                          (dense: m n)
 
+With ``normalize=False`` the loss is the absolute ``Σ_{j ≥ r} σ_j²``: the right comparison when the spectra are
+of a problem already in common units, such as rows weighted by √Fisher (LoRD's ``output_weight: fisher``),
+where it approximates the increase of the model's loss and a per-matrix normalization would undo that.
+
 The ranks minimize ``Σ_i loss_i(r_i)`` subject to ``Σ_i params_i(r_i) ≤ budget`` through the Lagrangian
 ``min_r loss_i(r) + λ · params_i(r)`` per matrix, with λ bisected (removed parameters grow with λ) to the
 smallest λ that meets the budget: exact on the lower convex hull of each matrix's (params, loss) curve,
@@ -30,14 +34,14 @@ class Choice:
     """One matrix's candidate ranks (1 … R, R < break-even) and their losses and parameters."""
 
     shape: tuple[int, int]
-    loss: Tensor  # (R + 1,) fp64: relative loss at rank 1 … R, then 0 for dense
+    loss: Tensor  # (R + 1,) fp64: (relative) loss at rank 1 … R, then 0 for dense
     params: Tensor  # (R + 1,) fp64: r (m + n) for rank r, then m n for dense
 
     @classmethod
-    def of(cls, spectrum: Tensor, shape: tuple[int, int]) -> "Choice":
+    def of(cls, spectrum: Tensor, shape: tuple[int, int], normalize: bool = True) -> "Choice":
         m, n = shape
         energy = spectrum.double().square()  # (k,) descending
-        total = float(energy.sum())
+        total = float(energy.sum()) if normalize else 1.0
         tail = energy.flip(0).cumsum(0).flip(0)  # tail[r] = Σ_{j ≥ r} σ_j²
         ranks = torch.arange(1, len(energy) + 1, dtype=torch.float64)
         below = ranks * (m + n) < m * n  # ranks that save parameters
@@ -57,10 +61,11 @@ class Choice:
         return None if index == len(self.loss) - 1 else index + 1
 
 
-def allocate(spectra: dict[str, Tensor], shapes: dict[str, tuple[int, int]], removed_params: float) -> dict:
+def allocate(spectra: dict[str, Tensor], shapes: dict[str, tuple[int, int]], removed_params: float,
+             normalize: bool = True) -> dict:
     """name → rank (None: stays dense) removing at least ``removed_params`` with the least total relative
-    loss; with the solved price λ, the parameters removed and the total loss."""
-    choices = {name: Choice.of(spectra[name], shapes[name]) for name in shapes}
+    (``normalize``) or absolute loss; with the solved price λ, the parameters removed and the total loss."""
+    choices = {name: Choice.of(spectra[name], shapes[name], normalize) for name in shapes}
     before = sum(m * n for m, n in shapes.values())
     floor = sum(float(c.params[0]) for c in choices.values())  # every matrix at rank 1
     if removed_params > before - floor:
