@@ -31,6 +31,7 @@ records it for ``--resume``.
 
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,9 +40,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from ..errors import CompressorError
 from ..model.streaming import source_of
 from ..model.targets import decoder_layers
-from ..stats.hooks import Collector
+from ..stats.hooks import Collector, record_inputs
 from .spill import Spill
 
 DEFAULT_STREAM = "default"
@@ -206,11 +208,6 @@ class Visit:
         call, which must come before any change) on ``reference``, batch by batch: the modules ``names``
         (qualified → relative) record their reference inputs for ``collector`` to pair with the same batch
         of ``stream``, whose statistics go into ``collector``. Both streams' outputs are kept."""
-        import copy
-
-        from ..errors import CompressorError
-        from ..stats.hooks import record_inputs
-
         if self.pristine is None:
             if self.modified:
                 raise CompressorError("paired statistics (an output-matching refit) need the layer as the "
