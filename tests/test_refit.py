@@ -137,3 +137,17 @@ def test_a_refit_step_runs_in_four_stages_per_llama_layer(vocab_size, batches, m
     run_steps(model, [{"method": "lord", "config": {"ratio": 0.3, "whiten": "gram", "refit": "outputs"}}], batches)
     assert seen[0] == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
     assert len(seen) == model.config.num_hidden_layers
+
+
+def test_refit_strength_interpolates_the_target():
+    x, x_now, weight = problem()
+    gram, cross = x_now.T @ x_now, x.T @ x_now
+    whitening = linalg.cholesky(gram)
+    half = linalg.output_refit(weight, 0.5 * cross + 0.5 * gram, whitening)
+    # the least-squares map to the half-way target ½ (W X + W X̃)
+    least_squares = torch.linalg.lstsq(x_now, 0.5 * (x @ weight.T + x_now @ weight.T)).solution.T
+    torch.testing.assert_close(half, least_squares, rtol=1e-9, atol=1e-9)
+    from compressor.methods.lord import LoRDConfig
+
+    with pytest.raises(ValueError, match="refit_strength"):
+        LoRDConfig(whiten="gram", refit="outputs", refit_strength=1.5)

@@ -66,11 +66,16 @@ class LoRDConfig(ranks.RankRule):
     refit: Literal["none", "outputs"] = field(
         "none", "outputs: fit each matrix to the original model's outputs from the inputs it now sees (reduced-"
         "rank regression; needs whiten gram, and propagate compressed to differ from none)")
+    refit_strength: float = field(
+        1.0, "refit outputs: the target's share of the original outputs W·X, the rest W·X̃ (0 = no refit): "
+        "shrinks the fit toward SVD-LLM's, which fits the calibration text less")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.refit == "outputs" and self.whiten != "gram":
             raise ValueError("refit: outputs needs whiten: gram (it solves under the Gram of the inputs)")
+        if not 0.0 <= self.refit_strength <= 1.0:
+            raise ValueError(f"refit_strength must be in [0, 1], got {self.refit_strength}")
         if self.loss_scale != "relative" and self.rank_rule != "loss":
             raise ValueError("loss_scale applies to rank_rule: loss")
 
@@ -174,7 +179,10 @@ class LoRD(LinearCompressor):
         whitening = self.whitening_of(target.stats)
         weight = target.weight
         if self.config.refit == "outputs":  # W C G̃⁻¹: the least-squares map from X̃ to W·X
-            weight = linalg.output_refit(weight, target.stats.cross, whitening)
+            strength = self.config.refit_strength  # target α W X + (1 − α) W X̃: cross α C + (1 − α) G̃
+            cross = target.stats.cross if strength == 1.0 else (
+                strength * target.stats.cross + (1 - strength) * target.stats.gram)
+            weight = linalg.output_refit(weight, cross, whitening)
         up, down = lord_factors(weight, rank, whitening, self.svd_dtype, self.row_scales.pop(target.name, None))
         module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
         return Outcome(module, rank=rank, note=note, extra=extra)
