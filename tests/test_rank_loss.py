@@ -128,3 +128,14 @@ def test_loss_scale_needs_the_loss_rule():
 
     with pytest.raises(ValueError, match="rank_rule: loss"):
         LoRDConfig(ratio=0.2, loss_scale="absolute")
+
+
+def test_shipped_lord_fisher_recipe(model_dirs, tmp_path, small):
+    from compressor import api
+
+    summary = api.compress(str(model_dirs["llama"]), "lord-fisher", tmp_path / "out", progress=False,
+                           overrides=[*small, "steps.0.config.fisher_cache=off"])
+    decision = summary["plan"].decisions()[0]["decision"]
+    assert decision["rank_rule"] == "loss" and decision["loss_scale"] == "absolute"
+    assert decision["output_weight"] == "fisher"
+    assert summary["params_after"] < summary["params_before"]
