@@ -4,7 +4,9 @@ First every step's model-level ``decide`` runs (on the unmodified model). Then, 
 the steps run in recipe order: the layer's statistics are collected for each step that requests any
 (``statistics: per_step``: one forward per such step, on the layer as the earlier steps left it;
 ``once``: one forward per stream before any step, so every step sees the original layer's inputs), each
-group of the step is compressed, and its replacements are swapped in through ``Visit.replace``.
+group of the step is compressed, and its replacements are swapped in through ``Visit.replace``. A step whose
+statistics pair with the original model (``cross_gram``) is compressed in stages within the layer, each
+on statistics taken after the earlier stages changed its inputs (``compress_in_stages``).
 """
 
 from __future__ import annotations
@@ -95,10 +97,10 @@ def paired(step: StepPlan) -> bool:
 
 def compress_in_stages(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupSpec], ctx: LayerContext,
                        originals: dict[str, Tensor], report: Report, log_file=None) -> None:
-    """A step that pairs its statistics with the original model (an output-matching refit), stage by stage:
-    the groups reading the first pending group's input (q/k/v; gate/up) are compressed on statistics
-    collected after every earlier stage's replacement, so each fits the inputs its compressed upstream
-    modules now give, not those of the original layer."""
+    """A step that pairs its statistics with the original model (an output-matching refit), stage by stage
+    (``stages``: q/k/v, o, gate/up, down): each stage is compressed on statistics collected after the earlier
+    stages' replacements, so it fits the inputs its compressed upstream modules now give, not those of the
+    original layer."""
     stats = collect(visit, step.stream, [(step, specs)], report, plan.arch)
     for number, stage in enumerate(stages(specs, stats)):
         if number:  # the earlier stages changed this stage's inputs: collect them again, for this stage only
@@ -183,9 +185,8 @@ def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSp
     """Run the layer once on ``stream`` with the hooks the steps' requests need; the statistics."""
     collector = Collector(watches(visit, wanted, arch))
     distance = [r for step, _ in wanted for r in step.requests if r.statistic == "angular_distance"]
-    paired = any(r.statistic in PAIRED_STATISTICS for step, _ in wanted for r in step.requests)
     start = time.perf_counter()
-    if paired:  # each batch of the reference stream first, its module inputs paired with the same batch here
+    if any(paired(step) for step, _ in wanted):  # each batch of the reference stream first, its module inputs paired with the same batch here
         names = {w.name: visit.relative(w.name) for w in collector.watches if w.where == "input"}
         outputs = visit.forward_paired(stream, reference_of(stream), collector, names)
     else:
