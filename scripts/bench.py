@@ -191,6 +191,9 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         *[(f"lord-gram-fisher-rows-loss-abs-refit-half-{r}", lord(
             "gram", r, output_weight="fisher", rank_rule="loss", loss_scale="absolute", refit="outputs",
             refit_strength=0.5)) for r in (0.2, 0.4)],
+        *[(f"lord-gram-fisher-rows-loss-refit-half-{r}", lord(
+            "gram", r, output_weight="fisher", rank_rule="loss", refit="outputs", refit_strength=0.5))
+          for r in (0.2, 0.4)],
     ],
     # MoDeGPT, the whole method (MLP, query-key, value-output) at 20% and 30% of each layer removed on average,
     # query/key covariances before RoPE (the reference's) and after it; LoRD gram removing the same
