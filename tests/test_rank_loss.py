@@ -139,3 +139,4 @@ def test_shipped_lord_fisher_recipe(model_dirs, tmp_path, small):
     assert decision["rank_rule"] == "loss" and decision["loss_scale"] == "absolute"
     assert decision["output_weight"] == "fisher"
     assert summary["params_after"] < summary["params_before"]
+    assert summary["plan"].walk_streams() == ["default", "default.reference"]  # the refit's reference stream
