@@ -66,6 +66,11 @@ class StepPlan:
     def requests(self) -> tuple[Request, ...]:
         return tuple(self.compressor.requests())
 
+    @property
+    def paired(self) -> bool:
+        """Whether a statistic pairs with the original model (the walk carries a reference stream)."""
+        return any(r.statistic in PAIRED_STATISTICS for r in self.requests)
+
     def groups_in(self, layer: int) -> list[GroupSpec]:
         return [group for group in self.groups if group.layer == layer]
 
@@ -105,8 +110,7 @@ class Plan:
         """The streams the layer walk carries: those of steps that request per-group statistics, and the
         reference stream (``walk.layers.reference_of``) of each whose step pairs statistics with it."""
         names = {s.stream for s in self.steps if s.requests}
-        names |= {reference_of(s.stream) for s in self.steps
-                  if any(r.statistic in PAIRED_STATISTICS for r in s.requests)}
+        names |= {reference_of(s.stream) for s in self.steps if s.paired}
         return sorted(names)
 
     def stream_rules(self) -> dict[str, str]:
@@ -190,7 +194,7 @@ def compile_plan(recipe: Recipe, model: nn.Module) -> Plan:
     linears = decoder_linears(model)
     steps = [compile_step(recipe, index, linears, model) for index in range(len(recipe.steps))]
     for step in steps:
-        if recipe.statistics == "once" and any(r.statistic in PAIRED_STATISTICS for r in step.requests):
+        if recipe.statistics == "once" and step.paired:
             raise CompressorError(f"step {step.index} ({step.method}) pairs its statistics with the original "
                                   "model (an output-matching refit): it needs statistics: per_step")
     params = parameter_count(model)  # distinct parameters: a tied embedding and head count once

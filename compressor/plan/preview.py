@@ -88,7 +88,7 @@ def preview(plan: Plan, model: nn.Module, dtype: torch.dtype, storage_dtype: tor
     walked = plan.walk_streams()  # a reference stream carries its calibration stream's tokens once more
     activations = sum(tokens[base_stream(name)] * hidden * compute * 3 for name in walked)
     widest = max((state["shape"][1] for state in targets.values()), default=0)
-    matrices = 2 + (len(walked) > len({base_stream(name) for name in walked}))  # a cross-Gram beside each Gram
+    matrices = 2 + any(s.paired for s in plan.steps)  # a cross-Gram beside each Gram
     statistics = matrices * widest * widest * 8 if walked else 0
     weights_held = max(2 * layer_bytes, outside_bytes) if stream else model_bytes + layer_bytes
     peak = RUNTIME_BYTES + weights_held + activations + statistics

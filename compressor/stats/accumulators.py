@@ -12,9 +12,9 @@ calibration data accumulated apart and merged equal one pass over all of it. Tha
 over several processes sums. Per tensor ``x`` (tokens, features), accumulated over the calibration data:
 
 - ``gram``: Σ xᵀx (f, f), each batch computed in fp32 and added into an fp64 accumulator;
+  per head: (heads, d, d) with x reshaped to (tokens, heads, d);
 - ``cross_gram``: Σ x_refᵀ x (f, f), likewise, where x_ref is the same token's input of the module in the
   original model (the walk's reference stream: ``walk.layers``), x the one in the model as compressed so far;
-  per head: (heads, d, d) with x reshaped to (tokens, heads, d);
 - ``abs_sum``: Σ |x| (f,)   → ``abs_mean`` (ASVD's activation scale);
 - ``sq_sum``: Σ x² (f,)     → ``sq_norm`` (Wanda / CURing scores; the Gram's diagonal when a Gram exists).
 """

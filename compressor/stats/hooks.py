@@ -1,10 +1,12 @@
 """Forward hooks that fill ``TensorStats`` during one calibration pass of a decoder layer.
 
 ``with Collector(watches) as collector: run the layer`` then ``collector.result()`` → (module name,
-where) → stats. Paired statistics (``cross_gram``) read ``collector.reference``: module name → that module's
-input on the same batch of the reference stream, recorded just before by ``record_inputs``. Modules that read the same input tensor (q/k/v, gate/up) share one ``TensorStats``:
+where) → stats. Modules that read the same input tensor (q/k/v, gate/up) share one ``TensorStats``:
 sharing is found on the first batch by tensor identity, so no architecture table is needed. Every
 hook is removed in ``remove`` (called by ``__exit__``, also when the forward raises): the one place.
+Paired statistics (``cross_gram``) read ``collector.reference``: module name → that module's input on the
+same batch of the reference stream, recorded just before by ``record_inputs`` (whose hooks live only
+within its ``with`` block).
 """
 
 from __future__ import annotations

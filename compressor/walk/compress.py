@@ -25,7 +25,7 @@ from ..errors import CompressorError, one_line
 from ..kernels.linalg import relative_error
 from ..model.modules import shape_of, weight_of
 from ..plan.compile import GroupSpec, Plan, StepPlan
-from ..stats.accumulators import PAIRED_STATISTICS, TENSOR_STATISTICS, DistanceStats
+from ..stats.accumulators import TENSOR_STATISTICS, DistanceStats
 from ..stats.hooks import Collector, Watch
 from .layers import DEFAULT_STREAM, Visit, base_stream, reference_of, run_layer, walk
 
@@ -80,7 +80,7 @@ def compress_layer(visit: Visit, plan: Plan, dtype: torch.dtype, report: Report,
         specs = step.groups_in(visit.index)
         if not specs:
             continue
-        if shared is None and paired(step):
+        if shared is None and step.paired:
             compress_in_stages(visit, plan, step, specs, ctx, originals, report, log_file)
             continue
         if shared is not None:  # data-free steps get them too, for the log's output error
@@ -89,10 +89,6 @@ def compress_layer(visit: Visit, plan: Plan, dtype: torch.dtype, report: Report,
             stats = collect(visit, step.stream, [(step, specs)], report, plan.arch) if step.requests else {}
         for spec in specs:
             compress_group(visit, plan, step, spec, stats, ctx, originals, report, log_file)
-
-
-def paired(step: StepPlan) -> bool:
-    return any(r.statistic in PAIRED_STATISTICS for r in step.requests)
 
 
 def compress_in_stages(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupSpec], ctx: LayerContext,
@@ -186,7 +182,7 @@ def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSp
     collector = Collector(watches(visit, wanted, arch))
     distance = [r for step, _ in wanted for r in step.requests if r.statistic == "angular_distance"]
     start = time.perf_counter()
-    if any(paired(step) for step, _ in wanted):  # each batch of the reference stream first, its module inputs paired with the same batch here
+    if any(step.paired for step, _ in wanted):  # a reference batch first, then the same batch here
         names = {w.name: visit.relative(w.name) for w in collector.watches if w.where == "input"}
         outputs = visit.forward_paired(stream, reference_of(stream), collector, names)
     else:
