@@ -315,14 +315,19 @@ def heldout(tokenizer):
     return sotu.SOURCE.evaluation(tokenizer, 512, 40960)
 
 
-def calibration_perplexity(model, tokenizer) -> float:
+def calibration_set(tokenizer):
+    """The protocol's calibration windows (n_samples, seq_len) of sotu."""
+    from compressor import calibration
+
+    return calibration.calibration_windows("sotu", tokenizer, CALIBRATION["n_samples"], CALIBRATION["seq_len"],
+                                           CALIBRATION["seed"])
+
+
+def calibration_perplexity(model, windows) -> float:
     """Perplexity on the calibration windows themselves (the quality suite's: a mechanism that lowers it
     much more than the held-out one is fitting the calibration text)."""
-    from compressor import calibration
     from compressor.evaluate import perplexity
 
-    windows = calibration.calibration_windows("sotu", tokenizer, CALIBRATION["n_samples"], CALIBRATION["seq_len"],
-                                              CALIBRATION["seed"])
     return perplexity(model, windows, batch_size=8)["value"]
 
 
@@ -330,14 +335,13 @@ def run_dense(on_calibration: bool = False) -> dict:
     """Dense perplexity and the reference time: one plain forward over the calibration data."""
     import torch
 
-    from compressor import calibration
     from compressor.evaluate import perplexity
     from compressor.model import loading as models
 
     start = time.perf_counter()
     model, tokenizer = models.load(MODEL)
     load_s = time.perf_counter() - start
-    windows = calibration.calibration_windows("sotu", tokenizer, 32, 512, 0)
+    windows = calibration_set(tokenizer)
     forwards = []
     with torch.no_grad():
         for _ in range(2):
@@ -349,7 +353,7 @@ def run_dense(on_calibration: bool = False) -> dict:
     from compressor.evaluate import bytes_on_disk
 
     return {"name": "dense", "perplexity": ppl["value"], "parameters": models.parameter_count(model),
-            **({"calibration_perplexity": calibration_perplexity(model, tokenizer)} if on_calibration else {}),
+            **({"calibration_perplexity": calibration_perplexity(model, windows)} if on_calibration else {}),
             "bytes_on_disk": bytes_on_disk(Path(models.resolve(MODEL)[0])),
             "seconds": {"load": load_s, "plain_forward": min(forwards)}, "plain_forward_runs": forwards,
             "peak_rss_mib": peak_rss_mib()}
@@ -359,11 +363,10 @@ def plain_forward_seconds(batch_size: int) -> float:
     """One plain forward pass of the dense model over the calibration windows (the speed yardstick)."""
     import torch
 
-    from compressor import calibration
     from compressor.model import loading as models
 
     model, tokenizer = models.load(MODEL)
-    windows = calibration.calibration_windows("sotu", tokenizer, 32, 512, 0)
+    windows = calibration_set(tokenizer)
     with torch.no_grad():
         model(input_ids=windows[:1], use_cache=False)  # warm-up
         start = time.perf_counter()
@@ -419,7 +422,8 @@ def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(MODEL)[0])
     ppl = perplexity(model, heldout(tokenizer), batch_size=8)
     return {"name": name, "recipe": recipe_data, "perplexity": ppl["value"],
-            **({"calibration_perplexity": calibration_perplexity(model, tokenizer)} if on_calibration else {}),
+            **({"calibration_perplexity": calibration_perplexity(model, calibration_set(tokenizer))}
+               if on_calibration else {}),
             "parameters": summary["params_after"], "parameters_before": summary["params_before"],
             "bytes_on_disk": disk, "seconds": summary["seconds"], "breakdown": summary["walk_seconds"],
             "compress_cpu_seconds": cpu, "compression_cpu_seconds": summary.get("cpu_seconds", {}).get("compression"),
