@@ -187,7 +187,8 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         *[(f"lord-gram-refit-{r}", lord("gram", r, refit="outputs")) for r in (0.2, 0.4)],
         *[(f"lord-gram-fisher-rows-loss-refit-{r}", lord("gram", r, output_weight="fisher", rank_rule="loss",
                                                          refit="outputs")) for r in (0.2, 0.4)],
-        # the refit shrunk halfway toward SVD-LLM's own target, on the best allocation
+        # the refit shrunk halfway toward SVD-LLM's own target: alone (uniform ranks) and on the best allocations
+        *[(f"lord-gram-refit-half-{r}", lord("gram", r, refit="outputs", refit_strength=0.5)) for r in (0.2, 0.4)],
         *[(f"lord-gram-fisher-rows-loss-abs-refit-half-{r}", lord(
             "gram", r, output_weight="fisher", rank_rule="loss", loss_scale="absolute", refit="outputs",
             refit_strength=0.5)) for r in (0.2, 0.4)],
