@@ -65,6 +65,7 @@ class Target:
     bias: Tensor | None  # (out,)
     stats: TensorStats | None  # statistics of its input, if the compressor requested any
     dense_class: str = "Linear"  # "Linear" or "Conv1D": what --merge writes back
+    output_stats: TensorStats | None = None  # statistics of its output, if the compressor requested any
 
 
 @dataclass

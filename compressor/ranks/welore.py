@@ -242,22 +242,38 @@ def weight_spectra(model: nn.Module, names: list[str], device: torch.device,
 
 def whitened_spectra(view, kinds: frozenset[str], whitening: Callable,
                      dtype: torch.dtype = torch.float64,
-                     row_scales: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+                     row_scales: dict[str, Tensor] | None = None,
+                     output_side: Callable[[tuple[int, int]], bool] | None = None) -> dict[str, Tensor]:
     """name → singular values of ``W S`` with ``S = whitening(stats)``, the input statistics ``kinds`` taken
     on the *original* model (``view.walk``, SVD-LLM's profiling) for every target of ``view`` (a
-    ``contract.ModelView``), rows scaled by ``row_scales`` where given (an output-side weight). Each
-    layer's statistics are dropped once its spectra are known."""
+    ``contract.ModelView``), rows scaled by ``row_scales`` where given (an output-side weight). Targets whose
+    shape ``output_side`` accepts get them from their output Gram instead (√ of the eigenvalues of
+    ``W G Wᵀ``: the same values, no (n, n) matrix). Each layer's statistics are dropped once its spectra are known."""
+    from ..kernels.linalg import output_gram
     from ..model.targets import names_by_layer
     from ..stats.hooks import Collector, Watch
 
     by_layer = names_by_layer(view.model, view.shapes)
+    outputs = {n for n, shape in view.shapes.items() if output_side is not None and output_side(shape)}
     spectra = {}
     for visit in view.walk(last_layer=max(by_layer, default=-1)):
         names = by_layer.get(visit.index, [])
-        collector = Collector([Watch(n, visit.module(n), "input", kinds) for n in names])
+        collector = Collector([Watch(n, visit.module(n), "output", frozenset({"gram", "mean"})) if n in outputs
+                               else Watch(n, visit.module(n), "input", kinds) for n in names])
         visit.forward(collector=collector)
-        for (name, _), stats in collector.result().items():
-            weight = _weight(visit.module(name)).to(device=view.device, dtype=dtype)  # (m, n)
+        for (name, where), stats in collector.result().items():
+            module = visit.module(name)
+            weight = _weight(module).to(device=view.device, dtype=dtype)  # (m, n)
+            if where == "output":
+                bias = None if module.bias is None else module.bias.detach().to(view.device)
+                gram = output_gram(stats.gram, stats.mean, stats.n_tokens, bias).to(device=view.device, dtype=dtype)
+                scale = (row_scales or {}).get(name)
+                if scale is not None:
+                    scale = scale.to(device=view.device, dtype=dtype)
+                    gram = scale[:, None] * gram * scale[None, :]
+                values = torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0).clamp_min(0).sqrt()
+                spectra[name] = values[: min(weight.shape)].cpu()
+                continue
             spectra[name] = torch.linalg.svdvals(whitening(stats).apply(_rows_scaled(weight, row_scales, name))).cpu()
     missing = set(view.shapes) - set(spectra)
     if missing:

@@ -16,7 +16,12 @@ over several processes sums. Per tensor ``x`` (tokens, features), accumulated ov
 - ``cross_gram``: Σ x_refᵀ x (f, f), likewise, where x_ref is the same token's input of the module in the
   original model (the walk's reference stream: ``walk.layers``), x the one in the model as compressed so far;
 - ``abs_sum``: Σ |x| (f,)   → ``abs_mean`` (ASVD's activation scale);
-- ``sq_sum``: Σ x² (f,)     → ``sq_norm`` (Wanda / CURing scores; the Gram's diagonal when a Gram exists).
+- ``sq_sum``: Σ x² (f,)     → ``sq_norm`` (Wanda / CURing scores; the Gram's diagonal when a Gram exists);
+- ``x_sum``: Σ x (f,)       → ``mean`` (with an output Gram: the bias taken out of it, ``linalg.output_gram``).
+
+``Request.matrices`` narrows a request to the wide targets (more inputs than outputs) or to the others, so a
+method can take the smaller of a linear's input and output Grams (LoRD's ``gram_side: auto``: at Llama-3's
+width down_proj's output Gram is 2048² where its input Gram is 8192²).
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Statistic = Literal["gram", "cross_gram", "abs_mean", "sq_norm", "angular_distance"]
-TENSOR_STATISTICS = ("gram", "cross_gram", "abs_mean", "sq_norm")
+Statistic = Literal["gram", "cross_gram", "abs_mean", "sq_norm", "mean", "angular_distance"]
+TENSOR_STATISTICS = ("gram", "cross_gram", "abs_mean", "sq_norm", "mean")
+Matrices = Literal["all", "wide", "not_wide"]
 PAIRED_STATISTICS = ("cross_gram",)  # need the reference stream's input of the same module, batch by batch
 
 
@@ -42,6 +48,7 @@ class Request:
     role: str = "linear"  # the group member: "linear", a role ("q", "down"), or "block"
     per_head: bool = False  # output Gram per attention head
     tokens: Literal["all", "last"] = "all"  # angular_distance: every token, or each window's last
+    matrices: Matrices = "all"  # which targets it is for: all, wide (in > out features) or not_wide ones
 
     def __post_init__(self) -> None:
         if self.where == "layer" and self.statistic != "angular_distance":
@@ -54,6 +61,14 @@ class Request:
             raise ValueError("a rotated output is per head: set per_head")
         if self.statistic in PAIRED_STATISTICS and (self.where != "input" or self.per_head):
             raise ValueError(f"{self.statistic} pairs a module's inputs: where must be input, not per head")
+        if self.matrices != "all" and self.where == "layer":
+            raise ValueError("matrices narrows module statistics; a layer statistic has no matrix")
+
+
+def for_matrix(matrices: Matrices, shape: tuple[int, int]) -> bool:
+    """Whether a request narrowed to ``matrices`` applies to a linear of ``shape`` (out, in)."""
+    wide = shape[1] > shape[0]
+    return matrices == "all" or (matrices == "wide") == wide
 
 
 def inputs(*statistics: Statistic) -> tuple[Request, ...]:
@@ -76,6 +91,11 @@ class TensorStats:
     cross: Tensor | None = None  # (f, f) fp64 Σ x_refᵀ x (rows: the reference input's features)
     abs_sum: Tensor | None = None  # (f,) fp64 Σ |x|
     sq_sum: Tensor | None = None  # (f,) fp64 Σ x²
+    x_sum: Tensor | None = None  # (f,) fp64 Σ x
+
+    @property
+    def mean(self) -> Tensor:
+        return self.x_sum / max(self.n_tokens, 1)
 
     @property
     def abs_mean(self) -> Tensor:
@@ -108,18 +128,20 @@ class TensorStats:
             self.abs_sum = _add(self.abs_sum, x.abs().sum(0))
         if "sq_norm" in kinds and "gram" not in kinds:
             self.sq_sum = _add(self.sq_sum, x.square().sum(0))
+        if "mean" in kinds:
+            self.x_sum = _add(self.x_sum, x.sum(0))
 
     def merge(self, other: "TensorStats") -> "TensorStats":
         """Add another partial accumulation of the same statistics into this one (in place)."""
         self.n_tokens += other.n_tokens
-        for name in ("gram", "cross", "abs_sum", "sq_sum"):
+        for name in ("gram", "cross", "abs_sum", "sq_sum", "x_sum"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if theirs is not None:
                 setattr(self, name, theirs.clone() if mine is None else mine.add_(theirs.to(mine.device)))
         return self
 
     def to(self, device: torch.device) -> "TensorStats":
-        for name in ("gram", "cross", "abs_sum", "sq_sum"):
+        for name in ("gram", "cross", "abs_sum", "sq_sum", "x_sum"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))

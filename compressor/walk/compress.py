@@ -25,7 +25,7 @@ from ..errors import CompressorError, one_line
 from ..kernels.linalg import relative_error
 from ..model.modules import shape_of, weight_of
 from ..plan.compile import GroupSpec, Plan, StepPlan
-from ..stats.accumulators import TENSOR_STATISTICS, DistanceStats
+from ..stats.accumulators import TENSOR_STATISTICS, DistanceStats, for_matrix
 from ..stats.hooks import Collector, Watch
 from .layers import DEFAULT_STREAM, Visit, base_stream, reference_of, run_layer, walk
 
@@ -147,7 +147,8 @@ def collect_once(visit: Visit, plan: Plan, report: Report) -> dict[str, Stats]:
 
 def watches(visit: Visit, wanted: list[tuple[StepPlan, list[GroupSpec]]], arch=None) -> list[Watch]:
     """One hook per (module, side); every input watch accumulates every input statistic asked for here
-    (modules reading one input share one accumulator, whose kinds must cover all of them). A ``rotated``
+    (modules reading one input share one accumulator, whose kinds must cover all of them); a request narrowed
+    to wide or not-wide matrices (``Request.matrices``) hooks only those. A ``rotated``
     watch also knows its attention block, whose position embeddings rotate the output."""
     kinds: dict[str, set[str]] = defaultdict(set)
     sides: dict[tuple[str, str], bool] = {}  # (name, where) → per head
@@ -158,7 +159,8 @@ def watches(visit: Visit, wanted: list[tuple[StepPlan, list[GroupSpec]]], arch=N
                 continue
             for spec in specs:
                 name = spec.module_name(request.role)
-                if name is not None:
+                if name is not None and (request.matrices == "all"
+                                         or for_matrix(request.matrices, shape_of(visit.module(name)))):
                     kinds[request.where].add(request.statistic)
                     sides[(name, request.where)] = sides.get((name, request.where), False) or request.per_head
                     if request.where == "rotated":
@@ -217,7 +219,7 @@ def build_group(visit: Visit, spec: GroupSpec, step: StepPlan, stats: Stats, ori
         originals.setdefault(name, weight)
         members[role] = Target(name, module, weight, originals[name],
                                None if module.bias is None else module.bias.detach(), stats.get((name, "input")),
-                               getattr(module, "dense_class", type(module).__name__))
+                               getattr(module, "dense_class", type(module).__name__), stats.get((name, "output")))
     answered = {}
     for request in step.requests:
         name = visit.prefix if request.where == "layer" else spec.module_name(request.role)
