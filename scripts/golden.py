@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "mistral", "opt", "gpt2")
 # tiny models have 3 layers (CURing never touches the first or last) and 64-wide linears
-TINY = {"curing": ["curing.n_layers=1"], "eora": ["eora.rank=8"]}
+TINY = {"curing": ["curing.n_layers=1"], "eora": ["eora.rank=8"], "lqlora": ["lqlora.rank=8"]}
 # paths the shipped recipes do not take: (label, shipped recipe, overrides)
 VARIANTS = [
     ("lord-activation-original", "lord", ["lord.whiten=activation", "propagate=original"]),

@@ -143,8 +143,8 @@ class Prune(LinearCompressor):
 
     def _factor(self, target: Target) -> tuple[Tensor, Tensor]:
         """(H⁻¹ factor, dead channels), shared by the linears reading the same input."""
-        return inverse_hessian_factor(hessian(target.stats.gram, target.stats.n_tokens).to(target.weight.device),
-                                      self.config.damp)
+        h = hessian(target.stats.gram, target.stats.n_tokens).to(target.weight.device)  # this call's own copy
+        return inverse_hessian_factor(h, self.config.damp, overwrite=True)
 
     def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         cfg = self.config

@@ -149,8 +149,9 @@ class Quantize(LinearCompressor):
         perm = None
         if self.config.act_order:
             perm = torch.argsort(torch.diagonal(h), descending=True)
-            h = h[perm][:, perm]
-        upper, dead = inverse_hessian_factor(h, self.config.damp)
+            h = h[perm]  # rows, then columns: two n×n matrices at a time, not three
+            h = h[:, perm]
+        upper, dead = inverse_hessian_factor(h, self.config.damp, overwrite=True)  # h: this call's own copy
         if perm is not None:
             dead = dead[torch.argsort(perm)]  # back to the natural column order
         return upper, dead, perm
