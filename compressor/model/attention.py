@@ -3,15 +3,15 @@
 The block's layout, RoPE at the kept dims and forward pass are defined once in
 ``modeling_compressor.ShrunkAttention`` (the file outputs carry for ``trust_remote_code`` loading; its
 docstring describes the shapes); this subclass adds what only compressor needs. ``rotate_half`` and
-``rope_at`` are the same helpers the statistics hooks use for post-RoPE Grams.
+``rope_at`` (with ``gather_rope``) are the helpers its forward uses; the statistics hooks share ``rotate_half``.
 """
 
 from __future__ import annotations
 
 from . import modeling_compressor as portable
-from .modeling_compressor import rope_at, rotate_half
+from .modeling_compressor import gather_rope, rope_at, rotate_half
 
-__all__ = ["ShrunkAttention", "rope_at", "rotate_half"]
+__all__ = ["ShrunkAttention", "gather_rope", "rope_at", "rotate_half"]
 
 
 class ShrunkAttention(portable.ShrunkAttention):

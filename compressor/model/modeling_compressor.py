@@ -436,15 +436,17 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_at(x: Tensor, cos: Tensor, sin: Tensor, dims: Tensor) -> Tensor:
-    """Rotary embedding of ``x`` (batch, n_kv, group, seq, k): the query (or key, group 1) heads of each KV
-    head, whose k dims are the original dims ``dims`` (n_kv, k) of that KV head, sorted and closed under
-    j ↔ j + d/2; ``cos``/``sin`` (batch, seq, d)."""
+def gather_rope(cos: Tensor, sin: Tensor, dims: Tensor) -> tuple[Tensor, Tensor]:
+    """``cos``/``sin`` (batch, seq, d) at the kept dims ``dims`` (n_kv, k) of each KV head (sorted, closed under
+    j ↔ j + d/2): (batch, seq, n_kv, 1, k) each, laid out to broadcast over a KV head's query heads."""
     batch, seq = cos.shape[:2]
-    flat = dims.reshape(-1)
-    shape = (batch, seq, dims.shape[0], 1, dims.shape[1])
-    cos = cos.index_select(-1, flat).view(shape).permute(0, 2, 3, 1, 4)  # (batch, n_kv, 1, seq, k)
-    sin = sin.index_select(-1, flat).view(shape).permute(0, 2, 3, 1, 4)
+    flat, shape = dims.reshape(-1), (batch, seq, dims.shape[0], 1, dims.shape[1])
+    return cos.index_select(-1, flat).view(shape), sin.index_select(-1, flat).view(shape)
+
+
+def rope_at(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of ``x`` (batch, seq, n_kv, group, k): each KV head's query heads (or its key,
+    group 1) at the dims ``gather_rope`` gathered ``cos``/``sin`` (batch, seq, n_kv, 1, k) at."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -493,18 +495,20 @@ class ShrunkAttention(nn.Module):
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         batch, seq, _ = hidden_states.shape  # (batch, seq, hidden)
         group = self.n_heads // self.n_kv_heads
-        q = self.linear("q")(hidden_states).view(batch, seq, self.n_heads, self.qk_dim).transpose(1, 2)
-        k = self.linear("k")(hidden_states).view(batch, seq, self.n_kv_heads, self.qk_dim).transpose(1, 2)
+        q = self.linear("q")(hidden_states)  # (batch, seq, n_heads·qk_dim)
+        k = self.linear("k")(hidden_states)  # (batch, seq, n_kv·qk_dim)
         v = self.linear("v")(hidden_states).view(batch, seq, self.n_kv_heads, self.v_dim).transpose(1, 2)
-        if self.rope:
+        if self.rope:  # rotated before the heads move forward: cos/sin gathered once, no permutes
             if position_embeddings is None:
                 raise ValueError("a rotary attention block needs position_embeddings")
             cos, sin = position_embeddings  # (batch, seq, head_dim)
             if cos.shape[-1] != self.head_dim:
                 raise ValueError(f"rotary embedding of {cos.shape[-1]} dims for heads of {self.head_dim}")
-            shape = (batch, self.n_kv_heads, group, seq, self.qk_dim)  # query heads grouped by KV head
-            q = rope_at(q.reshape(shape), cos, sin, self.rope_dims).reshape(q.shape)
-            k = rope_at(k[:, :, None], cos, sin, self.rope_dims)[:, :, 0]
+            cos, sin = gather_rope(cos, sin, self.rope_dims)  # (batch, seq, n_kv, 1, qk_dim)
+            q = rope_at(q.view(batch, seq, self.n_kv_heads, group, self.qk_dim), cos, sin)  # query heads by KV head
+            k = rope_at(k.view(batch, seq, self.n_kv_heads, 1, self.qk_dim), cos, sin)
+        q = q.view(batch, seq, self.n_heads, self.qk_dim).transpose(1, 2)  # (batch, heads, seq, qk_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.qk_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         if attention_mask is not None and attention_mask.dim() == 4:
@@ -519,7 +523,9 @@ class ShrunkAttention(nn.Module):
             v = F.pad(v, (0, width - self.v_dim))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal,
                                              scale=self.scaling, enable_gqa=group > 1)  # (batch, heads, seq, width)
-        out = out[..., : self.v_dim].transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim)
+        if width > self.v_dim:
+            out = out[..., : self.v_dim]
+        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim)
         return self.linear("o")(out), None
 
     def spec(self) -> dict[str, Any]:
