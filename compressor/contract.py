@@ -27,7 +27,7 @@ The seven methods on this contract:
 
 | method   | group     | requests                              | decide                                  |
 |----------|-----------|---------------------------------------|-----------------------------------------|
-| LoRD     | linear    | none / abs_mean / gram of the input   | ranks (uniform, model_ratio, WeLore τ or least truncation loss on whitened spectra of the original model); Fisher row weights (output_weight) |
+| LoRD     | linear    | none / abs_mean / gram of the input (of the output for wide matrices: gram_side) | ranks (uniform, model_ratio, WeLore τ or least truncation loss on whitened spectra of the original model); Fisher row weights (output_weight) |
 | FWSVD    | linear    | none (uses_data: the Fisher pass)     | ranks; the Fisher per target (cached)   |
 | WeLore   | linear    | none                                  | τ on the weight spectra; LRC / N-LRC and ranks per matrix |
 | CURing   | linear    | sq_norm or gram (statistics: walk)    | layers by angular distance (a walk over the original model); restricts targets |
