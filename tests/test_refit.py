@@ -151,3 +151,15 @@ def test_refit_strength_interpolates_the_target():
 
     with pytest.raises(ValueError, match="refit_strength"):
         LoRDConfig(whiten="gram", refit="outputs", refit_strength=1.5)
+
+
+def test_later_stages_stop_once_their_modules_have_run(vocab_size, batches):
+    """The o_proj stage never reaches the MLP; gate/up and down stop inside it. Layer 0's MLP block runs, per
+    batch: the first full paired pass (current and reference: 2), the gate/up stage (2), the down stage (2)
+    and the walk's propagation (1) = 7, where full forwards for every stage would make 9. Same outputs:
+    scripts/golden.py compares them bit for bit."""
+    model = build_model("llama", vocab_size)
+    calls = []
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: calls.append(1))  # copied with the layer
+    run_steps(model, [{"method": "lord", "config": {"ratio": 0.3, "whiten": "gram", "refit": "outputs"}}], batches)
+    assert len(calls) == 7 * len(batches)

@@ -99,8 +99,9 @@ def compress_in_stages(visit: Visit, plan: Plan, step: StepPlan, specs: list[Gro
     original layer."""
     stats = collect(visit, step.stream, [(step, specs)], report, plan.arch)
     for number, stage in enumerate(stages(specs, stats)):
-        if number:  # the earlier stages changed this stage's inputs: collect them again, for this stage only
-            stats = collect(visit, step.stream, [(step, stage)], report, plan.arch)
+        if number:  # the earlier stages changed this stage's inputs: collect them again, for this stage only,
+            # each forward stopped once the stage's modules have run (partial)
+            stats = collect(visit, step.stream, [(step, stage)], report, plan.arch, partial=True)
         for spec in stage:
             compress_group(visit, plan, step, spec, stats, ctx, originals, report, log_file)
 
@@ -179,14 +180,15 @@ def _heads(arch, name: str) -> int:
 
 
 def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSpec]]], report: Report,
-            arch=None) -> Stats:
-    """Run the layer once on ``stream`` with the hooks the steps' requests need; the statistics."""
+            arch=None, partial: bool = False) -> Stats:
+    """Run the layer once on ``stream`` with the hooks the steps' requests need; the statistics. ``partial``
+    (paired steps' later stages): each forward stops once the watched modules have run (no outputs)."""
     collector = Collector(watches(visit, wanted, arch))
     distance = [r for step, _ in wanted for r in step.requests if r.statistic == "angular_distance"]
     start = time.perf_counter()
     if any(step.paired for step, _ in wanted):  # a reference batch first, then the same batch here
         names = {w.name: visit.relative(w.name) for w in collector.watches if w.where == "input"}
-        outputs = visit.forward_paired(stream, reference_of(stream), collector, names)
+        outputs = visit.forward_paired(stream, reference_of(stream), collector, names, partial and not distance)
     else:
         outputs = visit.forward(stream, collector)
     report.seconds["statistics_forward"] += time.perf_counter() - start - collector.seconds

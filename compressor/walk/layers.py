@@ -154,6 +154,36 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor
     return captured
 
 
+@contextmanager
+def stopping(layer: nn.Module, names: dict[str, str], stop: set[str] | None) -> Iterator[None]:
+    """Within the block, a forward of ``layer`` raises ``StopForward`` once every module of ``stop`` (qualified
+    names; ``names`` maps them to ``layer``-relative ones) has run in it; None: no stop. The hooks go after any
+    registered before, so those still see the last module's call."""
+    handles, seen = [], set()
+    try:
+        for name in stop or ():
+            def hook(module, args, output, name=name):
+                seen.add(name)
+                if seen >= stop:
+                    seen.clear()
+                    raise StopForward
+            handles.append(layer.get_submodule(names[name]).register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_until(layer: nn.Module, item: LayerInput, visit: "Visit", partial: bool) -> list[Tensor]:
+    """``run_layer`` on one input; a ``partial`` run may stop early (``stopping``) and gives no output."""
+    try:
+        return run_layer(layer, [item], visit.device, visit.offload, visit.spill)
+    except StopForward:
+        if not partial:
+            raise
+        return []
+
+
 def run_layer(layer: nn.Module, inputs: list[LayerInput], device: torch.device,
               offload: torch.device, spill: Spill | None = None) -> list[Tensor]:
     """The layer's outputs (on offload; to disk past the memory budget) for every captured input."""
@@ -203,25 +233,34 @@ class Visit:
         return self.rules.get(stream, self.propagate)
 
     def forward_paired(self, stream: str, reference: str, collector: Collector,
-                       names: dict[str, str]) -> list[Tensor]:
+                       names: dict[str, str], partial: bool = False) -> list[Tensor] | None:
         """Run the layer as it is on ``stream`` and as the original model has it (a copy taken at the first
         call, which must come before any change) on ``reference``, batch by batch: the modules ``names``
         (qualified → relative) record their reference inputs for ``collector`` to pair with the same batch
-        of ``stream``, whose statistics go into ``collector``. Both streams' outputs are kept."""
+        of ``stream``, whose statistics go into ``collector``. Both streams' outputs are kept.
+
+        ``partial`` (a later stage of a staged step, after the first full call): each forward stops once
+        every module of ``names`` has run, so a stage early in the layer runs only that far; no outputs are
+        kept (the reference's, from the first call, stay valid: its layer never changes) and None is returned."""
         if self.pristine is None:
             if self.modified:
                 raise CompressorError("paired statistics (an output-matching refit) need the layer as the "
                                       "original model has it: put that step first")
+            if partial:
+                raise ValueError("a partial paired forward needs a full one first")
             self.pristine = copy.deepcopy(self.layer)  # the reference runs' layer, once modules are swapped
         mine, theirs, ours, reference_outputs = self.streams[stream], self.streams[reference], [], []
+        stop = set(names) if partial else None
         for item, reference_item in zip(mine.inputs, theirs.inputs):
-            with record_inputs(self.pristine, names) as recorded:
-                reference_outputs += run_layer(self.pristine, [reference_item], self.device, self.offload,
-                                               self.spill)
+            with record_inputs(self.pristine, names) as recorded, stopping(self.pristine, names, stop):
+                reference_outputs += run_until(self.pristine, reference_item, self, partial)
             collector.reference = recorded
-            with collector:
-                ours += run_layer(self.layer, [item], self.device, self.offload, self.spill)
+            with collector, stopping(self.layer, names, stop):
+                ours += run_until(self.layer, item, self, partial)
             collector.reference = {}
+        if partial:
+            mine.stale = True
+            return None
         mine.outputs, mine.stale = ours, False
         if not self.modified:
             mine.original = ours
