@@ -174,6 +174,8 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
           for rule in ("uniform", "welore", "loss")],
         # numerics: the Gram's square root by eigh (SVD-LLM V2's SVD whitening) instead of Cholesky, in fp64
         *[(f"lord-gram-eigh-{r}", lord("gram", r, gram_root="eigh")) for r in (0.2, 0.4)],
+        # the same truncation from the output Gram of the wide matrices (gram_side auto: memory; rounding only)
+        ("lord-gram-auto-side-0.2", lord("gram", 0.2, gram_side="auto")),
         # two-sided: rows weighted by √(Fisher row sums) (IO-SVD's output side), alone and with the loss rule
         *[(f"lord-gram-fisher-rows-{r}", lord("gram", r, output_weight="fisher")) for r in (0.2, 0.4)],
         *[(f"lord-gram-fisher-rows-loss-{r}", lord("gram", r, output_weight="fisher", rank_rule="loss"))
