@@ -7,9 +7,9 @@ perplexity (as the README prints it: 2 decimals, or 3 significant
 digits from 1000 up), the parameter count (exact) and the ranks chosen (exact). A suite or run
 missing from AFTER is listed as not re-run. Exit status 1 when any re-run figure differs, unless a
 ``--control`` run explains it: the code from *before* the refactor re-run under the re-run's conditions
-(e.g. ``OMP_NUM_THREADS``, which changes the summation order of a Hessian and, through GPTQ's sequential
-rounding, the 4th digit of a perplexity). A row whose re-run figure equals its control's exactly is
-``explained``: the refactor did not move it, the conditions did.
+(the same machine: its CPU and BLAS kernels set the last bits of a summed Hessian, and GPTQ's sequential
+rounding carries them to the 4th digit of a perplexity). A row whose re-run figure equals its control's
+exactly is ``explained``: the refactor did not move it, the machine did.
 
     python scripts/refactor_check.py --after results/v2 --control results/v2/control-pre-v2-bench-quant.json
 """
