@@ -30,9 +30,9 @@ ARCHS = ("llama", "qwen2", "mistral", "opt", "gpt2")
 TINY = {"curing": ["curing.n_layers=1"], "eora": ["eora.rank=8"], "lqlora": ["lqlora.rank=8"]}
 # paths the shipped recipes do not take: (label, shipped recipe, overrides)
 VARIANTS = [
-    ("lord-activation-original", "lord", ["lord.whiten=activation", "propagate=original"]),
-    ("lord-gram-welore-rule", "lord", ["lord.rank_rule=welore"]),
-    ("lord-model-ratio", "lord", ["lord.model_ratio=0.1"]),
+    ("lord-activation-original", "lord-svd-llm", ["lord.whiten=activation", "propagate=original"]),
+    ("lord-gram-welore-rule", "lord-svd-llm", ["lord.rank_rule=welore"]),
+    ("lord-model-ratio", "lord-svd-llm", ["lord.model_ratio=0.1"]),
     ("curing-walk-covariance", "curing", ["curing.statistics=walk", "curing.score=covariance"]),
     ("gptq-per-step", "gptq-w4-eora-r64", ["statistics=per_step", "eora.space=weight"]),
     ("welore-ratio", "welore-50", ["welore.ratio=0.1"]),

@@ -643,7 +643,8 @@ def test_prune_pattern_override_is_read_as_the_string_it_is(tmp_path):
     path.write_text(PRUNE)
     assert recipes.load(str(path), ["prune.pattern=2:4"]).steps[0].config["pattern"] == "2:4"
     assert recipes.load(str(path), ["prune.sparsity=.6"]).steps[0].config["sparsity"] == 0.6
-    assert recipes.load("lord", ["lord.ratio=null", "lord.rank=8"]).steps[0].config == {"rank": 8, "whiten": "gram"}
+    assert recipes.load("lord-svd-llm", ["lord.ratio=null", "lord.rank=8"]).steps[0].config == {
+        "rank": 8, "whiten": "gram"}
 
 
 def test_ratio_zero_keeps_every_matrix_dense(world, tmp_path):

@@ -45,7 +45,8 @@ def test_shipped_lord_loads_by_name():
     assert r.propagate == "compressed"
     assert r.calibration.dataset == "sotu" and r.calibration.n_samples == 32 and r.calibration.seq_len == 512
     assert len(r.steps) == 1 and r.steps[0].method == "lord"
-    assert r.steps[0].config == {"ratio": 0.2, "whiten": "gram"}
+    assert r.steps[0].config == {"ratio": 0.2, "whiten": "gram", "refit": "outputs", "refit_strength": 0.5}
+    assert recipes.load("lord-svd-llm").steps[0].config == {"ratio": 0.2, "whiten": "gram"}
     assert r.steps[0].targets == [] and r.steps[0].ignore == []
     plain = recipes.load("lord-plain")
     assert plain.steps[0].config["whiten"] == "none"
@@ -118,7 +119,7 @@ def test_missing_recipe_lists_shipped():
 
 
 def test_overrides(skeleton):
-    r = recipes.load("lord", ["lord.ratio=0.4", "calibration.n_samples=8", "steps.0.config.whiten=none",
+    r = recipes.load("lord-svd-llm", ["lord.ratio=0.4", "calibration.n_samples=8", "steps.0.config.whiten=none",
                               "propagate=original"])
     assert r.steps[0].config == {"ratio": 0.4, "whiten": "none"}
     assert r.calibration.n_samples == 8 and r.calibration.seq_len == 512
