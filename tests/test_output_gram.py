@@ -30,11 +30,13 @@ def test_the_output_gram_takes_the_bias_out():
     stats = TensorStats()
     for start in range(0, 300, 128):
         stats.add(y[start: start + 128], frozenset({"gram", "mean"}))
-    gram = linalg.output_gram(stats.gram, stats.mean, stats.n_tokens, bias)
+    gram = stats.gram_about(bias)
     expected = weight @ (x.T @ x) @ weight.T
     torch.testing.assert_close(gram, expected, rtol=2e-5, atol=1e-3 * float(expected.abs().max()))
+    without_mean = TensorStats()
+    without_mean.add(y, frozenset({"gram"}))
     with pytest.raises(Exception, match="mean"):
-        linalg.output_gram(stats.gram, None, stats.n_tokens, bias)
+        without_mean.gram_about(bias)
 
 
 @pytest.mark.parametrize("rank", [1, 5, 12])
@@ -52,6 +54,7 @@ def test_output_side_equals_svd_llm(rank, rows):
     _, _, values = linalg.whitened_svd(weight, rank, linalg.cholesky(gram))
     _, _, out_values = linalg.output_side_svd(weight, weight @ gram @ weight.T, rank)
     torch.testing.assert_close(out_values, values[:12], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(linalg.output_spectrum(weight @ gram @ weight.T), values[:12], rtol=1e-9, atol=1e-9)
 
 
 def test_output_side_is_optimal_on_a_singular_gram():

@@ -186,48 +186,36 @@ def whitened_svd(
     return up, down, s
 
 
-def output_gram(gram: Tensor, mean: Tensor | None, n_tokens: int, bias: Tensor | None) -> Tensor:
-    """``W G Wᵀ`` (m, m) in fp64 from a linear's output statistics: ``gram`` Σ y yᵀ of its outputs
-    ``y = W x + b`` and (with a bias) their ``mean`` Σ y / N: Σ (y − b)(y − b)ᵀ = Σ y yᵀ − N (ȳ bᵀ + b ȳᵀ) + N b bᵀ."""
-    gram = gram.double()
-    if bias is None:
-        return gram
-    if mean is None:
-        raise CompressorError("the output Gram of a linear with a bias needs the mean of its outputs")
-    bias, mean = bias.double().to(gram.device), mean.double().to(gram.device)
-    cross = torch.outer(mean, bias)  # (m, m): ȳ bᵀ
-    return gram - n_tokens * (cross + cross.T) + n_tokens * torch.outer(bias, bias)
+def output_spectrum(gram_of_outputs: Tensor) -> Tensor:
+    """The singular values (m,) of ``W S``, descending, from ``P = W G Wᵀ`` (m, m): the square roots of its
+    eigenvalues (negative rounding clamped to 0)."""
+    gram = gram_of_outputs.double()
+    return torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0).clamp_min(0).sqrt()
 
 
-def output_side_svd(weight: Tensor, gram_of_outputs: Tensor, rank: int, dtype: torch.dtype = torch.float64,
-                    left: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def output_side_svd(weight: Tensor, gram_of_outputs: Tensor, rank: int,
+                    dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor, Tensor]:
     """``whitened_svd`` under ``S Sᵀ = G`` from the output side: the same ``up`` (m, r), ``down`` (r, n) and
-    singular values of ``W S``, from ``P = W G Wᵀ`` (m, m; ``output_gram``) alone, never an (n, n) matrix.
+    singular values of ``W S``, from ``P = W G Wᵀ`` (m, m; ``TensorStats.gram_about`` of the outputs and the
+    bias) alone, never an (n, n) matrix.
 
     ``W S`` = U Σ Vᵀ has ``P = U Σ² Uᵀ``, and its best rank-r approximation is ``U_r U_rᵀ W S``, so
     ``Ŵ = U_r U_rᵀ W`` (a projection of the outputs onto their r leading directions), split as SVD-LLM's:
     ``up = U_r Σ_r^½``, ``down = Σ_r^-½ U_rᵀ W`` (= Σ_r^½ V_rᵀ S⁻¹). No S⁻¹ is formed, so a singular Gram needs
     no jitter. For a wide W (n > m) this is the cheaper side: an m×m eigendecomposition instead of an n×n
-    Cholesky and an m×n SVD. ``left`` (m,): row weights d as in ``whitened_svd`` (``diag(d) P diag(d)``).
+    Cholesky and an m×n SVD. Row weights d (``lord_factors``): pass diag(d) W and diag(d) P diag(d).
     For the split, singular values are floored at ``σ_1 · 1e-12`` (both factors stay finite)."""
     m, n = weight.shape
     if not 0 < rank <= min(m, n):
         raise CompressorError(f"rank {rank} is out of range for a {m}×{n} matrix (1..{min(m, n)})")
     work = weight.to(dtype)
     gram_of_outputs = gram_of_outputs.to(device=weight.device, dtype=dtype)
-    rows = None
-    if left is not None:
-        rows = diagonal(left.to(weight.device)).factor.to(dtype)  # (m,), floored
-        work = rows[:, None] * work
-        gram_of_outputs = rows[:, None] * gram_of_outputs * rows[None, :]
     evals, evecs = torch.linalg.eigh((gram_of_outputs + gram_of_outputs.T) / 2)  # ascending
-    s = evals.flip(0).clamp_min(0).sqrt()  # (m,) singular values of (diag(d)) W S, descending
+    s = evals.flip(0).clamp_min(0).sqrt()  # (m,) singular values of W S, descending
     basis = evecs.flip(1)[:, :rank]  # (m, r): U_r
     root = s[:rank].clamp_min(float(s[0]) * 1e-12 if s[0] > 0 else 1e-30).sqrt()
     up = basis * root[None, :]  # (m, r)
     down = (basis.T @ work) / root[:, None]  # (r, n)
-    if rows is not None:
-        up = up / rows[:, None]
     return up, down, s
 
 

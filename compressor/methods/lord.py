@@ -204,7 +204,9 @@ class LoRD(LinearCompressor):
             return Outcome(None, note=f"rank {rank} ≥ break-even {ranks.break_even(m, n):.0f}: kept dense")
         row_scale = self.row_scales.pop(target.name, None)
         if self.config.output_side((m, n)):
-            gram = output_gram(target.output_stats, target.bias)
+            if target.output_stats is None:
+                raise CompressorError(f"gram_side output: no output Gram was collected for {target.name}")
+            gram = target.output_stats.gram_about(target.bias)  # W G Wᵀ: the bias taken out
             up, down = lord_factors(target.weight, rank, None, self.svd_dtype, row_scale, gram)
             module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
             error = linalg.output_side_error(target.weight, module.dense_weight().detach(), gram)  # as stored
@@ -220,10 +222,3 @@ class LoRD(LinearCompressor):
         up, down = lord_factors(weight, rank, whitening, self.svd_dtype, row_scale)
         module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
         return Outcome(module, rank=rank, note=note, extra=extra)
-
-
-def output_gram(stats, bias: torch.Tensor | None) -> torch.Tensor:
-    """``W G Wᵀ`` (m, m) fp64 from a target's output statistics (its Gram, and its mean with a bias)."""
-    if stats is None or stats.gram is None:
-        raise CompressorError("gram_side output: no output Gram was collected for this linear")
-    return linalg.output_gram(stats.gram, stats.mean if bias is not None else None, stats.n_tokens, bias)

@@ -249,7 +249,7 @@ def whitened_spectra(view, kinds: frozenset[str], whitening: Callable,
     ``contract.ModelView``), rows scaled by ``row_scales`` where given (an output-side weight). Targets whose
     shape ``output_side`` accepts get them from their output Gram instead (√ of the eigenvalues of
     ``W G Wᵀ``: the same values, no (n, n) matrix). Each layer's statistics are dropped once its spectra are known."""
-    from ..kernels.linalg import output_gram
+    from ..kernels.linalg import output_spectrum
     from ..model.targets import names_by_layer
     from ..stats.hooks import Collector, Watch
 
@@ -265,14 +265,13 @@ def whitened_spectra(view, kinds: frozenset[str], whitening: Callable,
             module = visit.module(name)
             weight = _weight(module).to(device=view.device, dtype=dtype)  # (m, n)
             if where == "output":
-                bias = None if module.bias is None else module.bias.detach().to(view.device)
-                gram = output_gram(stats.gram, stats.mean, stats.n_tokens, bias).to(device=view.device, dtype=dtype)
+                bias = None if module.bias is None else module.bias.detach()
+                gram = stats.gram_about(bias).to(device=view.device, dtype=dtype)  # (m, m): W G Wᵀ
                 scale = (row_scales or {}).get(name)
-                if scale is not None:
+                if scale is not None:  # diag(d) W G Wᵀ diag(d), as _rows_scaled does to W
                     scale = scale.to(device=view.device, dtype=dtype)
                     gram = scale[:, None] * gram * scale[None, :]
-                values = torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0).clamp_min(0).sqrt()
-                spectra[name] = values[: min(weight.shape)].cpu()
+                spectra[name] = output_spectrum(gram)[: min(weight.shape)].cpu()
                 continue
             spectra[name] = torch.linalg.svdvals(whitening(stats).apply(_rows_scaled(weight, row_scales, name))).cpu()
     missing = set(view.shapes) - set(spectra)

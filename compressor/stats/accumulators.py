@@ -17,7 +17,7 @@ over several processes sums. Per tensor ``x`` (tokens, features), accumulated ov
   original model (the walk's reference stream: ``walk.layers``), x the one in the model as compressed so far;
 - ``abs_sum``: Σ |x| (f,)   → ``abs_mean`` (ASVD's activation scale);
 - ``sq_sum``: Σ x² (f,)     → ``sq_norm`` (Wanda / CURing scores; the Gram's diagonal when a Gram exists);
-- ``x_sum``: Σ x (f,)       → ``mean`` (with an output Gram: the bias taken out of it, ``linalg.output_gram``).
+- ``x_sum``: Σ x (f,)       → ``mean`` (with an output Gram: the bias taken out of it, ``gram_about``).
 
 ``Request.matrices`` narrows a request to the wide targets (more inputs than outputs) or to the others, so a
 method can take the smaller of a linear's input and output Grams (LoRD's ``gram_side: auto``: at Llama-3's
@@ -96,6 +96,20 @@ class TensorStats:
     @property
     def mean(self) -> Tensor:
         return self.x_sum / max(self.n_tokens, 1)
+
+    def gram_about(self, offset: Tensor | None) -> Tensor:
+        """Σ (x − c)(x − c)ᵀ (f, f) fp64 about ``offset`` c (f,), from the Gram and the mean:
+        Σ x xᵀ − N (x̄ cᵀ + c x̄ᵀ) + N c cᵀ. A linear's output Gram about its bias is W G Wᵀ (``gram_side``)."""
+        if self.gram is None:
+            raise ValueError("no Gram was accumulated")
+        gram = self.gram.double()
+        if offset is None:
+            return gram
+        if self.x_sum is None:
+            raise ValueError("a Gram about an offset needs the mean as well")
+        offset, mean = offset.double().to(gram.device), self.mean.to(gram.device)
+        cross = torch.outer(mean, offset)  # (f, f): x̄ cᵀ
+        return gram - self.n_tokens * (cross + cross.T) + self.n_tokens * torch.outer(offset, offset)
 
     @property
     def abs_mean(self) -> Tensor:
