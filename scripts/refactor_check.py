@@ -45,6 +45,8 @@ def compare(before: dict, after: dict) -> dict:
         and before.get("parameters") == after.get("parameters")
         and before.get("ranks") == after.get("ranks")
     )
+    if after.get("threads"):  # a merged re-run records each run's thread count
+        row["threads_after"] = after["threads"]
     row["same_at_printed_precision"] = same and "error" not in after
     if "error" in after:
         row["error_after"] = after["error"]
