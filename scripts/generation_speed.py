@@ -1,6 +1,7 @@
 """Generation speed of MoDeGPT against the dense model and LoRD-gram at the same parameter count.
 
     python scripts/generation_speed.py [--ratio 0.2] [--repeats 3] [--out results/generation-modegpt.json]
+                                       [--threads N] [--keep DIR]
 
 Compresses the offline default model with ``recipes/modegpt-<ratio>`` (calibration as the benchmark's), then
 with LoRD gram removing the same fraction of the model's parameters (``model_ratio``); loads the three
@@ -49,12 +50,34 @@ def lord_recipe(model_ratio: float) -> recipes.Recipe:
         {"method": "lord", "config": {"model_ratio": model_ratio, "whiten": "gram"}}]})
 
 
+def compressed(folder: Path, ratio: float) -> tuple[float, float]:
+    """MoDeGPT at ``ratio`` and LoRD gram at its removed fraction in ``folder``/modegpt and /lord, compressed
+    unless an earlier ``--keep`` run left both there (its seconds and fraction read from ``times.json``):
+    (MoDeGPT's compression seconds, the fraction of the model's parameters it removed)."""
+    record = folder / "times.json"
+    if record.is_file() and (folder / "modegpt").is_dir() and (folder / "lord").is_dir():
+        kept = json.loads(record.read_text())
+        if kept.get("ratio") == ratio:
+            return kept["modegpt_compress_seconds"], kept["removed_fraction_of_model"]
+        raise SystemExit(f"error: {folder} holds models of ratio {kept.get('ratio')}, not {ratio}")
+    start = time.perf_counter()
+    modegpt = api.compress(MODEL, modegpt_recipe(ratio), folder / "modegpt", progress=False)
+    seconds = time.perf_counter() - start
+    removed = 1 - modegpt["params_after"] / modegpt["params_before"]
+    api.compress(MODEL, lord_recipe(removed), folder / "lord", progress=False)
+    record.write_text(json.dumps({"ratio": ratio, "modegpt_compress_seconds": seconds,
+                                  "removed_fraction_of_model": removed}) + "\n")
+    return seconds, removed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "generation-modegpt.json")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--keep", type=Path, help="keep the compressed models in this folder and reuse them when "
+                        "a later run finds them there (compress once, time again on a quiet machine)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,14 +85,9 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(MODEL)[0])
     prompts = heldout(tokenizer)[: max(BATCHES), :PROMPT_TOKENS]  # (8, 128)
-    tmp = Path(tempfile.mkdtemp(prefix="generation-speed-"))
+    tmp = args.keep or Path(tempfile.mkdtemp(prefix="generation-speed-"))
     try:
-        start = time.perf_counter()
-        modegpt = api.compress(MODEL, modegpt_recipe(args.ratio), tmp / "modegpt", progress=False)
-        modegpt_seconds = time.perf_counter() - start
-        removed = 1 - modegpt["params_after"] / modegpt["params_before"]
-        lord = api.compress(MODEL, lord_recipe(removed), tmp / "lord", progress=False)
-        del modegpt["model"], lord["model"]
+        modegpt_seconds, removed = compressed(tmp, args.ratio)
         loaded = {"dense": models.load(MODEL, torch.float32)[0], f"modegpt-{args.ratio}": io.load(tmp / "modegpt"),
                   f"lord-gram-as-modegpt-{args.ratio}": io.load(tmp / "lord")}
         runs: dict[str, dict[str, list[float]]] = {
@@ -107,7 +125,8 @@ def main() -> None:
             print(json.dumps({k: row[k] for k in ("model", "batch", "decode_tokens_per_s_best",
                                                    "decode_over_dense_best", "prefill_over_dense_best")}))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
