@@ -9,6 +9,9 @@ temporary sibling is reserved then and held for the whole run (``io.OutputDirect
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 import warnings
 from contextlib import nullcontext
@@ -18,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from . import calibration as sources
-from . import io, summary
+from . import distributed, io, summary
 from .errors import CompressorError, CompressorWarning, Terminated
 from .io.resume import Resume, fingerprint
 from .io.shards import ShardWriter
@@ -45,11 +48,12 @@ def _progress(enabled: bool):
 
 
 def calibration_batches(plan: Plan, tokenizer, found: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
-    """Stream name → token ids (batch, seq_len) for every stream a step uses."""
+    """Stream name → token ids (batch, seq_len) for every stream a step uses (in a run of several ranks, this
+    rank's contiguous share of the windows: ``distributed.share``)."""
     batches = {}
     for name, cal in plan.data_streams().items():
         windows = found[name].calibration(tokenizer, cal.n_samples, cal.seq_len, cal.seed)  # (n, seq_len)
-        batches[name] = list(windows.split(cal.batch_size))
+        batches[name] = list(distributed.share(windows).split(cal.batch_size))
     return batches
 
 
@@ -143,7 +147,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
                               "config cannot describe; save without --merge and load with compressor.load")
     for cal in plan.data_streams().values():
         models.check_seq_len(skeleton.config, cal.seq_len, "--seq-len (calibration.seq_len)")
-    compute = models.compute_device(device)
+    compute = distributed.start(models.compute_device(device))  # a torchrun rank joins its group here
+    main = distributed.world().main
     found = {name: sources.get(cal.dataset) for name, cal in plan.data_streams().items()}  # unknown sets fail early
     inputs = [models.resolve(model)[0], *(cal.dataset for cal in plan.data_streams().values())]
     if recipe_name != "<object>":
@@ -155,19 +160,21 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
         report["warnings"] = list(plan.warnings())
         return {"dry_run": report, "plan": plan}
     budget = parse_size(max_memory) if max_memory is not None else None
-    with io.OutputDirectory(out, overwrite, inputs, partial=stream, resume=resume) as output:  # replaced at the end
-        for line in plan.warnings():
+    # replaced at the end; ranks other than 0 write nothing (a scratch folder for spilled activations)
+    with (io.OutputDirectory(out, overwrite, inputs, partial=stream, resume=resume) if main else Scratch()) as output:
+        for line in plan.warnings() if main else ():  # said once, by rank 0
             if warn is None:
                 warnings.warn(line, CompressorWarning, stacklevel=2)
             else:
                 warn(line)
+        say = say if main else None
         if say is not None:
             say(calibration_summary(plan, plan_layers(skeleton)))
         seconds: dict[str, float] = {}
         start = time.perf_counter()
         if stream:
             loaded, tokenizer, folder = streaming.open_streamed(model, torch_dtype, trust_remote_code)
-            shards = ShardWriter(output.tmp, plan_layers(loaded), stored, merge)
+            shards = ShardWriter(output.tmp, plan_layers(loaded), stored, merge) if main else None
         else:
             loaded, tokenizer = models.load(model, torch_dtype, "cpu", trust_remote_code=trust_remote_code)
             shards = None
@@ -180,19 +187,16 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
         start = time.perf_counter()
         report, sink, record, walk_resume = Report(), None, None, None
         if stream:
-            options = {"dtype": dtype, "storage_dtype": storage_dtype, "merge": merge}
-            record = Resume(output.tmp, fingerprint(folder, plan.applied_recipe(), options, batches))
-            if record.exists():  # only with --resume (OutputDirectory refuses a recorded run otherwise)
-                first, hidden, log, reshaped = record.restore(loaded, shards, record.read(), torch_dtype)
-                report.log.extend(log)
-                report.reshaped.update(reshaped)
-                walk_resume = (first, hidden)
-                if say is not None:
-                    say(f"resuming: {first} of {plan_layers(loaded)} decoder layers were done")
+            record, walk_resume = recorded(out, output, folder, plan, batches, loaded, shards, report, torch_dtype,
+                                           {"dtype": dtype, "storage_dtype": storage_dtype, "merge": merge})
+            if walk_resume is not None and say is not None:
+                say(f"resuming: {walk_resume[0]} of {plan_layers(loaded)} decoder layers were done")
 
             def sink(index, prefix, layer, next_inputs):
-                shards(index, prefix, layer)
-                record.save(index, prefix, layer, next_inputs, shards, report.log, report.reshaped)
+                if main:  # rank 0 writes each finished layer
+                    shards(index, prefix, layer)
+                record.save(index, prefix, layer, next_inputs, shards, report.log, report.reshaped,
+                            sync=distributed.barrier)
                 io.pause_for_tests("recorded")  # the resume tests' hook: a layer is durably done
         spill = Spill(budget, output.tmp) if budget is not None else None
         try:
@@ -205,15 +209,16 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
             seconds["compression"] = time.perf_counter() - start
             manifest = manifest_of(model, recipe_name, plan, dtype, before, loaded, report)
             start = time.perf_counter()
-            io.save(loaded, tokenizer, output, manifest, report.log, merge=merge, reshaped=report.reshaped,
-                    storage_dtype=stored, shards=shards)
+            if main:
+                io.save(loaded, tokenizer, output, manifest, report.log, merge=merge, reshaped=report.reshaped,
+                        storage_dtype=stored, shards=shards)
         except (KeyboardInterrupt, Terminated) as exc:  # the walk or the save: a recorded run is kept
             if record is not None and record.exists():
                 exc.resume_hint = (f"{json.loads((record.path / 'state.json').read_text())['layers_done']} "
-                                   f"decoder layers are done and kept in {output.tmp}; run the same command "
+                                   f"decoder layers are done and kept in {record.folder}; run the same command "
                                    "with --resume to continue")
             raise
-        if record is not None:
+        if record is not None and main:
             record.finish()
         seconds["save"] = time.perf_counter() - start
     return {"out": str(out), "params_before": before["params"], "params_after": manifest["params_after"],
@@ -222,6 +227,40 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
             "reduction": manifest["reduction"], "bytes_before": manifest["bytes_before"],
             "bytes_after": manifest["bytes_after"], "steps": manifest["steps"], "log": report.log, "model": loaded,
             "plan": plan, "warnings": plan.warnings()}
+
+
+def recorded(out, output, folder: Path, plan: Plan, batches: dict[str, list[torch.Tensor]], model, shards,
+             report: Report, dtype: torch.dtype, options: dict[str, Any]) -> tuple[Resume, tuple | None]:
+    """A streamed run's resume record (``io.resume``) in rank 0's work folder, and where the walk continues
+    (None: at the start). Restores an interrupted run's finished layers (rank 0: modules, shard index, log)
+    and each rank's own hidden states; every rank reads the state rank 0 read."""
+    world = distributed.world()
+    work = output.tmp if world.main else io.output.partial_path(Path(os.path.abspath(Path(out).expanduser())))
+    distributed.barrier()  # rank 0 has made (or kept) its work folder
+    windows = {name: distributed.gather_windows(b) for name, b in sorted(batches.items())}  # every rank's
+    record = Resume(work, fingerprint(folder, plan.applied_recipe(), options, windows), world.rank, world.size)
+    # only with --resume (OutputDirectory refuses a recorded run otherwise); rank 0's reading, for every rank
+    state = distributed.broadcast(record.read() if world.main and record.exists() else None)
+    if state is None:
+        return record, None
+    if not world.main:
+        return record, record.restore_hidden(state)
+    walk_resume, log, reshaped = record.restore(model, shards, state, dtype)
+    report.log.extend(log)
+    report.reshaped.update(reshaped)
+    return record, walk_resume
+
+
+class Scratch:
+    """What a rank other than 0 holds instead of the output directory: a scratch folder (``tmp``) for spilled
+    activations, removed when the run ends, whatever the ending."""
+
+    def __enter__(self) -> "Scratch":
+        self.tmp = Path(tempfile.mkdtemp(prefix="compressor-rank-"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def plan_layers(model: torch.nn.Module) -> int:

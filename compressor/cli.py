@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import CompressorError, Terminated, one_line
+from .errors import CompressorError, Terminated, one_line, rank_label
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-training compression of large language models.")
@@ -60,6 +60,11 @@ def _stopped(exc: BaseException) -> str:
 
 
 def _error(line: str) -> None:
+    """One line on stderr; in a run of several ranks (torchrun), ``error: rank R/N: ...``."""
+    label = rank_label()
+    if label and ": " in line:
+        head, rest = line.split(": ", 1)
+        line = f"{head}: {label}{rest}"
     errors.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
@@ -122,7 +127,10 @@ def compress(
             console.print(line, highlight=False, markup=False)
         return
     from . import summary as summaries
+    from .distributed import world
 
+    if not world().main:  # rank 0 writes and reports
+        return
     console.print(f"wrote {summary['out']} in {sum(summary['seconds'].values()):.1f}s", highlight=False)
     for line in summaries.lines(summary, summary["log"]):
         console.print(line, highlight=False)

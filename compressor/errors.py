@@ -18,3 +18,12 @@ def one_line(exc: BaseException) -> str:
     """An exception's message on one line (multi-line messages of ``transformers`` joined, not cut)."""
     text = " ".join(part.strip() for part in str(exc).strip().splitlines() if part.strip())
     return text or type(exc).__name__
+
+
+def rank_label() -> str:
+    """``rank R/N: `` in a process that torchrun started as one of several (what its error lines start
+    with, so that the one line names the rank), else empty. From the environment alone: no torch import."""
+    import os
+
+    size = os.environ.get("WORLD_SIZE", "1") or "1"
+    return f"rank {os.environ.get('RANK', '?')}/{size}: " if size.isdigit() and int(size) > 1 else ""

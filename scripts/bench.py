@@ -126,6 +126,11 @@ COMPENSATIONS = [("", None, None)] + [(f"-{label}-r{r}", space, r) for label, sp
                                                                                        ("eora", "eigen"))
                                       for r in (32, 64)]
 
+# Runs spread over ranks (``torchrun``, gloo): name → (ranks, threads per rank). The same recipe as one process
+# with two threads and as two ranks with one thread each: the machine's two cores either way.
+SPREAD = {f"{recipe}-{label}": shape for recipe in ("lord-svd-llm", "gptq-w4-eora-r64")
+          for label, shape in (("1x2threads", (1, 2)), ("2ranks", (2, 1)))}
+
 SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = {
     "lord": [
         *[(f"lord-{w}-{r}", lord(w, r)) for w in ("none", "activation", "gram") for r in (0.2, 0.4)],
@@ -198,6 +203,8 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
             "gram", r, output_weight="fisher", rank_rule="loss", refit="outputs", refit_strength=0.5))
           for r in (0.2, 0.4)],
     ],
+    # The same runs spread over ranks (SPREAD: one process with two threads against two ranks of one thread)
+    "distributed": [(name, lambda done, recipe=name.rsplit("-", 1)[0]: shipped(recipe)) for name in SPREAD],
     # MoDeGPT, the whole method (MLP, query-key, value-output) at 20% and 30% of each layer removed on average,
     # query/key covariances before RoPE (the reference's) and after it; LoRD gram removing the same
     # parameters from every decoder linear.
@@ -442,6 +449,63 @@ def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu
                           for d in summary["plan"].decisions()]}
 
 
+def shipped(name: str) -> dict:
+    """A shipped recipe with the protocol's calibration."""
+    from compressor.plan import recipe as recipes
+
+    return {**recipes.read(name), "calibration": CALIBRATION}
+
+
+def spread_run(name: str, recipe_data: dict, ranks: int, threads: int, device: str = "cpu") -> dict:
+    """One configuration compressed by ``ranks`` processes of ``threads`` threads each (torchrun for several;
+    ``rank_run`` in each), then evaluated by rank 0: time per phase and peak RSS of every rank."""
+    with tempfile.TemporaryDirectory() as folder:
+        payload = json.dumps({"name": name, "recipe": recipe_data, "device": device, "folder": folder,
+                              "eval_threads": ranks * threads})
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] \
+            if ranks > 1 else [sys.executable]
+        done = subprocess.run([*launcher, __file__, "--rank-run", payload], capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.startswith(("error", "[rank"))]
+            return {"name": name, "error": (lines or done.stderr.strip().splitlines() or ["failed"])[-1]}
+        per_rank = [json.loads((Path(folder) / f"rank{r}.json").read_text()) for r in range(ranks)]
+    main = per_rank[0]
+    return {"name": name, "recipe": recipe_data, "ranks": ranks, "threads_per_rank": threads,
+            "perplexity": main["perplexity"], "parameters": main["parameters"], "seconds": main["seconds"],
+            "wall_seconds": main["wall_seconds"], "breakdown": main["walk_seconds"],
+            "peak_rss_mib_per_rank": [r["peak_rss_mib"] for r in per_rank], "per_rank": per_rank}
+
+
+def rank_run(job: dict) -> None:
+    """One rank's part of ``spread_run`` (or the whole of a one-process run): compress (rank 0 writes),
+    record this rank's phases and peak RSS; rank 0 then evaluates the output with every thread."""
+    import torch
+
+    from compressor import api, distributed
+    from compressor.evaluate import perplexity
+    from compressor.plan import recipe as recipes
+
+    folder = Path(job["folder"])
+    start, cpu = time.perf_counter(), time.process_time()
+    summary = api.compress(MODEL, recipes.parse(job["recipe"], job["name"]), folder / "out", progress=False,
+                           device=job["device"])
+    world = distributed.world()
+    record = {"rank": world.rank, "threads": torch.get_num_threads(), "seconds": summary["seconds"],
+              "wall_seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+              "walk_seconds": summary["walk_seconds"], "peak_rss_mib": peak_rss_mib()}
+    if world.main:
+        from transformers import AutoTokenizer
+
+        from compressor.model import loading as models
+
+        torch.set_num_threads(job["eval_threads"])
+        tokenizer = AutoTokenizer.from_pretrained(models.resolve(MODEL)[0])
+        record["perplexity"] = perplexity(summary["model"], heldout(tokenizer), batch_size=8)["value"]
+        record["parameters"] = summary["params_after"]
+    (folder / f"rank{world.rank}.json").write_text(json.dumps(record))
+
+
 def subprocess_run(name: str, recipe_data: dict | None, speed: bool = True, device: str = "cpu",
                    stream: bool = False, on_calibration: bool = False) -> dict:
     payload = json.dumps({"name": name, "recipe": recipe_data, "speed": speed, "device": device, "stream": stream,
@@ -462,7 +526,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="compute device of the compression (cpu, cuda, ...)")
     parser.add_argument("--stream", action="store_true", help="compress with --stream (weights read per layer)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--rank-run", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rank_run:
+        rank_run(json.loads(args.rank_run))
+        return
     if args.one:
         job = json.loads(args.one)
         if job["recipe"] is None:
@@ -496,8 +564,9 @@ def main() -> None:
         except KeyError as exc:  # the run it matches did not run or failed
             result = {"name": name, "error": f"needs the result of an earlier run: {exc}"}
         else:
-            result = subprocess_run(name, recipe_data, speed=not args.no_speed, device=args.device,
-                                    stream=args.stream, on_calibration=args.suite in ON_CALIBRATION)
+            result = spread_run(name, recipe_data, *SPREAD[name], device=args.device) if name in SPREAD else \
+                subprocess_run(name, recipe_data, speed=not args.no_speed, device=args.device, stream=args.stream,
+                               on_calibration=args.suite in ON_CALIBRATION)
             dense = done.get("dense")
             if result.get("run_over_plain_forward", 0) is None and dense:
                 seconds = sum(v for k, v in result["seconds"].items() if k != "load")

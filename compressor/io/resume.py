@@ -10,6 +10,11 @@ folder, each file written to a temporary name, flushed and renamed, the state la
 - ``state.json``: the fingerprint, the layers done, the log so far, the specs of the compressed and
   reshaped modules of the finished layers, and the output shards' index so far.
 
+In a run of several ranks (``distributed``) each rank writes its own share of the hidden states
+(``hidden-<next layer>-rank<r>.safetensors``) into rank 0's folder (one machine, or ``--out`` on a
+filesystem every rank sees), the ranks wait for each other, then rank 0 writes the state (with the number of
+ranks: a resume needs the same number), and only then does each rank remove its older file.
+
 The layer's own tensors are already in their output shard (``io.shards``). ``--resume`` checks the
 fingerprint (the model's config and weight files, the recipe as applied, the dtypes, ``--merge``, the
 calibration token ids and the package version), runs the model-level decisions again (deterministic),
@@ -70,8 +75,8 @@ def _durable(path: Path, write) -> None:
 class Resume:
     """The ``.resume/`` record of one streamed run in ``folder`` (its partial output directory)."""
 
-    def __init__(self, folder: Path, key: str) -> None:
-        self.folder, self.key = Path(folder), key
+    def __init__(self, folder: Path, key: str, rank: int = 0, ranks: int = 1) -> None:
+        self.folder, self.key, self.rank, self.ranks = Path(folder), key, rank, ranks
         self.path = self.folder / STATE_DIR
         self.specs: dict[str, dict[str, Any]] = {}  # finished layers' compressed and reshaped modules
         self.reshaped: list[str] = []  # the finished layers' replacements of a new shape (Report.reshaped)
@@ -88,6 +93,10 @@ class Resume:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CompressorError(f"{self.path / STATE}: the interrupted run's record is unreadable "
                                   f"({one_line(exc)}); remove {self.folder} to start over") from None
+        if state.get("version") == VERSION and state.get("ranks", 1) != self.ranks:
+            raise CompressorError(f"{self.folder} holds an interrupted run of {state.get('ranks', 1)} rank(s); resume "
+                                  f"it with as many (torchrun --nproc-per-node ...), not {self.ranks}, or remove "
+                                  f"{self.folder} to start over")
         if state.get("version") != VERSION or state.get("fingerprint") != self.key:
             raise CompressorError(f"{self.folder} holds an interrupted run of another model, recipe, calibration "
                                   "or options (its fingerprint differs); run the original command with --resume, "
@@ -96,17 +105,34 @@ class Resume:
             raise CompressorError(f"{self.path / STATE}: no layer recorded; remove {self.folder} to start over")
         return state
 
+    def hidden_file(self, layer: int) -> str:
+        """The file of this rank's inputs of decoder layer ``layer``."""
+        return f"hidden-{layer:05d}" + (f"-rank{self.rank}" if self.ranks > 1 else "") + ".safetensors"
+
     def save(self, index: int, prefix: str, layer: nn.Module, next_inputs: dict[str, list[Any]], shards: Any,
-             log: list[dict[str, Any]], reshaped: dict[str, nn.Module]) -> None:
-        """Record decoder layer ``index`` as done (after its shard is written)."""
+             log: list[dict[str, Any]], reshaped: dict[str, nn.Module], sync=lambda: None) -> None:
+        """Record decoder layer ``index`` as done (after its shard is written). ``sync``: waits for every rank
+        (a run of several: all hidden states are written before the state names them, and the state is
+        written before any older file goes)."""
         self.path.mkdir(exist_ok=True)
+        hidden = {f"{stream}.{i}": item.hidden.contiguous() for stream, items in next_inputs.items()
+                  for i, item in enumerate(items)}
+        hidden_file = self.hidden_file(index + 1)  # the inputs of the next layer
+        _durable(self.path / hidden_file, lambda tmp: save_file(hidden, str(tmp)))
+        sync()
+        if self.rank == 0:
+            self._save_state(index, prefix, layer, shards, log, reshaped, hidden_file)
+        sync()
+        mine = "hidden-?????" + (f"-rank{self.rank}" if self.ranks > 1 else "") + ".safetensors"
+        for old in self.path.glob(mine):
+            if old.name != hidden_file:
+                old.unlink()
+
+    def _save_state(self, index: int, prefix: str, layer: nn.Module, shards: Any, log: list[dict[str, Any]],
+                    reshaped: dict[str, nn.Module], hidden_file: str) -> None:
         inside = {name[len(prefix) + 1:]: module for name, module in reshaped.items() if name.startswith(prefix + ".")}
         self.specs.update({f"{prefix}.{name}": spec for name, spec in module_specs(layer, inside).items()})
         self.reshaped += [f"{prefix}.{name}" for name in inside]
-        hidden = {f"{stream}.{i}": item.hidden.contiguous() for stream, items in next_inputs.items()
-                  for i, item in enumerate(items)}
-        hidden_file = f"hidden-{index + 1:05d}.safetensors"  # the inputs of the next layer
-        _durable(self.path / hidden_file, lambda tmp: save_file(hidden, str(tmp)))
         loras = {name: lora for name, lora in shards.loras.items() if name.startswith(prefix + ".")}
         if loras:
             file = f"lora-{index:05d}.safetensors"
@@ -115,19 +141,16 @@ class Resume:
             _durable(self.path / file, lambda tmp: save_file(tensors, str(tmp)))
             self.loras.update({name: {"spec": lora.spec(), "file": file} for name, lora in loras.items()})
         state = {"version": VERSION, "fingerprint": self.key, "layers_done": index + 1, "log": log,
-                 "hidden": hidden_file,
+                 "hidden": hidden_file, "ranks": self.ranks,
                  "specs": self.specs, "reshaped": self.reshaped, "loras": self.loras,
                  "shards": {"weight_map": shards.weight_map, "total_size": shards.total_size,
                             "written": sorted(shards.written)}}
         _durable(self.path / STATE, lambda tmp: tmp.write_text(json.dumps(state)))
-        for old in self.path.glob("hidden-*.safetensors"):
-            if old.name != hidden_file:
-                old.unlink()
 
     def restore(self, model: nn.Module, shards: Any, state: dict[str, Any], dtype: torch.dtype
-                ) -> tuple[int, dict[str, list[torch.Tensor]], list[dict[str, Any]], dict[str, nn.Module]]:
-        """Put a recorded run back: the finished layers' modules (on meta) into ``model``, the shard writer's
-        index and compensation paths; returns (next layer, stream → hidden states, log, reshaped)."""
+                ) -> tuple[tuple[int, dict[str, list[torch.Tensor]]], list[dict[str, Any]], dict[str, nn.Module]]:
+        """Put a recorded run back (rank 0): the finished layers' modules (on meta) into ``model``, the shard
+        writer's index and compensation paths; returns ((next layer, stream → hidden states), log, reshaped)."""
         self.specs, self.reshaped, self.loras = state["specs"], state["reshaped"], state["loras"]
         try:
             for name, spec in sorted(self.specs.items(), key=lambda item: item[0].count(".")):
@@ -142,7 +165,6 @@ class Resume:
                 lora.down.weight.data.copy_(tensors[f"{name}.down"])
                 lora.up.weight.data.copy_(tensors[f"{name}.up"])
                 shards.loras[name] = lora
-            stored = load_file(str(self.path / state["hidden"]))
         except (OSError, KeyError, ValueError, TypeError, AttributeError, RuntimeError) as exc:
             raise CompressorError(f"{self.path}: the interrupted run's record does not fit this model "
                                   f"({one_line(exc)}); remove {self.folder} to start over") from None
@@ -150,13 +172,23 @@ class Resume:
         if missing:
             raise CompressorError(f"{self.folder}: shard {missing[0]} of a finished layer is missing; remove "
                                   f"{self.folder} to start over")
+        # those the manifest describes on their own (not rebuilt by a compressed block around them)
+        reshaped = {name: model.get_submodule(name) for name in self.reshaped if name in self.specs}
+        return self.restore_hidden(state), list(state["log"]), reshaped
+
+    def restore_hidden(self, state: dict[str, Any]) -> tuple[int, dict[str, list[torch.Tensor]]]:
+        """(next layer, stream → this rank's hidden states, one per batch) of a recorded run."""
+        done = int(state["layers_done"])
+        try:
+            stored = load_file(str(self.path / self.hidden_file(done)))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CompressorError(f"{self.path}: the hidden states of rank {self.rank} are unreadable "
+                                  f"({one_line(exc)}); remove {self.folder} to start over") from None
         hidden: dict[str, list[torch.Tensor]] = {}
         for key in sorted(stored, key=lambda k: (k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1]))):
             stream, _ = key.rsplit(".", 1)
             hidden.setdefault(stream, []).append(stored[key])
-        # those the manifest describes on their own (not rebuilt by a compressed block around them)
-        reshaped = {name: model.get_submodule(name) for name in self.reshaped if name in self.specs}
-        return int(state["layers_done"]), hidden, list(state["log"]), reshaped
+        return done, hidden
 
     def finish(self) -> None:
         """The run is complete: its record goes (the directory becomes the output)."""

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
+from ..distributed import all_reduce_stats
 from ..errors import CompressorError
 from ..kernels import linalg
 from ..kernels.linalg import symmetric_sqrt
@@ -156,6 +157,7 @@ def selection_pass(view: ModelView, *, last_layer: int, distance_layers: set[int
             distance = DistanceStats()
             for before, after in zip(inputs_, outputs):  # (batch, seq, hidden) each
                 distance.add(before, after, tokens)
+            all_reduce_stats([distance])
             distances[visit.index] = distance.mean
         statistics.update({name: stats.to(visit.offload) for (name, _), stats in collector.result().items()})
     return distances, statistics

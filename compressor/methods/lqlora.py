@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
 from ..kernels import linalg
@@ -220,6 +221,22 @@ class LQLoRA(LinearCompressor):
         return lqlora_math.decompose(weight, c.rank, config, iterations=c.iterations, sketch=sketch, fisher=fisher,
                                      eps=c.eps, tolerance=c.tolerance, svd_dtype=dtype)
 
+    def price(self, weight: Tensor, fisher: Tensor | None, grid: list[nf.NFConfig], device: torch.device,
+              cache: dict[str, int]) -> dict[str, float]:
+        """configuration label → the decomposition error of ``weight`` (m, n) under it, read from the error
+        cache or computed (and written); ``cache`` counts hits and computations."""
+        c = self.config
+        key = error_key(weight, fisher, {**self.settings, "device": device.type})
+        errors = read_errors(key) if c.error_cache == "use" and len(grid) > 1 else {}
+        missing = [config for config in grid if config.label not in errors]
+        cache["hits"] += len(grid) - len(missing)
+        for config in missing if len(grid) > 1 else []:  # one configuration: nothing to choose
+            errors[config.label] = self.decompose(weight, config, fisher).error
+            cache["computed"] += 1
+        if missing and len(grid) > 1 and c.error_cache != "off":
+            write_errors(key, errors)
+        return errors
+
     def decide(self, view: ModelView) -> Decision:
         """Every (matrix, configuration) error, then the exact allocation of configurations to the budget."""
         c, names, grid = self.config, list(view.shapes), self.config.grid()
@@ -233,32 +250,33 @@ class LQLoRA(LinearCompressor):
         cache = {"hits": 0, "computed": 0}
         by_layer = names_by_layer(view.model, names)
         index_of = {name: i for i, name in enumerate(names)}
+        # several ranks price the matrices apart (each its share, by an SVD's cost) and exchange the errors
+        owner = distributed.owners([(name, m * n * min(m, n)) for name, (m, n) in view.shapes.items()])
+        priced: dict[str, dict[str, float]] = {}
         visits = view.layers(last_layer=max(by_layer, default=-1))  # weights read layer by layer (--stream)
         for visit, name in ((visit, name) for visit in visits for name in by_layer.get(visit.index, [])):
             i = index_of[name]
-            weight = weight_of(visit.module(name)).detach().float().to(view.device)  # (m, n)
-            matrix_fisher = fisher[name].to(view.device) if name in fisher else None
-            key = error_key(weight, matrix_fisher, {**self.settings, "device": view.device.type})
-            errors = read_errors(key) if c.error_cache == "use" and len(grid) > 1 else {}
-            missing = [config for config in grid if config.label not in errors]
-            cache["hits"] += len(grid) - len(missing)
-            for config in missing if len(grid) > 1 else []:  # one configuration: nothing to choose
-                errors[config.label] = self.decompose(weight, config, matrix_fisher).error
-                cache["computed"] += 1
-            if missing and len(grid) > 1 and c.error_cache != "off":
-                write_errors(key, errors)
             for j, config in enumerate(grid):
-                costs[i, j] = errors.get(config.label, 0.0) ** 2
                 stored[i, j] = nf.stored_bits(config, int(numel[i]))
-            if matrix_fisher is not None:
+            if owner[name] == distributed.world().rank:
+                weight = weight_of(visit.module(name)).detach().float().to(view.device)  # (m, n)
+                matrix_fisher = fisher[name].to(view.device) if name in fisher else None
+                priced[name] = self.price(weight, matrix_fisher, grid, view.device, cache)
+            if name in fisher:
                 self.fisher[name] = fisher.pop(name)  # kept (on the CPU) for the walk's decomposition
+        priced = distributed.exchange(priced)
+        for name, errors in priced.items():
+            costs[index_of[name]] = [errors.get(config.label, 0.0) ** 2 for config in grid]
+        counts = distributed.exchange({str(distributed.world().rank): cache}).values()  # every rank's
+        cache = {kind: sum(count[kind] for count in counts) for kind in cache}
         if c.budget is None or len(grid) == 1:
             if c.budget is not None and int(stored[:, 0].sum()) > c.budget * int(numel.sum()):
                 raise CompressorError(f"lqlora: {grid[0].label} stores more than the budget of {c.budget} bits")
             allocation = bit_allocation.Allocation([0] * len(names), float(costs[:, 0].sum()),
                                                    int(stored[:, 0].sum()), int(numel.sum()), "one configuration")
-        else:
-            allocation = bit_allocation.allocate(costs, stored, numel, c.budget, c.time_limit)
+        else:  # solved once (rank 0 in a run of several ranks), so every rank takes the same allocation
+            allocation = distributed.broadcast(bit_allocation.allocate(costs, stored, numel, c.budget, c.time_limit)
+                                               if distributed.world().main else None)
         self.assignment = {name: grid[j] for name, j in zip(names, allocation.choice)}
         if len(grid) > 1:  # priced errors (none were computed for a single configuration)
             self.allocated = {name: math.sqrt(costs[i, j]) for i, (name, j) in enumerate(zip(names, allocation.choice))}

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..contract import Compressor, Decision, Group, LayerContext, ModelView, Outcome
+from ..distributed import all_reduce_stats
 from ..errors import CompressorError
 from ..model.attention import ShrunkAttention
 from ..model.modules import dense_module
@@ -76,6 +77,7 @@ def block_influence(view: ModelView) -> list[float]:
         distance = DistanceStats(measure="cosine")
         for x, y in zip(before, visit.forward()):  # (batch, seq, hidden) each
             distance.add(x, y)
+        all_reduce_stats([distance])
         influence.append(distance.mean)
     return influence
 

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import distributed
 from ..errors import CompressorError
 from ..model import loading as models
 from ..model import targets as arch
@@ -357,6 +358,9 @@ def fisher_for(model: nn.Module, batches: list[Tensor] | None, target_names: lis
     The Fisher is (out, in), or summed over one axis with ``reduce`` (see ``collect_fisher``); a full
     Fisher in the cache also serves a reduced request. ``cache``: ``use`` reads and writes the cache,
     ``refresh`` recomputes and overwrites, ``off`` neither. ``info``: key, hit, seconds, windows, path.
+    In a run of several ranks (``distributed``) ``batches`` are this rank's share: the key covers every
+    rank's windows, rank 0 alone reads and writes the cache (a hit is sent to the others), and a computed
+    Fisher is each rank's pass over its share, summed across ranks.
     """
     if batches is None:
         raise CompressorError("the Fisher pass needs calibration data (batches is None)")
@@ -366,29 +370,47 @@ def fisher_for(model: nn.Module, batches: list[Tensor] | None, target_names: lis
         raise CompressorError("the Fisher pass back-propagates through the whole model at once, which a streamed "
                               "run (--stream) does not hold; run this recipe without --stream")
     start = time.perf_counter()
-    key = fingerprint(model, batches, target_names, reduce) if cache != "off" else None
-    rejected = {}
-    if cache == "use":
-        candidates = [(key, reduce)] if reduce is None else [(fingerprint(model, batches, target_names), None),
-                                                              (key, reduce)]
-        for found, stored in candidates:
-            shapes = {name: expected_shape(model, name, stored) for name in target_names}
-            cached, problem = load_cached(found, shapes)
-            if cached is not None:
-                cached = {name: reduce_fisher(f, reduce) if f.dim() == 2 else f for name, f in cached.items()}
-                return cached, {"key": found, "hit": True, "seconds": time.perf_counter() - start,
-                                "path": str(cache_path(found))}
-            if problem != "absent":
-                rejected[str(cache_path(found))] = problem  # recomputed (and rewritten) below
+    world = distributed.world()
+    everything = distributed.gather_windows(batches)  # the whole calibration set: what the key covers
+    key = fingerprint(model, everything, target_names, reduce) if cache != "off" else None
+    found, rejected = (None, {})
+    if cache == "use" and world.main:
+        found, rejected = _look_up(model, everything, target_names, key, reduce)
+    if world.spread and cache == "use":
+        hit = distributed.broadcast(None if found is None else found[0])
+        if hit is not None:
+            shapes = {name: expected_shape(model, name, reduce) for name in target_names}
+            found = (hit, distributed.broadcast_tensors(None if found is None else found[1], shapes))
+    if found is not None:
+        return found[1], {"key": found[0], "hit": True, "seconds": time.perf_counter() - start,
+                          "path": str(cache_path(found[0]))}
     fisher = collect_fisher(model, batches, target_names, device, checkpointing, reduce=reduce)
-    info: dict[str, object] = {"key": key, "hit": False, "windows": len(samples(batches))}
+    distributed.all_reduce_tensors(fisher.values(), "Fisher")
+    info: dict[str, object] = {"key": key, "hit": False, "windows": len(samples(everything))}
     if rejected:
         info["rejected"] = rejected
-    if key is not None:
+    if key is not None and world.main:
         info["path"] = str(save_cached(key, fisher, {"windows": str(info["windows"]), "reduce": str(reduce),
                                                      "seq_len": str(batches[0].shape[1])}))
     info["seconds"] = time.perf_counter() - start
     return fisher, info
+
+
+def _look_up(model: nn.Module, batches: list[Tensor], target_names: list[str], key: str,
+             reduce: Reduce) -> tuple[tuple[str, dict[str, Tensor]] | None, dict[str, str]]:
+    """((the key found, name → Fisher) or None, cache path → why a stored file was rejected): the cached
+    Fisher for ``key``, or a full one that serves a reduced request."""
+    rejected = {}
+    candidates = [(key, reduce)] if reduce is None else [(fingerprint(model, batches, target_names), None),
+                                                          (key, reduce)]
+    for found, stored in candidates:
+        shapes = {name: expected_shape(model, name, stored) for name in target_names}
+        cached, problem = load_cached(found, shapes)
+        if cached is not None:
+            return (found, {name: reduce_fisher(f, reduce) if f.dim() == 2 else f for name, f in cached.items()}), {}
+        if problem != "absent":
+            rejected[str(cache_path(found))] = problem  # recomputed (and rewritten)
+    return None, rejected
 
 
 def diagonal_weight(fisher: Tensor, axis: Reduce, eps: float = 1e-6) -> Tensor:

@@ -4,6 +4,7 @@
 where) → stats. Modules that read the same input tensor (q/k/v, gate/up) share one ``TensorStats``:
 sharing is found on the first batch by tensor identity, so no architecture table is needed. Every
 hook is removed in ``remove`` (called by ``__exit__``, also when the forward raises): the one place.
+In a run spread over several ranks, ``result`` sums the accumulators across them.
 Paired statistics (``cross_gram``) read ``collector.reference``: module name → that module's input on the
 same batch of the reference stream, recorded just before by ``record_inputs`` (whose hooks live only
 within its ``with`` block).
@@ -18,6 +19,7 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
+from ..distributed import all_reduce_stats
 from .accumulators import TensorStats
 
 
@@ -50,6 +52,7 @@ class Collector:
         self._seen: set[Key] = set()
         self._rotary: dict[int, tuple[Tensor, Tensor]] = {}  # id(attention block) → its current (cos, sin)
         self.reference: dict[str, Tensor] = {}  # module name → its reference input of the current batch
+        self._summed = False  # across ranks, once (result)
 
     def _owner(self, key: Key, x: Tensor) -> Key:
         """The key whose stats ``x`` goes into: its own, or that of an earlier module reading the same x."""
@@ -109,7 +112,11 @@ class Collector:
         self._rotary.clear()
 
     def result(self) -> dict[Key, TensorStats]:
-        """(name, where) → stats; shared objects for modules that read the same input."""
+        """(name, where) → stats; shared objects for modules that read the same input. In a run of several
+        ranks the first call sums every accumulator across them (``distributed.all_reduce_stats``)."""
+        if not self._summed:
+            all_reduce_stats(self.stats[key] for key in sorted(self.stats))
+            self._summed = True
         out = dict(self.stats)
         for key, owner in self.shared_with.items():
             out[key] = self.stats[owner]

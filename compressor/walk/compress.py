@@ -20,7 +20,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..contract import Group, LayerContext, ModelView, Outcome, Target
+from ..distributed import all_reduce_stats
 from ..errors import CompressorError, one_line
 from ..kernels.linalg import relative_error
 from ..model.modules import shape_of, weight_of
@@ -45,7 +47,8 @@ def decide(model: nn.Module, plan: Plan, batches: dict[str, list[Tensor]], devic
     for step in plan.steps:
         start = time.perf_counter()
         view = ModelView(model, step.shapes, plan.model_params, batches.get(step.stream), device, plan.arch)
-        step.apply(step.compressor.decide(view) if step.shapes else None)
+        # every rank decides from the same summed statistics; rank 0's record is the one applied everywhere
+        step.apply(distributed.broadcast(step.compressor.decide(view) if step.shapes else None))
         report.seconds["prepare"] += time.perf_counter() - start
 
 
@@ -87,8 +90,7 @@ def compress_layer(visit: Visit, plan: Plan, dtype: torch.dtype, report: Report,
             stats = shared.get(step.stream, {})
         else:
             stats = collect(visit, step.stream, [(step, specs)], report, plan.arch) if step.requests else {}
-        for spec in specs:
-            compress_group(visit, plan, step, spec, stats, ctx, originals, report, log_file)
+        compress_groups(visit, plan, step, specs, stats, ctx, originals, report, log_file)
 
 
 def compress_in_stages(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupSpec], ctx: LayerContext,
@@ -102,8 +104,7 @@ def compress_in_stages(visit: Visit, plan: Plan, step: StepPlan, specs: list[Gro
         if number:  # the earlier stages changed this stage's inputs: collect them again, for this stage only,
             # each forward stopped once the stage's modules have run (partial)
             stats = collect(visit, step.stream, [(step, stage)], report, plan.arch, partial=True)
-        for spec in stage:
-            compress_group(visit, plan, step, spec, stats, ctx, originals, report, log_file)
+        compress_groups(visit, plan, step, stage, stats, ctx, originals, report, log_file)
 
 
 def stages(specs: list[GroupSpec], stats: Stats) -> list[list[GroupSpec]]:
@@ -121,9 +122,35 @@ def stages(specs: list[GroupSpec], stats: Stats) -> list[list[GroupSpec]]:
     return found
 
 
-def compress_group(visit: Visit, plan: Plan, step: StepPlan, spec: GroupSpec, stats: Stats, ctx: LayerContext,
-                   originals: dict[str, Tensor], report: Report, log_file=None) -> None:
-    group = build_group(visit, spec, step, stats, originals, plan.arch)
+def compress_groups(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupSpec], stats: Stats,
+                    ctx: LayerContext, originals: dict[str, Tensor], report: Report, log_file=None) -> None:
+    """Compress the groups ``specs`` of one step and swap their replacements in, in order. In a run of several
+    ranks each group is compressed by its owner (``distributed.owners``, by estimated cost; groups that read
+    one input, whose decompositions ``ctx.per_input`` shares, have one owner), and every rank then swaps in
+    every replacement (``distributed.exchange``)."""
+    if not distributed.world().spread:
+        for spec in specs:
+            group = build_group(visit, spec, step, stats, originals, plan.arch)
+            outcomes, elapsed = decompose(step, group, ctx, report)
+            apply(visit, step, group, outcomes, elapsed, report, log_file)
+        return
+    groups = [build_group(visit, spec, step, stats, originals, plan.arch) for spec in specs]
+    owner = distributed.owners(group_costs(groups))
+    cluster = clusters(groups)
+    owned = {}
+    for group in groups:
+        if owner[cluster[group.name]] == distributed.world().rank:
+            outcomes, elapsed = decompose(step, group, ctx, report)
+            owned[group.name] = ({name: _on(o, torch.device("cpu")) for name, o in outcomes.items()}, elapsed)
+    done = distributed.exchange(owned)
+    for group in groups:
+        outcomes, elapsed = done[group.name]
+        apply(visit, step, group, {name: _on(o, visit.device) for name, o in outcomes.items()}, elapsed, report,
+              log_file)
+
+
+def decompose(step: StepPlan, group: Group, ctx: LayerContext, report: Report) -> tuple[dict[str, Outcome], float]:
+    """The step's replacements for ``group`` and the seconds they took."""
     start = time.perf_counter()
     try:
         outcomes = step.compressor.compress(group, ctx)
@@ -132,7 +159,34 @@ def compress_group(visit: Visit, plan: Plan, step: StepPlan, spec: GroupSpec, st
                               f"{one_line(exc)}") from None
     elapsed = time.perf_counter() - start
     report.seconds["decomposition"] += elapsed
-    apply(visit, step, group, outcomes, elapsed, report, log_file)
+    return outcomes, elapsed
+
+
+def clusters(groups: list[Group]) -> dict[str, str]:
+    """group name → the first group's name among those reading the same input statistics (q/k/v, gate/up:
+    one accumulator), else its own: a grouping every rank finds alike."""
+    first: dict[int, str] = {}
+    out = {}
+    for group in groups:
+        stats = group.target.stats if group.kind == "linear" else None
+        out[group.name] = group.name if stats is None else first.setdefault(id(stats), group.name)
+    return out
+
+
+def group_costs(groups: list[Group]) -> list[tuple[str, float]]:
+    """(cluster, estimated cost) for ``distributed.owners``: Σ m·n·min(m, n) over the members (an SVD's)."""
+    cluster, costs = clusters(groups), defaultdict(float)
+    for group in groups:
+        for target in group.members.values():
+            rows, cols = target.weight.shape
+            costs[cluster[group.name]] += float(rows) * cols * min(rows, cols)
+    return list(costs.items())
+
+
+def _on(outcome: Outcome, device: torch.device) -> Outcome:
+    if outcome.module is not None:
+        outcome.module = outcome.module.to(device)
+    return outcome
 
 
 def collect_once(visit: Visit, plan: Plan, report: Report) -> dict[str, Stats]:
@@ -203,6 +257,7 @@ def layer_distance(visit: Visit, stream: str, outputs: list[Tensor], tokens: str
     total = DistanceStats()
     for before, after in zip(visit.streams[stream].inputs, outputs):
         total.add(before.hidden, after, tokens)
+    all_reduce_stats([total])
     return total
 
 
