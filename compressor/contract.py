@@ -23,6 +23,12 @@ set per instance from the config. A
 compressor never swaps modules itself and never walks layers: the pipeline does both, in one place each.
 The math lives in pure functions next to each compressor; ``compress`` is a thin wrapper.
 
+In a run spread over ranks (``distributed``) the same contract holds unchanged: every statistic a compressor
+receives is already summed over all ranks' windows; ``decide`` runs on every rank (its walks collect through
+the shared ``Collector``, which sums) and rank 0's ``Decision`` is the one applied; ``compress`` runs only on
+the group's owner rank, so it must depend on nothing but the group, ``ctx`` and what ``decide`` kept (its
+result is sent to the other ranks, so a replacement module must be picklable).
+
 The seven methods on this contract:
 
 | method   | group     | requests                              | decide                                  |
