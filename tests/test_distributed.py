@@ -272,3 +272,22 @@ def test_an_interrupted_two_rank_run_resumes_to_the_uninterrupted_output(model_d
     manifest = [json.loads((folder / "compression.json").read_text()) for folder in (whole, out)]
     assert manifest[1] == manifest[0]
     assert not (tmp_path / ".out.partial").exists()
+
+
+def test_groups_reading_one_input_have_one_owner():
+    """q/k/v share one input accumulator (and so one eigendecomposition on their owner); o reads its own."""
+    from compressor.contract import Group, Target
+    from compressor.walk.compress import clusters, group_costs
+
+    def linear(name: str, shape: tuple[int, int], stats) -> Group:
+        weight = torch.zeros(shape)
+        return Group("linear", name, {"linear": Target(name, None, weight, weight, None, stats)}, None, {})
+
+    shared, own = TensorStats(), TensorStats()
+    groups = [linear("q", (64, 64), shared), linear("k", (16, 64), shared), linear("v", (16, 64), shared),
+              linear("o", (64, 64), own), linear("gate", (128, 64), None)]
+    assert clusters(groups) == {"q": "q", "k": "q", "v": "q", "o": "o", "gate": "gate"}
+    costs = dict(group_costs(groups))
+    assert costs == {"q": 64.0 * 64 * 64 + 2 * 16.0 * 64 * 16, "o": 64.0 ** 3, "gate": 128.0 * 64 * 64}
+    owner = distributed.owners(group_costs(groups), 2)
+    assert owner == {"gate": 0, "q": 1, "o": 1}
