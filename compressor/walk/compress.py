@@ -174,12 +174,18 @@ def clusters(groups: list[Group]) -> dict[str, str]:
 
 
 def group_costs(groups: list[Group]) -> list[tuple[str, float]]:
-    """(cluster, estimated cost) for ``distributed.owners``: Σ m·n·min(m, n) over the members (an SVD's)."""
-    cluster, costs = clusters(groups), defaultdict(float)
+    """(cluster, estimated cost) for ``distributed.owners``: an SVD's m·n·min(m, n) for each member (m, n), and
+    n³ once for each input a cluster reads (the factorization of its n×n Gram or Hessian: a whitening
+    Cholesky, an eigendecomposition, GPTQ's inverse)."""
+    cluster, costs, inputs = clusters(groups), defaultdict(float), set()
     for group in groups:
         for target in group.members.values():
             rows, cols = target.weight.shape
             costs[cluster[group.name]] += float(rows) * cols * min(rows, cols)
+            shared = id(target.stats) if target.stats is not None else target.name
+            if shared not in inputs:
+                inputs.add(shared)
+                costs[cluster[group.name]] += float(cols) ** 3
     return list(costs.items())
 
 
