@@ -41,13 +41,16 @@ def write(folder: Path = RESULTS, out: Path | None = None) -> Path:
 
 
 def load_runs(folder: Path = RESULTS) -> tuple[list[dict], dict]:
-    """(runs with a perplexity, in file order, each name once; the held-out protocol of the first file)."""
+    """(runs with a perplexity and bytes on disk, in file order, each name once; the held-out protocol of the
+    first file). The distributed suite's runs (the same outputs made by several ranks) have no bytes of
+    their own and are left out."""
     runs, seen, heldout = [], set(), None
     for file in sorted(folder.glob("bench-*.json")):
         data = json.loads(file.read_text())
         heldout = heldout or data.get("heldout")
         for run in data["runs"]:
-            if run.get("perplexity") is None or run["name"] in seen or "error" in run:
+            if run.get("perplexity") is None or run.get("bytes_on_disk") is None or run["name"] in seen \
+                    or "error" in run:
                 continue
             seen.add(run["name"])
             runs.append({**run, "suite": file.stem.removeprefix("bench-")})

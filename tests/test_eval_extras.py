@@ -157,7 +157,7 @@ def test_plot_bench_reads_the_committed_results(tmp_path):
     lines = text.strip().splitlines()
     assert lines[0].startswith("| output | method | parameters | bits/weight | bytes on disk | perplexity (sotu 2000-, 512)")
     assert lines[3] == "| rtn-w4 | rtn w4 g128 | 134,515,008 | 10.15 | 170.6 MB | 31.87 | – | – |"
-    assert "| modegpt-0.2 | modegpt 0.2 | 113,281,344 |" in lines[4] and lines[4].endswith("| 348.3 | 16.1 |")
+    assert "| modegpt-0.2 | modegpt 0.2 | 113,281,344 |" in lines[4] and lines[4].endswith("| 584.7 | 25.5 |")
     pytest.importorskip("matplotlib")
     png = plot_bench.write(plot_bench.RESULTS, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
