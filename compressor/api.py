@@ -15,6 +15,7 @@ import tempfile
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -136,6 +137,60 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     ``warn``: receives the plan's warnings (``Plan.warnings``: e.g. a group size no serving stack can
     describe) once every check has passed, before any weight is read; default ``warnings.warn``
     (``CompressorWarning``)."""
+    job = prepare(model, recipe, overrides, device, dtype, storage_dtype, merge, trust_remote_code, stream or resume)
+    if dry_run:
+        io.check_output(Path(out), overwrite, job.inputs)
+        report = preview(job.plan, job.skeleton, job.torch_dtype, job.stored, job.stream)
+        report["warnings"] = list(job.plan.warnings())
+        return {"dry_run": report, "plan": job.plan}
+    budget = parse_size(max_memory) if max_memory is not None else None
+    main = distributed.world().main
+    # replaced at the end; ranks other than 0 write nothing (a scratch folder for spilled activations)
+    with (io.OutputDirectory(out, overwrite, job.inputs, partial=job.stream, resume=resume) if main
+          else Scratch()) as output:
+        for line in job.plan.warnings() if main else ():  # said once, by rank 0
+            if warn is None:
+                warnings.warn(line, CompressorWarning, stacklevel=2)
+            else:
+                warn(line)
+        say = say if main else None
+        if say is not None:
+            say(calibration_summary(job.plan, plan_layers(job.skeleton)))
+        seconds: dict[str, float] = {}
+        loaded = load(job, output, seconds)
+        report, manifest, cpu_seconds = walk_and_save(job, out, output, loaded, seconds, progress, say, budget)
+    return {"out": str(out), "params_before": loaded.before["params"], "params_after": manifest["params_after"],
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "walk_seconds": dict(report.seconds),
+            "modules": len(report.log), "compressed": sum(1 for e in report.log if e["kind"] != "dense"),
+            "reduction": manifest["reduction"], "bytes_before": manifest["bytes_before"],
+            "bytes_after": manifest["bytes_after"], "steps": manifest["steps"], "log": report.log,
+            "model": loaded.model, "plan": job.plan, "warnings": job.plan.warnings()}
+
+
+@dataclass
+class Job:
+    """A compression as checked before any weight is read: the compiled plan and what the run needs."""
+
+    model: str  # as the user named it
+    recipe_name: str
+    plan: Plan
+    skeleton: torch.nn.Module  # the model's config, no weights
+    torch_dtype: torch.dtype
+    dtype: str
+    storage_dtype: str | None
+    stored: torch.dtype | None
+    compute: torch.device  # this rank's
+    found: dict[str, Any]  # stream → calibration source
+    inputs: list  # what --out must not be
+    stream: bool
+    merge: bool
+    trust_remote_code: bool
+
+
+def prepare(model: str, recipe: str | Recipe, overrides: list[str] | None, device: str, dtype: str,
+            storage_dtype: str | None, merge: bool, trust_remote_code: bool, stream: bool) -> Job:
+    """Everything checked that can be without weights (recipe, configs against shapes, windows, device,
+    calibration sources); a torchrun rank joins its process group here."""
     recipe_name, recipe = ("<object>", recipe) if isinstance(recipe, Recipe) else (recipe, recipes.load(recipe, overrides))
     torch_dtype = models.parse_dtype(dtype, "--dtype")
     stored = models.parse_dtype(storage_dtype, "--storage-dtype") if storage_dtype is not None else None
@@ -147,86 +202,89 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
                               "config cannot describe; save without --merge and load with compressor.load")
     for cal in plan.data_streams().values():
         models.check_seq_len(skeleton.config, cal.seq_len, "--seq-len (calibration.seq_len)")
-    compute = distributed.start(models.compute_device(device))  # a torchrun rank joins its group here
-    main = distributed.world().main
+    compute = distributed.start(models.compute_device(device))
     found = {name: sources.get(cal.dataset) for name, cal in plan.data_streams().items()}  # unknown sets fail early
     inputs = [models.resolve(model)[0], *(cal.dataset for cal in plan.data_streams().values())]
     if recipe_name != "<object>":
         inputs.append(recipe_name)
-    stream = stream or resume
-    if dry_run:
-        io.check_output(Path(out), overwrite, inputs)
-        report = preview(plan, skeleton, torch_dtype, stored, stream)
-        report["warnings"] = list(plan.warnings())
-        return {"dry_run": report, "plan": plan}
-    budget = parse_size(max_memory) if max_memory is not None else None
-    # replaced at the end; ranks other than 0 write nothing (a scratch folder for spilled activations)
-    with (io.OutputDirectory(out, overwrite, inputs, partial=stream, resume=resume) if main else Scratch()) as output:
-        for line in plan.warnings() if main else ():  # said once, by rank 0
-            if warn is None:
-                warnings.warn(line, CompressorWarning, stacklevel=2)
-            else:
-                warn(line)
-        say = say if main else None
-        if say is not None:
-            say(calibration_summary(plan, plan_layers(skeleton)))
-        seconds: dict[str, float] = {}
-        start = time.perf_counter()
-        if stream:
-            loaded, tokenizer, folder = streaming.open_streamed(model, torch_dtype, trust_remote_code)
-            shards = ShardWriter(output.tmp, plan_layers(loaded), stored, merge) if main else None
-        else:
-            loaded, tokenizer = models.load(model, torch_dtype, "cpu", trust_remote_code=trust_remote_code)
-            shards = None
-        seconds["load"] = time.perf_counter() - start
-        before = {"params": models.parameter_count(loaded), "bytes": tensor_bytes(loaded)}
-        start = time.perf_counter()
-        batches = calibration_batches(plan, tokenizer, found)
-        streaming.return_freed_memory()  # tokenizing the corpus leaves ~10× its text in freed heap: give it back
-        seconds["calibration_data"] = time.perf_counter() - start
-        start = time.perf_counter()
-        report, sink, record, walk_resume = Report(), None, None, None
-        if stream:
-            record, walk_resume = recorded(out, output, folder, plan, batches, loaded, shards, report, torch_dtype,
-                                           {"dtype": dtype, "storage_dtype": storage_dtype, "merge": merge})
-            if walk_resume is not None and say is not None:
-                say(f"resuming: {walk_resume[0]} of {plan_layers(loaded)} decoder layers were done")
+    return Job(model, recipe_name, plan, skeleton, torch_dtype, dtype, storage_dtype, stored, compute, found,
+               inputs, stream, merge, trust_remote_code)
 
-            def sink(index, prefix, layer, next_inputs):
-                if main:  # rank 0 writes each finished layer
-                    shards(index, prefix, layer)
-                record.save(index, prefix, layer, next_inputs, shards, report.log, report.reshaped,
-                            sync=distributed.barrier)
-                io.pause_for_tests("recorded")  # the resume tests' hook: a layer is durably done
-        spill = Spill(budget, output.tmp) if budget is not None else None
+
+@dataclass
+class Loaded:
+    """The model as the run holds it (a streamed one: its skeleton), and what was read with it."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    folder: Path | None  # a streamed model's safetensors directory
+    shards: ShardWriter | None  # a streamed run's output writer (rank 0)
+    before: dict[str, int]  # parameters and bytes before compression
+    batches: dict[str, list[torch.Tensor]]  # stream → this rank's calibration token ids
+
+
+def load(job: Job, output, seconds: dict[str, float]) -> Loaded:
+    """The model (whole, or streamed) and the calibration batches; their seconds into ``seconds``."""
+    start = time.perf_counter()
+    folder, shards = None, None
+    if job.stream:
+        model, tokenizer, folder = streaming.open_streamed(job.model, job.torch_dtype, job.trust_remote_code)
+        if distributed.world().main:
+            shards = ShardWriter(output.tmp, plan_layers(model), job.stored, job.merge)
+    else:
+        model, tokenizer = models.load(job.model, job.torch_dtype, "cpu", trust_remote_code=job.trust_remote_code)
+    seconds["load"] = time.perf_counter() - start
+    before = {"params": models.parameter_count(model), "bytes": tensor_bytes(model)}
+    start = time.perf_counter()
+    batches = calibration_batches(job.plan, tokenizer, job.found)
+    streaming.return_freed_memory()  # tokenizing the corpus leaves ~10× its text in freed heap: give it back
+    seconds["calibration_data"] = time.perf_counter() - start
+    return Loaded(model, tokenizer, folder, shards, before, batches)
+
+
+def walk_and_save(job: Job, out, output, loaded: Loaded, seconds: dict[str, float], progress: bool,
+                  say: Callable[[str], None] | None, budget: int | None) -> tuple[Report, dict[str, Any], dict]:
+    """The decisions, the layer walk and the save (rank 0); (report, manifest, CPU seconds). A streamed run
+    records each finished layer for ``--resume`` and, interrupted, says where it is kept."""
+    main, start = distributed.world().main, time.perf_counter()
+    report, sink, record, walk_resume = Report(), None, None, None
+    if job.stream:
+        options = {"dtype": job.dtype, "storage_dtype": job.storage_dtype, "merge": job.merge}
+        record, walk_resume = recorded(out, output, loaded.folder, job.plan, loaded.batches, loaded.model,
+                                       loaded.shards, report, job.torch_dtype, options)
+        if walk_resume is not None and say is not None:
+            say(f"resuming: {walk_resume[0]} of {plan_layers(loaded.model)} decoder layers were done")
+
+        def sink(index, prefix, layer, next_inputs):
+            if main:  # rank 0 writes each finished layer
+                loaded.shards(index, prefix, layer)
+            record.save(index, prefix, layer, next_inputs, loaded.shards, report.log, report.reshaped,
+                        sync=distributed.barrier)
+            io.pause_for_tests("recorded")  # the resume tests' hook: a layer is durably done
+    spill = Spill(budget, output.tmp) if budget is not None else None
+    try:
         try:
-            try:
-                report, cpu_seconds = run_plan(loaded, plan, batches, compute, progress, say, sink=sink,
-                                               report=report, resume=walk_resume, spill=spill)
-            finally:
-                if spill is not None:
-                    spill.close()
-            seconds["compression"] = time.perf_counter() - start
-            manifest = manifest_of(model, recipe_name, plan, dtype, before, loaded, report)
-            start = time.perf_counter()
-            if main:
-                io.save(loaded, tokenizer, output, manifest, report.log, merge=merge, reshaped=report.reshaped,
-                        storage_dtype=stored, shards=shards)
-        except (KeyboardInterrupt, Terminated) as exc:  # the walk or the save: a recorded run is kept
-            if record is not None and record.exists():
-                exc.resume_hint = (f"{json.loads((record.path / 'state.json').read_text())['layers_done']} "
-                                   f"decoder layers are done and kept in {record.folder}; run the same command "
-                                   "with --resume to continue")
-            raise
-        if record is not None and main:
-            record.finish()
-        seconds["save"] = time.perf_counter() - start
-    return {"out": str(out), "params_before": before["params"], "params_after": manifest["params_after"],
-            "seconds": seconds, "cpu_seconds": cpu_seconds, "walk_seconds": dict(report.seconds),
-            "modules": len(report.log), "compressed": sum(1 for e in report.log if e["kind"] != "dense"),
-            "reduction": manifest["reduction"], "bytes_before": manifest["bytes_before"],
-            "bytes_after": manifest["bytes_after"], "steps": manifest["steps"], "log": report.log, "model": loaded,
-            "plan": plan, "warnings": plan.warnings()}
+            report, cpu_seconds = run_plan(loaded.model, job.plan, loaded.batches, job.compute, progress, say,
+                                           sink=sink, report=report, resume=walk_resume, spill=spill)
+        finally:
+            if spill is not None:
+                spill.close()
+        seconds["compression"] = time.perf_counter() - start
+        manifest = manifest_of(job.model, job.recipe_name, job.plan, job.dtype, loaded.before, loaded.model, report)
+        start = time.perf_counter()
+        if main:
+            io.save(loaded.model, loaded.tokenizer, output, manifest, report.log, merge=job.merge,
+                    reshaped=report.reshaped, storage_dtype=job.stored, shards=loaded.shards)
+    except (KeyboardInterrupt, Terminated) as exc:  # the walk or the save: a recorded run is kept
+        if record is not None and record.exists():
+            exc.resume_hint = (f"{json.loads((record.path / 'state.json').read_text())['layers_done']} "
+                               f"decoder layers are done and kept in {record.folder}; run the same command "
+                               "with --resume to continue")
+        raise
+    if record is not None and main:
+        record.finish()
+    seconds["save"] = time.perf_counter() - start
+    return report, manifest, cpu_seconds
 
 
 def recorded(out, output, folder: Path, plan: Plan, batches: dict[str, list[torch.Tensor]], model, shards,
