@@ -288,8 +288,8 @@ def test_groups_reading_one_input_have_one_owner():
     groups = [linear("q", (64, 64), shared), linear("k", (16, 64), shared), linear("v", (16, 64), shared),
               linear("o", (64, 64), own), linear("gate", (128, 64), None)]
     assert clusters(groups) == {"q": "q", "k": "q", "v": "q", "o": "o", "gate": "gate"}
-    costs = dict(group_costs(groups))  # each member's SVD, and one n³ per input read (q/k/v: one)
+    costs = dict(group_costs(groups, clusters(groups)))  # each member's SVD, and one n³ per input read (q/k/v: one)
     assert costs == {"q": 64.0 ** 3 + 2 * 16.0 * 64 * 16 + 64.0 ** 3, "o": 2 * 64.0 ** 3,
                      "gate": 128.0 * 64 * 64 + 64.0 ** 3}
-    owner = distributed.owners(group_costs(groups), 2)
+    owner = distributed.owners(group_costs(groups, clusters(groups)), 2)
     assert owner == {"gate": 0, "q": 1, "o": 1}  # 786,432 alone; 557,056 + 524,288

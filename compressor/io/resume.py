@@ -105,9 +105,10 @@ class Resume:
             raise CompressorError(f"{self.path / STATE}: no layer recorded; remove {self.folder} to start over")
         return state
 
-    def hidden_file(self, layer: int) -> str:
-        """The file of this rank's inputs of decoder layer ``layer``."""
-        return f"hidden-{layer:05d}" + (f"-rank{self.rank}" if self.ranks > 1 else "") + ".safetensors"
+    def hidden_file(self, layer: int | None) -> str:
+        """The file of this rank's inputs of decoder layer ``layer`` (None: the glob pattern of every layer's)."""
+        number = "?????" if layer is None else f"{layer:05d}"
+        return f"hidden-{number}" + (f"-rank{self.rank}" if self.ranks > 1 else "") + ".safetensors"
 
     def save(self, index: int, prefix: str, layer: nn.Module, next_inputs: dict[str, list[Any]], shards: Any,
              log: list[dict[str, Any]], reshaped: dict[str, nn.Module], sync=lambda: None) -> None:
@@ -123,8 +124,7 @@ class Resume:
         if self.rank == 0:
             self._save_state(index, prefix, layer, shards, log, reshaped, hidden_file)
         sync()
-        mine = "hidden-?????" + (f"-rank{self.rank}" if self.ranks > 1 else "") + ".safetensors"
-        for old in self.path.glob(mine):
+        for old in self.path.glob(self.hidden_file(None)):
             if old.name != hidden_file:
                 old.unlink()
 

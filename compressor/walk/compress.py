@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..contract import Group, LayerContext, ModelView, Outcome, Target
-from ..distributed import all_reduce_stats
 from ..errors import CompressorError, one_line
 from ..kernels.linalg import relative_error
 from ..model.modules import shape_of, weight_of
@@ -135,8 +134,8 @@ def compress_groups(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupS
             apply(visit, step, group, outcomes, elapsed, report, log_file)
         return
     groups = [build_group(visit, spec, step, stats, originals, plan.arch) for spec in specs]
-    owner = distributed.owners(group_costs(groups))
     cluster = clusters(groups)
+    owner = distributed.owners(group_costs(groups, cluster))
     owned = {}
     for group in groups:
         if owner[cluster[group.name]] == distributed.world().rank:
@@ -173,11 +172,11 @@ def clusters(groups: list[Group]) -> dict[str, str]:
     return out
 
 
-def group_costs(groups: list[Group]) -> list[tuple[str, float]]:
-    """(cluster, estimated cost) for ``distributed.owners``: an SVD's m·n·min(m, n) for each member (m, n), and
-    n³ once for each input a cluster reads (the factorization of its n×n Gram or Hessian: a whitening
-    Cholesky, an eigendecomposition, GPTQ's inverse)."""
-    cluster, costs, inputs = clusters(groups), defaultdict(float), set()
+def group_costs(groups: list[Group], cluster: dict[str, str]) -> list[tuple[str, float]]:
+    """(cluster, estimated cost) for ``distributed.owners`` (``cluster``: ``clusters(groups)``): an SVD's
+    m·n·min(m, n) for each member (m, n), and n³ once for each input a cluster reads (the factorization of its
+    n×n Gram or Hessian: a whitening Cholesky, an eigendecomposition, GPTQ's inverse)."""
+    costs, inputs = defaultdict(float), set()
     for group in groups:
         for target in group.members.values():
             rows, cols = target.weight.shape
@@ -263,7 +262,7 @@ def layer_distance(visit: Visit, stream: str, outputs: list[Tensor], tokens: str
     total = DistanceStats()
     for before, after in zip(visit.streams[stream].inputs, outputs):
         total.add(before.hidden, after, tokens)
-    all_reduce_stats([total])
+    distributed.all_reduce_stats([total])
     return total
 
 
