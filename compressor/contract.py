@@ -67,7 +67,7 @@ class Target:
     name: str  # fully qualified, e.g. "model.layers.7.mlp.down_proj"
     module: nn.Module  # current module: dense, or the output of an earlier step
     weight: Tensor  # (out, in) current effective weight, fp32, on the compute device
-    original: Tensor  # (out, in) weight before the first step touched this layer, fp32
+    original: Tensor  # (out, in) weight before the first step touched this layer, in the layer's dtype
     bias: Tensor | None  # (out,)
     stats: TensorStats | None  # statistics of its input, if the compressor requested any
     dense_class: str = "Linear"  # "Linear" or "Conv1D": what --merge writes back

@@ -172,3 +172,57 @@ def test_non_finite_counts_across_chunks():
     assert non_finite(tensor, chunk=8) == 3
     assert non_finite(tensor, chunk=1 << 22) == 3
     assert non_finite(torch.ones(5)) == 0
+
+
+@pytest.mark.parametrize("left", [False, True])
+@pytest.mark.parametrize("root", ["cholesky", "eigh", "diagonal"])
+def test_gram_solver_gives_the_full_svds_factors(monkeypatch, root, left):
+    # the n×n-Gram route of a tall matrix, built in row chunks (chunks of 7 rows here), reproduces LAPACK's
+    # truncated whitened SVD: the same approximation and singular values
+    monkeypatch.setattr(linalg, "ROW_CHUNK_ELEMENTS", 7 * 40)
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(90, 40, generator=generator)
+    inputs = torch.randn(200, 40, generator=generator) * torch.rand(40, generator=generator) * 3
+    gram = (inputs.T @ inputs).double()
+    whitening = linalg.diagonal(inputs.abs().mean(0)) if root == "diagonal" else linalg.from_gram(gram, root)
+    rows = torch.rand(90, generator=generator) + 0.2 if left else None
+    up, down, spectrum = linalg.whitened_svd(weight, 12, whitening, left=rows)
+    up_g, down_g, spectrum_g = linalg.whitened_svd(weight, 12, whitening, left=rows, solver="gram")
+    assert up_g.shape == up.shape and down_g.shape == down.shape
+    assert torch.allclose(up_g @ down_g, up @ down, atol=1e-9, rtol=0)
+    assert torch.allclose(spectrum_g[:40], spectrum[:40], atol=1e-8 * float(spectrum[0]), rtol=0)
+    # a wide matrix (or a sketch) takes the full SVD whatever the solver
+    wide_up, wide_down, _ = linalg.whitened_svd(weight.T.contiguous(), 12, solver="gram")
+    plain_up, plain_down, _ = linalg.whitened_svd(weight.T.contiguous(), 12)
+    assert torch.equal(wide_up, plain_up) and torch.equal(wide_down, plain_down)
+
+
+def test_relative_error_in_row_chunks_equals_the_formula(monkeypatch):
+    monkeypatch.setattr(linalg, "ROW_CHUNK_ELEMENTS", 3 * 30)  # chunks of 3 rows
+    generator = torch.Generator().manual_seed(4)
+    weight, approx = torch.randn(50, 30, generator=generator), torch.randn(50, 30, generator=generator)
+    inputs = torch.randn(80, 30, generator=generator)
+    gram = (inputs.T @ inputs).double()
+    delta = weight.double() - approx.double()
+    plain = float(delta.norm() / weight.double().norm())
+    on_inputs = float((torch.trace(delta @ gram @ delta.T) / torch.trace(weight.double() @ gram @ weight.double().T)).sqrt())
+    assert linalg.relative_error(weight, approx) == pytest.approx(plain, rel=1e-12)
+    assert linalg.relative_error(weight, approx.bfloat16(), gram) == pytest.approx(
+        float(((weight.double() - approx.bfloat16().double()) @ gram * (weight.double() - approx.bfloat16().double())).sum().sqrt()
+              / (weight.double() @ gram * weight.double()).sum().sqrt()), rel=1e-12)
+    assert linalg.relative_error(weight, approx, gram) == pytest.approx(on_inputs, rel=1e-12)
+    # activations (batch, seq, d) are rows of d
+    assert linalg.relative_error(weight.view(5, 10, 30), approx.view(5, 10, 30)) == pytest.approx(plain, rel=1e-12)
+
+
+def test_output_side_error_in_column_chunks_equals_the_input_side_measure(monkeypatch):
+    monkeypatch.setattr(linalg, "ROW_CHUNK_ELEMENTS", 20 * 5)  # column chunks of 5
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(20, 60, generator=generator)
+    inputs = torch.randn(100, 60, generator=generator)
+    gram = (inputs.T @ inputs).double()
+    outputs = weight.double() @ gram @ weight.double().T
+    up, down, _ = linalg.output_side_svd(weight, outputs, 7)
+    approx = (up @ down).float()
+    assert linalg.output_side_error(weight, approx, outputs) == pytest.approx(
+        linalg.relative_error(weight, approx, gram), rel=1e-7)

@@ -233,3 +233,28 @@ def test_capture_stops_at_layer_zero(vocab_size, batches):
         handle.remove()
     assert not calls
     assert len(captured) == len(batches) and captured[0].hidden.shape == (2, 32, 64)
+
+
+def test_release_group_drops_only_what_no_later_group_reads():
+    """A compressed group's statistics go once no later group shares them (q/k/v read one accumulator), with
+    the factors memoized on them and the group's original weights."""
+    import torch
+
+    from compressor.contract import LayerContext
+    from compressor.plan.compile import GroupSpec
+    from compressor.stats.accumulators import TensorStats
+    from compressor.walk.compress import release_group
+
+    shared, own = TensorStats(), TensorStats()
+    stats = {("q", "input"): shared, ("k", "input"): shared, ("o", "input"): own, ("o", "output"): TensorStats()}
+    specs = [GroupSpec("linear", name, 0, {"linear": name}) for name in ("q", "k", "o")]
+    ctx = LayerContext(0, 1, torch.device("cpu"), torch.float32)
+    ctx.memo = {(1, "whitening", id(shared)): (shared, "factor"), (1, "whitening", id(own)): (own, "factor")}
+    originals = {"q": torch.zeros(1), "k": torch.zeros(1), "o": torch.zeros(1)}
+    release_group(specs[0], specs[1:], stats, ctx, originals)  # k still reads q's accumulator
+    assert stats[("q", "input")] is shared and (1, "whitening", id(shared)) in ctx.memo and "q" not in originals
+    release_group(specs[1], specs[2:], stats, ctx, originals)
+    assert ("q", "input") not in stats and ("k", "input") not in stats
+    assert list(ctx.memo) == [(1, "whitening", id(own))] and set(originals) == {"o"}
+    release_group(specs[2], [], stats, ctx, originals)
+    assert stats == {} and ctx.memo == {} and originals == {}

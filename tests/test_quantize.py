@@ -12,7 +12,8 @@ from conftest import logits, small_recipe
 from compressor import api, io
 from compressor.evaluate import perplexity
 from compressor.kernels import quant
-from compressor.methods.quantize import QuantizeConfig, gptq, hessian, inverse_hessian_factor
+from compressor.kernels.hessian import hessian, inverse_hessian_factor
+from compressor.methods.quantize import QuantizeConfig, gptq
 from compressor.model.modules import CompensatedLinear, LowRankLinear, QuantizedLinear, dequantized
 from compressor.plan import recipe as recipes
 
@@ -214,3 +215,50 @@ def test_gptq_model_save_load_and_merge(tmp_path, arch, model_dir, ids, small_te
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
     reloaded = logits(io.load(tmp_path / "out"), ids)
     torch.testing.assert_close(logits(model, ids), reloaded, atol=1e-4, rtol=1e-4)
+
+
+def _reference_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The out-of-place computation the in-place one must equal bit for bit."""
+    h = h.clone()
+    diagonal = torch.diagonal(h)
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    diagonal.add_(damp * diagonal.mean())
+    lower = torch.linalg.cholesky(h)
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float(), dead
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_hessian_factor_in_place_is_bit_identical_and_gives_the_gram_back(monkeypatch, spill):
+    from compressor.kernels import hessian as hessian_module
+
+    monkeypatch.setattr(hessian_module, "SPILL_BYTES", 1 if spill else 1 << 40)
+    generator = torch.Generator().manual_seed(6)
+    inputs = torch.randn(700, 600, generator=generator) * torch.rand(600, generator=generator)
+    inputs[:, 3] = 0  # a dead channel
+    gram = (inputs.T @ inputs).double()  # not exactly symmetric in its last bits: the layout matters
+    before = gram.clone()
+    expected, expected_dead = _reference_factor(hessian(gram, 700), 0.01)
+    with hessian_module.hessian_in(gram, 700) as scratch:
+        assert (scratch.data_ptr() == gram.data_ptr()) == spill  # the Gram's own memory, or a copy
+        upper, dead = inverse_hessian_factor(scratch, 0.01, overwrite=True)
+    assert torch.equal(upper, expected) and torch.equal(dead, expected_dead)
+    assert torch.equal(gram, before)  # read back from the temporary file
+
+
+def test_chunked_pack_quantize_and_dequantize_equal_one_pass():
+    # 1,200 × 1,000 is past the one-pass size (2^20 elements): done in row chunks, the same integers
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(1200, 1000, generator=generator)
+    scale, zero_point = quant.quant_params(weight, 4, False, 128)
+    q = quant.quantize(weight, scale, zero_point, 4, 128)
+    parts = [quant.quantize(weight[i:i + 100], scale[i:i + 100], zero_point[i:i + 100], 4, 128) for i in range(0, 1200, 100)]
+    assert torch.equal(q, torch.cat(parts))
+    packed = quant.pack_int32(q, 4)
+    assert torch.equal(packed, torch.cat([quant.pack_int32(q[i:i + 100], 4) for i in range(0, 1200, 100)]))
+    from compressor.model.modeling_compressor import dequantize, unpack_int32
+
+    assert torch.equal(unpack_int32(packed, 4, 1000), q)
+    dense = dequantize(q, scale, zero_point, 128)
+    assert torch.equal(dense, torch.cat([dequantize(q[i:i + 100], scale[i:i + 100], zero_point[i:i + 100], 128)
+                                         for i in range(0, 1200, 100)]))

@@ -5,10 +5,16 @@ and the upper Cholesky factor of ``(H + λI)⁻¹`` their column loops read.
 
 from __future__ import annotations
 
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import Tensor
 
 from ..errors import CompressorError
+
+SPILL_BYTES = 64 << 20  # a Gram this large lends its own memory to the factorization (saved to disk meanwhile)
 
 
 def hessian(gram: Tensor, n_tokens: int) -> Tensor:
@@ -16,23 +22,67 @@ def hessian(gram: Tensor, n_tokens: int) -> Tensor:
     return gram.double() * (2.0 / max(n_tokens, 1))
 
 
+@contextmanager
+def hessian_in(gram: Tensor, n_tokens: int) -> Iterator[Tensor]:
+    """``hessian(gram, n_tokens)`` as scratch the caller may overwrite (``inverse_hessian_factor(...,
+    overwrite=True)``). A large fp64 Gram on the CPU is that scratch itself: its bytes go to an anonymous
+    temporary file first and come back on exit, so the factorization needs no n×n copy (512 MB at n = 8192);
+    on an accelerator they wait in host memory. Smaller ones get a copy. The values are those of ``hessian``."""
+    if gram.dtype != torch.float64 or gram.numel() * 8 < SPILL_BYTES or not gram.is_contiguous():
+        yield hessian(gram, n_tokens)
+        return
+    scale = 2.0 / max(n_tokens, 1)
+    if gram.device.type != "cpu":
+        saved = gram.to("cpu")
+        try:
+            yield gram.mul_(scale)
+        finally:
+            gram.copy_(saved)
+        return
+    with tempfile.TemporaryFile(prefix="compressor-gram-") as spill:
+        raw = gram.view(torch.uint8).numpy()  # the Gram's bytes, no copy
+        spill.write(memoryview(raw).cast("B"))
+        try:
+            yield gram.mul_(scale)
+        finally:
+            spill.seek(0)
+            if spill.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+                raise CompressorError("could not read back a Gram saved to a temporary file (disk full?)")
+
+
+def _transpose_(matrix: Tensor, block: int = 512) -> Tensor:
+    """Transpose a square matrix in place, block by block (memory: two blocks)."""
+    n = matrix.shape[0]
+    for i in range(0, n, block):
+        rows = slice(i, i + block)
+        matrix[rows, rows] = matrix[rows, rows].T.clone()
+        for j in range(i + block, n, block):
+            cols = slice(j, j + block)
+            upper = matrix[rows, cols].clone()
+            matrix[rows, cols] = matrix[cols, rows].T
+            matrix[cols, rows] = upper.T
+    return matrix
+
+
 def inverse_hessian_factor(h: Tensor, damp: float, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     """(upper Cholesky factor of (H + λI)⁻¹ (n, n) fp32, dead-channel mask (n,)), computed in fp64.
 
-    ``overwrite``: ``h`` (fp64) is the caller's scratch copy and is damped in place. Memory: at most two
-    n×n fp64 matrices at once besides it (the damping is added on the diagonal, never through an identity
-    matrix; each factor is freed once the next exists), which at n = 14,336 is 1.6 GB per matrix."""
+    ``overwrite``: ``h`` (fp64) is the caller's scratch (``hessian_in``) and the whole computation happens in
+    its memory: damped in place (on the diagonal, never through an identity matrix), transposed in place so
+    that its storage is the column-major layout LAPACK works in, then Cholesky, inverse and Cholesky again,
+    each in place (``out=``). The same LAPACK calls on the same values as out-of-place ones, so the same bits;
+    besides ``h``, only the fp32 result (n×n) is allocated."""
     h = h.double() if overwrite else h.double().clone()
     diagonal = torch.diagonal(h)
     dead = diagonal == 0
     diagonal[dead] = 1.0
     diagonal.add_(damp * diagonal.mean())  # H + λI with λ = damp · mean(diag H)
-    lower, info = torch.linalg.cholesky_ex(h)
-    del h, diagonal
+    del diagonal
+    work = _transpose_(h).mT  # (n, n) column-major, the values of H + λI
+    info = torch.zeros((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(work, out=(work, info))  # lower factor L
     if int(info) != 0:
         raise CompressorError("GPTQ: the damped Hessian is not positive definite; raise damp")
-    inverse = torch.cholesky_inverse(lower)
-    del lower
-    upper = torch.linalg.cholesky(inverse, upper=True)
-    del inverse
-    return upper.float(), dead
+    torch.cholesky_inverse(work, out=work)  # (L Lᵀ)⁻¹
+    torch.linalg.cholesky(work, upper=True, out=work)
+    return work.float(), dead

@@ -157,7 +157,7 @@ def randomized_svd(matrix: Tensor, rank: int, sketch: Sketch) -> tuple[Tensor, T
 
 def whitened_svd(
     weight: Tensor, rank: int, whitening: Whitening | None = None, dtype: torch.dtype = torch.float64,
-    left: Tensor | None = None, sketch: Sketch | None = None,
+    left: Tensor | None = None, sketch: Sketch | None = None, solver: Literal["full", "gram"] = "full",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Best rank-``rank`` approximation of ``weight`` (m, n) under ``whitening`` (and ``left``).
 
@@ -166,16 +166,20 @@ def whitened_svd(
     factors, as SVD-LLM, ASVD and EoRA do. ``left`` (m,), positive row weights ``d``: weighting on both sides,
     ``min ‖diag(d) (W − Ŵ) S‖_F``, solved by the SVD of ``diag(d) W S`` with ``up = diag(d)⁻¹ U_r Σ_r^½``
     (floored at 1e-6 of its maximum, as ``diagonal``). ``sketch``: a randomized SVD (``randomized_svd``)
-    instead of the exact one.
+    instead of the exact one. ``solver`` gram (a tall matrix, m ≥ n, without a sketch): the same factors from
+    the eigendecomposition of the n×n Gram of ``W S`` (``gram_svd``), never an m×n copy.
     """
     whitening = whitening or identity()
     m, n = weight.shape
     if not 0 < rank <= min(m, n):
         raise CompressorError(f"rank {rank} is out of range for a {m}×{n} matrix (1..{min(m, n)})")
-    work = whitening.apply(weight.to(dtype))
     rows = None
     if left is not None:
         rows = diagonal(left.to(weight.device)).factor.to(dtype)  # (m,), floored
+    if solver == "gram" and sketch is None and m >= n:
+        return gram_svd(weight, rank, whitening, dtype, rows)
+    work = whitening.apply(weight.to(dtype))
+    if rows is not None:
         work = rows[:, None] * work
     u, s, vh = svd(work) if sketch is None else randomized_svd(work, rank, sketch)
     root = s[:rank].sqrt()
@@ -183,6 +187,41 @@ def whitened_svd(
     if rows is not None:
         up = up / rows[:, None]
     down = whitening.unapply(root[:, None] * vh[:rank])  # (r, n)
+    return up, down, s
+
+
+def gram_svd(weight: Tensor, rank: int, whitening: Whitening, dtype: torch.dtype = torch.float64,
+             rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``whitened_svd`` of a tall ``weight`` (m, n), m ≥ n, from the eigendecomposition of ``K = (W S)ᵀ W S``
+    (n, n; with row weights d: ``(D W S)ᵀ D W S``), built and used in row chunks of ``W S``: memory
+    O(n² + m·r) where LAPACK's SVD of ``W S`` holds several m×n matrices (about 650 MB for Llama-3's
+    gate_proj in fp64). ``K = V Σ² Vᵀ`` gives ``up = W S V_r Σ_r^-½`` (m, r) and ``down = Σ_r^½ V_rᵀ S⁻¹``
+    (r, n), the same split as the SVD's. It squares the condition number: a singular value below about
+    ``σ_1 · 1e-8`` (fp64) is not resolved, which only a truncation keeping nearly everything would reach.
+    Returns (up, down, singular values (n,) descending)."""
+    m, n = weight.shape
+    chunks = row_chunks(m, n)
+
+    def whitened(rows_slice: slice) -> Tensor:  # (c, n): the rows of D W S
+        block = whitening.apply(weight[rows_slice].to(dtype))
+        return block if rows is None else rows[rows_slice, None] * block
+
+    kernel = torch.zeros(n, n, dtype=dtype, device=weight.device)  # (n, n): K
+    for chunk in chunks:
+        block = whitened(chunk)
+        kernel.addmm_(block.T, block)
+    evals, evecs = torch.linalg.eigh((kernel + kernel.T) / 2)  # ascending
+    del kernel
+    s = evals.flip(0).clamp_min(0).sqrt()  # (n,)
+    basis = evecs.flip(1)[:, :rank].contiguous()  # (n, r): V_r
+    del evecs
+    root = s[:rank].clamp_min(float(s[0]) * 1e-12 if s[0] > 0 else 1e-30).sqrt()
+    up = torch.empty(m, rank, dtype=dtype, device=weight.device)  # (m, r)
+    for chunk in chunks:
+        up[chunk] = (whitened(chunk) @ basis) / root[None, :]
+        if rows is not None:
+            up[chunk] /= rows[chunk, None]
+    down = whitening.unapply(root[:, None] * basis.T)  # (r, n)
     return up, down, s
 
 
@@ -208,24 +247,32 @@ def output_side_svd(weight: Tensor, gram_of_outputs: Tensor, rank: int,
     m, n = weight.shape
     if not 0 < rank <= min(m, n):
         raise CompressorError(f"rank {rank} is out of range for a {m}×{n} matrix (1..{min(m, n)})")
-    work = weight.to(dtype)
     gram_of_outputs = gram_of_outputs.to(device=weight.device, dtype=dtype)
     evals, evecs = torch.linalg.eigh((gram_of_outputs + gram_of_outputs.T) / 2)  # ascending
     s = evals.flip(0).clamp_min(0).sqrt()  # (m,) singular values of W S, descending
     basis = evecs.flip(1)[:, :rank]  # (m, r): U_r
     root = s[:rank].clamp_min(float(s[0]) * 1e-12 if s[0] > 0 else 1e-30).sqrt()
     up = basis * root[None, :]  # (m, r)
-    down = (basis.T @ work) / root[:, None]  # (r, n)
+    down = torch.empty(rank, n, dtype=dtype, device=weight.device)  # (r, n), by column chunks of W
+    for cols in row_chunks(n, m):
+        down[:, cols] = (basis.T @ weight[:, cols].to(dtype)) / root[:, None]
     return up, down, s
 
 
 def output_side_error(weight: Tensor, approx: Tensor, gram_of_outputs: Tensor) -> float:
     """``relative_error`` on the calibration inputs, ‖(W − Ŵ) Xᵀ‖_F / ‖W Xᵀ‖_F, from the output Gram
     ``P = W G Wᵀ`` alone, for an ``approx`` whose rows lie in W's row space (``output_side_svd``'s, Ŵ = Π W):
-    with ΔW = R W (R (m, m) by least squares), tr(ΔW G ΔWᵀ) = tr(R P Rᵀ)."""
+    with ΔW = R W, R = ΔW Wᵀ (W Wᵀ)⁻¹ (m, m; least squares), tr(ΔW G ΔWᵀ) = tr(R P Rᵀ). The two m×m products
+    are summed over column chunks, so no fp64 copy of the (m, n) matrices is made."""
     gram = gram_of_outputs.double()
-    weight = weight.to(gram)
-    residual = torch.linalg.lstsq(weight.T, weight.T - approx.to(gram).T).solution  # (m, m): Rᵀ
+    m, n = weight.shape
+    norm = torch.zeros(m, m, dtype=torch.float64, device=gram.device)  # W Wᵀ
+    cross = torch.zeros_like(norm)  # ΔW Wᵀ
+    for cols in row_chunks(n, m):
+        block = weight[:, cols].to(gram)
+        norm.addmm_(block, block.T)
+        cross.addmm_(block - approx[:, cols].to(gram), block.T)
+    residual = torch.linalg.lstsq(norm, cross.T).solution  # (m, m): Rᵀ (W Wᵀ symmetric)
     energy = torch.trace(gram)
     if not energy > 0:
         return 0.0
@@ -254,18 +301,35 @@ def symmetric_sqrt(matrix: Tensor) -> Tensor:
     return (evecs * evals.clamp_min(0).sqrt()[None, :]) @ evecs.T
 
 
+ROW_CHUNK_ELEMENTS = 1 << 21  # rows of a working chunk: about 2M elements (16 MB in fp64)
+
+
+def row_chunks(rows: int, cols: int) -> list[slice]:
+    """Slices of at most ``ROW_CHUNK_ELEMENTS // cols`` rows (at least one) covering ``rows``: the kernels that
+    work row by row keep their temporaries to a chunk instead of a whole (m, n) matrix."""
+    step = max(1, ROW_CHUNK_ELEMENTS // max(cols, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def relative_error(weight: Tensor, approx: Tensor, gram: Tensor | None = None) -> float:
     """‖W − Ŵ‖_F / ‖W‖_F, or the same measured on the calibration inputs when ``gram`` is given:
-    sqrt(tr(ΔW G ΔWᵀ) / tr(W G Wᵀ)) = ‖(W − Ŵ) Xᵀ‖_F / ‖W Xᵀ‖_F."""
-    delta = (weight.double() - approx.double())
-    if gram is None:
-        num, den = delta.norm(), weight.double().norm()
-    else:
-        gram = gram.double()
-        num = ((delta @ gram) * delta).sum().clamp_min(0)
-        den = ((weight.double() @ gram) * weight.double()).sum()
+    sqrt(tr(ΔW G ΔWᵀ) / tr(W G Wᵀ)) = ‖(W − Ŵ) Xᵀ‖_F / ‖W Xᵀ‖_F. Summed in fp64 over row chunks, so it holds
+    no fp64 copy of either (m, n) matrix (at Llama-3's width each is 470 MB)."""
+    if weight.ndim != 2:  # activations (..., d): rows of d
+        weight, approx = weight.reshape(-1, weight.shape[-1]), approx.reshape(-1, weight.shape[-1])
+    num = den = torch.zeros((), dtype=torch.float64, device=weight.device)
+    gram = None if gram is None else gram.double()
+    for rows in row_chunks(*weight.shape):
+        chunk = weight[rows].double()  # (c, n)
+        delta = chunk - approx[rows].double()
+        if gram is None:
+            num, den = num + delta.square().sum(), den + chunk.square().sum()
+        else:
+            num = num + ((delta @ gram) * delta).sum()
+            den = den + ((chunk @ gram) * chunk).sum()
+    num = num.clamp_min(0)
     if not (torch.isfinite(num) and torch.isfinite(den)):
         return float("nan")  # a non-finite weight or approximation is never "no error"
     if not den > 0:
         return 0.0
-    return float(num / den) if gram is None else float((num / den).sqrt())
+    return float((num / den).sqrt())

@@ -106,7 +106,13 @@ def quant_params(weight: Tensor, bits: int, symmetric: bool, group_size: int | N
 
 def quantize(weight: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
              group_size: int | None = None) -> Tensor:
-    """Integers q (m, n) int8 of ``weight`` (m, n) on the grid given by per-group scale/zero_point (m, G)."""
+    """Integers q (m, n) int8 of ``weight`` (m, n) on the grid given by per-group scale/zero_point (m, G)
+    (in row chunks: the per-column expansions of the scales stay bounded)."""
+    step = max(1, (1 << 20) // max(weight.shape[1], 1))
+    if weight.shape[0] > step:
+        return torch.cat([quantize(weight[start:start + step], scale[start:start + step],
+                                   zero_point[start:start + step], bits, group_size)
+                          for start in range(0, weight.shape[0], step)])
     q_min, q_max = qrange(bits)
     n = weight.shape[1]
     scale = expand_groups(scale.float(), n, group_size)
@@ -129,6 +135,13 @@ def pack_int32(values: Tensor, bits: int, dim: int = 1) -> Tensor:
     check_bits(bits)
     if dim == 0:
         return pack_int32(values.T, bits, 1).T.contiguous()
+    step = max(1, (1 << 20) // max(values.shape[1], 1))  # row chunks: the int64 temporaries stay bounded
+    if values.shape[0] > step:
+        return torch.cat([_pack_rows(values[start:start + step], bits) for start in range(0, values.shape[0], step)])
+    return _pack_rows(values, bits)
+
+
+def _pack_rows(values: Tensor, bits: int) -> Tensor:
     rows, cols = values.shape
     units = math.ceil(cols / 32)
     unsigned = values.to(torch.int64) + (1 << (bits - 1))  # [0, 2^b)

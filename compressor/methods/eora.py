@@ -92,7 +92,7 @@ class EoRA(LinearCompressor):
         return linalg.eigh(target.stats.gram, self.config.cutoff)
 
     def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
-        residual = target.original - target.weight  # (m, n) fp32
+        residual = target.original.float() - target.weight  # (m, n) fp32
         if not bool(residual.any()):
             return Outcome(None, note="no residual: an earlier step left this linear unchanged")
         whitening = ctx.per_input(self, target, self._whitening)

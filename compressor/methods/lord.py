@@ -61,6 +61,10 @@ class LoRDConfig(ranks.RankRule):
     alpha: float = field(0.5, "exponent of mean|x| for whiten: activation (ASVD's alpha)")
     gram_root: Literal["cholesky", "eigh"] = field("cholesky", "square root of the Gram for whiten: gram")
     svd_dtype: Literal["float64", "float32"] = field("float64", "precision of the SVD")
+    svd_solver: Literal["full", "gram"] = field(
+        "full", "full: LAPACK's SVD of the whitened matrix W S (m×n, several copies); gram: the same factors from "
+        "the eigendecomposition of its n×n Gram, built in row chunks (tall matrices; memory O(n² + m·r), for "
+        "models whose layers barely fit: singular values below ~1e-8·σ₁ are not resolved)")
     output_weight: Literal["none", "fisher"] = field(
         "none", "weight the truncation on the output side too: fisher = √(Fisher summed per output row + 1e-6) "
         "(IO-SVD's two-sided weighting; FWSVD's Fisher pass, cached)")
@@ -98,14 +102,16 @@ class LoRDConfig(ranks.RankRule):
 
 
 def lord_factors(weight: torch.Tensor, rank: int, whitening: linalg.Whitening | None, svd_dtype: torch.dtype,
-                 row_scale: torch.Tensor | None = None, output_gram: torch.Tensor | None = None):
+                 row_scale: torch.Tensor | None = None, output_gram: torch.Tensor | None = None,
+                 solver: str = "full"):
     """(up (m, r), down (r, n)) of the whitened truncated SVD of ``weight`` (m, n): the minimizer of
     ``‖diag(row_scale) (W − up·down) S‖_F`` (``row_scale`` None: no output-side weight), from ``whitening``
-    (S) or, given ``output_gram`` W S Sᵀ Wᵀ (m, m), from the output side (``linalg.output_side_svd``)."""
+    (S) or, given ``output_gram`` W S Sᵀ Wᵀ (m, m), from the output side (``linalg.output_side_svd``);
+    ``solver``: ``whitened_svd``'s."""
     scale = None if row_scale is None else row_scale.to(device=weight.device, dtype=svd_dtype)[:, None]  # (m, 1)
     work = weight if scale is None else weight.to(svd_dtype) * scale
     if output_gram is None:
-        up, down, _ = linalg.whitened_svd(work, rank, whitening, svd_dtype)
+        up, down, _ = linalg.whitened_svd(work, rank, whitening, svd_dtype, solver=solver)
     else:
         gram = output_gram if scale is None else (
             scale * output_gram.to(device=weight.device, dtype=svd_dtype) * scale.T)
@@ -219,6 +225,6 @@ class LoRD(LinearCompressor):
             cross = target.stats.cross if strength == 1.0 else (
                 strength * target.stats.cross + (1 - strength) * target.stats.gram)
             weight = linalg.output_refit(weight, cross, whitening)
-        up, down = lord_factors(weight, rank, whitening, self.svd_dtype, row_scale)
+        up, down = lord_factors(weight, rank, whitening, self.svd_dtype, row_scale, solver=self.config.svd_solver)
         module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
         return Outcome(module, rank=rank, note=note, extra=extra)

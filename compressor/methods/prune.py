@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..contract import LayerContext, LinearCompressor, Outcome, Target
-from ..kernels.hessian import hessian, inverse_hessian_factor
+from ..kernels.hessian import hessian_in, inverse_hessian_factor
 from ..model.modules import dense_module
 from ..plan.configs import field
 from ..stats.accumulators import Request, inputs
@@ -143,8 +143,8 @@ class Prune(LinearCompressor):
 
     def _factor(self, target: Target) -> tuple[Tensor, Tensor]:
         """(H⁻¹ factor, dead channels), shared by the linears reading the same input."""
-        h = hessian(target.stats.gram, target.stats.n_tokens).to(target.weight.device)  # this call's own copy
-        return inverse_hessian_factor(h, self.config.damp, overwrite=True)
+        with hessian_in(target.stats.gram.to(target.weight.device), target.stats.n_tokens) as h:  # scratch
+            return inverse_hessian_factor(h, self.config.damp, overwrite=True)
 
     def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         cfg = self.config

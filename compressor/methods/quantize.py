@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..contract import LayerContext, LinearCompressor, Outcome, Target
 from ..kernels import quant
-from ..kernels.hessian import hessian, inverse_hessian_factor
+from ..kernels.hessian import hessian_in, inverse_hessian_factor
 from ..model.modules import QuantizedLinear
 from ..plan.configs import field
 from ..stats.accumulators import Request, inputs
@@ -145,13 +145,14 @@ class Quantize(LinearCompressor):
                        "symmetric": cfg.symmetric} for name, (m, n) in shapes.items()}
 
     def _factor(self, target: Target) -> tuple[Tensor, Tensor, Tensor | None]:
-        h = hessian(target.stats.gram, target.stats.n_tokens).to(target.weight.device)
-        perm = None
-        if self.config.act_order:
-            perm = torch.argsort(torch.diagonal(h), descending=True)
-            h = h[perm]  # rows, then columns: two n×n matrices at a time, not three
-            h = h[:, perm]
-        upper, dead = inverse_hessian_factor(h, self.config.damp, overwrite=True)  # h: this call's own copy
+        with hessian_in(target.stats.gram.to(target.weight.device), target.stats.n_tokens) as h:  # scratch
+            perm = None
+            if self.config.act_order:
+                perm = torch.argsort(torch.diagonal(h), descending=True)
+                h = h[perm]  # rows, then columns: two n×n matrices at a time, not three
+                h = h[:, perm]
+            upper, dead = inverse_hessian_factor(h, self.config.damp, overwrite=True)
+            del h
         if perm is not None:
             dead = dead[torch.argsort(perm)]  # back to the natural column order
         return upper, dead, perm

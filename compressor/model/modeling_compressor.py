@@ -80,6 +80,14 @@ def unpack_int32(packed: Tensor, bits: int, size: int, dim: int = 1) -> Tensor:
     [i·b, (i+1)·b) of the row's little-endian bit stream, stored unsigned (q + 2^(b−1))."""
     if dim == 0:
         return unpack_int32(packed.T, bits, size, 1).T.contiguous()
+    step = max(1, (1 << 20) // max(packed.shape[1], 1))  # row chunks: the int64 temporaries stay ~100 MB at most
+    if packed.shape[0] > step:
+        return torch.cat([_unpack_rows(packed[start:start + step], bits, size)
+                          for start in range(0, packed.shape[0], step)])
+    return _unpack_rows(packed, bits, size)
+
+
+def _unpack_rows(packed: Tensor, bits: int, size: int) -> Tensor:
     rows, width = packed.shape
     units = math.ceil(size / 32)
     words = packed.to(torch.int64) & 0xFFFFFFFF
@@ -94,7 +102,16 @@ def unpack_int32(packed: Tensor, bits: int, size: int, dim: int = 1) -> Tensor:
 
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor | None, group_size: int | None = None,
                dtype: torch.dtype = torch.float32) -> Tensor:
-    """``(q − zero_point) · scale`` (m, n) in ``dtype`` (computed in fp32 at least); scale, zero_point (m, G)."""
+    """``(q − zero_point) · scale`` (m, n) in ``dtype`` (computed in fp32 at least); scale, zero_point (m, G).
+    Row by row in chunks, so the fp32 temporaries stay bounded whatever the matrix."""
+    step = max(1, (1 << 20) // max(q.shape[1], 1))
+    if q.shape[0] > step:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+        for start in range(0, q.shape[0], step):
+            rows = slice(start, start + step)
+            out[rows] = dequantize(q[rows], scale[rows], None if zero_point is None else zero_point[rows],
+                                   group_size, dtype)
+        return out
     n = q.shape[1]
     work = torch.promote_types(scale.dtype, torch.float32)
     values = q.to(work)

@@ -78,7 +78,8 @@ def compress_layer(visit: Visit, plan: Plan, dtype: torch.dtype, report: Report,
     ctx = LayerContext(visit.index, visit.n_layers, visit.device, dtype)
     originals: dict[str, Tensor] = {}  # name → weight before the first step touched it
     shared = collect_once(visit, plan, report) if plan.statistics == "once" else None
-    for step in plan.steps:
+    last = max((i for i, step in enumerate(plan.steps) if step.groups_in(visit.index)), default=-1)
+    for index, step in enumerate(plan.steps):
         specs = step.groups_in(visit.index)
         if not specs:
             continue
@@ -89,7 +90,10 @@ def compress_layer(visit: Visit, plan: Plan, dtype: torch.dtype, report: Report,
             stats = shared.get(step.stream, {})
         else:
             stats = collect(visit, step.stream, [(step, specs)], report, plan.arch) if step.requests else {}
-        compress_groups(visit, plan, step, specs, stats, ctx, originals, report, log_file)
+        # released group by group: a step's own statistics (the shared ones at their last step), and the
+        # original weights at the layer's last step
+        compress_groups(visit, plan, step, specs, stats, ctx, originals, report, log_file,
+                        release=shared is None or index == last, last_step=index == last)
 
 
 def compress_in_stages(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupSpec], ctx: LayerContext,
@@ -122,16 +126,23 @@ def stages(specs: list[GroupSpec], stats: Stats) -> list[list[GroupSpec]]:
 
 
 def compress_groups(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupSpec], stats: Stats,
-                    ctx: LayerContext, originals: dict[str, Tensor], report: Report, log_file=None) -> None:
+                    ctx: LayerContext, originals: dict[str, Tensor], report: Report, log_file=None,
+                    release: bool = False, last_step: bool = False) -> None:
     """Compress the groups ``specs`` of one step and swap their replacements in, in order. In a run of several
     ranks each group is compressed by its owner (``distributed.owners``, by estimated cost; groups that read
     one input, whose decompositions ``ctx.per_input`` shares, have one owner), and every rank then swaps in
-    every replacement (``distributed.exchange``)."""
+    every replacement (``distributed.exchange``). ``release`` (no later step of this layer reads ``stats``):
+    each group's statistics and the factors memoized on them are dropped once no later group reads them, so
+    a layer's peak holds one group's (at Llama-3's width, 2048² fp64 Grams and whitening factors of about
+    32 MB each); ``last_step`` (the layer's last step): its members' original weights too."""
     if not distributed.world().spread:
-        for spec in specs:
+        for position, spec in enumerate(specs):
             group = build_group(visit, spec, step, stats, originals, plan.arch)
             outcomes, elapsed = decompose(step, group, ctx, report)
             apply(visit, step, group, outcomes, elapsed, report, log_file)
+            del group
+            if release:
+                release_group(spec, specs[position + 1:], stats, ctx, originals if last_step else {})
         return
     groups = [build_group(visit, spec, step, stats, originals, plan.arch) for spec in specs]
     cluster = clusters(groups)
@@ -146,6 +157,28 @@ def compress_groups(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupS
         outcomes, elapsed = done[group.name]
         apply(visit, step, group, {name: _on(o, visit.device) for name, o in outcomes.items()}, elapsed, report,
               log_file)
+
+
+def _stats_keys(spec: GroupSpec, stats: Stats) -> list[tuple[str, str]]:
+    names = [*spec.members.values(), *([spec.block] if spec.block else [])]
+    return [(name, where) for name in names for where in ("input", "output") if (name, where) in stats]
+
+
+def release_group(spec: GroupSpec, later: list[GroupSpec], stats: Stats, ctx: LayerContext,
+                  originals: dict[str, Tensor]) -> None:
+    """Drop what only ``spec`` (already compressed) read: its statistics that no ``later`` group shares (q/k/v
+    and gate/up share one input accumulator), the factors ``ctx.per_input`` memoized on them, and the
+    original weights of its members."""
+    kept = {id(stats[key]) for other in later for key in _stats_keys(other, stats)}
+    for key in _stats_keys(spec, stats):
+        held = stats.get(key)
+        if held is not None and id(held) not in kept:
+            for memo_key in [k for k in ctx.memo if k[2] == id(held)]:
+                del ctx.memo[memo_key]
+            for alias in [k for k, value in stats.items() if value is held]:  # every key of a shared accumulator
+                del stats[alias]
+    for name in spec.members.values():
+        originals.pop(name, None)
 
 
 def decompose(step: StepPlan, group: Group, ctx: LayerContext, report: Report) -> tuple[dict[str, Outcome], float]:
@@ -277,8 +310,8 @@ def build_group(visit: Visit, spec: GroupSpec, step: StepPlan, stats: Stats, ori
     members = {}
     for role, name in spec.members.items():
         module = visit.module(name)
+        originals.setdefault(name, effective_weight(module).to(visit.device))  # as held: no fp32 copy per layer
         weight = effective_weight(module).to(device=visit.device, dtype=torch.float32)
-        originals.setdefault(name, weight)
         members[role] = Target(name, module, weight, originals[name],
                                None if module.bias is None else module.bias.detach(), stats.get((name, "input")),
                                getattr(module, "dense_class", type(module).__name__), stats.get((name, "output")))
@@ -382,7 +415,7 @@ def log_entry(step: StepPlan, name: str, target: Target | None, outcome: Outcome
 
 
 def _errors(target: Target, module: nn.Module) -> dict[str, float | None]:
-    approx = effective_weight(module).float()
+    approx = effective_weight(module)  # as stored; relative_error works in fp64 row chunks
     if tuple(approx.shape) != tuple(target.original.shape):
         return {"rel_error": None, "rel_output_error": None}
     gram = target.stats.gram if target.stats is not None else None
