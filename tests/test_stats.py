@@ -265,3 +265,21 @@ def test_valid_requests():
     Request("angular_distance", where="layer", tokens="last")
     Request("gram", where="output", role="q", per_head=True)
     Request("sq_norm", where="output", role="block")
+
+
+def test_a_wide_gram_is_summed_in_column_blocks(monkeypatch):
+    # the same dot products; BLAS may round a narrow block's differently (equal bits at Llama-3's 8192 columns
+    # in 2048-column blocks with this machine's BLAS), so: to fp32 rounding
+    from compressor.stats import accumulators
+
+    generator = torch.Generator().manual_seed(8)
+    batches = [torch.randn(64, 40, generator=generator) for _ in range(3)]
+    whole, blocked = accumulators.TensorStats(), accumulators.TensorStats()
+    for x in batches:
+        whole.add(x, frozenset({"gram"}))
+    monkeypatch.setattr(accumulators, "GRAM_BLOCK_BYTES", 4 * 40 * 7)  # blocks of 7 columns
+    for x in batches:
+        blocked.add(x, frozenset({"gram"}))
+    assert blocked.gram.dtype == torch.float64
+    assert torch.allclose(blocked.gram, whole.gram, rtol=1e-6, atol=1e-5)
+    assert not torch.equal(blocked.gram, torch.zeros_like(blocked.gram))

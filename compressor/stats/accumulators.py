@@ -76,6 +76,26 @@ def inputs(*statistics: Statistic) -> tuple[Request, ...]:
     return tuple(Request(s) for s in statistics)
 
 
+GRAM_BLOCK_BYTES = 64 << 20  # a batch's x̃ᵀx larger than this (f > 4096) is made and added in column blocks
+
+
+def _add_gram(total: Tensor | None, x: Tensor) -> Tensor:
+    """``total + xᵀx`` (f, f) fp64 for a batch ``x`` (tokens, f) fp32. A wide one is made in column blocks
+    (``xᵀ x[:, block]``) added in place: at f = 8192 the whole batch product is 256 MB of fp32 and, for the
+    first batch, its fp64 copy another 512 MB. Each block's entries are the same dot products (BLAS may round a
+    block's differently from the whole product's; at Llama-3.2-1B's width, here, they are equal bit for bit).
+    Narrower inputs (every matrix of the benchmarked SmolLM2) take the one product, as before."""
+    features = x.shape[1]
+    if features * features * 4 <= GRAM_BLOCK_BYTES:
+        return _add(total, x.T @ x)
+    if total is None:
+        total = torch.zeros(features, features, dtype=torch.float64, device=x.device)
+    step = max(1, GRAM_BLOCK_BYTES // (4 * features))
+    for start in range(0, features, step):
+        total[:, start:start + step].add_(x.T @ x[:, start:start + step])
+    return total
+
+
 def _add(total: Tensor | None, batch: Tensor) -> Tensor:
     """``total + batch`` into the fp64 ``total`` (the first batch becomes it). A fp32 ``batch`` is added
     in place without an fp64 copy of it: the same sums, and a (f, f) fp64 matrix less at the peak."""
@@ -128,9 +148,9 @@ class TensorStats:
             if heads:
                 per_head = x.reshape(x.shape[0], heads, -1).transpose(0, 1)  # (heads, tokens, d)
                 batch = per_head.transpose(1, 2) @ per_head  # (heads, d, d)
-            else:
-                batch = x.T @ x  # (f, f) fp32
-            self.gram = _add(self.gram, batch)
+                self.gram = _add(self.gram, batch)
+            else:  # (f, f): x̃ᵀx in fp32 per batch, summed in fp64
+                self.gram = _add_gram(self.gram, x)
         if "cross_gram" in kinds:
             if reference is None:
                 raise ValueError("cross_gram needs the reference input of the same batch")
