@@ -93,6 +93,11 @@ def step_label(step: dict[str, Any]) -> str:
         return f"{'svd' if c.get('space') == 'weight' else 'eora'} r{c.get('rank', '?')}"
     if method == "prune":
         return f"{c.get('algorithm', 'prune')} {c.get('pattern') or c.get('sparsity', '')}".strip()
+    if method == "lqlora":  # NF alone (rank 0, one configuration) or LQ-LoRA under a bit budget
+        if not c.get("rank"):
+            return "nf" + "/".join(str(b) for b in c.get("bits") or ["?"])
+        budget = f" {_number(c['budget'])} bits" if c.get("budget") is not None else ""
+        return f"lqlora{budget} r{c['rank']}" + (" fisher" if c.get("weighting") == "fisher" else "")
     label = method
     if method == "lord":
         label += "".join(f" {part}" for part in (
@@ -112,9 +117,9 @@ def method_label(recipe: dict[str, Any] | None) -> str:
 
 
 def _quantized_weights(recipe: dict[str, Any] | None, reduction: dict[str, Any] | None) -> int:
-    """Weights a benchmark run stored as packed integers (not ``nn.Parameter``s): the targeted parameters of
-    its quantize step."""
-    if any(s["method"] == "quantize" for s in (recipe or {}).get("steps", [])) and reduction:
+    """Weights a benchmark run stored as packed integers or codes (not ``nn.Parameter``s): the targeted
+    parameters of its quantize (or LQ-LoRA) step."""
+    if any(s["method"] in ("quantize", "lqlora") for s in (recipe or {}).get("steps", [])) and reduction:
         return reduction.get("targeted_params_before") or 0
     return 0
 

@@ -226,7 +226,7 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         ("nf3", lqlora(None, 0, bits=[3], block_size=[64])),
         *[(f"lqlora-{budget}-r64{suffix}", lqlora(budget, 64, weighting))
           for suffix, weighting in (("", "none"), ("-fisher", "fisher")) for budget in (3.0, 2.75)],
-        ("gptq-w3-eora-r64", compensated(quantize("gptq", 3, act_order=True), "eigen", 64)),
+        ("gptq-w3-act-order-eora-r64", compensated(quantize("gptq", 3, act_order=True), "eigen", 64)),
     ],
     # Quantize or prune, then compensate (asymmetric, group 128): RTN and GPTQ at 4 and 3 bits, SparseGPT 2:4,
     # each alone, with plain-SVD compensation of the residual (svd) and with EoRA (eora) at ranks 32 and 64;

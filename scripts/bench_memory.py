@@ -1,15 +1,17 @@
 """Peak memory of a streamed compression against depth: does it stay about one decoder layer?
 
-    python scripts/bench_memory.py [--layers 8 32] [--recipes lord gptq] [--out results/bench-memory.json]
+    python scripts/bench_memory.py [--layers 8 32] [--recipes lord-lean gptq ...] [--out results/bench-memory.json]
 
 Random Llama checkpoints of Llama-3.2-1B's width (hidden 2048, intermediate 8192, 32 query / 8 KV heads,
 SmolLM2's tokenizer and vocabulary of 49,152 so that real calibration text applies) are written to the
 cache directory in bf16, shard by shard (the writer never holds more than one layer either), with 8 and 32
 layers. Each is compressed with ``compressor compress --stream --dtype bfloat16`` in a subprocess, with
-LoRD-gram at ratio 0.2 (from the input Grams, SVD-LLM's, and with ``gram_side: auto``) and with GPTQ 4-bit
-(group 128); the subprocess's peak RSS (``ru_maxrss`` of the
-child), its wall time per decoder layer and the checkpoint's bytes on disk are recorded. The calibration is
-small (16 windows of 256 tokens): the benchmark is about the weights, which grow with depth.
+LoRD-gram at ratio 0.2 (``lord``: from the input Grams, SVD-LLM's; ``lord-auto``: ``gram_side: auto``;
+``lord-lean``, the default: ``gram_side: auto`` + ``svd_solver: gram``) and with GPTQ 4-bit, group 128
+(``gptq``: fp64 Hessian, the default; ``gptq-fp32``: the reference's fp32 Hessian); the subprocess's peak
+RSS (``ru_maxrss`` of the child), its wall time per decoder layer and the checkpoint's bytes on disk are
+recorded. The calibration is small (16 windows of 256 tokens): the benchmark is about the weights, which grow
+with depth. An existing ``--out`` keeps the runs of the recipes not run this time.
 
 The Done-when of the streaming issue: for each recipe, peak RSS at 32 layers within 15% of that at 8, and
 below 30% of the 32-layer checkpoint's size.
@@ -53,6 +55,13 @@ RECIPES = {
              "propagate": "compressed",
              "steps": [{"method": "quantize", "config": {"algorithm": "gptq", "bits": 4, "group_size": 128,
                                                          "symmetric": False, "damp": 0.01}}]},
+    # GPTQ at the reference's precision: the Gram summed in fp32 and factorized in its own memory (one
+    # 8192² fp32 matrix for down_proj, where fp64 holds 512 MB plus the fp32 factor)
+    "gptq-fp32": {"calibration": {"dataset": "sotu", "n_samples": 16, "seq_len": 256, "seed": 0, "batch_size": 4},
+                  "propagate": "compressed",
+                  "steps": [{"method": "quantize", "config": {"algorithm": "gptq", "bits": 4, "group_size": 128,
+                                                              "symmetric": False, "damp": 0.01,
+                                                              "hessian_dtype": "float32"}}]},
 }
 
 
@@ -156,7 +165,9 @@ def main() -> None:
         folder.parent.mkdir(parents=True, exist_ok=True)
         checkpoints[n] = write_checkpoint(folder, n)
     rows = []
-    # the largest run first: ru_maxrss of children only grows, so each later (smaller) run is its own child
+    if args.out.is_file():  # keep the other recipes' runs of an earlier invocation (verdicts cover them all)
+        rows = [r for r in json.loads(args.out.read_text()).get("runs", []) if r["recipe"] not in args.recipes]
+    # each run in a fresh Python process of its own (run_isolated), so ru_maxrss of children is that run's
     for recipe in args.recipes:
         for n in sorted(args.layers):
             row = run_isolated(checkpoints[n], recipe, n, args.dtype)
@@ -164,7 +175,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     verdicts = {}
-    for recipe in args.recipes:
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
         by = {r["layers"]: r for r in rows if r["recipe"] == recipe and r.get("peak_rss_mib")}
         if 8 in by and 32 in by:
             deep, shallow = by[32], by[8]
@@ -175,7 +186,8 @@ def main() -> None:
                 "below_30_percent_of_checkpoint": deep["peak_rss_mib"] * 2**20 < 0.3 * deep["checkpoint_bytes"]}
     result = {"what": "peak RSS of compressor compress --stream against depth (random Llama, bf16 checkpoint)",
               "dtype": args.dtype,
-              "width": WIDTH, "recipes": RECIPES, "runs": rows, "verdicts": verdicts,
+              "width": WIDTH, "recipes": {r: RECIPES[r] for r in dict.fromkeys(x["recipe"] for x in rows)},
+              "runs": rows, "verdicts": verdicts,
               "environment": {"torch": torch.__version__, "python": platform.python_version(),
                               "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count()}}
     args.out.write_text(json.dumps(result, indent=2) + "\n")

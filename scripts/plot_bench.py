@@ -29,7 +29,8 @@ RESULTS = ROOT / "results"
 TABLE = ["dense", "lord-gram-0.2", "lord-gram-fisher-rows-loss-0.2", "lord-gram-0.4", "fwsvd-0.2", "welore-0.05",
          "lord-gram-welore-0.05", "curing-5", "modegpt-0.2", "lord-gram-as-modegpt-0.2", "modegpt-0.3", "rtn-w4",
          "gptq-w4-act-order-sequential", "gptq-w4-g64", "rtn-w4-eora-r64", "gptq-w4-eora-r64", "gptq-w3-eora-r64",
-         "rtn-w3", "sparsegpt-2of4", "sparsegpt-2of4-eora-r64"]
+         "rtn-w3", "sparsegpt-2of4", "sparsegpt-2of4-eora-r64", "nf4", "nf3", "lqlora-3.0-r64",
+         "lqlora-3.0-r64-fisher", "lqlora-2.75-r64"]
 
 
 def write(folder: Path = RESULTS, out: Path | None = None) -> Path:

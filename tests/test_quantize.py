@@ -262,3 +262,51 @@ def test_chunked_pack_quantize_and_dequantize_equal_one_pass():
     dense = dequantize(q, scale, zero_point, 128)
     assert torch.equal(dense, torch.cat([dequantize(q[i:i + 100], scale[i:i + 100], zero_point[i:i + 100], 128)
                                          for i in range(0, 1200, 100)]))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_in_the_grams_own_memory_and_in_fp32(tmp_path, model_dirs, ids, small_text, monkeypatch, act_order):
+    """Every Gram lending its memory (factorized per target, its bytes in a temporary file meanwhile) gives the
+    same model bit for bit; ``hessian_dtype: float32`` (GPTQ's reference precision) a model within rounding
+    of the fp64 one (nearly all the same integers), and the log's output errors are still measured."""
+    from compressor.kernels import hessian as hessian_module
+
+    def run(name: str, **config) -> tuple[torch.Tensor, list[dict]]:
+        data = {"steps": [{"method": "quantize", "config": {"algorithm": "gptq", "bits": 4, "group_size": 32,
+                                                             "act_order": act_order, **config}}]}
+        summary = api.compress(str(model_dirs["llama"]), small_recipe(data, small_text), tmp_path / name,
+                               progress=False)
+        import json
+
+        log = [json.loads(line) for line in (tmp_path / name / io.LOG).read_text().splitlines()]
+        return logits(summary["model"], ids), log
+
+    shared, shared_log = run("shared")
+    fp32, fp32_log = run("fp32", hessian_dtype="float32")
+    monkeypatch.setattr(hessian_module, "SPILL_BYTES", 1)
+    lent, lent_log = run("lent")
+    lent_fp32, lent_fp32_log = run("lent-fp32", hessian_dtype="float32")
+    assert torch.equal(lent, shared) and torch.equal(lent_fp32, fp32)
+    assert [e["rel_output_error"] for e in lent_log] == [e["rel_output_error"] for e in shared_log]
+    assert [e["rel_output_error"] for e in lent_fp32_log] == [e["rel_output_error"] for e in fp32_log]
+    from transformers import AutoModelForCausalLM
+
+    scale = float((shared - logits(AutoModelForCausalLM.from_pretrained(model_dirs["llama"]), ids)).norm())
+    assert float((fp32 - shared).norm()) < 0.05 * scale
+    assert all(e["rel_output_error"] is not None and e["rel_output_error"] < 0.2 for e in fp32_log)
+
+
+def test_gram_precision_of_a_watch():
+    """A side whose every gram request asks float32 accumulates in fp32; any float64 request makes it fp64."""
+    from compressor.stats.accumulators import FP32_GRAM, Request, TensorStats
+
+    with pytest.raises(ValueError, match="precision applies to gram"):
+        Request("abs_mean", precision="float32")
+    x = torch.randn(10, 6)
+    fp32, fp64 = TensorStats(), TensorStats()
+    fp32.add(x, frozenset({"gram", FP32_GRAM}))
+    fp32.add(x, frozenset({"gram", FP32_GRAM}))
+    fp64.add(x, frozenset({"gram"}))
+    fp64.add(x, frozenset({"gram"}))
+    assert fp32.gram.dtype == torch.float32 and fp64.gram.dtype == torch.float64
+    torch.testing.assert_close(fp32.gram.double(), fp64.gram, rtol=1e-6, atol=1e-5)

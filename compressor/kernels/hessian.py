@@ -17,19 +17,25 @@ from ..errors import CompressorError
 SPILL_BYTES = 64 << 20  # a Gram this large lends its own memory to the factorization (saved to disk meanwhile)
 
 
-def hessian(gram: Tensor, n_tokens: int) -> Tensor:
-    """``H = 2·XᵀX / N`` (n, n) in fp64 from the summed Gram."""
-    return gram.double() * (2.0 / max(n_tokens, 1))
+def hessian(gram: Tensor, n_tokens: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``H = 2·XᵀX / N`` (n, n) in ``dtype`` (fp64; fp32: GPTQ's reference) from the summed Gram."""
+    return gram.to(dtype) * (2.0 / max(n_tokens, 1))
+
+
+def lends_memory(gram: Tensor, dtype: torch.dtype = torch.float64) -> bool:
+    """Whether ``hessian_in`` works in the Gram's own memory (a large contiguous Gram already in ``dtype``)."""
+    return gram.dtype == dtype and gram.numel() * gram.element_size() >= SPILL_BYTES and gram.is_contiguous()
 
 
 @contextmanager
-def hessian_in(gram: Tensor, n_tokens: int) -> Iterator[Tensor]:
-    """``hessian(gram, n_tokens)`` as scratch the caller may overwrite (``inverse_hessian_factor(...,
-    overwrite=True)``). A large fp64 Gram on the CPU is that scratch itself: its bytes go to an anonymous
-    temporary file first and come back on exit, so the factorization needs no n×n copy (512 MB at n = 8192);
-    on an accelerator they wait in host memory. Smaller ones get a copy. The values are those of ``hessian``."""
-    if gram.dtype != torch.float64 or gram.numel() * 8 < SPILL_BYTES or not gram.is_contiguous():
-        yield hessian(gram, n_tokens)
+def hessian_in(gram: Tensor, n_tokens: int, dtype: torch.dtype = torch.float64) -> Iterator[Tensor]:
+    """``hessian(gram, n_tokens, dtype)`` as scratch the caller may overwrite (``inverse_hessian_factor(...,
+    overwrite=True)``). A large Gram (``lends_memory``) on the CPU is that scratch itself: its bytes go to an
+    anonymous temporary file first and come back on exit, so the factorization needs no n×n copy (512 MB at
+    n = 8192 in fp64); on an accelerator they wait in host memory. Smaller ones get a copy. The values are
+    those of ``hessian``; what the caller computed in the scratch is gone on exit."""
+    if not lends_memory(gram, dtype):
+        yield hessian(gram, n_tokens, dtype)
         return
     scale = 2.0 / max(n_tokens, 1)
     if gram.device.type != "cpu":
@@ -64,15 +70,17 @@ def _transpose_(matrix: Tensor, block: int = 512) -> Tensor:
     return matrix
 
 
-def inverse_hessian_factor(h: Tensor, damp: float, overwrite: bool = False) -> tuple[Tensor, Tensor]:
-    """(upper Cholesky factor of (H + λI)⁻¹ (n, n) fp32, dead-channel mask (n,)), computed in fp64.
+def inverse_hessian_factor(h: Tensor, damp: float, overwrite: bool = False,
+                           dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """(upper Cholesky factor of (H + λI)⁻¹ (n, n) fp32, dead-channel mask (n,)), computed in ``dtype`` (fp64;
+    fp32 as GPTQ's reference, where the factor is ``h``'s own memory when overwritten).
 
     ``overwrite``: ``h`` (fp64) is the caller's scratch (``hessian_in``) and the whole computation happens in
     its memory: damped in place (on the diagonal, never through an identity matrix), transposed in place so
     that its storage is the column-major layout LAPACK works in, then Cholesky, inverse and Cholesky again,
     each in place (``out=``). The same LAPACK calls on the same values as out-of-place ones, so the same bits;
     besides ``h``, only the fp32 result (n×n) is allocated."""
-    h = h.double() if overwrite else h.double().clone()
+    h = h.to(dtype) if overwrite else h.to(dtype).clone()
     diagonal = torch.diagonal(h)
     dead = diagonal == 0
     diagonal[dead] = 1.0

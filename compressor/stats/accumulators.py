@@ -11,7 +11,8 @@ Every accumulator is a plain sum, so partial accumulations merge exactly (``merg
 calibration data accumulated apart and merged equal one pass over all of it. That is what a run spread
 over several processes sums. Per tensor ``x`` (tokens, features), accumulated over the calibration data:
 
-- ``gram``: Σ xᵀx (f, f), each batch computed in fp32 and added into an fp64 accumulator;
+- ``gram``: Σ xᵀx (f, f), each batch computed in fp32 and added into an fp64 accumulator (``precision:
+  float32``: an fp32 one, as GPTQ's reference keeps its Hessian);
   per head: (heads, d, d) with x reshaped to (tokens, heads, d);
 - ``cross_gram``: Σ x_refᵀ x (f, f), likewise, where x_ref is the same token's input of the module in the
   original model (the walk's reference stream: ``walk.layers``), x the one in the model as compressed so far;
@@ -49,6 +50,9 @@ class Request:
     per_head: bool = False  # output Gram per attention head
     tokens: Literal["all", "last"] = "all"  # angular_distance: every token, or each window's last
     matrices: Matrices = "all"  # which targets it is for: all, wide (in > out features) or not_wide ones
+    # gram: summed in fp64 (batch products in fp32), or all in fp32 (GPTQ's reference; half the memory).
+    # Modules whose requests differ get fp64.
+    precision: Literal["float64", "float32"] = "float64"
 
     def __post_init__(self) -> None:
         if self.where == "layer" and self.statistic != "angular_distance":
@@ -63,6 +67,8 @@ class Request:
             raise ValueError(f"{self.statistic} pairs a module's inputs: where must be input, not per head")
         if self.matrices != "all" and self.where == "layer":
             raise ValueError("matrices narrows module statistics; a layer statistic has no matrix")
+        if self.precision != "float64" and self.statistic != "gram":
+            raise ValueError("precision applies to gram")
 
 
 def for_matrix(matrices: Matrices, shape: tuple[int, int]) -> bool:
@@ -76,6 +82,7 @@ def inputs(*statistics: Statistic) -> tuple[Request, ...]:
     return tuple(Request(s) for s in statistics)
 
 
+FP32_GRAM = "gram_fp32"  # a marker among a watch's kinds: every gram request on it asked precision float32
 GRAM_BLOCK_BYTES = 64 << 20  # a batch's x̃ᵀx larger than this (f > 4096) is made and added in column blocks
 
 
@@ -149,6 +156,8 @@ class TensorStats:
                 per_head = x.reshape(x.shape[0], heads, -1).transpose(0, 1)  # (heads, tokens, d)
                 batch = per_head.transpose(1, 2) @ per_head  # (heads, d, d)
                 self.gram = _add(self.gram, batch)
+            elif FP32_GRAM in kinds:  # (f, f) all in fp32, added in place: one f×f matrix, no temporary
+                self.gram = x.T @ x if self.gram is None else self.gram.addmm_(x.T, x)
             else:  # (f, f): x̃ᵀx in fp32 per batch, summed in fp64
                 self.gram = _add_gram(self.gram, x)
         if "cross_gram" in kinds:

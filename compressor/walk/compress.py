@@ -26,7 +26,7 @@ from ..errors import CompressorError, one_line
 from ..kernels.linalg import relative_error
 from ..model.modules import shape_of, weight_of
 from ..plan.compile import GroupSpec, Plan, StepPlan
-from ..stats.accumulators import TENSOR_STATISTICS, DistanceStats, for_matrix
+from ..stats.accumulators import FP32_GRAM, TENSOR_STATISTICS, DistanceStats, for_matrix
 from ..stats.hooks import Collector, Watch
 from .layers import DEFAULT_STREAM, Visit, base_stream, reference_of, run_layer, walk
 
@@ -244,6 +244,7 @@ def watches(visit: Visit, wanted: list[tuple[StepPlan, list[GroupSpec]]], arch=N
     to wide or not-wide matrices (``Request.matrices``) hooks only those. A ``rotated``
     watch also knows its attention block, whose position embeddings rotate the output."""
     kinds: dict[str, set[str]] = defaultdict(set)
+    precisions: dict[str, set[str]] = defaultdict(set)  # where → the precisions its gram requests ask
     sides: dict[tuple[str, str], bool] = {}  # (name, where) → per head
     rope_blocks: dict[str, str] = {}  # q/k linear → its attention block
     for step, specs in wanted:
@@ -255,9 +256,14 @@ def watches(visit: Visit, wanted: list[tuple[StepPlan, list[GroupSpec]]], arch=N
                 if name is not None and (request.matrices == "all"
                                          or for_matrix(request.matrices, shape_of(visit.module(name)))):
                     kinds[request.where].add(request.statistic)
+                    if request.statistic == "gram":
+                        precisions[request.where].add(request.precision)
                     sides[(name, request.where)] = sides.get((name, request.where), False) or request.per_head
                     if request.where == "rotated":
                         rope_blocks[name] = spec.block
+    for where, asked in precisions.items():
+        if asked == {"float32"}:
+            kinds[where].add(FP32_GRAM)
     return [Watch(name, visit.module(name), where, frozenset(kinds[where]), _heads(arch, name) if per_head else None,
                   visit.module(rope_blocks[name]) if where == "rotated" else None)
             for (name, where), per_head in sides.items()]
