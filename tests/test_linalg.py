@@ -226,3 +226,13 @@ def test_output_side_error_in_column_chunks_equals_the_input_side_measure(monkey
     approx = (up @ down).float()
     assert linalg.output_side_error(weight, approx, outputs) == pytest.approx(
         linalg.relative_error(weight, approx, gram), rel=1e-7)
+
+
+def test_relative_error_with_an_fp32_gram_in_column_blocks(monkeypatch):
+    generator = torch.Generator().manual_seed(9)
+    weight, approx = torch.randn(40, 30, generator=generator), torch.randn(40, 30, generator=generator)
+    inputs = torch.randn(90, 30, generator=generator)
+    gram = inputs.T @ inputs  # fp32
+    expected = linalg.relative_error(weight, approx, gram.double())
+    monkeypatch.setattr(linalg, "ROW_CHUNK_ELEMENTS", 4 * 30)  # blocks of 4 columns, chunks of 4 rows
+    assert linalg.relative_error(weight, approx, gram) == pytest.approx(expected, rel=1e-12)

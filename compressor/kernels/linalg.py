@@ -318,15 +318,19 @@ def relative_error(weight: Tensor, approx: Tensor, gram: Tensor | None = None) -
     if weight.ndim != 2:  # activations (..., d): rows of d
         weight, approx = weight.reshape(-1, weight.shape[-1]), approx.reshape(-1, weight.shape[-1])
     num = den = torch.zeros((), dtype=torch.float64, device=weight.device)
-    gram = None if gram is None else gram.double()
     for rows in row_chunks(*weight.shape):
         chunk = weight[rows].double()  # (c, n)
         delta = chunk - approx[rows].double()
         if gram is None:
             num, den = num + delta.square().sum(), den + chunk.square().sum()
-        else:
+        elif gram.dtype == torch.float64:
             num = num + ((delta @ gram) * delta).sum()
             den = den + ((chunk @ gram) * chunk).sum()
+        else:  # an fp32 Gram (GPTQ's hessian_dtype float32): in fp64 a column block at a time, never whole
+            for cols in row_chunks(gram.shape[1], gram.shape[0]):
+                block = gram[:, cols].double()  # (n, b)
+                num = num + ((delta @ block) * delta[:, cols]).sum()
+                den = den + ((chunk @ block) * chunk[:, cols]).sum()
     num = num.clamp_min(0)
     if not (torch.isfinite(num) and torch.isfinite(den)):
         return float("nan")  # a non-finite weight or approximation is never "no error"

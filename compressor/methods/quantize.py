@@ -87,18 +87,23 @@ class QuantizeConfig:
                 f"trust_remote_code=True can); {suggestion}"]
 
 
+UPDATE_CHUNK = 1 << 22  # entries of GPTQ's trailing-column update made at once (16 MB in fp32)
+
+
 def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric: bool,
          group_size: int | None, act_order_perm: Tensor | None = None, block_size: int = 128,
-         scale_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+         scale_dtype: torch.dtype | None = None, overwrite: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ of ``weight`` (m, n) → (q (m, n) int8, scale (m, G), zero_point (m, G) int32), in the original
     column order.
 
     ``h_inv_upper`` is ``inverse_hessian_factor`` of the Hessian already permuted by ``act_order_perm``
-    (a permutation of the n columns, or None for the natural order).
+    (a permutation of the n columns, or None for the natural order). ``overwrite``: an fp32 ``weight`` that
+    is the caller's own copy is worked on in place (no second m×n copy). The trailing-column update of a large
+    matrix goes in column chunks (no m×n temporary; matrices under 4M entries take the one product).
     """
     m, n = weight.shape
     q_min, q_max = quant.qrange(bits)
-    w = weight.float().clone()
+    w = weight if overwrite and weight.dtype == torch.float32 else weight.float().clone()
     w[:, dead] = 0
     size = group_size or n
     groups = quant.n_groups(n, group_size)
@@ -108,7 +113,8 @@ def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric
     if static:
         scale, zero_point = quant.quant_params(w, bits, symmetric, group_size, scale_dtype)
     perm = act_order_perm if act_order_perm is not None else torch.arange(n, device=w.device)
-    w = w[:, perm]
+    if act_order_perm is not None:
+        w = w[:, perm]  # (natural order: w is already this call's own copy)
     group_of = perm // size  # (n,) group of each (permuted) column
     q = torch.zeros(m, n, dtype=torch.int8, device=w.device)
     for start in range(0, n, block_size):
@@ -119,8 +125,8 @@ def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric
         for i in range(end - start):
             column = start + i
             group = int(group_of[column])
-            if not static and column % size == 0:  # natural order: a group starts here
-                current = torch.cat([block[:, i:], w[:, end:]], dim=1)[:, :size]
+            if not static and column % size == 0:  # natural order: a group starts here (its next size columns)
+                current = torch.cat([block[:, i:i + size], w[:, end:end + max(0, size - (end - column))]], dim=1)
                 s, z = quant.quant_params(current, bits, symmetric, None, scale_dtype)
                 scale[:, group], zero_point[:, group] = s[:, 0], z[:, 0]
             s, z = scale[:, group], zero_point[:, group]
@@ -129,10 +135,20 @@ def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric
             error = (block[:, i] - (values - z) * s) / h_block[i, i]
             block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
             errors[:, i] = error
-        w[:, end:] -= errors @ h_inv_upper[start:end, end:]
+        step = n if m * (n - end) <= UPDATE_CHUNK else max(1, UPDATE_CHUNK // m)
+        for first in range(end, n, step):
+            w[:, first:first + step] -= errors @ h_inv_upper[start:end, first:first + step]
     if act_order_perm is not None:
         q = q[:, torch.argsort(perm)]
     return q, scale, zero_point
+
+
+def _own_copy(target: Target) -> bool:
+    """Whether ``target.weight`` was made for this step alone (a converted or dequantized copy), sharing memory
+    with neither the module nor the original weight: then GPTQ may work in it."""
+    mine = target.weight.untyped_storage().data_ptr()
+    return all(mine != t.untyped_storage().data_ptr()
+               for t in (*target.module.parameters(), *target.module.buffers(), target.original))
 
 
 class Quantize(LinearCompressor):
@@ -189,7 +205,7 @@ class Quantize(LinearCompressor):
         if cfg.algorithm == "gptq":
             with self._factored(target, ctx) as (upper, dead, perm):
                 q, scale, zero_point = gptq(target.weight, upper, dead, cfg.bits, cfg.symmetric, cfg.group_size,
-                                            perm, cfg.block_size, ctx.dtype)
+                                            perm, cfg.block_size, ctx.dtype, overwrite=_own_copy(target))
                 del upper
         else:
             q, scale, zero_point = quant.rtn(target.weight, cfg.bits, cfg.symmetric, cfg.group_size,

@@ -80,7 +80,7 @@ def unpack_int32(packed: Tensor, bits: int, size: int, dim: int = 1) -> Tensor:
     [i·b, (i+1)·b) of the row's little-endian bit stream, stored unsigned (q + 2^(b−1))."""
     if dim == 0:
         return unpack_int32(packed.T, bits, size, 1).T.contiguous()
-    step = max(1, (1 << 20) // max(packed.shape[1], 1))  # row chunks: the int64 temporaries stay ~100 MB at most
+    step = max(1, (1 << 20) // max(size, 1))  # row chunks of ~1M values: the int64 temporaries stay ~8 MB each
     if packed.shape[0] > step:
         return torch.cat([_unpack_rows(packed[start:start + step], bits, size)
                           for start in range(0, packed.shape[0], step)])
