@@ -144,13 +144,13 @@ def deferred_signals() -> Iterator[None]:
 
 def pause_for_tests(stage: str) -> None:
     """The fault tests' hook, inert unless ``COMPRESSOR_TEST_PAUSE=stage``: then say so on stdout and wait
-    until the file ``$COMPRESSOR_TEST_RESUME`` exists (at most 120 s), so a test can send a signal or
+    until the file ``$COMPRESSOR_TEST_RESUME`` exists (at most 600 s: a loaded machine can starve the test), so a test can send a signal or
     change ``--out`` at a known point of the run ("walk": after the first layer; "save": files written)."""
     if os.environ.get(PAUSE_ENV) != stage:
         return
     print(f"paused at {stage}", flush=True)
     resume = os.environ.get(RESUME_ENV)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not (resume and os.path.exists(resume)):
         time.sleep(0.05)
 
