@@ -11,7 +11,7 @@ LoRD-gram at ratio 0.2 (``lord``: from the input Grams, SVD-LLM's; ``lord-auto``
 (``gptq``: fp64 Hessian, the default; ``gptq-fp32``: the reference's fp32 Hessian); the subprocess's peak
 RSS (``ru_maxrss`` of the child), its wall time per decoder layer and the checkpoint's bytes on disk are
 recorded. The calibration is small (16 windows of 256 tokens): the benchmark is about the weights, which grow
-with depth. An existing ``--out`` keeps the runs of the recipes not run this time.
+with depth. An existing ``--out`` keeps its runs of the (recipe, depth) pairs not run this time.
 
 The Done-when of the streaming issue: for each recipe, peak RSS at 32 layers within 15% of that at 8, and
 below 30% of the 32-layer checkpoint's size.
@@ -165,8 +165,9 @@ def main() -> None:
         folder.parent.mkdir(parents=True, exist_ok=True)
         checkpoints[n] = write_checkpoint(folder, n)
     rows = []
-    if args.out.is_file():  # keep the other recipes' runs of an earlier invocation (verdicts cover them all)
-        rows = [r for r in json.loads(args.out.read_text()).get("runs", []) if r["recipe"] not in args.recipes]
+    if args.out.is_file():  # keep the runs of an earlier invocation not redone now (verdicts cover them all)
+        rows = [r for r in json.loads(args.out.read_text()).get("runs", [])
+                if r["recipe"] not in args.recipes or r["layers"] not in args.layers]
     # each run in a fresh Python process of its own (run_isolated), so ru_maxrss of children is that run's
     for recipe in args.recipes:
         for n in sorted(args.layers):
