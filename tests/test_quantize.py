@@ -330,3 +330,18 @@ def test_gptq_in_place_and_chunked_update(monkeypatch):
     q, scale, zero_point = gptq(weight, upper, dead, 3, False, 32, block_size=16)
     assert (q == expected[0]).float().mean() > 0.99
     torch.testing.assert_close(scale, expected[1], rtol=1e-5, atol=1e-6)
+
+
+def test_act_order_permutation_in_place_moves_the_same_bits():
+    # Pᵀ M P in M's own memory (columns in row chunks, two in-place transposes) equals the two indexings bit for
+    # bit, on a matrix that is not symmetric and spans two row chunks and a partial 512 block (1,500² > 2^21)
+    from compressor.kernels.hessian import permute_
+
+    generator = torch.Generator().manual_seed(11)
+    matrix = torch.randn(1500, 1500, dtype=torch.float64, generator=generator)
+    perm = torch.randperm(1500, generator=generator)
+    expected = matrix[perm][:, perm]
+    storage = matrix.data_ptr()
+    result = permute_(matrix, perm)
+    assert result.data_ptr() == storage and result.is_contiguous()
+    assert torch.equal(result, expected)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CompressorError
+from .linalg import row_chunks
 
 SPILL_BYTES = 64 << 20  # a Gram this large lends its own memory to the factorization (saved to disk meanwhile)
 
@@ -67,6 +68,17 @@ def _transpose_(matrix: Tensor, block: int = 512) -> Tensor:
             upper = matrix[rows, cols].clone()
             matrix[rows, cols] = matrix[cols, rows].T
             matrix[cols, rows] = upper.T
+    return matrix
+
+
+def permute_(matrix: Tensor, perm: Tensor) -> Tensor:
+    """``matrix[perm][:, perm]`` (n, n) in the matrix's own memory (act-order's permuted Hessian): columns
+    permuted in row chunks, transposed in place, twice, so the largest temporary is a chunk (the two indexings
+    hold two n×n copies). Values move and are never combined: the same bits."""
+    for _ in range(2):  # Mᵀ P, then (Mᵀ P)ᵀ P = Pᵀ M P
+        _transpose_(matrix)
+        for rows in row_chunks(*matrix.shape):
+            matrix[rows] = matrix[rows][:, perm]
     return matrix
 
 

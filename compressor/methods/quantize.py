@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..contract import LayerContext, LinearCompressor, Outcome, Target
 from ..kernels import quant
-from ..kernels.hessian import hessian_in, inverse_hessian_factor, lends_memory
+from ..kernels.hessian import hessian, hessian_in, inverse_hessian_factor, lends_memory, permute_
 from ..model.modules import QuantizedLinear
 from ..plan.configs import field
 from ..stats.accumulators import Request
@@ -176,17 +176,16 @@ class Quantize(LinearCompressor):
         perm = None
         if self.config.act_order:
             perm = torch.argsort(torch.diagonal(h), descending=True)
-            h = h[perm]  # rows, then columns: two n×n matrices at a time, not three
-            h = h[:, perm]
+            h = permute_(h, perm)  # in the scratch's own memory
         upper, dead = inverse_hessian_factor(h, self.config.damp, overwrite=True, dtype=self._dtype)
         if perm is not None:
             dead = dead[torch.argsort(perm)]  # back to the natural column order
         return upper, dead, perm
 
     def _factor(self, target: Target) -> tuple[Tensor, Tensor, Tensor | None]:
-        with hessian_in(target.stats.gram.to(target.weight.device), target.stats.n_tokens, self._dtype) as h:
-            upper, dead, perm = self._factor_of(h)
-            return (upper.clone() if upper.data_ptr() == h.data_ptr() else upper), dead, perm
+        # a Gram that lends no memory: ``hessian`` is a fresh copy, so the factor may stay in it
+        return self._factor_of(hessian(target.stats.gram.to(target.weight.device), target.stats.n_tokens,
+                                       self._dtype))
 
     @contextmanager
     def _factored(self, target: Target, ctx: LayerContext) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
