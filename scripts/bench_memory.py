@@ -1,6 +1,7 @@
 """Peak memory of a streamed compression against depth: does it stay about one decoder layer?
 
     python scripts/bench_memory.py [--layers 8 32] [--recipes lord-lean gptq ...] [--out results/bench-memory.json]
+    python scripts/bench_memory.py --merge A.json B.json --out results/bench-memory.json   # runs of two invocations
 
 Random Llama checkpoints of Llama-3.2-1B's width (hidden 2048, intermediate 8192, 32 query / 8 KV heads,
 SmolLM2's tokenizer and vocabulary of 49,152 so that real calibration text applies) are written to the
@@ -153,7 +154,21 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=WIDTH["hidden_size"], help="a narrower model (quick check)")
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype (float32 is much faster on CPUs without "
                         "bf16 units; the bf16 checkpoint is converted layer by layer)")
+    parser.add_argument("--merge", type=Path, nargs="+", help="run nothing: write to --out the runs of these "
+                        "result files (a later file's run of a recipe and depth replaces an earlier one's)")
     args = parser.parse_args()
+    if args.merge:
+        runs = {}
+        for path in args.merge:
+            for row in json.loads(path.read_text())["runs"]:
+                runs[row["recipe"], row["layers"]] = row
+        dtypes = {json.loads(path.read_text())["dtype"] for path in args.merge}
+        if len(dtypes) != 1:
+            sys.exit(f"error: the files were run with different dtypes ({', '.join(sorted(dtypes))})")
+        result = summary(list(runs.values()), dtypes.pop())
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["verdicts"], indent=2))
+        return
     if args.hidden != WIDTH["hidden_size"]:  # same shape ratios: intermediate 4×, 64-dim heads, 4 queries per KV
         WIDTH.update(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                      num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 256)
@@ -175,6 +190,13 @@ def main() -> None:
             row["checkpoint_bytes"] = disk_bytes(checkpoints[n])
             rows.append(row)
             print(json.dumps(row), flush=True)
+    result = summary(rows, args.dtype)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["verdicts"], indent=2))
+
+
+def summary(rows: list[dict], dtype: str) -> dict:
+    """The JSON of a set of runs, with the streaming issue's verdict for each recipe run at 8 and 32 layers."""
     verdicts = {}
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         by = {r["layers"]: r for r in rows if r["recipe"] == recipe and r.get("peak_rss_mib")}
@@ -185,14 +207,12 @@ def main() -> None:
                 "rss_32_over_checkpoint": deep["peak_rss_mib"] * 2**20 / deep["checkpoint_bytes"],
                 "within_15_percent": deep["peak_rss_mib"] <= 1.15 * shallow["peak_rss_mib"],
                 "below_30_percent_of_checkpoint": deep["peak_rss_mib"] * 2**20 < 0.3 * deep["checkpoint_bytes"]}
-    result = {"what": "peak RSS of compressor compress --stream against depth (random Llama, bf16 checkpoint)",
-              "dtype": args.dtype,
-              "width": WIDTH, "recipes": {r: RECIPES[r] for r in dict.fromkeys(x["recipe"] for x in rows)},
-              "runs": rows, "verdicts": verdicts,
-              "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                              "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count()}}
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(verdicts, indent=2))
+    return {"what": "peak RSS of compressor compress --stream against depth (random Llama, bf16 checkpoint)",
+            "dtype": dtype,
+            "width": WIDTH, "recipes": {r: RECIPES[r] for r in dict.fromkeys(x["recipe"] for x in rows)},
+            "runs": rows, "verdicts": verdicts,
+            "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                            "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count()}}
 
 
 def run_isolated(checkpoint: Path, recipe: str, n_layers: int, dtype: str = "bfloat16") -> dict:
