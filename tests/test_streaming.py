@@ -4,6 +4,7 @@ output of an in-memory run: the same tensors, manifest and logits, on every fami
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -168,12 +169,14 @@ def _cli(args, env_extra=None, pause=None):
     import sys
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env_extra or {}))
+    # SIGINT as a terminal's foreground command gets it: a test run started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt for it
     return subprocess.Popen([sys.executable, "-m", "compressor.cli", "compress", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_interrupted_streamed_run_resumes_to_identical_output(model_dirs, tmp_path, small):
-    import signal
     import time
 
     folder = model_dirs["llama"]
@@ -192,7 +195,11 @@ def test_interrupted_streamed_run_resumes_to_identical_output(model_dirs, tmp_pa
         line = child.stdout.readline()
     assert "paused at recorded" in line
     child.send_signal(signal.SIGINT)  # a real signal, after layer 0 of 2 is durably recorded
-    assert child.wait(300) == 130  # a loaded machine can take long to reach the safe point
+    try:
+        assert child.wait(300) == 130  # a loaded machine can take long to reach the safe point
+    finally:
+        if child.poll() is None:
+            child.kill()
     message = child.stderr.read()
     assert "1 decoder layers are done" in message and "--resume" in message
     assert not out.exists()
