@@ -8,10 +8,6 @@ temporary sibling is reserved then and held for the whole run (``io.OutputDirect
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from contextlib import nullcontext
@@ -22,20 +18,20 @@ from typing import Any, Callable
 import torch
 
 from . import calibration as sources
-from . import distributed, io, summary
+from . import io
 from .errors import CompressorError, CompressorWarning, Terminated
-from .io.resume import Resume, fingerprint
-from .io.shards import ShardWriter
+from .io import summary
 from .model import loading as models
 from .model import streaming
-from .model.architecture import decoder_layers
+from .model.architecture import layer_count
 from .model.loading import tensor_bytes
+from .parallel import distributed
+from .pipeline.compress import Report, compress_model
 from .plan import recipe as recipes
 from .plan.compile import Plan, compile_plan
 from .plan.preview import preview
 from .plan.recipe import Recipe
 from .ranks.uniform import reduction
-from .walk.compress import Report, compress_model
 from .walk.spill import Spill, parse_size
 
 
@@ -77,10 +73,11 @@ def _layer_line(start: float, say: Callable[[str], None]) -> Callable[[int, int]
 
 def run_plan(model: torch.nn.Module, plan: Plan, batches: dict[str, list[torch.Tensor]], device: torch.device,
              progress: bool = False, say: Callable[[str], None] | None = None,
-             sink: Callable | None = None, report: Report | None = None,
+             sink: io.Sink | None = None, report: Report | None = None,
              resume: tuple | None = None, spill: Spill | None = None) -> tuple[Report, dict[str, float]]:
     """Decisions and the layer walk on ``model`` in place; (report, CPU seconds of all threads). ``progress``:
-    a progress bar with an ETA (a terminal); else ``say`` gets one line per layer with an ETA."""
+    a progress bar with an ETA (a terminal); else ``say`` gets one line per layer with an ETA. ``sink``:
+    sees each finished layer (``io.sink``)."""
     cpu_start = time.process_time()
     with _progress(progress) as bar:
         task = bar.add_task("compressing", total=None) if bar else None
@@ -88,18 +85,9 @@ def run_plan(model: torch.nn.Module, plan: Plan, batches: dict[str, list[torch.T
         if on_layer is None and say is not None:
             on_layer = _layer_line(time.perf_counter(), say)
         report = compress_model(model, plan, batches, device=device, sink=sink, report=report, resume=resume,
-                                spill=spill,
-                                on_layer=_pausing(on_layer or (lambda index, total: None)))
+                                spill=spill, on_layer=on_layer)
     # CPU seconds: unlike wall time, not inflated by a busy machine
     return report, {"compression": time.process_time() - cpu_start}
-
-
-def _pausing(on_layer: Callable[[int, int], None]) -> Callable[[int, int], None]:
-    def call(index: int, total: int) -> None:
-        on_layer(index, total)
-        if index == 0:
-            io.pause_for_tests("walk")  # the signal tests' hook (inert unless asked for)
-    return call
 
 
 def manifest_of(model_spec: str, recipe_name: str, plan: Plan, dtype: str, before: dict[str, int],
@@ -125,7 +113,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     (None: ``dtype``). ``trust_remote_code``: run code shipped in the model directory (off unless asked
     for). ``say``: receives progress lines (what the calibration will process, each layer with an ETA).
     ``stream``: weights stay on disk and are read one decoder layer at a time, and each finished layer is
-    written at once (``model.streaming``, ``io.shards``): peak memory of about one layer plus the calibration
+    written at once (``io.sink.StreamedSink``): peak memory of about one layer plus the calibration
     activations. The summary's ``model`` is then the skeleton, without weights: load the output to use it.
     ``dry_run``: everything checked, then ``{"dry_run": plan.preview.preview(...)}`` returned; no weight or
     calibration text is read and nothing is written (the plan's warnings are in its ``warnings``).
@@ -137,17 +125,17 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     ``warn``: receives the plan's warnings (``Plan.warnings``: e.g. a group size no serving stack can
     describe) once every check has passed, before any weight is read; default ``warnings.warn``
     (``CompressorWarning``)."""
-    job = prepare(model, recipe, overrides, device, dtype, storage_dtype, merge, trust_remote_code, stream or resume)
+    job = prepare(model, recipe, overrides, device, dtype, storage_dtype, merge, trust_remote_code)
+    sink = io.open_sink(out, overwrite, job.inputs, stream=stream, resume=resume, storage_dtype=job.stored,
+                        merge=merge)
     if dry_run:
-        io.check_output(Path(out), overwrite, job.inputs)
-        report = preview(job.plan, job.skeleton, job.torch_dtype, job.stored, job.stream)
+        sink.check()
+        report = preview(job.plan, job.skeleton, job.torch_dtype, job.stored, sink.streamed)
         report["warnings"] = list(job.plan.warnings())
         return {"dry_run": report, "plan": job.plan}
     budget = parse_size(max_memory) if max_memory is not None else None
     main = distributed.world().main
-    # replaced at the end; ranks other than 0 write nothing (a scratch folder for spilled activations)
-    with (io.OutputDirectory(out, overwrite, job.inputs, partial=job.stream, resume=resume) if main
-          else Scratch()) as output:
+    with sink:  # --out reserved now, replaced at the end; ranks other than 0 write nothing
         for line in job.plan.warnings() if main else ():  # said once, by rank 0
             if warn is None:
                 warnings.warn(line, CompressorWarning, stacklevel=2)
@@ -155,10 +143,10 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
                 warn(line)
         say = say if main else None
         if say is not None:
-            say(calibration_summary(job.plan, plan_layers(job.skeleton)))
+            say(calibration_summary(job.plan, layer_count(job.skeleton)))
         seconds: dict[str, float] = {}
-        loaded = load(job, output, seconds)
-        report, manifest, cpu_seconds = walk_and_save(job, out, output, loaded, seconds, progress, say, budget)
+        loaded = load(job, sink, seconds)
+        report, manifest, cpu_seconds = walk_and_save(job, sink, loaded, seconds, progress, say, budget)
     return {"out": str(out), "params_before": loaded.before["params"], "params_after": manifest["params_after"],
             "seconds": seconds, "cpu_seconds": cpu_seconds, "walk_seconds": dict(report.seconds),
             "modules": len(report.log), "compressed": sum(1 for e in report.log if e["kind"] != "dense"),
@@ -182,13 +170,12 @@ class Job:
     compute: torch.device  # this rank's
     found: dict[str, Any]  # stream → calibration source
     inputs: list  # what --out must not be
-    stream: bool
     merge: bool
     trust_remote_code: bool
 
 
 def prepare(model: str, recipe: str | Recipe, overrides: list[str] | None, device: str, dtype: str,
-            storage_dtype: str | None, merge: bool, trust_remote_code: bool, stream: bool) -> Job:
+            storage_dtype: str | None, merge: bool, trust_remote_code: bool) -> Job:
     """Everything checked that can be without weights (recipe, configs against shapes, windows, device,
     calibration sources); a torchrun rank joins its process group here."""
     recipe_name, recipe = ("<object>", recipe) if isinstance(recipe, Recipe) else (recipe, recipes.load(recipe, overrides))
@@ -208,7 +195,7 @@ def prepare(model: str, recipe: str | Recipe, overrides: list[str] | None, devic
     if recipe_name != "<object>":
         inputs.append(recipe_name)
     return Job(model, recipe_name, plan, skeleton, torch_dtype, dtype, storage_dtype, stored, compute, found,
-               inputs, stream, merge, trust_remote_code)
+               inputs, merge, trust_remote_code)
 
 
 @dataclass
@@ -217,109 +204,45 @@ class Loaded:
 
     model: torch.nn.Module
     tokenizer: Any
-    folder: Path | None  # a streamed model's safetensors directory
-    shards: ShardWriter | None  # a streamed run's output writer (rank 0)
     before: dict[str, int]  # parameters and bytes before compression
     batches: dict[str, list[torch.Tensor]]  # stream → this rank's calibration token ids
 
 
-def load(job: Job, output, seconds: dict[str, float]) -> Loaded:
-    """The model (whole, or streamed) and the calibration batches; their seconds into ``seconds``."""
+def load(job: Job, sink: io.Sink, seconds: dict[str, float]) -> Loaded:
+    """The model as ``sink`` has the run hold it (whole, or streamed) and the calibration batches; their
+    seconds into ``seconds``."""
     start = time.perf_counter()
-    folder, shards = None, None
-    if job.stream:
-        model, tokenizer, folder = streaming.open_streamed(job.model, job.torch_dtype, job.trust_remote_code)
-        if distributed.world().main:
-            shards = ShardWriter(output.tmp, plan_layers(model), job.stored, job.merge)
-    else:
-        model, tokenizer = models.load(job.model, job.torch_dtype, "cpu", trust_remote_code=job.trust_remote_code)
+    model, tokenizer = sink.open_model(job.model, job.torch_dtype, job.trust_remote_code)
     seconds["load"] = time.perf_counter() - start
     before = {"params": models.parameter_count(model), "bytes": tensor_bytes(model)}
     start = time.perf_counter()
     batches = calibration_batches(job.plan, tokenizer, job.found)
     streaming.return_freed_memory()  # tokenizing the corpus leaves ~10× its text in freed heap: give it back
     seconds["calibration_data"] = time.perf_counter() - start
-    return Loaded(model, tokenizer, folder, shards, before, batches)
+    return Loaded(model, tokenizer, before, batches)
 
 
-def walk_and_save(job: Job, out, output, loaded: Loaded, seconds: dict[str, float], progress: bool,
+def walk_and_save(job: Job, sink: io.Sink, loaded: Loaded, seconds: dict[str, float], progress: bool,
                   say: Callable[[str], None] | None, budget: int | None) -> tuple[Report, dict[str, Any], dict]:
-    """The decisions, the layer walk and the save (rank 0); (report, manifest, CPU seconds). A streamed run
-    records each finished layer for ``--resume`` and, interrupted, says where it is kept."""
-    main, start = distributed.world().main, time.perf_counter()
-    report, sink, record, walk_resume = Report(), None, None, None
-    if job.stream:
-        options = {"dtype": job.dtype, "storage_dtype": job.storage_dtype, "merge": job.merge}
-        record, walk_resume = recorded(out, output, loaded.folder, job.plan, loaded.batches, loaded.model,
-                                       loaded.shards, report, job.torch_dtype, options)
-        if walk_resume is not None and say is not None:
-            say(f"resuming: {walk_resume[0]} of {plan_layers(loaded.model)} decoder layers were done")
-
-        def sink(index, prefix, layer, next_inputs):
-            if main:  # rank 0 writes each finished layer
-                loaded.shards(index, prefix, layer)
-            record.save(index, prefix, layer, next_inputs, loaded.shards, report.log, report.reshaped,
-                        sync=distributed.barrier)
-            io.pause_for_tests("recorded")  # the resume tests' hook: a layer is durably done
-    spill = Spill(budget, output.tmp) if budget is not None else None
+    """The decisions, the layer walk and the save into ``sink``; (report, manifest, CPU seconds). A run the
+    sink records for ``--resume`` continues where it was, and interrupted, says where it is kept."""
+    start, report = time.perf_counter(), Report()
+    options = {"dtype": job.dtype, "storage_dtype": job.storage_dtype, "merge": job.merge}  # what the output depends on
+    first = sink.begin(loaded.model, job.plan, loaded.batches, report, job.torch_dtype, options, say)
+    spill = Spill(budget, sink.tmp) if budget is not None else None
     try:
         try:
             report, cpu_seconds = run_plan(loaded.model, job.plan, loaded.batches, job.compute, progress, say,
-                                           sink=sink, report=report, resume=walk_resume, spill=spill)
+                                           sink=sink, report=report, resume=first, spill=spill)
         finally:
             if spill is not None:
                 spill.close()
         seconds["compression"] = time.perf_counter() - start
         manifest = manifest_of(job.model, job.recipe_name, job.plan, job.dtype, loaded.before, loaded.model, report)
         start = time.perf_counter()
-        if main:
-            io.save(loaded.model, loaded.tokenizer, output, manifest, report.log, merge=job.merge,
-                    reshaped=report.reshaped, storage_dtype=job.stored, shards=loaded.shards)
-    except (KeyboardInterrupt, Terminated) as exc:  # the walk or the save: a recorded run is kept
-        if record is not None and record.exists():
-            exc.resume_hint = (f"{json.loads((record.path / 'state.json').read_text())['layers_done']} "
-                               f"decoder layers are done and kept in {record.folder}; run the same command "
-                               "with --resume to continue")
+        sink.save(loaded.model, loaded.tokenizer, manifest, report)
+    except (KeyboardInterrupt, Terminated) as exc:  # the walk or the save
+        sink.interrupted(exc)
         raise
-    if record is not None and main:
-        record.finish()
     seconds["save"] = time.perf_counter() - start
     return report, manifest, cpu_seconds
-
-
-def recorded(out, output, folder: Path, plan: Plan, batches: dict[str, list[torch.Tensor]], model, shards,
-             report: Report, dtype: torch.dtype, options: dict[str, Any]) -> tuple[Resume, tuple | None]:
-    """A streamed run's resume record (``io.resume``) in rank 0's work folder, and where the walk continues
-    (None: at the start). Restores an interrupted run's finished layers (rank 0: modules, shard index, log)
-    and each rank's own hidden states; every rank reads the state rank 0 read."""
-    world = distributed.world()
-    work = output.tmp if world.main else io.output.partial_path(Path(os.path.abspath(Path(out).expanduser())))
-    distributed.barrier()  # rank 0 has made (or kept) its work folder
-    windows = {name: distributed.gather_windows(b) for name, b in sorted(batches.items())}  # every rank's
-    record = Resume(work, fingerprint(folder, plan.applied_recipe(), options, windows), world.rank, world.size)
-    # only with --resume (OutputDirectory refuses a recorded run otherwise); rank 0's reading, for every rank
-    state = distributed.broadcast(record.read() if world.main and record.exists() else None)
-    if state is None:
-        return record, None
-    if not world.main:
-        return record, record.restore_hidden(state)
-    walk_resume, log, reshaped = record.restore(model, shards, state, dtype)
-    report.log.extend(log)
-    report.reshaped.update(reshaped)
-    return record, walk_resume
-
-
-class Scratch:
-    """What a rank other than 0 holds instead of the output directory: a scratch folder (``tmp``) for spilled
-    activations, removed when the run ends, whatever the ending."""
-
-    def __enter__(self) -> "Scratch":
-        self.tmp = Path(tempfile.mkdtemp(prefix="compressor-rank-"))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def plan_layers(model: torch.nn.Module) -> int:
-    return len(decoder_layers(model)[1])

@@ -126,8 +126,8 @@ def compress(
         for line in lines(summary["dry_run"]):
             console.print(line, highlight=False, markup=False)
         return
-    from . import summary as summaries
-    from .distributed import world
+    from .io import summary as summaries
+    from .parallel.distributed import world
 
     if not world().main:  # rank 0 writes and reports
         return
@@ -166,18 +166,18 @@ def eval_(
     trust_remote_code: Annotated[bool, TRUST] = False,
 ) -> None:
     """Perplexity, parameters, bytes on disk and tokens/s of a model; lm-eval tasks; speed against the base."""
-    from .evaluate import check_json_target, evaluate, write_json
-    from .speed import SpeedOptions
+    from .evaluation.evaluate import check_json_target, evaluate, write_json
+    from .evaluation.speed import SpeedOptions
 
     if json_out:
         check_json_target(json_out)
     if record:
-        from .compare import check_record_target
+        from .evaluation.compare import check_record_target
 
         check_record_target(Path(model))
     task_list = None
     if tasks is not None:
-        from .zeroshot import parse_tasks
+        from .evaluation.zeroshot import parse_tasks
 
         task_list = parse_tasks(tasks)
     if limit is not None and limit < 1:
@@ -192,13 +192,13 @@ def eval_(
     if json_out:
         write_json(result, json_out)
     if record:
-        from .compare import record as keep
+        from .evaluation.compare import record as keep
 
         keep(Path(model), result)
 
 
 def _print_evaluation(model: str, result: dict) -> None:
-    from .summary import _size
+    from .io.summary import _size
 
     table = Table(title=escape(model), show_header=False)
     ppl = result["perplexity"]
@@ -213,7 +213,7 @@ def _print_evaluation(model: str, result: dict) -> None:
     if result["tokens_per_s"] is not None:
         table.add_row("tokens/s", f"{result['tokens_per_s']:.1f}  ({result['device']})")
     if result.get("tasks"):
-        from .zeroshot import headline
+        from .evaluation.zeroshot import headline
 
         for task, metrics in result["tasks"]["tasks"].items():
             n = result["tasks"]["samples"].get(task)
@@ -252,8 +252,8 @@ def compare(
 ) -> None:
     """One table: method, parameters, bits per weight, bytes on disk, perplexity, tokens/s (measured figures
     where `compressor eval --record` kept them)."""
-    from . import compare as comparing
-    from .evaluate import check_json_target, write_json
+    from .evaluation import compare as comparing
+    from .evaluation.evaluate import check_json_target, write_json
 
     if json_out:
         check_json_target(json_out)
@@ -275,8 +275,8 @@ def compare(
 @_guard
 def inspect(path: Annotated[Path, typer.Argument(help="compressed output directory")]) -> None:
     """Per-module table: kind, shape, rank, bits (quantized steps), parameters, relative error; the summary."""
-    from . import summary as summaries
     from .io import LOG, read_manifest
+    from .io import summary as summaries
 
     manifest = read_manifest(path)
     entries = _log_entries(path / LOG)
@@ -328,8 +328,8 @@ def _log_entries(log_file: Path) -> list[dict]:
 @_guard
 def methods() -> None:
     """Registered compressors with their config fields and help."""
-    from .plan.configs import describe
-    from .registry import COMPRESSORS
+    from .config.configs import describe
+    from .methods.registry import COMPRESSORS
 
     for name, cls in COMPRESSORS.items():
         # escape: "[arXiv:...]" would otherwise be read as Rich markup and vanish

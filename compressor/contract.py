@@ -10,7 +10,10 @@ weight is read) and three methods:
 - ``decide(view)`` (optional): model-level decisions before the layer walk, from the whole model
   (``ModelView``: the weights, the targets' shapes, the calibration batches, walks over the original
   model). Returns a ``Decision``: a JSON-able record written to compression.json (solved ratios,
-  per-module ranks, chosen layers, τ) and optionally the subset of targets to compress.
+  per-module ranks, chosen layers, τ), optionally the subset of targets to compress, and what ``compress``
+  reads back: ``ranks`` (target → rank) and ``values`` (a solved plan, kept widths), which reach each
+  group and target as ``decision``. Decisions travel as this data, never as attributes set on the
+  compressor.
 - ``compress(group, ctx)`` (``LinearCompressor.compress_linear(target, ctx)`` for one-linear methods): turn one ``Group`` (one linear, or the named roles of an MLP or attention
   block of one decoder layer) into replacements: name → ``Outcome`` (a module of any shape, or None to
   keep). Keys are member names or the block's name (a replacement for the whole block).
@@ -26,8 +29,9 @@ The math lives in pure functions next to each compressor; ``compress`` is a thin
 In a run spread over ranks (``distributed``) the same contract holds unchanged: every statistic a compressor
 receives is already summed over all ranks' windows; ``decide`` runs on every rank (its walks collect through
 the shared ``Collector``, which sums) and rank 0's ``Decision`` is the one applied; ``compress`` runs only on
-the group's owner rank, so it must depend on nothing but the group, ``ctx`` and what ``decide`` kept (its
-result is sent to the other ranks, so a replacement module must be picklable).
+the group's owner rank, so it must depend on nothing but the group (its ``decision`` included), ``ctx`` and
+the statistics ``decide`` computed (its result is sent to the other ranks, so a replacement module must be
+picklable).
 
 The seven methods on this contract:
 
@@ -61,6 +65,20 @@ T = TypeVar("T")
 
 
 @dataclass
+class Decision:
+    """A model-level decision (``decide``, before the walk) as data: what goes into compression.json, the
+    targets left to compress, and what ``compress`` reads back through ``Target.decision`` /
+    ``Group.decision`` (in a run of several ranks, rank 0's decision reaches every rank). Statistics that
+    ``decide`` computed for later use (a Fisher pass's per-target scales) are not decisions: every rank has
+    its own, summed across ranks, so they stay with the compressor."""
+
+    record: dict[str, Any] = field(default_factory=dict)
+    targets: list[str] | None = None  # None: every target of the step
+    ranks: dict[str, int | None] = field(default_factory=dict)  # target name → its rank (None: kept dense)
+    values: dict[str, Any] = field(default_factory=dict)  # anything else compress reads (a solved plan, widths)
+
+
+@dataclass
 class Target:
     """One linear of the current group, as the step sees it."""
 
@@ -72,6 +90,7 @@ class Target:
     stats: TensorStats | None  # statistics of its input, if the compressor requested any
     dense_class: str = "Linear"  # "Linear" or "Conv1D": what --merge writes back
     output_stats: TensorStats | None = None  # statistics of its output, if the compressor requested any
+    decision: Decision = field(default_factory=Decision)  # the step's model-level decision
 
 
 @dataclass
@@ -84,6 +103,7 @@ class Group:
     block: nn.Module | None  # the MLP or attention module (None for one-linear groups or OPT's MLP)
     stats: dict[Request, TensorStats]  # every request answered for this group
     arch: "Architecture | None" = None
+    decision: Decision = field(default_factory=Decision)  # the step's model-level decision
 
     @property
     def target(self) -> Target:
@@ -118,14 +138,6 @@ class LayerContext:
         if key not in self.memo:  # the statistics are kept alive with the value, so no id is reused
             self.memo[key] = (target.stats, compute(target))
         return self.memo[key][1]
-
-
-@dataclass
-class Decision:
-    """A model-level decision: what goes into compression.json, and the targets left to compress."""
-
-    record: dict[str, Any] = field(default_factory=dict)
-    targets: list[str] | None = None  # None: every target of the step
 
 
 @dataclass

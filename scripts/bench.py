@@ -336,7 +336,7 @@ def calibration_set(tokenizer):
 def calibration_perplexity(model, windows) -> float:
     """Perplexity on the calibration windows themselves (the quality suite's: a mechanism that lowers it
     much more than the held-out one is fitting the calibration text)."""
-    from compressor.evaluate import perplexity
+    from compressor.evaluation.evaluate import perplexity
 
     return perplexity(model, windows, batch_size=8)["value"]
 
@@ -345,7 +345,7 @@ def run_dense(on_calibration: bool = False) -> dict:
     """Dense perplexity and the reference time: one plain forward over the calibration data."""
     import torch
 
-    from compressor.evaluate import perplexity
+    from compressor.evaluation.evaluate import perplexity
     from compressor.model import loading as models
 
     start = time.perf_counter()
@@ -360,7 +360,7 @@ def run_dense(on_calibration: bool = False) -> dict:
                 model(input_ids=batch, use_cache=False)
             forwards.append(time.perf_counter() - start)
     ppl = perplexity(model, heldout(tokenizer), batch_size=8)
-    from compressor.evaluate import bytes_on_disk
+    from compressor.evaluation.evaluate import bytes_on_disk
 
     return {"name": "dense", "perplexity": ppl["value"], "parameters": models.parameter_count(model),
             **({"calibration_perplexity": calibration_perplexity(model, windows)} if on_calibration else {}),
@@ -400,7 +400,7 @@ def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu
     ``--stream`` and evaluate the output as ``compressor.load`` reads it back; ``on_calibration``: the
     perplexity on the calibration windows too."""
     from compressor import api
-    from compressor.evaluate import bytes_on_disk, perplexity
+    from compressor.evaluation.evaluate import bytes_on_disk, perplexity
     from compressor.plan import recipe as recipes
 
     recipe = recipes.parse(recipe_data, name)
@@ -482,8 +482,9 @@ def rank_run(job: dict) -> None:
     record this rank's phases and peak RSS; rank 0 then evaluates the output with every thread."""
     import torch
 
-    from compressor import api, distributed
-    from compressor.evaluate import perplexity
+    from compressor import api
+    from compressor.evaluation.evaluate import perplexity
+    from compressor.parallel import distributed
     from compressor.plan import recipe as recipes
 
     folder = Path(job["folder"])

@@ -22,7 +22,7 @@ project's python write those exact token ids to a file, and runs ``compressor ev
 windows*512`` on the same output. vLLM scores each window as a prompt with ``SamplingParams(max_tokens=1,
 prompt_logprobs=0)``: position 0 has no log-probability, position i the log-probability of token i given
 the tokens before it; perplexity is ``exp(-Σ logprob / Σ scored tokens)`` over all windows, as in
-``compressor.evaluate.perplexity``. The vLLM side runs in one child process (``--serve``) that builds an
+``compressor.evaluation.evaluate.perplexity``. The vLLM side runs in one child process (``--serve``) that builds an
 ``LLM`` for each output in turn, under ``if __name__ == "__main__"``, in float32 with the engine in-process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, executor ``uni``). RTN is data-free, so the EoRA output's base is the
 asymmetric output's weights: vLLM without the adapter must give that case's figure.

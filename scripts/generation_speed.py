@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from bench import CALIBRATION, MODEL, heldout  # noqa: E402
 
 from compressor import api, io  # noqa: E402
-from compressor.evaluate import generation_speed  # noqa: E402
+from compressor.evaluation.evaluate import generation_speed  # noqa: E402
 from compressor.model import loading as models  # noqa: E402
 from compressor.plan import recipe as recipes  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Perplexity against bytes on disk for every benchmarked run, from the committed results, and the README's
+"""Perplexity against bytes on disk for every benchmarked run, from the committed results, and README.md's
 comparison table.
 
     python scripts/plot_bench.py [--out results/ppl-vs-bytes.png] [--table] [--names NAME ...]
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compressor import compare  # noqa: E402
+from compressor.evaluation import compare  # noqa: E402
 
 RESULTS = ROOT / "results"
 TABLE = ["dense", "lord-gram-0.2", "lord-gram-fisher-rows-loss-0.2", "lord-gram-0.4", "fwsvd-0.2", "welore-0.05",
@@ -72,7 +72,7 @@ def speeds(folder: Path = RESULTS, batch: int = 1) -> dict[str, dict]:
 
 def dense_bytes(parameters: int) -> int:
     """Bytes of the dense default model's safetensors: measured in the cache where it is converted."""
-    from compressor.evaluate import bytes_on_disk
+    from compressor.evaluation.evaluate import bytes_on_disk
     from compressor.model.loading import DEFAULT_MODEL, cache_dir
 
     folder = cache_dir() / "models" / DEFAULT_MODEL

@@ -1,10 +1,10 @@
-"""The README's "Low-rank quality" table from results/bench-quality.json (``--suite quality``).
+"""The "Low-rank quality" table of docs/results.md from results/bench-quality.json (``--suite quality``).
 
-    python scripts/quality_table.py [--json results/bench-quality.json] [--write README.md]
+    python scripts/quality_table.py [--json results/bench-quality.json] [--write docs/results.md]
 
 One row per mechanism (the suite's run names without the ratio), held-out and calibration perplexity at
 ratios 0.2 and 0.4, compression seconds at 0.2; the best held-out figure of each ratio in bold. ``--write``
-replaces the table in the README (the block that starts with the header row) instead of printing it.
+replaces the table in that page (the block that starts with the header row) instead of printing it.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def table(runs: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "bench-quality.json")
-    parser.add_argument("--write", type=Path, help="the README whose table to replace")
+    parser.add_argument("--write", type=Path, help="the page whose table to replace (docs/results.md)")
     args = parser.parse_args()
     lines = table(json.loads(args.json.read_text())["runs"])
     if args.write is None:

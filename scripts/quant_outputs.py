@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from bench import CALIBRATION, MODEL, heldout  # noqa: E402
 
 from compressor import api, io  # noqa: E402
-from compressor.evaluate import bytes_on_disk, perplexity  # noqa: E402
+from compressor.evaluation.evaluate import bytes_on_disk, perplexity  # noqa: E402
 from compressor.plan import recipe as recipes  # noqa: E402
 
 BATCH = 8

@@ -1,9 +1,10 @@
-"""Compare re-run benchmark figures with the committed ones, at the precision the README prints.
+"""Compare re-run benchmark figures with the committed ones, at the precision the results tables print
+(README.md, docs/results.md).
 
     python scripts/refactor_check.py --after DIR [--before results] [--out results/refactor-v2-check.json]
 
 For every run name found in both ``BEFORE/bench-<suite>.json`` and ``AFTER/bench-<suite>.json``: the
-perplexity (as the README prints it: 2 decimals, or 3 significant
+perplexity (as the results tables print it: 2 decimals, or 3 significant
 digits from 1000 up), the parameter count (exact) and the ranks chosen (exact). A suite or run
 missing from AFTER is listed as not re-run. Exit status 1 when any re-run figure differs, unless a
 ``--control`` run explains it: the code from *before* the refactor re-run under the re-run's conditions
@@ -26,7 +27,7 @@ SUITES = ("lord", "fwsvd", "curing", "welore", "quant")
 
 
 def printed(value: float | None) -> str | None:
-    """As the README's tables print perplexity: 2 decimals, 3 significant digits from 1000 up (2.04e7)."""
+    """As the results tables print perplexity: 2 decimals, 3 significant digits from 1000 up (2.04e7)."""
     if value is None:
         return None
     return f"{value:.2f}" if value < 1000 else f"{value:.3g}"
@@ -71,7 +72,7 @@ def main() -> None:
     }
     report: dict = {
         "what": f"re-run figures ({where[args.after]}) against the committed ones ({where[args.before]}), "
-        "as the README prints them",
+        "as the results tables print them",
         "suites": {},
     }
     controls = {}

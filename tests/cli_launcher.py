@@ -69,7 +69,7 @@ def main() -> None:
 
     import compressor.api  # noqa: F401  (the heavy imports, once)
     import compressor.cli  # noqa: F401
-    import compressor.evaluate  # noqa: F401
+    import compressor.evaluation.evaluate  # noqa: F401
 
     lock, children = threading.Lock(), {}
 

@@ -188,9 +188,9 @@ def run_steps(model, steps: list[dict], batches=None, *, propagate: str = "compr
     """Compile ``steps`` (recipe step mappings: method, config, targets, ignore) against ``model`` and run
     the compression pass in place on ``batches`` (token ids (b, seq), the default stream) or data-free.
     Returns the walk's report, with the compiled plan as ``report.plan`` (``report.plan.steps[i].compressor``)."""
+    from compressor.pipeline.compress import compress_model
     from compressor.plan import recipe as recipes
     from compressor.plan.compile import compile_plan
-    from compressor.walk.compress import compress_model
     from compressor.walk.layers import DEFAULT_STREAM
 
     recipe = recipes.parse({"propagate": propagate, "statistics": statistics, "steps": steps})

@@ -1,6 +1,6 @@
 """Run by the distributed tests under ``torchrun``: every rank compresses each job of a JSON file in turn
 (``[{"model": DIR, "recipe": NAME, "overrides": [...], "out": DIR}, ...]``), as ``compressor compress``
-would; rank 0 writes the outputs. One process group serves all the jobs (``compressor.distributed``)."""
+would; rank 0 writes the outputs. One process group serves all the jobs (``compressor.parallel.distributed``)."""
 
 from __future__ import annotations
 

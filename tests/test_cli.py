@@ -219,7 +219,7 @@ def test_unexpected_exception_is_one_line(tmp_path, model_dirs, monkeypatch):
 
 
 def test_checkout_cli_runs_without_the_package_installed(tmp_path):
-    """``python cli.py`` from a checkout finds compressor.calibration and compressor.recipes although only
+    """``python cli.py`` from a checkout finds compressor.recipes (the checkout's recipes/ folder) although only
     the installer maps them into the package (the editable install's finder is removed here)."""
     import subprocess
     import sys

@@ -13,13 +13,14 @@ import torch
 from conftest import logits, run_steps
 from torch import nn
 
-from compressor import api, io, registry
+from compressor import api, io
+from compressor.config.configs import field
 from compressor.contract import Compressor, Decision, Group, LayerContext, ModelView, Outcome
 from compressor.errors import CompressorError
+from compressor.methods import registry
 from compressor.model import loading as models
 from compressor.model.modules import dense_module
 from compressor.plan import recipe as recipes
-from compressor.plan.configs import field
 from compressor.stats.accumulators import Request
 
 

@@ -13,9 +13,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from conftest import run_steps  # noqa: E402
 
-from compressor import io, registry  # noqa: E402
+from compressor import io  # noqa: E402
 from compressor.kernels.linalg import symmetric_sqrt  # noqa: E402
-from compressor.methods import curing  # noqa: E402
+from compressor.methods import curing, registry  # noqa: E402
 from compressor.model.modules import CURLinear, merge  # noqa: E402
 from compressor.stats.accumulators import TensorStats, angular_distance  # noqa: E402
 
@@ -211,12 +211,13 @@ def test_compressor_selects_least_changing_layers_and_compresses_targets():
     model = tiny_llama()
     dense = sum(p.numel() for p in model.parameters())
     compressor, report = run(model, {"n_layers": 2, "max_rank": 8})
-    distances = compressor.distances
+    decision = report.plan.steps[0].decision
+    distances, selected = decision.values["distances"], decision.values["layers"]
     assert sorted(distances) == [1, 2, 3, 4]  # never the first (0) or last (5)
-    assert compressor.selected == sorted(sorted(distances, key=distances.get)[:2])
+    assert selected == sorted(sorted(distances, key=distances.get)[:2])
     assert len(report.log) == 6 and {e["kind"] for e in report.log} == {"cur"}
     layers = {int(e["name"].split(".")[2]) for e in report.log}
-    assert layers == set(compressor.selected)
+    assert layers == set(selected)
     for entry in report.log:
         assert entry["rank"] == 8 and entry["params_after"] < entry["params_before"]
         assert entry["layer_distance"] == pytest.approx(distances[int(entry["name"].split(".")[2])])
@@ -256,11 +257,12 @@ def test_selection_statistics_match_walk_statistics(n_layers, propagate):
 def test_compressor_variants(config):
     model = tiny_llama()
     compressor, report = run(model, {"n_layers": 2, **config})
-    assert {int(e["name"].split(".")[2]) for e in report.log} == set(compressor.selected)
+    selected = report.plan.steps[0].decision.values["layers"]
+    assert {int(e["name"].split(".")[2]) for e in report.log} == set(selected)
     assert all(e["params_after"] <= e["params_before"] for e in report.log)
     assert any(e["kind"] == "cur" for e in report.log)
     if config.get("layer_selection") == "last":
-        assert compressor.selected == [3, 4] and not compressor.uses_data
+        assert selected == [3, 4] and not compressor.uses_data
 
 
 def test_matrix_that_would_grow_stays_dense():

@@ -22,8 +22,9 @@ from conftest import build_config, logits
 from transformers import AutoModelForCausalLM
 
 import compressor
-from compressor import api, distributed
+from compressor import api
 from compressor.errors import rank_label
+from compressor.parallel import distributed
 from compressor.stats.accumulators import DistanceStats, TensorStats
 
 TESTS = Path(__file__).resolve().parent
@@ -278,7 +279,7 @@ def test_an_interrupted_two_rank_run_resumes_to_the_uninterrupted_output(model_d
 def test_groups_reading_one_input_have_one_owner():
     """q/k/v share one input accumulator (and so one eigendecomposition on their owner); o reads its own."""
     from compressor.contract import Group, Target
-    from compressor.walk.compress import clusters, group_costs
+    from compressor.pipeline.compress import clusters, group_costs
 
     def linear(name: str, shape: tuple[int, int], stats) -> Group:
         weight = torch.zeros(shape)

@@ -12,11 +12,11 @@ from compressor import api, io
 from compressor.kernels import quant
 from compressor.methods.eora import EoRAConfig, eora_factors
 from compressor.model.modules import CompensatedLinear, LowRankLinear, QuantizedLinear
+from compressor.pipeline.compress import compress_model
 from compressor.plan import recipe as recipes
 from compressor.plan.compile import compile_plan, stream_name
 from compressor.stats.hooks import Collector, Watch
 from compressor.walk import layers as walk_layers
-from compressor.walk.compress import compress_model
 from compressor.walk.layers import DEFAULT_STREAM
 
 
@@ -168,7 +168,6 @@ def test_statistics_once_is_one_pass_per_layer(monkeypatch, model_dirs, small_te
 def test_statistics_once_gives_eora_the_original_layers_gram(model_dirs, small_text, monkeypatch):
     """With ``once`` the EoRA step sees the same Gram as a lone EoRA-less pass on the original model."""
     from compressor.calibration import calibration_windows
-
     from compressor.methods.eora import EoRA
     from compressor.model import loading as models
 
@@ -198,7 +197,6 @@ def test_eora_calibrates_on_its_own_dataset(model_dirs, tmp_path, small_text):
     """A step's ``calibration`` gives it its own stream: EoRA's Gram comes from its set, GPTQ's from the
     recipe's."""
     from compressor.calibration import calibration_windows
-
     from compressor.methods.eora import EoRA
     from compressor.methods.quantize import Quantize
     from compressor.model import loading as models
@@ -248,7 +246,6 @@ def test_modules_reading_one_input_share_one_eigendecomposition(model_dirs, smal
     """q/k/v and gate/up read the same input: one eigh of its Gram per input serves them, and the model
     is the one per-module eigendecompositions give."""
     from compressor.calibration import calibration_windows
-
     from compressor.contract import LayerContext
     from compressor.kernels import linalg
     from compressor.model import loading as models

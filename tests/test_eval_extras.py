@@ -9,8 +9,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from compressor import api, compare, io
+from compressor import api, io
 from compressor.cli import app
+from compressor.evaluation import compare
 from compressor.plan import recipe as recipes
 
 ENV = {"COLUMNS": "250", "HF_HUB_OFFLINE": "1"}

@@ -174,7 +174,7 @@ def test_pruned_base_and_adapter_load_in_transformers_and_peft(tmp_path, arch, m
 
 
 def test_bytes_on_disk_count_the_adapter(tmp_path, model_dirs):
-    from compressor.evaluate import bytes_on_disk
+    from compressor.evaluation.evaluate import bytes_on_disk
 
     recipe = quantize_then([{"method": "eora", "config": {"rank": 8, "space": "weight"}}])
     api.compress(str(model_dirs["llama"]), recipe, tmp_path / "out", progress=False)

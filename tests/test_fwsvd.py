@@ -14,10 +14,11 @@ from conftest import build_model, logits, run_steps
 from torch import nn
 from typer.testing import CliRunner
 
-from compressor import api, registry
+from compressor import api
 from compressor.cli import app
 from compressor.errors import CompressorError
 from compressor.kernels import linalg
+from compressor.methods import registry
 from compressor.methods.fwsvd import FWSVD, fwsvd_factors, weighted_error
 from compressor.methods.lord import lord_factors
 from compressor.model import targets as arch_mod

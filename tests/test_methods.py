@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import ARCHS, logits
 
-from compressor import api, io, registry
+from compressor import api, io
 from compressor.errors import CompressorError
 from compressor.kernels import linalg
+from compressor.methods import registry
 from compressor.methods.eora import eora_factors
 from compressor.methods.fwsvd import fwsvd_factors
 from compressor.methods.lord import lord_factors

@@ -14,7 +14,7 @@ from conftest import logits, run_steps, small_recipe
 
 from compressor import api, io
 from compressor.errors import CompressorError
-from compressor.evaluate import generation_speed
+from compressor.evaluation.evaluate import generation_speed
 from compressor.methods import modegpt_math as mg
 from compressor.methods.modegpt import MoDeGPT, kept_counts
 from compressor.model import loading as models
@@ -87,7 +87,7 @@ def test_attention_error_falls_as_more_dims_are_kept(arch, covariance, model_dir
         config = {"ratio": ratio, "smoothing": 10.0, "part": "attention", "qk_covariance": covariance}
         report = run_steps(model, [{"method": "modegpt", "config": config}], batches, propagate="original",
                            statistics="once")
-        keep = report.plan.steps[0].compressor.keep
+        keep = report.plan.steps[0].decision.values["keep"]
         head_dim = 16
         if arch != "opt":  # RoPE: whole pairs, exactly round(ratio · layers · 8) of them removed
             assert sum(head_dim - k["qk_dims"] for k in keep.values()) == 2 * round(ratio * 2 * head_dim / 2)
@@ -157,7 +157,7 @@ def test_mlp_error_falls_as_more_channels_are_kept_and_the_refit_helps(arch, mod
         _, compressed = mlp_inputs(model, batches, 1, arch)
         with torch.no_grad():
             errors.append(float((compressed(x) - target).norm() / target.norm()))
-        decision = report.plan.steps[0].compressor.keep
+        decision = report.plan.steps[0].decision.values["keep"]
         assert sum(k["channels"] for k in decision.values()) == round((1 - ratio) * 2 * 128)  # exactly, in channels
     assert errors[0] > errors[1] > errors[2] > 0
     # the least-squares refit of down beats keeping the same channels with down merely sliced

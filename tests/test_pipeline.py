@@ -8,8 +8,8 @@ from conftest import build_model, logits, run_steps
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from compressor import registry
 from compressor.errors import CompressorError
+from compressor.methods import registry
 from compressor.model.modules import LowRankLinear
 from compressor.ranks import uniform as ranks
 from compressor.walk.layers import capture_inputs
@@ -241,9 +241,9 @@ def test_release_group_drops_only_what_no_later_group_reads():
     import torch
 
     from compressor.contract import LayerContext
+    from compressor.pipeline.compress import release_group
     from compressor.plan.compile import GroupSpec
     from compressor.stats.accumulators import TensorStats
-    from compressor.walk.compress import release_group
 
     shared, own = TensorStats(), TensorStats()
     stats = {("q", "input"): shared, ("k", "input"): shared, ("o", "input"): own, ("o", "output"): TensorStats()}

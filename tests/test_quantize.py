@@ -10,7 +10,7 @@ import torch
 from conftest import logits, small_recipe
 
 from compressor import api, io
-from compressor.evaluate import perplexity
+from compressor.evaluation.evaluate import perplexity
 from compressor.kernels import quant
 from compressor.kernels.hessian import hessian, inverse_hessian_factor
 from compressor.methods.quantize import QuantizeConfig, gptq
@@ -256,7 +256,7 @@ def test_chunked_pack_quantize_and_dequantize_equal_one_pass():
     assert torch.equal(q, torch.cat(parts))
     packed = quant.pack_int32(q, 4)
     assert torch.equal(packed, torch.cat([quant.pack_int32(q[i:i + 100], 4) for i in range(0, 1200, 100)]))
-    from compressor.model.modeling_compressor import dequantize, unpack_int32
+    from compressor.portable.modeling_compressor import dequantize, unpack_int32
 
     assert torch.equal(unpack_int32(packed, 4, 1000), q)
     dense = dequantize(q, scale, zero_point, 128)

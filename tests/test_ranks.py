@@ -95,9 +95,10 @@ def _compress(config: LoRDConfig, target: Target):
     lord = LoRD(config)
     view = ModelView(target.module, {target.name: (m, n)}, m * n, None, torch.device("cpu"))
     decision = lord.decide(view)
-    assert decision.targets is None and decision.record["ranks"] == lord.ranks
+    assert decision.targets is None and decision.record["ranks"] == decision.ranks
     ctx = LayerContext(0, 1, torch.device("cpu"), torch.float32)
-    outcomes = lord.compress(Group("linear", target.name, {"linear": target}, None, {}), ctx)
+    target.decision = decision  # what the pipeline hands every target of the step
+    outcomes = lord.compress(Group("linear", target.name, {"linear": target}, None, {}, decision=decision), ctx)
     assert set(outcomes) == {target.name}
     return outcomes[target.name]
 

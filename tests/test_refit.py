@@ -122,7 +122,7 @@ def test_refit_needs_its_step_to_see_the_original_layer(vocab_size, batches):
 
 
 def test_a_refit_step_runs_in_four_stages_per_llama_layer(vocab_size, batches, monkeypatch):
-    from compressor.walk import compress as walk_compress
+    from compressor.pipeline import compress as walk_compress
 
     seen = []
     original = walk_compress.stages

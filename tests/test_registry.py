@@ -7,10 +7,11 @@ import re
 
 import pytest
 
-from compressor import registry
+from compressor.config import configs
 from compressor.contract import Compressor
 from compressor.errors import CompressorError
-from compressor.plan import configs, recipe
+from compressor.methods import registry
+from compressor.plan import recipe
 from compressor.stats.accumulators import TENSOR_STATISTICS, Request
 
 ITEMS = sorted(registry.COMPRESSORS.items())

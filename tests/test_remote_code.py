@@ -16,8 +16,8 @@ from conftest import build_config, logits, run_steps, small_recipe
 
 from compressor import api, io
 from compressor.io import serving
-from compressor.model import modeling_compressor
 from compressor.plan import recipe as recipes
+from compressor.portable import modeling_compressor
 
 # name → (arch, recipe steps); MoDeGPT's recipes propagate the original stream from one set of statistics
 QUANTIZE_EORA = [{"method": "quantize", "config": {"bits": 4, "group_size": 32}},

@@ -28,7 +28,7 @@ def all_threads():
 def test_smollm2_lord_gram_0_2(tmp_path):
     from compressor import io
     from compressor.api import compress
-    from compressor.evaluate import evaluate
+    from compressor.evaluation.evaluate import evaluate
 
     out = tmp_path / "smollm2-lord-gram-0.2"
     summary = compress("smollm2-135m", "lord", out, overrides=["lord.ratio=0.2", "lord.whiten=gram"],
@@ -52,7 +52,7 @@ def test_smollm2_group_128_output_is_refused_by_plain_from_pretrained(tmp_path):
 
     from compressor import io
     from compressor.api import compress
-    from compressor.evaluate import evaluate
+    from compressor.evaluation.evaluate import evaluate
 
     out = tmp_path / "rtn-w4"
     compress("smollm2-135m", "rtn-w4", out, progress=False)

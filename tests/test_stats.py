@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from compressor.model.modes import calibration_mode
 from compressor.model.targets import decoder_layers, layer_linears
 from compressor.stats.accumulators import DistanceStats, Request, TensorStats
 from compressor.stats.hooks import Collector, Watch
-from compressor.walk.layers import calibration_mode, capture_inputs, run_layer
+from compressor.walk.layers import capture_inputs, run_layer
 
 GRAM = frozenset({"gram"})
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import small_recipe
 
-from compressor import api, summary
+from compressor import api
+from compressor.io import summary
 from compressor.plan import recipe as recipes
 
 # the tiny Llama's decoder linears: (out, in) of q, k, v, o, gate, up, down, in each of 2 layers

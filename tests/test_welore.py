@@ -120,8 +120,9 @@ def test_no_matrix_grows(seed):
 
 
 def walk(model, method: str, config: dict, batches=None):
+    """(the step's decision, the log)."""
     report = run_steps(model, [{"method": method, "config": config}], batches)
-    return report.plan.steps[0].compressor, report.log
+    return report.plan.steps[0].decision, report.log
 
 
 def test_welore_compressor_on_planted_spectra(llama):
@@ -136,7 +137,7 @@ def test_welore_compressor_on_planted_spectra(llama):
                 sigma = [10.0 - 0.5 * j for j in range(keep)] + [0.5] * (k - keep) if keep < k else [1.0] * k
                 weight_of(module).copy_(with_spectrum(sigma, m, n).float())
                 expected[name] = keep
-    compressor, log = walk(llama, "welore", {"threshold": 0.5})
+    decision, log = walk(llama, "welore", {"threshold": 0.5})
     for entry in log:
         keep = expected[entry["name"]]
         if keep < min(entry["shape"]):
@@ -159,8 +160,8 @@ def test_welore_runs_on_every_arch(tiny_model, ids):
 
 def test_rank_reduction_budget_and_guard(llama):
     """The paper's knob: τ meets the rank budget before the guard; the effective reduction is reported."""
-    compressor, log = walk(llama, "welore", {"rank_reduction": 0.3})
-    summary = compressor.plan_.summary()
+    decision, log = walk(llama, "welore", {"rank_reduction": 0.3})
+    summary = decision.values["welore"].summary()
     full = sum(min(e["shape"]) for e in log)
     # random spectra may tie at σ_min
     assert abs(sum(e["pruned_ranks"] for e in log) - 0.3 * full) <= len(log)
@@ -212,11 +213,12 @@ def test_lord_welore_rule_on_whitened_spectra(vocab_size):
         h.remove()
     expected = {name: torch.linalg.svdvals(weight_of(model.get_submodule(name)).double()
                                            @ torch.linalg.cholesky(g)) for name, g in grams.items()}
-    compressor, log = walk(model, "lord", {"ratio": 0.1, "whiten": "gram", "rank_rule": "welore"}, batches)
+    decision, log = walk(model, "lord", {"ratio": 0.1, "whiten": "gram", "rank_rule": "welore"}, batches)
     shapes = {e["name"]: tuple(e["shape"]) for e in log}
-    reference = welore_rule.allocate(expected, shapes, compressor.welore.tau)
+    solution = decision.values["welore"]
+    reference = welore_rule.allocate(expected, shapes, solution.tau)
     assert {n: a.rank for n, a in reference.allocations.items()} == \
-        {n: a.rank for n, a in compressor.welore.allocations.items()}
+        {n: a.rank for n, a in solution.allocations.items()}
     assert all(e["params_after"] <= e["params_before"] for e in log)
     assert ranks.reduction(log)["param_reduction"] == pytest.approx(0.1, abs=0.03)
 

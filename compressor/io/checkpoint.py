@@ -37,16 +37,17 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .. import __version__
 from ..errors import CompressorError, one_line
-from ..model.modeling_compressor import state_for_modules
 from ..model.modules import MODULE_KINDS, CompensatedLinear, from_spec, spec_of
 from ..model.modules import merge as merge_module
 from ..model.weights import indexed_files, load_state
+from ..portable.modeling_compressor import state_for_modules
+from ..version import __version__
 from . import model_card
 from . import serving as export
+from .faults import pause_for_tests
 from .manifest import FORMAT_VERSION, MANIFEST, mismatch_hint, read_manifest
-from .output import OutputDirectory, pause_for_tests
+from .output import OutputDirectory
 
 LOG = "compression_log.jsonl"
 MAX_SHARD_SIZE = "2GB"

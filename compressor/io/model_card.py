@@ -122,7 +122,7 @@ def _adapter_rank(manifest: dict[str, Any]) -> int:
 
 def card(manifest: dict[str, Any], log: list[dict[str, Any]], name: str) -> str:
     """The model card's text for the output directory ``name`` described by ``manifest`` and the walk's ``log``."""
-    from .. import summary
+    from . import summary
 
     meta = yaml.safe_dump(header(manifest), sort_keys=False).strip()
     base = manifest.get("base_model") or "the base model"

@@ -24,7 +24,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -33,8 +32,6 @@ from ..errors import CompressorError
 
 TMP, OLD = "tmp", "old"
 _NAME_LIMIT = 200  # characters of --out's name kept in a sibling's name (255 is the usual limit)
-PAUSE_ENV = "COMPRESSOR_TEST_PAUSE"  # fault-injection hook of the signal tests: pause at a named stage
-RESUME_ENV = "COMPRESSOR_TEST_RESUME"  # ... until this file exists
 
 
 def sibling_prefix(out: Path, kind: str) -> str:
@@ -142,27 +139,12 @@ def deferred_signals() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def pause_for_tests(stage: str) -> None:
-    """The fault tests' hook, inert unless ``COMPRESSOR_TEST_PAUSE=stage``: then say so on stdout and wait
-    until the file ``$COMPRESSOR_TEST_RESUME`` exists (at most 600 s: a loaded machine can starve the test), so a test can send a signal or
-    change ``--out`` at a known point of the run ("walk": after the first layer; "save": files written)."""
-    if os.environ.get(PAUSE_ENV) != stage:
-        return
-    print(f"paused at {stage}", flush=True)
-    resume = os.environ.get(RESUME_ENV)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not (resume and os.path.exists(resume)):
-        time.sleep(0.05)
-
-
 class OutputDirectory:
     """``with OutputDirectory(out, overwrite, inputs) as output:`` write into ``output.tmp``; on a clean exit
     it replaces ``out`` (``commit``), on an error or signal it is removed."""
 
-    def __init__(self, out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = (),
-                 partial: bool = False, resume: bool = False) -> None:
+    def __init__(self, out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> None:
         self.path = Path(os.path.abspath(Path(out).expanduser()))
-        self.partial, self.resume = partial, resume
         self.overwrite = overwrite
         self.inputs = list(inputs)
         self.tmp: Path | None = None
@@ -181,19 +163,7 @@ class OutputDirectory:
             for parent in reversed(missing):
                 parent.mkdir()
                 self._created.append(parent)
-            if self.partial:
-                self.tmp = partial_path(self.path)
-                recorded = (self.tmp / ".resume" / "state.json").is_file()
-                if recorded and not self.resume:
-                    self.tmp = None  # hours of work, perhaps: never removed unasked
-                    raise CompressorError(f"an interrupted run of --out {self.path} is in {partial_path(self.path)}: "
-                                          "continue it with --resume, or remove that directory to start over")
-                if self.tmp.exists() and not recorded:  # a run that died before finishing a layer
-                    shutil.rmtree(self.tmp)
-                self.tmp.mkdir(exist_ok=True)
-            else:
-                prefix = f"{sibling_prefix(self.path, TMP)}{os.getpid()}-"
-                self.tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.path.parent))
+            self.tmp = self.work_folder()
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output is an ordinary directory
@@ -203,6 +173,15 @@ class OutputDirectory:
             raise CompressorError(f"cannot write the output beside --out {self.path}: {reason}") from None
         self._start = _state(self.path)
         return self
+
+    def work_folder(self) -> Path:
+        """Create the folder the run writes into: a fresh temporary sibling of ``out``."""
+        prefix = f"{sibling_prefix(self.path, TMP)}{os.getpid()}-"
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.path.parent))
+
+    def kept(self) -> bool:
+        """Whether a failed run's folder is kept (not here: it is removed)."""
+        return False
 
     def commit(self) -> Path:
         """Replace ``out`` by the temporary directory, unless ``out`` changed since the start."""
@@ -225,8 +204,8 @@ class OutputDirectory:
         return self.path
 
     def _discard(self) -> None:
-        if self.tmp is not None and self.partial and (self.tmp / ".resume" / "state.json").is_file():
-            self.tmp = None  # a streamed run with layers done: kept for --resume
+        if self.tmp is not None and self.kept():
+            self.tmp = None
             return
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -247,3 +226,32 @@ class OutputDirectory:
         except BaseException:
             self._discard()
             raise
+
+
+class PartialOutputDirectory(OutputDirectory):
+    """A streamed run's output directory: it works in ``.NAME.partial`` beside ``out`` (``partial_path``),
+    which is kept after a failure once a layer is recorded in it (``io.resume``). A recorded run found there
+    is continued with ``continue_recorded``, else refused: hours of work, perhaps, are never removed unasked.
+    A folder with no layer recorded (a run that died before finishing one) is started over."""
+
+    def __init__(self, out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = (),
+                 continue_recorded: bool = False) -> None:
+        super().__init__(out, overwrite, inputs)
+        self.continue_recorded = continue_recorded
+
+    def recorded(self, folder: Path) -> bool:
+        return (folder / ".resume" / "state.json").is_file()
+
+    def work_folder(self) -> Path:
+        folder = partial_path(self.path)
+        if self.recorded(folder) and not self.continue_recorded:
+            raise CompressorError(f"an interrupted run of --out {self.path} is in {folder}: "
+                                  "continue it with --resume, or remove that directory to start over")
+        if folder.exists() and not self.recorded(folder):
+            shutil.rmtree(folder)
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def kept(self) -> bool:
+        """A run with layers recorded is kept for ``--resume``."""
+        return self.recorded(self.tmp)

@@ -36,9 +36,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__
 from ..errors import CompressorError, one_line
 from ..model.modules import from_spec
+from ..version import __version__
 from .checkpoint import module_specs
 
 STATE_DIR = ".resume"

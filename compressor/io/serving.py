@@ -15,7 +15,7 @@ existing tools read it as they are:
   ``adapter/``: ``adapter_model.safetensors`` with ``base_model.model.<name>.lora_A.weight`` = A (r, in)
   and ``.lora_B.weight`` = B (out, r), and ``adapter_config.json`` with ``r`` = the most common rank,
   ``lora_alpha = r`` (PEFT scales by α/r, so 1), and ``rank_pattern`` / ``alpha_pattern`` (equal) for
-  modules of another rank (peers.md §3.2, §16.3).
+  modules of another rank (docs/output-format.md#quantized-and-compensated-outputs).
 
 ``io.load`` reads both back (``modeling_compressor.state_for_modules``), so our own loader and ``peft`` see
 the same numbers. A NormalFloat base (LQ-LoRA's ``normal_float``) has no compressed-tensors format: the
@@ -54,8 +54,8 @@ from typing import Any, Callable, Iterator
 from safetensors.torch import save_file
 from torch import nn
 
-from ..model import modeling_compressor as portable
 from ..model.modules import QUANTIZED_KINDS, CompensatedLinear, LowRankLinear, QuantizedLinear
+from ..portable import modeling_compressor as portable
 
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

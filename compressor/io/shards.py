@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..model.architecture import decoder_layers
+from ..model.modes import outside_layers
 from ..model.streaming import source_of
 from ..model.weights import is_tied
 from . import serving as export
@@ -74,19 +75,13 @@ class ShardWriter:
         if missing:
             raise RuntimeError(f"streamed output: decoder layer {missing[0]} was never written")
         source = source_of(model)
-        with source.held(_outside(model, layers)), stored_as(model, self.storage_dtype):
+        with source.held(outside_layers(model, layers)), stored_as(model, self.storage_dtype):
             state = {key: value for key, value in model.state_dict().items()
                      if not key.startswith(prefix + ".") and not is_tied(model, key)}
             self._save(self.n_shards - 1, state)
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         write_config(model, self.folder, self.storage_dtype)
-
-
-def _outside(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
-    from ..walk.layers import outside_layers
-
-    return outside_layers(model, layers)
 
 
 def write_config(model: nn.Module, folder: Path, dtype: torch.dtype | None) -> None:

@@ -1,6 +1,6 @@
 """Shared linear algebra: square roots of a Gram matrix and the whitened truncated SVD.
 
-Notation (methods.md §1): a linear computes ``y = x Wᵀ`` with ``W`` of shape (out, in) = (m, n);
+Notation (docs/methods.md#notation): a linear computes ``y = x Wᵀ`` with ``W`` of shape (out, in) = (m, n);
 the calibration inputs ``X`` (N, n) give the Gram ``G = XᵀX`` (n, n). For any ``S`` with ``S Sᵀ = G``
 
     min_{rank(Ŵ) ≤ r} ‖(W − Ŵ) Xᵀ‖_F = ‖(W − Ŵ) S‖_F   is solved by   U Σ Vᵀ = svd(W S),

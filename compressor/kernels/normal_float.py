@@ -1,5 +1,5 @@
 """NormalFloat quantization with double-quantized block scales (LQ-LoRA, Guo et al., 2024, arXiv:2311.12023;
-QLoRA's NF4 generalized to b bits; methods.md §8.2).
+QLoRA's NF4 generalized to b bits; docs/methods.md#normalfloat-storage).
 
 A configuration ``NFConfig(bits b, block_size B0, scale_bits b0, group_size B1, scale_dtype b1)``. For a weight
 ``W`` (m, n), flattened row-major into ``numel = m·n`` values::
@@ -16,7 +16,7 @@ Where this follows the reference code (HanGuo97/lq-lora ``blockwise_absmax`` and
 ``NFDoubleQuantizedTensorContainer``) rather than the paper's prose: the offset is the *minimum* block scale
 of the whole matrix (not a mean), the weights are quantized against the dequantized scales ŝ (so the
 codes see the scale they are decoded with), and the b0-bit integers are pytorch_quantization's unsigned fake
-quantization (``round(x · (2^b0 − 1) / amax)``, clamped), re-implemented here (methods.md §8.6). A block of
+quantization (``round(x · (2^b0 − 1) / amax)``, clamped), re-implemented here (docs/methods.md#normalfloat-storage). A block of
 zeros has ŝ = 0 and codes of the level 0. Unlike the reference, ``numel`` need not be a multiple of B0·B1:
 the last block and the last group may be short (zero padding never raises an absmax).
 
@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..errors import CompressorError
-from ..model.modeling_compressor import (  # noqa: F401  (decoding is defined once, where outputs carry it)
+from ..portable.modeling_compressor import (  # noqa: F401  (decoding is defined once, where outputs carry it)
     NF_OFFSET,
     SCALE_DTYPES,
     SCALE_STORAGE,

@@ -21,7 +21,7 @@ stream of int32 words, so a row of n values takes ``ceil(n·b / 32)`` words. Zer
 same way along the output dimension (dim 0).
 
 Unpacking and dequantizing (``unpack_int32``, ``dequantize``, ``expand_groups``) are defined in
-``model.modeling_compressor``, the file outputs carry for loading without this package, and re-exported here.
+``portable.modeling_compressor``, the file outputs carry for loading without this package, and re-exported here.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..errors import CompressorError
-from ..model.modeling_compressor import (  # noqa: F401  (dequantizing is defined once, where outputs carry it)
+from ..portable.modeling_compressor import (  # noqa: F401  (dequantizing is defined once, where outputs carry it)
     bit_layout,
     dequantize,
     expand_groups,

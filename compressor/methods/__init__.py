@@ -1,1 +1,1 @@
-"""One module per compressor; ``compressor.registry`` imports each one explicitly."""
+"""One module per compressor; ``registry`` imports each one explicitly."""

@@ -1,6 +1,6 @@
 """CURing: CUR decomposition of the least important decoder layers (Park & Moon, arXiv:2501.04211).
 
-Two stages (methods.md §5):
+Two stages (docs/methods.md#curing-curing):
 
 1. **Layer selection.** One calibration pass through the decoder layers gives, for each layer l, the
    angular distance ``d_l = arccos(cos(h_in, h_out)) / π`` between the hidden state entering it and the
@@ -56,17 +56,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..config.configs import field
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
-from ..distributed import all_reduce_stats
 from ..errors import CompressorError
 from ..kernels import linalg
 from ..kernels.linalg import symmetric_sqrt
 from ..model.modules import CURLinear
 from ..model.targets import names_by_layer
-from ..plan.configs import field
+from ..parallel.distributed import all_reduce_stats
 from ..stats.accumulators import DistanceStats, Request, TensorStats, inputs
 from ..stats.hooks import Collector, Watch
-from ..walk.layers import DEFAULT_STREAM
 
 Score = Literal["wanda", "signed", "covariance", "weight"]
 PINV_RTOL = 1e-6  # relative cut-off of the pseudo-inverses of C and R D (v2's rcond for fp32 weights)
@@ -151,7 +150,7 @@ def selection_pass(view: ModelView, *, last_layer: int, distance_layers: set[int
     for visit in view.walk(last_layer=last_layer):
         names = collect.get(visit.index, [])
         collector = Collector([Watch(n, visit.module(n), "input", kinds) for n in names])
-        inputs_ = [item.hidden for item in visit.streams[DEFAULT_STREAM].inputs]
+        inputs_ = visit.inputs()
         outputs = visit.forward(collector=collector)
         if visit.index in distance_layers:
             distance = DistanceStats()
@@ -326,8 +325,6 @@ class CURing(LinearCompressor):
 
     def __init__(self, config: CURingConfig) -> None:
         super().__init__(config)
-        self.selected: list[int] | None = None
-        self.distances: dict[int, float] = {}
         self.selection_stats: dict[str, TensorStats] = {}
 
     def requests(self) -> tuple[Request, ...]:
@@ -343,24 +340,26 @@ class CURing(LinearCompressor):
         n_total = _n_layers(view)
         by_layer = names_by_layer(view.model, view.shapes)
         angular = config.layer_selection == "angular"
+        selected, distances = None, {}
         if not angular:  # known before any data is seen
-            self.selected = select_layers(config.layer_selection, n_total, config.n_layers, seed=config.seed)
+            selected = select_layers(config.layer_selection, n_total, config.n_layers, seed=config.seed)
         kinds = score_kinds(config.score) if config.statistics == "selection" else frozenset()
         if angular or kinds:
             if view.batches is None:
                 raise CompressorError("curing needs calibration data (layer selection or statistics)")
-            layers_with_stats = candidate_layers(n_total) if angular else self.selected
+            layers_with_stats = candidate_layers(n_total) if angular else selected
             collect = {i: by_layer.get(i, []) for i in layers_with_stats} if kinds else {}
-            self.distances, self.selection_stats = selection_pass(
-                view, last_layer=n_total - 2 if angular else max(self.selected),
+            distances, self.selection_stats = selection_pass(
+                view, last_layer=n_total - 2 if angular else max(selected),
                 distance_layers=set(candidate_layers(n_total)) if angular else set(), collect=collect,
                 kinds=kinds, tokens=config.distance_tokens)
         if angular:
-            self.selected = select_layers("angular", n_total, config.n_layers, self.distances)
-        keep = [name for i in self.selected for name in by_layer.get(i, [])]
+            selected = select_layers("angular", n_total, config.n_layers, distances)
+        keep = [name for i in selected for name in by_layer.get(i, [])]
         kept = set(keep)
         self.selection_stats = {k: v for k, v in self.selection_stats.items() if k in kept}
-        return Decision({"layers": self.selected, "distances": self.distances}, targets=keep)
+        return Decision({"layers": selected, "distances": distances}, targets=keep,
+                        values={"layers": selected, "distances": distances})
 
     def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         config = self.config
@@ -376,7 +375,7 @@ class CURing(LinearCompressor):
         rank, note = choose_rank(m, n, config.rank_rule, max_rank=config.max_rank,
                                  min_rank=config.min_rank, multiple=config.rank_multiple,
                                  singular_values=spectrum, energy=config.energy)
-        extra = {"layer_distance": self.distances.get(ctx.layer_index)}
+        extra = {"layer_distance": target.decision.values["distances"].get(ctx.layer_index)}
         if rank is None:
             return Outcome(None, note=note, extra=extra)
         if full_svd is not None:

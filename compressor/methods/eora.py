@@ -1,7 +1,7 @@
 """EoRA: eigenspace low-rank compensation of a compressed linear (Liu et al., 2024, arXiv:2410.21271).
 
 After an earlier step replaced ``W`` (m, n) by a compressed ``W_c`` (quantized, pruned), EoRA adds a
-rank-r path ``B A`` that minimizes the output error on the calibration inputs (methods.md §4.1):
+rank-r path ``B A`` that minimizes the output error on the calibration inputs (docs/methods.md#eora-eora):
 
     ΔW = W − W_c                                   (fp32 residual, ``Target.original − Target.weight``)
     G = XᵀX = Q Λ Qᵀ                                (eigh in fp64; eigenvalues ≤ λ_max·cutoff dropped:
@@ -11,7 +11,7 @@ rank-r path ``B A`` that minimizes the output error on the calibration inputs (m
 
 This is ``linalg.whitened_svd`` of ΔW with the ``eigh`` whitening. ``space: weight`` is the plain-SVD
 baseline (best rank-r approximation of ΔW itself, data-free). The Gram is a plain sum over the
-calibration tokens, not the reference code's fixed-denominator running average (methods.md §4.3).
+calibration tokens, not the reference code's fixed-denominator running average (docs/methods.md#eora-eora).
 The result is a ``CompensatedLinear`` (the compressed module as ``base``, the factors as ``lora``),
 exportable as a PEFT LoRA adapter with ``lora_A = A``, ``lora_B = B``, ``lora_alpha = r``.
 
@@ -33,10 +33,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..config.configs import field
 from ..contract import LayerContext, LinearCompressor, Outcome, Target
 from ..kernels import linalg
 from ..model.modules import CompensatedLinear, LowRankLinear
-from ..plan.configs import field
 from ..stats.accumulators import Request, inputs
 
 

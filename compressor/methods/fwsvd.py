@@ -3,7 +3,7 @@
 The ideal objective ``min Σ_ij F_ij (W − Ŵ)_ij²`` (F: empirical Fisher of W, ``compressor.fisher``)
 has no closed form; FWSVD gives every column (or row) of ``W`` (m, n) one importance, the Fisher summed
 along the other axis, and solves the weighted problem exactly with the shared kernel
-(``linalg.whitened_svd``, diagonal whitening, methods.md §1.2 and §3.1):
+(``linalg.whitened_svd``, diagonal whitening, docs/methods.md#the-whitened-truncated-svd and #fwsvd-fwsvd):
 
     axis: in  (default)  s_j = √(Σ_i F_ij + eps)  (n,)   min ‖(W − Ŵ) diag(s)‖_F
                          svd(W diag(s)) → up = U_r Σ_r^½ (m, r), down = Σ_r^½ V_rᵀ diag(s)⁻¹ (r, n)
@@ -43,11 +43,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..config.configs import field
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
 from ..kernels import linalg
 from ..model.modules import LowRankLinear
-from ..plan.configs import field
 from ..ranks import uniform as ranks
 from ..stats import fisher as fisher_pass
 
@@ -100,7 +100,6 @@ class FWSVD(LinearCompressor):
 
     def __init__(self, config: FWSVDConfig) -> None:
         super().__init__(config)
-        self.ranks: dict[str, int] = {}
         self.scales: dict[str, Tensor] = {}  # name → √(Σ F + eps), (n,) or (m,), fp64 on CPU
         self.fisher_info: dict[str, object] = {}
 
@@ -110,7 +109,7 @@ class FWSVD(LinearCompressor):
 
     def decide(self, view: ModelView) -> Decision:
         """Every target's rank, and its Fisher (cached) reduced at once to the per-axis scales."""
-        self.ranks, record = ranks.uniform_ranks(self.config, view.shapes, view.model_params)
+        chosen, record = ranks.uniform_ranks(self.config, view.shapes, view.model_params)
         reduce = self.config.axis if self.config.fisher_store == "axis" else None
         fisher, self.fisher_info = fisher_pass.fisher_for(view.model, view.batches, list(view.shapes), view.device,
                                                           self.config.checkpointing, self.config.fisher_cache,
@@ -119,14 +118,14 @@ class FWSVD(LinearCompressor):
             value = fisher.pop(name)  # (m, n), or already summed: (n,) / (m,)
             self.scales[name] = fisher_pass.diagonal_weight(value, self.config.axis, self.config.eps)
         record["fisher_cache"] = "hit" if self.fisher_info.get("hit") else "computed"
-        return Decision(record)
+        return Decision(record, ranks=chosen)
 
     def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         m, n = target.weight.shape
         if target.name not in self.scales:
             raise CompressorError(f"fwsvd: no Fisher for {target.name} (decide did not run for it)")
         scale = self.scales.pop(target.name)
-        rank = self.ranks[target.name]
+        rank = target.decision.ranks[target.name]
         if not ranks.saves_parameters(rank, m, n):
             return Outcome(None, note=f"rank {rank} ≥ break-even {ranks.break_even(m, n):.0f}: kept dense")
         dtype = torch.float64 if self.config.svd_dtype == "float64" else torch.float32

@@ -8,7 +8,7 @@ Each targeted ``W`` (m, n) becomes ``up @ down`` with ``up = U_r Σ_r^½`` (m, r
 - ``activation``: ASVD's diagonal scaling ``S = diag(mean|x|)^α`` (arXiv:2312.05821);
 - ``gram``: SVD-LLM's truncation-aware whitening ``S = chol(XᵀX)`` (arXiv:2403.07378).
 
-No public LoRD code exists; methods.md §2 specifies it from the paper. Ranks come from the shared rank
+No public LoRD code exists; docs/methods.md#lord-lord specifies it from the paper. Ranks come from the shared rank
 rules; a matrix whose rank would not save parameters stays dense. With ``rank_rule: welore`` the ranks
 are non-uniform, from WeLore's threshold on the spectrum this method truncates (``welore_rule``): the
 raw one for ``whiten: none``, the whitened ``W S`` otherwise, with ``S`` from statistics of the original
@@ -27,7 +27,7 @@ calibration batches through the original model). At layer 0, where X̃ = X, it i
 SVD-LLM's), ``output`` (W G Wᵀ = Σ (y − b)(y − b)ᵀ, m×m: the same optimum, ``linalg.output_side_svd``) or ``auto``
 (the smaller: the output side for wide matrices, in > out). At Llama-3-8B's width down_proj's input Gram is
 14336² (1.6 GB in fp64) where its output Gram is 4096²: what a streamed run of a large model needs. The
-figures move only by rounding (README, "Models larger than memory").
+figures move only by rounding (docs/large-models.md#memory-of-a-layer).
 
 ```yaml
 steps:
@@ -43,11 +43,11 @@ from typing import Literal
 
 import torch
 
+from ..config.configs import field
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
 from ..kernels import linalg
 from ..model.modules import LowRankLinear
-from ..plan.configs import field
 from ..ranks import loss as loss_rule
 from ..ranks import uniform as ranks
 from ..ranks import welore as welore_rule
@@ -127,8 +127,6 @@ class LoRD(LinearCompressor):
 
     def __init__(self, config: LoRDConfig) -> None:
         super().__init__(config)
-        self.ranks: dict[str, int] = {}  # uniform rules: every target's rank, from decide
-        self.welore: welore_rule.Plan | None = None  # rank_rule welore: τ and every matrix's rank
         self.row_scales: dict[str, torch.Tensor] = {}  # output_weight fisher: name → (m,) fp64
 
     @property
@@ -156,11 +154,10 @@ class LoRD(LinearCompressor):
     def decide(self, view: ModelView) -> Decision:
         fisher_record = self.output_weights(view) if self.config.output_weight == "fisher" else {}
         if self.config.rank_rule == "uniform":
-            self.ranks, record = ranks.uniform_ranks(self.config, view.shapes, view.model_params)
-            return Decision({**record, **fisher_record})
+            chosen, record = ranks.uniform_ranks(self.config, view.shapes, view.model_params)
+            return Decision({**record, **fisher_record}, ranks=chosen)
         if self.config.whiten == "none":
-            spectra = welore_rule.weight_spectra(view.model, list(view.shapes), view.device, self.svd_dtype,
-                                                 self.row_scales)
+            spectra = welore_rule.weight_spectra(view, self.svd_dtype, self.row_scales)
         else:
             spectra = welore_rule.whitened_spectra(view, self.kinds, self.whitening_of, self.svd_dtype,
                                                    self.row_scales, self.config.output_side)
@@ -170,11 +167,10 @@ class LoRD(LinearCompressor):
         if self.config.rank_rule == "loss":
             solved = loss_rule.allocate(spectra, view.shapes, target["removed_params"],
                                         normalize=self.config.loss_scale == "relative")
-            self.ranks = solved["ranks"]
             return Decision({"rank_rule": "loss", "rule": self.config.rule, "loss_scale": self.config.loss_scale,
-                             **solved, **fisher_record})
-        self.welore = welore_rule.solve(spectra, view.shapes, **target)
-        return Decision({**self.welore.record(), **fisher_record})
+                             **solved, **fisher_record}, ranks=solved["ranks"])
+        solution = welore_rule.solve(spectra, view.shapes, **target)
+        return Decision({**solution.record(), **fisher_record}, values={"welore": solution})
 
     def output_weights(self, view: ModelView) -> dict:
         """The output-side weights √(Σ_in F + 1e-6) (m,) of every target, from the (cached) Fisher pass."""
@@ -196,14 +192,15 @@ class LoRD(LinearCompressor):
     def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         m, n = target.weight.shape
         extra, note = {}, ""
-        if self.welore is not None:
-            allocation = self.welore.allocations[target.name]
-            extra = allocation.extra(self.welore.tau)
+        solution = target.decision.values.get("welore")  # rank_rule welore: τ and every matrix's rank
+        if solution is not None:
+            allocation = solution.allocations[target.name]
+            extra = allocation.extra(solution.tau)
             if not allocation.lrc:
-                return Outcome(None, note=allocation.note(self.welore.tau), extra=extra)
-            rank, note = allocation.rank, allocation.note(self.welore.tau)
+                return Outcome(None, note=allocation.note(solution.tau), extra=extra)
+            rank, note = allocation.rank, allocation.note(solution.tau)
         else:
-            rank = self.ranks[target.name]
+            rank = target.decision.ranks[target.name]
             if rank is None:  # rank_rule loss: cheaper to keep it dense
                 return Outcome(None, note="rank_rule loss: kept dense")
         if not ranks.saves_parameters(rank, m, n):

@@ -1,5 +1,5 @@
 """LQ-LoRA: low-rank plus quantized decomposition under a bit budget (Guo, Greengard, Xing, Kim; ICLR 2024,
-arXiv:2311.12023; HanGuo97/lq-lora; methods.md §8).
+arXiv:2311.12023; HanGuo97/lq-lora; docs/methods.md#lq-lora-lqlora).
 
 Every targeted ``W`` (m, n) becomes ``Q + L1 L2``: ``Q`` NormalFloat-quantized at a configuration chosen for
 that matrix (``kernels.normal_float``: bits b, block size B0, scale bits b0, scale group B1, group absmax
@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import distributed
+from ..config.configs import field
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
 from ..kernels import linalg
@@ -69,7 +69,7 @@ from ..kernels import normal_float as nf
 from ..model import loading as models
 from ..model.modules import CompensatedLinear, LowRankLinear, NormalFloatLinear, weight_of
 from ..model.targets import names_by_layer
-from ..plan.configs import field
+from ..parallel import distributed
 from ..ranks import bits as bit_allocation
 from ..stats import fisher as fisher_pass
 from . import lqlora_math
@@ -197,8 +197,6 @@ class LQLoRA(LinearCompressor):
 
     def __init__(self, config: LQLoRAConfig) -> None:
         super().__init__(config)
-        self.assignment: dict[str, nf.NFConfig] = {}
-        self.allocated: dict[str, float] = {}  # name → the chosen pair's error, as priced
         self.fisher: dict[str, Tensor] = {}  # name → (out, in) Fisher, until its matrix is compressed
         self.fisher_info: dict[str, object] = {}
 
@@ -277,19 +275,21 @@ class LQLoRA(LinearCompressor):
         else:  # solved once (rank 0 in a run of several ranks), so every rank takes the same allocation
             allocation = distributed.broadcast(bit_allocation.allocate(costs, stored, numel, c.budget, c.time_limit)
                                                if distributed.world().main else None)
-        self.assignment = {name: grid[j] for name, j in zip(names, allocation.choice)}
-        if len(grid) > 1:  # priced errors (none were computed for a single configuration)
-            self.allocated = {name: math.sqrt(costs[i, j]) for i, (name, j) in enumerate(zip(names, allocation.choice))}
-        return Decision(self.record(allocation, grid, names, stored, numel, cache))
+        assignment = {name: grid[j] for name, j in zip(names, allocation.choice)}
+        allocated = {}  # name → the chosen pair's error, as priced (none for a single configuration)
+        if len(grid) > 1:
+            allocated = {name: math.sqrt(costs[i, j]) for i, (name, j) in enumerate(zip(names, allocation.choice))}
+        return Decision(self.record(allocation, grid, names, stored, numel, cache, assignment),
+                        values={"assignment": assignment, "allocated": allocated})
 
     def record(self, allocation: bit_allocation.Allocation, grid: list[nf.NFConfig], names: list[str],
-               stored: np.ndarray, numel: np.ndarray, cache: dict) -> dict:
+               stored: np.ndarray, numel: np.ndarray, cache: dict, assignment: dict[str, nf.NFConfig]) -> dict:
         """The decision as compression.json records it: the budget met, and every matrix's configuration."""
         c = self.config
         counts: dict[str, int] = {}
         for name in names:
-            counts[self.assignment[name].label] = counts.get(self.assignment[name].label, 0) + 1
-        matrices = {name: {"config": self.assignment[name].label, "bits": self.assignment[name].bits,
+            counts[assignment[name].label] = counts.get(assignment[name].label, 0) + 1
+        matrices = {name: {"config": assignment[name].label, "bits": assignment[name].bits,
                            "bits_per_weight": int(stored[i, allocation.choice[i]]) / int(numel[i])}
                     for i, name in enumerate(names)}
         record = {"budget": c.budget, "bits_per_weight": allocation.bits_per_param, "bits_stored": allocation.bits,
@@ -303,9 +303,10 @@ class LQLoRA(LinearCompressor):
         return record
 
     def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
-        if target.name not in self.assignment:
+        assignment = target.decision.values.get("assignment", {})
+        if target.name not in assignment:
             raise CompressorError(f"lqlora: no configuration for {target.name} (decide did not run for it)")
-        config = self.assignment[target.name]
+        config = assignment[target.name]
         fisher = self.fisher.pop(target.name, None)
         fisher = fisher.to(target.weight.device) if fisher is not None else None
         result = self.decompose(target.weight, config, fisher)
@@ -326,7 +327,7 @@ class LQLoRA(LinearCompressor):
                  "iterations": len(result.errors), "best_iteration": result.best + 1,
                  "rel_lq_error": result.error / norm if norm > 0 else 0.0,
                  "rel_quant_only_error": quant_only / norm if norm > 0 else 0.0,
-                 "allocated_error": self.allocated.get(target.name), "lq_error": result.error,
+                 "allocated_error": target.decision.values["allocated"].get(target.name), "lq_error": result.error,
                  "weighting": self.config.weighting}
         note = config.label + (f" + rank {self.config.rank}" if result.up is not None else "")
         return Outcome(module, rank=self.config.rank or None, note=note, extra=extra)

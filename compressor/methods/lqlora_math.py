@@ -1,5 +1,5 @@
 """LQ-LoRA's decomposition ``W ≈ Q + L1 L2`` (Guo, Greengard, Xing, Kim; ICLR 2024, arXiv:2311.12023;
-methods.md §8.1), as pure functions of tensors.
+docs/methods.md#lq-lora-lqlora), as pure functions of tensors.
 
 For a weight ``W`` (m, n), a rank k and a NormalFloat configuration c (``kernels.normal_float``)::
 

@@ -1,4 +1,4 @@
-"""MoDeGPT (Lin et al., ICLR 2025; methods.md §6): structured compression that shrinks each layer's own
+"""MoDeGPT (Lin et al., ICLR 2025; docs/methods.md#modegpt-modegpt): structured compression that shrinks each layer's own
 dimensions, with no extra matrices and no gradients.
 
 Per decoder layer l, with one sparsity φ_l for all its modules (``part`` chooses which):
@@ -30,14 +30,13 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..config.configs import field
 from ..contract import Compressor, Decision, Group, LayerContext, ModelView, Outcome
-from ..distributed import all_reduce_stats
 from ..errors import CompressorError
 from ..model.attention import ShrunkAttention
 from ..model.modules import dense_module
-from ..plan.configs import field
+from ..parallel.distributed import all_reduce_stats
 from ..stats.accumulators import DistanceStats, Request
-from ..walk.layers import DEFAULT_STREAM
 from . import modegpt_math as mg
 
 
@@ -73,7 +72,7 @@ def block_influence(view: ModelView) -> list[float]:
     """Per decoder layer: mean over calibration tokens of 1 − cos(input, output hidden state)."""
     influence = []
     for visit in view.walk():
-        before = [item.hidden for item in visit.streams[DEFAULT_STREAM].inputs]
+        before = visit.inputs()
         distance = DistanceStats(measure="cosine")
         for x, y in zip(before, visit.forward()):  # (batch, seq, hidden) each
             distance.add(x, y)
@@ -106,7 +105,6 @@ class MoDeGPT(Compressor):
     def __init__(self, config: MoDeGPTConfig) -> None:
         super().__init__(config)
         self.group = {"all": "blocks", "mlp": "mlp", "attention": "attention"}[config.part]
-        self.keep: dict[int, dict[str, int]] = {}  # layer → {"channels", "qk_dims", "v_dims"} kept
 
     def requests(self) -> tuple[Request, ...]:
         found: tuple[Request, ...] = ()
@@ -143,13 +141,13 @@ class MoDeGPT(Compressor):
         counts = {unit: kept_counts(sparsity, width, self.config.ratio) for unit, width in units.items()}
         if "qk_pairs" in counts:
             counts["qk_dims"] = [2 * pairs for pairs in counts.pop("qk_pairs")]
-        self.keep = {layer: {unit: kept[i] for unit, kept in counts.items()} for i, layer in enumerate(layers)}
+        keep = {layer: {unit: kept[i] for unit, kept in counts.items()} for i, layer in enumerate(layers)}
         return Decision({
             "influence": {str(i): influence[i] for i in layers},
             "sparsity": {str(i): float(s) for i, s in zip(layers, sparsity)},
-            **{f"kept_{unit}": {str(i): k[unit] for i, k in self.keep.items()} for unit in counts},
+            **{f"kept_{unit}": {str(i): k[unit] for i, k in keep.items()} for unit in counts},
             "widths": {"channels": units.get("channels"), "head_dim": arch.head_dim},
-        })
+        }, values={"keep": keep})  # layer → {"channels", "qk_dims", "v_dims"} kept
 
     def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
         if group.kind == "attention":
@@ -160,7 +158,7 @@ class MoDeGPT(Compressor):
         down = group.members["down"]
         stats = group.stats[Request("gram", role="down")]
         covariance = stats.gram / max(stats.n_tokens, 1)  # (d_int, d_int), as the reference normalizes
-        keep = self.keep[ctx.layer_index]["channels"]
+        keep = group.decision.values["keep"][ctx.layer_index]["channels"]
         if keep >= down.weight.shape[1]:  # nothing removed: the refit would only add the ridge's error
             return {target.name: Outcome(None, note="all channels kept") for target in group.members.values()}
         kept = mg.mlp_keep(covariance, keep, self.config.ridge_mlp).to(down.weight.device)
@@ -180,7 +178,7 @@ class MoDeGPT(Compressor):
         return outcomes
 
     def compress_attention(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
-        keep = self.keep[ctx.layer_index]
+        keep = group.decision.values["keep"][ctx.layer_index]
         if keep["qk_dims"] >= group.arch.head_dim and keep["v_dims"] >= group.arch.head_dim:
             return {target.name: Outcome(None, note="all dims kept") for target in group.members.values()}
         return self.shrink_attention(group, ctx, keep["qk_dims"], keep["v_dims"])

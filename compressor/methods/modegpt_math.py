@@ -1,7 +1,7 @@
-"""MoDeGPT's module algorithms and its sparsity allocation, as pure functions (methods.md §6).
+"""MoDeGPT's module algorithms and its sparsity allocation, as pure functions (docs/methods.md#modegpt-modegpt).
 
 No official code exists; where the paper is silent this follows the unofficial implementation
-(cbacary/MoDeGPT, vendored by LowRankArena), as methods.md §6.3 records it. Everything runs in fp64.
+(cbacary/MoDeGPT, vendored by LowRankArena), as docs/methods.md#modegpt-modegpt records it. Everything runs in fp64.
 Weights are in the ``nn.Linear`` layout (out, in). Covariances are of the calibration activations,
 ``C = Σ_t x_t x_tᵀ / N`` (the reference normalizes by the token count, so its ridges are absolute).
 

@@ -29,10 +29,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..config.configs import field
 from ..contract import LayerContext, LinearCompressor, Outcome, Target
 from ..kernels.hessian import hessian_in, inverse_hessian_factor
 from ..model.modules import dense_module
-from ..plan.configs import field
 from ..stats.accumulators import Request, inputs
 
 

@@ -33,11 +33,11 @@ from typing import Iterator, Literal
 import torch
 from torch import Tensor
 
+from ..config.configs import field
 from ..contract import LayerContext, LinearCompressor, Outcome, Target
 from ..kernels import quant
 from ..kernels.hessian import hessian, hessian_in, inverse_hessian_factor, lends_memory, permute_
 from ..model.modules import QuantizedLinear
-from ..plan.configs import field
 from ..stats.accumulators import Request
 
 

@@ -1,5 +1,5 @@
 """WeLore: data-free, non-uniform ranks from the singular-value spectrum (Jaiswal et al., 2024,
-arXiv:2407.11239; VITA-Group/WeLore, methods.md §7).
+arXiv:2407.11239; VITA-Group/WeLore, docs/methods.md#welore-welore).
 
 Before the layer walk, ``decide`` takes the spectrum of every targeted ``W`` (m, n) and solves one
 threshold τ on the min-max normalised spectra for the budget (``welore_rule``): each matrix loses the
@@ -36,11 +36,11 @@ from typing import Literal
 
 import torch
 
+from ..config.configs import field
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
 from ..kernels import linalg
 from ..model.modules import LowRankLinear
-from ..plan.configs import field
 from ..ranks import welore as welore_rule
 
 BUDGETS = ("rank_reduction", "ratio", "threshold")
@@ -86,30 +86,27 @@ class WeLore(LinearCompressor):
     summary = "data-free non-uniform ranks: one threshold on the normalised spectra; LRC factorised, N-LRC dense"
     paper = "arXiv:2407.11239"
 
-    def __init__(self, config: WeLoreConfig) -> None:
-        super().__init__(config)
-        self.plan_: welore_rule.Plan | None = None
-
     @property
     def dtype(self) -> torch.dtype:
         return torch.float64 if self.config.svd_dtype == "float64" else torch.float32
 
     def decide(self, view: ModelView) -> Decision:
-        spectra = welore_rule.weight_spectra(view.model, list(view.shapes), view.device, self.dtype)
+        spectra = welore_rule.weight_spectra(view, self.dtype)
         c = self.config
         if c.threshold is not None:
-            self.plan_ = welore_rule.allocate(spectra, view.shapes, c.threshold, c.min_ratio, c.guard)
+            solution = welore_rule.allocate(spectra, view.shapes, c.threshold, c.min_ratio, c.guard)
         else:
             budget = welore_rule.budget(rank_reduction=c.rank_reduction, ratio=c.ratio, model_ratio=None,
                                         shapes=view.shapes, model_params=0)
-            self.plan_ = welore_rule.solve(spectra, view.shapes, min_ratio=c.min_ratio, guard=c.guard, **budget)
-        return Decision(self.plan_.record())
+            solution = welore_rule.solve(spectra, view.shapes, min_ratio=c.min_ratio, guard=c.guard, **budget)
+        return Decision(solution.record(), values={"welore": solution})
 
     def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
-        if self.plan_ is None:
+        solution = target.decision.values.get("welore")  # τ and every matrix's allocation
+        if solution is None:
             raise CompressorError("welore has no plan; run it through the pipeline")
-        allocation = self.plan_.allocations[target.name]
-        extra, note = allocation.extra(self.plan_.tau), allocation.note(self.plan_.tau)
+        allocation = solution.allocations[target.name]
+        extra, note = allocation.extra(solution.tau), allocation.note(solution.tau)
         if not allocation.lrc:
             return Outcome(None, note=note, extra=extra)
         up, down = welore_factors(target.weight, allocation.rank, self.dtype)

@@ -192,6 +192,11 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise CompressorError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
+def layer_count(model: nn.Module) -> int:
+    """The number of decoder layers."""
+    return len(decoder_layers(model)[1])
+
+
 def _linears(module: nn.Module, prefix: str, direct_only: bool = False) -> dict[str, nn.Module]:
     """Path (``prefix`` + name inside ``module``) → linear, for the linears in ``module``'s subtree, or only
     its direct children when ``direct_only``."""

@@ -8,8 +8,8 @@ docstring describes the shapes); this subclass adds what only compressor needs. 
 
 from __future__ import annotations
 
-from . import modeling_compressor as portable
-from .modeling_compressor import gather_rope, rope_at, rotate_half
+from ..portable import modeling_compressor as portable
+from ..portable.modeling_compressor import gather_rope, rope_at, rotate_half
 
 __all__ = ["ShrunkAttention", "gather_rope", "rope_at", "rotate_half"]
 

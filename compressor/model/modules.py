@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..kernels import normal_float, quant
-from . import modeling_compressor as portable
+from ..portable import modeling_compressor as portable
+from ..portable.modeling_compressor import shape_of, spec_of
 from .attention import ShrunkAttention
-from .modeling_compressor import shape_of, spec_of
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 __all__ = ["LINEAR_TYPES", "CURLinear", "CompensatedLinear", "LowRankLinear", "MODULE_KINDS", "NormalFloatLinear",

@@ -17,16 +17,16 @@ from typing import Any
 
 from torch import nn
 
-from .. import registry
+from ..config import configs
 from ..contract import Compressor, Decision
 from ..errors import CompressorError
+from ..methods import registry
 from ..model.architecture import describe
 from ..model.loading import parameter_count
 from ..model.modules import shape_of
 from ..model.targets import check_pattern, decoder_linears, layer_index, linear_roles, select
 from ..stats.accumulators import PAIRED_STATISTICS, Request
 from ..walk.layers import DEFAULT_STREAM, base_stream, reference_of
-from . import configs
 from .recipe import CalibrationConfig, Recipe, step_calibration
 
 

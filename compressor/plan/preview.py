@@ -22,7 +22,8 @@ from torch import nn
 
 from ..model.architecture import decoder_layers
 from ..model.loading import tensor_bytes
-from ..walk.layers import base_stream, outside_layers
+from ..model.modes import outside_layers
+from ..walk.layers import base_stream
 from .compile import Plan
 
 RUNTIME_BYTES = 512 * 2**20

@@ -31,10 +31,10 @@ from typing import Any, Literal
 
 import yaml
 
+from ..config import configs
+from ..config.configs import field
 from ..errors import CompressorError
 from ..ranks.uniform import RULES
-from . import configs
-from .configs import field
 
 
 @dataclass
@@ -74,9 +74,17 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+CHECKOUT_RECIPES = Path(__file__).resolve().parents[2] / "recipes"  # the data folder of a checkout
+
+
 def shipped() -> dict[str, Path]:
-    """Recipe name → file, for the recipes that ship inside the package."""
-    folder = resources.files("compressor.recipes")
+    """Recipe name → file, for the recipes that ship inside the package (the installer maps the checkout's
+    ``recipes/`` folder into it as ``compressor.recipes``; a checkout run without installing reads that
+    folder itself)."""
+    try:
+        folder = resources.files("compressor.recipes")
+    except ModuleNotFoundError:
+        folder = CHECKOUT_RECIPES
     return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
 
 
@@ -125,7 +133,7 @@ def declared_type(data: dict[str, Any], parts: list[str]) -> Any:
     index = int(parts[1]) if parts[1].isdigit() else next(
         (i for i, s in enumerate(steps) if isinstance(s, dict) and s.get("method") == parts[1]), None)
     method = steps[index].get("method") if index is not None and index < len(steps) else None
-    from .. import registry  # the compressors' configs (registry imports this package's configs)
+    from ..methods import registry
 
     cls = registry.COMPRESSORS.get(method) if isinstance(method, str) else None
     return typing.get_type_hints(cls.Config).get(parts[3], Any) if cls is not None else Any

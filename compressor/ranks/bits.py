@@ -1,5 +1,5 @@
 """Bit allocation: one configuration per matrix under an average bits-per-parameter budget, solved exactly
-as a 0-1 integer program (LQ-LoRA's §3.2 ILP, methods.md §8.3) with SciPy's ``milp`` (HiGHS).
+as a 0-1 integer program (LQ-LoRA's §3.2 ILP, docs/methods.md#bit-allocation) with SciPy's ``milp`` (HiGHS).
 
 For matrices i = 1 … M with ``numel_i`` parameters and configurations c = 1 … C, given each pair's
 error ``cost_ic`` (computed once) and the bits it stores ``bits_ic``::

@@ -1,4 +1,4 @@
-"""Ranks by truncation loss (SVD-LLM V2's mechanism, sota-2026.md §1): the parameter budget goes where
+"""Ranks by truncation loss (SVD-LLM V2's mechanism, arXiv:2503.12340; docs/methods.md#rank-rules): the parameter budget goes where
 truncation costs least.
 
 For a targeted ``W`` (m, n) with spectrum ``σ`` (min(m, n),) of the matrix the method truncates (``W S``

@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..config.configs import field
 from ..errors import CompressorError
-from ..plan.configs import field
 
 RULES = ("ratio", "rank", "rank_reduction", "model_ratio")
 RankRuleKind = Literal["uniform", "welore", "loss"]

@@ -3,7 +3,7 @@ min-max normalised singular-value spectrum gives each matrix its own rank. The o
 used by the ``welore`` compressor and by LoRD's ``rank_rule: welore``.
 
 For a targeted ``W`` (m, n) with spectrum ``σ`` (min(m, n),), from ``svd(W)`` or, with a whitening,
-from ``svd(W S)`` (methods.md §1.2)::
+from ``svd(W S)`` (docs/methods.md#the-whitened-truncated-svd)::
 
     σ̃ = (σ − σ_min) / (σ_max − σ_min)          # in [0, 1]; per matrix, so τ is not comparable across models
     pruned = #{ j : σ̃_j < τ }                   # ranks below the threshold
@@ -223,19 +223,19 @@ def _rows_scaled(weight: Tensor, row_scales: dict[str, Tensor] | None, name: str
     return weight if scale is None else weight * scale.to(device=weight.device, dtype=weight.dtype)[:, None]
 
 
-def weight_spectra(model: nn.Module, names: list[str], device: torch.device,
-                   dtype: torch.dtype = torch.float64,
+def weight_spectra(view, dtype: torch.dtype = torch.float64,
                    row_scales: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """name → singular values (min(m, n),) of each targeted linear's current weight (data-free), rows
-    scaled by ``row_scales`` where given."""
+    """name → singular values (min(m, n),) of the current weight of each target of ``view`` (a
+    ``contract.ModelView``; data-free, its layers read one at a time), rows scaled by ``row_scales`` where
+    given."""
     from ..model.targets import names_by_layer
-    from ..walk.layers import walk
 
-    by_layer = names_by_layer(model, names)
+    names = list(view.shapes)
+    by_layer = names_by_layer(view.model, names)
     spectra = {}
-    for visit in walk(model, None, device=device, last_layer=max(by_layer, default=-1)):  # data-free: no forward
+    for visit in view.layers(last_layer=max(by_layer, default=-1)):  # data-free: no forward
         for name in by_layer.get(visit.index, []):
-            weight = _weight(visit.module(name)).to(device=device, dtype=dtype)  # (m, n)
+            weight = _weight(visit.module(name)).to(device=view.device, dtype=dtype)  # (m, n)
             spectra[name] = torch.linalg.svdvals(_rows_scaled(weight, row_scales, name)).cpu()
     return {name: spectra[name] for name in names}
 

@@ -109,6 +109,9 @@ def _add(total: Tensor | None, batch: Tensor) -> Tensor:
     return batch.double() if total is None else total.add_(batch)
 
 
+SUMS = ("gram", "cross", "abs_sum", "sq_sum", "x_sum")  # TensorStats' tensor sums
+
+
 @dataclass
 class TensorStats:
     """Sums over the tensors one module reads (or writes); shared by the modules that read the same one."""
@@ -177,14 +180,23 @@ class TensorStats:
     def merge(self, other: "TensorStats") -> "TensorStats":
         """Add another partial accumulation of the same statistics into this one (in place)."""
         self.n_tokens += other.n_tokens
-        for name in ("gram", "cross", "abs_sum", "sq_sum", "x_sum"):
+        for name in SUMS:
             mine, theirs = getattr(self, name), getattr(other, name)
             if theirs is not None:
                 setattr(self, name, theirs.clone() if mine is None else mine.add_(theirs.to(mine.device)))
         return self
 
+    def sums(self) -> tuple[Tensor, list[Tensor]]:
+        """What summing across ranks adds (``parallel.distributed.all_reduce_stats``): the count as a fp64
+        tensor (1,), and the sums themselves, which are summed in place; ``set_counts`` takes the count back."""
+        return (torch.tensor([float(self.n_tokens)], dtype=torch.float64),
+                [value for value in (getattr(self, name) for name in SUMS) if value is not None])
+
+    def set_counts(self, counts: Tensor) -> None:
+        self.n_tokens = int(counts.item())
+
     def to(self, device: torch.device) -> "TensorStats":
-        for name in ("gram", "cross", "abs_sum", "sq_sum", "x_sum"):
+        for name in SUMS:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -225,6 +237,13 @@ class DistanceStats:
     def merge(self, other: "DistanceStats") -> "DistanceStats":
         self.total, self.count = self.total + other.total, self.count + other.count
         return self
+
+    def sums(self) -> tuple[Tensor, list[Tensor]]:
+        """What summing across ranks adds: (Σ distance, count) as a fp64 tensor (2,), no other tensor."""
+        return torch.tensor([self.total, float(self.count)], dtype=torch.float64), []
+
+    def set_counts(self, counts: Tensor) -> None:
+        self.total, self.count = float(counts[0]), int(counts[1])
 
     @property
     def mean(self) -> float:

@@ -2,7 +2,7 @@
 
 For each calibration window ``d`` (one window per backward: the per-example Fisher, LQ-LoRA's
 convention; a batch of several windows would square the *mean* gradient and underestimate it,
-methods.md §3.2 and §8.4)::
+docs/methods.md#the-fisher-pass)::
 
     L(d)  = mean next-token cross-entropy of the window (seq_len − 1 shifted targets)
     F_ij  = Σ_d (∂L(d)/∂W_ij)²          # (out, in) per targeted weight, summed (not averaged) over windows
@@ -56,12 +56,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import distributed
 from ..errors import CompressorError
 from ..model import loading as models
 from ..model import targets as arch
+from ..model.modes import calibration_mode
 from ..model.modules import Conv1D, shape_of
-from ..walk.layers import calibration_mode
+from ..parallel import distributed
 
 FORMAT = "fisher-v1: sum over windows of squared grads of the mean next-token CE, batch 1, fp32"
 CacheMode = Literal["use", "refresh", "off"]

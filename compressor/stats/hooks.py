@@ -19,7 +19,7 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_stats
+from ..parallel.distributed import all_reduce_stats
 from .accumulators import TensorStats
 
 

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CompressorError
+from ..model.modes import calibration_mode, outside_layers
 from ..model.streaming import source_of
 from ..model.targets import decoder_layers
 from ..stats.hooks import Collector, record_inputs
@@ -89,37 +90,6 @@ def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: to_device(v, device) for k, v in value.items()}
     return value
-
-
-@contextmanager
-def calibration_mode(model: nn.Module, gradients: bool = False) -> Iterator[None]:
-    """Eval mode, no KV cache, and no_grad (or, with ``gradients``, grads on: the Fisher pass); everything
-    restored on exit."""
-    was_training, config = model.training, getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
-    model.eval()
-    if config is not None:
-        config.use_cache = False
-    try:
-        with torch.set_grad_enabled(gradients):
-            yield
-    finally:
-        model.train(was_training)
-        if config is not None:
-            config.use_cache = use_cache
-
-
-def outside_layers(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
-    """The largest submodules that do not contain the decoder stack (embeddings, rotary, norm, head)."""
-
-    def visit(module: nn.Module) -> list[nn.Module]:
-        if module is layers:
-            return []
-        if not any(sub is layers for sub in module.modules()):
-            return [module]
-        return [found for child in module.children() for found in visit(child)]
-
-    return visit(model)
 
 
 def capture_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor], device: torch.device,
@@ -214,6 +184,11 @@ class Visit:
 
     def relative(self, name: str) -> str:
         return name[len(self.prefix) + 1:] if name != self.prefix else ""
+
+    def inputs(self, stream: str = DEFAULT_STREAM) -> list[Tensor]:
+        """This layer's calibration inputs on ``stream``: the hidden states (batch, seq, hidden) of each batch,
+        on the offload device (or spilled to disk)."""
+        return [item.hidden for item in self.streams[stream].inputs]
 
     def forward(self, stream: str = DEFAULT_STREAM, collector: Collector | None = None) -> list[Tensor]:
         """Run the layer on one stream's inputs (statistics into ``collector``); its outputs (on offload)."""

@@ -1,6 +1,6 @@
 """What a run did, step by step, in the numbers that fit each kind of step.
 
-A step's log entries (one per targeted module, ``walk.compress.log_entry``) say what it produced; each kind
+A step's log entries (one per targeted module, ``pipeline.compress.log_entry``) say what it produced; each kind
 of step is summarized by what it changes:
 
 - **factorization** (``low_rank``, ``cur`` modules: LoRD, FWSVD, WeLore, CURing): the targeted linears'
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .ranks.uniform import reduction
+from ..ranks.uniform import reduction
 
 FACTORIZED, COMPENSATED = ("low_rank", "cur"), "compensated"
 QUANTIZED_KINDS = ("quantized", "normal_float")

@@ -3,7 +3,7 @@ validation joined with "\\n\\n" evaluates."""
 
 from __future__ import annotations
 
-from . import joined_text_source
+from .text import joined_text_source
 
 
 def _split(split: str) -> str:

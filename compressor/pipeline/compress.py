@@ -20,15 +20,15 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .. import distributed
-from ..contract import Group, LayerContext, ModelView, Outcome, Target
+from ..contract import Decision, Group, LayerContext, ModelView, Outcome, Target
 from ..errors import CompressorError, one_line
 from ..kernels.linalg import relative_error
 from ..model.modules import shape_of, weight_of
+from ..parallel import distributed
 from ..plan.compile import GroupSpec, Plan, StepPlan
 from ..stats.accumulators import FP32_GRAM, TENSOR_STATISTICS, DistanceStats, for_matrix
 from ..stats.hooks import Collector, Watch
-from .layers import DEFAULT_STREAM, Visit, base_stream, reference_of, run_layer, walk
+from ..walk.layers import DEFAULT_STREAM, Visit, base_stream, reference_of, run_layer, walk
 
 Stats = dict[tuple[str, str], Any]  # (module name, "input" | "output" | "layer") → TensorStats | DistanceStats
 
@@ -54,11 +54,12 @@ def decide(model: nn.Module, plan: Plan, batches: dict[str, list[Tensor]], devic
 def compress_model(model: nn.Module, plan: Plan, batches: dict[str, list[Tensor]] | None, *,
                    device: torch.device, offload: torch.device | None = None,
                    on_layer: Callable[[int, int], None] | None = None, log_file=None,
-                   sink: Callable | None = None, report: Report | None = None,
+                   sink: Any = None, report: Report | None = None,
                    resume: tuple[int, dict[str, list[Tensor]]] | None = None, spill=None) -> Report:
     """Compress ``model`` in place by ``plan``; ``batches``: stream name → token ids (batch, seq);
-    ``sink``: sees each finished layer (a streamed run's output writer, ``walk``'s sink); ``report`` and
-    ``resume``: an interrupted run's report so far and where its walk continues (``walk``'s resume)."""
+    ``sink``: where the run's output goes (``io.sink``), whose ``layer_done`` sees each finished layer;
+    ``report`` and ``resume``: an interrupted run's report so far and where its walk continues (``walk``'s
+    resume)."""
     report, batches = report or Report(), batches or {}
     decide(model, plan, batches, device, report)
     dtype = next(model.parameters()).dtype
@@ -66,8 +67,9 @@ def compress_model(model: nn.Module, plan: Plan, batches: dict[str, list[Tensor]
     if missing:
         raise CompressorError(f"the plan's statistics need calibration data (stream {missing[0]!r}); none was given")
     streams = {name: batches[base_stream(name)] for name in plan.walk_streams()}
+    layer_done = sink.layer_done if sink is not None else None
     for visit in walk(model, streams, device=device, propagate=plan.propagate, offload=offload,
-                      seconds=report.seconds, sink=sink, resume=resume, spill=spill, rules=plan.stream_rules()):
+                      seconds=report.seconds, sink=layer_done, resume=resume, spill=spill, rules=plan.stream_rules()):
         compress_layer(visit, plan, dtype, report, log_file)
         if on_layer:
             on_layer(visit.index, visit.n_layers)
@@ -299,8 +301,8 @@ def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSp
 
 def layer_distance(visit: Visit, stream: str, outputs: list[Tensor], tokens: str) -> DistanceStats:
     total = DistanceStats()
-    for before, after in zip(visit.streams[stream].inputs, outputs):
-        total.add(before.hidden, after, tokens)
+    for before, after in zip(visit.inputs(stream), outputs):
+        total.add(before, after, tokens)
     distributed.all_reduce_stats([total])
     return total
 
@@ -313,21 +315,22 @@ def effective_weight(module: nn.Module) -> Tensor:
 
 def build_group(visit: Visit, spec: GroupSpec, step: StepPlan, stats: Stats, originals: dict[str, Tensor],
                 arch=None) -> Group:
-    members = {}
+    members, decision = {}, step.decision or Decision()
     for role, name in spec.members.items():
         module = visit.module(name)
         originals.setdefault(name, effective_weight(module).to(visit.device))  # as held: no fp32 copy per layer
         weight = effective_weight(module).to(device=visit.device, dtype=torch.float32)
         members[role] = Target(name, module, weight, originals[name],
                                None if module.bias is None else module.bias.detach(), stats.get((name, "input")),
-                               getattr(module, "dense_class", type(module).__name__), stats.get((name, "output")))
+                               getattr(module, "dense_class", type(module).__name__), stats.get((name, "output")),
+                               decision)
     answered = {}
     for request in step.requests:
         name = visit.prefix if request.where == "layer" else spec.module_name(request.role)
         if (name, request.where) in stats:
             answered[request] = stats[(name, request.where)]
     block = visit.module(spec.block) if spec.block else None
-    return Group(spec.kind, spec.name, members, block, answered, arch)
+    return Group(spec.kind, spec.name, members, block, answered, arch, decision)
 
 
 def apply(visit: Visit, step: StepPlan, group: Group, outcomes: dict[str, Outcome], elapsed: float,

@@ -8,7 +8,6 @@ The protocol, dataset, seq_len and token count go into the results.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -19,12 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import calibration as sources
-from . import io, zeroshot
+from .. import calibration as sources
+from .. import io
+from ..errors import CompressorError, one_line
+from ..model import loading as models
+from ..model.modules import dequantized
 from . import speed as speed_runs
-from .errors import CompressorError, one_line
-from .model import loading as models
-from .model.modules import dequantized
+from . import zeroshot
+from .generation import generation_speed, load_any  # noqa: F401 (evaluate's own names)
 from .speed import SpeedOptions
 
 PROTOCOL = "gptq: split joined with '\\n\\n', non-overlapping windows, mean NLL of shifted next-token targets"
@@ -55,53 +56,9 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
 _perplexity = perplexity  # evaluate's keyword ``perplexity`` (a flag) hides the function's name there
 
 
-@torch.no_grad()
-def generation_speed(model: nn.Module, prompts: torch.Tensor, new_tokens: int = 32,
-                     device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Greedy generation from ``prompts`` (batch, prompt_len) with the KV cache: prefill (one forward over the
-    prompts) and decode (``new_tokens`` single-token steps) timed apart, as tokens per second of the batch;
-    ``generated`` holds the greedy tokens (what ``generate`` would give)."""
-    model.eval()
-    ids = prompts.to(device)
-    with dequantized(model):
-        start = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
-        prefill = time.perf_counter() - start
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        cache, token = getattr(out, name), out.logits[:, -1:].argmax(-1)  # (batch, 1)
-        generated = [token]
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(input_ids=token, use_cache=True, **{name: cache})
-            cache, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
-            generated.append(token)
-        decode = time.perf_counter() - start
-    batch, prompt_len = ids.shape
-    return {"batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-            "prefill_seconds": prefill, "decode_seconds": decode,
-            "prefill_tokens_per_s": batch * prompt_len / prefill, "decode_tokens_per_s": batch * new_tokens / decode,
-            "generated": torch.cat(generated, dim=1).cpu()}  # (batch, new_tokens + 1): greedy continuations
-
-
 def bytes_on_disk(path: Path) -> int:
     """Bytes of the weight files (safetensors) in a model directory, an EoRA adapter in adapter/ included."""
     return sum(f.stat().st_size for f in Path(path).rglob("*.safetensors"))
-
-
-def load_any(spec: str, device: str = "cpu", dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """(model, tokenizer, manifest | None) for a compressed directory or any MODEL spec."""
-    from transformers import AutoTokenizer
-
-    path = Path(spec)
-    if (path / io.MANIFEST).is_file():
-        manifest = io.read_manifest(path)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CompressorError(f"{path}: cannot load its tokenizer ({one_line(exc)})") from None
-        return io.load(path, device, dtype), tokenizer, manifest
-    model, tokenizer = models.load(spec, dtype or torch.float32, device, trust_remote_code=trust_remote_code)
-    return model, tokenizer, None
 
 
 def check_options(seq_len: int | None, max_tokens: int | None, batch_size: int) -> None:
@@ -134,7 +91,7 @@ def model_config(spec: str, trust_remote_code: bool = False):
     """The ``transformers`` config of a compressed directory (its base family's) or of any MODEL spec."""
     path = Path(spec)
     if (path / io.MANIFEST).is_file():
-        from .io.serving import model_config as base_config
+        from ..io.serving import model_config as base_config
 
         return base_config(path)
     return models.skeleton(spec, trust_remote_code=trust_remote_code).config

@@ -10,7 +10,8 @@ How the work is spread (``torch.distributed`` moves every byte; no launcher or t
 
 - calibration windows: each rank takes its contiguous share (``share``) and keeps only its share of the
   hidden states between layers, so activation memory per rank falls with the number of ranks;
-- statistics: every accumulator is a plain sum (``stats.accumulators``), so ``all_reduce_stats`` sums them
+- statistics: every accumulator is a plain sum that says what summing adds (``stats.accumulators``), so
+  ``all_reduce_stats`` sums them
   across ranks in place where a collection ends (``Collector.result``, the layer distances); every rank
   then holds the statistics of all the windows, and a rank's signature of what it holds is checked against
   the others' first, so ranks that disagree fail with a message instead of waiting on each other;
@@ -35,7 +36,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .errors import CompressorError
+from ..errors import CompressorError
 
 TIMEOUT_ENV = "COMPRESSOR_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 1800  # seconds any collective may wait for the slowest rank (a long decomposition)
@@ -164,29 +165,20 @@ def all_reduce_tensors(tensors: Iterable[Tensor], what: str = "tensors") -> None
 
 
 def all_reduce_stats(stats: Iterable[Any]) -> None:
-    """Sum ``TensorStats`` / ``DistanceStats`` accumulators across ranks, in place; each object once (shared
-    statistics appear under several keys), in the order given, which must be the same on every rank."""
+    """Sum statistics accumulators across ranks, in place; each object once (shared statistics appear under
+    several keys), in the order given, which must be the same on every rank. Each accumulator says what
+    summing adds: ``sums()`` gives its counts (a fp64 tensor) and the tensors summed in place, and
+    ``set_counts`` takes the summed counts back (``stats.accumulators``)."""
     if not _WORLD.spread:
         return
-    from .stats.accumulators import DistanceStats, TensorStats
-
     unique = list({id(s): s for s in stats}.values())
-    tensors: list[Tensor] = []
-    counts: list[Tensor] = []
-    for item in unique:
-        if isinstance(item, TensorStats):
-            counts.append(torch.tensor([float(item.n_tokens)], dtype=torch.float64))
-            tensors += [t for t in (item.gram, item.cross, item.abs_sum, item.sq_sum, item.x_sum) if t is not None]
-        elif isinstance(item, DistanceStats):
-            counts.append(torch.tensor([item.total, float(item.count)], dtype=torch.float64))
-        else:
-            raise TypeError(f"cannot sum {type(item).__name__} across ranks")
-    all_reduce_tensors([*counts, *tensors], "statistics")
-    for item, count in zip(unique, counts):
-        if isinstance(item, TensorStats):
-            item.n_tokens = int(count.item())
-        else:
-            item.total, item.count = float(count[0]), int(count[1])
+    missing = [item for item in unique if not hasattr(item, "sums")]
+    if missing:
+        raise TypeError(f"cannot sum {type(missing[0]).__name__} across ranks")
+    parts = [item.sums() for item in unique]
+    all_reduce_tensors([*(counts for counts, _ in parts), *(t for _, sums in parts for t in sums)], "statistics")
+    for item, (counts, _) in zip(unique, parts):
+        item.set_counts(counts)
 
 
 def barrier() -> None:

@@ -1,7 +1,7 @@
 """``compressor eval --speed``: prefill and decode tokens/s and peak memory of a compressed model against its
 base, on the same device, in the same run.
 
-Each model is measured in a process of its own (``python -m compressor.speed``), one after the other, so that
+Each model is measured in a process of its own (``python -m compressor.evaluation.speed``), one after the other, so that
 each peak is its own: on CUDA ``torch.cuda.max_memory_allocated`` (the model's tensors and the generation's
 working set, from a reset before loading); on the CPU the process's peak resident set (the libraries, the
 loaded model and the generation; ``rss_before_load`` is what the process held before it loaded the model).
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CompressorError, one_line
+from ..errors import CompressorError, one_line
 
 
 @dataclass
@@ -78,9 +78,9 @@ def measure(spec: str, prompts: list[list[int]], new_tokens: int, repeats: int, 
     """Load ``spec`` in this process and time greedy generation from ``prompts``; the process's peak memory."""
     import torch
 
-    from .api import tensor_bytes
-    from .evaluate import generation_speed, load_any
-    from .model import loading as models
+    from ..model import loading as models
+    from ..model.loading import tensor_bytes
+    from .generation import generation_speed, load_any
 
     cuda = torch.device(device).type == "cuda"
     if cuda:
@@ -111,9 +111,9 @@ def measure_in_subprocess(spec: str, prompts: list[list[int]], options: SpeedOpt
     payload = json.dumps({"spec": spec, "prompts": prompts, "new_tokens": options.new_tokens,
                           "repeats": options.repeats, "device": device, "dtype": dtype,
                           "trust_remote_code": trust_remote_code})
-    package_root = str(Path(__file__).resolve().parent.parent)  # importable from a checkout too
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding compressor/: from a checkout too
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
-    done = subprocess.run([sys.executable, "-m", "compressor.speed"], input=payload, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "compressor.evaluation.speed"], input=payload, capture_output=True, text=True,
                           env=env)
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import joined_text_source
+from .text import joined_text_source
 
 
 def _split(split: str) -> str:

@@ -8,7 +8,7 @@ decode tokens/s (``compressor eval --record`` keeps them in the output's ``evalu
 A plain model directory (the base) may be a row too: its parameters are counted from the safetensors headers.
 
 The same cells serve ``scripts/plot_bench.py``, which builds rows from the benchmark results in
-``results/bench-*.json`` (``row_of_bench``) for the README's table.
+``results/bench-*.json`` (``row_of_bench``) for the results tables (README.md, docs/results.md).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import io
-from .errors import CompressorError
+from .. import io
+from ..errors import CompressorError
 
 EVALUATION = "evaluation.json"
 COLUMNS = ("output", "method", "parameters", "bits/weight", "bytes on disk", "perplexity", "prefill tok/s",
@@ -142,7 +142,7 @@ def _safetensors_parameters(path: Path) -> int:
 def row_of_output(path: Path) -> dict[str, Any]:
     """A row from an output directory's compression.json, log, files and evaluation.json; a plain model
     directory (config.json and safetensors, no compression.json) is a dense row."""
-    from . import summary
+    from ..io import summary
     from .evaluate import bytes_on_disk
 
     path = Path(path)
@@ -198,7 +198,7 @@ def row_of_bench(run: dict[str, Any], heldout: str | None = None, speed: dict[st
 
 
 def _size(n: int | None) -> str:
-    from .summary import _size as size
+    from ..io.summary import _size as size
 
     return "–" if not n else size(n)
 

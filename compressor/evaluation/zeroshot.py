@@ -22,8 +22,8 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from .errors import CompressorError, one_line
-from .model.modules import dequantized
+from ..errors import CompressorError, one_line
+from ..model.modules import dequantized
 
 INSTALL = "pip install 'compressor[lm-eval]' (or: pip install lm-eval)"
 

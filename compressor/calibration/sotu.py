@@ -15,7 +15,7 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
-from . import joined_text_source
+from .text import joined_text_source
 
 
 @lru_cache(maxsize=4)

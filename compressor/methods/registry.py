@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import difflib
 
-from .contract import Compressor
-from .errors import CompressorError
-from .methods import curing, eora, fwsvd, lord, lqlora, modegpt, prune, quantize, welore
-from .plan.configs import build
+from ..config.configs import build
+from ..contract import Compressor
+from ..errors import CompressorError
+from . import curing, eora, fwsvd, lord, lqlora, modegpt, prune, quantize, welore
 
 COMPRESSORS: dict[str, type[Compressor]] = {
     cls.name: cls for cls in (lord.LoRD, welore.WeLore, quantize.Quantize, eora.EoRA, prune.Prune,

@@ -1,0 +1,99 @@
+"""What every text source is built from: ``Source`` (calibration and evaluation windows of a text),
+tokenizing without special tokens, seeded random windows and consecutive ones, and a local file's text."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import CompressorError
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    description: str
+    calibration: Callable[..., Tensor]  # (tokenizer, n_samples, seq_len, seed) -> (n, seq_len)
+    evaluation: Callable[..., Tensor]  # (tokenizer, seq_len, max_tokens) -> (k, seq_len)
+    eval_seq_len: int = 2048  # the protocol's default window
+    eval_max_tokens: int | None = None  # None: the whole held-out split
+
+
+def tokenize(tokenizer, text: str) -> Tensor:
+    """Token ids (N,) of a long text, no special tokens, no length warning."""
+    limit = tokenizer.model_max_length
+    tokenizer.model_max_length = int(1e12)
+    try:
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    finally:
+        tokenizer.model_max_length = limit
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int, name: str = "") -> Tensor:
+    """``n_samples`` windows (n, seq_len) at seeded random offsets of ``ids`` (N,) of the source ``name``."""
+    if ids.numel() <= seq_len:
+        raise CompressorError(f"calibration text{f' {name}' if name else ''} has {ids.numel()} tokens, fewer than "
+                              f"seq_len {seq_len} + 1")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=generator)
+    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+
+
+def consecutive_windows(ids: Tensor, seq_len: int, max_tokens: int | None = None) -> Tensor:
+    """Non-overlapping windows (k, seq_len) from the start of ``ids``; remainder dropped."""
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    count = ids.numel() // seq_len
+    if count == 0:
+        raise CompressorError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+def joined_text_source(name: str, description: str, train_text: Callable[[], str], test_text: Callable[[], str],
+                       eval_seq_len: int = 2048, eval_max_tokens: int | None = None) -> Source:
+    """A source whose calibration and held-out splits are each one text joined with "\\n\\n"."""
+    return Source(
+        name, description,
+        calibration=lambda tok, n, seq_len, seed: random_windows(tokenize(tok, train_text()), n, seq_len, seed, name),
+        evaluation=lambda tok, seq_len, max_tokens: consecutive_windows(tokenize(tok, test_text()), seq_len,
+                                                                        max_tokens),
+        eval_seq_len=eval_seq_len, eval_max_tokens=eval_max_tokens,
+    )
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CompressorError(f"calibration file {path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise CompressorError(f"calibration file {path}: cannot read it ({exc.strerror})") from None
+
+
+def _file_text(path: Path) -> str:
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(_read(path).splitlines(), 1):
+            if line.strip():
+                try:
+                    text = json.loads(line)["text"]
+                    if not isinstance(text, str):
+                        raise TypeError
+                    texts.append(text)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise CompressorError(f"{path}:{number}: expected a JSON object with a 'text' string") from None
+        return "\n\n".join(texts)
+    return _read(path)
+
+
+def file_source(path: Path) -> Source:
+    """A local text file: the whole file calibrates and evaluates (pass another file to hold out)."""
+    if not path.is_file():
+        raise CompressorError(f"calibration file not found: {path}")
+    return joined_text_source(str(path), f"local file {path}", lambda: _file_text(path), lambda: _file_text(path))

@@ -1,0 +1,1 @@
+"""Config machinery: dataclass configs whose unknown keys are errors, ``--set`` overrides (``configs``)."""

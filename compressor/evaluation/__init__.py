@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and speed (``evaluate``, ``speed``), zero-shot tasks (``zeroshot``), tables (``compare``)."""

@@ -1,0 +1,1 @@
+"""Runs spread over several ``torchrun`` processes (``distributed``)."""

@@ -1,0 +1,1 @@
+"""The compression pass: a compiled plan applied to a model on the layer walk (``compress``)."""
