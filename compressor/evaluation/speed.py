@@ -6,7 +6,7 @@ each peak is its own: on CUDA ``torch.cuda.max_memory_allocated`` (the model's t
 working set, from a reset before loading); on the CPU the process's peak resident set (the libraries, the
 loaded model and the generation; ``rss_before_load`` is what the process held before it loaded the model).
 Both get the same prompts (``batch`` windows of ``prompt_tokens`` held-out tokens, tokenized once here) and
-the same protocol (``evaluate.generation_speed``: one prefill forward, then ``new_tokens`` greedy decode
+the same protocol (``generation.generation_speed``: one prefill forward, then ``new_tokens`` greedy decode
 steps with the KV cache), a warm-up, then the best of ``repeats`` rounds. The base is the model recorded in
 the output's ``compression.json`` (``base_model_path`` for a local directory, else ``base_model``), or
 ``--base``. ``same_greedy_tokens`` is the fraction of decoded tokens equal to the base's.

@@ -34,6 +34,7 @@ import yaml
 from ..config import configs
 from ..config.configs import field
 from ..errors import CompressorError
+from ..methods import registry
 from ..ranks.uniform import RULES
 
 
@@ -133,8 +134,6 @@ def declared_type(data: dict[str, Any], parts: list[str]) -> Any:
     index = int(parts[1]) if parts[1].isdigit() else next(
         (i for i, s in enumerate(steps) if isinstance(s, dict) and s.get("method") == parts[1]), None)
     method = steps[index].get("method") if index is not None and index < len(steps) else None
-    from ..methods import registry
-
     cls = registry.COMPRESSORS.get(method) if isinstance(method, str) else None
     return typing.get_type_hints(cls.Config).get(parts[3], Any) if cls is not None else Any
 
