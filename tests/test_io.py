@@ -173,6 +173,43 @@ def test_interrupted_overwrite_keeps_the_old_output(tmp_path, vocab_size):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def _dropping(write, key_end: str):
+    """``write`` (a function that writes safetensors files), then one tensor whose name ends in ``key_end``
+    removed from the file that holds it: a writer that forgot a tensor."""
+    from safetensors.torch import load_file, save_file
+
+    def call(*args, **kwargs):
+        result = write(*args, **kwargs)
+        path = str(args[1])  # save_file(tensors, filename, ...)
+        if path.endswith(".safetensors"):
+            tensors = load_file(path)
+            dropped = {k: v for k, v in tensors.items() if not k.endswith(key_end)}
+            if len(dropped) < len(tensors):
+                save_file(dropped, path, metadata={"format": "pt"})
+        return result
+    return call
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_run_whose_output_lacks_a_tensor_fails_and_places_nothing(tmp_path, model_dirs, small, monkeypatch,
+                                                                    stream):
+    """The writer loses one tensor (the last layer's down projection): the run must not end in success with an
+    output that does not reload; it fails with one line naming the tensor, and nothing appears at --out."""
+    import transformers.modeling_utils
+
+    from compressor.io import shards
+
+    victim = "layers.1.mlp.down_proj.down.weight"
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file",
+                        _dropping(transformers.modeling_utils.safe_save_file, victim))  # in-memory runs' writer
+    monkeypatch.setattr(shards, "save_file", _dropping(shards.save_file, victim))  # streamed runs' writer
+    out = tmp_path / "out"
+    with pytest.raises(CompressorError, match=rf"lacks 1 tensor\(s\).*{victim}.*would not reload") as info:
+        compress(str(model_dirs["llama"]), "lord", out, overrides=small, progress=False, stream=stream)
+    assert "\n" not in str(info.value)
+    assert not out.exists()
+
+
 def test_load_rejects_other_directories(tmp_path, model_dirs):
     with pytest.raises(CompressorError, match="no compression.json"):
         compressor.load(model_dirs["llama"])

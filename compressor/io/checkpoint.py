@@ -29,9 +29,9 @@ config.json, swaps in empty compressed modules from the manifest, and loads the 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -40,7 +40,8 @@ from torch import nn
 from ..errors import CompressorError, one_line
 from ..model.modules import MODULE_KINDS, CompensatedLinear, from_spec, spec_of
 from ..model.modules import merge as merge_module
-from ..model.weights import indexed_files, load_state
+from ..model.streaming import read_header
+from ..model.weights import check_state, indexed_files, load_state
 from ..portable.modeling_compressor import state_for_modules
 from ..version import __version__
 from . import model_card
@@ -114,6 +115,17 @@ def save(model: nn.Module, tokenizer: Any, out: Path | OutputDirectory, manifest
     return output.path
 
 
+def write_weights(model: nn.Module, folder: Path) -> None:
+    """``save_pretrained`` in the model's own layout: tensors under the names the model holds them by (no key
+    renames or expert fusion reverted to the family's original checkpoint layout), as the streamed writer
+    (``shards``) writes them and every loader here reads them; stock ``from_pretrained`` reads this layout too."""
+    import inspect
+
+    own_layout = "save_original_format" in inspect.signature(model.save_pretrained).parameters  # transformers 5
+    model.save_pretrained(folder, max_shard_size=MAX_SHARD_SIZE, **({"save_original_format": False} if own_layout
+                                                                     else {}))
+
+
 def _write(model: nn.Module, tokenizer: Any, tmp: Path, out: Path, manifest: dict[str, Any],
            log: list[dict[str, Any]], merge: bool, reshaped: dict[str, nn.Module] | None,
            storage_dtype: torch.dtype | None, shards: Any = None) -> None:
@@ -132,14 +144,14 @@ def _write(model: nn.Module, tokenizer: Any, tmp: Path, out: Path, manifest: dic
     elif merge:
         merge_in_place(model)
         with stored_as(model, storage_dtype):
-            model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+            write_weights(model, tmp)
     else:  # quantized and compensated modules in the layout vLLM / transformers / peft read (export.py)
         with stored_as(model, storage_dtype), export.base_layout(model, modules) as loras:
             if shards is not None:
                 shards.finish(model)
                 loras = shards.loras
             else:
-                model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+                write_weights(model, tmp)
             manifest["serving"] = export.write_serving(tmp, model, modules, loras, str(Path(out).resolve()))
         reason = export.not_stock_reason(manifest["modules"], manifest["serving"]["compressed_tensors"])
         export.write_remote_code(tmp, manifest["modules"], manifest["serving"]["adapter"], reason)
@@ -153,6 +165,7 @@ def _write(model: nn.Module, tokenizer: Any, tmp: Path, out: Path, manifest: dic
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     model_card.write(tmp, manifest, log, Path(out).name)
     (tmp / LOG).write_text("".join(json.dumps(entry) + "\n" for entry in log))
+    check_loadable(tmp, out)
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -170,16 +183,28 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a model written by ``save`` (compressed or merged) with identical outputs. The model the
-    manifest describes is built from config.json with this package's module classes (those of
-    ``modeling_compressor``, which outputs carry for ``trust_remote_code``), the checkpoint's tensors renamed
-    as that loader does (``state_for_modules``), and every tensor must match (``weights.load_state``)."""
+def _header_state(path: Path) -> dict[str, torch.Tensor]:
+    """The weight files' tensors as empty meta tensors of their stored shapes (read from the headers only)."""
+    files = indexed_files(path)
+    state: dict[str, torch.Tensor] = {}
+    for name in ["model.safetensors"] if files is None else files:
+        file = path / name
+        if not file.is_file():
+            raise CompressorError(f"{path}: weight file {name} is missing")
+        try:
+            header = read_header(file)
+        except (OSError, ValueError) as exc:
+            raise CompressorError(f"{file}: cannot read the weights ({one_line(exc)})") from None
+        state.update({key: torch.empty(entry["shape"], device="meta") for key, entry in header.items()})
+    return state
+
+
+def _skeleton(path: Path, manifest: dict[str, Any], dtype: torch.dtype | None, meta: bool = False) -> nn.Module:
+    """The model an output describes, without its weights: built from config.json (the base family's class),
+    the manifest's compressed modules swapped in; on the meta device with ``meta``."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    path = Path(path)
-    manifest = read_manifest(path)
     try:
         config = export.model_config(path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -187,26 +212,54 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    with no_init_weights():
+    with no_init_weights(), torch.device("meta") if meta else nullcontext():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    hint = mismatch_hint(manifest)
-    if not manifest["merged"]:
-        for name, spec in sorted(manifest["modules"].items(), key=lambda item: item[0].count(".")):
-            try:
-                model.get_submodule(name)
-                model.set_submodule(name, from_spec(spec, dtype=dtype))
-            except AttributeError:
-                raise CompressorError(f"{path / MANIFEST}: module {name} is not in the model config.json "
-                                      "describes") from None
-            except (TypeError, ValueError, KeyError) as exc:
-                raise CompressorError(f"{path / MANIFEST}: the entry of module {name} is malformed "
-                                      f"({one_line(exc)})") from None
-        adapter = manifest.get("serving", {}).get("adapter")
-        state = state_for_modules(_state_dict(path), manifest["modules"], str(path / adapter) if adapter else None)
-    else:
-        state = _state_dict(path)
-    load_state(model, state, str(path), hint)
+    if manifest["merged"]:
+        return model
+    for name, spec in sorted(manifest["modules"].items(), key=lambda item: item[0].count(".")):
+        try:
+            model.get_submodule(name)
+            model.set_submodule(name, from_spec(spec, dtype=dtype, device="meta" if meta else None))
+        except AttributeError:
+            raise CompressorError(f"{path / MANIFEST}: module {name} is not in the model config.json "
+                                  "describes") from None
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CompressorError(f"{path / MANIFEST}: the entry of module {name} is malformed "
+                                  f"({one_line(exc)})") from None
+    return model
+
+
+def _stored_state(path: Path, manifest: dict[str, Any],
+                  read: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The output's tensors (``read`` from its weight files) under the names of the model's modules."""
+    if manifest["merged"]:
+        return read(path)
+    adapter = manifest.get("serving", {}).get("adapter")
+    return state_for_modules(read(path), manifest["modules"], str(path / adapter) if adapter else None)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a model written by ``save`` (compressed or merged) with identical outputs. The model the
+    manifest describes is built from config.json with this package's module classes (those of
+    ``modeling_compressor``, which outputs carry for ``trust_remote_code``), the checkpoint's tensors renamed
+    as that loader does (``state_for_modules``), and every tensor must match (``weights.load_state``)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    model = _skeleton(path, manifest, dtype)
+    load_state(model, _stored_state(path, manifest, _state_dict), str(path), mismatch_hint(manifest))
     return model.to(device).eval()
+
+
+def check_loadable(folder: Path, out: Path | str) -> None:
+    """An output about to be placed at ``out`` holds what ``load`` needs to rebuild it: every tensor of the
+    model its config and manifest describe, by name and shape, and nothing else (built on the meta device,
+    the files' headers read; no tensor is loaded). A run never ends in success with an output that does not
+    reload: this fails it with one line instead, before anything is placed at ``out``."""
+    manifest = read_manifest(folder)
+    model = _skeleton(folder, manifest, None, meta=True)
+    hint = ("; the run's output would not reload, so nothing was placed there (please report this: the "
+            "model's layout is one compressor writes incompletely)")
+    check_state(model, _stored_state(folder, manifest, _header_state), f"the output for --out {out}", hint)
 
 
 def dequantized_base(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:

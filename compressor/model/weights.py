@@ -100,14 +100,20 @@ def load_pretrained(source: str, where: str, **kwargs: Any) -> nn.Module:
     return model
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, hint: str = "") -> None:
-    """Load ``state`` into ``model`` (built from its config); every tensor must be there, in its shape."""
+def check_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, hint: str = "") -> None:
+    """Raise unless ``state`` holds every tensor ``model`` needs, in its shape, and nothing else (either may
+    be on the meta device: only names and shapes are compared)."""
     expected = model.state_dict()
     mismatched = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
                   if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     unexpected = [k for k in state if k not in expected]
     missing = [k for k in expected if k not in state]
     check_complete(model, where, missing, mismatched, unexpected, hint)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, hint: str = "") -> None:
+    """Load ``state`` into ``model`` (built from its config); every tensor must be there, in its shape."""
+    check_state(model, state, where, hint)
     model.load_state_dict(state, strict=False)
     model.tie_weights()  # a tied head is the embedding, not the uninitialized tensor from_config made
     check_finite(model, where)
