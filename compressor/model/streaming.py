@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import CompressorError, one_line
 from . import weights
+from .layout import checkpoint_names
 
 _SOURCES: "weakref.WeakKeyDictionary[nn.Module, LayerSource]" = weakref.WeakKeyDictionary()
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
@@ -176,6 +177,7 @@ class LayerSource:
         self.model, self.checkpoint, self.dtype, self.where = model, checkpoint, dtype, where
         self.names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
         self.prefix = getattr(model, "base_model_prefix", "") or ""
+        self.layout = checkpoint_names(model, checkpoint.entries)  # the family's renames (GPT-NeoX's head)
         sharing: dict[int, list[str]] = {}  # a parameter → every name it has (a tied head and embedding)
         for name, param in model.named_parameters(remove_duplicate=False):
             sharing.setdefault(id(param), []).append(name)
@@ -190,10 +192,24 @@ class LayerSource:
             elif self.prefix:
                 candidates.append(f"{self.prefix}.{name}")
             for key in candidates:
+                if key in self.layout.keys:
+                    return self.layout.keys[key]
                 if key in self.checkpoint:
                     return key
+        fused = next((self.layout.fused[n] for n in names if n in self.layout.fused), None)
+        if fused is not None:
+            raise CompressorError(f"{self.where}: --stream does not read {names[0]}, which transformers assembles "
+                                  f"on loading from {len(fused)} tensors of the checkpoint ({fused[0]}, ...: "
+                                  "experts fused into one tensor); run without --stream")
         raise CompressorError(f"{self.where}: the checkpoint lacks tensor {names[0]}, which the model needs; it "
                               "is incomplete, or its config.json describes more than its weights hold")
+
+    def check(self) -> None:
+        """Every tensor the model needs has a checkpoint key (names only, nothing read): a checkpoint this
+        reader cannot serve fails before any work."""
+        for name, owner, attr, is_param in self._slots((self.model,)):
+            if getattr(owner, attr).device.type == "meta":  # what materialize would read
+                self._key(self.tied.get(name, [name]) if is_param else [name])
 
     def _slots(self, modules: tuple[nn.Module, ...]) -> list[tuple[str, nn.Module, str, bool]]:
         """``_slots`` of several modules with model-level names (a tensor two of them share stays shared)."""
@@ -288,5 +304,7 @@ def open_streamed(spec: str, dtype: torch.dtype = torch.float32, trust_remote_co
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise _load_error(spec, exc) from None
     model.eval()
-    _SOURCES[model] = LayerSource(model, checkpoint, dtype, f"model {spec}")
+    source = LayerSource(model, checkpoint, dtype, f"model {spec}")
+    source.check()
+    _SOURCES[model] = source
     return model, tokenizer, folder
