@@ -21,8 +21,8 @@ from . import calibration as sources
 from . import io
 from .errors import CompressorError, CompressorWarning, Terminated
 from .io import summary
+from .model import experts, streaming
 from .model import loading as models
-from .model import streaming
 from .model.architecture import layer_count
 from .model.loading import tensor_bytes
 from .parallel import distributed
@@ -182,6 +182,7 @@ def prepare(model: str, recipe: str | Recipe, overrides: list[str] | None, devic
     torch_dtype = models.parse_dtype(dtype, "--dtype")
     stored = models.parse_dtype(storage_dtype, "--storage-dtype") if storage_dtype is not None else None
     skeleton = models.skeleton(model, torch_dtype, trust_remote_code=trust_remote_code)
+    experts.unfuse(skeleton)  # each expert's projections are targets of their own (refused before: any other)
     plan = compile_plan(recipe, skeleton)  # every value checked, no weight read
     unmergeable = [step.method for step in plan.steps if merge and not step.compressor.mergeable]
     if unmergeable:
@@ -213,6 +214,7 @@ def load(job: Job, sink: io.Sink, seconds: dict[str, float]) -> Loaded:
     seconds into ``seconds``."""
     start = time.perf_counter()
     model, tokenizer = sink.open_model(job.model, job.torch_dtype, job.trust_remote_code)
+    experts.unfuse(model)  # as the plan's skeleton was
     seconds["load"] = time.perf_counter() - start
     before = {"params": models.parameter_count(model), "bytes": tensor_bytes(model)}
     start = time.perf_counter()

@@ -55,19 +55,22 @@ MAX_SHARD_SIZE = "2GB"
 
 
 def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Name → outermost compressed module (the parts of a ``compensated`` module are not listed)."""
+    """Name → outermost compressed module (the parts of a ``compensated`` module are not listed), parents
+    before children; inside a container kind (``experts``) its members' compressed modules are listed too."""
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if getattr(module, "kind", None) in MODULE_KINDS and not any(name.startswith(f"{o}.") for o in found):
+        if getattr(module, "kind", None) in MODULE_KINDS and not any(
+                name.startswith(f"{o}.") and not getattr(m, "container", False) for o, m in found.items()):
             found[name] = module
     return found
 
 
 def merge_in_place(model: nn.Module) -> int:
-    """Replace every compressed module by its dense equivalent; returns how many were merged."""
+    """Replace every compressed module by its dense equivalent (the members of a container before it);
+    returns how many were merged."""
     found = compressed_modules(model)
-    for name, module in found.items():
-        model.set_submodule(name, merge_module(module))
+    for name in sorted(found, key=lambda n: -n.count(".")):
+        model.set_submodule(name, merge_module(model.get_submodule(name)))
     return len(found)
 
 

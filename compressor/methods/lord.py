@@ -217,7 +217,9 @@ class LoRD(LinearCompressor):
                            extra={**extra, "gram_side": "output", "rel_output_error": error})
         whitening = self.whitening_of(target.stats)
         weight = target.weight
-        if self.config.refit == "outputs":  # W C G̃⁻¹: the least-squares map from X̃ to W·X
+        if self.config.refit == "outputs" and target.stats.cross is None:  # a routed expert: its tokens differ
+            note = "refit skipped: a routed expert's tokens do not pair with the original model's"
+        elif self.config.refit == "outputs":  # W C G̃⁻¹: the least-squares map from X̃ to W·X
             strength = self.config.refit_strength  # target α W X + (1 − α) W X̃: cross α C + (1 − α) G̃
             cross = target.stats.cross if strength == 1.0 else (
                 strength * target.stats.cross + (1 - strength) * target.stats.gram)

@@ -30,7 +30,7 @@ from ..portable.modeling_compressor import shape_of, spec_of
 from .attention import ShrunkAttention
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
-__all__ = ["LINEAR_TYPES", "CURLinear", "CompensatedLinear", "LowRankLinear", "MODULE_KINDS", "NormalFloatLinear",
+__all__ = ["LINEAR_TYPES", "CURLinear", "CompensatedLinear", "Experts", "LowRankLinear", "MODULE_KINDS", "NormalFloatLinear",
            "QuantizedLinear", "ShrunkAttention", "dense_module", "dequantized", "from_spec", "merge", "shape_of", "spec_of", "weight_of"]
 
 
@@ -164,9 +164,30 @@ class CompensatedLinear(portable.CompensatedLinear):
         return (base.to(dtype) + self.lora.dense_weight().to(dtype)).to(self.lora.up.weight.dtype)
 
 
+class Experts(portable.Experts):
+    """A layer's routed experts with each expert's projections as linears of their own
+    (``modeling_compressor.Experts``; ``model.experts.unfuse`` builds it from the family's fused module)."""
+
+    fused_class: tuple[type, Any] | None = None  # (the family's experts class, its config), set by unfuse
+
+    def merged(self) -> nn.Module:
+        """The family's own fused module holding every expert's dense weights (``--merge``)."""
+        if self.fused_class is None:
+            raise ValueError("these experts were not unfused from a known module; they cannot be fused back")
+        cls, config = self.fused_class
+        with torch.device("meta"):
+            fused = cls(config)
+        dense = [[merge(p) if hasattr(p, "dense_weight") else p for p in (e.gate_proj, e.up_proj, e.down_proj)]
+                 for e in (self.expert(i) for i in range(self.num_experts))]
+        fused.gate_up_proj = nn.Parameter(torch.stack([torch.cat([g.weight, u.weight]) for g, u, _ in dense]).detach(),
+                                          requires_grad=False)
+        fused.down_proj = nn.Parameter(torch.stack([d.weight for _, _, d in dense]).detach(), requires_grad=False)
+        return fused
+
+
 MODULE_KINDS: dict[str, type[nn.Module]] = {
     cls.kind: cls for cls in (LowRankLinear, CURLinear, QuantizedLinear, NormalFloatLinear, CompensatedLinear,
-                              ShrunkAttention)
+                              ShrunkAttention, Experts)
 }
 QUANTIZED_KINDS = (QuantizedLinear, NormalFloatLinear)  # dequantized from packed codes on each call
 
@@ -189,5 +210,7 @@ def dequantized(model: nn.Module) -> Iterator[int]:
 
 def merge(module: nn.Module) -> nn.Module:
     """The dense module (original class) equivalent to a compressed one."""
+    if hasattr(module, "merged"):  # a container (experts): the family's own module
+        return module.merged()
     return dense_module(module.dense_weight().detach(), None if module.bias is None else module.bias.detach(),
                         module.dense_class)

@@ -13,7 +13,8 @@ from .modules import LINEAR_TYPES, MODULE_KINDS
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, LINEAR_TYPES) or getattr(module, "kind", None) in MODULE_KINDS
+    return isinstance(module, LINEAR_TYPES) or (getattr(module, "kind", None) in MODULE_KINDS
+                                                and not getattr(module, "container", False))
 
 
 def layer_linears(layer: nn.Module, prefix: str) -> dict[str, nn.Module]:

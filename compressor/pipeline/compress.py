@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..contract import Decision, Group, LayerContext, ModelView, Outcome, Target
 from ..errors import CompressorError, one_line
 from ..kernels.linalg import relative_error
+from ..model.experts import routed_linears
 from ..model.modules import shape_of, weight_of
 from ..parallel import distributed
 from ..plan.compile import GroupSpec, Plan, StepPlan
@@ -249,6 +250,7 @@ def watches(visit: Visit, wanted: list[tuple[StepPlan, list[GroupSpec]]], arch=N
     precisions: dict[str, set[str]] = defaultdict(set)  # where → the precisions its gram requests ask
     sides: dict[tuple[str, str], bool] = {}  # (name, where) → per head
     rope_blocks: dict[str, str] = {}  # q/k linear → its attention block
+    routed = routed_linears(visit.layer, visit.prefix)  # experts' linears: no token pairing with another run
     for step, specs in wanted:
         for request in step.requests:
             if request.statistic not in TENSOR_STATISTICS:
@@ -266,8 +268,8 @@ def watches(visit: Visit, wanted: list[tuple[StepPlan, list[GroupSpec]]], arch=N
     for where, asked in precisions.items():
         if asked == {"float32"}:
             kinds[where].add(FP32_GRAM)
-    return [Watch(name, visit.module(name), where, frozenset(kinds[where]), _heads(arch, name) if per_head else None,
-                  visit.module(rope_blocks[name]) if where == "rotated" else None)
+    return [Watch(name, visit.module(name), where, frozenset(kinds[where] - ({"cross_gram"} if name in routed else set())),
+                  _heads(arch, name) if per_head else None, visit.module(rope_blocks[name]) if where == "rotated" else None)
             for (name, where), per_head in sides.items()]
 
 

@@ -183,6 +183,11 @@ def compile_step(recipe: Recipe, index: int, linears: dict[str, nn.Module], mode
         groups = linear_groups(names, model)
     else:  # "blocks": a layer's attention, then its MLP
         kinds = ("attention", "mlp") if kind == "blocks" else (kind,)
+        moe = next((n for n, m in model.named_modules() if getattr(m, "kind", None) == "experts"), None)
+        if "mlp" in kinds and moe is not None:
+            raise CompressorError(f"{where}: the MLP of this model is a mixture of experts ({moe}), which "
+                                  f"{spec.method}'s MLP step does not cover; compress its attention alone "
+                                  "(e.g. part: attention) or use a per-linear method")
         found = [group for k in kinds for group in block_groups(k, names, model)]
         groups = sorted(found, key=lambda group: group.layer)  # stable: attention before MLP within a layer
     return StepPlan(index, compressor, spec.targets, spec.ignore, stream_name(recipe, index),

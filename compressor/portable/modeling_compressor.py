@@ -25,7 +25,9 @@ Module kinds (weights are (out, in) = (m, n), the ``nn.Linear`` layout):
 - ``normal_float``: blockwise NormalFloat codes with double-quantized scales (LQ-LoRA), dequantized on each call;
 - ``compensated``: ``base(x) + lora(x)``; in the files the base's tensors sit under the module's own name
   and the low-rank path (lora_A = down, lora_B = up) in the PEFT adapter;
-- ``shrunk_attention``: attention with ``qk_dim`` query/key and ``v_dim`` value dims per head (MoDeGPT).
+- ``shrunk_attention``: attention with ``qk_dim`` query/key and ``v_dim`` value dims per head (MoDeGPT);
+- ``experts``: a layer's routed experts with each expert's gate/up/down as a linear of its own (child specs
+  follow it), computing what transformers' fused experts compute.
 """
 
 from __future__ import annotations
@@ -562,9 +564,78 @@ class ShrunkAttention(nn.Module):
                 f"qk_dim={self.qk_dim}, v_dim={self.v_dim}, rope={self.rope}")
 
 
+# --- mixture of experts: each expert's projections as linears of their own ---------------------------------
+
+
+class ExpertMLP(nn.Module):
+    """One routed expert, ``down_proj(act(gate_proj(x)) · up_proj(x))``: gate/up (I, H), down (H, I)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype | None = None,
+                 device: Any = None) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False, dtype=dtype, device=device)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, dtype=dtype, device=device)
+
+
+class Experts(nn.Module):
+    """A layer's routed experts, expert ``e`` as child ``"<e>"`` with ``gate_proj``, ``up_proj`` and
+    ``down_proj`` linears of its own (any of them may be a compressed module), in place of transformers'
+    fused experts (``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)). Called as those are, with the
+    tokens (tokens, H), the router's top-k expert indices (tokens, k) and weights (tokens, k): each expert
+    runs on the tokens routed to it and its output, times the token's routing weight, is summed per token,
+    as transformers' eager experts compute it. The router, top-k and weighting stay the family's."""
+
+    kind = "experts"
+    container = True  # its experts' linears are modules of their own in the manifest
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str,
+                 dtype: torch.dtype | None = None, device: Any = None) -> None:
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size, self.act = \
+            num_experts, hidden_size, intermediate_size, act
+        for index in range(num_experts):
+            self.add_module(str(index), ExpertMLP(hidden_size, intermediate_size, dtype, device))
+
+    def expert(self, index: int) -> ExpertMLP:
+        return getattr(self, str(index))
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        from transformers.activations import ACT2FN
+
+        act_fn = ACT2FN[self.act]
+        final = torch.zeros_like(hidden_states)  # (tokens, H)
+        with torch.no_grad():
+            mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)  # (E + 1, k, tokens)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for index in hit[:, 0].tolist():
+            if index == self.num_experts:
+                continue
+            position, token = torch.where(mask[index])
+            expert = self.expert(index)
+            x = hidden_states[token]  # (routed, H)
+            out = expert.down_proj(act_fn(expert.gate_proj(x)) * expert.up_proj(x))
+            out = out * top_k_weights[token, position, None]
+            final.index_add_(0, token, out.to(final.dtype))
+        return final
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_experts": self.num_experts, "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size, "act": self.act}
+
+    @classmethod
+    def empty(cls, dtype: torch.dtype | None = None, device: Any = None, **spec: Any) -> "Experts":
+        spec.pop("kind", None)
+        spec.pop("kinds", None)
+        return cls(**spec, dtype=dtype, device=device)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}"
+
+
 MODULE_KINDS: dict[str, type[nn.Module]] = {
     cls.kind: cls for cls in (LowRankLinear, CURLinear, QuantizedLinear, NormalFloatLinear, CompensatedLinear,
-                              ShrunkAttention)
+                              ShrunkAttention, Experts)
 }
 
 
