@@ -15,6 +15,9 @@ other (gpt-oss's transposed, biased, clamped experts) with one line, before any 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -98,3 +101,29 @@ def routed_linears(layer: nn.Module, prefix: str) -> set[str]:
     that see only the tokens routed to them, so their inputs do not pair token by token with another run's."""
     return {f"{prefix}.{name}.{child}" for name, module in layer.named_modules() if isinstance(module, Experts)
             for child, sub in module.named_modules() if child and isinstance(sub, nn.Linear)}
+
+
+def expert_of(name: str) -> tuple[str, int] | None:
+    """(the experts module's name, the expert's index) of a linear inside one (``…experts.3.gate_proj``)."""
+    parts = name.split(".")
+    return (".".join(parts[:-2]), int(parts[-2])) if len(parts) > 2 and parts[-2].isdigit() else None
+
+
+@contextmanager
+def calibrating_all(layer: nn.Module, prefix: str, names: set[str] | None = None) -> Iterator[None]:
+    """Within the block, the experts of ``layer`` (``prefix``: its name) that hold one of the linears ``names``
+    (None: every expert) also run on every token, for statistics only (``Experts.calibrate_all``): the layer's
+    output is unchanged."""
+    chosen: dict[str, set[int]] = {}
+    for name in names if names is not None else routed_linears(layer, prefix):
+        found = expert_of(name)
+        if found is not None:
+            chosen.setdefault(found[0], set()).add(found[1])
+    modules = {name: layer.get_submodule(name[len(prefix) + 1:]) for name in chosen}
+    try:
+        for name, module in modules.items():
+            module.calibrate_all = frozenset(chosen[name])
+        yield
+    finally:
+        for module in modules.values():
+            module.calibrate_all = None

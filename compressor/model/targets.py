@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 from .architecture import decoder_layers
@@ -17,11 +18,29 @@ def is_linear(module: nn.Module) -> bool:
                                                 and not getattr(module, "container", False))
 
 
+def _is_experts(module: nn.Module) -> bool:
+    gate_up = getattr(module, "gate_up_proj", None)
+    return getattr(module, "kind", None) == "experts" or (isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3)
+
+
+def routing(module: nn.Module) -> set[str]:
+    """The names (relative to ``module``) of the routing linears in its mixture-of-experts blocks: a block's
+    own linear children beside its experts (a router, Qwen2-MoE's shared-expert gate), never targets."""
+    found = set()
+    for name, block in module.named_modules():
+        children = dict(block.named_children())
+        if any(_is_experts(child) for child in children.values()):
+            dot = f"{name}." if name else ""
+            found |= {f"{dot}{child}" for child, sub in children.items() if is_linear(sub)}
+    return found
+
+
 def layer_linears(layer: nn.Module, prefix: str) -> dict[str, nn.Module]:
-    """Fully qualified name → linear (dense or already compressed) inside one decoder layer."""
+    """Fully qualified name → linear (dense or already compressed) inside one decoder layer, routing aside."""
     found: dict[str, nn.Module] = {}
+    skip = routing(layer)
     for name, module in layer.named_modules():
-        if not name or any(name.startswith(done + ".") for done in found):
+        if not name or name in skip or any(name.startswith(done + ".") for done in found):
             continue
         if is_linear(module):
             found[f"{prefix}.{name}"] = module
@@ -29,14 +48,12 @@ def layer_linears(layer: nn.Module, prefix: str) -> dict[str, nn.Module]:
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Fully qualified name → every linear (dense or compressed) inside the decoder layers, in model order."""
-    prefix, _ = decoder_layers(model)
+    """Fully qualified name → every linear (dense or compressed) inside the decoder layers, in model order;
+    not the routing of mixture-of-experts blocks (``routing``)."""
+    prefix, layers = decoder_layers(model)
     found: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if not name.startswith(prefix + ".") or any(name.startswith(done + ".") for done in found):
-            continue
-        if is_linear(module):
-            found[name] = module
+    for index, layer in enumerate(layers):
+        found.update(layer_linears(layer, f"{prefix}.{index}"))
     return found
 
 

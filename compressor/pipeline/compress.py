@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from ..contract import Decision, Group, LayerContext, ModelView, Outcome, Target
 from ..errors import CompressorError, one_line
 from ..kernels.linalg import relative_error
-from ..model.experts import routed_linears
+from ..model.experts import calibrating_all, routed_linears
 from ..model.modules import shape_of, weight_of
 from ..parallel import distributed
 from ..plan.compile import GroupSpec, Plan, StepPlan
@@ -39,6 +40,7 @@ class Report:
     log: list[dict[str, Any]] = field(default_factory=list)  # one entry per targeted module
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     reshaped: dict[str, nn.Module] = field(default_factory=dict)  # replacements of a new shape (for the manifest)
+    moe_fallback: dict[str, int] = field(default_factory=dict)  # expert linear → routed tokens, if too few
 
 
 def decide(model: nn.Module, plan: Plan, batches: dict[str, list[Tensor]], device: torch.device,
@@ -92,7 +94,7 @@ def compress_layer(visit: Visit, plan: Plan, dtype: torch.dtype, report: Report,
         if shared is not None:  # data-free steps get them too, for the log's output error
             stats = shared.get(step.stream, {})
         else:
-            stats = collect(visit, step.stream, [(step, specs)], report, plan.arch) if step.requests else {}
+            stats = collect(visit, step.stream, [(step, specs)], report, plan) if step.requests else {}
         # released group by group: a step's own statistics (the shared ones at their last step), and the
         # original weights at the layer's last step
         compress_groups(visit, plan, step, specs, stats, ctx, originals, report, log_file,
@@ -105,11 +107,11 @@ def compress_in_stages(visit: Visit, plan: Plan, step: StepPlan, specs: list[Gro
     (``stages``: q/k/v, o, gate/up, down): each stage is compressed on statistics collected after the earlier
     stages' replacements, so it fits the inputs its compressed upstream modules now give, not those of the
     original layer."""
-    stats = collect(visit, step.stream, [(step, specs)], report, plan.arch)
+    stats = collect(visit, step.stream, [(step, specs)], report, plan)
     for number, stage in enumerate(stages(specs, stats)):
         if number:  # the earlier stages changed this stage's inputs: collect them again, for this stage only,
             # each forward stopped once the stage's modules have run (partial)
-            stats = collect(visit, step.stream, [(step, stage)], report, plan.arch, partial=True)
+            stats = collect(visit, step.stream, [(step, stage)], report, plan, partial=True)
         compress_groups(visit, plan, step, stage, stats, ctx, originals, report, log_file)
 
 
@@ -237,7 +239,7 @@ def collect_once(visit: Visit, plan: Plan, report: Report) -> dict[str, Stats]:
         wanted = [(s, s.groups_in(visit.index)) for s in plan.steps if s.stream == stream and s.requests]
         wanted = [(s, specs) for s, specs in wanted if specs]
         if wanted:
-            shared[stream] = collect(visit, stream, wanted, report, plan.arch)
+            shared[stream] = collect(visit, stream, wanted, report, plan)
     return shared
 
 
@@ -282,23 +284,48 @@ def _heads(arch, name: str) -> int:
 
 
 def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSpec]]], report: Report,
-            arch=None, partial: bool = False) -> Stats:
+            plan: Plan, partial: bool = False) -> Stats:
     """Run the layer once on ``stream`` with the hooks the steps' requests need; the statistics. ``partial``
-    (paired steps' later stages): each forward stops once the watched modules have run (no outputs)."""
-    collector = Collector(watches(visit, wanted, arch))
+    (paired steps' later stages): each forward stops once the watched modules have run (no outputs).
+    Experts' linears see their routed tokens (``plan.moe_calibration`` routed) or every token (all); with
+    routed, those that got fewer than ``plan.moe_min_tokens`` are collected again on every token
+    (``experts_on_all_tokens``)."""
+    collector = Collector(watches(visit, wanted, plan.arch))
     distance = [r for step, _ in wanted for r in step.requests if r.statistic == "angular_distance"]
     start = time.perf_counter()
-    if any(step.paired for step, _ in wanted):  # a reference batch first, then the same batch here
-        names = {w.name: visit.relative(w.name) for w in collector.watches if w.where == "input"}
-        outputs = visit.forward_paired(stream, reference_of(stream), collector, names, partial and not distance)
-    else:
-        outputs = visit.forward(stream, collector)
+    with calibrating_all(visit.layer, visit.prefix) if plan.moe_calibration == "all" else nullcontext():
+        if any(step.paired for step, _ in wanted):  # a reference batch first, then the same batch here
+            names = {w.name: visit.relative(w.name) for w in collector.watches if w.where == "input"}
+            outputs = visit.forward_paired(stream, reference_of(stream), collector, names, partial and not distance)
+        else:
+            outputs = visit.forward(stream, collector)
     report.seconds["statistics_forward"] += time.perf_counter() - start - collector.seconds
     report.seconds["statistics_accumulation"] += collector.seconds
     stats: Stats = dict(collector.result())
+    if plan.moe_calibration == "routed":
+        stats.update(experts_on_all_tokens(visit, stream, collector.watches, stats, plan.moe_min_tokens, report))
     if distance:
         stats[(visit.prefix, "layer")] = layer_distance(visit, stream, outputs, distance[0].tokens)
     return stats
+
+
+def experts_on_all_tokens(visit: Visit, stream: str, watched: list[Watch], stats: Stats, minimum: int,
+                          report: Report) -> Stats:
+    """The statistics of the experts' linears among ``watched`` whose routed tokens were fewer than ``minimum``
+    (none at all, perhaps), collected again with every token of ``stream`` run through their experts, for
+    statistics only; each such linear is recorded in ``report.moe_fallback`` (name → its routed tokens)."""
+    routed = routed_linears(visit.layer, visit.prefix)
+    starved = [w for w in watched if w.name in routed
+               and ((w.name, w.where) not in stats or stats[(w.name, w.where)].n_tokens < minimum)]
+    if not starved:
+        return {}
+    for w in starved:
+        held = stats.get((w.name, w.where))
+        report.moe_fallback[w.name] = held.n_tokens if held is not None else 0
+    collector = Collector([replace(w, kinds=w.kinds - {"cross_gram"}) for w in starved])
+    with calibrating_all(visit.layer, visit.prefix, {w.name for w in starved}):
+        visit.forward(stream, collector)  # the same outputs: routed tokens are computed as before
+    return dict(collector.result())
 
 
 def layer_distance(visit: Visit, stream: str, outputs: list[Tensor], tokens: str) -> DistanceStats:
@@ -349,6 +376,8 @@ def apply(visit: Visit, step: StepPlan, group: Group, outcomes: dict[str, Outcom
         outcome = outcomes.get(name, Outcome(None, note="skipped"))
         target = next((t for t in group.members.values() if t.name == name), None)
         entry = log_entry(step, name, target, outcome, elapsed / len(names), group_error)
+        if name in report.moe_fallback:  # an expert with too few routed tokens: calibrated on all of them
+            entry["moe_calibration"] = f"all tokens ({report.moe_fallback[name]} routed)"
         report.log.append(entry)
         if log_file is not None:
             log_file.write(json.dumps(entry) + "\n")

@@ -97,6 +97,14 @@ class Plan:
     def statistics(self) -> str:
         return self.recipe.statistics
 
+    @property
+    def moe_calibration(self) -> str:
+        return self.recipe.moe_calibration
+
+    @property
+    def moe_min_tokens(self) -> int:
+        return self.recipe.moe_min_tokens
+
     def warnings(self) -> list[str]:
         """What the run will produce that the user may not want, each naming its step (``Config.warnings``):
         said before any weight is read (``compress``; a dry run prints them too)."""

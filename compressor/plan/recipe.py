@@ -69,7 +69,15 @@ class Recipe:
     propagate: Literal["compressed", "original"] = field("compressed", "next layer sees compressed or original outputs")
     statistics: Literal["per_step", "once"] = field(
         "per_step", "per_step: each step collects on the layer as earlier steps left it; once: one pass before any step")
+    moe_calibration: Literal["routed", "all"] = field(
+        "routed", "mixture-of-experts statistics: routed = each expert's own routed tokens (an expert with fewer "
+        "than moe_min_tokens falls back to all tokens); all = every token through every expert, for statistics only")
+    moe_min_tokens: int = field(64, "routed: the fewest routed calibration tokens an expert's statistics come from")
     steps: list[StepSpec] = field([], "compression steps, applied in order to each layer")
+
+    def __post_init__(self) -> None:
+        if self.moe_min_tokens < 1:
+            raise ValueError("moe_min_tokens must be ≥ 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -588,6 +588,7 @@ class Experts(nn.Module):
 
     kind = "experts"
     container = True  # its experts' linears are modules of their own in the manifest
+    calibrate_all: frozenset[int] | None = None  # calibration only: experts that also see every token
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str,
                  dtype: torch.dtype | None = None, device: Any = None) -> None:
@@ -608,16 +609,24 @@ class Experts(nn.Module):
         with torch.no_grad():
             mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)  # (E + 1, k, tokens)
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        everyone = self.calibrate_all or frozenset()
+        for index in sorted(everyone):  # statistics of every token (its hooks see them); the output is not used
+            self._run(self.expert(index), hidden_states, act_fn, hooks=True)
         for index in hit[:, 0].tolist():
             if index == self.num_experts:
                 continue
             position, token = torch.where(mask[index])
-            expert = self.expert(index)
             x = hidden_states[token]  # (routed, H)
-            out = expert.down_proj(act_fn(expert.gate_proj(x)) * expert.up_proj(x))
+            out = self._run(self.expert(index), x, act_fn, hooks=index not in everyone)
             out = out * top_k_weights[token, position, None]
             final.index_add_(0, token, out.to(final.dtype))
         return final
+
+    @staticmethod
+    def _run(expert: ExpertMLP, x: Tensor, act_fn: Any, hooks: bool) -> Tensor:
+        """``down(act(gate(x)) · up(x))``; without ``hooks`` the linears' forward hooks do not see it."""
+        call = (lambda module, t: module(t)) if hooks else (lambda module, t: module.forward(t))
+        return call(expert.down_proj, act_fn(call(expert.gate_proj, x)) * call(expert.up_proj, x))
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_experts": self.num_experts, "hidden_size": self.hidden_size,

@@ -1,0 +1,217 @@
+"""Mixture-of-experts families and families whose checkpoints transformers renames: each expert's projections
+are targets of their own, the layer computes what the family's fused experts compute, outputs reload with the
+in-memory logits (``compressor.load``, ``trust_remote_code``, stock ``from_pretrained`` after ``--merge``), and
+what is not supported is refused before any weight is read."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers as tf
+from conftest import SMALL_CALIBRATION, logits
+
+import compressor
+from compressor.api import compress
+from compressor.errors import CompressorError
+from compressor.model import experts
+from compressor.model.modules import Experts
+from compressor.model.targets import decoder_linears
+
+COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3")
+
+
+def moe_config(family: str, vocab: int):
+    if family == "mixtral":
+        return tf.MixtralConfig(vocab_size=vocab, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+                                **COMMON)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(vocab_size=vocab, intermediate_size=128, moe_intermediate_size=48, num_experts=4,
+                                 num_experts_per_tok=2, head_dim=16, decoder_sparse_step=1, mlp_only_layers=[],
+                                 **COMMON)
+    if family == "qwen2_moe":  # a shared expert beside the routed ones
+        return tf.Qwen2MoeConfig(vocab_size=vocab, intermediate_size=128, moe_intermediate_size=48, num_experts=4,
+                                 num_experts_per_tok=2, shared_expert_intermediate_size=96, decoder_sparse_step=1,
+                                 mlp_only_layers=[], **COMMON)
+    if family == "deepseek_v3":  # latent attention, a first dense layer, a shared expert
+        return tf.DeepseekV3Config(vocab_size=vocab, intermediate_size=128, moe_intermediate_size=48,
+                                   n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
+                                   topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
+                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **COMMON)
+    if family == "gpt_neox":  # its head is embed_out in the files, lm_head in transformers 5
+        return tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
+                                tie_word_embeddings=False)
+    raise ValueError(family)
+
+
+def build(family: str, vocab: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(moe_config(family, vocab), dtype=torch.float32)
+    with torch.no_grad():  # routers of random models are near uniform: make them decisive, experts distinct
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0.0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory, tokenizer) -> dict:
+    root = tmp_path_factory.mktemp("moe")
+    found = {}
+    for family in (*FAMILIES, "gpt_neox"):
+        path = root / family
+        build(family, len(tokenizer)).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        found[family] = path
+    return found
+
+
+@pytest.fixture(scope="module")
+def ids(tokenizer) -> torch.Tensor:
+    return tokenizer("The state of our union is strong. " * 4, return_tensors="pt")["input_ids"][:, :24]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unfused_experts_are_targets_and_reproduce_the_model(family, vocab_size, ids):
+    """Every expert's gate/up/down becomes a linear of its own (the router and shared experts stay as they
+    are), and the model gives the fused model's logits."""
+    model = build(family, vocab_size)
+    reference = logits(model, ids)
+    unfused = copy.deepcopy(model)
+    assert experts.unfuse(unfused) == (1 if family == "deepseek_v3" else 2)
+    linears = decoder_linears(unfused)
+    layer = 1  # deepseek's layer 0 is dense
+    for index in range(4):
+        for role in ("gate_proj", "up_proj", "down_proj"):
+            assert f"model.layers.{layer}.mlp.experts.{index}.{role}" in linears
+    assert not any(name.endswith("mlp.gate") for name in linears)  # the router is never a target
+    assert not experts.fused_experts(unfused)
+    torch.testing.assert_close(logits(unfused, ids), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_calibrating_every_expert_on_every_token_keeps_the_output(vocab_size, ids):
+    """``calibrate_all``: the chosen experts' hooks see every token, the layer's output is bit for bit the
+    routed one."""
+    model = build("mixtral", vocab_size)
+    experts.unfuse(model)
+    block = model.model.layers[0].mlp
+    seen = []
+    block.experts.expert(0).gate_proj.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    hidden = torch.randn(1, 24, 64)
+    with torch.no_grad():
+        routed = block(hidden)
+        routed_tokens = sum(seen)
+        seen.clear()
+        with experts.calibrating_all(model.model.layers[0], "model.layers.0"):
+            everyone = block(hidden)
+    assert seen == [24] and routed_tokens < 24
+    assert torch.equal(routed, everyone)
+
+
+def run(model_dir, out, calib_file, recipe="lord", *extra, **kwargs):
+    return compress(str(model_dir), recipe, out, overrides=[*SMALL_CALIBRATION, f"calibration.dataset={calib_file}",
+                                                            *extra], progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("recipe", ["lord", "rtn-w4-g64", "gptq-w4-eora-r64"])
+def test_experts_compress_and_reload(family, recipe, family_dirs, calib_file, ids, tmp_path):
+    extra = ["eora.rank=8"] if "eora" in recipe else []
+    out = tmp_path / "out"
+    summary = run(family_dirs[family], out, calib_file, recipe, *extra)
+    expected = logits(summary["model"], ids)
+    log = [json.loads(line) for line in (out / "compression_log.jsonl").read_text().splitlines()]
+    routed = [e for e in log if ".mlp.experts." in e["name"]]
+    assert routed and all(e["kind"] != "dense" for e in routed), "the experts are compressed"
+    assert summary["params_after"] < summary["params_before"] or "w4" in recipe
+    torch.testing.assert_close(logits(compressor.load(out), ids), expected, rtol=0, atol=1e-5)
+    remote = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    torch.testing.assert_close(logits(remote, ids), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_merged_experts_load_in_stock_transformers(family, family_dirs, calib_file, ids, tmp_path):
+    out = tmp_path / "out"
+    summary = run(family_dirs[family], out, calib_file, "lord", merge=True)
+    stock = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert experts.fused_experts(stock), "the family's own fused experts"
+    torch.testing.assert_close(logits(stock, ids), logits(summary["model"], ids), rtol=0, atol=1e-5)
+
+
+def test_experts_with_too_few_routed_tokens_are_calibrated_on_all(family_dirs, calib_file, tmp_path):
+    """With a threshold above any expert's share every expert falls back to every token, and the log says how
+    many tokens were routed to each: per layer they add up to tokens × top-k."""
+    out = tmp_path / "out"
+    run(family_dirs["mixtral"], out, calib_file, "lord", "moe_min_tokens=100000")
+    log = [json.loads(line) for line in (out / "compression_log.jsonl").read_text().splitlines()]
+    gates = [e for e in log if e["name"].startswith("model.layers.0.mlp.experts.") and e["name"].endswith("gate_proj")]
+    assert len(gates) == 4
+    routed = [int(e["moe_calibration"].split("(")[1].split()[0]) for e in gates]
+    assert sum(routed) == 4 * 32 * 2  # n_samples × seq_len tokens, each to 2 experts
+    assert all(e["moe_calibration"].startswith("all tokens") for e in log if ".experts." in e["name"])
+
+
+def test_all_tokens_mode_compresses(family_dirs, calib_file, ids, tmp_path):
+    out = tmp_path / "out"
+    summary = run(family_dirs["qwen3_moe"], out, calib_file, "lord", "moe_calibration=all")
+    torch.testing.assert_close(logits(compressor.load(out), ids), logits(summary["model"], ids), rtol=0, atol=1e-5)
+
+
+def test_stream_refuses_experts_fused_on_loading(family_dirs, calib_file, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(CompressorError, match="--stream does not read .*experts") as info:
+        run(family_dirs["mixtral"], out, calib_file, "lord", stream=True)
+    assert "\n" not in str(info.value) and not out.exists()
+
+
+def test_mlp_group_methods_refuse_moe_before_loading(family_dirs, calib_file, tmp_path, monkeypatch):
+    from compressor.model import loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(loading, "load", never)
+    with pytest.raises(CompressorError, match="mixture of experts"):
+        run(family_dirs["qwen3_moe"], tmp_path / "out", calib_file, "modegpt-20")
+
+
+def test_unsupported_expert_layouts_are_refused():
+    class Transposed(torch.nn.Module):  # gpt-oss-like: biased, transposed experts
+        has_bias, is_transposed = True, True
+
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(torch.zeros(2, 8, 6))
+            self.down_proj = torch.nn.Parameter(torch.zeros(2, 3, 8))
+
+    model = torch.nn.Sequential(Transposed())
+    with pytest.raises(CompressorError, match="cannot be compressed yet"):
+        experts.unfuse(model)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_renamed_head_reloads(stream, family_dirs, calib_file, ids, tmp_path):
+    """GPT-NeoX's checkpoints name the head embed_out; the model, transformers 5, lm_head: read and written
+    under the model's names, in memory and streamed alike."""
+    out = tmp_path / "out"
+    summary = run(family_dirs["gpt_neox"], out, calib_file, "lord", stream=stream)
+    loaded = compressor.load(out)
+    if stream:
+        in_memory = run(family_dirs["gpt_neox"], tmp_path / "memory", calib_file, "lord")
+        torch.testing.assert_close(logits(loaded, ids), logits(in_memory["model"], ids), rtol=0, atol=1e-5)
+    else:
+        torch.testing.assert_close(logits(loaded, ids), logits(summary["model"], ids), rtol=0, atol=1e-5)
+    original = tf.AutoModelForCausalLM.from_pretrained(family_dirs["gpt_neox"])
+    assert torch.equal(loaded.get_output_embeddings().weight, original.get_output_embeddings().weight)
+
+
+def test_experts_kind_rebuilds_from_its_spec():
+    module = Experts(3, 8, 5, "silu")
+    rebuilt = compressor.model.modules.from_spec(module.spec())
+    assert isinstance(rebuilt, Experts) and rebuilt.spec() == module.spec()
+    assert set(dict(rebuilt.named_parameters())) == set(dict(module.named_parameters()))
