@@ -215,3 +215,17 @@ def test_experts_kind_rebuilds_from_its_spec():
     rebuilt = compressor.model.modules.from_spec(module.spec())
     assert isinstance(rebuilt, Experts) and rebuilt.spec() == module.spec()
     assert set(dict(rebuilt.named_parameters())) == set(dict(module.named_parameters()))
+
+
+def test_recipes_select_experts_by_name(family_dirs, calib_file, tmp_path):
+    """``targets: [experts]`` takes every routed expert's linears and nothing else; ``ignore`` wins."""
+    from conftest import small_recipe
+
+    recipe = small_recipe({"steps": [{"method": "lord", "targets": ["experts"], "ignore": ["experts.3"],
+                                      "config": {"ratio": 0.2, "whiten": "none"}}]}, str(calib_file))
+    out = tmp_path / "out"
+    compress(str(family_dirs["qwen2_moe"]), recipe, out, progress=False)
+    log = [json.loads(line) for line in (out / "compression_log.jsonl").read_text().splitlines()]
+    names = {e["name"] for e in log}
+    assert names == {f"model.layers.{layer}.mlp.experts.{index}.{role}" for layer in (0, 1) for index in range(3)
+                     for role in ("gate_proj", "up_proj", "down_proj")}

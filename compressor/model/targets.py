@@ -1,5 +1,6 @@
 """Which linears a recipe step targets: every linear inside the decoder stack (``architecture.decoder_layers``),
-dense (``nn.Linear``, GPT-2's ``Conv1D``) or already compressed, matched by name suffixes or ``re:`` regexes.
+dense (``nn.Linear``, GPT-2's ``Conv1D``) or already compressed, matched by dot-bounded parts of their names
+(suffixes, or paths inside them such as ``experts``) or ``re:`` regexes.
 """
 
 from __future__ import annotations
@@ -91,10 +92,11 @@ def linear_roles(linears: dict[str, nn.Module]) -> list[str]:
 
 
 def matches(name: str, pattern: str) -> bool:
-    """A pattern is a name suffix on a dot boundary ("mlp.down_proj", "q_proj") or a regex ("re:...")."""
+    """A pattern is a dot-bounded part of the name: a suffix ("mlp.down_proj", "q_proj") or a path inside it
+    ("experts", "shared_expert", "layers.3"); or a regex ("re:...")."""
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None
-    return name == pattern or name.endswith("." + pattern)
+    return name == pattern or name.endswith("." + pattern) or f".{pattern}." in f".{name}."
 
 
 def select(names: list[str], targets: list[str], ignore: list[str]) -> list[str]:

@@ -6,7 +6,7 @@ propagate: compressed          # or: original (statistics from the uncompressed 
 statistics: per_step           # or: once (every step gets the statistics of the layer before any step ran)
 steps:
   - method: lord
-    targets: []                # suffixes ("mlp.down_proj") or regexes ("re:..."); [] = every decoder linear
+    targets: []                # name parts ("mlp.down_proj", "experts") or regexes ("re:..."); [] = every decoder linear
     ignore: []
     config: {ratio: 0.2, whiten: gram}
     calibration: {}            # optional: this step's own calibration set, e.g. {dataset: task.jsonl}
@@ -55,7 +55,8 @@ class CalibrationConfig:
 @dataclass
 class StepSpec:
     method: str = field("", "registered compressor name")
-    targets: list[str] = field([], "module name suffixes or 're:' regexes; empty = all decoder linears")
+    targets: list[str] = field([], "dot-bounded parts of module names (q_proj, mlp.down_proj, experts) or 're:' "
+                               "regexes; empty = all decoder linears")
     ignore: list[str] = field([], "patterns excluded from targets (ignore always wins)")
     config: dict[str, Any] = field({}, "the compressor's config")
     calibration: dict[str, Any] = field(
