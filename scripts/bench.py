@@ -128,6 +128,18 @@ COMPENSATIONS = [("", None, None)] + [(f"-{label}-r{r}", space, r) for label, sp
 
 # Runs spread over ranks (``torchrun``, gloo): name → (ranks, threads per rank). The same recipe as one process
 # with two threads and as two ranks with one thread each: the machine's two cores either way.
+MOE_RECIPES = {"lord-gram-0.2": lord("gram", 0.2),
+               "gptq-w4-g64-eora-r64": compensated(quantize("gptq", 4, 64), "eigen", 64),
+               "rtn-w4-g64": compensated(quantize("rtn", 4, 64))}
+
+
+def upcycled() -> str:
+    """The upcycled default model's folder (scripts/upcycle.py: made once, then cached)."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "upcycle.py")], capture_output=True, text=True,
+                          check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
 SPREAD = {f"{recipe}-{label}": shape for recipe in ("lord-svd-llm", "gptq-w4-eora-r64")
           for label, shape in (("1x2threads", (1, 2)), ("2ranks", (2, 1)))}
 
@@ -245,7 +257,17 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         *[(f"gptq-w{bits}-act-order-sequential", sequential(compensated(quantize("gptq", bits, act_order=True))))
           for bits in (4, 3)],
     ],
+    # Mixture of experts: SmolLM2 upcycled into 8 experts, top-2 (scripts/upcycle.py), against the same recipes
+    # on the dense model: LoRD gram 0.2, GPTQ w4 g64 + EoRA r64, RTN w4 g64; experts calibrated on their routed
+    # tokens (routed) or on every token (all). Runs named moe-* compress the upcycled model (MODELS).
+    "moe": [
+        *[(name, recipe) for name, recipe in MOE_RECIPES.items()],
+        ("moe-dense", None),
+        *[(f"moe-{name}-{mode}", {**recipe, "moe_calibration": mode})
+          for mode in ("routed", "all") for name, recipe in MOE_RECIPES.items()],
+    ],
 }
+MODELS = {name: "upcycled" for name, _ in SUITES["moe"] if name.startswith("moe-")}  # run → model (else MODEL)
 
 
 def peak_rss_mib() -> float:
@@ -508,9 +530,9 @@ def rank_run(job: dict) -> None:
 
 
 def subprocess_run(name: str, recipe_data: dict | None, speed: bool = True, device: str = "cpu",
-                   stream: bool = False, on_calibration: bool = False) -> dict:
+                   stream: bool = False, on_calibration: bool = False, model: str | None = None) -> dict:
     payload = json.dumps({"name": name, "recipe": recipe_data, "speed": speed, "device": device, "stream": stream,
-                          "on_calibration": on_calibration})
+                          "on_calibration": on_calibration, "model": model})
     done = subprocess.run([sys.executable, __file__, "--one", payload], capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         return {"name": name, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
@@ -534,6 +556,9 @@ def main() -> None:
         return
     if args.one:
         job = json.loads(args.one)
+        if job.get("model"):  # a run of another model than the default (the upcycled MoE)
+            global MODEL
+            MODEL = job["model"]
         if job["recipe"] is None:
             result = run_dense(job.get("on_calibration", False))
         elif "fisher_pass" in job["recipe"]:
@@ -565,9 +590,13 @@ def main() -> None:
         except KeyError as exc:  # the run it matches did not run or failed
             result = {"name": name, "error": f"needs the result of an earlier run: {exc}"}
         else:
+            model = upcycled() if MODELS.get(name) == "upcycled" else None
             result = spread_run(name, recipe_data, *SPREAD[name], device=args.device) if name in SPREAD else \
                 subprocess_run(name, recipe_data, speed=not args.no_speed, device=args.device, stream=args.stream,
-                               on_calibration=args.suite in ON_CALIBRATION)
+                               on_calibration=args.suite in ON_CALIBRATION, model=model)
+            result["name"] = name  # the dense run of another model is named by the suite (moe-dense)
+            if model is not None:
+                result["model"] = model
             dense = done.get("dense")
             if result.get("run_over_plain_forward", 0) is None and dense:
                 seconds = sum(v for k, v in result["seconds"].items() if k != "load")

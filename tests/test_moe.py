@@ -264,3 +264,22 @@ def test_every_shipped_recipe_reloads_or_is_refused(family, tokenizer, calib_fil
     # MoDeGPT's MLP step does not cover experts; GPT-NeoX names its MLP dense_h_to_4h and has no q/k/gate
     expected = {n for n in shipped() if n.startswith("modegpt")} | ({"curing"} if family == "gpt_neox" else set())
     assert set(refused) == expected, refused
+
+
+def test_upcycled_model_gives_the_dense_logits(vocab_size, ids):
+    """scripts/upcycle.py: a dense Llama's MLP copied into 8 experts behind a random top-2 router gives the
+    dense model's logits (the renormalized routing weights sum to 1), in Mixtral's layout."""
+    import sys
+    from pathlib import Path
+
+    from conftest import build_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from upcycle import upcycle
+
+    dense = build_model("llama", vocab_size)
+    moe = upcycle(dense, experts=8, top_k=2, seed=0)
+    assert type(moe).__name__ == "MixtralForCausalLM" and experts.fused_experts(moe)
+    torch.testing.assert_close(logits(moe, ids), logits(dense, ids), rtol=1e-5, atol=1e-5)
+    routed = moe.model.layers[0].mlp.gate(torch.randn(64, dense.config.hidden_size))[2]  # (tokens, 2) chosen
+    assert len(routed.unique()) > 2  # the router spreads tokens over the experts
