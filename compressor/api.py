@@ -3,7 +3,8 @@
 The CLI's ``compress`` command is this function. Everything that can be checked without weights is
 checked before they are read: the recipe, every step's config against the targeted shapes, the windows
 against the model's positions, the device, the calibration sources, and the output directory, whose
-temporary sibling is reserved then and held for the whole run (``io.OutputDirectory``).
+temporary sibling is reserved then and held for the whole run. Where the output goes (in memory, or streamed
+with resume records) is the sink's business (``io.sink``): this module hands it down and never asks which.
 """
 
 from __future__ import annotations
