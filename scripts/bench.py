@@ -5,7 +5,8 @@
 
 --only runs the named configurations in the order given; --resume keeps the finished runs already in
 the output file (dense included) and runs only the missing or failed ones; --no-speed skips each run's
-own plain-forward measurement (run_over_plain_forward is then computed against the dense run's).
+own plain-forward measurement (run_over_plain_forward is then computed against the dense run's); --no-dense
+skips the dense run.
 At the end it redraws results/ppl-vs-bytes.png (perplexity against bytes on disk, log scales, every run of
 every suite: scripts/plot_bench.py) where matplotlib is installed.
 
@@ -546,6 +547,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON file (default: results/bench-<suite>.json)")
     parser.add_argument("--resume", action="store_true", help="keep finished runs in the output file")
     parser.add_argument("--no-speed", action="store_true", help="skip each run's plain-forward measurement")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense run (kept from the file with --resume)")
     parser.add_argument("--device", default="cpu", help="compute device of the compression (cpu, cuda, ...)")
     parser.add_argument("--stream", action="store_true", help="compress with --stream (weights read per layer)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -577,7 +579,8 @@ def main() -> None:
     unknown = [n for n in args.only or [] if n not in suite]
     if unknown:
         parser.error(f"not in suite {args.suite}: {', '.join(unknown)}")
-    jobs = [("dense", None)] + [(n, suite[n]) for n in (args.only or suite)]
+    jobs = [] if args.no_dense else [("dense", None)]
+    jobs += [(n, suite[n]) for n in (args.only or suite)]
     done: dict[str, dict] = {}
     if args.resume and out.exists():
         kept = [r for r in json.loads(out.read_text())["runs"] if "error" not in r]

@@ -283,3 +283,32 @@ def test_upcycled_model_gives_the_dense_logits(vocab_size, ids):
     torch.testing.assert_close(logits(moe, ids), logits(dense, ids), rtol=1e-5, atol=1e-5)
     routed = moe.model.layers[0].mlp.gate(torch.randn(64, dense.config.hidden_size))[2]  # (tokens, 2) chosen
     assert len(routed.unique()) > 2  # the router spreads tokens over the experts
+
+
+ATTENTION_REFUSED = {
+    "qwen3": (lambda v: tf.Qwen3Config(vocab_size=v, intermediate_size=128, head_dim=16, **dict(COMMON, num_hidden_layers=2)),
+              "query/key norms"),
+    "gemma2": (lambda v: tf.Gemma2Config(vocab_size=v, intermediate_size=128, head_dim=16,
+                                         **dict(COMMON, num_hidden_layers=2)), "attention logit soft-capping"),
+    "phi": (lambda v: tf.PhiConfig(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, partial_rotary_factor=0.5), "rotary embeddings on 0.5"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ATTENTION_REFUSED))
+def test_modegpt_attention_refuses_what_it_would_not_compute(family, tokenizer, calib_file, tmp_path, monkeypatch):
+    """MoDeGPT's smaller attention computes the plain attention of Llama-like families; a family whose
+    attention has more (q/k norms, soft-capping, partial rotary) is refused before any weight is read."""
+    from conftest import small_recipe
+
+    from compressor.model import loading
+
+    build_config, reason = ATTENTION_REFUSED[family]
+    model_dir = tmp_path / family
+    tf.AutoModelForCausalLM.from_config(build_config(len(tokenizer))).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    monkeypatch.setattr(loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("weights read")))
+    recipe = small_recipe({"steps": [{"method": "modegpt", "config": {"ratio": 0.2, "part": "attention"}}]},
+                          str(calib_file))
+    with pytest.raises(CompressorError, match=f"attention has {reason}"):
+        compress(str(model_dir), recipe, tmp_path / "out", progress=False)

@@ -22,6 +22,7 @@ from ..contract import Compressor, Decision
 from ..errors import CompressorError
 from ..methods import registry
 from ..model.architecture import describe
+from ..model.attention import not_reproduced
 from ..model.loading import parameter_count
 from ..model.modules import shape_of
 from ..model.targets import check_pattern, decoder_linears, layer_index, linear_roles, select
@@ -196,6 +197,14 @@ def compile_step(recipe: Recipe, index: int, linears: dict[str, nn.Module], mode
             raise CompressorError(f"{where}: the MLP of this model is a mixture of experts ({moe}), which "
                                   f"{spec.method}'s MLP step does not cover; compress its attention alone "
                                   "(e.g. part: attention) or use a per-linear method")
+        if "attention" in kinds:
+            arch = describe(model)
+            block = model.get_submodule(arch.block_path("attention", 0) or arch.layer_prefix(0))
+            reason = not_reproduced(model, block)
+            if reason is not None:
+                raise CompressorError(f"{where}: this model's attention has {reason}, which {spec.method}'s "
+                                      "smaller attention does not compute; compress its MLP alone (e.g. part: "
+                                      "mlp) or use a per-linear method")
         found = [group for k in kinds for group in block_groups(k, names, model)]
         groups = sorted(found, key=lambda group: group.layer)  # stable: attention before MLP within a layer
     return StepPlan(index, compressor, spec.targets, spec.ignore, stream_name(recipe, index),
