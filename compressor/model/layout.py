@@ -3,12 +3,15 @@ other names than its modules use (GPT-NeoX's ``embed_out`` is the model's ``lm_h
 ``block_sparse_moe`` is its ``mlp``) and fuses others on loading (each expert's projections into one 3-D
 tensor per layer). ``checkpoint_names(model, keys)`` maps every tensor the model holds to the key of the
 file tensor it is read from, applying the family's renames as ``from_pretrained`` does; a tensor that
-``from_pretrained`` assembles from several file tensors (fused experts) is named in ``fused`` instead.
+``from_pretrained`` assembles from several file tensors (fused experts) is named in ``fused`` instead, and
+each expert's own projection (``…experts.<e>.gate_proj.weight``, as ``model.experts.unfuse`` names it) is
+mapped to the file tensor it is (Mixtral's ``…experts.<e>.w1.weight``).
 Outputs are written in the model's own layout (``io.checkpoint.write_weights``), where every name is its own.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -44,6 +47,25 @@ def checkpoint_names(model: nn.Module, keys: Iterable[str]) -> Names:
         name, pattern = rename_source_key(key, renamings, converters) if transforms else (key, None)
         if pattern is None:
             found.keys.setdefault(name, key)
-        else:
-            found.fused.setdefault(name, []).append(key)
+            continue
+        found.fused.setdefault(name, []).append(key)
+        expert = _expert_name(key, name, pattern, next(c for c in converters if pattern in c.source_patterns))
+        if expert is not None:
+            found.keys.setdefault(expert, key)
     return found
+
+
+def _expert_name(key: str, fused: str, pattern: str, converter) -> str | None:
+    """The unfused name of the expert projection the checkpoint tensor ``key`` is (None: not one): ``fused`` is
+    ``…experts.gate_up_proj`` (from two source patterns, gate's first) or ``…experts.down_proj`` (one)."""
+    sources = list(converter.source_patterns)
+    if fused.endswith(".experts.gate_up_proj") and len(sources) == 2:
+        role = ("gate_proj", "up_proj")[sources.index(pattern)]
+    elif fused.endswith(".experts.down_proj") and len(sources) == 1:
+        role = "down_proj"
+    else:
+        return None
+    index = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+    if index is None:
+        return None
+    return f"{fused.rsplit('.', 1)[0]}.{index.group(1)}.{role}.weight"

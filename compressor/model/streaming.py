@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import CompressorError, one_line
-from . import weights
+from . import experts, weights
 from .layout import checkpoint_names
 
 _SOURCES: "weakref.WeakKeyDictionary[nn.Module, LayerSource]" = weakref.WeakKeyDictionary()
@@ -304,6 +304,7 @@ def open_streamed(spec: str, dtype: torch.dtype = torch.float32, trust_remote_co
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise _load_error(spec, exc) from None
     model.eval()
+    experts.unfuse(model)  # each expert's projections read on their own, as the checkpoint holds them
     source = LayerSource(model, checkpoint, dtype, f"model {spec}")
     source.check()
     _SOURCES[model] = source
