@@ -17,8 +17,8 @@ def layer_order() -> list[str]:
     text = (ROOT / "CONTRIBUTING.md").read_text()
     block = re.search(r"## Layers.*?```\n(.*?)```", text, re.S)
     assert block, "CONTRIBUTING.md has no '## Layers' section with a fenced list of rooms"
-    rooms = [line.split()[0].rstrip("/").removesuffix(".py") for line in block.group(1).splitlines() if line.strip()]
-    return rooms
+    lines = block.group(1).splitlines()  # a room's line starts at the margin; indented lines continue it
+    return [line.split()[0].rstrip("/").removesuffix(".py") for line in lines if line.strip() and not line[0].isspace()]
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
