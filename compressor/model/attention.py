@@ -50,4 +50,24 @@ def not_reproduced(model: nn.Module, block: nn.Module) -> str | None:
     partial = _partial_rotary(config)
     if partial is not None:
         return f"rotary embeddings on {partial:g} of each head"
+    if _interleaved_rotary(model, config):
+        return "interleaved rotary embeddings"
     return None
+
+
+def _interleaved_rotary(model: nn.Module, config) -> bool:
+    """Whether the model's rotary embedding pairs dims (2i, 2i + 1) (Cohere) rather than (i, i + d/2), the
+    ``rotate_half`` pairing the smaller attention rotates by: its cos at a few positions, from a fresh copy of
+    the rotary module on the CPU (the model may be a skeleton on the meta device)."""
+    import torch
+
+    rotary = next((m for m in model.modules() if "Rotary" in type(m).__name__), None)
+    if rotary is None:
+        return False
+    try:
+        fresh = type(rotary)(config=config)
+        cos, _ = fresh(torch.zeros(1, 4, 1), torch.arange(4)[None])  # (1, 4, d)
+    except Exception:  # noqa: BLE001 - a rotary module of another signature: assume the usual pairing
+        return False
+    half = cos.shape[-1] // 2
+    return not torch.allclose(cos[..., :half], cos[..., half:])
