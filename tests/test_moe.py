@@ -343,3 +343,19 @@ def test_modegpt_attention_refuses_what_it_would_not_compute(family, tokenizer, 
                           str(calib_file))
     with pytest.raises(CompressorError, match=f"attention has {reason}"):
         compress(str(model_dir), recipe, tmp_path / "out", progress=False)
+
+
+def test_eora_over_experts_is_a_peft_adapter(family_dirs, calib_file, ids, tmp_path):
+    """The compensation paths of quantized experts form a PEFT adapter over the dequantized base, whose experts
+    are the per-expert linears the adapter names: base + adapter gives the compressed model's logits."""
+    peft = pytest.importorskip("peft")
+    from compressor.io import dequantized_base
+
+    out = tmp_path / "out"
+    summary = run(family_dirs["mixtral"], out, calib_file, "gptq-w4-g64-eora-r64", "eora.rank=8",
+                  "quantize.group_size=32")
+    from safetensors.torch import load_file
+
+    assert any(".experts." in key for key in load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    model = peft.PeftModel.from_pretrained(dequantized_base(out), out / "adapter")
+    torch.testing.assert_close(logits(model, ids), logits(summary["model"], ids), rtol=0, atol=1e-4)
