@@ -141,6 +141,16 @@ def test_calibrating_every_expert_on_every_token_keeps_the_output(vocab_size, id
     assert torch.equal(routed, everyone)
 
 
+def stored_keys(folder) -> set[str]:
+    from safetensors import safe_open
+
+    keys = set()
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            keys |= set(handle.keys())
+    return keys
+
+
 def run(model_dir, out, calib_file, recipe="lord", *extra, **kwargs):
     return compress(str(model_dir), recipe, out, overrides=[*SMALL_CALIBRATION, f"calibration.dataset={calib_file}",
                                                             *extra], progress=False, **kwargs)
@@ -168,6 +178,9 @@ def test_merged_experts_load_in_stock_transformers(family, family_dirs, calib_fi
     summary = run(family_dirs[family], out, calib_file, "lord", merge=True)
     stock = tf.AutoModelForCausalLM.from_pretrained(out)
     assert experts.fused_experts(stock), "the family's own fused experts"
+    original = {"mixtral": "model.layers.0.block_sparse_moe.experts.0.w1.weight",
+                "qwen2_moe": "model.layers.0.mlp.experts.0.gate_proj.weight"}[family]
+    assert original in stored_keys(out), "written in the family's checkpoint layout, as serving stacks read it"
     torch.testing.assert_close(logits(stock, ids), logits(summary["model"], ids), rtol=0, atol=1e-5)
 
 
@@ -240,6 +253,7 @@ def test_renamed_head_reloads(stream, family_dirs, calib_file, ids, tmp_path):
         torch.testing.assert_close(logits(loaded, ids), logits(summary["model"], ids), rtol=0, atol=1e-5)
     original = tf.AutoModelForCausalLM.from_pretrained(family_dirs["gpt_neox"])
     assert torch.equal(loaded.get_output_embeddings().weight, original.get_output_embeddings().weight)
+    assert "embed_out.weight" in stored_keys(out)  # the family's checkpoint name, in memory and streamed
 
 
 def test_experts_kind_rebuilds_from_its_spec():

@@ -41,8 +41,8 @@ from ..errors import CompressorError, one_line
 from ..model.modules import MODULE_KINDS, CompensatedLinear, from_spec, spec_of
 from ..model.modules import merge as merge_module
 from ..model.streaming import read_header
-from ..model.weights import check_state, indexed_files, load_state
-from ..portable.modeling_compressor import state_for_modules
+from ..model.weights import check_state, indexed_files, load_pretrained, load_state
+from ..portable.modeling_compressor import checkpoint_names, state_for_modules
 from ..version import __version__
 from . import model_card
 from . import serving as export
@@ -118,17 +118,6 @@ def save(model: nn.Module, tokenizer: Any, out: Path | OutputDirectory, manifest
     return output.path
 
 
-def write_weights(model: nn.Module, folder: Path) -> None:
-    """``save_pretrained`` in the model's own layout: tensors under the names the model holds them by (no key
-    renames or expert fusion reverted to the family's original checkpoint layout), as the streamed writer
-    (``shards``) writes them and every loader here reads them; stock ``from_pretrained`` reads this layout too."""
-    import inspect
-
-    own_layout = "save_original_format" in inspect.signature(model.save_pretrained).parameters  # transformers 5
-    model.save_pretrained(folder, max_shard_size=MAX_SHARD_SIZE, **({"save_original_format": False} if own_layout
-                                                                     else {}))
-
-
 def _write(model: nn.Module, tokenizer: Any, tmp: Path, out: Path, manifest: dict[str, Any],
            log: list[dict[str, Any]], merge: bool, reshaped: dict[str, nn.Module] | None,
            storage_dtype: torch.dtype | None, shards: Any = None) -> None:
@@ -147,14 +136,14 @@ def _write(model: nn.Module, tokenizer: Any, tmp: Path, out: Path, manifest: dic
     elif merge:
         merge_in_place(model)
         with stored_as(model, storage_dtype):
-            write_weights(model, tmp)
+            model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
     else:  # quantized and compensated modules in the layout vLLM / transformers / peft read (export.py)
         with stored_as(model, storage_dtype), export.base_layout(model, modules) as loras:
             if shards is not None:
                 shards.finish(model)
                 loras = shards.loras
             else:
-                write_weights(model, tmp)
+                model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
             manifest["serving"] = export.write_serving(tmp, model, modules, loras, str(Path(out).resolve()))
         reason = export.not_stock_reason(manifest["modules"], manifest["serving"]["compressed_tensors"])
         export.write_remote_code(tmp, manifest["modules"], manifest["serving"]["adapter"], reason)
@@ -202,6 +191,14 @@ def _header_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _dtype(path: Path, dtype: torch.dtype | None, config: Any = None) -> torch.dtype:
+    """``dtype``, else the output's own (config.json's ``dtype``), else fp32."""
+    if dtype is None:
+        config = config if config is not None else export.model_config(path)
+        dtype = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def _skeleton(path: Path, manifest: dict[str, Any], dtype: torch.dtype | None, meta: bool = False) -> nn.Module:
     """The model an output describes, without its weights: built from config.json (the base family's class),
     the manifest's compressed modules swapped in; on the meta device with ``meta``."""
@@ -212,9 +209,7 @@ def _skeleton(path: Path, manifest: dict[str, Any], dtype: torch.dtype | None, m
         config = export.model_config(path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CompressorError(f"{path / 'config.json'}: {one_line(exc)}") from None
-    dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = _dtype(path, dtype, config)
     with no_init_weights(), torch.device("meta") if meta else nullcontext():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if manifest["merged"]:
@@ -232,24 +227,38 @@ def _skeleton(path: Path, manifest: dict[str, Any], dtype: torch.dtype | None, m
     return model
 
 
-def _stored_state(path: Path, manifest: dict[str, Any],
+def _stored_state(path: Path, manifest: dict[str, Any], model: nn.Module,
                   read: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The output's tensors (``read`` from its weight files) under the names of the model's modules."""
-    if manifest["merged"]:
-        return read(path)
+    """The output's tensors (``read`` from its weight files, which are in the family's checkpoint layout)
+    under the names of ``model``'s modules (``checkpoint_names``; a compensated module's base and adapter:
+    ``state_for_modules``). Of a merged output, the tensors transformers fuses on loading (experts) stand as
+    empty meta tensors of the model's own shapes: its loader is ``from_pretrained``."""
+    stored = read(path)
+    names, fused = checkpoint_names(model, stored)
+    state = {name: stored[key] for name, key in names.items()}
+    if manifest["merged"]:  # the family's own fused experts: their tensors are read fused, not one by one
+        expected, parts = model.state_dict(), {key for keys in fused.values() for key in keys}
+        state = {name: value for name, value in state.items() if names[name] not in parts}
+        state.update({name: torch.empty(expected[name].shape, device="meta") for name in fused if name in expected})
+        return state
     adapter = manifest.get("serving", {}).get("adapter")
-    return state_for_modules(read(path), manifest["modules"], str(path / adapter) if adapter else None)
+    return state_for_modules(state, manifest["modules"], str(path / adapter) if adapter else None)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a model written by ``save`` (compressed or merged) with identical outputs. The model the
+    """Rebuild a model written by ``save`` (compressed or merged) with identical outputs. A merged output is a
+    stock checkpoint: ``from_pretrained``, checked (``weights.load_pretrained``). Otherwise the model the
     manifest describes is built from config.json with this package's module classes (those of
     ``modeling_compressor``, which outputs carry for ``trust_remote_code``), the checkpoint's tensors renamed
-    as that loader does (``state_for_modules``), and every tensor must match (``weights.load_state``)."""
+    as that loader does (``checkpoint_names``, ``state_for_modules``), and every tensor must match
+    (``weights.load_state``)."""
     path = Path(path)
     manifest = read_manifest(path)
-    model = _skeleton(path, manifest, dtype)
-    load_state(model, _stored_state(path, manifest, _state_dict), str(path), mismatch_hint(manifest))
+    if manifest["merged"]:
+        model = load_pretrained(str(path), str(path), dtype=_dtype(path, dtype))
+    else:
+        model = _skeleton(path, manifest, dtype)
+        load_state(model, _stored_state(path, manifest, model, _state_dict), str(path), mismatch_hint(manifest))
     return model.to(device).eval()
 
 
@@ -262,7 +271,7 @@ def check_loadable(folder: Path, out: Path | str) -> None:
     model = _skeleton(folder, manifest, None, meta=True)
     hint = ("; the run's output would not reload, so nothing was placed there (please report this: the "
             "model's layout is one compressor writes incompletely)")
-    check_state(model, _stored_state(folder, manifest, _header_state), f"the output for --out {out}", hint)
+    check_state(model, _stored_state(folder, manifest, model, _header_state), f"the output for --out {out}", hint)
 
 
 def dequantized_base(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:

@@ -4,7 +4,8 @@
 inputs are computed), its tensors are written, in the same layout ``io.save`` gives a model in memory
 (compensated modules as their base, ``--merge`` as dense weights, floating tensors in the storage dtype),
 to ``model-<i>-of-<n>.safetensors`` with ``n = layers + 1``; the low-rank paths of compensated modules are
-kept (copies, in the storage dtype) for the adapter. ``finish`` writes the last shard (the tensors outside the
+kept (copies, in the storage dtype) for the adapter. Tensors are written under the family's checkpoint names, as ``save_pretrained`` writes them
+(``family_layout``). ``finish`` writes the last shard (the tensors outside the
 decoder stack, read from the checkpoint: embeddings, final norm, an untied head), the index and the config.
 The folder is the run's temporary output directory: nothing appears at ``--out`` before the whole output is.
 """
@@ -30,8 +31,21 @@ from .checkpoint import compressed_modules, merge_in_place, stored_as
 INDEX = "model.safetensors.index.json"
 
 
+def family_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (under ``model``'s names) as the family's checkpoints name them: transformers' revert of
+    its load-time renames and expert fusion, what ``save_pretrained`` writes (GPT-NeoX's head as
+    ``embed_out``, Mixtral's fused experts as ``block_sparse_moe.experts.<e>.w1`` ...)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: no conversions
+        return tensors
+    return dict(revert_weight_conversion(model, tensors))
+
+
 class ShardWriter:
-    def __init__(self, folder: Path, n_layers: int, storage_dtype: torch.dtype | None, merge: bool) -> None:
+    def __init__(self, folder: Path, n_layers: int, storage_dtype: torch.dtype | None, merge: bool,
+                 model: nn.Module | None = None) -> None:
+        self.model = model  # whose family layout the shards are written in (None: the model's own names)
         self.folder, self.n_shards = Path(folder), n_layers + 1
         self.storage_dtype, self.merge = storage_dtype, merge
         self.weight_map: dict[str, str] = {}
@@ -44,6 +58,8 @@ class ShardWriter:
 
     def _save(self, position: int, tensors: dict[str, torch.Tensor]) -> None:
         name = self.shard(position)
+        if self.model is not None:
+            tensors = family_layout(self.model, tensors)
         tensors = {key: value.detach().contiguous() for key, value in tensors.items()}
         save_file(tensors, str(self.folder / name), metadata={"format": "pt"})
         for key, value in tensors.items():

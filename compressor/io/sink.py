@@ -140,7 +140,7 @@ class StreamedSink(Sink):
         """(skeleton, tokenizer): parameters on the meta device, each layer's tensors read when walked."""
         model, tokenizer, self.folder = streaming.open_streamed(spec, dtype, trust_remote_code)
         if self.main:
-            self.shards = ShardWriter(self.tmp, layer_count(model), self.storage_dtype, self.merge)
+            self.shards = ShardWriter(self.tmp, layer_count(model), self.storage_dtype, self.merge, model)
         return model, tokenizer
 
     def begin(self, model: nn.Module, plan: Any, batches: dict[str, list[torch.Tensor]], report: Any,

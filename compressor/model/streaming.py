@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from ..errors import CompressorError, one_line
+from ..portable.modeling_compressor import checkpoint_names
 from . import experts, weights
-from .layout import checkpoint_names
 
 _SOURCES: "weakref.WeakKeyDictionary[nn.Module, LayerSource]" = weakref.WeakKeyDictionary()
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
@@ -177,7 +177,8 @@ class LayerSource:
         self.model, self.checkpoint, self.dtype, self.where = model, checkpoint, dtype, where
         self.names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
         self.prefix = getattr(model, "base_model_prefix", "") or ""
-        self.layout = checkpoint_names(model, checkpoint.entries)  # the family's renames (GPT-NeoX's head)
+        # the family's renames (GPT-NeoX's head), each expert's own tensors, and what transformers would fuse
+        self.renamed, self.fused = checkpoint_names(model, checkpoint.entries)
         sharing: dict[int, list[str]] = {}  # a parameter → every name it has (a tied head and embedding)
         for name, param in model.named_parameters(remove_duplicate=False):
             sharing.setdefault(id(param), []).append(name)
@@ -192,11 +193,11 @@ class LayerSource:
             elif self.prefix:
                 candidates.append(f"{self.prefix}.{name}")
             for key in candidates:
-                if key in self.layout.keys:
-                    return self.layout.keys[key]
+                if key in self.renamed:
+                    return self.renamed[key]
                 if key in self.checkpoint:
                     return key
-        fused = next((self.layout.fused[n] for n in names if n in self.layout.fused), None)
+        fused = next((self.fused[n] for n in names if n in self.fused), None)
         if fused is not None:
             raise CompressorError(f"{self.where}: --stream does not read {names[0]}, which transformers assembles "
                                   f"on loading from {len(fused)} tensors of the checkpoint ({fused[0]}, ...: "

@@ -666,6 +666,64 @@ def from_spec(spec: dict[str, Any], dtype: torch.dtype | None = None, device: An
 # --- the loader --------------------------------------------------------------------------------------------
 
 
+def checkpoint_names(model: nn.Module, keys: Any) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """How ``model`` reads a checkpoint of tensors ``keys``, as ``from_pretrained`` does: (model tensor name →
+    the checkpoint key it is read from, model tensor name → the checkpoint keys ``from_pretrained`` fuses into
+    it). ``transformers`` 5 renames some families' keys (GPT-NeoX's ``embed_out`` is the model's ``lm_head``,
+    Mixtral's ``block_sparse_moe`` its ``mlp``) and fuses experts' projections into 3-D tensors; each expert's
+    own projection, as unfused experts name it (``…experts.<e>.gate_proj.weight``), is mapped to the tensor it
+    is (Mixtral's ``…experts.<e>.w1.weight``). Identity where there is no conversion (and in transformers 4)."""
+    keys = list(keys)
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: files and models share their names
+        return {key: key for key in keys}, {}
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - a model class transformers does not know: its own names
+        transforms = []
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    names: dict[str, str] = {}
+    fused: dict[str, list[str]] = {}
+    for key in keys:
+        name, pattern = rename_source_key(key, renamings, converters) if transforms else (key, None)
+        if pattern is None:
+            names.setdefault(name, key)
+            continue
+        fused.setdefault(name, []).append(key)
+        expert = _expert_name(key, name, pattern, next(c for c in converters if pattern in c.source_patterns))
+        if expert is not None:
+            names.setdefault(expert, key)
+    return names, fused
+
+
+def _expert_name(key: str, fused: str, pattern: str, converter: Any) -> str | None:
+    """The unfused name of the expert projection the checkpoint tensor ``key`` is (None: not one): ``fused`` is
+    ``…experts.gate_up_proj`` (from two source patterns, gate's first) or ``…experts.down_proj`` (one)."""
+    import re
+
+    sources = list(converter.source_patterns)
+    if fused.endswith(".experts.gate_up_proj") and len(sources) == 2:
+        role = ("gate_proj", "up_proj")[sources.index(pattern)]
+    elif fused.endswith(".experts.down_proj") and len(sources) == 1:
+        role = "down_proj"
+    else:
+        return None
+    index = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+    if index is None:
+        return None
+    return f"{fused.rsplit('.', 1)[0]}.{index.group(1)}.{role}.weight"
+
+
+def renamed_state(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A checkpoint's tensors under ``model``'s names (``checkpoint_names``); tensors ``from_pretrained`` would
+    fuse are left out (outputs hold experts unfused, or are stock checkpoints ``from_pretrained`` reads)."""
+    names, _ = checkpoint_names(model, state)
+    return {name: state[key] for name, key in names.items()}
+
+
 def base_config(data: dict[str, Any], **kwargs: Any):
     """The base family's transformers config (e.g. ``LlamaConfig``) of config.json's ``data``, marked with
     ``compressor-<base>`` or not, without the ``compressor`` entry. ``kwargs`` go to ``from_dict``."""
@@ -729,7 +787,7 @@ def load_compressed(folder: str, config: PretrainedConfig, specs: dict[str, dict
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     for name, spec in sorted(specs.items(), key=lambda item: item[0].count(".")):  # parents before children
         model.set_submodule(name, from_spec(spec, dtype=dtype, kinds=kinds))
-    state = state_for_modules(checkpoint_state(folder), specs, adapter)
+    state = state_for_modules(renamed_state(model, checkpoint_state(folder)), specs, adapter)
     result = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in result.missing_keys if k not in tied and not is_tied(model, k)]
