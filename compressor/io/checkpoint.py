@@ -254,7 +254,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     (``weights.load_state``)."""
     path = Path(path)
     manifest = read_manifest(path)
-    if manifest["merged"]:
+    if manifest["merged"]:  # its files checked against the manifest first: a wrong one is named
+        _check_files(path, manifest, str(path), mismatch_hint(manifest))
         model = load_pretrained(str(path), str(path), dtype=_dtype(path, dtype))
     else:
         model = _skeleton(path, manifest, dtype)
@@ -267,11 +268,16 @@ def check_loadable(folder: Path, out: Path | str) -> None:
     model its config and manifest describe, by name and shape, and nothing else (built on the meta device,
     the files' headers read; no tensor is loaded). A run never ends in success with an output that does not
     reload: this fails it with one line instead, before anything is placed at ``out``."""
-    manifest = read_manifest(folder)
-    model = _skeleton(folder, manifest, None, meta=True)
     hint = ("; the run's output would not reload, so nothing was placed there (please report this: the "
             "model's layout is one compressor writes incompletely)")
-    check_state(model, _stored_state(folder, manifest, model, _header_state), f"the output for --out {out}", hint)
+    _check_files(folder, manifest=read_manifest(folder), where=f"the output for --out {out}", hint=hint)
+
+
+def _check_files(path: Path, manifest: dict[str, Any], where: str, hint: str) -> None:
+    """The weight files (their headers) hold every tensor of the model the config and manifest describe, by
+    name and shape, and nothing else: the model built on the meta device, no tensor read."""
+    model = _skeleton(path, manifest, None, meta=True)
+    check_state(model, _stored_state(path, manifest, model, _header_state), where, hint)
 
 
 def dequantized_base(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
