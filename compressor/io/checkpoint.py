@@ -160,14 +160,19 @@ def _write(model: nn.Module, tokenizer: Any, tmp: Path, out: Path, manifest: dic
     check_loadable(tmp, out)
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _weight_files(path: Path) -> list[Path]:
+    """An output's weight files (its index's shards, or model.safetensors), every one present."""
     files = indexed_files(path)
-    files = ["model.safetensors"] if files is None else files
+    found = [path / name for name in (["model.safetensors"] if files is None else files)]
+    missing = next((file for file in found if not file.is_file()), None)
+    if missing is not None:
+        raise CompressorError(f"{path}: weight file {missing.name} is missing")
+    return found
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        file = path / name
-        if not file.is_file():
-            raise CompressorError(f"{path}: weight file {name} is missing")
+    for file in _weight_files(path):
         try:
             state.update(load_file(str(file)))
         except Exception as exc:  # safetensors raises its own error types on a damaged file
@@ -177,12 +182,8 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _header_state(path: Path) -> dict[str, torch.Tensor]:
     """The weight files' tensors as empty meta tensors of their stored shapes (read from the headers only)."""
-    files = indexed_files(path)
     state: dict[str, torch.Tensor] = {}
-    for name in ["model.safetensors"] if files is None else files:
-        file = path / name
-        if not file.is_file():
-            raise CompressorError(f"{path}: weight file {name} is missing")
+    for file in _weight_files(path):
         try:
             header = read_header(file)
         except (OSError, ValueError) as exc:

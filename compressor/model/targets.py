@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import nn
 
 from .architecture import decoder_layers
+from .experts import is_fused
 from .modules import LINEAR_TYPES, MODULE_KINDS
 
 
@@ -19,18 +19,13 @@ def is_linear(module: nn.Module) -> bool:
                                                 and not getattr(module, "container", False))
 
 
-def _is_experts(module: nn.Module) -> bool:
-    gate_up = getattr(module, "gate_up_proj", None)
-    return getattr(module, "kind", None) == "experts" or (isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3)
-
-
 def routing(module: nn.Module) -> set[str]:
     """The names (relative to ``module``) of the routing linears in its mixture-of-experts blocks: a block's
     own linear children beside its experts (a router, Qwen2-MoE's shared-expert gate), never targets."""
     found = set()
     for name, block in module.named_modules():
         children = dict(block.named_children())
-        if any(_is_experts(child) for child in children.values()):
+        if any(getattr(child, "kind", None) == "experts" or is_fused(child) for child in children.values()):
             dot = f"{name}." if name else ""
             found |= {f"{dot}{child}" for child, sub in children.items() if is_linear(sub)}
     return found
