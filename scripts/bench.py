@@ -131,7 +131,9 @@ COMPENSATIONS = [("", None, None)] + [(f"-{label}-r{r}", space, r) for label, sp
 # with two threads and as two ranks with one thread each: the machine's two cores either way.
 MOE_RECIPES = {"lord-gram-0.2": lord("gram", 0.2),
                "gptq-w4-g64-eora-r64": compensated(quantize("gptq", 4, 64), "eigen", 64),
-               "rtn-w4-g64": compensated(quantize("rtn", 4, 64))}
+               "rtn-w4-g64": compensated(quantize("rtn", 4, 64)),
+               # symmetric: what stock transformers dequantizes on experts (its expert loader drops zero points)
+               "gptq-w4-g64-sym": compensated(quantize("gptq", 4, 64, symmetric=True))}
 
 
 def upcycled() -> str:
@@ -438,6 +440,7 @@ def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu
 
             summary["model"] = compressor.load(out)
         log = [json.loads(line) for line in (out / "compression_log.jsonl").read_text().splitlines()]
+        stock = stock_perplexity(out) if MODELS.get(name) else None
     compression_rss = peak_rss_mib()  # high-water mark of load + calibration + walk + save
     # same process, right after the run (or None: the caller divides by the dense run's)
     forward = plain_forward_seconds(recipe.calibration.batch_size) if speed else None
@@ -466,10 +469,28 @@ def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu
             # the whole run without model load (calibration data, layer walk, save) over one plain forward
             "run_over_plain_forward": (sum(v for k, v in summary["seconds"].items() if k != "load") / forward
                                        if forward else None),
+            **({"stock_transformers": stock} if stock else {}),
             "compression_peak_rss_mib": compression_rss, "peak_rss_mib": peak_rss_mib(),
             "bits_per_weight_all": stored_bits_per_weight(log), "steps": summary["steps"],
             "decisions": [{k: v for k, v in (d["decision"] or {}).items() if k not in ("matrices", "ranks")}
                           for d in summary["plan"].decisions()]}
+
+
+def stock_perplexity(out: Path) -> dict | None:
+    """Of an output whose manifest says stock ``from_pretrained`` rebuilds it (a compressed-tensors base, no
+    adapter): the held-out perplexity of the model stock transformers loads (no remote code). None otherwise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compressor.evaluation.evaluate import perplexity
+    from compressor.io import read_manifest
+
+    serving = read_manifest(out).get("serving") or {}
+    if not (serving.get("compressed_tensors") and serving.get("stock_transformers")):
+        return None
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    return {"loader": "AutoModelForCausalLM.from_pretrained (compressed-tensors, no remote code)",
+            "perplexity": perplexity(model, heldout(tokenizer), batch_size=8)["value"]}
 
 
 def shipped(name: str) -> dict:

@@ -373,3 +373,45 @@ def test_eora_over_experts_is_a_peft_adapter(family_dirs, calib_file, ids, tmp_p
     assert any(".experts." in key for key in load_file(str(out / "adapter" / "adapter_model.safetensors")))
     model = peft.PeftModel.from_pretrained(dequantized_base(out), out / "adapter")
     torch.testing.assert_close(logits(model, ids), logits(summary["model"], ids), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family,stream", [("mixtral", False), ("mixtral", True), ("qwen2_moe", False),
+                                           ("deepseek_v3", False)])
+def test_quantized_experts_load_in_stock_transformers(family, stream, family_dirs, calib_file, ids, tmp_path):
+    """Symmetric quantized experts: compressed-tensors tensors under the family's per-expert names (Mixtral's
+    ``w1``/``w2``/``w3``), a quantization_config whose ``ignore`` holds the routers, and stock
+    ``from_pretrained`` (no remote code) gives the in-memory logits."""
+    out = tmp_path / "out"
+    summary = run(family_dirs[family], out, calib_file, "rtn-w4-g64", "quantize.group_size=16",
+                  "quantize.symmetric=true", stream=stream)
+    expected = logits(compressor.load(out) if stream else summary["model"], ids)
+    manifest = compressor.io.read_manifest(out)
+    assert manifest["serving"]["compressed_tensors"] and manifest["serving"]["stock_transformers"]
+    expert = {"mixtral": "model.layers.0.block_sparse_moe.experts.0.w1",
+              "qwen2_moe": "model.layers.0.mlp.experts.0.gate_proj",
+              "deepseek_v3": "model.layers.1.mlp.experts.0.gate_proj"}[family]
+    assert {f"{expert}.weight_packed", f"{expert}.weight_scale"} <= stored_keys(out)
+    config = json.loads((out / "config.json").read_text())
+    router = "model.layers.1.mlp.gate"
+    assert config["model_type"] == family and router in config["quantization_config"]["ignore"]
+    if family == "mixtral":  # the checkpoint's name too, which vLLM matches
+        assert "model.layers.1.block_sparse_moe.gate" in config["quantization_config"]["ignore"]
+    stock = tf.AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(logits(stock, ids), expected, rtol=0, atol=1e-5)
+
+
+def test_asymmetric_experts_say_stock_transformers_cannot_dequantize_them(family_dirs, calib_file, ids, tmp_path):
+    """transformers 5's expert loader drops zero points: the manifest and card say so (and how to load it),
+    the config stays the family's (vLLM), and the remote code and compressor.load give the in-memory logits."""
+    from compressor.io import serving
+
+    out = tmp_path / "out"
+    summary = run(family_dirs["mixtral"], out, calib_file, "gptq-w4-g64-eora-r64", "eora.rank=8",
+                  "quantize.group_size=16")
+    entry = compressor.io.read_manifest(out)["serving"]
+    assert entry["transformers"] == serving.TRANSFORMERS_ASYMMETRIC_EXPERTS and not entry["stock_transformers"]
+    assert entry["adapter_base"] == serving.ADAPTER_OVER_EXPERTS
+    assert "cannot dequantize them" in (out / "README.md").read_text()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "mixtral"
+    remote = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    torch.testing.assert_close(logits(remote, ids), logits(summary["model"], ids), rtol=0, atol=1e-5)

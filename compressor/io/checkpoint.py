@@ -142,12 +142,13 @@ def _write(model: nn.Module, tokenizer: Any, tmp: Path, out: Path, manifest: dic
             if shards is not None:
                 shards.finish(model)
                 loras = shards.loras
-            else:
-                model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+            else:  # unfused experts' tensors under the family's per-expert names (serving stacks read those)
+                model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE,
+                                      state_dict=export.expert_layout(model, model.state_dict()))
             manifest["serving"] = export.write_serving(tmp, model, modules, loras, str(Path(out).resolve()))
         reason = export.not_stock_reason(manifest["modules"], manifest["serving"]["compressed_tensors"])
         export.write_remote_code(tmp, manifest["modules"], manifest["serving"]["adapter"], reason)
-        manifest["serving"]["stock_transformers"] = not reason
+        manifest["serving"]["stock_transformers"] = export.stock_loads(manifest["serving"], reason)
         manifest["serving"]["remote_code"] = export.REMOTE_CODE
     if stored is not None:
         export.edit_config(tmp, lambda data: data.update(dtype=stored))

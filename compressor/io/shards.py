@@ -34,12 +34,13 @@ INDEX = "model.safetensors.index.json"
 def family_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tensors`` (under ``model``'s names) as the family's checkpoints name them: transformers' revert of
     its load-time renames and expert fusion, what ``save_pretrained`` writes (GPT-NeoX's head as
-    ``embed_out``, Mixtral's fused experts as ``block_sparse_moe.experts.<e>.w1`` ...)."""
+    ``embed_out``, Mixtral's fused experts, and each unfused expert's tensors, as
+    ``block_sparse_moe.experts.<e>.w1`` ...)."""
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers 4: no conversions
         return tensors
-    return dict(revert_weight_conversion(model, tensors))
+    return dict(revert_weight_conversion(model, export.expert_layout(model, tensors)))
 
 
 class ShardWriter:

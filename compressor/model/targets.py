@@ -20,15 +20,21 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def routing(module: nn.Module) -> set[str]:
-    """The names (relative to ``module``) of the routing linears in its mixture-of-experts blocks: a block's
-    own linear children beside its experts (a router, Qwen2-MoE's shared-expert gate), never targets."""
+    """The names (relative to ``module``) of the routing modules in its mixture-of-experts blocks: a block's
+    own linear children beside its experts (Qwen2-MoE's shared-expert gate) and its routers (transformers 5's
+    ``…TopKRouter``: a 2-D ``weight`` and no children), never targets."""
     found = set()
     for name, block in module.named_modules():
         children = dict(block.named_children())
         if any(getattr(child, "kind", None) == "experts" or is_fused(child) for child in children.values()):
             dot = f"{name}." if name else ""
-            found |= {f"{dot}{child}" for child, sub in children.items() if is_linear(sub)}
+            found |= {f"{dot}{child}" for child, sub in children.items() if is_linear(sub) or _is_router(sub)}
     return found
+
+
+def _is_router(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, nn.Parameter) and weight.dim() == 2 and not list(module.children())
 
 
 def layer_linears(layer: nn.Module, prefix: str) -> dict[str, nn.Module]:

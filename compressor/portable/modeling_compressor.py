@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Any
 
 import torch
@@ -666,50 +667,108 @@ def from_spec(spec: dict[str, Any], dtype: torch.dtype | None = None, device: An
 # --- the loader --------------------------------------------------------------------------------------------
 
 
-def checkpoint_names(model: nn.Module, keys: Any) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """How ``model`` reads a checkpoint of tensors ``keys``, as ``from_pretrained`` does: (model tensor name →
-    the checkpoint key it is read from, model tensor name → the checkpoint keys ``from_pretrained`` fuses into
-    it). ``transformers`` 5 renames some families' keys (GPT-NeoX's ``embed_out`` is the model's ``lm_head``,
-    Mixtral's ``block_sparse_moe`` its ``mlp``) and fuses experts' projections into 3-D tensors; each expert's
-    own projection, as unfused experts name it (``…experts.<e>.gate_proj.weight``), is mapped to the tensor it
-    is (Mixtral's ``…experts.<e>.w1.weight``). Identity where there is no conversion (and in transformers 4)."""
-    keys = list(keys)
+def _conversions(model: nn.Module) -> tuple[list[Any], list[Any]]:
+    """transformers' load-time (renamings, converters) for ``model``'s class; none in transformers 4 or for a
+    class it does not know."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
     except ImportError:  # transformers 4: files and models share their names
-        return {key: key for key in keys}, {}
+        return [], []
     try:
         transforms = get_model_conversion_mapping(model)
     except Exception:  # noqa: BLE001 - a model class transformers does not know: its own names
         transforms = []
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return ([t for t in transforms if isinstance(t, WeightRenaming)],
+            [t for t in transforms if isinstance(t, WeightConverter)])
+
+
+def _expert_roles(converters: list[Any]) -> dict[str, tuple[str, str, str]]:
+    """Each expert projection's role (``gate_proj``, ``up_proj``, ``down_proj``) → (the checkpoint's name for
+    it, e.g. Mixtral's ``w1``; the converter's source pattern; the fused tensor), from the converters that
+    fuse experts (``…experts.*.w1.weight`` + ``…experts.*.w3.weight`` → ``…experts.gate_up_proj``)."""
+    roles: dict[str, tuple[str, str, str]] = {}
+    for converter in converters:
+        sources, targets = list(converter.source_patterns), list(converter.target_patterns)
+        if len(targets) != 1:
+            continue
+        if targets[0].endswith("experts.gate_up_proj") and len(sources) == 2:
+            names = ("gate_proj", "up_proj")
+        elif targets[0].endswith("experts.down_proj") and len(sources) == 1:
+            names = ("down_proj",)
+        else:
+            continue
+        for role, source in zip(names, sources):
+            stored = re.search(r"experts\.\*\.(\w+)\.weight$", source)
+            if stored is not None:
+                roles[role] = (stored.group(1), source, targets[0])
+    return roles
+
+
+_EXPERT_TENSOR = r"\.experts\.(\d+)\.({})\."  # …experts.<e>.<projection>.<tensor>
+
+
+def _rename_expert_projections(keys: Any, mapping: dict[str, str]) -> dict[str, str]:
+    """key → the key with its expert projection renamed by ``mapping`` (``…experts.3.gate_proj.weight_packed``
+    → ``…experts.3.w1.weight_packed``), for the keys that name one."""
+    mapping = {old: new for old, new in mapping.items() if old != new}
+    if not mapping:
+        return {}
+    pattern = re.compile(_EXPERT_TENSOR.format("|".join(map(re.escape, mapping))))
+    renamed = {}
+    for key in keys:
+        found = pattern.search(key)
+        if found is not None:
+            start, end = found.span(2)
+            renamed[key] = key[:start] + mapping[found.group(2)] + key[end:]
+    return renamed
+
+
+def stored_expert_names(model: nn.Module, keys: Any) -> dict[str, str]:
+    """Model tensor name → the name the family's checkpoints give it, for every tensor of an unfused expert's
+    projection whose name differs (Mixtral: ``…experts.<e>.gate_proj.<t>`` → ``…experts.<e>.w1.<t>``, for a
+    dense ``weight`` and compressed-tensors' ``weight_packed``/``weight_scale``/… alike), before
+    transformers' own renames (``mlp`` → ``block_sparse_moe``) are reverted. What serving stacks read: the
+    per-expert names of the family's checkpoints."""
+    _, converters = _conversions(model)
+    return _rename_expert_projections(keys, {role: stored for role, (stored, _, _) in _expert_roles(converters).items()})
+
+
+def checkpoint_names(model: nn.Module, keys: Any) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """How ``model`` reads a checkpoint of tensors ``keys``, as ``from_pretrained`` does: (model tensor name →
+    the checkpoint key it is read from, model tensor name → the checkpoint keys ``from_pretrained`` fuses into
+    it). ``transformers`` 5 renames some families' keys (GPT-NeoX's ``embed_out`` is the model's ``lm_head``,
+    Mixtral's ``block_sparse_moe`` its ``mlp``) and fuses experts' projections into 3-D tensors; each tensor of
+    an expert's own projection, as unfused experts name it (``…experts.<e>.gate_proj.weight``, or its
+    compressed tensors), is mapped to the tensor it is (Mixtral's ``…experts.<e>.w1.weight``). Identity where
+    there is no conversion (and in transformers 4)."""
+    from_keys = list(keys)
+    renamings, converters = _conversions(model)
+    if not renamings and not converters:
+        return {key: key for key in from_keys}, {}
+    from transformers.core_model_loading import rename_source_key
+
+    roles = _expert_roles(converters)
+    unstored = {stored: role for role, (stored, _, _) in roles.items()}
     names: dict[str, str] = {}
     fused: dict[str, list[str]] = {}
-    for key in keys:
-        name, pattern = rename_source_key(key, renamings, converters) if transforms else (key, None)
+    for key in from_keys:
+        name, pattern = rename_source_key(key, renamings, converters)
         if pattern is None:
-            names.setdefault(name, key)
+            names.setdefault(_rename_expert_projections([name], unstored).get(name, name), key)
             continue
         fused.setdefault(name, []).append(key)
-        expert = _expert_name(key, name, pattern, next(c for c in converters if pattern in c.source_patterns))
+        expert = _expert_name(key, name, pattern, roles)
         if expert is not None:
             names.setdefault(expert, key)
     return names, fused
 
 
-def _expert_name(key: str, fused: str, pattern: str, converter: Any) -> str | None:
-    """The unfused name of the expert projection the checkpoint tensor ``key`` is (None: not one): ``fused`` is
-    ``…experts.gate_up_proj`` (from two source patterns, gate's first) or ``…experts.down_proj`` (one)."""
-    import re
-
-    sources = list(converter.source_patterns)
-    if fused.endswith(".experts.gate_up_proj") and len(sources) == 2:
-        role = ("gate_proj", "up_proj")[sources.index(pattern)]
-    elif fused.endswith(".experts.down_proj") and len(sources) == 1:
-        role = "down_proj"
-    else:
+def _expert_name(key: str, fused: str, pattern: str, roles: dict[str, tuple[str, str, str]]) -> str | None:
+    """The unfused name of the expert projection the checkpoint tensor ``key`` is (None: not one), read
+    through the converter ``pattern`` into ``fused`` (``…experts.gate_up_proj`` or ``…experts.down_proj``)."""
+    role = next((role for role, (_, source, _) in roles.items() if source == pattern), None)
+    if role is None:
         return None
     index = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
     if index is None:
