@@ -69,7 +69,8 @@ DENSE = {  # families beside the shared matrix's five, each with what sets it ap
 }
 MODEGPT = {"modegpt-20", "modegpt-30", "modegpt-mlp-20"}
 REFUSED = {  # family → the shipped recipes refused before loading (each with one line)
-    **{family: MODEGPT for family in FAMILIES},  # MoDeGPT's MLP step on experts
+    "mixtral": set(), "qwen2_moe": set(),  # MoDeGPT's MLP step per expert; plain attention
+    "qwen3_moe": MODEGPT - {"modegpt-mlp-20"}, "deepseek_v3": MODEGPT - {"modegpt-mlp-20"},  # q/k norms; latent
     "gpt_neox": MODEGPT | {"curing"}, "phi3": MODEGPT | {"curing"}, "falcon": MODEGPT | {"curing"},  # names
     **{family: MODEGPT - {"modegpt-mlp-20"} for family in ("qwen3", "gemma2", "gemma3", "olmo2", "cohere",
                                                            "stablelm", "phi")},  # attention it would not compute
@@ -214,15 +215,45 @@ def test_streamed_experts_give_the_in_memory_output(family, merge, family_dirs, 
     torch.testing.assert_close(logits(load(streamed), ids), logits(summary["model"], ids), rtol=0, atol=1e-5)
 
 
-def test_mlp_group_methods_refuse_moe_before_loading(family_dirs, calib_file, tmp_path, monkeypatch):
+def test_modegpt_refuses_latent_attention_before_loading(family_dirs, calib_file, tmp_path, monkeypatch):
     from compressor.model import loading
 
     def never(*args, **kwargs):
         raise AssertionError("weights were read")
 
     monkeypatch.setattr(loading, "load", never)
-    with pytest.raises(CompressorError, match="mixture of experts"):
-        run(family_dirs["qwen3_moe"], tmp_path / "out", calib_file, "modegpt-20")
+    with pytest.raises(CompressorError, match="attention is not one modegpt's smaller attention computes"):
+        run(family_dirs["deepseek_v3"], tmp_path / "out", calib_file, "modegpt-20")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_modegpt_shrinks_each_experts_mlp_on_its_own_tokens(family, family_dirs, calib_file, ids, tmp_path):
+    """MoDeGPT's MLP step on a mixture of experts: each routed expert (and a shared expert, a dense first layer)
+    keeps the layer's share of its intermediate channels, chosen by Nyström from its own routed tokens' Gram; the
+    output reloads with the in-memory logits."""
+    out = tmp_path / "out"
+    summary = run(family_dirs[family], out, calib_file, "modegpt-mlp-20")
+    model = summary["model"]
+    layer = 1
+    widths = {model.model.layers[layer].mlp.experts.expert(e).down_proj.in_features for e in range(4)}
+    assert len(widths) == 1 and widths.pop() < (48 if family == "deepseek_v3" else 96)  # the layer's share
+    log = [json.loads(line) for line in (out / "compression_log.jsonl").read_text().splitlines()]
+    shrunk = {e["name"] for e in log if e.get("kept_channels")}
+    assert {f"model.layers.{layer}.mlp.experts.{e}.down_proj" for e in range(4)} <= shrunk
+    if family == "deepseek_v3":  # its shared experts and its dense first layer are MLPs too
+        assert {"model.layers.1.mlp.shared_experts.down_proj", "model.layers.0.mlp.down_proj"} <= shrunk
+    # each expert's channels are its own: the gate rows kept differ between experts of one layer
+    original = tf.AutoModelForCausalLM.from_pretrained(family_dirs[family])
+    experts.unfuse(original)
+    kept = []
+    for e in range(2):
+        gate = model.model.layers[layer].mlp.experts.expert(e).gate_proj.weight
+        full = original.model.layers[layer].mlp.experts.expert(e).gate_proj.weight
+        kept.append({int(((full - row).abs().sum(1) == 0).nonzero()[0]) for row in gate})
+    assert kept[0] != kept[1]
+    torch.testing.assert_close(logits(compressor.load(out), ids), logits(model, ids), rtol=0, atol=1e-5)
+    remote = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    torch.testing.assert_close(logits(remote, ids), logits(model, ids), rtol=0, atol=1e-5)
 
 
 def test_unsupported_expert_layouts_are_refused():
@@ -415,3 +446,30 @@ def test_asymmetric_experts_say_stock_transformers_cannot_dequantize_them(family
     assert json.loads((out / "config.json").read_text())["model_type"] == "mixtral"
     remote = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     torch.testing.assert_close(logits(remote, ids), logits(summary["model"], ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["lord", "gptq-w4-g64-eora-r64"])
+def test_a_layer_holds_one_experts_sums_at_a_time(recipe, family_dirs, calib_file, ids, tmp_path, monkeypatch):
+    """Experts' statistics stay as their routed batches until their group reads them, and go back to batches
+    (or away) after it, through every step (GPTQ then EoRA on statistics collected once): at most one expert
+    input's sums exist at any time; the output is the one eager accumulation gives."""
+    import weakref
+
+    from compressor.stats import accumulators, hooks
+
+    live, most = weakref.WeakValueDictionary(), [0]  # id → every PendingStats that settled, while alive
+    settle = accumulators.PendingStats.settle
+
+    def counting(self):
+        settle(self)
+        live[id(self)] = self
+        most[0] = max(most[0], sum(1 for s in live.values() if s.batches and s.settled))
+
+    monkeypatch.setattr(accumulators.PendingStats, "settle", counting)
+    # no fallback: experts calibrated on every token read one tensor, hence share one accumulator (one more)
+    extra = ["moe_min_tokens=1", *(["eora.rank=8", "quantize.group_size=16"] if "eora" in recipe else [])]
+    pending = run(family_dirs["mixtral"], tmp_path / "pending", calib_file, recipe, *extra)
+    assert most[0] == 1
+    monkeypatch.setattr(hooks, "PendingStats", accumulators.TensorStats)  # eager: every expert's Gram at once
+    eager = run(family_dirs["mixtral"], tmp_path / "eager", calib_file, recipe, *extra)
+    assert torch.equal(logits(pending["model"], ids), logits(eager["model"], ids))

@@ -9,7 +9,7 @@ from torch import nn
 
 from compressor.model.modes import calibration_mode
 from compressor.model.targets import decoder_layers, layer_linears
-from compressor.stats.accumulators import DistanceStats, Request, TensorStats
+from compressor.stats.accumulators import FP32_GRAM, SUMS, DistanceStats, Request, TensorStats
 from compressor.stats.hooks import Collector, Watch
 from compressor.walk.layers import capture_inputs, run_layer
 
@@ -284,3 +284,26 @@ def test_a_wide_gram_is_summed_in_column_blocks(monkeypatch):
     assert blocked.gram.dtype == torch.float64
     assert torch.allclose(blocked.gram, whole.gram, rtol=1e-6, atol=1e-5)
     assert not torch.equal(blocked.gram, torch.zeros_like(blocked.gram))
+
+
+@pytest.mark.parametrize("kinds", [frozenset({"gram", "mean", "abs_mean"}), frozenset({"gram", FP32_GRAM}),
+                                   frozenset({"sq_norm"})])
+def test_pending_stats_sum_what_eager_accumulation_sums(kinds):
+    """A routed expert's statistics keep its batches and sum them when read: the same sums bit for bit as
+    accumulating batch by batch, again after ``unsettle`` drops them, and the count without summing."""
+    from compressor.stats.accumulators import PendingStats
+
+    torch.manual_seed(0)
+    batches = [torch.randn(n, 24) for n in (5, 1, 17)]
+    eager, pending = TensorStats(), PendingStats()
+    for x in batches:
+        eager.add(x, kinds)
+        pending.add(x, kinds)
+    assert pending.n_tokens == 23 and not pending.settled  # counted, nothing summed yet
+    for _ in range(2):
+        for name in SUMS:
+            mine, theirs = getattr(pending, name), getattr(eager, name)
+            assert (mine is None) == (theirs is None) and (mine is None or torch.equal(mine, theirs)), name
+        assert pending.n_tokens == 23
+        pending.unsettle()
+        assert pending.gram is not None or "gram" not in kinds  # read again: summed again

@@ -77,9 +77,11 @@ def merge_in_place(model: nn.Module) -> int:
 def module_specs(model: nn.Module, reshaped: dict[str, nn.Module] | None = None) -> dict[str, dict[str, Any]]:
     """name → spec of every module the loader must rebuild: the compressed kinds, and plain modules whose
     shape differs from what the model's config builds (``reshaped``), parents before children."""
-    specs = {name: m.spec() for name, m in compressed_modules(model).items()}
+    found = compressed_modules(model)
+    specs = {name: m.spec() for name, m in found.items()}
+    blocks = [name for name, m in found.items() if not getattr(m, "container", False)]  # experts: not a block
     for name in reshaped or {}:
-        if not any(name == s or name.startswith(f"{s}.") for s in specs):  # a compressed block rebuilds its own
+        if not any(name == s or name.startswith(f"{s}.") for s in blocks):  # a compressed block rebuilds its own
             specs[name] = spec_of(model.get_submodule(name))
     return dict(sorted(specs.items(), key=lambda item: item[0].count(".")))
 

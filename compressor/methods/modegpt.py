@@ -126,10 +126,13 @@ class MoDeGPT(Compressor):
         layers = sorted({view.layer_of(name) for name in view.shapes})
         units: dict[str, int] = {}  # kind of unit → its count per layer (the full width)
         if self.config.part in ("all", "mlp"):
-            widths = {view.shapes[n][1] for n in view.shapes if (arch.role_of(n) or (0, "", ""))[2] == "down"}
-            if len(widths) != 1:
-                raise CompressorError(f"modegpt needs one MLP width across the targeted layers; found {sorted(widths)}")
-            units["channels"] = widths.pop()
+            widths = sorted({view.shapes[n][1] for n in view.shapes if _is_down(arch, n)})
+            if not widths:
+                raise CompressorError("modegpt's MLP step found no MLP down projection among the targets")
+            if len(widths) == 1:
+                units["channels"] = widths[0]
+            else:  # a mixture of experts: routed experts, shared experts and dense MLPs of their own widths
+                units.update({f"channels_{width}": width for width in widths})
         if self.config.part in ("all", "attention"):
             if self.config.qk_covariance == "post_rope" and not arch.rope:
                 raise CompressorError(f"qk_covariance post_rope: {arch.family} has no rotary embedding")
@@ -146,7 +149,8 @@ class MoDeGPT(Compressor):
             "influence": {str(i): influence[i] for i in layers},
             "sparsity": {str(i): float(s) for i, s in zip(layers, sparsity)},
             **{f"kept_{unit}": {str(i): k[unit] for i, k in keep.items()} for unit in counts},
-            "widths": {"channels": units.get("channels"), "head_dim": arch.head_dim},
+            "widths": {"channels": units.get("channels", widths if self.config.part != "attention" else None),
+                       "head_dim": None if arch is None else arch.head_dim},
         }, values={"keep": keep})  # layer → {"channels", "qk_dims", "v_dims"} kept
 
     def compress(self, group: Group, ctx: LayerContext) -> dict[str, Outcome]:
@@ -158,7 +162,8 @@ class MoDeGPT(Compressor):
         down = group.members["down"]
         stats = group.stats[Request("gram", role="down")]
         covariance = stats.gram / max(stats.n_tokens, 1)  # (d_int, d_int), as the reference normalizes
-        keep = group.decision.values["keep"][ctx.layer_index]["channels"]
+        kept_of = group.decision.values["keep"][ctx.layer_index]
+        keep = kept_of.get("channels", kept_of.get(f"channels_{down.weight.shape[1]}"))
         if keep >= down.weight.shape[1]:  # nothing removed: the refit would only add the ridge's error
             return {target.name: Outcome(None, note="all channels kept") for target in group.members.values()}
         kept = mg.mlp_keep(covariance, keep, self.config.ridge_mlp).to(down.weight.device)
@@ -236,6 +241,13 @@ class MoDeGPT(Compressor):
             outcomes[group.members["qkv"].name] = Outcome(parts, note="split into q_proj, k_proj, v_proj", extra=extra)
         outcomes[group.name] = Outcome(block)  # after its members: the block holds the same linears
         return outcomes
+
+
+def _is_down(arch, name: str) -> bool:
+    """Whether a target is an MLP's down projection: by the architecture's roles, or an expert's (or a shared
+    expert's) ``down_proj`` in a mixture of experts."""
+    role = arch.role_of(name) if arch is not None else None  # None: a MoE whose attention has no roles
+    return (role or (0, "", ""))[2] == "down" or name.rsplit(".", 1)[-1] == "down_proj"
 
 
 def _projections(group: Group, where: str):

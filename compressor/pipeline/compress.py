@@ -28,7 +28,7 @@ from ..model.experts import calibrating_all, routed_linears
 from ..model.modules import shape_of, weight_of
 from ..parallel import distributed
 from ..plan.compile import GroupSpec, Plan, StepPlan
-from ..stats.accumulators import FP32_GRAM, TENSOR_STATISTICS, DistanceStats, for_matrix
+from ..stats.accumulators import FP32_GRAM, TENSOR_STATISTICS, DistanceStats, PendingStats, for_matrix
 from ..stats.hooks import Collector, Watch
 from ..walk.layers import DEFAULT_STREAM, Visit, base_stream, reference_of, run_layer, walk
 
@@ -148,6 +148,8 @@ def compress_groups(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupS
             del group
             if release:
                 release_group(spec, specs[position + 1:], stats, ctx, originals if last_step else {})
+            else:  # kept for a later step: a routed expert's sums go back to its batches until then
+                unsettle_group(spec, specs[position + 1:], stats, ctx)
         return
     groups = [build_group(visit, spec, step, stats, originals, plan.arch) for spec in specs]
     cluster = clusters(groups)
@@ -169,21 +171,41 @@ def _stats_keys(spec: GroupSpec, stats: Stats) -> list[tuple[str, str]]:
     return [(name, where) for name in names for where in ("input", "output") if (name, where) in stats]
 
 
+def _only_read_by(spec: GroupSpec, later: list[GroupSpec], stats: Stats) -> list[Any]:
+    """The statistics ``spec`` reads that none of the ``later`` groups does (q/k/v and gate/up share one input
+    accumulator), each once."""
+    kept = {id(stats[key]) for other in later for key in _stats_keys(other, stats)}
+    return list({id(stats[key]): stats[key] for key in _stats_keys(spec, stats) if id(stats[key]) not in kept}.values())
+
+
+def _forget(ctx: LayerContext, held: list[Any]) -> None:
+    """Drop the factors ``ctx.per_input`` memoized on the statistics ``held``."""
+    ids = {id(value) for value in held}
+    for memo_key in [k for k in ctx.memo if k[2] in ids]:
+        del ctx.memo[memo_key]
+
+
 def release_group(spec: GroupSpec, later: list[GroupSpec], stats: Stats, ctx: LayerContext,
                   originals: dict[str, Tensor]) -> None:
-    """Drop what only ``spec`` (already compressed) read: its statistics that no ``later`` group shares (q/k/v
-    and gate/up share one input accumulator), the factors ``ctx.per_input`` memoized on them, and the
-    original weights of its members."""
-    kept = {id(stats[key]) for other in later for key in _stats_keys(other, stats)}
-    for key in _stats_keys(spec, stats):
-        held = stats.get(key)
-        if held is not None and id(held) not in kept:
-            for memo_key in [k for k in ctx.memo if k[2] == id(held)]:
-                del ctx.memo[memo_key]
-            for alias in [k for k, value in stats.items() if value is held]:  # every key of a shared accumulator
-                del stats[alias]
+    """Drop what only ``spec`` (already compressed) read: its statistics that no ``later`` group shares, the
+    factors memoized on them, and the original weights of its members."""
+    done = _only_read_by(spec, later, stats)
+    _forget(ctx, done)
+    for held in done:
+        for alias in [k for k, value in stats.items() if value is held]:  # every key of a shared accumulator
+            del stats[alias]
     for name in spec.members.values():
         originals.pop(name, None)
+
+
+def unsettle_group(spec: GroupSpec, later: list[GroupSpec], stats: Stats, ctx: LayerContext) -> None:
+    """Of the statistics only ``spec`` read in this step, a routed expert's (``PendingStats``) drop their sums
+    and the factors memoized on them until a later step reads them again: a layer holds one expert's sums at
+    a time, not E (f, f) Grams between the steps of a recipe whose statistics are collected once."""
+    pending = [held for held in _only_read_by(spec, later, stats) if isinstance(held, PendingStats)]
+    _forget(ctx, pending)
+    for held in pending:
+        held.unsettle()
 
 
 def decompose(step: StepPlan, group: Group, ctx: LayerContext, report: Report) -> tuple[dict[str, Outcome], float]:
@@ -271,7 +293,8 @@ def watches(visit: Visit, wanted: list[tuple[StepPlan, list[GroupSpec]]], arch=N
         if asked == {"float32"}:
             kinds[where].add(FP32_GRAM)
     return [Watch(name, visit.module(name), where, frozenset(kinds[where] - ({"cross_gram"} if name in routed else set())),
-                  _heads(arch, name) if per_head else None, visit.module(rope_blocks[name]) if where == "rotated" else None)
+                  _heads(arch, name) if per_head else None, visit.module(rope_blocks[name]) if where == "rotated" else None,
+                  pending=name in routed)  # one expert's sums at a time (PendingStats)
             for (name, where), per_head in sides.items()]
 
 

@@ -164,6 +164,18 @@ def block_groups(kind: str, names: list[str], model: nn.Module) -> list[GroupSpe
     return groups
 
 
+def mlp_groups(names: list[str], model: nn.Module) -> list[GroupSpec]:
+    """The MLPs of a mixture-of-experts model, each routed expert's on its own: every module whose
+    ``gate_proj``, ``up_proj`` and ``down_proj`` are all among ``names`` (an expert ``…mlp.experts.<e>``, a
+    shared expert, a dense layer's ``mlp``), in model order."""
+    chosen, groups = set(names), []
+    for path, _ in model.named_modules():
+        members = {role: f"{path}.{role}_proj" for role in ("gate", "up", "down")}
+        if path and all(member in chosen for member in members.values()):
+            groups.append(GroupSpec("mlp", path, layer_index(model, members["down"]), members, path))
+    return groups
+
+
 def compile_step(recipe: Recipe, index: int, linears: dict[str, nn.Module], model: nn.Module) -> StepPlan:
     spec = recipe.steps[index]
     where = f"step {index} ({spec.method})"
@@ -192,20 +204,22 @@ def compile_step(recipe: Recipe, index: int, linears: dict[str, nn.Module], mode
         groups = linear_groups(names, model)
     else:  # "blocks": a layer's attention, then its MLP
         kinds = ("attention", "mlp") if kind == "blocks" else (kind,)
-        moe = next((n for n, m in model.named_modules() if getattr(m, "kind", None) == "experts"), None)
-        if "mlp" in kinds and moe is not None:
-            raise CompressorError(f"{where}: the MLP of this model is a mixture of experts ({moe}), which "
-                                  f"{spec.method}'s MLP step does not cover; compress its attention alone "
-                                  "(e.g. part: attention) or use a per-linear method")
+        moe = any(getattr(m, "kind", None) == "experts" for m in model.modules())
         if "attention" in kinds:
-            arch = describe(model)
+            try:
+                arch = describe(model)
+            except CompressorError as exc:  # e.g. DeepSeek's latent attention: no q/k/v projections
+                raise CompressorError(f"{where}: this model's attention is not one {spec.method}'s smaller "
+                                      f"attention computes ({exc}); compress its MLP alone (e.g. part: mlp) or "
+                                      "use a per-linear method") from None
             block = model.get_submodule(arch.block_path("attention", 0) or arch.layer_prefix(0))
             reason = not_reproduced(model, block)
             if reason is not None:
                 raise CompressorError(f"{where}: this model's attention has {reason}, which {spec.method}'s "
                                       "smaller attention does not compute; compress its MLP alone (e.g. part: "
                                       "mlp) or use a per-linear method")
-        found = [group for k in kinds for group in block_groups(k, names, model)]
+        found = [group for k in kinds for group in (mlp_groups(names, model) if moe and k == "mlp"
+                                                    else block_groups(k, names, model))]
         groups = sorted(found, key=lambda group: group.layer)  # stable: attention before MLP within a layer
     return StepPlan(index, compressor, spec.targets, spec.ignore, stream_name(recipe, index),
                     step_calibration(recipe.calibration, spec), shapes, groups, warnings=warnings)
@@ -221,4 +235,18 @@ def compile_plan(recipe: Recipe, model: nn.Module) -> Plan:
                                   "model (an output-matching refit): it needs statistics: per_step")
     params = parameter_count(model)  # distinct parameters: a tied embedding and head count once
     needs_roles = any(s.compressor.group != "linear" or any(r.per_head for r in s.requests) for s in steps)
-    return Plan(recipe, steps, params, describe(model) if needs_roles else None)
+    return Plan(recipe, steps, params, _architecture(model, steps) if needs_roles else None)
+
+
+def _architecture(model: nn.Module, steps: list[StepPlan]) -> Any:
+    """The architecture's roles, for the steps that group by block or ask per-head statistics; None for a
+    mixture of experts whose attention has no q/k/v roles (DeepSeek's latent attention) when only MLP groups,
+    found by name (``mlp_groups``), are asked."""
+    try:
+        return describe(model)
+    except CompressorError:
+        attention = any(s.compressor.group in ("blocks", "attention") or any(r.per_head for r in s.requests)
+                        for s in steps)
+        if attention or not any(getattr(m, "kind", None) == "experts" for m in model.modules()):
+            raise
+        return None

@@ -203,6 +203,59 @@ class TensorStats:
         return self
 
 
+class PendingStats(TensorStats):
+    """``TensorStats`` of a routed expert's linear that keeps the batches it saw (its routed tokens, in the
+    model's dtype) and sums them when a sum is first read (``settle``): after a layer's statistics pass its E
+    experts hold their inputs, N·k tokens in all (N calibration tokens, top-k routing), not E (f, f) Grams; each
+    expert's Gram exists from its group's decomposition to its release (``unsettle`` drops the sums again
+    between steps, ``release_group`` drops the whole). The sums are the ones ``TensorStats.add`` makes batch by
+    batch in the same order: equal bit for bit to an eager accumulation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[tuple[Tensor, frozenset[str], int | None]] = []
+        self.settled = True  # no batch yet: nothing to sum
+
+    def add(self, x: Tensor, kinds: frozenset[str], heads: int | None = None, reference: Tensor | None = None) -> None:
+        if "cross_gram" in kinds:
+            raise ValueError("routed experts' statistics are not paired with a reference stream")
+        x = x.detach().reshape(-1, x.shape[-1])  # (tokens, f)
+        self.batches.append((x, kinds, heads))
+        self.n_tokens += x.shape[0]
+        self.settled = False
+
+    def settle(self) -> None:
+        """Sum the kept batches into the sums (once; again after ``unsettle``)."""
+        if object.__getattribute__(self, "settled"):
+            return
+        self.settled = True
+        tokens, self.n_tokens = self.n_tokens, 0
+        for x, kinds, heads in self.batches:
+            TensorStats.add(self, x, kinds, heads)
+        assert self.n_tokens == tokens
+
+    def unsettle(self) -> None:
+        """Drop the sums (the batches stay): the next read sums them again. Once summed across ranks, the sums
+        are all there is: kept."""
+        if not self.batches:
+            return
+        for name in SUMS:
+            setattr(self, name, None)
+        self.settled = False
+
+    def sums(self) -> tuple[Tensor, list[Tensor]]:
+        """As ``TensorStats.sums``; the sums across ranks then replace this rank's batches (a run spread over
+        ranks holds every expert's sums from its statistics pass on)."""
+        self.settle()
+        self.batches = []
+        return super().sums()
+
+    def __getattribute__(self, name: str):
+        if name in SUMS:
+            object.__getattribute__(self, "settle")()
+        return object.__getattribute__(self, name)
+
+
 def angular_distance(a: Tensor, b: Tensor) -> Tensor:
     """``arccos(cos(a, b)) / π`` along the last dimension: (..., d), (..., d) → (...), in [0, 1]."""
     cosine = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))

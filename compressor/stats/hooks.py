@@ -20,7 +20,7 @@ from typing import Iterator
 from torch import Tensor, nn
 
 from ..parallel.distributed import all_reduce_stats
-from .accumulators import TensorStats
+from .accumulators import PendingStats, TensorStats
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class Watch:
     kinds: frozenset[str]  # of accumulators.TENSOR_STATISTICS
     heads: int | None = None  # output Grams per head
     rope_block: nn.Module | None = None  # "rotated": the attention block whose position_embeddings rotate it
+    pending: bool = False  # a routed expert's linear: keep its batches, summed when read (``PendingStats``)
 
 
 Key = tuple[str, str]  # (module name, where)
@@ -54,7 +55,7 @@ class Collector:
         self.reference: dict[str, Tensor] = {}  # module name → its reference input of the current batch
         self._summed = False  # across ranks, once (result)
 
-    def _owner(self, key: Key, x: Tensor) -> Key:
+    def _owner(self, key: Key, x: Tensor, pending: bool = False) -> Key:
         """The key whose stats ``x`` goes into: its own, or that of an earlier module reading the same x."""
         if key in self._seen:  # second batch onwards: sharing is already known
             return self.shared_with.get(key, key)
@@ -65,7 +66,7 @@ class Collector:
         else:
             if key[1] == "input":
                 self._first_inputs.append((x, key))
-            self.stats[key] = TensorStats()
+            self.stats[key] = PendingStats() if pending else TensorStats()
         return owner
 
     def _hook(self, watch: Watch):
@@ -76,7 +77,7 @@ class Collector:
             x = args[0] if watch.where == "input" else (output[0] if isinstance(output, tuple) else output)
             if watch.where == "rotated":
                 x = rotated(x, *self._rotary[id(watch.rope_block)], watch.heads)
-            owner = self._owner(key, x)
+            owner = self._owner(key, x, watch.pending)
             if owner == key:
                 self.stats[key].add(x, watch.kinds, watch.heads, self.reference.get(watch.name))
             self.seconds += time.perf_counter() - start
