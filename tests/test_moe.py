@@ -123,6 +123,30 @@ def test_unfused_experts_are_targets_and_reproduce_the_model(family, vocab_size,
     torch.testing.assert_close(logits(unfused, ids), reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_expert_at_full_rank_reproduces_the_model(family, vocab_size, ids):
+    """Each expert's gate/up/down replaced by its full-rank factors (a compressed module of another kind): the
+    routing, top-k and weighting stay the family's, so the logits are the fused model's."""
+    from compressor.kernels import linalg
+    from compressor.methods.lord import lord_factors
+    from compressor.model.modules import LowRankLinear
+
+    model = build(family, vocab_size)
+    reference = logits(model, ids)
+    experts.unfuse(model)
+    replaced = 0
+    for name, linear in decoder_linears(model).items():
+        if ".experts." in name:
+            up, down = lord_factors(linear.weight.detach(), min(linear.weight.shape), linalg.identity(), torch.float64)
+            module = LowRankLinear(linear.in_features, linear.out_features, up.shape[1])
+            module.up.weight.data.copy_(up)
+            module.down.weight.data.copy_(down)
+            model.set_submodule(name, module)
+            replaced += 1
+    assert replaced == 3 * 4 * (1 if family == "deepseek_v3" else 2)
+    torch.testing.assert_close(logits(model, ids), reference, rtol=1e-4, atol=1e-4)
+
+
 def test_calibrating_every_expert_on_every_token_keeps_the_output(vocab_size, ids):
     """``calibrate_all``: the chosen experts' hooks see every token, the layer's output is bit for bit the
     routed one."""
@@ -315,7 +339,8 @@ TINY = {"curing": ["curing.n_layers=1"], "eora": ["eora.rank=8"], "lqlora": ["lq
 @pytest.mark.parametrize("family", sorted(REFUSED))
 def test_every_shipped_recipe_reloads_or_is_refused(family, tokenizer, calib_file, ids, tmp_path):
     """Every shipped recipe on each family (3 layers, so CURing has a layer to choose): an output that
-    ``compressor.load`` rebuilds with the in-memory logits, or a refusal before any weight is read."""
+    ``compressor.load`` and ``trust_remote_code=True`` rebuild with the in-memory logits, or a one-line refusal
+    that leaves nothing at --out."""
     import conftest
 
     from compressor.plan.recipe import shipped
@@ -335,8 +360,10 @@ def test_every_shipped_recipe_reloads_or_is_refused(family, tokenizer, calib_fil
             assert "\n" not in str(exc) and not out.exists()
             refused[name] = str(exc)
             continue
-        torch.testing.assert_close(conftest.logits(compressor.load(out), ids), conftest.logits(summary["model"], ids),
-                                   rtol=0, atol=1e-5, msg=name)
+        expected = conftest.logits(summary["model"], ids)
+        torch.testing.assert_close(conftest.logits(compressor.load(out), ids), expected, rtol=0, atol=1e-5, msg=name)
+        remote = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+        torch.testing.assert_close(conftest.logits(remote, ids), expected, rtol=0, atol=1e-5, msg=name)
     assert set(refused) == REFUSED[family], refused
 
 
