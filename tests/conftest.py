@@ -54,36 +54,94 @@ def build_tokenizer():
                                    unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=POSITIONS)
 
 
-def build_config(arch: str, vocab_size: int):
+def build_config(arch: str, vocab_size: int, layers: int | None = None):
+    """The config of a tiny ``arch``: one of the five ``ARCHS`` or of ``FAMILIES`` (mixture-of-experts and
+    families with their own attention, names or fused projections)."""
     import transformers as tf
 
+    layers = LAYERS if layers is None else layers
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if arch in ("llama", "qwen2", "mistral"):
         cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[arch]
-        return cls(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+        return cls(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
                    num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=POSITIONS,
                    tie_word_embeddings=False, **common)
     if arch == "opt":
-        return tf.OPTConfig(hidden_size=HIDDEN, ffn_dim=INTERMEDIATE, num_hidden_layers=LAYERS,
+        return tf.OPTConfig(hidden_size=HIDDEN, ffn_dim=INTERMEDIATE, num_hidden_layers=layers,
                             num_attention_heads=HEADS, word_embed_proj_dim=HIDDEN,
                             max_position_embeddings=POSITIONS, **common)
     if arch == "gpt2":
-        return tf.GPT2Config(n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS, n_head=HEADS,
+        return tf.GPT2Config(n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=layers, n_head=HEADS,
                              n_positions=POSITIONS, **common)
+    if arch in FAMILY_CONFIGS:
+        return FAMILY_CONFIGS[arch](vocab_size, dict(FAMILY_COMMON, num_hidden_layers=layers))
     raise ValueError(arch)
 
 
-def build_model(arch: str, vocab_size: int, seed: int = 0):
+FAMILY_COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+
+
+def _families() -> dict:
+    """family → (vocab, common keys) → config: each with what sets it apart."""
+    import transformers as tf
+
+    return {
+        # mixture of experts
+        "mixtral": lambda v, c: tf.MixtralConfig(vocab_size=v, intermediate_size=96, num_local_experts=4,
+                                                 num_experts_per_tok=2, **c),
+        "qwen3_moe": lambda v, c: tf.Qwen3MoeConfig(vocab_size=v, intermediate_size=128, moe_intermediate_size=48,
+                                                    num_experts=4, num_experts_per_tok=2, head_dim=16,
+                                                    decoder_sparse_step=1, mlp_only_layers=[], **c),
+        "qwen2_moe": lambda v, c: tf.Qwen2MoeConfig(  # a shared expert beside the routed ones
+            vocab_size=v, intermediate_size=128, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+            shared_expert_intermediate_size=96, decoder_sparse_step=1, mlp_only_layers=[], **c),
+        "deepseek_v3": lambda v, c: tf.DeepseekV3Config(  # latent attention, a first dense layer, a shared expert
+            vocab_size=v, intermediate_size=128, moe_intermediate_size=48, n_routed_experts=4, n_shared_experts=1,
+            num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=32,
+            kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **c),
+        # dense families beside the five ARCHS
+        "gpt_neox": lambda v, c: tf.GPTNeoXConfig(  # its head is embed_out in the files, lm_head in transformers 5
+            vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=4, max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
+            tie_word_embeddings=False),
+        "qwen3": lambda v, c: tf.Qwen3Config(vocab_size=v, intermediate_size=128, head_dim=16, **c),  # q/k norms
+        "gemma2": lambda v, c: tf.Gemma2Config(vocab_size=v, intermediate_size=128, head_dim=16, **c),  # capping
+        "gemma3": lambda v, c: tf.Gemma3TextConfig(vocab_size=v, intermediate_size=128, head_dim=16, **c),
+        "phi3": lambda v, c: tf.Phi3Config(vocab_size=v, intermediate_size=128, **c),  # fused qkv, gate_up
+        "olmo2": lambda v, c: tf.Olmo2Config(vocab_size=v, intermediate_size=128, **c),
+        "granite": lambda v, c: tf.GraniteConfig(vocab_size=v, intermediate_size=128, **c),  # multipliers
+        "starcoder2": lambda v, c: tf.Starcoder2Config(vocab_size=v, intermediate_size=128, **c),
+        "cohere": lambda v, c: tf.CohereConfig(vocab_size=v, intermediate_size=128, **c),  # interleaved rotary
+        "stablelm": lambda v, c: tf.StableLmConfig(vocab_size=v, intermediate_size=128, **c),  # partial rotary
+        "phi": lambda v, c: tf.PhiConfig(vocab_size=v, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                         num_hidden_layers=c["num_hidden_layers"], partial_rotary_factor=0.5),
+        "falcon": lambda v, c: tf.FalconConfig(vocab_size=v, hidden_size=64, num_attention_heads=4,
+                                               num_hidden_layers=c["num_hidden_layers"], bos_token_id=0,
+                                               eos_token_id=0),
+    }
+
+
+FAMILY_CONFIGS = _families()
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3")
+# the shared method matrix's families (tests/test_methods.py): the five ARCHS and the ones users download
+MATRIX = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "opt", "gpt2", "gpt_neox", "falcon",
+          *MOE_FAMILIES)
+
+
+def build_model(arch: str, vocab_size: int, seed: int = 0, layers: int | None = None):
     """A tiny random causal LM of ``arch``, fp32, eval mode. Biases are randomized too, so a test that
-    drops or mangles them fails."""
+    drops or mangles them fails; routers too, so that routing is decisive and experts distinct."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(build_config(arch, vocab_size), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(build_config(arch, vocab_size, layers), dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0.0, 0.02)
+            elif name.endswith("mlp.gate.weight"):
+                param.normal_(0.0, 0.5)
     return model.eval()
 
 

@@ -1,15 +1,18 @@
 """The shared test matrix every registered compressor gets (CONTRIBUTING.md): a tiny config per method
-(``TINY``; a test fails for a method that is registered without one), then on every family: registered
-and its config's unknown keys are one-line errors; compress → save → load gives identical logits; the
-manifest lists what the log compressed. A low-rank method's factors at full rank reproduce the weight."""
+(``TINY``; a test fails for a method that is registered without one): registered and its config's unknown keys
+are one-line errors; then on every family of ``MATRIX`` (dense, mixture-of-experts, fused projections, latent
+attention) compress → save → load (and ``trust_remote_code``) gives the in-memory logits, or the method is
+refused up front, and the manifest lists what the log compressed. A low-rank method's factors at full rank
+reproduce the weight."""
 
 from __future__ import annotations
 
 import json
 
+import conftest
 import pytest
 import torch
-from conftest import ARCHS, logits
+from conftest import MATRIX, logits
 
 from compressor import api, io
 from compressor.errors import CompressorError
@@ -55,26 +58,40 @@ def _recipe(method: str, small_text: str) -> recipes.Recipe:
     return recipes.parse(data)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# family → methods refused before loading, with what the one-line refusal says
+REFUSED = {
+    **{family: {"modegpt": "attention has"} for family in ("qwen3", "gemma2", "gemma3", "qwen3_moe")},
+    "deepseek_v3": {"modegpt": "attention is not one"},
+    **{family: {"modegpt": "modegpt does not know this model's layers"} for family in ("phi3", "gpt_neox", "falcon")},
+}
+
+
+@pytest.mark.parametrize("arch", MATRIX)
 @pytest.mark.parametrize("method", METHODS)
 def test_compress_save_load_identical_logits(method, arch, tmp_path, small_text, ids, vocab_size):
-    import conftest
-    from conftest import LAYERS, build_model
+    """compress → ``io.load`` gives the in-memory logits bit for bit, ``trust_remote_code=True`` the same logits;
+    a method that does not apply to the family is refused with one line before any output is written."""
+    from conftest import build_model
+    from transformers import AutoModelForCausalLM
 
-    conftest.LAYERS = 3  # CURing never touches the first or last layer
-    try:
-        model = build_model(arch, vocab_size)
-    finally:
-        conftest.LAYERS = LAYERS
+    model = build_model(arch, vocab_size, layers=3)  # CURing never touches the first or last layer
     source = tmp_path / "model"
     model.save_pretrained(source)
     conftest.build_tokenizer().save_pretrained(source)
-    summary = api.compress(str(source), _recipe(method, small_text), tmp_path / "out", progress=False)
-    reloaded = io.load(tmp_path / "out")
-    assert torch.equal(logits(summary["model"], ids), logits(reloaded, ids))
-    log = [json.loads(line) for line in (tmp_path / "out" / io.LOG).read_text().splitlines()]
+    out = tmp_path / "out"
+    if method in REFUSED.get(arch, {}):
+        with pytest.raises(CompressorError, match=REFUSED[arch][method]) as caught:
+            api.compress(str(source), _recipe(method, small_text), out, progress=False)
+        assert "\n" not in str(caught.value) and not out.exists(), str(caught.value)
+        return
+    summary = api.compress(str(source), _recipe(method, small_text), out, progress=False)
+    expected = logits(summary["model"], ids)
+    assert torch.equal(expected, logits(io.load(out), ids))
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    torch.testing.assert_close(logits(remote, ids), expected, rtol=0, atol=1e-5)
+    log = [json.loads(line) for line in (out / io.LOG).read_text().splitlines()]
     compressed = {e["name"] for e in log if e["kind"] != "dense" and e["method"] == method}
-    manifest = io.read_manifest(tmp_path / "out")
+    manifest = io.read_manifest(out)
     rebuilt = set(manifest["modules"])  # a module, or the block that holds it (MoDeGPT's shrunk attention)
     assert all(name in rebuilt or name.rsplit(".", 1)[0] in rebuilt for name in compressed) or method == "prune"
     if not (method == "curing" and arch == "gpt2"):  # GPT-2 has no q_proj/k_proj/gate_proj to CUR

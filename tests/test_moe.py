@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 import transformers as tf
-from conftest import SMALL_CALIBRATION, logits
+from conftest import MOE_FAMILIES, SMALL_CALIBRATION, build_config, logits
 
 import compressor
 from compressor.api import compress
@@ -20,53 +20,7 @@ from compressor.model import experts
 from compressor.model.modules import Experts
 from compressor.model.targets import decoder_linears
 
-COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
-FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3")
-
-
-def moe_config(family: str, vocab: int, layers: int = 2):
-    common = dict(COMMON, num_hidden_layers=layers)
-    if family == "mixtral":
-        return tf.MixtralConfig(vocab_size=vocab, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
-                                **common)
-    if family == "qwen3_moe":
-        return tf.Qwen3MoeConfig(vocab_size=vocab, intermediate_size=128, moe_intermediate_size=48, num_experts=4,
-                                 num_experts_per_tok=2, head_dim=16, decoder_sparse_step=1, mlp_only_layers=[],
-                                 **common)
-    if family == "qwen2_moe":  # a shared expert beside the routed ones
-        return tf.Qwen2MoeConfig(vocab_size=vocab, intermediate_size=128, moe_intermediate_size=48, num_experts=4,
-                                 num_experts_per_tok=2, shared_expert_intermediate_size=96, decoder_sparse_step=1,
-                                 mlp_only_layers=[], **common)
-    if family == "deepseek_v3":  # latent attention, a first dense layer, a shared expert
-        return tf.DeepseekV3Config(vocab_size=vocab, intermediate_size=128, moe_intermediate_size=48,
-                                   n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
-                                   topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
-                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **common)
-    if family == "gpt_neox":  # its head is embed_out in the files, lm_head in transformers 5
-        return tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                num_attention_heads=4, max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
-                                tie_word_embeddings=False)
-    if family in DENSE:
-        return DENSE[family](vocab, common)
-    raise ValueError(family)
-
-
-DENSE = {  # families beside the shared matrix's five, each with what sets it apart
-    "qwen3": lambda v, c: tf.Qwen3Config(vocab_size=v, intermediate_size=128, head_dim=16, **c),  # q/k norms
-    "gemma2": lambda v, c: tf.Gemma2Config(vocab_size=v, intermediate_size=128, head_dim=16, **c),  # soft-capping
-    "gemma3": lambda v, c: tf.Gemma3TextConfig(vocab_size=v, intermediate_size=128, head_dim=16, **c),
-    "phi3": lambda v, c: tf.Phi3Config(vocab_size=v, intermediate_size=128, **c),  # fused qkv_proj, gate_up_proj
-    "olmo2": lambda v, c: tf.Olmo2Config(vocab_size=v, intermediate_size=128, **c),
-    "granite": lambda v, c: tf.GraniteConfig(vocab_size=v, intermediate_size=128, **c),  # multipliers
-    "starcoder2": lambda v, c: tf.Starcoder2Config(vocab_size=v, intermediate_size=128, **c),
-    "cohere": lambda v, c: tf.CohereConfig(vocab_size=v, intermediate_size=128, **c),  # interleaved rotary
-    "stablelm": lambda v, c: tf.StableLmConfig(vocab_size=v, intermediate_size=128, **c),  # partial rotary
-    "phi": lambda v, c: tf.PhiConfig(vocab_size=v, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                     num_hidden_layers=c["num_hidden_layers"], partial_rotary_factor=0.5),
-    "falcon": lambda v, c: tf.FalconConfig(vocab_size=v, hidden_size=64, num_attention_heads=4,
-                                           num_hidden_layers=c["num_hidden_layers"], bos_token_id=0, eos_token_id=0),
-}
+FAMILIES = MOE_FAMILIES
 MODEGPT = {"modegpt-20", "modegpt-30", "modegpt-mlp-20"}
 REFUSED = {  # family → the shipped recipes refused before loading (each with one line)
     "mixtral": set(), "qwen2_moe": set(),  # MoDeGPT's MLP step per expert; plain attention
@@ -80,7 +34,7 @@ REFUSED = {  # family → the shipped recipes refused before loading (each with 
 
 def build(family: str, vocab: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(moe_config(family, vocab), dtype=torch.float32)
+    model = tf.AutoModelForCausalLM.from_config(build_config(family, vocab), dtype=torch.float32)
     with torch.no_grad():  # routers of random models are near uniform: make them decisive, experts distinct
         for name, param in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
@@ -345,7 +299,7 @@ def test_every_shipped_recipe_reloads_or_is_refused(family, tokenizer, calib_fil
 
     from compressor.plan.recipe import shipped
 
-    config = moe_config(family, len(tokenizer), layers=3)
+    config = build_config(family, len(tokenizer), layers=3)
     torch.manual_seed(0)
     model_dir = tmp_path / "model"
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
@@ -386,16 +340,8 @@ def test_upcycled_model_gives_the_dense_logits(vocab_size, ids):
     assert len(routed.unique()) > 2  # the router spreads tokens over the experts
 
 
-ATTENTION_REFUSED = {
-    "qwen3": (lambda v: tf.Qwen3Config(vocab_size=v, intermediate_size=128, head_dim=16, **dict(COMMON, num_hidden_layers=2)),
-              "query/key norms"),
-    "gemma2": (lambda v: tf.Gemma2Config(vocab_size=v, intermediate_size=128, head_dim=16,
-                                         **dict(COMMON, num_hidden_layers=2)), "attention logit soft-capping"),
-    "phi": (lambda v: tf.PhiConfig(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, partial_rotary_factor=0.5), "rotary embeddings on 0.5"),
-    "cohere": (lambda v: tf.CohereConfig(vocab_size=v, intermediate_size=128, **dict(COMMON, num_hidden_layers=2)),
-               "interleaved rotary embeddings"),
-}
+ATTENTION_REFUSED = {"qwen3": "query/key norms", "gemma2": "attention logit soft-capping",
+                     "phi": "rotary embeddings on 0.5", "cohere": "interleaved rotary embeddings"}
 
 
 @pytest.mark.parametrize("family", sorted(ATTENTION_REFUSED))
@@ -406,9 +352,9 @@ def test_modegpt_attention_refuses_what_it_would_not_compute(family, tokenizer, 
 
     from compressor.model import loading
 
-    build_config, reason = ATTENTION_REFUSED[family]
+    reason = ATTENTION_REFUSED[family]
     model_dir = tmp_path / family
-    tf.AutoModelForCausalLM.from_config(build_config(len(tokenizer))).save_pretrained(model_dir)
+    tf.AutoModelForCausalLM.from_config(build_config(family, len(tokenizer))).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     monkeypatch.setattr(loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("weights read")))
     recipe = small_recipe({"steps": [{"method": "modegpt", "config": {"ratio": 0.2, "part": "attention"}}]},

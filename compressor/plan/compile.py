@@ -209,6 +209,9 @@ def compile_step(recipe: Recipe, index: int, linears: dict[str, nn.Module], mode
             try:
                 arch = describe(model)
             except CompressorError as exc:  # e.g. DeepSeek's latent attention: no q/k/v projections
+                if "attention" not in str(exc):  # the layer's MLP is not one it knows either (fused gate_up)
+                    raise CompressorError(f"{where}: {spec.method} does not know this model's layers ({exc}); "
+                                          "use a per-linear method") from None
                 raise CompressorError(f"{where}: this model's attention is not one {spec.method}'s smaller "
                                       f"attention computes ({exc}); compress its MLP alone (e.g. part: mlp) or "
                                       "use a per-linear method") from None
