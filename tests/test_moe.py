@@ -176,9 +176,27 @@ def test_experts_with_too_few_routed_tokens_are_calibrated_on_all(family_dirs, c
     assert all(e["moe_calibration"].startswith("all tokens") for e in log if ".experts." in e["name"])
 
 
-def test_all_tokens_mode_compresses(family_dirs, calib_file, ids, tmp_path):
+@pytest.mark.parametrize("mode", ["routed", "all"])
+def test_experts_statistics_count_the_tokens_their_mode_gives_them(mode, family_dirs, calib_file, ids, tmp_path,
+                                                                   monkeypatch):
+    """routed: each token reaches its top-2 experts, so a layer's experts' gate_proj statistics count
+    2 × the calibration tokens in all, each fewer than every token; all: every expert counts every token. The
+    output reloads with the in-memory logits either way."""
+    from compressor.methods.lord import LoRD
+
+    seen, compress_linear = {}, LoRD.compress_linear
+
+    def counting(self, target, ctx):
+        seen[target.name] = target.stats.n_tokens
+        return compress_linear(self, target, ctx)
+
+    monkeypatch.setattr(LoRD, "compress_linear", counting)
     out = tmp_path / "out"
-    summary = run(family_dirs["qwen3_moe"], out, calib_file, "lord", "moe_calibration=all")
+    summary = run(family_dirs["qwen3_moe"], out, calib_file, "lord", f"moe_calibration={mode}", "moe_min_tokens=1")
+    tokens = 4 * 32  # SMALL_CALIBRATION: 4 windows of 32 tokens
+    for layer in (0, 1):
+        counts = [seen[f"model.layers.{layer}.mlp.experts.{e}.gate_proj"] for e in range(4)]
+        assert counts == [tokens] * 4 if mode == "all" else (sum(counts) == 2 * tokens and max(counts) < tokens)
     torch.testing.assert_close(logits(compressor.load(out), ids), logits(summary["model"], ids), rtol=0, atol=1e-5)
 
 
