@@ -237,9 +237,10 @@ class Resume:
             tensor = stored[key]
             if tensor.dim() != 3 or tuple(tensor.shape[:2]) != shape or len(widths) != 1 \
                     or not tensor.is_floating_point():
-                raise CompressorError(f"{file}: hidden states {key[:100]} are {tensor.dtype} of shape "
-                                      f"{list(tensor.shape)}, not floating point (batch, seq, width) with (batch, "
-                                      f"seq) = {list(shape)} and one width; {self.remedy}")
+                raise CompressorError(f"{file}: hidden states {key[:100]} have shape {list(tensor.shape)} "
+                                      f"({str(tensor.dtype).removeprefix('torch.')}); this run's calibration batch "
+                                      f"needs floating point (batch, seq, width) with (batch, seq) = {list(shape)}, "
+                                      f"one width for all; {self.remedy}")
             if not bool(torch.isfinite(tensor).all()):
                 raise CompressorError(f"{file}: hidden states {key[:100]} hold non-finite values (NaN or inf); "
                                       f"{self.remedy}")
