@@ -309,6 +309,78 @@ def output(w: World, d: Path) -> Path:
 
 PRUNE = "steps:\n  - method: prune\n    config: {algorithm: wanda, pattern: unstructured}\n"
 
+# -- issue 34, resume state: a recorded --stream run (layer 0 of 2 done) whose files were changed afterwards
+RESUMED = ("--set", "steps.0.config.group_size=64", "--set", "steps.1.config.rank=8")  # group 64: nothing to warn
+RESUME_RECIPE = "rtn-w4-eora-r64"  # a compensated step: the record holds a lora file too
+HIDDEN, LORA = ".resume/hidden-00001.safetensors", ".resume/lora-00000.safetensors"
+SHARD = "model-00001-of-00003.safetensors"  # layer 0's
+_recording = threading.Lock()
+
+
+def recorded_run(world: World) -> Path:
+    """The ``.out.partial`` of a ``--stream`` run stopped by SIGINT once layer 0 is recorded (made once)."""
+    folder = world.root / "recorded"
+    with _recording:
+        if not (folder / ".out.partial" / ".resume" / "state.json").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            args = compress(llama, *RESUMED, "--stream", recipe=RESUME_RECIPE)(world, folder)
+            child = world.launcher.start(args, folder, COMPRESSOR_TEST_PAUSE="recorded",
+                                         COMPRESSOR_TEST_RESUME=str(folder / "go"))
+            child.wait_for("paused at recorded")
+            child.send_signal(signal.SIGINT)
+            assert child.wait() == 130, child.stderr
+    return folder / ".out.partial"
+
+
+def tampered(file: str, edit: Callable[[Path], None], forge: bool = False) -> Callable[[World, Path], None]:
+    """A copy of the recorded run beside ``d / "out"`` with ``edit(path of file)`` done to it; ``forge``: the
+    record's digest of the file and its seal made to match again (only the checks of the content are left)."""
+    def prepare(w: World, d: Path) -> None:
+        partial = d / ".out.partial"
+        shutil.copytree(recorded_run(w), partial)
+        edit(partial / file)
+        if forge:
+            from compressor.io import durable, resume
+
+            state = json.loads((partial / ".resume" / "state.json").read_text())
+            state["digests"][Path(file).name] = durable.digest(partial / file)
+            state["seal"] = resume.seal(state)
+            (partial / ".resume" / "state.json").write_text(json.dumps(state))
+    return prepare
+
+
+def tensors_edited(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def change(path: Path) -> None:
+        state = load_file(str(path))
+        edit(state)
+        save_file(state, str(path))
+    return change
+
+
+def each_tensor(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict], None]:
+    return lambda state: state.update({key: change(value) for key, value in state.items()})
+
+
+def truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def first_nan(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.clone()
+    tensor.view(-1)[0] = float("nan")
+    return tensor
+
+
+def edited_log(path: Path) -> None:
+    state = json.loads(path.read_text())
+    state["log"][0]["note"] = "edited"
+    path.write_text(json.dumps(state))
+
+
+resumed = compress(llama, *RESUMED, "--resume", recipe=RESUME_RECIPE)
+CHANGED = ("changed since the interrupted run wrote it", "remove", ".out.partial to start over")
+
+
 CASES = [
     # -- 1/10: the output directory
     Case("out-not-empty", compress(llama), ("not empty", "--overwrite"), prepare=precious_out, early=True),
@@ -448,6 +520,30 @@ CASES = [
          ("no-such-set",), early=True),
     Case("eval-json-into-missing-dir", evaluate(lambda w, d: w.models["llama"], "--json", "/nonexistent/x.json"),
          ("--json",), early=True),
+    # -- issue 34, resume state: every file --resume would reuse is verified first; nothing is continued from
+    # a file changed since it was written (or a record consistent with itself but holding wrong hidden states)
+    Case("resume-hidden-scaled", resumed, (HIDDEN, *CHANGED),
+         prepare=tampered(HIDDEN, tensors_edited(each_tensor(lambda t: t * 7)))),
+    Case("resume-hidden-nan", resumed, (HIDDEN, *CHANGED),
+         prepare=tampered(HIDDEN, tensors_edited(each_tensor(first_nan)))),
+    Case("resume-hidden-truncated", resumed, (HIDDEN, *CHANGED), prepare=tampered(HIDDEN, truncated)),
+    Case("resume-hidden-wrong-shape", resumed, (HIDDEN, *CHANGED),
+         prepare=tampered(HIDDEN, tensors_edited(each_tensor(lambda t: t[..., :-8].contiguous())))),
+    Case("resume-shard-zeroed", resumed, (SHARD, *CHANGED),
+         prepare=tampered(SHARD, tensors_edited(each_tensor(torch.zeros_like)))),
+    Case("resume-shard-truncated", resumed, (SHARD, *CHANGED), prepare=tampered(SHARD, truncated)),
+    Case("resume-shard-missing", resumed, (SHARD, "is missing", "to start over"),
+         prepare=tampered(SHARD, Path.unlink)),
+    Case("resume-lora-scaled", resumed, (LORA, *CHANGED),
+         prepare=tampered(LORA, tensors_edited(each_tensor(lambda t: t * 7)))),
+    Case("resume-state-edited", resumed, ("state.json", "seal", "to start over"),
+         prepare=tampered(".resume/state.json", edited_log)),
+    Case("resume-forged-hidden-nan", resumed, (HIDDEN, "non-finite", "to start over"),
+         prepare=tampered(HIDDEN, tensors_edited(each_tensor(first_nan)), forge=True)),
+    Case("resume-forged-hidden-wrong-shape", resumed, (HIDDEN, "shape", "to start over"),
+         prepare=tampered(HIDDEN, tensors_edited(each_tensor(lambda t: t[:, :-1].contiguous())), forge=True)),
+    Case("resume-forged-hidden-batch-missing", resumed, (HIDDEN, "batches", "to start over"),
+         prepare=tampered(HIDDEN, tensors_edited(lambda state: state.pop(sorted(state)[-1])), forge=True)),
 ]
 
 
@@ -720,3 +816,21 @@ def test_a_previous_output_moved_aside_by_a_killed_run_is_put_back(tmp_path):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (tmp_path / "out" / "model.safetensors").read_text() == "previous output"
+
+
+def test_an_untampered_resume_gives_the_uninterrupted_output(world, tmp_path):
+    """The recorded run of the resume cases, continued as it is, writes the uninterrupted run's files bit for bit
+    (the checksums recorded while it ran match what it reads back)."""
+    shutil.copytree(recorded_run(world), tmp_path / ".out.partial")
+    (tmp_path / "whole").mkdir()
+    uninterrupted = compress(llama, *RESUMED, "--stream", recipe=RESUME_RECIPE)
+    whole = world.launcher.start(uninterrupted(world, tmp_path / "whole"), tmp_path / "whole")
+    child = world.launcher.start(resumed(world, tmp_path), tmp_path)
+    assert whole.wait() == 0 and child.wait() == 0, whole.stderr + child.stderr
+    assert "resuming: 1 of 2 decoder layers were done" in child.stdout
+    assert siblings(tmp_path / "out") == []
+    written = [{str(p.relative_to(o)): hashlib.sha256(p.read_bytes()).hexdigest() for p in o.rglob("*.safetensors")}
+               for o in (tmp_path / "whole" / "out", tmp_path / "out")]
+    assert written[1] == written[0] and "adapter/adapter_model.safetensors" in written[0]
+    manifests = [json.loads((o / "compression.json").read_text()) for o in (tmp_path / "whole" / "out", tmp_path / "out")]
+    assert manifests[1] == manifests[0]

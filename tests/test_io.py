@@ -180,8 +180,8 @@ def _dropping(write, key_end: str):
 
     def call(*args, **kwargs):
         result = write(*args, **kwargs)
-        path = str(args[1])  # save_file(tensors, filename, ...)
-        if path.endswith(".safetensors"):
+        path = str(args[1])  # save_file(tensors, filename, ...); a shard goes to a temporary name first
+        if path.endswith((".safetensors", ".safetensors.tmp")):
             tensors = load_file(path)
             dropped = {k: v for k, v in tensors.items() if not k.endswith(key_end)}
             if len(dropped) < len(tensors):

@@ -8,6 +8,8 @@ kept (copies, in the storage dtype) for the adapter. Tensors are written under t
 (``family_layout``). ``finish`` writes the last shard (the tensors outside the
 decoder stack, read from the checkpoint: embeddings, final norm, an untied head), the index and the config.
 The folder is the run's temporary output directory: nothing appears at ``--out`` before the whole output is.
+Each shard is written durably (``durable.write``: temporary name, flushed, renamed) and its sha256 kept in
+``digests``, which the resume record holds, so that ``--resume`` reuses only the shards as they were written.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..model.architecture import decoder_layers
 from ..model.modes import outside_layers
 from ..model.streaming import source_of
 from ..model.weights import is_tied
+from . import durable
 from . import serving as export
 from .checkpoint import compressed_modules, merge_in_place, stored_as
 
@@ -53,6 +56,7 @@ class ShardWriter:
         self.total_size = 0
         self.loras: dict[str, nn.Module] = {}  # name → a copy of a compensated module's low-rank path
         self.written: set[int] = set()
+        self.digests: dict[str, str] = {}  # shard → the sha256 of the file as written
 
     def shard(self, position: int) -> str:
         return f"model-{position + 1:05d}-of-{self.n_shards:05d}.safetensors"
@@ -62,7 +66,8 @@ class ShardWriter:
         if self.model is not None:
             tensors = family_layout(self.model, tensors)
         tensors = {key: value.detach().contiguous() for key, value in tensors.items()}
-        save_file(tensors, str(self.folder / name), metadata={"format": "pt"})
+        self.digests[name] = durable.write(self.folder / name,
+                                           lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         for key, value in tensors.items():
             self.weight_map[key] = name
             self.total_size += value.numel() * value.element_size()

@@ -148,7 +148,8 @@ class StreamedSink(Sink):
               say: Callable[[str], None] | None) -> tuple[int, dict[str, list[torch.Tensor]]] | None:
         """The resume record (``resume``) in rank 0's work folder, and where the walk continues (None: at the
         start). Restores an interrupted run's finished layers (rank 0: modules, shard index, log into
-        ``report``) and each rank's own hidden states; every rank reads the state rank 0 read."""
+        ``report``) and each rank's own hidden states, each file verified first (``resume``); every rank reads
+        the state rank 0 read."""
         self.report = report
         world = distributed.world()
         work = self.tmp if world.main else partial_path(self.out)
@@ -160,9 +161,10 @@ class StreamedSink(Sink):
         state = distributed.broadcast(self.record.read() if world.main and self.record.exists() else None)
         if state is None:
             return None
+        streams = plan.walk_batches(batches)  # what the hidden states must match
         if not world.main:
-            return self.record.restore_hidden(state)
-        start, log, reshaped = self.record.restore(model, self.shards, state, dtype)
+            return self.record.restore_hidden(state, streams)
+        start, log, reshaped = self.record.restore(model, self.shards, state, dtype, streams)
         report.log.extend(log)
         report.reshaped.update(reshaped)
         if say is not None:
@@ -175,7 +177,7 @@ class StreamedSink(Sink):
         if self.main:
             self.shards(index, prefix, layer)
         self.record.save(index, prefix, layer, next_inputs, self.shards, self.report.log, self.report.reshaped,
-                         sync=distributed.barrier)
+                         sync=distributed.barrier, gather=distributed.exchange)
         pause_for_tests("recorded")  # the resume tests' hook: a layer is durably done
 
     def save(self, model: nn.Module, tokenizer: Any, manifest: dict[str, Any], report: Any) -> None:

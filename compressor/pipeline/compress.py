@@ -69,7 +69,7 @@ def compress_model(model: nn.Module, plan: Plan, batches: dict[str, list[Tensor]
     missing = [name for name in plan.walk_streams() if base_stream(name) not in batches]
     if missing:
         raise CompressorError(f"the plan's statistics need calibration data (stream {missing[0]!r}); none was given")
-    streams = {name: batches[base_stream(name)] for name in plan.walk_streams()}
+    streams = plan.walk_batches(batches)
     layer_done = sink.layer_done if sink is not None else None
     for visit in walk(model, streams, device=device, propagate=plan.propagate, offload=offload,
                       seconds=report.seconds, sink=layer_done, resume=resume, spill=spill, rules=plan.stream_rules()):

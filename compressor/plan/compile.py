@@ -122,6 +122,11 @@ class Plan:
         names |= {reference_of(s.stream) for s in self.steps if s.paired}
         return sorted(names)
 
+    def walk_batches(self, batches: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """The walk's streams with their calibration batches (a reference stream: its base stream's); a
+        stream whose base has no batches is left out."""
+        return {name: batches[base_stream(name)] for name in self.walk_streams() if base_stream(name) in batches}
+
     def stream_rules(self) -> dict[str, str]:
         """Stream → its own propagate rule where it is not the recipe's: reference streams follow the
         original model."""
