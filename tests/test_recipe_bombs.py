@@ -1,7 +1,7 @@
 """Recipes and ``--set`` values as a hostile file would try them (issue 34, item 4): aliases refused, duplicate
-keys an error naming the key and its lines, a size bound checked before parsing, bounded error lines, target
-patterns bounded and compiled once; and calibration windows (item 6): ``seq_len`` below 8 refused, windows
-that must overlap said in one ``CompressorWarning``."""
+keys an error naming the key and its lines, deep nesting refused, a size bound checked before parsing, bounded
+error lines, target patterns bounded and compiled once; and calibration windows (item 6): ``seq_len`` below 8
+refused, windows that must overlap said in one ``CompressorWarning``."""
 
 from __future__ import annotations
 
@@ -66,6 +66,11 @@ def test_a_duplicate_key_names_the_key_and_both_lines(text, key, lines):
     assert f"duplicate key {key}" in message
     for fragment in lines:
         assert fragment in message
+
+
+@pytest.mark.parametrize("text", ["a: " + "[" * 100_000 + "]" * 100_000, "a: " + "{b: " * 5000 + "1" + "}" * 5000])
+def test_deep_nesting_is_refused_not_a_recursion_error(text):
+    assert f"nested more than {safe_yaml.MAX_DEPTH} levels deep" in refused(text)
 
 
 def test_equal_keys_in_different_mappings_are_fine():

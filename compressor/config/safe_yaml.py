@@ -2,8 +2,9 @@
 
 ``yaml.safe_load`` builds no objects, but it still expands aliases (a few lines of ``&a [*b, *b, ...]`` make
 a structure of billions of nodes, or an error line of hundreds of megabytes) and keeps the last of two equal
-keys of a mapping without a word (``ratio: 0.2`` then ``ratio: 0.9``). ``Loader`` refuses both, naming the
-line; ``read_file`` refuses a file over ``MAX_BYTES`` before parsing it; every message quotes at most
+keys of a mapping without a word (``ratio: 0.2`` then ``ratio: 0.9``); its composer recurses (a deep enough
+nesting is a RecursionError). ``Loader`` refuses aliases, duplicate keys and nesting beyond ``MAX_DEPTH``, naming
+the line; ``read_file`` refuses a file over ``MAX_BYTES`` before parsing it; every message quotes at most
 ``errors.QUOTE_LIMIT`` characters of a value.
 """
 
@@ -18,6 +19,7 @@ from yaml.error import MarkedYAMLError
 from ..errors import QUOTE_LIMIT, CompressorError, quote
 
 MAX_BYTES = 1 << 20  # a recipe is a few hundred bytes; 1 MiB leaves room for long lists of targets
+MAX_DEPTH = 50  # mappings and lists inside each other (a recipe needs 4)
 
 
 class Refused(MarkedYAMLError):
@@ -25,14 +27,23 @@ class Refused(MarkedYAMLError):
 
 
 class Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses aliases (``*name``, and so ``<<: *name`` merges) and duplicate keys."""
+    """``yaml.SafeLoader`` that refuses aliases (``*name``, and so ``<<: *name`` merges), duplicate keys, and
+    nesting deeper than ``MAX_DEPTH`` (the composer recurses: a RecursionError otherwise)."""
+
+    depth = 0
 
     def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
             raise Refused(problem=f"alias {quote('*' + event.anchor)}: aliases are not allowed (they can expand "
                           "without bound); write the value out", problem_mark=event.start_mark)
-        return super().compose_node(parent, index)
+        if self.depth >= MAX_DEPTH:
+            raise Refused(problem=f"nested more than {MAX_DEPTH} levels deep", problem_mark=event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
