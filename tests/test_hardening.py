@@ -467,7 +467,8 @@ CASES = [
          ("--json",), early=True),
     # -- issue 34, item 4 and 6 (recipes): bombs and duplicates refused while reading, short windows refused
     *(Case(f"recipe-alias-bomb-{where}", own_recipe, ("r.yaml", "line 2", "alias '*a0'", "not allowed"),
-           prepare=write("r.yaml", billion_laughs(where)), early=True) for where in ("value", "targets", "calibration")),
+           prepare=write("r.yaml", billion_laughs(where)), early=True)
+      for where in ("value", "targets", "calibration")),
     Case("override-alias-bomb", compress(llama, "--set", "steps.0.targets=" + BOMB_VALUE),
          ("override 'steps.0.targets=", "alias '*a0'"), early=True),
     Case("recipe-duplicate-key", own_recipe, ("r.yaml", "line 5", "duplicate key 'ratio'", "line 4"),
