@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -146,7 +146,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
         if say is not None:
             say(calibration_summary(job.plan, layer_count(job.skeleton)))
         seconds: dict[str, float] = {}
-        loaded = load(job, sink, seconds)
+        with relayed_warnings(warn if main else (lambda line: None)):  # the calibration text's, once
+            loaded = load(job, sink, seconds)
         report, manifest, cpu_seconds = walk_and_save(job, sink, loaded, seconds, progress, say, budget)
     return {"out": str(out), "params_before": loaded.before["params"], "params_after": manifest["params_after"],
             "seconds": seconds, "cpu_seconds": cpu_seconds, "walk_seconds": dict(report.seconds),
@@ -154,6 +155,28 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
             "reduction": manifest["reduction"], "bytes_before": manifest["bytes_before"],
             "bytes_after": manifest["bytes_after"], "steps": manifest["steps"], "log": report.log,
             "model": loaded.model, "plan": job.plan, "warnings": job.plan.warnings()}
+
+
+@contextmanager
+def relayed_warnings(warn: Callable[[str], None] | None):
+    """``CompressorWarning``s issued inside (e.g. calibration windows that overlap) given to ``warn`` once
+    each, as the plan's warnings are (None: ``warnings.warn``, as outside); other warnings pass through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompressorWarning)
+        yield
+    said: set[str] = set()
+    for item in caught:
+        if not issubclass(item.category, CompressorWarning):
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+            continue
+        line = str(item.message)
+        if line in said:
+            continue
+        said.add(line)
+        if warn is None:
+            warnings.warn(line, CompressorWarning, stacklevel=3)
+        else:
+            warn(line)
 
 
 @dataclass

@@ -27,3 +27,18 @@ def rank_label() -> str:
 
     size = os.environ.get("WORLD_SIZE", "1") or "1"
     return f"rank {os.environ.get('RANK', '?')}/{size}: " if size.isdigit() and int(size) > 1 else ""
+
+
+QUOTE_LIMIT = 100  # characters of a user's value an error line quotes
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error line, cut to ``limit`` characters with the full length said, so that a
+    huge value (a megabyte of regex, a list of thousands of targets) cannot make a huge line."""
+    text = value if isinstance(value, str) else None
+    shown = repr(text[: limit + 1] if text is not None else value)
+    if text is None and len(shown) > limit:  # a container: repr of the whole, then cut (bounded by the reader)
+        return f"{shown[:limit]}… ({len(shown):,} characters)"
+    if text is not None and len(text) > limit:
+        return f"{repr(text[:limit])[:-1]}…' ({len(text):,} characters)"
+    return shown

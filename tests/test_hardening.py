@@ -381,6 +381,22 @@ resumed = compress(llama, *RESUMED, "--resume", recipe=RESUME_RECIPE)
 CHANGED = ("changed since the interrupted run wrote it", "remove", ".out.partial to start over")
 
 
+def billion_laughs(where: str, levels: int = 30) -> str:
+    """A recipe whose aliases expand to 2**levels items in a config value, the targets or the calibration."""
+    lines = ["a0: &a0 [x, x]"] + [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, levels)]
+    bomb = f"*a{levels - 1}"
+    step = {"value": f"{{method: lord, config: {{ratio: {bomb}}}}}", "targets": f"{{method: lord, targets: {bomb}}}",
+            "calibration": "{method: lord}"}[where]
+    calibration = f"calibration: {{dataset: {bomb}}}\n" if where == "calibration" else ""
+    return "\n".join(lines) + f"\n{calibration}steps:\n  - {step}\n"
+
+
+BOMB_VALUE = "[" + ", ".join(["&a0 [x, x]"] + [f"&a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, 30)]) + "]"
+
+
+def own_recipe(w: World, d: Path) -> list:
+    return compress(llama, recipe=str(d / "r.yaml"))(w, d)
+
 CASES = [
     # -- 1/10: the output directory
     Case("out-not-empty", compress(llama), ("not empty", "--overwrite"), prepare=precious_out, early=True),
@@ -544,6 +560,23 @@ CASES = [
          prepare=tampered(HIDDEN, tensors_edited(each_tensor(lambda t: t[:, :-1].contiguous())), forge=True)),
     Case("resume-forged-hidden-batch-missing", resumed, (HIDDEN, "batches", "to start over"),
          prepare=tampered(HIDDEN, tensors_edited(lambda state: state.pop(sorted(state)[-1])), forge=True)),
+    # -- issue 34, item 4 and 6 (recipes): bombs and duplicates refused while reading, short windows refused
+    *(Case(f"recipe-alias-bomb-{where}", own_recipe, ("r.yaml", "line 2", "alias '*a0'", "not allowed"),
+           prepare=write("r.yaml", billion_laughs(where)), early=True)
+      for where in ("value", "targets", "calibration")),
+    Case("override-alias-bomb", compress(llama, "--set", "steps.0.targets=" + BOMB_VALUE),
+         ("override 'steps.0.targets=", "alias '*a0'"), early=True),
+    Case("recipe-duplicate-key", own_recipe, ("r.yaml", "line 5", "duplicate key 'ratio'", "line 4"),
+         prepare=write("r.yaml", "steps:\n  - method: lord\n    config:\n      ratio: 0.2\n      ratio: 0.9\n"),
+         early=True),
+    Case("recipe-40mb-of-regexes", own_recipe, ("r.yaml", "bytes", "1 MiB"), early=True,
+         prepare=write("r.yaml", "steps:\n  - method: lord\n    targets:\n" + "      - 're:(a|b)*c'\n" * 2_000_000)),
+    Case("recipe-too-many-targets", own_recipe, ("r.yaml", "step 0", "20,000 target and ignore patterns"),
+         prepare=write("r.yaml", "steps:\n  - method: lord\n    targets:\n"
+                       + "".join(f"      - 're:layers\\.{i}\\.'\n" for i in range(20_000))), early=True),
+    Case("seq-len-1", compress(llama, "--seq-len", "1"), ("--seq-len", "≥ 8", "got 1"), early=True),
+    Case("recipe-step-seq-len-4", own_recipe, ("r.yaml", "step 0 calibration", "calibration.seq_len", "≥ 8"),
+         prepare=write("r.yaml", "steps:\n  - method: lord\n    calibration: {seq_len: 4}\n"), early=True),
 ]
 
 
@@ -603,6 +636,25 @@ def test_bad_input(case: Case, results, world):
 
 def test_the_catalogue_is_large_enough():
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+
+
+def test_overlapping_calibration_windows_are_one_warning_line(world, tokenizer, tmp_path):
+    """Issue 34, item 6: a calibration text of fewer tokens than n_samples × seq_len (4 × 32) is used, and
+    the overlap said once on stderr, with the text's token count."""
+    from compressor.calibration.text import tokenize
+
+    words = world.text.read_text().split()
+    count = next(n for n in range(10, len(words)) if tokenize(tokenizer, " ".join(words[:n])).numel() >= 80)
+    text = tmp_path / "short.txt"
+    text.write_text(" ".join(words[:count]))
+    tokens = tokenize(tokenizer, text.read_text()).numel()
+    args = ["compress", world.models["llama"], "--recipe", "lord", "--out", tmp_path / "out", *SMALL,
+            "--calib-dataset", text]
+    child = world.launcher.start(args, tmp_path)
+    assert child.wait() == 0, child.stderr
+    said = [line for line in child.stderr.splitlines() if line.startswith("warning:")]
+    assert len(said) == 1 and "short.txt" in said[0] and f"has {tokens} tokens" in said[0], child.stderr
+    assert "windows overlap" in said[0] and "4 × 32 = 128" in said[0]
 
 
 # -- faults during a run ----------------------------------------------------------------------------------

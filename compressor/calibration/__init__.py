@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..errors import CompressorError
+from ..errors import CompressorError, quote
 from .text import Source, consecutive_windows, file_source, joined_text_source, random_windows, tokenize  # noqa: F401
 
 
@@ -36,7 +36,7 @@ def get(name: str) -> Source:
     path = Path(name).expanduser()
     if path.suffix in (".txt", ".jsonl", ".json") or path.exists():
         return file_source(path)
-    raise CompressorError(f"unknown dataset {name!r}; valid: {', '.join(known)}, or a .txt/.jsonl file")
+    raise CompressorError(f"unknown dataset {quote(name)}; valid: {', '.join(known)}, or a .txt/.jsonl file")
 
 
 def calibration_windows(name: str, tokenizer, n_samples: int, seq_len: int, seed: int) -> Tensor:

@@ -4,6 +4,7 @@ tokenizing without special tokens, seeded random windows and consecutive ones, a
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -11,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..errors import CompressorError
+from ..errors import CompressorError, CompressorWarning
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,21 @@ def random_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int, name: s
     if ids.numel() <= seq_len:
         raise CompressorError(f"calibration text{f' {name}' if name else ''} has {ids.numel()} tokens, fewer than "
                               f"seq_len {seq_len} + 1")
+    warn_overlap(ids.numel(), n_samples, seq_len, name)
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=generator)
     return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+
+
+def warn_overlap(tokens: int, n_samples: int, seq_len: int, name: str = "") -> None:
+    """A ``CompressorWarning`` when ``n_samples`` windows of ``seq_len`` cannot all be distinct text: the
+    calibration then sees the same tokens several times (its statistics weigh them more), not more data."""
+    wanted = n_samples * seq_len
+    if tokens < wanted:
+        warnings.warn(f"calibration text{f' {name}' if name else ''} has {tokens:,} tokens, fewer than n_samples × "
+                      f"seq_len = {n_samples:,} × {seq_len:,} = {wanted:,}: the windows overlap (at most {tokens:,} "
+                      f"distinct tokens among {wanted:,}); give a longer text, or fewer or shorter windows",
+                      CompressorWarning, stacklevel=3)
 
 
 def consecutive_windows(ids: Tensor, seq_len: int, max_tokens: int | None = None) -> Tensor:

@@ -12,7 +12,8 @@ import types
 import typing
 from typing import Any, Literal, get_args, get_origin
 
-from ..errors import CompressorError
+from ..errors import CompressorError, quote
+from . import safe_yaml
 
 
 def field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -30,7 +31,7 @@ def _check_type(value: Any, annotation: Any, name: str, where: str) -> Any:
     if origin is Literal:
         allowed = get_args(annotation)
         if value not in allowed:
-            raise CompressorError(f"{where}: {name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+            raise CompressorError(f"{where}: {name} must be one of {', '.join(map(str, allowed))}; got {quote(value)}")
         return value
     if origin in (typing.Union, types.UnionType):
         options = get_args(annotation)
@@ -49,18 +50,18 @@ def _check_type(value: Any, annotation: Any, name: str, where: str) -> Any:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise CompressorError(f"{where}: {name} must be a list; got {value!r}")
+            raise CompressorError(f"{where}: {name} must be a list; got {quote(value)}")
         (item_type, *_) = get_args(annotation) or (Any,)
         return [_check_type(v, item_type, name, where) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
-            raise CompressorError(f"{where}: {name} must be a mapping; got {value!r}")
+            raise CompressorError(f"{where}: {name} must be a mapping; got {quote(value)}")
         return dict(value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, float, str, bool):
         if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
-            raise CompressorError(f"{where}: {name} must be {annotation.__name__}; got {value!r}")
+            raise CompressorError(f"{where}: {name} must be {annotation.__name__}; got {quote(value)}")
         return value
     return value
 
@@ -89,20 +90,20 @@ def parse_text(raw: str, annotation: Any, what: str) -> Any:
         return text if all(isinstance(a, str) for a in allowed) else _yaml(text, what)
     if annotation is bool:
         if text.lower() not in _BOOLS:
-            raise CompressorError(f"{what}: expected true or false; got {text!r}")
+            raise CompressorError(f"{what}: expected true or false; got {quote(text)}")
         return _BOOLS[text.lower()]
     if annotation is int:
         try:
             return int(text)
         except ValueError:
-            raise CompressorError(f"{what}: expected an integer; got {text!r}") from None
+            raise CompressorError(f"{what}: expected an integer; got {quote(text)}") from None
     if annotation is float:
         try:
             value = float(text)
         except ValueError:
-            raise CompressorError(f"{what}: expected a number; got {text!r}") from None
+            raise CompressorError(f"{what}: expected a number; got {quote(text)}") from None
         if value != value or value in (float("inf"), float("-inf")):
-            raise CompressorError(f"{what}: expected a finite number; got {text!r}")
+            raise CompressorError(f"{what}: expected a finite number; got {quote(text)}")
         return value
     if origin in (list, tuple):
         if text.startswith("["):
@@ -118,25 +119,20 @@ def parse_text(raw: str, annotation: Any, what: str) -> Any:
 
 
 def _yaml(text: str, what: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise CompressorError(f"{what}: not a valid value ({str(exc).splitlines()[0]})") from None
+    return safe_yaml.load(text, f"{what}: not a valid value")
 
 
 def build(cls: type, mapping: dict[str, Any] | None, where: str) -> Any:
     """``cls(**mapping)`` with unknown keys and wrong types reported as one-line errors."""
     if mapping is not None and not isinstance(mapping, dict):
-        raise CompressorError(f"{where}: expected a mapping of keys to values; got {mapping!r}")
+        raise CompressorError(f"{where}: expected a mapping of keys to values; got {quote(mapping)}")
     mapping = dict(mapping or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(mapping) - set(fields))
     if unknown:
         raise CompressorError(
-            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {_some(unknown)}; "
             f"valid: {', '.join(sorted(fields))}"
         )
     values = {k: _check_type(v, hints[k], k, where) for k, v in mapping.items()}
@@ -144,6 +140,12 @@ def build(cls: type, mapping: dict[str, Any] | None, where: str) -> Any:
         return cls(**values)
     except (TypeError, ValueError) as exc:
         raise CompressorError(f"{where}: {exc}") from None
+
+
+def _some(names: list, shown: int = 5) -> str:
+    """The first few of ``names``, each quoted, and how many more (an error line stays short)."""
+    more = f" and {len(names) - shown:,} more" if len(names) > shown else ""
+    return ", ".join(quote(str(name), 40) for name in names[:shown]) + more
 
 
 def describe(cls: type) -> list[tuple[str, str, Any, str]]:

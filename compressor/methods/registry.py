@@ -6,7 +6,7 @@ import difflib
 
 from ..config.configs import build
 from ..contract import Compressor
-from ..errors import CompressorError
+from ..errors import CompressorError, quote
 from . import curing, eora, fwsvd, lord, lqlora, modegpt, prune, quantize, welore
 
 COMPRESSORS: dict[str, type[Compressor]] = {
@@ -19,7 +19,7 @@ def get(name: str) -> type[Compressor]:
     if name not in COMPRESSORS:
         close = difflib.get_close_matches(name, COMPRESSORS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise CompressorError(f"unknown method {name!r}{hint}; valid: {', '.join(sorted(COMPRESSORS))}")
+        raise CompressorError(f"unknown method {quote(name)}{hint}; valid: {', '.join(sorted(COMPRESSORS))}")
     return COMPRESSORS[name]
 
 

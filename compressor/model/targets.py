@@ -9,6 +9,7 @@ import re
 
 from torch import nn
 
+from ..errors import quote
 from .architecture import decoder_layers
 from .experts import is_fused
 from .modules import LINEAR_TYPES, MODULE_KINDS
@@ -73,13 +74,25 @@ def names_by_layer(model: nn.Module, names) -> dict[int, list[str]]:
     return found
 
 
-def check_pattern(pattern: str) -> None:
-    """Raise ValueError for a ``re:`` pattern that is not a valid regular expression."""
-    if pattern.startswith("re:"):
-        try:
-            re.compile(pattern[3:])
-        except re.error as exc:
-            raise ValueError(f"target {pattern!r} is not a valid regular expression ({exc})") from None
+MAX_PATTERNS = 1000  # target and ignore patterns of one step: one "re:" pattern matches any number of names
+MAX_PATTERN_CHARS = 1000
+
+
+def check_patterns(patterns: list[str]) -> None:
+    """Raise ValueError for too many patterns, a pattern too long, or a ``re:`` pattern that is not a valid
+    regular expression (the patterns of a step are matched against every linear's name: bounded work)."""
+    if len(patterns) > MAX_PATTERNS:
+        raise ValueError(f"{len(patterns):,} target and ignore patterns, over the {MAX_PATTERNS:,} a step may "
+                         "have; match many names with one 're:' pattern")
+    for pattern in patterns:
+        if len(pattern) > MAX_PATTERN_CHARS:
+            raise ValueError(f"target {quote(pattern)} is longer than the {MAX_PATTERN_CHARS:,} characters a "
+                             "pattern may have")
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise ValueError(f"target {quote(pattern)} is not a valid regular expression ({exc})") from None
 
 
 def linear_roles(linears: dict[str, nn.Module]) -> list[str]:
@@ -92,15 +105,28 @@ def linear_roles(linears: dict[str, nn.Module]) -> list[str]:
     return list(roles)
 
 
-def matches(name: str, pattern: str) -> bool:
-    """A pattern is a dot-bounded part of the name: a suffix ("mlp.down_proj", "q_proj") or a path inside it
-    ("experts", "shared_expert", "layers.3"); or a regex ("re:...")."""
-    if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
-    return name == pattern or name.endswith("." + pattern) or f".{pattern}." in f".{name}."
+class Patterns:
+    """Matches a name against a list of patterns, each compiled once. A pattern is a dot-bounded part of the
+    name: a suffix ("mlp.down_proj", "q_proj") or a path inside it ("experts", "shared_expert", "layers.3");
+    or a regex ("re:...", searched)."""
+
+    def __init__(self, patterns: list[str]):
+        self.parts = {p for p in patterns if not p.startswith("re:")}
+        self.regexes = [re.compile(p[3:]) for p in patterns if p.startswith("re:")]
+
+    def __call__(self, name: str) -> bool:
+        if self.parts and not self.parts.isdisjoint(_dotted_parts(name)):
+            return True
+        return any(regex.search(name) for regex in self.regexes)
+
+
+def _dotted_parts(name: str) -> set[str]:
+    """Every run of consecutive dot-separated pieces of ``name`` ("a.b.c": a, b, c, a.b, b.c, a.b.c)."""
+    pieces = name.split(".")
+    return {".".join(pieces[i:j]) for i in range(len(pieces)) for j in range(i + 1, len(pieces) + 1)}
 
 
 def select(names: list[str], targets: list[str], ignore: list[str]) -> list[str]:
     """Names matched by any target and by no ignore pattern (ignore always wins)."""
-    chosen = [n for n in names if (not targets or any(matches(n, t) for t in targets))]
-    return [n for n in chosen if not any(matches(n, i) for i in ignore)]
+    wanted, unwanted = Patterns(targets), Patterns(ignore)
+    return [n for n in names if (not targets or wanted(n)) and not unwanted(n)]

@@ -19,13 +19,13 @@ from torch import nn
 
 from ..config import configs
 from ..contract import Compressor, Decision
-from ..errors import CompressorError
+from ..errors import CompressorError, quote
 from ..methods import registry
 from ..model.architecture import describe
 from ..model.attention import not_reproduced
 from ..model.loading import parameter_count
 from ..model.modules import shape_of
-from ..model.targets import check_pattern, decoder_linears, layer_index, linear_roles, select
+from ..model.targets import check_patterns, decoder_linears, layer_index, linear_roles, select
 from ..stats.accumulators import PAIRED_STATISTICS, Request
 from ..walk.layers import DEFAULT_STREAM, base_stream, reference_of
 from .recipe import CalibrationConfig, Recipe, step_calibration
@@ -185,14 +185,13 @@ def compile_step(recipe: Recipe, index: int, linears: dict[str, nn.Module], mode
     spec = recipe.steps[index]
     where = f"step {index} ({spec.method})"
     compressor = registry.create(spec.method, spec.config, where)
-    for pattern in (*spec.targets, *spec.ignore):
-        try:
-            check_pattern(pattern)
-        except ValueError as exc:
-            raise CompressorError(f"{where}: {exc}") from None
+    try:
+        check_patterns([*spec.targets, *spec.ignore])  # as parse did: a Recipe may be built in code
+    except ValueError as exc:
+        raise CompressorError(f"{where}: {exc}") from None
     names = select(list(linears), spec.targets, spec.ignore)
     if not names:
-        raise CompressorError(f"{where}: targets {spec.targets or '[]'} (ignore {spec.ignore}) match none of the "
+        raise CompressorError(f"{where}: targets {quote(spec.targets)} (ignore {quote(spec.ignore)}) match none of the "
                               f"model's decoder linears; they are named {', '.join(linear_roles(linears))} "
                               f"(e.g. {next(iter(linears), '?')})")
     shapes = {name: tuple(shape_of(linears[name])) for name in names}

@@ -29,13 +29,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from ..config import configs
+from ..config import configs, safe_yaml
 from ..config.configs import field
-from ..errors import CompressorError
+from ..errors import CompressorError, quote
 from ..methods import registry
+from ..model.targets import check_patterns
 from ..ranks.uniform import RULES
+
+MIN_SEQ_LEN = 8  # tokens per calibration window: fewer leave too little context before each next token
 
 
 @dataclass
@@ -47,9 +48,12 @@ class CalibrationConfig:
     batch_size: int = field(8, "windows per forward pass")
 
     def __post_init__(self) -> None:
-        for name in ("n_samples", "seq_len", "batch_size"):
+        for name in ("n_samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1")
+        if self.seq_len < MIN_SEQ_LEN:
+            raise ValueError(f"seq_len (--seq-len, calibration.seq_len) must be ≥ {MIN_SEQ_LEN} (shorter windows "
+                             f"give next-token statistics of little meaning); got {self.seq_len}")
 
 
 @dataclass
@@ -61,6 +65,9 @@ class StepSpec:
     config: dict[str, Any] = field({}, "the compressor's config")
     calibration: dict[str, Any] = field(
         {}, "this step's own calibration set (e.g. EoRA on task text): calibration keys, unset ones from the recipe's")
+
+    def __post_init__(self) -> None:
+        check_patterns([*self.targets, *self.ignore])
 
 
 @dataclass
@@ -103,16 +110,9 @@ def read(spec: str) -> dict[str, Any]:
     if not path.is_file():
         known = shipped()
         if spec not in known:
-            raise CompressorError(f"recipe not found: {spec!r} (shipped recipes: {', '.join(sorted(known))})")
+            raise CompressorError(f"recipe not found: {quote(spec)} (shipped recipes: {', '.join(sorted(known))})")
         path = known[spec]
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise CompressorError(f"recipe {path}: not a text file (not UTF-8)") from None
-    except OSError as exc:
-        raise CompressorError(f"recipe {path}: cannot read it ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise CompressorError(f"recipe {spec}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    data = safe_yaml.read_file(path, f"recipe {path}")
     if not isinstance(data, dict):
         raise CompressorError(f"recipe {spec}: expected a mapping at the top level")
     return data
@@ -150,32 +150,33 @@ def declared_type(data: dict[str, Any], parts: list[str]) -> Any:
 def _assign(data: dict[str, Any], assignment: str) -> tuple[dict[str, Any], tuple[int, str] | None, Any]:
     """(new data, (step index, rank rule) if the assignment set one, the value)."""
     if "=" not in assignment:
-        raise CompressorError(f"override {assignment!r}: expected KEY=VALUE")
+        raise CompressorError(f"override {quote(assignment)}: expected KEY=VALUE")
     key, raw = assignment.split("=", 1)
     data = copy.deepcopy(data)
     parts = key.strip().split(".")
     if not all(parts):
-        raise CompressorError(f"override {assignment!r}: empty key")
+        raise CompressorError(f"override {quote(assignment)}: empty key")
     steps = data.setdefault("steps", [])
     methods = [s.get("method") for s in steps if isinstance(s, dict)]
     if parts[0] in methods and parts[0] not in ("calibration", "propagate", "statistics", "steps"):
         parts = ["steps", parts[0], "config", *parts[1:]]
-    value = configs.parse_text(raw, declared_type(data, parts), f"override {assignment!r}")
+    value = configs.parse_text(raw, declared_type(data, parts), f"override {quote(assignment)}")
     node: Any = data
     step_index = None
     for position, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             index = int(part) if part.isdigit() else next((i for i, s in enumerate(node) if s.get("method") == part), None)
             if index is None or index >= len(node):
-                raise CompressorError(f"override {assignment!r}: no step {part!r}")
+                raise CompressorError(f"override {quote(assignment)}: no step {quote(part)}")
             node, step_index = node[index], index
         elif isinstance(node, dict):
             node = node.setdefault(part, {})
         else:
-            raise CompressorError(f"override {assignment!r}: {'.'.join(parts[:position])} is not a mapping")
+            raise CompressorError(f"override {quote(assignment)}: {'.'.join(parts[:position])} is not a mapping")
     if not isinstance(node, dict):
-        raise CompressorError(f"override {assignment!r}: cannot set {parts[-1]!r} here: {'.'.join(parts[:-1])} "
-                              f"is {node!r} in the recipe, not a mapping")
+        raise CompressorError(f"override {quote(assignment)}: cannot set {quote(parts[-1])} here: "
+                              f"{'.'.join(parts[:-1])} "
+                              f"is {quote(node)} in the recipe, not a mapping")
     node[parts[-1]] = value
     rule = None
     if parts[0] == "steps" and parts[-2:-1] == ["config"] and parts[-1] in RULES and value is not None:
