@@ -247,7 +247,7 @@ def translate(exc: BaseException, model: str, culprit: str | Path, what: str, fi
                                "HF_HUB_OFFLINE=1 forbids downloading it; download it once online, or set HF_HOME / "
                                "HF_HUB_CACHE to the cache that holds it")
     why = reason(exc)
-    if isinstance(exc, FileNotFoundError) and exc.filename and Path(exc.filename) == Path(culprit):
+    if isinstance(exc, FileNotFoundError) and not Path(culprit).exists():
         why = "the file is missing"
     return CompressorError(f"{named(Path(culprit))}: cannot read {what} ({why})" + (f"; {fix}" if fix else ""))
 
