@@ -307,6 +307,107 @@ def output(w: World, d: Path) -> Path:
     return d / "compressed"
 
 
+# -- input files: pickles, safetensors headers, links, tokenizers, adapters, config fields (issue 34)
+
+class Unpickled:
+    """A pickle that leaves a file beside itself if anything ever unpickles it."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def pickled_only(w: World, d: Path) -> None:
+    import pickle
+
+    model = w.copy_model("llama", d)
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps(Unpickled(model / "UNPICKLED")))
+
+
+def edit_header(edit: Callable[[bytes, int, dict], bytes]) -> Callable[[World, Path], None]:
+    """The llama model with its model.safetensors rewritten by ``edit(raw bytes, header size, header)``."""
+    def prepare(w: World, d: Path) -> None:
+        path = w.copy_model("llama", d) / "model.safetensors"
+        raw = path.read_bytes()
+        size = int.from_bytes(raw[:8], "little")
+        path.write_bytes(edit(raw, size, json.loads(raw[8:8 + size])))
+    return prepare
+
+
+def with_header(header: dict, raw: bytes, size: int) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + raw[8 + size:]
+
+
+def bad_dtype(raw: bytes, size: int, header: dict) -> bytes:
+    header["lm_head.weight"]["dtype"] = "X9"
+    return with_header(header, raw, size)
+
+
+def overlapping(raw: bytes, size: int, header: dict) -> bytes:
+    header[DOWN]["data_offsets"] = header["lm_head.weight"]["data_offsets"]
+    return with_header(header, raw, size)
+
+
+def nested(raw: bytes, size: int, header: dict) -> bytes:
+    """A header of 100,000 nested JSON arrays (a RecursionError to a JSON parser)."""
+    return (100_000).to_bytes(8, "little") + b"[" * 100_000 + raw[8 + size:]
+
+
+def link_weights_to(name: str, into: Callable[[World, Path], Path]) -> Callable[[World, Path], None]:
+    def prepare(w: World, d: Path) -> None:
+        folder = into(w, d)
+        (folder / "model.safetensors").unlink()
+        (folder / "model.safetensors").symlink_to(folder / name)
+    return prepare
+
+
+def truncated_tokenizer(w: World, d: Path) -> None:
+    path = w.copy_model("llama", d) / "tokenizer.json"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def third_layer(state: dict) -> None:
+    state.update({k.replace("layers.1.", "layers.2."): v.clone() for k, v in list(state.items()) if "layers.1." in k})
+
+
+def smaller_vocabulary(w: World, d: Path) -> None:
+    edit_config("llama", vocab_size=100)(w, d)
+    path = d / "llama-model" / "model.safetensors"
+    state = load_file(str(path))
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[key] = state[key][:100].clone()
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def torch_dtype_only(w: World, d: Path) -> None:
+    config_path = w.copy_model("llama", d) / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("dtype", None)
+    config["torch_dtype"] = "float99"
+    config_path.write_text(json.dumps(config))
+
+
+EORA_BUILT = threading.Lock()
+
+
+def eora_without_adapter_weights(w: World, d: Path) -> None:
+    """A copy of an EoRA output (built once) whose adapter/adapter_model.safetensors was deleted."""
+    from compressor.api import compress as run
+
+    built = w.root / "eora-out"
+    with EORA_BUILT:
+        if not built.is_dir():
+            run(str(w.models["llama"]), "rtn-w4-eora-r64", built, progress=False,
+                overrides=["calibration.n_samples=4", "calibration.seq_len=32", "calibration.batch_size=2",
+                           f"calibration.dataset={w.text}", "quantize.group_size=64", "eora.rank=8"])
+    shutil.copytree(built, d / "compressed")
+    (d / "compressed" / "adapter" / "adapter_model.safetensors").unlink()
+
+
 PRUNE = "steps:\n  - method: prune\n    config: {algorithm: wanda, pattern: unstructured}\n"
 
 # -- issue 34, resume state: a recorded --stream run (layer 0 of 2 done) whose files were changed afterwards
@@ -577,6 +678,62 @@ CASES = [
     Case("seq-len-1", compress(llama, "--seq-len", "1"), ("--seq-len", "≥ 8", "got 1"), early=True),
     Case("recipe-step-seq-len-4", own_recipe, ("r.yaml", "step 0 calibration", "calibration.seq_len", "≥ 8"),
          prepare=write("r.yaml", "steps:\n  - method: lord\n    calibration: {seq_len: 4}\n"), early=True),
+    # -- issue 34, input files: pickles refused, tensors beyond the config refused, unreadable files named
+    Case("pickle-only-compress", compress(local("llama-model")), ("pytorch_model.bin", "save_pretrained"),
+         prepare=pickled_only, early=True),
+    Case("pickle-only-stream", compress(local("llama-model"), "--stream"), ("pytorch_model.bin", "save_pretrained"),
+         prepare=pickled_only, early=True),
+    Case("pickle-only-eval", evaluate(local("llama-model")), ("pytorch_model.bin", "save_pretrained"),
+         prepare=pickled_only, early=True),
+    Case("weights-hold-a-layer-more", compress(local("llama-model")), ("model.layers.2.", "num_hidden_layers"),
+         prepare=edit_weights("llama", third_layer)),
+    Case("weights-hold-a-layer-more-stream", compress(local("llama-model"), "--stream"),
+         ("model.layers.2.", "num_hidden_layers"), prepare=edit_weights("llama", third_layer)),
+    Case("weights-hold-a-layer-more-eval", evaluate(local("llama-model")), ("model.layers.2.", "num_hidden_layers"),
+         prepare=edit_weights("llama", third_layer)),
+    Case("weights-bad-dtype", compress(local("llama-model")), ("model.safetensors", "lm_head.weight", "X9"),
+         prepare=edit_header(bad_dtype)),
+    Case("weights-bad-dtype-stream", compress(local("llama-model"), "--stream"), ("model.safetensors", "X9"),
+         prepare=edit_header(bad_dtype)),
+    Case("weights-overlapping-offsets", compress(local("llama-model")), ("model.safetensors", "overlapping"),
+         prepare=edit_header(overlapping)),
+    Case("weights-overlapping-offsets-stream", compress(local("llama-model"), "--stream"),
+         ("model.safetensors", "overlapping"), prepare=edit_header(overlapping)),
+    Case("weights-cut-short", compress(local("llama-model")), ("model.safetensors", "truncated"),
+         prepare=edit_header(lambda raw, size, header: raw[: len(raw) - 1000])),
+    Case("weights-cut-short-stream", compress(local("llama-model"), "--stream"), ("model.safetensors", "truncated"),
+         prepare=edit_header(lambda raw, size, header: raw[: len(raw) - 1000])),
+    Case("weights-huge-header", compress(local("llama-model")), ("model.safetensors", "header"),
+         prepare=edit_header(lambda raw, size, header: (1 << 40).to_bytes(8, "little") + raw[8:])),
+    Case("weights-garbage-header", compress(local("llama-model"), "--stream"), ("model.safetensors", "not JSON"),
+         prepare=edit_header(lambda raw, size, header: raw[:8] + b"\x01" * size + raw[8 + size:])),
+    Case("weights-nested-header", compress(local("llama-model")), ("model.safetensors", "header"),
+         prepare=edit_header(nested)),
+    Case("weights-link-to-the-tokenizer", compress(local("llama-model")),
+         ("model.safetensors", "a link to", "tokenizer.json"),
+         prepare=link_weights_to("tokenizer.json", lambda w, d: w.copy_model("llama", d))),
+    Case("eval-weights-link-to-the-config", evaluate(output), ("model.safetensors", "a link to", "config.json"),
+         prepare=link_weights_to("config.json", lambda w, d: w.copy_output(d))),
+    Case("tokenizer-json-truncated", compress(local("llama-model")), ("tokenizer.json", "cannot read the tokenizer"),
+         prepare=truncated_tokenizer),
+    Case("eval-tokenizer-json-truncated", evaluate(local("llama-model")), ("tokenizer.json",),
+         prepare=truncated_tokenizer),
+    Case("eval-adapter-weights-deleted", evaluate(output), ("adapter_model.safetensors", "missing"),
+         prepare=eora_without_adapter_weights),
+    Case("config-heads-do-not-divide-hidden", compress(local("llama-model")), ("config.json", "attention heads"),
+         prepare=edit_config("llama", num_attention_heads=5), early=True),
+    Case("config-vocabulary-under-the-tokenizer", compress(local("llama-model")), ("config.json", "vocab_size 100"),
+         prepare=smaller_vocabulary),
+    Case("config-vocabulary-under-the-tokenizer-eval", evaluate(local("llama-model")),
+         ("config.json", "vocab_size 100"), prepare=smaller_vocabulary),
+    Case("config-dtype-not-a-dtype", compress(local("llama-model")), ("config.json", "dtype", "float99"),
+         prepare=edit_config("llama", dtype="float99"), early=True),
+    Case("config-torch-dtype-not-a-dtype", evaluate(local("llama-model")), ("config.json", "torch_dtype"),
+         prepare=torch_dtype_only, early=True),
+    Case("config-no-layers", compress(local("llama-model")), ("config.json", "num_hidden_layers is 0"),
+         prepare=edit_config("llama", num_hidden_layers=0), early=True),
+    Case("config-negative-layers", compress(local("llama-model"), "--stream"),
+         ("config.json", "num_hidden_layers is -1"), prepare=edit_config("llama", num_hidden_layers=-1), early=True),
 ]
 
 
@@ -627,6 +784,7 @@ def test_bad_input(case: Case, results, world):
     done, before, after = results[case.id].result()
     assert done.returncode == case.code, (done.returncode, done.stdout, done.stderr)
     assert_one_error_line(done.stderr, done.stdout, *case.culprit)
+    assert "set COMPRESSOR_DEBUG=1" not in done.stderr  # named by the code that read it, not the CLI's fallback
     assert after == before  # nothing new at or beside --out, everything that was there intact
     if case.early:
         assert done.stdout == "", done.stdout  # refused before the model was loaded

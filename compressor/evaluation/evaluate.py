@@ -20,7 +20,8 @@ from torch import nn
 
 from .. import calibration as sources
 from .. import io
-from ..errors import CompressorError, one_line
+from ..errors import CompressorError
+from ..model import files
 from ..model import loading as models
 from ..model.modules import dequantized
 from . import speed as speed_runs
@@ -73,18 +74,13 @@ def check_options(seq_len: int | None, max_tokens: int | None, batch_size: int) 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     """The tokenizer of a compressed directory or any MODEL spec, without loading the model."""
-    from transformers import AutoTokenizer
-
     path, kwargs = Path(spec), {}
     if (path / io.MANIFEST).is_file():
         source = str(path)
     else:
         source, gguf = models.resolve(spec)
         kwargs = {"gguf_file": gguf} if gguf else {}
-    try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CompressorError(f"{spec}: cannot load its tokenizer ({one_line(exc)})") from None
+    return files.load_tokenizer(source, spec, trust_remote_code, **kwargs)
 
 
 def model_config(spec: str, trust_remote_code: bool = False):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import io
-from ..errors import CompressorError, one_line
+from ..model import files
 from ..model import loading as models
 from ..model.modules import dequantized
 
@@ -47,15 +47,10 @@ def generation_speed(model: nn.Module, prompts: torch.Tensor, new_tokens: int = 
 
 def load_any(spec: str, device: str = "cpu", dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """(model, tokenizer, manifest | None) for a compressed directory or any MODEL spec."""
-    from transformers import AutoTokenizer
-
     path = Path(spec)
     if (path / io.MANIFEST).is_file():
         manifest = io.read_manifest(path)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CompressorError(f"{path}: cannot load its tokenizer ({one_line(exc)})") from None
+        tokenizer = files.load_tokenizer(str(path), spec, trust_remote_code)
         return io.load(path, device, dtype), tokenizer, manifest
     model, tokenizer = models.load(spec, dtype or torch.float32, device, trust_remote_code=trust_remote_code)
     return model, tokenizer, None

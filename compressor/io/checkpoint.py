@@ -38,11 +38,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CompressorError, one_line
+from ..model import files
 from ..model.modules import MODULE_KINDS, CompensatedLinear, from_spec, spec_of
 from ..model.modules import merge as merge_module
-from ..model.streaming import read_header
-from ..model.weights import check_state, indexed_files, load_pretrained, load_state
-from ..portable.modeling_compressor import checkpoint_names, state_for_modules
+from ..model.weights import check_state, load_pretrained, load_state
+from ..portable.modeling_compressor import ADAPTER_WEIGHTS, checkpoint_names, state_for_modules
 from ..version import __version__
 from . import model_card
 from . import serving as export
@@ -164,33 +164,25 @@ def _write(model: nn.Module, tokenizer: Any, tmp: Path, out: Path, manifest: dic
 
 
 def _weight_files(path: Path) -> list[Path]:
-    """An output's weight files (its index's shards, or model.safetensors), every one present."""
-    files = indexed_files(path)
-    found = [path / name for name in (["model.safetensors"] if files is None else files)]
-    missing = next((file for file in found if not file.is_file()), None)
-    if missing is not None:
-        raise CompressorError(f"{path}: weight file {missing.name} is missing")
+    """An output's weight files (its index's shards, or model.safetensors), every one present and its header
+    valid (``files.read_headers``)."""
+    found = files.weight_files(path)
+    files.read_headers(found)
     return found
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
-        try:
+        with files.reading(str(path), file, "the weights", files.WEIGHTS_FIX):
             state.update(load_file(str(file)))
-        except Exception as exc:  # safetensors raises its own error types on a damaged file
-            raise CompressorError(f"{file}: cannot read the weights ({one_line(exc)})") from None
     return state
 
 
 def _header_state(path: Path) -> dict[str, torch.Tensor]:
     """The weight files' tensors as empty meta tensors of their stored shapes (read from the headers only)."""
     state: dict[str, torch.Tensor] = {}
-    for file in _weight_files(path):
-        try:
-            header = read_header(file)
-        except (OSError, ValueError) as exc:
-            raise CompressorError(f"{file}: cannot read the weights ({one_line(exc)})") from None
+    for header in files.read_headers(files.weight_files(path)).values():
         state.update({key: torch.empty(entry["shape"], device="meta") for key, entry in header.items()})
     return state
 
@@ -246,7 +238,11 @@ def _stored_state(path: Path, manifest: dict[str, Any], model: nn.Module,
         state.update({name: torch.empty(expected[name].shape, device="meta") for name in fused if name in expected})
         return state
     adapter = manifest.get("serving", {}).get("adapter")
-    return state_for_modules(state, manifest["modules"], str(path / adapter) if adapter else None)
+    if not adapter:
+        return state_for_modules(state, manifest["modules"], None)
+    weights_file = path / adapter / ADAPTER_WEIGHTS
+    with files.reading(str(path), weights_file, "the adapter weights", "copy the output again, or compress again"):
+        return state_for_modules(state, manifest["modules"], str(path / adapter))
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CompressorError, one_line
-from . import weights
+from ..errors import CompressorError
+from . import files, weights
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -86,26 +86,11 @@ def resolve(spec: str) -> tuple[str, str | None]:
     if path.exists():
         if not (path / "config.json").is_file():
             raise CompressorError(f"not a model directory (no config.json): {spec}")
+        files.check_model_folder(path)  # safetensors, not pickles; a config.json whose fields are values
         return str(path), None
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not spec.strip():
         raise CompressorError(f"model not found: {spec}")
     return spec, None  # a Hugging Face hub id
-
-
-def _load_error(spec: str, exc: Exception) -> CompressorError:
-    """A loading error of ``transformers`` as one line; code the directory ships is named as such."""
-    message = one_line(exc)
-    if "trust_remote_code" in message:
-        return CompressorError(f"model {spec!r} ships its own code (auto_map), which runs only if you pass "
-                               "--trust-remote-code; refused")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if offline and "/" in spec and not Path(spec).exists() and ("connect" in message or "offline" in message):
-        from huggingface_hub import constants
-
-        return CompressorError(f"model {spec!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-                               "HF_HUB_OFFLINE=1 forbids downloading it; download it once online, or set HF_HOME / "
-                               "HF_HUB_CACHE to the cache that holds it")
-    return CompressorError(f"cannot load model {spec!r}: {message}")
 
 
 def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -130,15 +115,14 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
 
 
 def _load_from(spec: str, source: str, gguf_file: str | None, dtype: torch.dtype, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    tokenizer = files.load_tokenizer(source, spec, trust_remote_code, **kwargs)
+    if Path(source).is_dir() and not gguf_file:
+        files.read_headers(files.weight_files(Path(source)))  # headers checked before transformers reads
+    with files.reading(spec, Path(source) / gguf_file if gguf_file else source, "the model", files.WEIGHTS_FIX):
         model = weights.load_pretrained(source, f"model {spec}", dtype=dtype, trust_remote_code=trust_remote_code,
                                         **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise _load_error(spec, exc) from None
+    files.check_vocabulary(model.config, tokenizer, files.config_file(source))
     return model, tokenizer
 
 
@@ -199,9 +183,7 @@ def skeleton(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: b
 
     source, gguf_file = resolve(spec)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
+    with files.reading(spec, files.config_file(source), "the config", files.CONFIG_FIX):
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise _load_error(spec, exc) from None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +29,8 @@ from torch import nn
 
 from ..errors import CompressorError, one_line
 from ..portable.modeling_compressor import checkpoint_names
-from . import experts, weights
+from . import experts, files, weights
+from .files import SAFETENSORS_DTYPES
 
 _SOURCES: "weakref.WeakKeyDictionary[nn.Module, LayerSource]" = weakref.WeakKeyDictionary()
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
@@ -79,22 +79,6 @@ def source_of(model: nn.Module) -> "LayerSource | None":
     return _SOURCES.get(model)
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_header(path: Path) -> dict:
-    """A safetensors file's header: name → {dtype, shape, data_offsets} (offsets from the data start)."""
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        if not 0 < size < 100_000_000:
-            raise ValueError("not a safetensors file (bad header size)")
-        header = json.loads(handle.read(size))
-    header.pop("__metadata__", None)
-    return {name: dict(entry, start=8 + size) for name, entry in header.items()}
-
-
 class Checkpoint:
     """The tensors of a safetensors checkpoint directory by name, each read on request with plain file reads
     (not a memory map: mapped pages would stay in the process's resident set until the file is closed, so
@@ -102,21 +86,12 @@ class Checkpoint:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        files = weights.indexed_files(self.folder)
-        if files is None:
-            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
-        if not files:
+        paths = files.weight_files(self.folder, every=True)
+        if not paths:
             raise CompressorError(f"{self.folder}: --stream reads safetensors files, and this model directory "
                                   "has none (convert it with save_pretrained, or run without --stream)")
         self.entries: dict[str, tuple[Path, dict]] = {}  # tensor name → (file, header entry)
-        for name in files:
-            path = self.folder / name
-            if not path.is_file():
-                raise CompressorError(f"{self.folder}: weight file {name} is missing")
-            try:
-                header = read_header(path)
-            except (OSError, ValueError, UnicodeDecodeError) as exc:
-                raise CompressorError(f"{path}: cannot read the weights ({one_line(exc)})") from None
+        for path, header in files.read_headers(paths).items():
             self.entries.update({key: (path, entry) for key, entry in header.items()})
 
     def __contains__(self, name: str) -> bool:
@@ -184,8 +159,9 @@ class LayerSource:
             sharing.setdefault(id(param), []).append(name)
         self.tied = {name: names for names in sharing.values() for name in names}  # name → all its names
 
-    def _key(self, names: list[str]) -> str:
-        """The checkpoint's name for a tensor the model calls ``names`` (several when tied)."""
+    def _find(self, names: list[str]) -> str | None:
+        """The checkpoint's name for a tensor the model calls ``names`` (several when tied), None if absent:
+        as the model spells it, with or without its ``base_model_prefix``, or as the family renames it."""
         for name in names:
             candidates = [name]
             if self.prefix and name.startswith(self.prefix + "."):
@@ -197,6 +173,13 @@ class LayerSource:
                     return self.renamed[key]
                 if key in self.checkpoint:
                     return key
+        return None
+
+    def _key(self, names: list[str]) -> str:
+        """``_find``, or one line saying why the checkpoint does not serve the tensor."""
+        key = self._find(names)
+        if key is not None:
+            return key
         fused = next((self.fused[n] for n in names if n in self.fused), None)
         if fused is not None:
             raise CompressorError(f"{self.where}: --stream does not read {names[0]}, which transformers assembles "
@@ -206,11 +189,17 @@ class LayerSource:
                               "is incomplete, or its config.json describes more than its weights hold")
 
     def check(self) -> None:
-        """Every tensor the model needs has a checkpoint key (names only, nothing read): a checkpoint this
-        reader cannot serve fails before any work."""
+        """Every tensor the model needs has a checkpoint key, and the checkpoint holds no tensor the model
+        lacks (``weights.check_complete``: buffers transformers ignores aside; a tied head's copy is the
+        head's): names only, nothing read, so a checkpoint this reader cannot serve fails before any work."""
+        used = set()
         for name, owner, attr, is_param in self._slots((self.model,)):
+            names = self.tied.get(name, [name]) if is_param else [name]
             if getattr(owner, attr).device.type == "meta":  # what materialize would read
-                self._key(self.tied.get(name, [name]) if is_param else [name])
+                used.add(self._key(names))
+            used.update(self._find([each]) for each in names)
+        unexpected = [key for key in self.checkpoint.entries if key not in used]
+        weights.check_complete(self.model, self.where, [], [], unexpected)
 
     def _slots(self, modules: tuple[nn.Module, ...]) -> list[tuple[str, nn.Module, str, bool]]:
         """``_slots`` of several modules with model-level names (a tensor two of them share stays shared)."""
@@ -289,21 +278,18 @@ def local_folder(spec: str) -> tuple[str, Path]:
 def open_streamed(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """(model with its weights left on disk, tokenizer, the local folder) for MODEL; ``source_of(model)``
     reads them layer by layer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .loading import _load_error
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     _, folder = local_folder(spec)
     checkpoint = Checkpoint(folder)
     map_large_allocations()
-    try:
+    tokenizer = files.load_tokenizer(str(folder), spec, trust_remote_code)
+    with files.reading(spec, files.config_file(folder), "the config", files.CONFIG_FIX):
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        model.tie_weights()  # tying by assignment happened before the parameters moved to meta
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise _load_error(spec, exc) from None
+    model.tie_weights()  # tying by assignment happened before the parameters moved to meta
+    files.check_vocabulary(config, tokenizer, files.config_file(folder))
     model.eval()
     experts.unfuse(model)  # each expert's projections read on their own, as the checkpoint holds them
     source = LayerSource(model, checkpoint, dtype, f"model {spec}")
