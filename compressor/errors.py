@@ -20,6 +20,27 @@ def one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def quoted(value: object, limit: int = 100) -> str:
+    """``value`` for an error line: ``repr``, cut to ``limit`` characters (``…`` and its length beyond)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def note_left(exc: BaseException, what: str) -> None:
+    """Say on ``exc`` what the failure leaves on disk (a streamed run's kept layers, an output already
+    placed); the CLI adds it to the error line. The first note stands: the nearest to the failure knows most."""
+    if getattr(exc, "left", None) is None:
+        try:
+            exc.left = what  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type without __dict__
+            pass
+
+
+def left_by(exc: BaseException) -> str | None:
+    """What ``note_left`` said about ``exc`` (None: nothing was noted)."""
+    return getattr(exc, "left", None)
+
+
 def rank_label() -> str:
     """``rank R/N: `` in a process that torchrun started as one of several (what its error lines start
     with, so that the one line names the rank), else empty. From the environment alone: no torch import."""

@@ -38,6 +38,9 @@ from ..methods import registry
 from ..ranks.uniform import RULES
 
 
+SEED_MAX = 2**32 - 1
+
+
 @dataclass
 class CalibrationConfig:
     dataset: str = field("sotu", "calibration source: sotu, wikitext2, c4, ptb, or a .txt/.jsonl file")
@@ -50,6 +53,8 @@ class CalibrationConfig:
         for name in ("n_samples", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1")
+        if not 0 <= self.seed <= SEED_MAX:  # what torch's, numpy's and Python's generators all take
+            raise ValueError(f"seed (--seed) must be between 0 and {SEED_MAX}; got {str(self.seed)[:40]}")
 
 
 @dataclass
