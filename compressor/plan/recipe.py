@@ -37,7 +37,6 @@ from ..errors import CompressorError
 from ..methods import registry
 from ..ranks.uniform import RULES
 
-
 SEED_MAX = 2**32 - 1
 
 
