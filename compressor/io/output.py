@@ -351,6 +351,8 @@ class OutputDirectory:
     def _close(self, exc: BaseException | None = None) -> None:
         """The end of a run that does not commit: its folder discarded (or kept), the lock released."""
         try:
+            if exc is not None:
+                pause_for_tests("cleanup")
             self._discard(exc)
         finally:
             self.lock.release()
