@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import CompressorError, Terminated, one_line, rank_label
+from .errors import CompressorError, Terminated, left_by, note_left, one_line, rank_label
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-training compression of large language models.")
@@ -38,25 +38,51 @@ def _guard(command: Callable) -> Callable:
         except (typer.Exit, typer.Abort):
             raise
         except CompressorError as exc:
-            _error(f"error: {one_line(exc)}")
+            _error(f"error: {one_line(exc)}{_also(exc)}")
         except Terminated as exc:
             _error(f"error: terminated (SIGTERM); {_stopped(exc)}")
             raise typer.Exit(143)
         except KeyboardInterrupt as exc:
             _error(f"error: interrupted (Ctrl-C); {_stopped(exc)}")
             raise typer.Exit(130)
+        except (MemoryError, RecursionError) as exc:
+            if os.environ.get("COMPRESSOR_DEBUG"):
+                raise
+            _error(f"error: {_ran_out(exc, command.__name__)}{_also(exc)}")
         except Exception as exc:  # a bug, or an input we did not foresee: still one line
             if os.environ.get("COMPRESSOR_DEBUG"):
                 raise
-            _error(f"error: {type(exc).__name__}: {one_line(exc)} (set COMPRESSOR_DEBUG=1 for the traceback)")
+            _error(f"error: {type(exc).__name__}: {one_line(exc)} (set COMPRESSOR_DEBUG=1 for the traceback)"
+                   f"{_also(exc)}")
         raise typer.Exit(1)
 
     return wrapper
 
 
 def _stopped(exc: BaseException) -> str:
-    """What an interruption left: nothing, or (a streamed run) the layers kept for ``--resume``."""
-    return getattr(exc, "resume_hint", None) or "nothing was written"
+    """What an interruption left: nothing, the layers kept for ``--resume``, or the complete output."""
+    return left_by(exc) or "nothing was written"
+
+
+def _also(exc: BaseException) -> str:
+    """What a failed run left on disk (a streamed run's kept layers), as the end of its error line."""
+    left = left_by(exc)
+    return f"; {left}" if left else ""
+
+
+LESS_MEMORY = {
+    "compress": "try --stream (one decoder layer in memory at a time), --max-memory, fewer or shorter calibration "
+                "windows (--n-samples, --seq-len, calibration.batch_size), or a machine with more memory",
+    "eval_": "try a smaller --batch-size or --seq-len, or a machine with more memory",
+}
+
+
+def _ran_out(exc: BaseException, command: str) -> str:
+    """The line for a resource that ran out: memory (what to lower) or Python's recursion depth."""
+    if isinstance(exc, RecursionError):
+        return ("Python's recursion limit was reached (RecursionError): an input is nested too deeply (a JSON or "
+                "YAML file given to the run, a config.json); check those files")
+    return f"out of memory (MemoryError); {LESS_MEMORY.get(command, 'try a machine with more memory')}"
 
 
 def _error(line: str) -> None:
@@ -126,11 +152,20 @@ def compress(
         for line in lines(summary["dry_run"]):
             console.print(line, highlight=False, markup=False)
         return
-    from .io import summary as summaries
     from .parallel.distributed import world
 
     if not world().main:  # rank 0 writes and reports
         return
+    try:
+        _report_written(summary)
+    except KeyboardInterrupt as exc:  # the output is in place: say so, not "nothing was written"
+        note_left(exc, f"the complete output had been written to --out {summary['out']}")
+        raise
+
+
+def _report_written(summary: dict) -> None:
+    from .io import summary as summaries
+
     console.print(f"wrote {summary['out']} in {sum(summary['seconds'].values()):.1f}s", highlight=False)
     for line in summaries.lines(summary, summary["log"]):
         console.print(line, highlight=False)
@@ -274,11 +309,14 @@ def compare(
 @app.command()
 @_guard
 def inspect(path: Annotated[Path, typer.Argument(help="compressed output directory")]) -> None:
-    """Per-module table: kind, shape, rank, bits (quantized steps), parameters, relative error; the summary."""
+    """Per-module table: kind, shape, rank, bits (quantized steps), parameters, relative error; the summary.
+    An output whose tensors hold NaN or infinity is refused."""
     from .io import LOG, read_manifest
     from .io import summary as summaries
+    from .io.checkpoint import check_finite_weights
 
     manifest = read_manifest(path)
+    check_finite_weights(path)  # a NaN tensor: refused, as eval refuses it (the log's errors would not say)
     entries = _log_entries(path / LOG)
     table = Table(title=f"{path} (parameters {manifest['params_before']:,} → {manifest['params_after']:,})")
     bits = any("bits" in e for e in entries)
@@ -341,14 +379,20 @@ def methods() -> None:
         console.print(table)
 
 
-def _terminate(signum, frame) -> None:
-    raise Terminated()
+def _stop(signum, frame) -> None:
+    """SIGINT → ``KeyboardInterrupt``, SIGTERM → ``Terminated``, once: later signals are ignored, so that a
+    second Ctrl-C cannot break the cleanup the first one started (nor print a traceback)."""
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, signal.SIG_IGN)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    signal.signal(signal.SIGTERM, _terminate)  # cleaned up like Ctrl-C: the temporary output is removed
+    for each in (signal.SIGINT, signal.SIGTERM):  # SIGTERM cleaned up like Ctrl-C: the temporary output removed
+        if signal.getsignal(each) is not signal.SIG_IGN:  # started ignoring it (nohup, a background job): kept
+            signal.signal(each, _stop)
     try:
         try:
             from transformers.utils import logging as hf_logging

@@ -20,15 +20,6 @@ def one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def rank_label() -> str:
-    """``rank R/N: `` in a process that torchrun started as one of several (what its error lines start
-    with, so that the one line names the rank), else empty. From the environment alone: no torch import."""
-    import os
-
-    size = os.environ.get("WORLD_SIZE", "1") or "1"
-    return f"rank {os.environ.get('RANK', '?')}/{size}: " if size.isdigit() and int(size) > 1 else ""
-
-
 QUOTE_LIMIT = 100  # characters of a user's value an error line quotes
 
 
@@ -42,3 +33,27 @@ def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
     if text is not None and len(text) > limit:
         return f"{repr(text[:limit])[:-1]}…' ({len(text):,} characters)"
     return shown
+
+
+def note_left(exc: BaseException, what: str) -> None:
+    """Say on ``exc`` what the failure leaves on disk (a streamed run's kept layers, an output already
+    placed); the CLI adds it to the error line. The first note stands: the nearest to the failure knows most."""
+    if getattr(exc, "left", None) is None:
+        try:
+            exc.left = what  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type without __dict__
+            pass
+
+
+def left_by(exc: BaseException) -> str | None:
+    """What ``note_left`` said about ``exc`` (None: nothing was noted)."""
+    return getattr(exc, "left", None)
+
+
+def rank_label() -> str:
+    """``rank R/N: `` in a process that torchrun started as one of several (what its error lines start
+    with, so that the one line names the rank), else empty. From the environment alone: no torch import."""
+    import os
+
+    size = os.environ.get("WORLD_SIZE", "1") or "1"
+    return f"rank {os.environ.get('RANK', '?')}/{size}: " if size.isdigit() and int(size) > 1 else ""

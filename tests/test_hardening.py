@@ -14,6 +14,7 @@ use the pause hook of ``io.output.pause_for_tests`` (``COMPRESSOR_TEST_PAUSE``) 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -406,6 +407,23 @@ def eora_without_adapter_weights(w: World, d: Path) -> None:
                            f"calibration.dataset={w.text}", "quantize.group_size=64", "eora.rank=8"])
     shutil.copytree(built, d / "compressed")
     (d / "compressed" / "adapter" / "adapter_model.safetensors").unlink()
+def symlinked_out(to_a_file: bool) -> Callable[[World, Path], None]:
+    def prepare(w: World, d: Path) -> None:
+        target = d / "target"
+        target.write_text("x") if to_a_file else target.mkdir()
+        (d / "out").symlink_to(target)
+    return prepare
+
+
+def out_named(name: str) -> Args:
+    return lambda w, d: compress(llama)(w, d)[:4] + ["--out", d / name] + compress(llama)(w, d)[6:]
+
+
+def nan_in_output(w: World, d: Path) -> None:
+    weights = w.copy_output(d) / "model.safetensors"
+    state = load_file(str(weights))
+    nan_at(next(k for k, t in sorted(state.items()) if t.is_floating_point() and t.dim() == 2))(state)
+    save_file(state, str(weights), metadata={"format": "pt"})
 
 
 PRUNE = "steps:\n  - method: prune\n    config: {algorithm: wanda, pattern: unstructured}\n"
@@ -734,6 +752,21 @@ CASES = [
          prepare=edit_config("llama", num_hidden_layers=0), early=True),
     Case("config-negative-layers", compress(local("llama-model"), "--stream"),
          ("config.json", "num_hidden_layers is -1"), prepare=edit_config("llama", num_hidden_layers=-1), early=True),
+    # -- issue 34, run options and resources (one run per --out, signals, disk full: the tests further down)
+    Case("out-symlink-to-an-empty-dir", compress(llama), ("--out", "symbolic link"), prepare=symlinked_out(False),
+         early=True),
+    Case("out-symlink-to-a-file", compress(llama), ("--out", "symbolic link"), prepare=symlinked_out(True),
+         early=True),
+    Case("out-name-too-long", out_named("o" * 300), ("--out", "300 bytes", "longer than the file system allows"),
+         early=True),
+    Case("seed-negative", compress(llama, "--seed", "-1"), ("--seed", "got -1"), early=True),
+    Case("seed-too-large", compress(llama, "--seed", str(2**64)), ("--seed", str(2**32 - 1)), early=True),
+    Case("calibration-dataset-offline", compress(llama, "--calib-dataset", "wikitext2"),
+         ("dataset wikitext2", "sotu", ".txt")),
+    Case("eval-dataset-offline", lambda w, d: ["eval", w.models["llama"], "--dataset", "ptb", "--seq-len", "32"],
+         ("dataset ptb", "sotu", ".txt")),
+    Case("inspect-nan-tensor", lambda w, d: ["inspect", d / "compressed"], ("model.safetensors", "non-finite"),
+         prepare=nan_in_output),
 ]
 
 
@@ -855,21 +888,34 @@ def test_a_directory_appearing_at_out_during_the_run_is_not_deleted(world, tmp_p
     assert siblings(run.out) == []
 
 
-def test_two_runs_given_the_same_out_do_not_replace_each_other(world, tmp_path):
-    first = Run(world, tmp_path, "walk")
-    second = Run(world, tmp_path, "walk", "--set", "lord.ratio=0.5", tag="b")
+@pytest.mark.parametrize("extra", [[], ["--stream"]], ids=["in-memory", "stream"])
+def test_a_second_run_on_the_same_out_is_refused_at_once(world, tmp_path, extra):
+    """One run per output directory: the second, started while the first works, is refused before any work,
+    naming the first (its PID); the first finishes as if alone."""
+    first = Run(world, tmp_path, "walk", *extra)
     first.child.wait_for("paused at walk")
-    second.child.wait_for("paused at walk")
+    code, stdout, stderr = Run(world, tmp_path, None, *extra, "--set", "lord.ratio=0.5", tag="b").finish()
+    assert code == 1 and stdout == "", stderr
+    assert_one_error_line(stderr, stdout, str(first.out), f"PID {first.child.pid}", "another run")
     first.resume()
     code, _, stderr = first.finish()
     assert code == 0, stderr
-    written = snapshot(first.out)
-    second.resume()
-    code, _, stderr = second.finish()
-    assert code == 1 and "appeared during the run" in stderr
-    assert snapshot(first.out) == written  # the first run's output intact
     assert json.loads((first.out / "compression.json").read_text())["recipe"]["steps"][0]["config"]["ratio"] == 0.2
-    assert siblings(first.out) == []
+    assert siblings(first.out) == []  # the lock released, nothing of either run left beside --out
+
+
+def test_the_lock_of_a_dead_run_is_taken_over_and_a_held_one_refused(tmp_path):
+    from compressor.errors import CompressorError
+    from compressor.io import OutputDirectory
+
+    (tmp_path / ".out.lock").write_text("999999999\n")  # left by a killed run: nobody holds it
+    with OutputDirectory(tmp_path / "out") as first:
+        assert (tmp_path / ".out.lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(CompressorError, match=f"another run \\(PID {os.getpid()}, lock "):
+            with OutputDirectory(tmp_path / "out"):
+                pass
+        (first.tmp / "file").write_text("written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 @pytest.mark.parametrize("stage, signum, code", [
@@ -898,10 +944,96 @@ def test_sigkill_leaves_a_temporary_directory_that_the_next_run_removes(world, t
     run.child.send_signal(signal.SIGKILL)
     assert run.finish()[0] == -signal.SIGKILL
     stale = siblings(run.out)
-    assert len(stale) == 1 and stale[0].startswith(".out.tmp-")  # SIGKILL cannot be cleaned up after...
+    assert len(stale) == 2 and stale[0] == ".out.lock" and stale[1].startswith(".out.tmp-")  # SIGKILL cannot be
+    # cleaned up after...
     code, _, stderr = Run(world, tmp_path, None).finish()
     assert code == 0, stderr
     assert siblings(run.out) == [] and (run.out / "compression.json").is_file()  # ...but the next run does
+
+
+@pytest.mark.parametrize("during", ["20ms", "cleanup"])
+@pytest.mark.parametrize("stage, extra, left", [("walk", [], "nothing was written"),
+                                               ("recorded", ["--stream"], ".out.partial")], ids=["in-memory", "stream"])
+def test_a_second_ctrl_c_does_not_break_the_cleanup(world, tmp_path, stage, extra, left, during):
+    """Ctrl-C twice, 20 ms apart or while the first one's cleanup is paused: the cleanup finishes; one line,
+    exit 130, nothing left beside --out but a streamed run's kept layers."""
+    run = Run(world, tmp_path, f"{stage},cleanup" if during == "cleanup" else stage, *extra)
+    run.child.wait_for(f"paused at {stage}")
+    run.child.send_signal(signal.SIGINT)
+    if during == "cleanup":
+        run.child.wait_for("paused at cleanup")
+    else:
+        time.sleep(0.02)
+    run.child.send_signal(signal.SIGINT)
+    run.resume()
+    code, stdout, stderr = run.finish()
+    assert code == 130, stderr
+    assert_one_error_line(stderr, stdout, "interrupted (Ctrl-C)", left)
+    assert siblings(run.out) == ([".out.partial"] if extra else [])
+
+
+def test_ctrl_c_once_the_output_is_in_place_says_so(world, tmp_path):
+    run = Run(world, tmp_path, "placed")
+    run.child.wait_for("paused at placed")
+    run.child.send_signal(signal.SIGINT)
+    code, stdout, stderr = run.finish()
+    assert code == 130, stderr
+    assert_one_error_line(stderr, stdout, "the complete output had been written", str(run.out))
+    assert siblings(run.out) == []
+    from compressor.io import load
+
+    load(run.out)
+
+
+def test_a_failed_stream_run_says_that_its_finished_layers_are_kept(world, tmp_path):
+    bad = "model.layers.1.mlp.down_proj.weight"
+    edit_weights("llama", nan_at(bad))(world, tmp_path)
+    child = world.launcher.start(["compress", tmp_path / "llama-model", "--recipe", "lord", "--out", tmp_path / "out",
+                                  *SMALL, "--calib-dataset", world.text, "--stream"], tmp_path)
+    assert child.wait() == 1
+    assert_one_error_line(child.stderr, child.stdout, bad, "kept in", ".out.partial", "--resume", "remove")
+    assert siblings(tmp_path / "out") == [".out.partial"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "stream"])
+def test_disk_full_while_saving_is_one_line_with_the_path_and_bytes(model_dirs, small_text, tmp_path, monkeypatch,
+                                                                   stream):
+    from compressor.api import compress as run
+    from compressor.errors import CompressorError, left_by
+    from compressor.io import checkpoint
+
+    def full(folder, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "README.md"))
+
+    monkeypatch.setattr(checkpoint.model_card, "write", full)
+    with pytest.raises(CompressorError) as caught:
+        run(str(model_dirs["llama"]), "lord", tmp_path / "out", progress=False, stream=stream,
+            overrides=["calibration.n_samples=4", "calibration.seq_len=32", "calibration.batch_size=2",
+                       f"calibration.dataset={small_text}"])
+    message = str(caught.value)
+    for fragment in ("no space left", f"--out {tmp_path / 'out'}", "README.md", "bytes are free", "needs about"):
+        assert fragment in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([".out.partial"] if stream else [])
+    assert (left_by(caught.value) is not None) == stream  # the CLI adds where the layers are kept
+
+
+@pytest.mark.parametrize("error, fragments", [(MemoryError, ("out of memory", "--stream", "--n-samples")),
+                                              (RecursionError, ("recursion limit", "nested too deeply"))])
+def test_running_out_of_memory_or_recursion_is_one_line(monkeypatch, tmp_path, error, fragments):
+    from typer.testing import CliRunner
+
+    from compressor import api
+    from compressor.cli import app
+
+    def fail(*args, **kwargs):
+        raise error()
+
+    monkeypatch.setattr(api, "compress", fail)
+    monkeypatch.delenv("COMPRESSOR_DEBUG", raising=False)
+    result = CliRunner().invoke(app, ["compress", "m", "--recipe", "lord", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    line = assert_one_error_line(result.stderr, result.stdout, *fragments)
+    assert "COMPRESSOR_DEBUG" not in line  # not the fallback for bugs
 
 
 def test_the_cli_script_itself_exits_143_on_sigterm(world, tmp_path):

@@ -10,15 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .text import Source, tokenize
+from .text import Source, hub_dataset, tokenize
 
 _FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
 
 
 def _documents(split: str) -> list[str]:
-    from datasets import load_dataset
-
-    return load_dataset("allenai/c4", data_files={split: _FILES[split]}, split=split)["text"]
+    return hub_dataset("c4", "allenai/c4", data_files={split: _FILES[split]}, split=split)["text"]
 
 
 def _windows(split: str, tokenizer, n_samples: int, seq_len: int, seed: int) -> Tensor:

@@ -3,13 +3,11 @@ validation joined with "\\n\\n" evaluates."""
 
 from __future__ import annotations
 
-from .text import joined_text_source
+from .text import hub_dataset, joined_text_source
 
 
 def _split(split: str) -> str:
-    from datasets import load_dataset
-
-    return "\n\n".join(load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"])
+    return "\n\n".join(hub_dataset("ptb", "ptb_text_only", "penn_treebank", split=split)["sentence"])
 
 
 SOURCE = joined_text_source("ptb", "Penn Treebank (train / validation), needs the Hugging Face Hub",

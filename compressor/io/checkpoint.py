@@ -291,3 +291,25 @@ def dequantized_base(path: str | Path, device: str | torch.device = "cpu", dtype
             model.set_submodule(name, merge_module(module.base) if hasattr(module.base, "dense_weight")
                                 else module.base)
     return model
+
+
+def check_finite_weights(path: str | Path) -> None:
+    """Refuse an output whose weight files hold a NaN or infinite floating tensor, naming the file and the
+    tensor (what ``load`` refuses too); read one tensor at a time, so it costs one tensor's memory."""
+    from safetensors import safe_open
+
+    from ..model.weights import non_finite
+
+    for file in _weight_files(Path(path)):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    tensor = handle.get_tensor(key)
+                    bad = non_finite(tensor) if tensor.is_floating_point() else 0
+                    if bad:
+                        raise CompressorError(f"{file}: tensor {key} holds {bad} non-finite value(s) (NaN or "
+                                              "infinity); this output is damaged: compress the model again")
+        except CompressorError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types on a damaged file
+            raise CompressorError(f"{file}: cannot read the weights ({one_line(exc)})") from None

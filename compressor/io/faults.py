@@ -1,7 +1,8 @@
 """Fault-injection points of the signal and resume tests, inert unless a test asks for one: with
-``COMPRESSOR_TEST_PAUSE=stage`` a run says ``paused at stage`` on stdout at that point and waits until the
-file ``$COMPRESSOR_TEST_RESUME`` exists, so the test can send a signal or change ``--out`` at a known point
-("walk": after the first layer; "recorded": a streamed layer durably recorded; "save": files written).
+``COMPRESSOR_TEST_PAUSE=stage`` (or several, comma-separated) a run says ``paused at stage`` on stdout at that
+point and waits until the file ``$COMPRESSOR_TEST_RESUME`` exists, so the test can send a signal or change
+``--out`` at a known point ("walk": after the first layer; "recorded": a streamed layer durably recorded;
+"save": files written; "placed": the output renamed to ``--out``; "cleanup": a failed run about to clean up).
 Not part of ``io``'s public names."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ RESUME_ENV = "COMPRESSOR_TEST_RESUME"  # ... until this file exists
 
 def pause_for_tests(stage: str) -> None:
     """Pause at ``stage`` if a test asked for it (at most 600 s: a loaded machine can starve the test)."""
-    if os.environ.get(PAUSE_ENV) != stage:
+    if stage not in os.environ.get(PAUSE_ENV, "").split(","):
         return
     print(f"paused at {stage}", flush=True)
     resume = os.environ.get(RESUME_ENV)

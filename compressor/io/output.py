@@ -4,8 +4,11 @@
 the whole run; ``io.save`` makes its own when called alone):
 
 - on entry, before any weight is read: ``out`` must be absent, an empty directory, or (``overwrite``) a
-  directory; never a mount point, the current directory or one above it, or a directory holding one of
-  the run's ``inputs`` (the model being read). Temporary siblings left by processes that no longer exist
+  directory; never a symbolic link, a mount point, the current directory or one above it, a directory
+  holding one of the run's ``inputs`` (the model being read), or a name longer than the file system allows.
+  Then the run's lock ``.NAME.lock`` (``RunLock``: ``flock`` on a file holding the PID) is taken: a second
+  run on the same ``out`` is refused at once, naming the first; the kernel drops the lock of a process
+  that dies, so a lock left by a killed run is taken over. Temporary siblings left by processes that no longer exist
   (``.NAME.tmp-PID-*``, killed by SIGKILL or a power cut) are removed. Then the temporary sibling
   ``.NAME.tmp-PID-XXXXXXXX`` is created in the same directory (same file system: the final rename is
   atomic), so an output that cannot be written (read-only or virtual file system, a name too long) fails
@@ -14,24 +17,35 @@ the whole run; ``io.save`` makes its own when called alone):
   as it was at the start: a file or directory that appeared meanwhile (another run given the same
   ``--out``, a user) is never deleted; the run fails instead and its result is discarded;
 - on an error or a signal (the CLI turns SIGTERM into ``Terminated``) the temporary directory and any
-  parent directories it created are removed.
+  parent directories it created are removed, and the lock released; the file system full (``ENOSPC``) is
+  one line with the path and the bytes free. What a failure leaves (a streamed run's kept folder, an output
+  already placed when the signal came) is said on the exception (``errors.note_left``).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..errors import CompressorError
+from ..errors import CompressorError, left_by, note_left, quote
+from .faults import pause_for_tests
 
-TMP, OLD = "tmp", "old"
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (the final rename still never replaces what appeared meanwhile)
+    fcntl = None  # type: ignore[assignment]
+
+TMP, OLD, LOCK = "tmp", "old", "lock"
 _NAME_LIMIT = 200  # characters of --out's name kept in a sibling's name (255 is the usual limit)
+_NAME_MAX = 255  # bytes of one path component, where the file system does not say
 
 
 def sibling_prefix(out: Path, kind: str) -> str:
@@ -86,9 +100,37 @@ def partial_path(out: Path) -> Path:
     return out.parent / f".{out.name[:_NAME_LIMIT]}.partial"
 
 
+def lock_path(out: Path) -> Path:
+    """The lock of the runs writing ``out`` (``RunLock``)."""
+    return out.parent / f"{sibling_prefix(out, LOCK)[:-1]}"
+
+
+def _name_max(folder: Path) -> int:
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return _NAME_MAX
+
+
+def check_name_length(out: Path) -> None:
+    """Refuse a path component of ``out`` longer than its file system allows (ENAMETOOLONG otherwise, late)."""
+    limit = _name_max(out.parent)
+    for part in out.parts[1:]:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise CompressorError(f"--out {quote(str(out))}: the name {quote(part)} is {size} bytes, longer than "
+                                  f"the file system allows ({limit}); choose a shorter name")
+
+
 def check_output(out: Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
     """Fail early (before any work) if ``out`` cannot be (re)placed by this run."""
     out = Path(os.path.abspath(out))
+    check_name_length(out)
+    if out.is_symlink():
+        raise CompressorError(f"--out {out} is a symbolic link (to {os.readlink(out)}), which the run would have to "
+                              "replace; name the directory it points to, or a new path")
     here = Path.cwd().resolve()
     resolved = out.resolve()
     if resolved == here or resolved in here.parents:
@@ -101,8 +143,6 @@ def check_output(out: Path, overwrite: bool, inputs: Iterable[str | Path] = ()) 
         if source == resolved or resolved in source.parents:
             raise CompressorError(f"--out {out} holds the input {source}, which the run reads; "
                                   "write the output elsewhere")
-    if out.is_symlink() and not out.exists():
-        raise CompressorError(f"--out {out} is a broken symbolic link")
     if out.exists() and not out.is_dir():
         raise CompressorError(f"output path exists and is not a directory: {out}")
     if out.is_dir():
@@ -139,15 +179,94 @@ def deferred_signals() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+class RunLock:
+    """One run per output directory: ``flock`` on ``.NAME.lock`` beside ``out``, a file holding its holder's
+    PID (what a refused run names). ``release`` removes the file and drops the lock; the kernel drops the
+    lock of a process that dies (SIGKILL), so the file such a run leaves is taken over by the next."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.path = out, lock_path(out)
+        self.fd: int | None = None
+
+    def take(self) -> None:
+        """Hold the lock, or refuse at once (``CompressorError``) naming the run that holds it."""
+        if fcntl is None:
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                raise CompressorError(f"--out {self.out} is being written by another run (PID {holder}, lock "
+                                      f"{self.path}); wait for it to finish, or choose another --out") from None
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    return  # a file system without locks: the final rename still never replaces a newcomer
+                raise
+            if self._is_current(fd):
+                break
+            os.close(fd)  # removed by its holder between our open and flock: lock the new file instead
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def _is_current(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        """The PID written in a held lock (its holder may not have written it yet: waited for, briefly)."""
+        for _ in range(20):
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            if text:
+                return text if text.isdigit() else "unknown"
+            time.sleep(0.05)
+        return "unknown"
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            if self._is_current(self.fd):
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)  # drops the lock
+        self.fd = None
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is the file system (or the user's quota) full."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _bytes_under(folder: Path | None) -> int:
+    if folder is None or not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
 class OutputDirectory:
     """``with OutputDirectory(out, overwrite, inputs) as output:`` write into ``output.tmp``; on a clean exit
-    it replaces ``out`` (``commit``), on an error or signal it is removed."""
+    it replaces ``out`` (``commit``), on an error or signal it is removed. ``expected_bytes``: what the
+    writer expects the output to take (said when the disk fills)."""
 
     def __init__(self, out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> None:
         self.path = Path(os.path.abspath(Path(out).expanduser()))
         self.overwrite = overwrite
         self.inputs = list(inputs)
         self.tmp: Path | None = None
+        self.placed = False  # the output is at ``path`` (committed)
+        self.expected_bytes: int | None = None
+        self.lock = RunLock(self.path)
         self._created: list[Path] = []  # parent directories this run made (removed again on failure)
         self._start: tuple | None = None
 
@@ -163,14 +282,18 @@ class OutputDirectory:
             for parent in reversed(missing):
                 parent.mkdir()
                 self._created.append(parent)
+            self.lock.take()  # before any work: a second run on this --out stops here
             self.tmp = self.work_folder()
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output is an ordinary directory
         except OSError as exc:
-            self._discard()
+            self._close()
             reason = exc.strerror or str(exc)
             raise CompressorError(f"cannot write the output beside --out {self.path}: {reason}") from None
+        except BaseException:
+            self._close()
+            raise
         self._start = _state(self.path)
         return self
 
@@ -182,6 +305,10 @@ class OutputDirectory:
     def kept(self) -> bool:
         """Whether a failed run's folder is kept (not here: it is removed)."""
         return False
+
+    def kept_note(self) -> str:
+        """What the error line says of a kept folder (``kept``)."""
+        return ""
 
     def commit(self) -> Path:
         """Replace ``out`` by the temporary directory, unless ``out`` changed since the start."""
@@ -200,11 +327,15 @@ class OutputDirectory:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(self.tmp, self.path)  # onto an empty directory, or where nothing is
-            self.tmp = None
+            self.tmp, self.placed = None, True
+        pause_for_tests("placed")  # the signal tests' hook: the output is complete at --out
         return self.path
 
-    def _discard(self) -> None:
+    def _discard(self, exc: BaseException | None = None) -> None:
+        """Remove the run's folder (or keep it, saying so on ``exc``) and the parents it made."""
         if self.tmp is not None and self.kept():
+            if exc is not None:
+                note_left(exc, self.kept_note())
             self.tmp = None
             return
         if self.tmp is not None:
@@ -217,15 +348,45 @@ class OutputDirectory:
                 break
         self._created = []
 
+    def _close(self, exc: BaseException | None = None) -> None:
+        """The end of a run that does not commit: its folder discarded (or kept), the lock released."""
+        try:
+            if exc is not None:
+                pause_for_tests("cleanup")
+            self._discard(exc)
+        finally:
+            self.lock.release()
+
+    def _disk_full(self, exc: OSError) -> CompressorError:
+        """The one line for a full file system: where, what was written, what is free and needed."""
+        where = exc.filename or self.tmp or self.path
+        written = _bytes_under(self.tmp)
+        self._close(exc)
+        try:
+            free = f"{shutil.disk_usage(self.path.parent).free:,} bytes are free"
+        except OSError:
+            free = "the free space is unknown"
+        needed = f", the output needs about {self.expected_bytes:,}" if self.expected_bytes else ""
+        failure = CompressorError(f"no space left on the device of --out {self.path} (writing {where}, after "
+                                  f"{written:,} bytes): {free}{needed}; free some space or choose another --out")
+        if left_by(exc):
+            note_left(failure, left_by(exc))
+        return failure
+
     def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is not None:
-            self._discard()
+        if exc is not None:
+            if disk_full(exc):
+                raise self._disk_full(exc) from None
+            self._close(exc)
             return
         try:
             self.commit()
-        except BaseException:
-            self._discard()
+        except BaseException as failure:
+            if self.placed:  # a signal delivered once the output was in place
+                note_left(failure, f"the complete output had been written to --out {self.path}")
+            self._close(failure)
             raise
+        self.lock.release()
 
 
 class PartialOutputDirectory(OutputDirectory):
@@ -255,3 +416,7 @@ class PartialOutputDirectory(OutputDirectory):
     def kept(self) -> bool:
         """A run with layers recorded is kept for ``--resume``."""
         return self.recorded(self.tmp)
+
+    def kept_note(self) -> str:
+        return (f"the finished layers are kept in {self.tmp}: run the same command with --resume to continue, "
+                "or remove that directory to start over")

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..errors import note_left
 from ..model import loading as models
 from ..model import streaming
 from ..model.architecture import layer_count
@@ -113,6 +114,7 @@ class Sink:
     def save(self, model: nn.Module, tokenizer: Any, manifest: dict[str, Any], report: Any) -> None:
         """Write the output (rank 0) into the temporary directory, which replaces ``out`` when the block ends."""
         if self.main:
+            self.output.expected_bytes = manifest.get("bytes_after")  # said if the disk fills
             checkpoint.save(model, tokenizer, self.output, manifest, report.log, merge=self.merge,
                             reshaped=report.reshaped, storage_dtype=self.storage_dtype, shards=self.shards)
 
@@ -190,5 +192,5 @@ class StreamedSink(Sink):
         """A recorded run is kept: the exception carries how to continue it (the CLI prints it)."""
         if self.record is not None and self.record.exists():
             done = json.loads((self.record.path / "state.json").read_text())["layers_done"]
-            exc.resume_hint = (f"{done} decoder layers are done and kept in {self.record.folder}; run the same "
-                               "command with --resume to continue")
+            note_left(exc, f"{done} decoder layers are done and kept in {self.record.folder}; run the same "
+                      "command with --resume to continue, or remove that directory to start over")

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import CompressorError, one_line
+from ..errors import CompressorError, one_line, quote
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -40,12 +40,6 @@ LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 WEIGHTS_FIX = "save the model again with save_pretrained (safetensors), or download it again"
 TOKENIZER_FIX = "save the tokenizer again with save_pretrained, or copy its files from the original model"
 CONFIG_FIX = "fix the field it names in config.json"
-
-
-def quoted(value: Any, limit: int = 100) -> str:
-    """A user's value for an error line: ``repr``, cut to ``limit`` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # -- pickles and config.json ---------------------------------------------------------------------------------
@@ -90,7 +84,7 @@ def check_config_file(path: Path) -> None:
         for key in ("dtype", "torch_dtype"):
             value = section.get(key)
             if isinstance(value, str) and not isinstance(getattr(torch, value, None), torch.dtype):
-                raise CompressorError(f"{path}: {prefix}{key} {quoted(value)} is not a dtype; set it to one "
+                raise CompressorError(f"{path}: {prefix}{key} {quote(value)} is not a dtype; set it to one "
                                       "(float32, bfloat16, float16) or remove it")
 
 
@@ -158,13 +152,13 @@ def _entry(path: Path, name: str, entry: Any) -> dict:
         raise _bad(path, f"the entry of {name[:100]} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_BITS:
-        raise _bad(path, f"tensor {name[:100]} has dtype {quoted(dtype)}, which is not one")
+        raise _bad(path, f"tensor {name[:100]} has dtype {quote(dtype)}, which is not one")
     if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
                                             for n in shape)):
-        raise _bad(path, f"tensor {name[:100]} has shape {quoted(shape)}")
+        raise _bad(path, f"tensor {name[:100]} has shape {quote(shape)}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)
             and 0 <= offsets[0] <= offsets[1]):
-        raise _bad(path, f"tensor {name[:100]} has data_offsets {quoted(offsets)}")
+        raise _bad(path, f"tensor {name[:100]} has data_offsets {quote(offsets)}")
     bits = math.prod(shape) * DTYPE_BITS[dtype]
     if bits % 8 == 0 and offsets[1] - offsets[0] != bits // 8:
         raise _bad(path, f"tensor {name[:100]} of shape {shape} and dtype {dtype} has {offsets[1] - offsets[0]} "

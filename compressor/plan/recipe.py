@@ -37,6 +37,7 @@ from ..model.targets import check_patterns
 from ..ranks.uniform import RULES
 
 MIN_SEQ_LEN = 8  # tokens per calibration window: fewer leave too little context before each next token
+SEED_MAX = 2**32 - 1
 
 
 @dataclass
@@ -54,6 +55,8 @@ class CalibrationConfig:
         if self.seq_len < MIN_SEQ_LEN:
             raise ValueError(f"seq_len (--seq-len, calibration.seq_len) must be ≥ {MIN_SEQ_LEN} (shorter windows "
                              f"give next-token statistics of little meaning); got {self.seq_len}")
+        if not 0 <= self.seed <= SEED_MAX:  # what torch's, numpy's and Python's generators all take
+            raise ValueError(f"seed (--seed) must be between 0 and {SEED_MAX}; got {str(self.seed)[:40]}")
 
 
 @dataclass
