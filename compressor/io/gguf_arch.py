@@ -116,6 +116,9 @@ def describe(config: Any) -> Family:
     if scaling and not (model_type.startswith("gemma3") and scaling == "linear"):
         raise CompressorError(f"GGUF export: RoPE scaling {scaling!r} of this {model_type} model is not written "
                               "by this exporter (only the default RoPE)")
+    if family.norm_plus_one and not getattr(config, "tie_word_embeddings", True):
+        raise CompressorError(f"GGUF export: this {model_type} model has its own output head; llama.cpp's "
+                              f"{family.name} ties it to the token embedding")
     if family.norm_plus_one:
         scalar = getattr(config, "query_pre_attn_scalar", None)
         if scalar is not None and scalar != head_dim(config):
