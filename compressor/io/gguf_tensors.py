@@ -75,7 +75,7 @@ class Collected:
     """The model's tensors under GGUF names, and what the conversion did."""
 
     tensors: dict[str, Weight] = field(default_factory=dict)
-    loras: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # gguf weight name → (A (r, in), B (out, r))
+    loras: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # gguf name → (A (r, in), B (out, r))
     merged_factorized: int = 0            # low-rank / CUR layers merged to dense
     merged_compensation: int = 0          # compensated layers whose low-rank path was merged (no adapter)
     inexact: list[str] = field(default_factory=list)  # quantized layers no block type holds (dequantized)

@@ -22,8 +22,10 @@ from typing import Any
 from ..errors import CompressorError
 
 # llama.cpp's pre-tokenizer names by the Split regex that precedes ByteLevel(use_regex=False)
-_LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3 = _WORDS + r"\p{N}{1,3}" + _REST
+_QWEN2 = _WORDS + r"\p{N}" + _REST
 PRE_BY_REGEX = {_LLAMA3: "llama-bpe", _QWEN2: "qwen2"}
 
 
