@@ -200,6 +200,27 @@ def test_low_rank_merged(saved, tmp_path, small_text):
     np.testing.assert_allclose(tensors["blk.0.ffn_up.weight"], ours, rtol=0, atol=1e-6)
 
 
+def test_modegpt_mlp_widths_per_layer(saved, tmp_path, small_text):
+    from compressor.plan import recipe as recipes
+
+    out = tmp_path / "out"
+    api.compress(str(saved("llama")), small_recipe(recipes.read("modegpt-mlp-20"), small_text), out, progress=False)
+    export_gguf(str(out), tmp_path / "m.gguf")
+    fields, tensors = read(tmp_path / "m.gguf")
+    widths = [tensors[f"blk.{i}.ffn_down.weight"].shape[1] for i in range(2)]
+    assert fields["llama.feed_forward_length"] == widths and widths[0] != widths[1]
+
+
+def test_shrunk_attention_refused(saved, tmp_path, small_text):
+    from compressor.plan import recipe as recipes
+
+    out = tmp_path / "out"
+    api.compress(str(saved("llama")), small_recipe(recipes.read("modegpt-20"), small_text), out, progress=False)
+    with pytest.raises(CompressorError, match="shrunk attention"):
+        export_gguf(str(out), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_bad_options_write_nothing(saved, tmp_path):
     folder = saved("llama")
     with pytest.raises(CompressorError, match="--type"):
