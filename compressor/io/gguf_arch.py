@@ -124,6 +124,9 @@ def describe(config: Any) -> Family:
         if scalar is not None and scalar != head_dim(config):
             raise CompressorError(f"GGUF export: query_pre_attn_scalar {scalar} differs from head_dim "
                                   f"{head_dim(config)}; llama.cpp's {model_type} scales queries by 1/sqrt(head_dim)")
+    if model_type == "qwen3_moe" and not getattr(config, "norm_topk_prob", True):
+        raise CompressorError("GGUF export: qwen3_moe without norm_topk_prob is not what llama.cpp's qwen3moe "
+                              "computes (it renormalizes the top-k routing weights)")
     if model_type == "qwen2_moe" and getattr(config, "norm_topk_prob", False):
         raise CompressorError("GGUF export: qwen2_moe with norm_topk_prob is not what llama.cpp's qwen2moe computes")
     if model_type == "gemma3_text":

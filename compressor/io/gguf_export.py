@@ -184,7 +184,7 @@ def _write_model(temp: Path, model: Any, family: gguf_arch.Family, collected: Co
     writer.add_name(name)
     gguf_arch.write_hyperparameters(writer, config, family, _ff_lengths(collected, config, family, layers))
     embedding = collected.tensors["token_embd.weight"]
-    notes = gguf_vocab.write_tokenizer(writer, tokenizer_folder, embedding.shape[0])
+    notes = gguf_vocab.write_tokenizer(writer, tokenizer_folder, embedding.shape[0], family.name)
     float_type = _model_float(model)
     types: Counter = Counter()
     exact = requantized = parameters = 0

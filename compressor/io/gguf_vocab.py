@@ -45,7 +45,7 @@ def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
     return "default"
 
 
-def write_tokenizer(writer: Any, folder: Path, n_vocab: int) -> list[str]:
+def write_tokenizer(writer: Any, folder: Path, n_vocab: int, arch: str = "") -> list[str]:
     """Write ``folder``'s tokenizer into ``writer`` (``n_vocab``: the embedding's rows); returns notes for the
     user (an unknown pre-tokenizer)."""
     import gguf
