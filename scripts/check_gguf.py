@@ -87,6 +87,8 @@ def compressed(name: str, model: str, work: Path, extra: list[str]) -> str:
     if recipe == "gptq-only":
         recipe = str(work / "gptq-w4-g32.yaml")
         Path(recipe).write_text(json.dumps(GPTQ_ONLY))  # JSON is YAML
+    elif (ROOT / "recipes" / f"{recipe}.yaml").is_file():
+        recipe = str(ROOT / "recipes" / f"{recipe}.yaml")  # this checkout's, whichever package is installed
     print(f"[{name}] compress", flush=True)
     api.compress(model, recipe, out, overrides=[*overrides, *extra], merge=merge, progress=False, overwrite=True)
     return str(out)
@@ -110,7 +112,8 @@ def main(args) -> int:
                "dense_compressor_eval": base, "machine": platform.machine(), "cases": {}}
     for name in cases:
         _, _, _, type_, adapter = CASES[name]
-        source = compressed(name, args.model, work, args.set or [])
+        extra = [*(args.set or []), *([f"eora.rank={args.eora_rank}"] if adapter and args.eora_rank else [])]
+        source = compressed(name, args.model, work, extra)
         gguf_file, adapter_file = work / f"{name}.gguf", (work / f"{name}.lora.gguf" if adapter else None)
         start = time.perf_counter()
         report = export_gguf(source, gguf_file, type_, adapter_file)
@@ -151,6 +154,7 @@ if __name__ == "__main__":
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--cases", default=None, help=f"comma-separated subset of {', '.join(CASES)}")
     parser.add_argument("--set", action="append", help="a recipe override for every compressed case (tests)")
+    parser.add_argument("--eora-rank", type=int, default=None, help="the EoRA case's rank (tests; default 64)")
     parser.add_argument("--tolerance", type=float, default=0.005)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default=str(CACHE / "gguf-check"))
