@@ -308,6 +308,31 @@ def compare(
 
 @app.command()
 @_guard
+def export(
+    model: Annotated[str, typer.Argument(help="compressed output directory, or any MODEL (id, directory, .gguf)")],
+    format_: Annotated[str, typer.Option("--format", help="output format: gguf (llama.cpp)")],
+    to: Annotated[Path, typer.Option("--to", help="the file to write (FILE.gguf)")],
+    type_: Annotated[str, typer.Option("--type", help="auto (quantized layers in their exact GGUF block type, the "
+                                       "rest in the model's float type; nothing rounded again), or f32, f16, "
+                                       "bf16, q8_0, q4_0, q4_1 for every matrix (re-quantizing other grids)")]
+    = "auto",
+    adapter_to: Annotated[Optional[Path], typer.Option("--adapter-to", help="write the EoRA/LQ-LoRA low-rank "
+                                                       "compensation as a llama.cpp LoRA adapter (--lora) here")]
+    = None,
+    trust_remote_code: Annotated[bool, TRUST] = False,
+) -> None:
+    """Write MODEL in another runtime's format: --format gguf for llama.cpp (docs/serving.md#llamacpp-gguf)."""
+    if format_ != "gguf":
+        raise CompressorError(f"--format {format_!r}: the only export format is gguf")
+    from .io.gguf_export import export_gguf
+
+    report = export_gguf(model, to, type_=type_, adapter_to=adapter_to, trust_remote_code=trust_remote_code)
+    for line in report.lines():
+        console.print(line, highlight=False, markup=False)
+
+
+@app.command()
+@_guard
 def inspect(path: Annotated[Path, typer.Argument(help="compressed output directory")]) -> None:
     """Per-module table: kind, shape, rank, bits (quantized steps), parameters, relative error; the summary.
     An output whose tensors hold NaN or infinity is refused."""

@@ -579,6 +579,14 @@ CASES = [
     Case("log-damaged", lambda w, d: ["inspect", d / "compressed"], ("compression_log.jsonl:2",),
          prepare=lambda w, d: (w.copy_output(d), (d / "compressed" / "compression_log.jsonl").write_text(
              (w.compressed / "compression_log.jsonl").read_text().splitlines()[0] + "\n{not json\n"))),
+    # -- GGUF export (issue 33): refusals before anything is written
+    Case("gguf-family-refused", lambda w, d: ["export", w.models["opt"], "--format", "gguf", "--to", d / "m.gguf"],
+         ("opt", "not one this exporter describes")),
+    Case("gguf-bad-type", lambda w, d: ["export", w.compressed, "--format", "gguf", "--to", d / "m.gguf",
+                                        "--type", "q5_k"], ("--type", "q5_k"), early=True),
+    Case("gguf-adapter-without-compensation", lambda w, d: ["export", w.compressed, "--format", "gguf", "--to",
+                                                            d / "m.gguf", "--adapter-to", d / "a.gguf"],
+         ("--adapter-to", "no low-rank compensation")),
     # -- 7: targets that match nothing
     Case("targets-match-nothing", compress(llama, "--set", "steps.0.targets=[mlp.down]"),
          ("match none", "mlp.down_proj", "self_attn.q_proj"), early=True),

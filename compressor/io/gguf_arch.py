@@ -1,0 +1,171 @@
+"""What llama.cpp calls each family we export to GGUF: its architecture, hyperparameter keys and tensor layout.
+
+The conventions are those of llama.cpp's own converter (``convert_hf_to_gguf.py``): tensor names through
+the ``gguf`` package's ``TensorNameMap`` (``model.layers.3.self_attn.q_proj.weight`` → ``blk.3.attn_q.weight``),
+and per family what it changes on the way:
+
+- ``llama`` (Llama, Mistral, Mixtral): q and k rows permuted from transformers' rotate-half RoPE layout to
+  llama.cpp's interleaved one (``permute_rows``); a quantized grid's rows move with them (groups are along
+  the input), and so do an adapter's ``lora_b`` rows.
+- ``gemma2`` / ``gemma3``: every RMSNorm weight w is stored as 1 + w (transformers applies 1 + w);
+  llama.cpp scales queries by 1/√head_dim, so ``query_pre_attn_scalar`` must equal head_dim.
+- ``gpt2``: GPT-2's ``Conv1D`` weights are written (out, in) like every linear (``modules.weight_of``).
+- Mixture of experts (``mixtral``, ``qwen3_moe``, ``qwen2_moe``): each layer's experts as one stacked tensor
+  per projection (``ffn_gate_exps`` (experts, ff, hidden) ...), the router as ``ffn_gate_inp``.
+
+``describe(config)`` returns the ``Family`` or raises a one-line ``CompressorError`` naming what llama.cpp
+(or this exporter) cannot describe; nothing is written before it answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import CompressorError
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one transformers ``model_type`` is written as a llama.cpp architecture."""
+
+    arch: str                                 # gguf.MODEL_ARCH member name (LLAMA, QWEN2, ...)
+    permute_qk: bool = False                  # llama.cpp's interleaved RoPE rows for q and k
+    norm_plus_one: bool = False               # Gemma: RMSNorm weights stored as 1 + w
+    experts: bool = False                     # routed experts stacked per projection
+    extra: Callable[[Any, Any, str], None] | None = None  # (writer, config, arch name) → family keys
+
+    @property
+    def name(self) -> str:
+        import gguf
+
+        return gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, self.arch)]
+
+
+def rope_theta(config: Any, default: float = 10000.0) -> float:
+    """The RoPE base of ``config`` (transformers 5's ``rope_parameters`` or 4's ``rope_theta``)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    if isinstance(params, dict) and params.get("full_attention", {}).get("rope_theta"):
+        return float(params["full_attention"]["rope_theta"])  # Gemma 3: per layer type
+    return float(getattr(config, "rope_theta", None) or default)
+
+
+def rope_scaling(config: Any) -> str | None:
+    """The RoPE scaling type other than the default (None), which this exporter does not write."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(params, dict) and "full_attention" in params:
+        params = params["full_attention"]
+    kind = params.get("rope_type", params.get("type")) if isinstance(params, dict) else None
+    return None if kind in (None, "default") else kind
+
+
+def head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _gemma2(writer: Any, config: Any, arch: str) -> None:
+    if getattr(config, "attn_logit_softcapping", None):
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(config.sliding_window)
+
+
+def _gemma3(writer: Any, config: Any, arch: str) -> None:
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(config.sliding_window)
+
+
+def _moe(writer: Any, config: Any, arch: str) -> None:
+    writer.add_expert_count(getattr(config, "num_local_experts", None) or config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    if getattr(config, "moe_intermediate_size", None):
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if getattr(config, "shared_expert_intermediate_size", None):
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LLAMA", permute_qk=True),
+    "mistral": Family("LLAMA", permute_qk=True),
+    "qwen2": Family("QWEN2"),
+    "qwen3": Family("QWEN3"),
+    "gemma2": Family("GEMMA2", norm_plus_one=True, extra=_gemma2),
+    "gemma3_text": Family("GEMMA3", norm_plus_one=True, extra=_gemma3),
+    "phi3": Family("PHI3"),
+    "gpt2": Family("GPT2"),
+    "mixtral": Family("LLAMA", permute_qk=True, experts=True, extra=_moe),
+    "qwen3_moe": Family("QWEN3MOE", experts=True, extra=_moe),
+    "qwen2_moe": Family("QWEN2MOE", experts=True, extra=_moe),
+}
+
+
+def describe(config: Any) -> Family:
+    """The ``Family`` of a transformers config, or a one-line refusal naming why llama.cpp cannot hold it."""
+    model_type = config.model_type
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise CompressorError(f"GGUF export: model type {model_type!r} is not one this exporter describes for "
+                              f"llama.cpp (supported: {', '.join(sorted(FAMILIES))})")
+    scaling = rope_scaling(config)
+    if scaling and not (model_type.startswith("gemma3") and scaling == "linear"):
+        raise CompressorError(f"GGUF export: RoPE scaling {scaling!r} of this {model_type} model is not written "
+                              "by this exporter (only the default RoPE)")
+    if family.norm_plus_one and not getattr(config, "tie_word_embeddings", True):
+        raise CompressorError(f"GGUF export: this {model_type} model has its own output head; llama.cpp's "
+                              f"{family.name} ties it to the token embedding")
+    if family.norm_plus_one:
+        scalar = getattr(config, "query_pre_attn_scalar", None)
+        if scalar is not None and scalar != head_dim(config):
+            raise CompressorError(f"GGUF export: query_pre_attn_scalar {scalar} differs from head_dim "
+                                  f"{head_dim(config)}; llama.cpp's {model_type} scales queries by 1/sqrt(head_dim)")
+    if model_type == "qwen3_moe" and not getattr(config, "norm_topk_prob", True):
+        raise CompressorError("GGUF export: qwen3_moe without norm_topk_prob is not what llama.cpp's qwen3moe "
+                              "computes (it renormalizes the top-k routing weights)")
+    if model_type == "qwen2_moe" and getattr(config, "norm_topk_prob", False):
+        raise CompressorError("GGUF export: qwen2_moe with norm_topk_prob is not what llama.cpp's qwen2moe computes")
+    if model_type == "gemma3_text":
+        scaling = getattr(config, "rope_parameters", {}) or {}
+        local = scaling.get("sliding_attention", {}).get("rope_theta") if isinstance(scaling, dict) else None
+        if local not in (None, 10000.0):
+            raise CompressorError(f"GGUF export: Gemma 3's local RoPE base {local} is not llama.cpp's 10000")
+    return family
+
+
+def write_hyperparameters(writer: Any, config: Any, family: Family, ff_lengths: list[int]) -> None:
+    """The ``<arch>.*`` keys llama.cpp reads for ``config`` (``ff_lengths``: each layer's MLP width, one
+    value when they are all equal)."""
+    layers = config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.n_layer
+    writer.add_block_count(layers)
+    writer.add_context_length(getattr(config, "max_position_embeddings", None) or config.n_positions)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(ff_lengths[0] if len(set(ff_lengths)) == 1 else ff_lengths)
+    writer.add_head_count(config.num_attention_heads)
+    if family.arch == "GPT2":
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    else:
+        writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_rope_freq_base(rope_theta(config))
+        dim = head_dim(config)
+        rotary = int(dim * getattr(config, "partial_rotary_factor", 1.0))
+        writer.add_rope_dimension_count(rotary)
+        if getattr(config, "head_dim", None) and dim != config.hidden_size // config.num_attention_heads \
+                or family.norm_plus_one:
+            writer.add_key_length(dim)
+            writer.add_value_length(dim)
+    writer.add_vocab_size(config.vocab_size)
+    if family.extra is not None:
+        family.extra(writer, config, family.name)
+
+
+def permute_rows(rows: Any, heads: int) -> Any:
+    """llama.cpp's q/k row order (interleaved RoPE pairs) from transformers' (rotate-half) for a tensor whose
+    dim -2 is the (heads · head_dim) rows: per head, rows (i, i + d/2) become (2i, 2i + 1)."""
+    shape = rows.shape
+    return rows.reshape(*shape[:-2], heads, 2, shape[-2] // heads // 2, shape[-1]).transpose(-3, -2).reshape(shape)
