@@ -425,11 +425,33 @@ def main() -> None:
             hf_logging.disable_progress_bar()
         except ImportError:
             pass
-        app()
+        code = app(standalone_mode=False)  # usage errors come here, to be said in one line
+    except (Terminated, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        sys.exit(_usage_error(exc))
     except Terminated:
         sys.exit(143)
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(exc: Exception) -> int:
+    """Say a usage error of the command line (click's, as typer raises them: an unknown option, a missing
+    argument, a value of the wrong type) in one line, or the help for a bare command; its exit status."""
+    kind = type(exc).__name__
+    if kind == "NoArgsIsHelpError":  # bare `compressor`, or a command given no arguments
+        console.print(exc.format_message(), markup=False, highlight=False)
+        return 2
+    if kind == "Abort":  # Ctrl-C at a prompt
+        return 130
+    if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+        raise exc  # not a usage error: a bug outside every command's guard
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    print(f"error: {one_line(exc.format_message())}{where}", file=sys.stderr)
+    return exc.exit_code
 
 
 if __name__ == "__main__":

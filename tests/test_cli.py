@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -243,3 +247,20 @@ def test_checkout_cli_runs_without_the_package_installed(tmp_path):
                           "from compressor.plan.recipe import shipped; print(sorted(shipped()))", str(root)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert "'lord'" in run.stdout, run.stderr
+
+
+@pytest.mark.parametrize("args, culprit, code", [
+    (["compress"], "Missing argument 'model'", 2),
+    (["compress", "m", "--dataset", "d"], "No such option: --dataset", 2),
+    (["compress", "m", "--n-samples", "abc"], "'--n-samples'", 2),
+    (["no-such-command"], "No such command 'no-such-command'", 2),
+])
+def test_usage_errors_are_one_line(args, culprit, code):
+    """What the command-line parser refuses (through ``main``, as the installed script runs) is one ``error:``
+    line naming the culprit and the command's --help, not a box of several lines."""
+    script = Path(__file__).resolve().parent.parent / "cli.py"
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **ENV})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert culprit in lines[0] and "--help'" in lines[0] and done.stdout == ""
