@@ -129,13 +129,17 @@ MATRIX = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "opt
           *MOE_FAMILIES)
 
 
-def build_model(arch: str, vocab_size: int, seed: int = 0, layers: int | None = None):
-    """A tiny random causal LM of ``arch``, fp32, eval mode. Biases are randomized too, so a test that
-    drops or mangles them fails; routers too, so that routing is decisive and experts distinct."""
+def build_model(arch: str, vocab_size: int, seed: int = 0, layers: int | None = None, edit=None):
+    """A tiny random causal LM of ``arch``, fp32, eval mode (``edit(config)`` may change its config first).
+    Biases are randomized too, so a test that drops or mangles them fails; routers too, so that routing is
+    decisive and experts distinct."""
     from transformers import AutoModelForCausalLM
 
+    config = build_config(arch, vocab_size, layers)
+    if edit is not None:
+        edit(config)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(build_config(arch, vocab_size, layers), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):

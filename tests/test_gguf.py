@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import MATRIX, build_config, small_recipe
+from conftest import MATRIX, build_model, small_recipe
 
 from compressor import api, io
 from compressor.errors import CompressorError
@@ -23,25 +23,19 @@ FAMILIES = [f for f in MATRIX if f in ("llama", "qwen2", "qwen3", "mistral", "ge
 REFUSED = [f for f in MATRIX if f not in FAMILIES]
 
 
-def tiny(arch: str, vocab: int, seed: int = 0):
-    """``conftest.build_model`` with Gemma's query scale set to 1/√head_dim (what llama.cpp computes)."""
-    from transformers import AutoModelForCausalLM
-
-    config = build_config(arch, vocab)
-    if hasattr(config, "query_pre_attn_scalar"):  # Gemma: llama.cpp ties the head, scales by 1/√head_dim
+def as_llama_cpp_computes(config) -> None:
+    """Gemma's query scale set to 1/√head_dim and its head tied (what llama.cpp computes); Qwen3-MoE's top-k
+    weights renormalized (llama.cpp's qwen3moe does, as Qwen3-MoE models do)."""
+    if hasattr(config, "query_pre_attn_scalar"):
         config.query_pre_attn_scalar = config.head_dim
         config.tie_word_embeddings = True
-    if arch == "qwen3_moe":  # llama.cpp's qwen3moe renormalizes the top-k weights (as Qwen3-MoE models do)
+    if config.model_type == "qwen3_moe":
         config.norm_topk_prob = True
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0.0, 0.02)
-            elif name.endswith("mlp.gate.weight"):
-                param.normal_(0.0, 0.5)
-    return model.eval()
+
+
+def tiny(arch: str, vocab: int, seed: int = 0):
+    """``conftest.build_model`` as llama.cpp computes it."""
+    return build_model(arch, vocab, seed, edit=as_llama_cpp_computes)
 
 
 @pytest.fixture(scope="module")
