@@ -19,7 +19,16 @@ from pathlib import Path
 from torch import Tensor
 
 from ..errors import CompressorError, quote
-from .text import Source, consecutive_windows, file_source, joined_text_source, random_windows, tokenize  # noqa: F401
+from .text import (  # noqa: F401
+    Source,
+    consecutive_windows,
+    disjoint_windows,
+    file_source,
+    joined_text_source,
+    random_starts,
+    random_windows,
+    tokenize,
+)
 
 
 def sources() -> dict[str, Source]:

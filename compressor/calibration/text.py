@@ -23,6 +23,7 @@ class Source:
     evaluation: Callable[..., Tensor]  # (tokenizer, seq_len, max_tokens) -> (k, seq_len)
     eval_seq_len: int = 2048  # the protocol's default window
     eval_max_tokens: int | None = None  # None: the whole held-out split
+    calibration_ids: Callable[..., Tensor] | None = None  # (tokenizer) -> (N,) the text windows are cut from
 
 
 def hub_dataset(source: str, path: str, *args, **kwargs):
@@ -56,9 +57,34 @@ def random_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int, name: s
         raise CompressorError(f"calibration text{f' {name}' if name else ''} has {ids.numel()} tokens, fewer than "
                               f"seq_len {seq_len} + 1")
     warn_overlap(ids.numel(), n_samples, seq_len, name)
+    return torch.stack([ids[s: s + seq_len] for s in random_starts(ids.numel(), n_samples, seq_len, seed).tolist()])
+
+
+def random_starts(tokens: int, n_samples: int, seq_len: int, seed: int) -> Tensor:
+    """The offsets (n,) of ``random_windows``' windows in a text of ``tokens`` tokens."""
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=generator)
-    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+    return torch.randint(0, tokens - seq_len, (n_samples,), generator=generator)
+
+
+def disjoint_windows(ids: Tensor, used: list[tuple[int, int]], n_samples: int, seq_len: int, seed: int,
+                     name: str = "") -> Tensor:
+    """``n_samples`` windows (n, seq_len) of ``ids`` (N,) that share no token with the spans ``used``
+    ([start, end) offsets, e.g. the windows a compression calibrated on) nor with each other: the text is cut
+    into consecutive tiles of ``seq_len``, the tiles touching a used span dropped, the rest drawn in a seeded
+    random order."""
+    taken = torch.zeros(ids.numel() + 1, dtype=torch.long)  # taken[i + 1] - taken[j]: used tokens in [j, i]
+    covered = torch.zeros(ids.numel(), dtype=torch.bool)
+    for start, end in used:
+        covered[start:end] = True
+    taken[1:] = torch.cumsum(covered.long(), 0)
+    starts = torch.arange(0, ids.numel() - seq_len + 1, seq_len)  # (tiles,)
+    free = starts[taken[starts + seq_len] == taken[starts]]
+    if free.numel() < n_samples:
+        raise CompressorError(f"text{f' {name}' if name else ''} has {free.numel()} windows of {seq_len} tokens "
+                              f"that the compression did not calibrate on, fewer than the {n_samples} asked for; "
+                              "ask for fewer or shorter windows, or give another --dataset")
+    order = torch.randperm(free.numel(), generator=torch.Generator().manual_seed(seed))[:n_samples]
+    return torch.stack([ids[s: s + seq_len] for s in free[order].tolist()])
 
 
 def warn_overlap(tokens: int, n_samples: int, seq_len: int, name: str = "") -> None:
@@ -91,6 +117,7 @@ def joined_text_source(name: str, description: str, train_text: Callable[[], str
         evaluation=lambda tok, seq_len, max_tokens: consecutive_windows(tokenize(tok, test_text()), seq_len,
                                                                         max_tokens),
         eval_seq_len=eval_seq_len, eval_max_tokens=eval_max_tokens,
+        calibration_ids=lambda tok: tokenize(tok, train_text()),
     )
 
 

@@ -195,6 +195,11 @@ def _dtype(path: Path, dtype: torch.dtype | None, config: Any = None) -> torch.d
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
+def output_dtype(path: str | Path) -> torch.dtype:
+    """The dtype of an output's floating tensors (its config.json's ``dtype``; fp32 where it has none)."""
+    return _dtype(Path(path), None)
+
+
 def _skeleton(path: Path, manifest: dict[str, Any], dtype: torch.dtype | None, meta: bool = False) -> nn.Module:
     """The model an output describes, without its weights: built from config.json (the base family's class),
     the manifest's compressed modules swapped in; on the meta device with ``meta``."""

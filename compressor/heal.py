@@ -1,0 +1,267 @@
+"""``compressor heal OUT --out HEALED``: a short fine-tune of a compressed output's small parts, the base frozen.
+
+What trains is what the output already stores as small parts (``SMALL_PARTS``): low-rank factors (LoRD,
+FWSVD, WeLore: ``up`` (out, r) and ``down`` (r, in)), the low-rank path of a compensated linear (EoRA,
+LQ-LoRA: ``lora.up``, ``lora.down``), CURing's ``U`` (r, r) (its ``C`` and ``R`` are columns and rows of the
+original weight, kept as they are), MoDeGPT's kept matrices (a shrunk attention's q/k/v/o weights, a shrunk
+MLP's linears). Everything else (embeddings, norms, biases, quantized or pruned bases) is frozen, so the
+healed output has the same kinds, shapes, dtypes and bytes; it is written through ``io.save`` (a temporary
+sibling renamed onto ``--out``, one run per ``--out``), its manifest's ``healing`` list recording the run.
+
+Data: by default the output's own calibration source, in windows that share no token with the windows
+compression calibrated on (``calibration.disjoint_windows``: the recipe's windows are re-drawn from its
+recorded seed and the text's tiles touching them are dropped); ``--held-out`` more such windows, disjoint
+from the training ones too, give the held-out loss logged before and after. A source that cannot give its
+text (c4) is drawn with a seed compression did not use. The model is held in float32 (the trained factors
+are AdamW's master weights); ``dtype`` bfloat16 runs the forward under autocast; the output is written back
+in its own dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import calibration as sources
+from . import io
+from .errors import CompressorError, quote
+from .evaluation.evaluate import load_tokenizer, perplexity
+from .io.checkpoint import output_dtype
+from .model import loading as models
+from .model.modules import dequantized
+
+# module kind (the manifest's) → its parameters that train; a shrunk attention's are its four linears' weights
+SMALL_PARTS: dict[str, tuple[str, ...]] = {
+    "low_rank": ("up.weight", "down.weight"),
+    "compensated": ("lora.up.weight", "lora.down.weight"),
+    "cur": ("U",),
+    "dense": ("weight",),  # a plain linear of a new shape (MoDeGPT's shrunk MLP)
+    "shrunk_attention": (),  # by role: ``_attention_parts``
+}
+COMPUTE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def trainable_modules(manifest: dict[str, Any]) -> dict[str, str]:
+    """Module name → kind of every module of the manifest whose small parts heal trains."""
+    return {name: spec["kind"] for name, spec in manifest.get("modules", {}).items() if spec["kind"] in SMALL_PARTS}
+
+
+def small_parts(model: nn.Module, manifest: dict[str, Any]) -> dict[str, nn.Parameter]:
+    """Qualified parameter name → parameter, for every small part of ``model`` (``SMALL_PARTS``)."""
+    parts: dict[str, nn.Parameter] = {}
+    for name, kind in trainable_modules(manifest).items():
+        module = model.get_submodule(name)
+        names = _attention_parts(module) if kind == "shrunk_attention" else SMALL_PARTS[kind]
+        for local in names:
+            parts[f"{name}.{local}"] = module.get_parameter(local)
+    return parts
+
+
+def _attention_parts(module: nn.Module) -> tuple[str, ...]:
+    return tuple(f"{module.names[role]}.weight" for role in ("q", "k", "v", "o"))
+
+
+def check_source(path: Path) -> dict[str, Any]:
+    """The manifest of an output heal can train, or one line saying why not."""
+    if not (path / io.MANIFEST).is_file():
+        raise CompressorError(f"{path} is not a compressor output (no {io.MANIFEST}): heal trains the small parts "
+                              "a compression stored; compress the model first (a dense model has none)")
+    manifest = io.read_manifest(path)
+    if manifest["merged"]:
+        raise CompressorError(f"{path} is a merged output (--merge): its weights are dense, with no small parts "
+                              "to train; heal the output written without --merge")
+    if not trainable_modules(manifest):
+        kinds = sorted({spec["kind"] for spec in manifest.get("modules", {}).values()}) or ["none"]
+        raise CompressorError(f"{path} stores nothing heal can train (modules of kind {', '.join(kinds)}): heal "
+                              "trains low-rank factors, low-rank adapters (eora, lqlora), CURing's U and MoDeGPT's "
+                              "kept matrices; add a low-rank path when compressing (e.g. an eora step)")
+    return manifest
+
+
+def check_options(n_samples: int, batch_size: int, held_out: int, steps: int | None, tokens: int | None,
+                  lr: float, seq_len: int | None, log_every: int | None) -> None:
+    """The numeric options, before anything is read."""
+    for option, value in (("--n-samples", n_samples), ("--batch-size", batch_size), ("--held-out", held_out),
+                          ("--steps", steps), ("--tokens", tokens), ("--log-every", log_every)):
+        if value is not None and value < 1:
+            raise CompressorError(f"{option} must be ≥ 1; got {value}")
+    if steps is not None and tokens is not None:
+        raise CompressorError("--steps and --tokens both give the budget; give one of them")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise CompressorError(f"--lr must be a positive number; got {lr}")
+    if seq_len is not None and seq_len < 2:
+        raise CompressorError(f"--seq-len must be ≥ 2 (a window trains on its seq_len − 1 next tokens); got {seq_len}")
+
+
+def compression_spans(manifest: dict[str, Any], dataset: str, tokens: int) -> list[tuple[int, int]]:
+    """The [start, end) token spans of ``dataset`` (a text of ``tokens`` tokens) that the compression's
+    calibration windows covered: every calibration set of its recipe on that source, re-drawn from its seed."""
+    recipe = manifest.get("recipe") or {}
+    base = recipe.get("calibration") or {}
+    sets = [base, *({**base, **(step.get("calibration") or {})} for step in recipe.get("steps", []))]
+    spans: set[tuple[int, int]] = set()
+    for cal in sets:
+        if cal.get("dataset") != dataset or tokens <= cal.get("seq_len", tokens):
+            continue
+        length = cal["seq_len"]
+        starts = sources.random_starts(tokens, cal["n_samples"], length, cal.get("seed", 0))
+        spans |= {(s, s + length) for s in starts.tolist()}
+    return sorted(spans)
+
+
+def heal_windows(manifest: dict[str, Any], tokenizer, dataset: str, count: int, seq_len: int,
+                 seed: int) -> torch.Tensor:
+    """``count`` windows (count, seq_len) of ``dataset`` that compression did not calibrate on."""
+    source = sources.get(dataset)
+    if source.calibration_ids is not None:
+        ids = source.calibration_ids(tokenizer)  # (N,)
+        spans = compression_spans(manifest, dataset, ids.numel())
+        return sources.disjoint_windows(ids, spans, count, seq_len, seed, dataset)
+    recipe = manifest.get("recipe") or {}
+    used = {(recipe.get("calibration") or {}).get("seed", 0),
+            *((step.get("calibration") or {}).get("seed", 0) for step in recipe.get("steps", []))}
+    return source.calibration(tokenizer, count, seq_len, max(used) + 1 + seed)  # a seed compression did not use
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``ids`` (b, seq)."""
+    logits = model(input_ids=ids, use_cache=False).logits.float()  # (b, seq, vocab)
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, autocast) -> float:
+    """Mean next-token loss of ``model`` on ``windows`` (k, seq), no gradients (``evaluation.perplexity``)."""
+    with torch.no_grad(), autocast():
+        return perplexity(model, windows, batch_size, device)["nll"]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype) -> Callable[[], Any]:
+    if dtype == torch.float32:
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _step_line(say: Callable[[str], None], start: float, step: int, steps: int, loss: float) -> None:
+    elapsed = time.perf_counter() - start
+    eta = elapsed / step * (steps - step)
+    say(f"step {step}/{steps}: loss {loss:.4f}, {elapsed:.1f}s elapsed, eta {eta:.1f}s")
+
+
+def train(model: nn.Module, params: list[nn.Parameter], windows: torch.Tensor, steps: int, batch_size: int,
+          lr: float, device: torch.device, autocast, gradient_checkpointing: bool,
+          say: Callable[[str], None] | None, log_every: int) -> list[float]:
+    """``steps`` AdamW steps on ``params`` over the batches of ``windows`` (n, seq), in turn; the step losses."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    batches = windows.split(batch_size)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    losses, start = [], time.perf_counter()
+    try:
+        with dequantized(model):  # frozen quantized bases: dequantized once, not at every call
+            for step in range(1, steps + 1):
+                with autocast():
+                    loss = lm_loss(model, batches[(step - 1) % len(batches)].to(device))
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                if say is not None and (step % log_every == 0 or step == steps):
+                    _step_line(say, start, step, steps, losses[-1])
+    finally:
+        model.eval()
+        if gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+    return losses
+
+
+def _log(path: Path) -> list[dict[str, Any]]:
+    file = path / io.LOG
+    if not file.is_file():
+        return []
+    return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def heal(path: str | Path, out: str | Path, *, dataset: str | None = None, n_samples: int = 64,
+         seq_len: int | None = None, batch_size: int = 4, steps: int | None = None, tokens: int | None = None,
+         lr: float = 1e-4, held_out: int = 8, seed: int = 0, device: str = "cpu", dtype: str = "float32",
+         gradient_checkpointing: bool = False, overwrite: bool = False,
+         say: Callable[[str], None] | None = None, log_every: int | None = None) -> dict[str, Any]:
+    """Fine-tune the small parts of the compressed output ``path`` and write it to ``out``; returns the
+    healing record (also the last entry of the new manifest's ``healing``) with ``model`` (the healed model).
+    ``dataset``: default the output's calibration source; ``seq_len`` default its windows' length. The budget
+    is ``steps`` or ``tokens`` (rounded up to whole steps of ``batch_size × seq_len``), default one pass over
+    the ``n_samples`` training windows. ``say``: a line every ``log_every`` steps with the loss and an ETA."""
+    check_options(n_samples, batch_size, held_out, steps, tokens, lr, seq_len, log_every)
+    if dtype not in COMPUTE_DTYPES:
+        raise CompressorError(f"--dtype: {quote(dtype)}; heal runs in {', '.join(COMPUTE_DTYPES)}")
+    path = Path(path)
+    manifest = check_source(path)
+    compute = models.compute_device(device)
+    calibration = (manifest.get("recipe") or {}).get("calibration") or {}
+    dataset = dataset or calibration.get("dataset", "sotu")
+    seq_len = seq_len or calibration.get("seq_len", 512)
+    sources.get(dataset)  # an unknown source fails before the output is reserved
+    with io.OutputDirectory(out, overwrite, inputs=[path, dataset]) as output:
+        tokenizer = load_tokenizer(str(path))
+        model = io.load(path, compute, dtype=torch.float32)
+        models.check_seq_len(model.config, seq_len, "--seq-len")
+        windows = heal_windows(manifest, tokenizer, dataset, n_samples + held_out, seq_len, seed)
+        train_windows, held_windows = windows[:n_samples], windows[n_samples:]  # (n, seq), (held_out, seq)
+        record = run(model, manifest, train_windows, held_windows, steps, tokens, batch_size, lr, compute,
+                     COMPUTE_DTYPES[dtype], gradient_checkpointing, say, log_every)
+        record.update(dataset=dataset, n_samples=n_samples, seq_len=seq_len, held_out=held_out, seed=seed,
+                      dtype=str(COMPUTE_DTYPES[dtype]).removeprefix("torch."), device=str(compute),
+                      gradient_checkpointing=gradient_checkpointing,
+                      windows="disjoint from the compression's calibration windows and from each other")
+        healed = dict(manifest, healing=[*manifest.get("healing", []), record])
+        reshaped = {name: model.get_submodule(name) for name, spec in manifest["modules"].items()
+                    if spec["kind"] == "dense"}
+        io.save(model.cpu(), tokenizer, output, healed, _log(path), reshaped=reshaped,
+                storage_dtype=output_dtype(path))
+    return {**record, "out": str(output.path), "model": model}
+
+
+def run(model: nn.Module, manifest: dict[str, Any], train_windows: torch.Tensor, held_windows: torch.Tensor,
+        steps: int | None, tokens: int | None, batch_size: int, lr: float, device: torch.device,
+        dtype: torch.dtype, gradient_checkpointing: bool, say: Callable[[str], None] | None,
+        log_every: int | None) -> dict[str, Any]:
+    """The healing of ``model`` in place: its small parts trained, the losses before and after; the record."""
+    seq_len = train_windows.shape[1]
+    steps = steps or (math.ceil(tokens / (batch_size * seq_len)) if tokens else math.ceil(len(train_windows)
+                                                                                          / batch_size))
+    parts = small_parts(model, manifest)
+    trained = set(map(id, parts.values()))
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trained)
+    autocast = _autocast(device, dtype)
+    start = time.perf_counter()
+    before = {"loss": mean_loss(model, train_windows, batch_size, device, autocast),
+              "held_out_loss": mean_loss(model, held_windows, batch_size, device, autocast)}
+    if say is not None:
+        say(f"healing {len(parts)} tensors ({sum(p.numel() for p in parts.values()):,} parameters) for {steps} "
+            f"steps of {batch_size} × {seq_len} tokens; held-out loss {before['held_out_loss']:.4f}")
+    losses = train(model, list(parts.values()), train_windows, steps, batch_size, lr, device, autocast,
+                   gradient_checkpointing, say, log_every or max(1, steps // 10))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    after = {"loss": mean_loss(model, train_windows, batch_size, device, autocast),
+             "held_out_loss": mean_loss(model, held_windows, batch_size, device, autocast)}
+    if say is not None:
+        say(f"held-out loss {before['held_out_loss']:.4f} → {after['held_out_loss']:.4f}, training loss "
+            f"{before['loss']:.4f} → {after['loss']:.4f}")
+    kinds = trainable_modules(manifest)
+    return {"steps": steps, "tokens": steps * batch_size * seq_len, "lr": lr, "batch_size": batch_size,
+            "loss_before": before["loss"], "loss_after": after["loss"],
+            "held_out_loss_before": before["held_out_loss"], "held_out_loss_after": after["held_out_loss"],
+            "first_step_loss": losses[0], "last_step_loss": losses[-1],
+            "trained": {"modules": len(kinds), "kinds": sorted(set(kinds.values())), "tensors": len(parts),
+                        "parameters": sum(p.numel() for p in parts.values())},
+            "seconds": time.perf_counter() - start}
