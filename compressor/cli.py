@@ -1,4 +1,4 @@
-"""The ``compressor`` command line: compress, eval, compare, inspect, methods.
+"""The ``compressor`` command line: compress, heal, eval, compare, export, inspect, methods.
 
 A thin shell over the public API; user errors print one line to stderr and exit 1 (Ctrl-C: 130,
 SIGTERM: 143, after removing the temporary output).
@@ -169,6 +169,45 @@ def _report_written(summary: dict) -> None:
     console.print(f"wrote {summary['out']} in {sum(summary['seconds'].values()):.1f}s", highlight=False)
     for line in summaries.lines(summary, summary["log"]):
         console.print(line, highlight=False)
+
+
+@app.command()
+@_guard
+def heal(
+    path: Annotated[Path, typer.Argument(help="compressed output directory (not merged)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the healed output's directory (must be empty or absent)")],
+    dataset: Annotated[Optional[str], typer.Option(help="calibration source or .txt/.jsonl file (default: the "
+                                                   "output's own, in windows its compression did not use)")] = None,
+    n_samples: Annotated[int, typer.Option(help="training windows")] = 64,
+    seq_len: Annotated[Optional[int], typer.Option(help="tokens per window (default: the compression's)")] = None,
+    batch_size: Annotated[int, typer.Option(help="windows per step")] = 4,
+    steps: Annotated[Optional[int], typer.Option(help="optimizer steps (default: one pass over the windows)")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help="budget in training tokens instead of --steps")] = None,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-4,
+    held_out: Annotated[int, typer.Option(help="held-out windows (disjoint from the training ones) for the loss "
+                                          "logged before and after")] = 8,
+    seed: Annotated[int, typer.Option(help="seed of the window order")] = 0,
+    device: Annotated[str, typer.Option(help="compute device: cpu, cuda, cuda:1, ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="forward dtype: float32, or bfloat16 (autocast; the trained parts "
+                                       "stay float32 and the output keeps its own dtype)")] = "float32",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="recompute each decoder layer in the backward "
+                                                         "pass (less memory, more time)")] = False,
+    log_every: Annotated[Optional[int], typer.Option(help="a progress line every N steps (default: 10 in all)")]
+    = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress lines")] = False,
+) -> None:
+    """Fine-tune a compressed output's small parts (low-rank factors, adapters, CUR's U, MoDeGPT's kept
+    matrices) on calibration text, the base frozen; write an output of the same format to --out."""
+    from .heal import heal as run
+
+    record = run(path, out, dataset=dataset, n_samples=n_samples, seq_len=seq_len, batch_size=batch_size,
+                 steps=steps, tokens=tokens, lr=lr, held_out=held_out, seed=seed, device=device, dtype=dtype,
+                 gradient_checkpointing=gradient_checkpointing, overwrite=overwrite, say=None if quiet else _say,
+                 log_every=log_every)
+    console.print(f"wrote {record['out']}: {record['steps']} steps, {record['tokens']:,} tokens in "
+                  f"{record['seconds']:.1f}s; held-out loss {record['held_out_loss_before']:.4f} → "
+                  f"{record['held_out_loss_after']:.4f}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("eval")
