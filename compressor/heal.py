@@ -97,7 +97,8 @@ def check_options(n_samples: int, batch_size: int, held_out: int, steps: int | N
     if not (lr > 0 and math.isfinite(lr)):
         raise CompressorError(f"--lr must be a positive number; got {lr}")
     if seq_len is not None and seq_len < 2:
-        raise CompressorError(f"--seq-len must be ≥ 2 (a window trains on its seq_len − 1 next tokens); got {seq_len}")
+        raise CompressorError(f"--seq-len must be ≥ 2 (a window trains on its seq_len − 1 next tokens); "
+                              f"got {seq_len}")
 
 
 def compression_spans(manifest: dict[str, Any], dataset: str, tokens: int) -> list[tuple[int, int]]:
