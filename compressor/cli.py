@@ -195,6 +195,10 @@ def heal(
     log_every: Annotated[Optional[int], typer.Option(help="a progress line every N steps (default: 10 in all)")]
     = None,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
+    resume: Annotated[bool, typer.Option(help="continue the interrupted heal of --out from its last kept state "
+                                         "(the same command otherwise)")] = False,
+    save_every: Annotated[Optional[int], typer.Option(help="keep the state for --resume every N steps (default: "
+                                                      "10 times in all; 0: never)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress lines")] = False,
 ) -> None:
     """Fine-tune a compressed output's small parts (low-rank factors, adapters, CUR's U, MoDeGPT's kept
@@ -203,8 +207,8 @@ def heal(
 
     record = run(path, out, dataset=dataset, n_samples=n_samples, seq_len=seq_len, batch_size=batch_size,
                  steps=steps, tokens=tokens, lr=lr, held_out=held_out, seed=seed, device=device, dtype=dtype,
-                 gradient_checkpointing=gradient_checkpointing, overwrite=overwrite, say=None if quiet else _say,
-                 log_every=log_every)
+                 gradient_checkpointing=gradient_checkpointing, overwrite=overwrite, resume=resume,
+                 save_every=save_every, say=None if quiet else _say, log_every=log_every)
     console.print(f"wrote {record['out']}: {record['steps']} steps, {record['tokens']:,} tokens in "
                   f"{record['seconds']:.1f}s; held-out loss {record['held_out_loss_before']:.4f} → "
                   f"{record['held_out_loss_after']:.4f}", highlight=False, markup=False, soft_wrap=True)

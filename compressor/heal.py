@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -149,17 +150,20 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> Callable[[], Any]:
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def _step_line(say: Callable[[str], None], start: float, step: int, steps: int, loss: float) -> None:
+def _step_line(say: Callable[[str], None], start: float, step: int, steps: int, done: int, loss: float) -> None:
+    """Step ``step`` of ``steps`` (``done`` of them in this run) with the loss and an ETA."""
     elapsed = time.perf_counter() - start
-    eta = elapsed / step * (steps - step)
+    eta = elapsed / done * (steps - step)
     say(f"step {step}/{steps}: loss {loss:.4f}, {elapsed:.1f}s elapsed, eta {eta:.1f}s")
 
 
-def train(model: nn.Module, params: list[nn.Parameter], windows: torch.Tensor, steps: int, batch_size: int,
-          lr: float, device: torch.device, autocast, gradient_checkpointing: bool,
-          say: Callable[[str], None] | None, log_every: int) -> list[float]:
-    """``steps`` AdamW steps on ``params`` over the batches of ``windows`` (n, seq), in turn; the step losses."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, windows: torch.Tensor, steps: int,
+          batch_size: int, device: torch.device, autocast, gradient_checkpointing: bool,
+          say: Callable[[str], None] | None, log_every: int, first: int = 1,
+          checkpoint: Callable[[int], None] | None = None, save_every: int = 0) -> list[float]:
+    """AdamW steps ``first``..``steps`` over the batches of ``windows`` (n, seq), in turn (step i takes batch
+    i − 1 modulo their count, so a resumed run sees what the uninterrupted one would); the step losses.
+    ``checkpoint(step)`` every ``save_every`` steps."""
     batches = windows.split(batch_size)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -167,7 +171,7 @@ def train(model: nn.Module, params: list[nn.Parameter], windows: torch.Tensor, s
     losses, start = [], time.perf_counter()
     try:
         with dequantized(model):  # frozen quantized bases: dequantized once, not at every call
-            for step in range(1, steps + 1):
+            for step in range(first, steps + 1):
                 with autocast():
                     loss = lm_loss(model, batches[(step - 1) % len(batches)].to(device))
                 loss.backward()
@@ -175,7 +179,9 @@ def train(model: nn.Module, params: list[nn.Parameter], windows: torch.Tensor, s
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 if say is not None and (step % log_every == 0 or step == steps):
-                    _step_line(say, start, step, steps, losses[-1])
+                    _step_line(say, start, step, steps, step - first + 1, losses[-1])
+                if checkpoint is not None and save_every and step % save_every == 0 and step < steps:
+                    checkpoint(step)
     finally:
         model.eval()
         if gradient_checkpointing:
@@ -190,17 +196,90 @@ def _log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+class ResumeState:
+    """``--resume``: every ``save_every`` steps the trained tensors, AdamW's moments and the step are written to
+    ``.NAME.heal-state.safetensors`` beside ``--out`` (renamed into place: never half-written), with the run's
+    options; a run with ``resume`` continues from it when the options match, and a finished run removes it."""
+
+    def __init__(self, out: str | Path, options: dict[str, Any]) -> None:
+        out = Path(os.path.abspath(Path(out).expanduser()))
+        self.path = out.parent / f".{out.name}.heal-state.safetensors"
+        self.options = options
+
+    def check(self, resume: bool) -> None:
+        """Refuse a kept state without ``resume``, ``resume`` without one, and a state of other options."""
+        if not self.path.is_file():
+            if resume:
+                raise CompressorError(f"--resume: there is no interrupted heal to continue ({self.path} is absent)")
+            return
+        if not resume:
+            raise CompressorError(f"an interrupted heal of this --out is kept in {self.path}: continue it with "
+                                  "--resume, or remove that file to start over")
+        kept = json.loads(self._metadata()["options"])
+        for key, value in self.options.items():
+            if kept.get(key) != value:
+                raise CompressorError(f"--resume: the kept heal ran with {key} {kept.get(key)!r}, this one with "
+                                      f"{value!r}; run the same command, or remove {self.path} to start over")
+
+    def _metadata(self) -> dict[str, str]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as handle:
+            return handle.metadata()
+
+    def save(self, step: int, parts: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+             before: dict[str, float]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, param in parts.items():
+            moments = optimizer.state.get(param, {})
+            tensors[f"param:{name}"] = param.detach().cpu().contiguous()
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in moments:
+                    tensors[f"{key}:{name}"] = moments[key].detach().cpu().contiguous()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"step": str(step), "options": json.dumps(self.options),
+                                               "before": json.dumps(before)})
+        os.replace(tmp, self.path)
+
+    def restore(self, parts: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+        """Put the kept tensors and moments back; (the step reached, the losses before the first step)."""
+        from safetensors.torch import load_file
+
+        if not self.path.is_file():
+            return 0, {}
+        tensors, meta = load_file(str(self.path)), self._metadata()
+        step = int(meta["step"])
+        with torch.no_grad():
+            for name, param in parts.items():
+                param.copy_(tensors[f"param:{name}"])
+                if f"exp_avg:{name}" in tensors:
+                    optimizer.state[param] = {"step": torch.tensor(float(step)),
+                                              "exp_avg": tensors[f"exp_avg:{name}"].to(param.device),
+                                              "exp_avg_sq": tensors[f"exp_avg_sq:{name}"].to(param.device)}
+        return step, json.loads(meta["before"])
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def heal(path: str | Path, out: str | Path, *, dataset: str | None = None, n_samples: int = 64,
          seq_len: int | None = None, batch_size: int = 4, steps: int | None = None, tokens: int | None = None,
          lr: float = 1e-4, held_out: int = 8, seed: int = 0, device: str = "cpu", dtype: str = "float32",
-         gradient_checkpointing: bool = False, overwrite: bool = False,
+         gradient_checkpointing: bool = False, overwrite: bool = False, resume: bool = False,
+         save_every: int | None = None,
          say: Callable[[str], None] | None = None, log_every: int | None = None) -> dict[str, Any]:
     """Fine-tune the small parts of the compressed output ``path`` and write it to ``out``; returns the
     healing record (also the last entry of the new manifest's ``healing``) with ``model`` (the healed model).
     ``dataset``: default the output's calibration source; ``seq_len`` default its windows' length. The budget
     is ``steps`` or ``tokens`` (rounded up to whole steps of ``batch_size × seq_len``), default one pass over
-    the ``n_samples`` training windows. ``say``: a line every ``log_every`` steps with the loss and an ETA."""
+    the ``n_samples`` training windows. ``say``: a line every ``log_every`` steps with the loss and an ETA.
+    ``save_every``: keep the state every N steps (``ResumeState``; None: a tenth of the steps, 0: never) for
+    ``resume``, which continues it."""
     check_options(n_samples, batch_size, held_out, steps, tokens, lr, seq_len, log_every)
+    if save_every is not None and save_every < 0:
+        raise CompressorError(f"--save-every must be ≥ 0; got {save_every}")
     if dtype not in COMPUTE_DTYPES:
         raise CompressorError(f"--dtype: {quote(dtype)}; heal runs in {', '.join(COMPUTE_DTYPES)}")
     path = Path(path)
@@ -209,17 +288,22 @@ def heal(path: str | Path, out: str | Path, *, dataset: str | None = None, n_sam
     calibration = (manifest.get("recipe") or {}).get("calibration") or {}
     dataset = dataset or calibration.get("dataset", "sotu")
     seq_len = seq_len or calibration.get("seq_len", 512)
+    steps = steps or math.ceil((tokens or n_samples * seq_len) / (batch_size * seq_len))
     sources.get(dataset)  # an unknown source fails before the output is reserved
+    options = dict(source=str(path.resolve()), dataset=dataset, n_samples=n_samples, seq_len=seq_len,
+                   batch_size=batch_size, steps=steps, lr=lr, held_out=held_out, seed=seed,
+                   dtype=str(COMPUTE_DTYPES[dtype]).removeprefix("torch."))
+    state = ResumeState(out, options)
+    state.check(resume)
     with io.OutputDirectory(out, overwrite, inputs=[path, dataset]) as output:
         tokenizer = load_tokenizer(str(path))
         model = io.load(path, compute, dtype=torch.float32)
         models.check_seq_len(model.config, seq_len, "--seq-len")
         windows = heal_windows(manifest, tokenizer, dataset, n_samples + held_out, seq_len, seed)
         train_windows, held_windows = windows[:n_samples], windows[n_samples:]  # (n, seq), (held_out, seq)
-        record = run(model, manifest, train_windows, held_windows, steps, tokens, batch_size, lr, compute,
-                     COMPUTE_DTYPES[dtype], gradient_checkpointing, say, log_every)
-        record.update(dataset=dataset, n_samples=n_samples, seq_len=seq_len, held_out=held_out, seed=seed,
-                      dtype=str(COMPUTE_DTYPES[dtype]).removeprefix("torch."), device=str(compute),
+        record = run(model, manifest, train_windows, held_windows, steps, batch_size, lr, compute,
+                     COMPUTE_DTYPES[dtype], gradient_checkpointing, say, log_every, state, save_every)
+        record.update({key: value for key, value in options.items() if key != "source"}, device=str(compute),
                       gradient_checkpointing=gradient_checkpointing,
                       windows="disjoint from the compression's calibration windows and from each other")
         healed = dict(manifest, healing=[*manifest.get("healing", []), record])
@@ -227,30 +311,35 @@ def heal(path: str | Path, out: str | Path, *, dataset: str | None = None, n_sam
                     if spec["kind"] == "dense"}
         io.save(model.cpu(), tokenizer, output, healed, _log(path), reshaped=reshaped,
                 storage_dtype=output_dtype(path))
+    state.remove()
     return {**record, "out": str(output.path), "model": model}
 
 
 def run(model: nn.Module, manifest: dict[str, Any], train_windows: torch.Tensor, held_windows: torch.Tensor,
-        steps: int | None, tokens: int | None, batch_size: int, lr: float, device: torch.device,
-        dtype: torch.dtype, gradient_checkpointing: bool, say: Callable[[str], None] | None,
-        log_every: int | None) -> dict[str, Any]:
+        steps: int, batch_size: int, lr: float, device: torch.device, dtype: torch.dtype,
+        gradient_checkpointing: bool, say: Callable[[str], None] | None, log_every: int | None,
+        state: ResumeState | None = None, save_every: int | None = None) -> dict[str, Any]:
     """The healing of ``model`` in place: its small parts trained, the losses before and after; the record."""
     seq_len = train_windows.shape[1]
-    steps = steps or (math.ceil(tokens / (batch_size * seq_len)) if tokens else math.ceil(len(train_windows)
-                                                                                          / batch_size))
     parts = small_parts(model, manifest)
     trained = set(map(id, parts.values()))
     for param in model.parameters():
         param.requires_grad_(id(param) in trained)
     autocast = _autocast(device, dtype)
     start = time.perf_counter()
-    before = {"loss": mean_loss(model, train_windows, batch_size, device, autocast),
-              "held_out_loss": mean_loss(model, held_windows, batch_size, device, autocast)}
+    optimizer = torch.optim.AdamW(list(parts.values()), lr=lr, weight_decay=0.0)
+    done, before = state.restore(parts, optimizer) if state is not None else (0, {})
+    if not before:
+        before = {"loss": mean_loss(model, train_windows, batch_size, device, autocast),
+                  "held_out_loss": mean_loss(model, held_windows, batch_size, device, autocast)}
     if say is not None:
+        resumed = f", resumed after step {done}" if done else ""
         say(f"healing {len(parts)} tensors ({sum(p.numel() for p in parts.values()):,} parameters) for {steps} "
-            f"steps of {batch_size} × {seq_len} tokens; held-out loss {before['held_out_loss']:.4f}")
-    losses = train(model, list(parts.values()), train_windows, steps, batch_size, lr, device, autocast,
-                   gradient_checkpointing, say, log_every or max(1, steps // 10))
+            f"steps of {batch_size} × {seq_len} tokens{resumed}; held-out loss {before['held_out_loss']:.4f}")
+    checkpoint = (lambda step: state.save(step, parts, optimizer, before)) if state is not None else None
+    losses = train(model, optimizer, train_windows, steps, batch_size, device, autocast, gradient_checkpointing,
+                   say, log_every or max(1, steps // 10), done + 1, checkpoint,
+                   max(1, steps // 10) if save_every is None else save_every)
     for param in model.parameters():
         param.requires_grad_(False)
     after = {"loss": mean_loss(model, train_windows, batch_size, device, autocast),
@@ -262,7 +351,8 @@ def run(model: nn.Module, manifest: dict[str, Any], train_windows: torch.Tensor,
     return {"steps": steps, "tokens": steps * batch_size * seq_len, "lr": lr, "batch_size": batch_size,
             "loss_before": before["loss"], "loss_after": after["loss"],
             "held_out_loss_before": before["held_out_loss"], "held_out_loss_after": after["held_out_loss"],
-            "first_step_loss": losses[0], "last_step_loss": losses[-1],
+            "first_step_loss": losses[0] if losses else None, "last_step_loss": losses[-1] if losses else None,
+            "resumed_after_step": done or None,
             "trained": {"modules": len(kinds), "kinds": sorted(set(kinds.values())), "tensors": len(parts),
                         "parameters": sum(p.numel() for p in parts.values())},
             "seconds": time.perf_counter() - start}

@@ -169,3 +169,29 @@ def test_cli(outputs, tmp_path):
     assert json.loads((out / io.MANIFEST).read_text())["healing"][0]["steps"] == 4
     again = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
     assert again.exit_code == 1 and again.output.strip().startswith("error: output directory is not empty")
+
+
+def test_resume_continues_an_interrupted_heal(outputs, tmp_path):
+    """Interrupted after step 4 of 6 (the state kept at step 4), ``resume`` gives the uninterrupted run's tensors;
+    without ``resume`` the kept state is refused, with other options too."""
+    options = dict(SMALL, save_every=2)
+    heal(outputs("lord"), tmp_path / "whole", **options)
+
+    def stop(line: str) -> None:
+        if line.startswith("step 5/6"):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "healed"
+    with pytest.raises(KeyboardInterrupt):
+        heal(outputs("lord"), out, **options, say=stop, log_every=1)
+    assert not out.exists() and (tmp_path / ".healed.heal-state.safetensors").is_file()
+    with pytest.raises(CompressorError, match="continue it with --resume"):
+        heal(outputs("lord"), out, **options)
+    with pytest.raises(CompressorError, match="ran with lr"):
+        heal(outputs("lord"), out, **dict(options, lr=1e-2), resume=True)
+    record = heal(outputs("lord"), out, **options, resume=True)
+    assert record["resumed_after_step"] == 4 and not (tmp_path / ".healed.heal-state.safetensors").exists()
+    whole, resumed = _tensors(tmp_path / "whole"), _tensors(out)
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+    with pytest.raises(CompressorError, match="no interrupted heal"):
+        heal(outputs("lord"), tmp_path / "other", **options, resume=True)
