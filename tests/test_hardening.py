@@ -775,6 +775,11 @@ CASES = [
          ("dataset ptb", "sotu", ".txt")),
     Case("inspect-nan-tensor", lambda w, d: ["inspect", d / "compressed"], ("model.safetensors", "non-finite"),
          prepare=nan_in_output),
+    # -- compressor heal: what it cannot train, and an --out it would not replace
+    Case("heal-dense-model", lambda w, d: ["heal", w.models["llama"], "--out", d / "out"],
+         ("is not a compressor output",), early=True),
+    Case("heal-out-not-empty", lambda w, d: ["heal", d / "compressed", "--out", d / "out"], ("not empty",),
+         prepare=lambda w, d: (w.copy_output(d), precious_out(w, d)), early=True),
 ]
 
 
