@@ -201,6 +201,70 @@ def test_fisher_weighting():
     assert weighted.error < 0.9 * plain_weighted
 
 
+def test_counted_nearest_level_is_bucketize_on_the_midpoints():
+    """The counted index (≤ 4 bits) is bucketize's, on midpoints exactly, ±inf and NaN included."""
+    for bits in (2, 3, 4, 5):
+        levels = nf.normal_float_levels(bits)
+        midpoints = (levels[1:] + levels[:-1]) / 2
+        values = torch.cat([torch.randn(5000, generator=torch.Generator().manual_seed(bits)), midpoints, levels,
+                            torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])])
+        assert torch.equal(nf.nearest_level(values, levels), torch.bucketize(values, midpoints, right=False))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_shared_first_low_rank_part_gives_the_same_decomposition(weighted):
+    """``start = initial_low_rank(W)`` (computed once per matrix by the pricing) is the decomposition's own first
+    step: every error and factor is the one of a decomposition from scratch."""
+    weight = weight_like(seed=3)
+    g = torch.Generator().manual_seed(4)
+    fisher = torch.exp(torch.randn(96, 128, generator=g)) if weighted else None
+    start = lqlora_math.initial_low_rank(weight, 8, fisher=fisher)
+    for config in (nf.NFConfig(2, 16), nf.NFConfig(3, 64), nf.NFConfig(4, 32)):
+        scratch = lqlora_math.decompose(weight, 8, config, fisher=fisher)
+        shared = lqlora_math.decompose(weight, 8, config, fisher=fisher, start=start)
+        assert shared.errors == scratch.errors and shared.best == scratch.best
+        assert torch.equal(shared.up, scratch.up) and torch.equal(shared.codes.codes, scratch.codes.codes)
+
+
+def test_pricing_is_within_one_percent_of_decompositions_from_scratch(cache):
+    """``LQLoRA.price`` (the shared first step, the counted levels, W in fp64 once) against the pricing before
+    issue 31: every configuration decomposed from scratch with ``bucketize`` and fresh fp64 copies per iterate.
+    Within 1% is the issue's bar; the numbers are in fact the same."""
+    from compressor.methods.lqlora import LQLoRA, LQLoRAConfig
+
+    method = LQLoRA(LQLoRAConfig(budget=3.0, rank=8, bits=[2, 3, 4], block_size=[16, 64], error_cache="off"))
+    grid = method.config.grid()
+    for seed in range(3):
+        weight = weight_like(64 + 32 * seed, 96, seed=seed)
+        priced = method.price(weight, None, grid, torch.device("cpu"), {"hits": 0, "computed": 0})
+        for config in grid:
+            before = reference_decompose(weight, 8, config)
+            assert priced[config.label] == pytest.approx(before, rel=1e-2)
+            assert priced[config.label] == before
+
+
+def reference_decompose(weight: torch.Tensor, rank: int, config: nf.NFConfig) -> float:
+    """The best error of the pricing's decomposition as it was before issue 31 (unweighted, randomized SVD)."""
+    best, errors, residual_q = float("inf"), [], torch.zeros_like(weight)
+    levels = nf.normal_float_levels(config.bits)
+    for _ in range(100):
+        up, down, _ = linalg.whitened_svd(weight - residual_q, rank, None, torch.float32, sketch=linalg.Sketch())
+        low_rank = up @ down
+        flat = (weight - low_rank).reshape(-1)
+        scale_codes, absmax, offset = nf.double_quantize(nf.blockwise_absmax(flat, config.block_size), config)
+        scales = nf.block_scales(scale_codes, absmax, offset, config.group_size, config.scale_bits)
+        blocks = torch.nn.functional.pad(flat, (0, scales.numel() * config.block_size - flat.numel()))
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))[:, None]
+        scaled = torch.where(scales[:, None] > 0, blocks.view(scales.numel(), -1) / safe, 0.0)
+        codes = torch.bucketize(scaled, (levels[1:] + levels[:-1]) / 2).reshape(-1)[:flat.numel()]
+        residual_q = nf.dequantize_normal_float(codes, scales, config.bits, config.block_size, weight.shape)
+        errors.append(lqlora_math.reconstruction_error(weight, residual_q + low_rank))
+        best = min(best, errors[-1])
+        if len(errors) > 1 and errors[-1] >= errors[-2]:
+            break
+    return best
+
+
 # --- the bit allocation ----------------------------------------------------------------------------------
 
 

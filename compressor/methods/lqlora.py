@@ -212,12 +212,22 @@ class LQLoRA(LinearCompressor):
                 "seed": c.seed, "iterations": c.iterations, "tolerance": c.tolerance, "svd_dtype": c.svd_dtype,
                 "weighting": c.weighting, "eps": c.eps}
 
-    def decompose(self, weight: Tensor, config: nf.NFConfig, fisher: Tensor | None) -> lqlora_math.Decomposition:
+    @property
+    def sketch(self) -> linalg.Sketch | None:
         c = self.config
-        sketch = linalg.Sketch(c.oversample, c.power_iterations, c.seed) if c.svd == "randomized" else None
-        dtype = torch.float64 if c.svd_dtype == "float64" else torch.float32
-        return lqlora_math.decompose(weight, c.rank, config, iterations=c.iterations, sketch=sketch, fisher=fisher,
-                                     eps=c.eps, tolerance=c.tolerance, svd_dtype=dtype)
+        return linalg.Sketch(c.oversample, c.power_iterations, c.seed) if c.svd == "randomized" else None
+
+    @property
+    def svd_dtype(self) -> torch.dtype:
+        return torch.float64 if self.config.svd_dtype == "float64" else torch.float32
+
+    def decompose(self, weight: Tensor, config: nf.NFConfig, fisher: Tensor | None,
+                  start: tuple[Tensor, Tensor] | None = None) -> lqlora_math.Decomposition:
+        """``lqlora_math.decompose`` under this config; ``start``: the shared first low-rank part (pricing)."""
+        c = self.config
+        return lqlora_math.decompose(weight, c.rank, config, iterations=c.iterations, sketch=self.sketch,
+                                     fisher=fisher, eps=c.eps, tolerance=c.tolerance, svd_dtype=self.svd_dtype,
+                                     start=start)
 
     def price(self, weight: Tensor, fisher: Tensor | None, grid: list[nf.NFConfig], device: torch.device,
               cache: dict[str, int]) -> dict[str, float]:
@@ -228,8 +238,12 @@ class LQLoRA(LinearCompressor):
         errors = read_errors(key) if c.error_cache == "use" and len(grid) > 1 else {}
         missing = [config for config in grid if config.label not in errors]
         cache["hits"] += len(grid) - len(missing)
+        start = None  # SVD_k(W): every configuration's first low-rank part, computed once for the matrix
+        if c.rank > 0 and len(grid) > 1 and missing:
+            start = lqlora_math.initial_low_rank(weight, c.rank, sketch=self.sketch, fisher=fisher, eps=c.eps,
+                                                 svd_dtype=self.svd_dtype)
         for config in missing if len(grid) > 1 else []:  # one configuration: nothing to choose
-            errors[config.label] = self.decompose(weight, config, fisher).error
+            errors[config.label] = self.decompose(weight, config, fisher, start).error
             cache["computed"] += 1
         if missing and len(grid) > 1 and c.error_cache != "off":
             write_errors(key, errors)

@@ -84,11 +84,29 @@ def quantization_error(weight: Tensor, config: nf.NFConfig, fisher: Tensor | Non
     return reconstruction_error(weight, nf.fake_quantize(weight, config), root)
 
 
+def initial_low_rank(weight: Tensor, rank: int, *, sketch: linalg.Sketch | None = linalg.Sketch(),
+                     fisher: Tensor | None = None, eps: float = 1e-6,
+                     svd_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """The first iterate's low-rank part ``SVD_k(W − 0)``: (L1 (m, k), L2 (k, n)) fp32. It does not depend on
+    the NormalFloat configuration, so the pricing computes it once per matrix and every configuration's
+    ``decompose`` starts from it (``start``), with the numbers of a decomposition that computes it itself."""
+    weight = weight.detach().float()
+    rows = whitening = None
+    if fisher is not None:
+        rows, cols, _ = fisher_weights(fisher.to(weight.device), eps)
+        whitening = linalg.diagonal(cols)
+    up, down, _ = linalg.whitened_svd(weight, rank, whitening, svd_dtype, left=rows, sketch=sketch)
+    return up.float(), down.float()
+
+
 def decompose(weight: Tensor, rank: int, config: nf.NFConfig, *, iterations: int = 100,
               sketch: linalg.Sketch | None = linalg.Sketch(), fisher: Tensor | None = None, eps: float = 1e-6,
-              tolerance: float = 0.0, svd_dtype: torch.dtype = torch.float32) -> Decomposition:
+              tolerance: float = 0.0, svd_dtype: torch.dtype = torch.float32,
+              start: tuple[Tensor, Tensor] | None = None) -> Decomposition:
     """LQ-LoRA's alternating decomposition of ``weight`` (m, n) at ``rank`` (0: quantization alone) under
-    ``config``; ``sketch`` None: exact SVD; ``fisher`` (m, n): the Fisher-weighted variant."""
+    ``config``; ``sketch`` None: exact SVD; ``fisher`` (m, n): the Fisher-weighted variant. ``start``: the first
+    iterate's low-rank part (L1 (m, k), L2 (k, n)) instead of ``SVD_k(W)`` (``initial_low_rank`` gives the one
+    this would compute: the same decomposition; another, e.g. a neighbouring configuration's, warm-starts it)."""
     weight = weight.detach().float()
     rows = whitening = root = None
     if fisher is not None:
@@ -98,17 +116,22 @@ def decompose(weight: Tensor, rank: int, config: nf.NFConfig, *, iterations: int
         codes = nf.quantize(weight, config)
         error = reconstruction_error(weight, codes.dequantize(), root)
         return Decomposition(codes, None, None, error, [error], 0)
+    weight64 = weight.double()  # (m, n): converted once, not per iteration (the same error as reconstruction_error)
+    root64 = None if root is None else root.double()
     best: Decomposition | None = None
     errors: list[float] = []
     residual_q = torch.zeros_like(weight)  # Q of the previous iterate (dequantized)
     for _ in range(max(1, iterations)):
-        up, down, _ = linalg.whitened_svd(weight - residual_q, rank, whitening, svd_dtype, left=rows,
-                                          sketch=sketch)
+        if start is not None and not errors:
+            up, down = start
+        else:
+            up, down, _ = linalg.whitened_svd(weight - residual_q, rank, whitening, svd_dtype, left=rows,
+                                              sketch=sketch)
         up, down = up.float(), down.float()
         low_rank = up @ down  # (m, n)
         codes = nf.quantize(weight - low_rank, config)
         residual_q = codes.dequantize()
-        error = reconstruction_error(weight, residual_q + low_rank, root)
+        error = fp64_error(weight64, residual_q + low_rank, root64)
         errors.append(error)
         if best is None or error < best.error:
             best = Decomposition(codes, up, down, error, errors, len(errors) - 1)
@@ -117,3 +140,11 @@ def decompose(weight: Tensor, rank: int, config: nf.NFConfig, *, iterations: int
             break
     best.errors = errors
     return best
+
+
+def fp64_error(weight64: Tensor, approx: Tensor, root64: Tensor | None) -> float:
+    """``reconstruction_error`` with W (m, n) and √F (m, n) already in fp64 (the same number, less conversion)."""
+    delta = weight64 - approx.double()
+    if root64 is not None:
+        delta = delta * root64
+    return float(torch.linalg.matrix_norm(delta))
