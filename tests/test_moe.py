@@ -29,6 +29,7 @@ REFUSED = {  # family → the shipped recipes refused before loading (each with 
     **{family: MODEGPT - {"modegpt-mlp-20"} for family in ("qwen3", "gemma2", "gemma3", "olmo2", "cohere",
                                                            "stablelm", "phi")},  # attention it would not compute
     "granite": set(), "starcoder2": set(),
+    **{family: set() for family in ("llama", "qwen2", "mistral", "opt")}, "gpt2": {"curing"},  # names: c_attn
 }
 
 
