@@ -18,7 +18,7 @@ from compressor.io import gguf_arch
 from compressor.io.gguf_export import export_gguf
 from compressor.kernels import gguf_blocks, quant
 
-FAMILIES = [f for f in MATRIX if f in ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt2",
+FAMILIES = [f for f in MATRIX if f in ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "gpt2",
                                        "mixtral", "qwen3_moe", "qwen2_moe")]
 REFUSED = [f for f in MATRIX if f not in FAMILIES]
 
@@ -128,7 +128,8 @@ def test_family_round_trip_f32(arch, saved, tmp_path):
 
 @pytest.mark.parametrize("arch", REFUSED)
 def test_family_refused_before_writing(arch, saved, tmp_path):
-    with pytest.raises(CompressorError, match="not one this exporter describes"):
+    reason = "phi3 is not written yet" if arch == "phi3" else "not one this exporter describes"
+    with pytest.raises(CompressorError, match=reason):
         export_gguf(str(saved(arch)), tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
 
@@ -256,8 +257,6 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_llama_cpp_logits_f32(arch, saved, tmp_path, ids):
     pytest.importorskip("llama_cpp")
-    if arch == "phi3":
-        pytest.xfail("llama.cpp 0.3.36 fails loading the tiny phi3's vocabulary (unordered_map::at); not yet understood")
     folder = saved(arch)
     export_gguf(str(folder), tmp_path / "m.gguf", "f32")
     row = ids[0, :16]
