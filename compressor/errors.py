@@ -5,6 +5,13 @@ class CompressorError(Exception):
     """Bad input (model, recipe, option, path): a message meant for the user, not a bug report."""
 
 
+class StateRefused(CompressorError):
+    """Durable state ``--resume`` cannot verify or use: the line says to start over, so no note of the kept
+    folder (which would say to resume it) is added (``note_left``: the first note, empty here, stands)."""
+
+    left = ""
+
+
 class CompressorWarning(UserWarning):
     """Something the run will do that the user may not want (``Plan.warnings``); the CLI prints it as one
     ``warning:`` line on stderr before the run starts, the API issues it through ``warnings.warn``."""

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ..errors import CompressorError
+from ..errors import StateRefused
 
 _CHUNK = 1 << 22
 
@@ -43,13 +43,13 @@ def digest(path: Path) -> str:
 def check(path: Path, expected: str | None, remedy: str) -> None:
     """Refuse ``path`` unless it is there and its sha256 is ``expected`` (None: none was recorded)."""
     if not path.is_file():
-        raise CompressorError(f"{path} is missing (it was written by the interrupted run); {remedy}")
+        raise StateRefused(f"{path} is missing (it was written by the interrupted run); {remedy}")
     if expected is None:
-        raise CompressorError(f"{path}: no checksum of it was recorded, so it cannot be verified; {remedy}")
+        raise StateRefused(f"{path}: no checksum of it was recorded, so it cannot be verified; {remedy}")
     try:
         found = digest(path)
     except OSError as exc:
-        raise CompressorError(f"cannot read {path}: {exc.strerror or exc}; {remedy}") from None
+        raise StateRefused(f"cannot read {path}: {exc.strerror or exc}; {remedy}") from None
     if found != expected:
-        raise CompressorError(f"{path} changed since the interrupted run wrote it (its sha256 differs from the "
+        raise StateRefused(f"{path} changed since the interrupted run wrote it (its sha256 differs from the "
                               f"one recorded: edited, truncated or damaged); {remedy}")

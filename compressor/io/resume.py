@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import CompressorError, one_line
+from ..errors import StateRefused, one_line
 from ..model.modules import from_spec
 from ..version import __version__
 from . import durable
@@ -98,25 +98,25 @@ class Resume:
             state = json.loads(file.read_text())
             done = int(state["layers_done"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CompressorError(f"{file}: the interrupted run's record is unreadable "
+            raise StateRefused(f"{file}: the interrupted run's record is unreadable "
                                   f"({one_line(exc)}); {self.remedy}") from None
         if state.get("version") != VERSION:
-            raise CompressorError(f"{file}: the interrupted run was recorded in another format (version "
+            raise StateRefused(f"{file}: the interrupted run was recorded in another format (version "
                                   f"{str(state.get('version'))[:20]}, this compressor writes {VERSION}) and cannot "
                                   f"be verified; {self.remedy}")
         if state.get("seal") != seal(state):
-            raise CompressorError(f"{file} changed since the interrupted run wrote it (its seal does not match: "
+            raise StateRefused(f"{file} changed since the interrupted run wrote it (its seal does not match: "
                                   f"edited or damaged); {self.remedy}")
         if state.get("ranks", 1) != self.ranks:
-            raise CompressorError(f"{self.folder} holds an interrupted run of {state.get('ranks', 1)} rank(s); resume "
+            raise StateRefused(f"{self.folder} holds an interrupted run of {state.get('ranks', 1)} rank(s); resume "
                                   f"it with as many (torchrun --nproc-per-node ...), not {self.ranks}, or "
                                   f"{self.remedy}")
         if state.get("fingerprint") != self.key:
-            raise CompressorError(f"{self.folder} holds an interrupted run of another model, recipe, calibration "
+            raise StateRefused(f"{self.folder} holds an interrupted run of another model, recipe, calibration "
                                   "or options (its fingerprint differs); run the original command with --resume, "
                                   f"or {self.remedy}")
         if done < 1:
-            raise CompressorError(f"{file}: no layer recorded; {self.remedy}")
+            raise StateRefused(f"{file}: no layer recorded; {self.remedy}")
         return state
 
     def hidden_file(self, layer: int | None) -> str:
@@ -181,7 +181,7 @@ class Resume:
         try:
             self.verify(state)
         except (KeyError, TypeError, AttributeError) as exc:
-            raise CompressorError(f"{self.path / STATE}: the interrupted run's record lacks the checksums of its "
+            raise StateRefused(f"{self.path / STATE}: the interrupted run's record lacks the checksums of its "
                                   f"files ({one_line(exc)}); {self.remedy}") from None
         start = self.restore_hidden(state, batches)
         self.specs, self.reshaped, self.loras = state["specs"], state["reshaped"], state["loras"]
@@ -200,7 +200,7 @@ class Resume:
                 lora.up.weight.data.copy_(tensors[f"{name}.up"])
                 shards.loras[name] = lora
         except (OSError, KeyError, ValueError, TypeError, AttributeError, RuntimeError) as exc:
-            raise CompressorError(f"{self.path}: the interrupted run's record does not fit this model "
+            raise StateRefused(f"{self.path}: the interrupted run's record does not fit this model "
                                   f"({one_line(exc)}); {self.remedy}") from None
         # those the manifest describes on their own (not rebuilt by a compressed block around them)
         reshaped = {name: model.get_submodule(name) for name in self.reshaped if name in self.specs}
@@ -216,7 +216,7 @@ class Resume:
         try:
             stored = load_file(str(file))
         except Exception as exc:  # noqa: BLE001 - safetensors' own error is an Exception of its own
-            raise CompressorError(f"{file}: the hidden states of rank {self.rank} are unreadable "
+            raise StateRefused(f"{file}: the hidden states of rank {self.rank} are unreadable "
                                   f"({one_line(exc)[:100]}); {self.remedy}") from None
         self._check_hidden(file, stored, batches)
         hidden = {stream: [stored[f"{stream}.{i}"] for i in range(len(ids))] for stream, ids in batches.items()}
@@ -229,7 +229,7 @@ class Resume:
                     for i, ids in enumerate(items)}
         if set(stored) != set(expected):
             unlike = sorted(set(stored) ^ set(expected))
-            raise CompressorError(f"{file} holds {len(stored)} hidden-state tensors where this run's calibration "
+            raise StateRefused(f"{file} holds {len(stored)} hidden-state tensors where this run's calibration "
                                   f"has {len(expected)} batches (first difference: {unlike[0][:100]}); "
                                   f"{self.remedy}")
         widths = {tensor.shape[-1] for tensor in stored.values() if tensor.dim() == 3}
@@ -237,12 +237,12 @@ class Resume:
             tensor = stored[key]
             if tensor.dim() != 3 or tuple(tensor.shape[:2]) != shape or len(widths) != 1 \
                     or not tensor.is_floating_point():
-                raise CompressorError(f"{file}: hidden states {key[:100]} have shape {list(tensor.shape)} "
+                raise StateRefused(f"{file}: hidden states {key[:100]} have shape {list(tensor.shape)} "
                                       f"({str(tensor.dtype).removeprefix('torch.')}); this run's calibration batch "
                                       f"needs floating point (batch, seq, width) with (batch, seq) = {list(shape)}, "
                                       f"one width for all; {self.remedy}")
             if not bool(torch.isfinite(tensor).all()):
-                raise CompressorError(f"{file}: hidden states {key[:100]} hold non-finite values (NaN or inf); "
+                raise StateRefused(f"{file}: hidden states {key[:100]} hold non-finite values (NaN or inf); "
                                       f"{self.remedy}")
 
     def finish(self) -> None:
