@@ -979,7 +979,10 @@ def test_a_second_ctrl_c_does_not_break_the_cleanup(world, tmp_path, stage, extr
         run.child.wait_for("paused at cleanup")
     else:
         time.sleep(0.02)
-    run.child.send_signal(signal.SIGINT)
+    try:
+        run.child.send_signal(signal.SIGINT)
+    except ProcessLookupError:  # the first Ctrl-C's cleanup had already ended: 20 ms is long for a tiny model
+        assert during == "20ms"
     run.resume()
     code, stdout, stderr = run.finish()
     assert code == 130, stderr
