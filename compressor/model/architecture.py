@@ -189,7 +189,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if n_layers and isinstance(module, nn.ModuleList) and len(module) == n_layers:
             return name, module
-    raise CompressorError(f"cannot find the decoder layers of {type(model).__name__}")
+    raise UnknownLayout(f"cannot find the decoder layers of {type(model).__name__}")
 
 
 def layer_count(model: nn.Module) -> int:
@@ -213,6 +213,11 @@ def _match_roles(linear_paths, candidates: dict[str, tuple[str, ...]]) -> dict[s
         if found:
             roles[role] = found[0]
     return roles
+
+
+class UnknownLayout(CompressorError):
+    """``describe`` failed for a reason other than the attention: no decoder layers, or no MLP it knows (e.g.
+    Phi-3's fused gate_up_proj); a caller that could use the attention alone tells the two apart by type."""
 
 
 def _find_attention(layer: nn.Module, model_name: str) -> tuple[Block, bool]:
@@ -247,7 +252,7 @@ def _find_mlp(layer: nn.Module, attention_path: str, model_name: str) -> Block:
     roles = _match_roles(linears, _MLP_ROLES)
     for role in ("up", "down"):
         if role not in roles:
-            raise CompressorError(f"layer 0 of {model_name} has no MLP '{role}' linear")
+            raise UnknownLayout(f"layer 0 of {model_name} has no MLP '{role}' linear")
     return Block(MLP, path, roles, None)
 
 

@@ -21,7 +21,7 @@ from ..config import configs
 from ..contract import Compressor, Decision
 from ..errors import CompressorError, quote
 from ..methods import registry
-from ..model.architecture import describe
+from ..model.architecture import UnknownLayout, describe
 from ..model.attention import not_reproduced
 from ..model.loading import parameter_count
 from ..model.modules import shape_of
@@ -213,7 +213,7 @@ def compile_step(recipe: Recipe, index: int, linears: dict[str, nn.Module], mode
             try:
                 arch = describe(model)
             except CompressorError as exc:  # e.g. DeepSeek's latent attention: no q/k/v projections
-                if "attention" not in str(exc):  # the layer's MLP is not one it knows either (fused gate_up)
+                if isinstance(exc, UnknownLayout):  # the layer's MLP is not one it knows either (fused gate_up)
                     raise CompressorError(f"{where}: {spec.method} does not know this model's layers ({exc}); "
                                           "use a per-linear method") from None
                 raise CompressorError(f"{where}: this model's attention is not one {spec.method}'s smaller "
