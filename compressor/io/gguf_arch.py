@@ -98,22 +98,16 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family("GEMMA2", norm_plus_one=True, extra=_gemma2),
     "gemma3_text": Family("GEMMA3", norm_plus_one=True, extra=_gemma3),
     "gpt2": Family("GPT2"),
+    "phi3": Family("PHI3"),
     "mixtral": Family("LLAMA", permute_qk=True, experts=True, extra=_moe),
     "qwen3_moe": Family("QWEN3MOE", experts=True, extra=_moe),
     "qwen2_moe": Family("QWEN2MOE", experts=True, extra=_moe),
 }
 
 
-# families llama.cpp has but whose file from this exporter it does not load yet
-NOT_YET = {"phi3": "llama.cpp (llama-cpp-python 0.3.36) fails loading the file this exporter writes for it "
-                   "('unordered_map::at'); merge the output (--merge) and use llama.cpp's own converter"}
-
-
 def describe(config: Any) -> Family:
     """The ``Family`` of a transformers config, or a one-line refusal naming why llama.cpp cannot hold it."""
     model_type = config.model_type
-    if model_type in NOT_YET:
-        raise CompressorError(f"GGUF export: {model_type} is not written yet: {NOT_YET[model_type]}")
     family = FAMILIES.get(model_type)
     if family is None:
         raise CompressorError(f"GGUF export: model type {model_type!r} is not one this exporter describes for "

@@ -181,10 +181,9 @@ def _write_model(temp: Path, model: Any, family: gguf_arch.Family, collected: Co
     config = model.config
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     writer = _writer(temp, family.name)
-    writer.add_name(name)
     gguf_arch.write_hyperparameters(writer, config, family, _ff_lengths(collected, config, family, layers))
     embedding = collected.tensors["token_embd.weight"]
-    notes = gguf_vocab.write_tokenizer(writer, tokenizer_folder, embedding.shape[0], family.name)
+    notes = gguf_vocab.write_tokenizer(writer, tokenizer_folder, embedding.shape[0], name)
     float_type = _model_float(model)
     types: Counter = Counter()
     exact = requantized = parameters = 0

@@ -11,11 +11,16 @@ Two kinds, read from the directory's ``tokenizer.json``:
   ``tokenizer.ggml.model = llama`` through ``gguf.LlamaHfVocab`` (scores from merge ranks).
 
 Special token ids, ``add_bos_token`` and the chat template come from ``gguf.SpecialVocab``.
+
+``general.name`` is written here too, because llama.cpp's tokenizer reads it: a name containing "phi3" or
+"phi-3" makes llama.cpp look up Phi-3's special tokens (``PHI3_TOKENS``) and fail to load ("unordered_map::at")
+when one is missing; such a name is written with that part as "phi" instead, and said.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,23 @@ _REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _LLAMA3 = _WORDS + r"\p{N}{1,3}" + _REST
 _QWEN2 = _WORDS + r"\p{N}" + _REST
 PRE_BY_REGEX = {_LLAMA3: "llama-bpe", _QWEN2: "qwen2"}
+# the tokens llama.cpp's vocabulary loader looks up in any model whose general.name says Phi-3
+PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+PHI3_NAME = re.compile("phi-?3", re.IGNORECASE)
+
+
+def model_name(name: str, tokens: list) -> tuple[str, str | None]:
+    """(the ``general.name`` to write, a note or None): ``name`` unless llama.cpp would look up Phi-3's
+    special tokens for it and ``tokens`` (str or UTF-8 bytes) lack one of them."""
+    if not PHI3_NAME.search(name):
+        return name, None
+    texts = {t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in tokens}
+    missing = [t for t in PHI3_TOKENS if t not in texts]
+    if not missing:
+        return name, None
+    written = PHI3_NAME.sub("phi", name)
+    return written, (f"general.name written as {written!r}: llama.cpp treats a name containing 'phi3' as Phi-3's "
+                     f"tokenizer and cannot load one without {', '.join(missing)}")
 
 
 def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
@@ -45,9 +67,9 @@ def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
     return "default"
 
 
-def write_tokenizer(writer: Any, folder: Path, n_vocab: int, arch: str = "") -> list[str]:
-    """Write ``folder``'s tokenizer into ``writer`` (``n_vocab``: the embedding's rows); returns notes for the
-    user (an unknown pre-tokenizer)."""
+def write_tokenizer(writer: Any, folder: Path, n_vocab: int, name: str) -> list[str]:
+    """Write ``folder``'s tokenizer and the model's ``name`` into ``writer`` (``n_vocab``: the embedding's rows);
+    returns notes for the user (an unknown pre-tokenizer, a name changed for llama.cpp)."""
     import gguf
 
     file = folder / "tokenizer.json"
@@ -85,6 +107,9 @@ def write_tokenizer(writer: Any, folder: Path, n_vocab: int, arch: str = "") -> 
     else:
         raise CompressorError(f"GGUF export: a {model.get('type')} tokenizer is not written by this exporter "
                               "(byte-level BPE and BPE with byte fallback are)")
+    written, note = model_name(name, tokens)
+    writer.add_name(written)
+    notes += [note] if note else []
     special = gguf.SpecialVocab(folder, load_merges=merges, n_vocab=n_vocab)
     special.add_to_gguf(writer, quiet=True)
     return notes
