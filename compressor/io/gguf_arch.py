@@ -10,6 +10,9 @@ and per family what it changes on the way:
 - ``gemma2`` / ``gemma3``: every RMSNorm weight w is stored as 1 + w (transformers applies 1 + w);
   llama.cpp scales queries by 1/√head_dim, so ``query_pre_attn_scalar`` must equal head_dim.
 - ``gpt2``: GPT-2's ``Conv1D`` weights are written (out, in) like every linear (``modules.weight_of``).
+- ``gptneox`` / ``falcon``: the fused ``query_key_value`` rows reordered from transformers' per-head (or per kv
+  group) interleaving to llama.cpp's q, then k, then v (``qkv_order``); Falcon's kv heads are the ones its
+  attention uses (1 for multi-query), not ``num_kv_heads`` alone.
 - Mixture of experts (``mixtral``, ``qwen3_moe``, ``qwen2_moe``): each layer's experts as one stacked tensor
   per projection (``ffn_gate_exps`` (experts, ff, hidden) ...), the router as ``ffn_gate_inp``.
 
@@ -34,6 +37,7 @@ class Family:
     norm_plus_one: bool = False               # Gemma: RMSNorm weights stored as 1 + w
     experts: bool = False                     # routed experts stacked per projection
     extra: Callable[[Any, Any, str], None] | None = None  # (writer, config, arch name) → family keys
+    qkv_order: Callable[[Any], Any] | None = None  # config → the fused attn_qkv's new row order (a LongTensor)
 
     @property
     def name(self) -> str:
@@ -65,6 +69,45 @@ def head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def rotary_fraction(config: Any) -> float:
+    """The fraction of each head that RoPE rotates (transformers 5's ``rope_parameters`` or the attribute)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and "partial_rotary_factor" in params:
+        return float(params["partial_rotary_factor"])
+    return float(getattr(config, "partial_rotary_factor", None) or getattr(config, "rotary_pct", None) or 1.0)
+
+
+def falcon_kv_heads(config: Any) -> int:
+    """The key/value heads Falcon's attention uses: its own count (new decoder), 1 (multi-query) or every head."""
+    if config.new_decoder_architecture:
+        return config.num_kv_heads
+    return 1 if config.multi_query else config.num_attention_heads
+
+
+def _grouped_qkv_order(groups: int, per_group: int, queries: int, dim: int) -> Any:
+    """Row order taking rows laid out (groups, per_group, dim) — per group ``queries`` query heads, then the
+    key head(s), then the value head(s) — to every query, then every key, then every value."""
+    import torch
+
+    rows = torch.arange(groups * per_group * dim).reshape(groups, per_group, dim)
+    keys = (per_group - queries) // 2
+    parts = (rows[:, :queries], rows[:, queries:queries + keys], rows[:, queries + keys:])
+    return torch.cat([part.reshape(-1) for part in parts])
+
+
+def _neox_qkv(config: Any) -> Any:
+    heads = config.num_attention_heads
+    return _grouped_qkv_order(heads, 3, 1, config.hidden_size // heads)  # (heads, 3, head_dim)
+
+
+def _falcon_qkv(config: Any) -> Any:
+    heads, kv = config.num_attention_heads, falcon_kv_heads(config)
+    dim = config.hidden_size // heads
+    if not config.new_decoder_architecture and not config.multi_query:
+        return _grouped_qkv_order(heads, 3, 1, dim)  # (heads, 3, head_dim), like GPT-NeoX
+    return _grouped_qkv_order(kv, heads // kv + 2, heads // kv, dim)  # (kv, queries per kv + k + v, head_dim)
+
+
 def _gemma2(writer: Any, config: Any, arch: str) -> None:
     if getattr(config, "attn_logit_softcapping", None):
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
@@ -79,6 +122,14 @@ def _gemma3(writer: Any, config: Any, arch: str) -> None:
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
     if getattr(config, "sliding_window", None):
         writer.add_sliding_window(config.sliding_window)
+
+
+def _gptneox(writer: Any, config: Any, arch: str) -> None:
+    writer.add_parallel_residual(getattr(config, "use_parallel_residual", True))
+
+
+def _falcon(writer: Any, config: Any, arch: str) -> None:
+    writer.add_tensor_data_layout("jploski")  # the converter's name for q, k, v rows in that order
 
 
 def _moe(writer: Any, config: Any, arch: str) -> None:
@@ -99,6 +150,8 @@ FAMILIES: dict[str, Family] = {
     "gemma3_text": Family("GEMMA3", norm_plus_one=True, extra=_gemma3),
     "gpt2": Family("GPT2"),
     "phi3": Family("PHI3"),
+    "gpt_neox": Family("GPTNEOX", extra=_gptneox, qkv_order=_neox_qkv),
+    "falcon": Family("FALCON", extra=_falcon, qkv_order=_falcon_qkv),
     "mixtral": Family("LLAMA", permute_qk=True, experts=True, extra=_moe),
     "qwen3_moe": Family("QWEN3MOE", experts=True, extra=_moe),
     "qwen2_moe": Family("QWEN2MOE", experts=True, extra=_moe),
@@ -129,6 +182,13 @@ def describe(config: Any) -> Family:
                               "computes (it renormalizes the top-k routing weights)")
     if model_type == "qwen2_moe" and getattr(config, "norm_topk_prob", False):
         raise CompressorError("GGUF export: qwen2_moe with norm_topk_prob is not what llama.cpp's qwen2moe computes")
+    if model_type == "falcon" and (config.alibi or not config.parallel_attn or config.bias):
+        raise CompressorError("GGUF export: llama.cpp's falcon computes parallel attention with RoPE and no linear "
+                              "biases; this model has " + ", ".join(
+                                  w for w, on in (("ALiBi", config.alibi), ("sequential attention",
+                                                  not config.parallel_attn), ("biases", config.bias)) if on))
+    if model_type == "gpt_neox" and not getattr(config, "attention_bias", True):
+        raise CompressorError("GGUF export: llama.cpp's gptneox expects attention biases; this model has none")
     if model_type == "gemma3_text":
         scaling = getattr(config, "rope_parameters", {}) or {}
         local = scaling.get("sliding_attention", {}).get("rope_theta") if isinstance(scaling, dict) else None
@@ -146,14 +206,19 @@ def write_hyperparameters(writer: Any, config: Any, family: Family, ff_lengths: 
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(ff_lengths[0] if len(set(ff_lengths)) == 1 else ff_lengths)
     writer.add_head_count(config.num_attention_heads)
-    if family.arch == "GPT2":
-        writer.add_layer_norm_eps(config.layer_norm_epsilon)
-    else:
+    layer_norm = getattr(config, "layer_norm_epsilon", None) or getattr(config, "layer_norm_eps", None)
+    if family.arch in ("GPT2", "GPTNEOX", "FALCON"):
+        writer.add_layer_norm_eps(layer_norm)
+    if family.arch == "FALCON":
+        writer.add_head_count_kv(falcon_kv_heads(config))
+    elif family.arch != "GPT2":
         writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    if family.arch not in ("GPT2", "GPTNEOX", "FALCON"):
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if family.arch != "GPT2":
         writer.add_rope_freq_base(rope_theta(config))
         dim = head_dim(config)
-        rotary = int(dim * getattr(config, "partial_rotary_factor", 1.0))
+        rotary = int(dim * rotary_fraction(config))
         writer.add_rope_dimension_count(rotary)
         if getattr(config, "head_dim", None) and dim != config.hidden_size // config.num_attention_heads \
                 or family.norm_plus_one:

@@ -195,6 +195,11 @@ def _transform(gguf_name: str, weight: Weight, config: Any, family: gguf_arch.Fa
             return gguf_arch.permute_rows(t.unsqueeze(-1), heads).squeeze(-1) if t.dim() == 1 \
                 else gguf_arch.permute_rows(t, heads)
         return weight.map_rows(rows) if isinstance(weight, Grid) else rows(weight)
+    if family.qkv_order is not None and re.search(r"\.attn_qkv\.(weight|bias)$", gguf_name):
+        order = family.qkv_order(config)
+        def reorder(t: Tensor) -> Tensor:
+            return t.index_select(-2 if t.dim() > 1 else 0, order.to(t.device))
+        return weight.map_rows(reorder) if isinstance(weight, Grid) else reorder(weight)
     if family.norm_plus_one and gguf_name.endswith("norm.weight"):
         return weight.float() + 1
     return weight
