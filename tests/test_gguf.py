@@ -14,12 +14,12 @@ from conftest import MATRIX, build_model, small_recipe
 
 from compressor import api, io
 from compressor.errors import CompressorError
-from compressor.io import gguf_arch
+from compressor.io import gguf_arch, gguf_tensors
 from compressor.io.gguf_export import export_gguf
 from compressor.kernels import gguf_blocks, quant
 
 FAMILIES = [f for f in MATRIX if f in ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "gpt2", "phi3", "gpt_neox", "falcon",
-                                       "mixtral", "qwen3_moe", "qwen2_moe")]
+                                       "mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3")]
 REFUSED = [f for f in MATRIX if f not in FAMILIES]
 
 
@@ -121,6 +121,7 @@ def test_family_round_trip_f32(arch, saved, tmp_path):
     assert np.array_equal(tensors["token_embd.weight"], embed)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     params = sum(p.numel() for p in model.parameters())
+    params += sum(b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))  # routing
     assert report.parameters == params == sum(t.size for t in tensors.values())
     assert ("output.weight" in tensors) != tied
     assert all(np.isfinite(t).all() for t in tensors.values())
@@ -294,6 +295,27 @@ def test_llama_cpp_logits_f32(arch, saved, tmp_path, ids):
     # ggml computes GELU (Gemma's, GPT-NeoX's and Falcon's activation; the last two use the exact erf form) as the
     # tanh approximation from an fp16 table: 1.6e-4 to 3e-4 here
     assert relative(theirs, ours) < (1e-3 if arch.startswith("gemma") or arch in ("gpt_neox", "falcon") else 1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:step 0 \\(quantize\\)")  # the experts' width 48: no vLLM config, as said
+def test_llama_cpp_quantized_latent_attention(saved, tmp_path, small_text, ids):
+    """DeepSeek-V3 quantized: kv_b_proj, split per head for llama.cpp, has no exact block; the export says so
+    and, with --type q8_0, llama.cpp computes what compressor.load does (within Q8_0's re-rounding)."""
+    pytest.importorskip("llama_cpp")
+    out = compressed(tmp_path, saved("deepseek_v3"), small_text, [quantize(bits=8, symmetric=True)])
+    model = io.load(out)
+    with torch.no_grad():
+        collected = gguf_tensors.collect(model, gguf_arch.describe(model.config), adapter=False)
+    assert "model.layers.1.self_attn.kv_b_proj.weight (split per head for llama.cpp)" in collected.inexact
+    assert collected.tensors["blk.1.attn_k_b.weight"].shape == (4, 32, 8)  # (heads, kv_lora_rank, nope)
+    with pytest.raises(CompressorError, match="no exact GGUF block type"):
+        export_gguf(str(out), tmp_path / "m.gguf")
+    report = export_gguf(str(out), tmp_path / "m.gguf", "q8_0")
+    assert report.requantized > 0
+    row = ids[0, :16]
+    with torch.no_grad():
+        ours = model(row[None]).logits[0].numpy()
+    assert relative(llama_cpp_logits(tmp_path / "m.gguf", row.tolist()), ours) < 2e-2
 
 
 def falcon_40b_style(config) -> None:

@@ -13,8 +13,12 @@ and per family what it changes on the way:
 - ``gptneox`` / ``falcon``: the fused ``query_key_value`` rows reordered from transformers' per-head (or per kv
   group) interleaving to llama.cpp's q, then k, then v (``qkv_order``); Falcon's kv heads are the ones its
   attention uses (1 for multi-query), not ``num_kv_heads`` alone.
-- Mixture of experts (``mixtral``, ``qwen3_moe``, ``qwen2_moe``): each layer's experts as one stacked tensor
-  per projection (``ffn_gate_exps`` (experts, ff, hidden) ...), the router as ``ffn_gate_inp``.
+- Mixture of experts (``mixtral``, ``qwen3_moe``, ``qwen2_moe``, ``deepseek_v3``): each layer's experts as one
+  stacked tensor per projection (``ffn_gate_exps`` (experts, ff, hidden) ...), the router as ``ffn_gate_inp``.
+- ``deepseek2`` (DeepSeek-V3): latent attention written as llama.cpp's converter does, as one kv head of width
+  kv_lora_rank + rope dims, ``kv_b_proj`` split per head into ``attn_k_b`` (heads, kv_lora_rank, nope; transposed)
+  and ``attn_v_b`` (heads, v_head_dim, kv_lora_rank) (``split_tensor``); the router's correction bias as
+  ``exp_probs_b.bias``; sigmoid gating, top-k weights normalized and scaled by ``routed_scaling_factor``.
 
 ``describe(config)`` returns the ``Family`` or raises a one-line ``CompressorError`` naming what llama.cpp
 (or this exporter) cannot describe; nothing is written before it answers.
@@ -38,6 +42,8 @@ class Family:
     experts: bool = False                     # routed experts stacked per projection
     extra: Callable[[Any, Any, str], None] | None = None  # (writer, config, arch name) → family keys
     qkv_order: Callable[[Any], Any] | None = None  # config → the fused attn_qkv's new row order (a LongTensor)
+    own_attention_keys: bool = False          # the family writes head_count_kv, key lengths and RoPE dims itself
+    split_tensor: Callable[[str, Any, Any], Any] | None = None  # (key, dense weight, config) → [(key, weight)]
 
     @property
     def name(self) -> str:
@@ -133,12 +139,52 @@ def _falcon(writer: Any, config: Any, arch: str) -> None:
 
 
 def _moe(writer: Any, config: Any, arch: str) -> None:
-    writer.add_expert_count(getattr(config, "num_local_experts", None) or config.num_experts)
+    writer.add_expert_count(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+                            or config.n_routed_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
     if getattr(config, "moe_intermediate_size", None):
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     if getattr(config, "shared_expert_intermediate_size", None):
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+
+
+def _deepseek2(writer: Any, config: Any, arch: str) -> None:
+    import gguf
+
+    _moe(writer, config, arch)
+    writer.add_head_count_kv(1)  # latent attention as one shared kv head (the converter's MQA form)
+    writer.add_leading_dense_block_count(config.first_k_dense_replace)
+    if config.q_lora_rank is not None:
+        writer.add_q_lora_rank(config.q_lora_rank)
+    writer.add_kv_lora_rank(config.kv_lora_rank)
+    writer.add_key_length(config.kv_lora_rank + config.qk_rope_head_dim)
+    writer.add_value_length(config.kv_lora_rank)
+    writer.add_key_length_mla(config.qk_nope_head_dim + config.qk_rope_head_dim)
+    writer.add_value_length_mla(config.v_head_dim)
+    writer.add_rope_dimension_count(config.qk_rope_head_dim)
+    writer.add_expert_shared_count(config.n_shared_experts or 0)
+    writer.add_expert_weights_scale(config.routed_scaling_factor)
+    if config.norm_topk_prob:
+        writer.add_expert_weights_norm(True)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    if (config.n_group or 1) > 1:
+        writer.add_expert_group_count(config.n_group)
+        writer.add_expert_group_used_count(config.topk_group)
+
+
+def _deepseek2_split(key: str, weight: Any, config: Any) -> list[tuple[str, Any]] | None:
+    """DeepSeek's ``kv_b_proj`` (heads · (nope + v), kv_lora_rank) as the converter's per-head ``k_b_proj``
+    (heads, kv_lora_rank, nope) and ``v_b_proj`` (heads, v, kv_lora_rank); the router's correction bias under the
+    name the converter maps. None: the tensor is kept as it is."""
+    if key.endswith("e_score_correction_bias"):
+        return [(key.replace("e_score_correction_bias", "e_score_correction.bias"), weight)]
+    if not key.endswith("kv_b_proj.weight"):
+        return None
+    heads, nope, v = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
+    per_head = weight.reshape(heads, nope + v, weight.shape[-1])
+    k_b, v_b = per_head.split([nope, v], dim=1)
+    return [(key.replace("kv_b_proj", "k_b_proj"), k_b.transpose(1, 2).contiguous()),
+            (key.replace("kv_b_proj", "v_b_proj"), v_b.contiguous())]
 
 
 FAMILIES: dict[str, Family] = {
@@ -155,6 +201,8 @@ FAMILIES: dict[str, Family] = {
     "mixtral": Family("LLAMA", permute_qk=True, experts=True, extra=_moe),
     "qwen3_moe": Family("QWEN3MOE", experts=True, extra=_moe),
     "qwen2_moe": Family("QWEN2MOE", experts=True, extra=_moe),
+    "deepseek_v3": Family("DEEPSEEK2", experts=True, extra=_deepseek2, own_attention_keys=True,
+                          split_tensor=_deepseek2_split),
 }
 
 
@@ -189,6 +237,9 @@ def describe(config: Any) -> Family:
                                                   not config.parallel_attn), ("biases", config.bias)) if on))
     if model_type == "gpt_neox" and not getattr(config, "attention_bias", True):
         raise CompressorError("GGUF export: llama.cpp's gptneox expects attention biases; this model has none")
+    if model_type == "deepseek_v3" and not getattr(config, "rope_interleave", True):
+        raise CompressorError("GGUF export: DeepSeek-V3 with rope_interleave false is not what llama.cpp's "
+                              "deepseek2 computes (interleaved RoPE pairs)")
     if model_type == "gemma3_text":
         scaling = getattr(config, "rope_parameters", {}) or {}
         local = scaling.get("sliding_attention", {}).get("rope_theta") if isinstance(scaling, dict) else None
@@ -211,12 +262,13 @@ def write_hyperparameters(writer: Any, config: Any, family: Family, ff_lengths: 
         writer.add_layer_norm_eps(layer_norm)
     if family.arch == "FALCON":
         writer.add_head_count_kv(falcon_kv_heads(config))
-    elif family.arch != "GPT2":
+    elif family.arch != "GPT2" and not family.own_attention_keys:
         writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     if family.arch not in ("GPT2", "GPTNEOX", "FALCON"):
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     if family.arch != "GPT2":
         writer.add_rope_freq_base(rope_theta(config))
+    if family.arch != "GPT2" and not family.own_attention_keys:
         dim = head_dim(config)
         rotary = int(dim * rotary_fraction(config))
         writer.add_rope_dimension_count(rotary)

@@ -186,6 +186,26 @@ def _experts(tensors: dict[str, Weight]) -> dict[str, Weight]:
     return stacked
 
 
+def _split(tensors: dict[str, Weight], loras: dict[str, Any], family: gguf_arch.Family, config: Any,
+           out: Collected) -> dict[str, Weight]:
+    """``tensors`` with the family's split tensors replaced by their parts (a quantized one dequantized and
+    listed in ``inexact``: its groups run along the input that a split transposes)."""
+    result: dict[str, Weight] = {}
+    for key, weight in tensors.items():
+        dense = weight.dense() if isinstance(weight, Grid) else weight
+        parts = family.split_tensor(key, dense, config)
+        if parts is None:
+            result[key] = weight
+            continue
+        if key in loras:
+            raise CompressorError(f"GGUF export: the adapter of {key} is not written; llama.cpp splits that matrix "
+                                  "per head (merge the compensation with --type instead)")
+        if isinstance(weight, Grid) and len(parts) > 1:
+            out.inexact.append(f"{key} (split per head for llama.cpp)")
+        result.update(parts)
+    return result
+
+
 def _transform(gguf_name: str, weight: Weight, config: Any, family: gguf_arch.Family) -> Weight:
     """The family's changes of one tensor on the way into GGUF (q/k row order, Gemma's 1 + w norms)."""
     if family.permute_qk and re.search(r"\.attn_[qk]\.(weight|bias)$", gguf_name):
@@ -216,6 +236,8 @@ def collect(model: nn.Module, family: gguf_arch.Family, adapter: bool) -> Collec
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, family.arch), layers)
     tensors, loras = _model_tensors(model, adapter, out)
     experts = _experts(tensors) if family.experts else {}
+    if family.split_tensor is not None:
+        tensors = _split(tensors, loras, family, config, out)
     mapped: dict[str, str] = {}
     for key in tensors:
         if key.endswith(".rotary_emb.inv_freq") or key.endswith((".attn.bias", ".attn.masked_bias")):
