@@ -7,6 +7,7 @@ original weight, kept as they are), MoDeGPT's kept matrices (a shrunk attention'
 MLP's linears). Everything else (embeddings, norms, biases, quantized or pruned bases) is frozen, so the
 healed output has the same kinds, shapes, dtypes and bytes; it is written through ``io.save`` (a temporary
 sibling renamed onto ``--out``, one run per ``--out``), its manifest's ``healing`` list recording the run.
+Low-rank factors stored as integers (``factor_bits: 8``) do not train: such an output is refused with one line.
 
 Data: by default the output's own calibration source, in windows that share no token with the windows
 compression calibrated on (``calibration.disjoint_windows``: the recipe's windows are re-drawn from its
@@ -78,6 +79,11 @@ def check_source(path: Path) -> dict[str, Any]:
     if manifest["merged"]:
         raise CompressorError(f"{path} is a merged output (--merge): its weights are dense, with no small parts "
                               "to train; heal the output written without --merge")
+    integer = sorted(name for name, spec in manifest.get("modules", {}).items() if spec.get("factor_bits", 16) < 16)
+    if integer:
+        raise CompressorError(f"{path} stores its low-rank factors as integers (factor_bits "
+                              f"{manifest['modules'][integer[0]]['factor_bits']}, {len(integer)} modules), which heal "
+                              "cannot train: compress with factor_bits 16 to heal the factors")
     if not trainable_modules(manifest):
         kinds = sorted({spec["kind"] for spec in manifest.get("modules", {}).values()}) or ["none"]
         raise CompressorError(f"{path} stores nothing heal can train (modules of kind {', '.join(kinds)}): heal "

@@ -146,6 +146,8 @@ def upcycled() -> str:
 SPREAD = {f"{recipe}-{label}": shape for recipe in ("lord-svd-llm", "gptq-w4-eora-r64")
           for label, shape in (("1x2threads", (1, 2)), ("2ranks", (2, 1)))}
 
+INT8_AS_GPTQ_W3_EORA_R32 = 0.232  # ratio of lord int8 factors whose bytes on disk match gptq-w3-eora-r32's
+
 SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = {
     "lord": [
         *[(f"lord-{w}-{r}", lord(w, r)) for w in ("none", "activation", "gram") for r in (0.2, 0.4)],
@@ -217,6 +219,12 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         *[(f"lord-gram-fisher-rows-loss-refit-half-{r}", lord(
             "gram", r, output_weight="fisher", rank_rule="loss", refit="outputs", refit_strength=0.5))
           for r in (0.2, 0.4)],
+        # equal bytes: the lord recipe with its factors stored in int8 (factor_bits 8) at its own ratio, and at the
+        # ratio whose bytes on disk match GPTQ w3 + EoRA r32's (quant suite: 196,367,744 bytes; the 16-bit runs
+        # store fp32 here, as the model is computed in)
+        ("lord-gram-refit-half-0.2-int8", lord("gram", 0.2, refit="outputs", refit_strength=0.5, factor_bits=8)),
+        ("lord-gram-refit-half-int8-as-gptq-w3-eora-r32",
+         lord("gram", INT8_AS_GPTQ_W3_EORA_R32, refit="outputs", refit_strength=0.5, factor_bits=8)),
     ],
     # The same runs spread over ranks (SPREAD: one process with two threads against two ranks of one thread)
     "distributed": [(name, lambda done, recipe=name.rsplit("-", 1)[0]: shipped(recipe)) for name in SPREAD],

@@ -2,7 +2,8 @@
 (``TINY``; a test fails for a method that is registered without one): registered and its config's unknown keys
 are one-line errors; then on every family of ``MATRIX`` (dense, mixture-of-experts, fused projections, latent
 attention) compress → save → load (and ``trust_remote_code``) gives the in-memory logits, or the method is
-refused up front, and the manifest lists what the log compressed. A low-rank method's factors at full rank
+refused up front (``VARIANTS``: other stored layouts of a method, such as int8 low-rank factors, the same
+way), and the manifest lists what the log compressed. A low-rank method's factors at full rank
 reproduce the weight."""
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ TINY = {
                            "error_cache": "off"}}, []),
 }
 METHODS = sorted(registry.COMPRESSORS)
+# a variant of a method's tiny step that stores other module layouts: name → (method, step mapping)
+VARIANTS = {
+    "lord-factor-bits-8": ("lord", {"config": {"ratio": 0.3, "whiten": "gram", "factor_bits": 8}}),
+    "welore-factor-bits-8": ("welore", {"config": {"rank_reduction": 0.5, "factor_bits": 8}}),
+}
 
 
 def test_every_registered_method_is_in_the_matrix():
@@ -52,7 +58,11 @@ def test_unknown_config_key_is_a_one_line_error(method):
 
 
 def _recipe(method: str, small_text: str) -> recipes.Recipe:
-    step, before = TINY[method]
+    if method in VARIANTS:
+        method, step = VARIANTS[method]
+        before = TINY[method][1]
+    else:
+        step, before = TINY[method]
     data = {"calibration": {"dataset": small_text, "n_samples": 4, "seq_len": 32, "batch_size": 2},
             "steps": [*before, {"method": method, **step}]}
     return recipes.parse(data)
@@ -67,7 +77,7 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("arch", MATRIX)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, *VARIANTS])
 def test_compress_save_load_identical_logits(method, arch, tmp_path, small_text, ids, vocab_size):
     """compress → ``io.load`` gives the in-memory logits bit for bit, ``trust_remote_code=True`` the same logits;
     a method that does not apply to the family is refused with one line before any output is written."""
@@ -90,6 +100,7 @@ def test_compress_save_load_identical_logits(method, arch, tmp_path, small_text,
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     torch.testing.assert_close(logits(remote, ids), expected, rtol=0, atol=1e-5)
     log = [json.loads(line) for line in (out / io.LOG).read_text().splitlines()]
+    method = VARIANTS.get(method, (method,))[0]
     compressed = {e["name"] for e in log if e["kind"] != "dense" and e["method"] == method}
     manifest = io.read_manifest(out)
     rebuilt = set(manifest["modules"])  # a module, or the block that holds it (MoDeGPT's shrunk attention)

@@ -27,6 +27,8 @@ MODEGPT = [{"method": "modegpt", "config": {"ratio": 0.3}}]
 OUTPUTS = {
     "lord-llama": ("llama", [{"method": "lord", "config": {"ratio": 0.3}}]),
     "lord-opt": ("opt", [{"method": "lord", "config": {"ratio": 0.3}}]),
+    "lord8-llama": ("llama", [{"method": "lord", "config": {"ratio": 0.3, "factor_bits": 8}}]),
+    "lord8-gpt2": ("gpt2", [{"method": "lord", "config": {"ratio": 0.3, "factor_bits": 8}}]),
     "quantize-eora-llama": ("llama", QUANTIZE_EORA),
     "quantize-eora-gpt2": ("gpt2", QUANTIZE_EORA),
     "quantize-48-qwen2": ("qwen2", QUANTIZE_48),
@@ -114,7 +116,8 @@ def remote(outputs, ids, tmp_path_factory) -> dict[str, dict]:
     return torch.load(work / "out.pt")
 
 
-EXPECTED_KINDS = {"lord": ["LowRankLinear"], "cur": ["CURLinear"], "quantize-eora": ["CompensatedLinear",
+EXPECTED_KINDS = {"lord": ["LowRankLinear"], "lord8": ["LowRankLinear", "QuantizedLinear"],
+                  "cur": ["CURLinear"], "quantize-eora": ["CompensatedLinear",
                   "LowRankLinear", "QuantizedLinear"], "quantize-48": ["QuantizedLinear"],
                   "modegpt": ["ShrunkAttention"], "lqlora": ["CompensatedLinear", "LowRankLinear", "NormalFloatLinear"],
                   "lqlora-nf": ["NormalFloatLinear"]}

@@ -73,6 +73,10 @@ def step_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
         r = reduction(entries)
         summary.update(params_before=before, params_after=after, param_reduction=r["param_reduction"],
                        rank_reduction=r["rank_reduction"], factorized=r["factorized"])
+        factor_bits = sorted({e["factor_bits"] for e in changed if "factor_bits" in e})
+        if factor_bits:  # integer factors: the bytes say more than the parameters
+            summary.update(factor_bits=factor_bits, bytes_before=_total(entries, "bytes_before"),
+                           bytes_after=sum(e.get("bytes_after") or e.get("bytes_before") or 0 for e in entries))
     elif kind == "quantization":
         quantized = [e for e in changed if is_quantized(e)]
         weights = sum(_weights(e) for e in quantized)
@@ -113,7 +117,7 @@ def steps(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def quantized_weights(log: list[dict[str, Any]]) -> int:
     """Weights stored as packed integers at the end: of modules whose last entry is quantized, or compensated
-    after a quantized one."""
+    after a quantized one, and low-rank factors stored as integers (``factor_bits``)."""
     last: dict[str, dict[str, Any]] = {}
     quantized: set[str] = set()
     for entry in log:
@@ -121,7 +125,8 @@ def quantized_weights(log: list[dict[str, Any]]) -> int:
         if is_quantized(entry):
             quantized.add(entry["name"])
     return sum(_weights(e) for name, e in last.items()
-               if is_quantized(e) or (e["kind"] == COMPENSATED and name in quantized))
+               if is_quantized(e) or (e["kind"] == COMPENSATED and name in quantized)) + sum(
+        e["rank"] * sum(e["shape"]) for e in last.values() if e["kind"] == "low_rank" and "factor_bits" in e)
 
 
 def _size(n: float | None) -> str:
@@ -151,7 +156,9 @@ def step_line(s: dict[str, Any]) -> str:
     if kind == "factorization":
         return head + (f"{s['factorized']}/{s['targeted']} linears factorized; their parameters "
                        f"{s['params_before']:,} → {s['params_after']:,} ({s['param_reduction']:.1%} removed), "
-                       f"{s['rank_reduction']:.1%} rank reduction (Σ ranks cut / Σ min(m,n))")
+                       f"{s['rank_reduction']:.1%} rank reduction (Σ ranks cut / Σ min(m,n))"
+                       + (f"; factors in {'/'.join(map(str, s['factor_bits']))} bits: {_size(s['bytes_before'])} → "
+                          f"{_size(s['bytes_after'])}" if "factor_bits" in s else ""))
     if kind == "quantization":
         bits = "/".join(map(str, s["bits"])) or "?"
         groups = ", ".join(f"group {g}" if g else "per channel" for g in s["group_sizes"])

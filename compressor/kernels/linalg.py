@@ -58,6 +58,15 @@ class Whitening:
             return weight * factor[None, :]
         return weight @ factor
 
+    def gram(self) -> Tensor | None:
+        """``S Sᵀ`` (n, n) fp64: the Gram this whitening is a root of (jitter included); None for the identity."""
+        if self.kind == "none":
+            return None
+        factor = self.factor.double()
+        if self.kind == "diagonal":
+            return torch.diag(factor**2)
+        return factor @ factor.T
+
     def unapply(self, down: Tensor) -> Tensor:
         """``A S⁻¹``: (r, n) → (r, n)."""
         if self.kind == "none":

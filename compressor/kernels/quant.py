@@ -158,3 +158,17 @@ def _pack_rows(values: Tensor, bits: int) -> Tensor:
         words.scatter_add_(2, (word[spill] + 1).expand(rows, units, -1), high_bits)
     words = words[..., :bits].reshape(rows, units * bits)[:, :packed_width(cols, bits)]
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+# --- low-rank factors in integers --------------------------------------------------------------------------
+
+
+def refit_up(weight: Tensor, down: Tensor, gram: Tensor | None = None) -> Tensor:
+    """``up`` (m, r) minimizing ‖(W − up·down) S‖_F, S Sᵀ = ``gram`` G (n, n) (None: the identity), for
+    ``weight`` W (m, n) and a fixed ``down`` (r, n), in fp64: ``W G downᵀ (down G downᵀ)⁺``. Each row of W is
+    its own least-squares problem, so a weight on the output rows (FWSVD's ``out`` axis, LoRD's Fisher rows)
+    leaves the minimizer unchanged."""
+    d = down.double()
+    w = weight.double().to(d.device)
+    g_dt = d.T if gram is None else gram.to(device=d.device, dtype=torch.float64) @ d.T  # (n, r)
+    return (w @ g_dt) @ torch.linalg.pinv(d @ g_dt, hermitian=True)  # (m, r)

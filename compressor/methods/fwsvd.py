@@ -47,15 +47,15 @@ from ..config.configs import field
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
 from ..kernels import linalg
-from ..model.modules import LowRankLinear
 from ..ranks import uniform as ranks
 from ..stats import fisher as fisher_pass
+from .factor_bits import FactorBits, low_rank_module
 
 Axis = Literal["in", "out"]
 
 
 @dataclass
-class FWSVDConfig(ranks.RankRule):
+class FWSVDConfig(ranks.RankRule, FactorBits):
     axis: Axis = field("in", "Fisher summed per input column (in, as ASVD/s-nlp do) or per output row (out)")
     eps: float = field(1e-6, "added to the summed Fisher before the square root (zero-Fisher columns)")
     checkpointing: bool = field(True, "recompute each decoder layer in the Fisher backward (less memory)")
@@ -130,7 +130,11 @@ class FWSVD(LinearCompressor):
             return Outcome(None, note=f"rank {rank} ≥ break-even {ranks.break_even(m, n):.0f}: kept dense")
         dtype = torch.float64 if self.config.svd_dtype == "float64" else torch.float32
         up, down = fwsvd_factors(target.weight, rank, scale, self.config.axis, dtype)
-        module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
+        module = low_rank_module(target.weight, up, down, target.bias, target.dense_class, ctx.dtype,
+                                 self.config.factor_bits, torch.diag(scale.double() ** 2) if self.config.axis == "in"
+                                 and self.config.factor_bits < 16 else None)  # the input Gram of its objective
+        if self.config.factor_bits < 16:
+            up, down = module.factors()  # the error of the integer factors, as stored
         floor = float(scale.max()) * 1e-3
         dead = int((scale <= floor).sum())
         approx = up @ down

@@ -34,6 +34,8 @@ steps:
   - method: lord
     config: {ratio: 0.2, whiten: gram}                      # or add rank_rule: welore
 ```
+
+``factor_bits: 8`` stores the factors as per-row int8 (``methods.factor_bits``), about half the bytes.
 """
 
 from __future__ import annotations
@@ -47,16 +49,16 @@ from ..config.configs import field
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
 from ..kernels import linalg
-from ..model.modules import LowRankLinear
 from ..ranks import loss as loss_rule
 from ..ranks import uniform as ranks
 from ..ranks import welore as welore_rule
 from ..stats import fisher as fisher_pass
 from ..stats.accumulators import Request, inputs
+from .factor_bits import FactorBits, low_rank_module
 
 
 @dataclass
-class LoRDConfig(ranks.RankRule):
+class LoRDConfig(ranks.RankRule, FactorBits):
     whiten: Literal["none", "activation", "gram"] = field("none", "none (plain SVD), activation (ASVD), gram (SVD-LLM)")
     alpha: float = field(0.5, "exponent of mean|x| for whiten: activation (ASVD's alpha)")
     gram_root: Literal["cholesky", "eigh"] = field("cholesky", "square root of the Gram for whiten: gram")
@@ -211,7 +213,8 @@ class LoRD(LinearCompressor):
                 raise CompressorError(f"gram_side output: no output Gram was collected for {target.name}")
             gram = target.output_stats.gram_about(target.bias)  # W G Wᵀ: the bias taken out
             up, down = lord_factors(target.weight, rank, None, self.svd_dtype, row_scale, gram)
-            module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
+            module = low_rank_module(target.weight, up, down, target.bias, target.dense_class, ctx.dtype,
+                                     self.config.factor_bits)  # no input Gram: rounded unwhitened
             error = linalg.output_side_error(target.weight, module.dense_weight().detach(), gram)  # as stored
             return Outcome(module, rank=rank, note=note,
                            extra={**extra, "gram_side": "output", "rel_output_error": error})
@@ -225,5 +228,6 @@ class LoRD(LinearCompressor):
                 strength * target.stats.cross + (1 - strength) * target.stats.gram)
             weight = linalg.output_refit(weight, cross, whitening)
         up, down = lord_factors(weight, rank, whitening, self.svd_dtype, row_scale, solver=self.config.svd_solver)
-        module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
+        module = low_rank_module(weight, up, down, target.bias, target.dense_class, ctx.dtype, self.config.factor_bits,
+                                 whitening.gram() if self.config.factor_bits < 16 else None)
         return Outcome(module, rank=rank, note=note, extra=extra)

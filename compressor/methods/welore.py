@@ -40,14 +40,14 @@ from ..config.configs import field
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
 from ..kernels import linalg
-from ..model.modules import LowRankLinear
 from ..ranks import welore as welore_rule
+from .factor_bits import FactorBits, low_rank_module
 
 BUDGETS = ("rank_reduction", "ratio", "threshold")
 
 
 @dataclass
-class WeLoreConfig:
+class WeLoreConfig(FactorBits):
     rank_reduction: float | None = field(None, "target rank reduction Σ pruned / Σ min(m,n) over the targeted "
                                          "matrices, before the LRC test (the paper's --model_rank / 100; "
                                          "default 0.5)")
@@ -110,5 +110,6 @@ class WeLore(LinearCompressor):
         if not allocation.lrc:
             return Outcome(None, note=note, extra=extra)
         up, down = welore_factors(target.weight, allocation.rank, self.dtype)
-        module = LowRankLinear.from_factors(up, down, target.bias, target.dense_class, dtype=ctx.dtype)
+        module = low_rank_module(target.weight, up, down, target.bias, target.dense_class, ctx.dtype,
+                                 self.config.factor_bits)
         return Outcome(module, rank=allocation.rank, note=note, extra=extra)

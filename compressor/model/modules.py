@@ -5,7 +5,8 @@ copied into outputs for ``trust_remote_code`` loading); the classes here subclas
 compressor needs: building from factors or integers, ``dense_weight()`` for ``--merge``, parameter counts.
 Each kind has ``spec()`` (plain data recorded in compression.json and config.json) and ``empty(**spec)``
 (an uninitialized module of the right shapes, filled by ``load_state_dict``). ``MODULE_KINDS`` is the
-closed set the loader knows: ``low_rank`` (``up @ down``), ``quantized`` (packed integers,
+closed set the loader knows: ``low_rank`` (``up @ down``; with ``factor_bits`` 8 each factor a per-row
+symmetric int8 ``QuantizedLinear``), ``quantized`` (packed integers,
 compressed-tensors layout), ``normal_float`` (blockwise NormalFloat codes with double-quantized scales,
 LQ-LoRA's), ``cur`` (``C @ U @ R``), ``compensated`` (any base linear plus a low-rank
 ``lora`` path, what EoRA emits) and ``shrunk_attention`` (an attention block with fewer dims per head,
@@ -71,13 +72,37 @@ class LowRankLinear(portable.LowRankLinear):
             module.up.bias = nn.Parameter(bias.detach().to(dtype).clone())
         return module
 
+    @classmethod
+    def from_integer_factors(cls, up: tuple[Tensor, Tensor], down: tuple[Tensor, Tensor], bits: int,
+                             bias: Tensor | None, dense_class: str = "Linear",
+                             dtype: torch.dtype | None = None) -> "LowRankLinear":
+        """From symmetric per-row integer factors (``quant.integer_factors``): ``up`` = (q (out, r) int8,
+        scale (out, 1)), ``down`` = (q (r, in) int8, scale (r, 1)); ``factor_bits`` = ``bits``."""
+        (q_up, scale_up), (q_down, scale_down) = up, down
+        out_features, rank = q_up.shape
+        dtype = dtype or scale_up.dtype
+        module = cls(q_down.shape[1], out_features, rank, bias is not None, dense_class, dtype=dtype, device="meta",
+                     factor_bits=bits)
+        for name, q, scale, b in (("down", q_down, scale_down, None), ("up", q_up, scale_up, bias)):
+            zero = torch.zeros_like(scale, dtype=torch.int32)  # symmetric: not stored
+            setattr(module, name, QuantizedLinear.from_integers(q, scale.to(dtype), zero, bits, None, True, b,
+                                                                dtype=dtype))
+        return module
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(up (out, r), down (r, in)) as the forward uses them (integer factors dequantized)."""
+        return tuple(f.dense_weight() if self.factor_bits < 16 else f.weight for f in (self.up, self.down))
+
     def dense_weight(self) -> Tensor:
         """``up @ down`` (out, in), computed in fp32 at least."""
-        dtype = torch.promote_types(self.up.weight.dtype, torch.float32)
-        return (self.up.weight.to(dtype) @ self.down.weight.to(dtype)).to(self.up.weight.dtype)
+        up, down = self.factors()
+        dtype = torch.promote_types(up.dtype, torch.float32)
+        return (up.to(dtype) @ down.to(dtype)).to(up.dtype)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """The factors' elements (integers or floats) and the bias."""
+        bias = 0 if self.bias is None else self.bias.numel()
+        return self.rank * (self.in_features + self.out_features) + bias
 
 
 class CURLinear(portable.CURLinear):
@@ -189,12 +214,15 @@ MODULE_KINDS: dict[str, type[nn.Module]] = {
     cls.kind: cls for cls in (LowRankLinear, CURLinear, QuantizedLinear, NormalFloatLinear, CompensatedLinear,
                               ShrunkAttention, Experts)
 }
-QUANTIZED_KINDS = (QuantizedLinear, NormalFloatLinear)  # dequantized from packed codes on each call
+# dequantized from packed codes on each call (the portable classes: the integer factors of a reloaded low-rank
+# module are those, not this module's subclasses)
+QUANTIZED_KINDS = (portable.QuantizedLinear, portable.NormalFloatLinear)
 
 
 @contextmanager
 def dequantized(model: nn.Module) -> Iterator[int]:
-    """Within the block every quantized module (``QuantizedLinear``, ``NormalFloatLinear``) of ``model`` dequantizes its weight once and reuses it:
+    """Within the block every quantized module (``QuantizedLinear``, ``NormalFloatLinear``, a low-rank module's
+    integer factors) of ``model`` dequantizes its weight once and reuses it:
     the same numbers as dequantizing on each call, a dense layer's speed, the memory of a dense weight more.
     Yields how many modules it caches. For evaluation; the stored (packed) tensors are not touched."""
     quantized = [m for m in model.modules() if isinstance(m, QUANTIZED_KINDS)]

@@ -449,6 +449,9 @@ def _first(output):
 
 
 def _params(module: nn.Module) -> int:
+    """Parameters of a module: its own count where it has one (a low-rank module's integer factors count)."""
+    if hasattr(module, "num_parameters"):
+        return module.num_parameters()
     return sum(p.numel() for p in module.parameters())
 
 
@@ -468,6 +471,8 @@ def log_entry(step: StepPlan, name: str, target: Target | None, outcome: Outcome
     else:
         entry.update(kind=getattr(outcome.module, "kind", type(outcome.module).__name__), rank=outcome.rank,
                      params_after=_params(outcome.module), bytes_after=_bytes(outcome.module))
+        if getattr(outcome.module, "factor_bits", 16) < 16:  # low-rank factors stored as integers
+            entry["factor_bits"] = outcome.module.factor_bits
         entry.update(_errors(target, outcome.module) if group_error is None and target is not None
                      else {"rel_error": None, "rel_group_output_error": group_error})
         if outcome.note:

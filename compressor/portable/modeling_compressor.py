@@ -19,7 +19,8 @@ with ``model_type`` set to ``compressor-<base>``, which stock loaders refuse unl
 Module kinds (weights are (out, in) = (m, n), the ``nn.Linear`` layout):
 
 - ``dense``: ``nn.Linear`` or GPT-2's ``Conv1D`` of a new shape (or a compensated module's base);
-- ``low_rank``: ``up(down(x))``, down (r, in), up (out, r) + bias;
+- ``low_rank``: ``up(down(x))``, down (r, in), up (out, r) + bias; with ``factor_bits`` 8 each factor is stored
+  as a per-row symmetric ``quantized`` linear;
 - ``cur``: ``((x Rᵀ) Uᵀ) Cᵀ + b``, C (out, r), U (r, r), R (r, in), kept row/col indices (r,);
 - ``quantized``: compressed-tensors ``pack-quantized`` buffers, dequantized on each call;
 - ``normal_float``: blockwise NormalFloat codes with double-quantized scales (LQ-LoRA), dequantized on each call;
@@ -200,18 +201,26 @@ class LowRankLinear(RankedLinear):
     """``y = (x downᵀ) upᵀ + b``: a rank-r factorization ``W ≈ up @ down`` of a linear.
 
     down: (r, in) ("A", lora_A), up: (out, r) ("B", lora_B). Stored as two ``nn.Linear`` so the
-    state dict reads ``<name>.down.weight``, ``<name>.up.weight``, ``<name>.up.bias``.
+    state dict reads ``<name>.down.weight``, ``<name>.up.weight``, ``<name>.up.bias``. With ``factor_bits``
+    below 16 (8: the factorizing methods' ``factor_bits: 8``) each factor is a symmetric per-row
+    ``QuantizedLinear`` instead (``<name>.down.weight_packed``, ``.weight_scale``, ``.weight_shape``; the bias
+    is ``<name>.up.bias``), dequantized on each call; the spec then records ``factor_bits``.
     """
 
     kind = "low_rank"
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
-                 dense_class: str = "Linear", dtype: torch.dtype | None = None, device: Any = None) -> None:
+                 dense_class: str = "Linear", dtype: torch.dtype | None = None, device: Any = None,
+                 factor_bits: int = 16) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.dense_class = dense_class
-        self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)  # (r, in)
-        self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)  # (out, r)
+        self.dense_class, self.factor_bits = dense_class, factor_bits
+        if factor_bits < 16:  # per-row symmetric integers: (r, in) and (out, r), one scale per row
+            self.down = QuantizedLinear(in_features, rank, factor_bits, None, True, False, dtype=dtype, device=device)
+            self.up = QuantizedLinear(rank, out_features, factor_bits, None, True, bias, dtype=dtype, device=device)
+        else:
+            self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)  # (r, in)
+            self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)  # (out, r)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.up(self.down(x))
@@ -219,6 +228,21 @@ class LowRankLinear(RankedLinear):
     @property
     def bias(self) -> Tensor | None:
         return self.up.bias
+
+    def spec(self) -> dict[str, Any]:
+        spec = super().spec()
+        return spec if self.factor_bits == 16 else {**spec, "factor_bits": self.factor_bits}
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, rank: int, bias: bool, dense_class: str = "Linear",
+              dtype: torch.dtype | None = None, device: Any = None, factor_bits: int = 16,
+              **_: Any) -> "LowRankLinear":
+        return cls(in_features, out_features, rank, bias, dense_class, dtype=dtype, device=device,
+                   factor_bits=factor_bits)
+
+    def extra_repr(self) -> str:
+        bits = "" if self.factor_bits == 16 else f", factor_bits={self.factor_bits}"
+        return super().extra_repr() + bits
 
 
 
