@@ -178,7 +178,7 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
     # run would; fisher-pass-no-checkpointing: the same on 4 windows without gradient checkpointing, and
     # fisher-pass-axis with per-column sums only (fwsvd's fisher_store: axis) (memory only, cache
     # untouched). fwsvd-0.2 and fwsvd-0.4 then read the Fisher from the cache
-    # (breakdown.prepare = fingerprint + load; their logs say fisher_cache: hit): the pass runs once.
+    # (breakdown.fisher = fingerprint + load; their logs say fisher_cache: hit): the pass runs once.
     "fwsvd": [
         ("fisher-pass", {"fisher_pass": {"checkpointing": True, "n_samples": 32, "write_cache": True}}),
         ("fisher-pass-no-checkpointing", {"fisher_pass": {"checkpointing": False, "n_samples": 4}}),
