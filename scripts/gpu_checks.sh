@@ -32,18 +32,21 @@ if [ "${1:-}" = "--smoke" ]; then
   device=cpu
   model=$("$PYTHON" scripts/bench_memory.py --hidden 256 --layers 2 --checkpoint-only | tail -1)
   speed=(--smoke --model "$model" --no-dense --only plain-forward lord gptq-w4-g64-act-order
-         llmcompressor-gptq-w4-g64-act-order --contention gptq-w4-g64-act-order)
+         llmcompressor-gptq-w4-g64-act-order)
+  contention=(--contention gptq-w4-g64-act-order)  # the first dtype only
   memory=(--hidden 256 --layers 2 --dtype float32)
 else
   device=cuda
   speed=(--resume)
+  contention=()
   memory=(--layers 8 --dtype bfloat16)
 fi
 for dtype in float32 bfloat16; do
   json=bench-speed-$device-$dtype.json
-  [ -f "results/gpu/$json" ] && [ "$device" = cuda ] && cp "results/gpu/$json" "$OUT/"
+  if [ "$device" = cuda ] && [ -f "results/gpu/$json" ]; then cp "results/gpu/$json" "$OUT/"; fi
   part "speed-$dtype" "$PYTHON" scripts/bench.py --suite speed --device "$device" --dtype "$dtype" \
-    --out "$OUT/$json" "${speed[@]}"
+    --out "$OUT/$json" "${speed[@]}" ${contention[@]+"${contention[@]}"}
+  contention=()
 done
 part memory-1b-width "$PYTHON" scripts/bench_memory.py --recipes lord-lean gptq --device "$device" \
   --out "$OUT/bench-memory-$device.json" "${memory[@]}"
