@@ -10,7 +10,7 @@ skips the dense run; --dtype: the model's dtype while compressing (and in the sp
 --contention runs the named configurations (none named: every run of the suite with "gptq" in its name) a
 second time right after their quiet run, beside one other CPU-bound process (a python busy loop started and
 killed here): the run named NAME-contended, with contended_over_quiet (its wall time ÷ the quiet run's).
-The speed suite (``SPEED``): one plain forward, then every shipped recipe whole, then llm-compressor's GPTQ
+The speed suite (``speed_suite``): one plain forward, then every shipped recipe whole, and llm-compressor's GPTQ
 in its own environment (``peer_run``; skipped with a note where .venv-llmc is absent).
 At the end it redraws results/ppl-vs-bytes.png (perplexity against bytes on disk, log scales, every run of
 every suite: scripts/plot_bench.py) where matplotlib is installed.

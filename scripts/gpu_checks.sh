@@ -10,7 +10,7 @@
 # part is recorded in $OUT/gpu-checks.json and the next one runs. The suites resume from results/gpu/, so a
 # second call continues where a cut one stopped.
 #   --smoke: the same path on the CPU with a tiny random Llama (hidden 256, 2 layers) and a small protocol, in
-#            about a minute (tests/test_gpu_checks.py runs it in the default test run).
+#            a few minutes on 2 cores (tests/test_gpu_checks.py runs it in the default test run).
 # Usage: OUT=/tmp/out scripts/gpu_checks.sh [--smoke]
 set -euo pipefail
 cd "$(dirname "$0")/.."
