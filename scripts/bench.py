@@ -1,12 +1,17 @@
 """Benchmarks on the offline default model (SmolLM2-135M), written as JSON.
 
     python scripts/bench.py --suite lord [--out results/bench-lord.json] [--only NAME ...] [--resume]
-                            [--no-speed] [--device cuda]
+                            [--no-speed] [--device cuda] [--dtype bfloat16] [--contention [NAME ...]]
 
 --only runs the named configurations in the order given; --resume keeps the finished runs already in
 the output file (dense included) and runs only the missing or failed ones; --no-speed skips each run's
 own plain-forward measurement (run_over_plain_forward is then computed against the dense run's); --no-dense
-skips the dense run.
+skips the dense run; --dtype: the model's dtype while compressing (and in the speed suite's plain forward);
+--contention runs the named configurations (none named: every run of the suite with "gptq" in its name) a
+second time right after their quiet run, beside one other CPU-bound process (a python busy loop started and
+killed here): the run named NAME-contended, with contended_over_quiet (its wall time ÷ the quiet run's).
+The speed suite (``speed_suite``): one plain forward, then every shipped recipe whole, and llm-compressor's GPTQ
+in its own environment (``peer_run``; skipped with a note where .venv-llmc is absent).
 At the end it redraws results/ppl-vs-bytes.png (perplexity against bytes on disk, log scales, every run of
 every suite: scripts/plot_bench.py) where matplotlib is installed.
 
@@ -28,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +42,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m"
 CALIBRATION = {"dataset": "sotu", "n_samples": 32, "seq_len": 512, "seed": 0, "batch_size": 8}
+HELDOUT = {"dataset": "sotu 2000-", "tokens": 40960, "seq_len": 512}
+if os.environ.get("COMPRESSOR_BENCH_SMOKE"):  # --smoke (scripts/gpu_checks.sh --smoke): the same paths, less data
+    CALIBRATION = {**CALIBRATION, "n_samples": 8, "seq_len": 128, "batch_size": 4}
+    HELDOUT = {**HELDOUT, "tokens": 4096}
 
 
 def lord(whiten: str, ratio: float, propagate: str = "compressed", **config) -> dict:
@@ -180,7 +190,7 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
     # run would; fisher-pass-no-checkpointing: the same on 4 windows without gradient checkpointing, and
     # fisher-pass-axis with per-column sums only (fwsvd's fisher_store: axis) (memory only, cache
     # untouched). fwsvd-0.2 and fwsvd-0.4 then read the Fisher from the cache
-    # (breakdown.prepare = fingerprint + load; their logs say fisher_cache: hit): the pass runs once.
+    # (breakdown.fisher = fingerprint + load; their logs say fisher_cache: hit): the pass runs once.
     "fwsvd": [
         ("fisher-pass", {"fisher_pass": {"checkpointing": True, "n_samples": 32, "write_cache": True}}),
         ("fisher-pass-no-checkpointing", {"fisher_pass": {"checkpointing": False, "n_samples": 4}}),
@@ -278,6 +288,42 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
           for mode in ("routed", "all") for name, recipe in MOE_RECIPES.items()],
     ],
 }
+# The speed suite: one plain forward of the calibration data (the yardstick), every shipped recipe run whole
+# (load, calibration, walk, save; recipes/*.yaml as users run them, with the protocol's calibration), and GPTQ
+# with llm-compressor's settings (W4A16, group 64, asymmetric, act-order static, no EoRA) by us and then by
+# llm-compressor in its own environment, one right after the other.
+PEER = "llmcompressor-gptq-w4-g64-act-order"
+PEER_AFTER = "gptq-w4-g64-eora-r64"  # the shipped recipe the matched pair follows
+
+
+def speed_suite() -> list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]:
+    runs: list = [("plain-forward", {"plain_forward": True})]
+    for name in sorted(path.stem for path in (ROOT / "recipes").glob("*.yaml")):
+        runs.append((name, lambda done, recipe=name: shipped(recipe)))
+        if name == PEER_AFTER:
+            runs += [("gptq-w4-g64-act-order", sequential(compensated(quantize("gptq", 4, 64, act_order=True,
+                                                                               damp=0.01)))),
+                     (PEER, {"peer": "llmcompressor", "bits": 4, "group_size": 64, "symmetric": False,
+                             "actorder": "static", "dampening_frac": 0.01})]
+    return runs
+
+
+SUITES["speed"] = speed_suite()
+# the speed suite's phases (walk_seconds and the run's own seconds) in the columns of its table
+SPEED_COLUMNS = {
+    "wall_seconds": "the whole run (load, calibration data, model-level passes, layer walk, save)",
+    "cpu_seconds": "CPU seconds of all its threads (user + system)",
+    "compression_peak_rss_mib": "peak resident memory of the run (before its evaluation)",
+    "run_over_plain_forward": "wall_seconds ÷ the plain-forward run's (one forward of the calibration windows)",
+    "phases": "seconds by phase: load (model and calibration text), statistics_forwards (layer forwards that "
+              "collect statistics, and the capture of the first layer's inputs), accumulation (Grams, Hessians), "
+              "decomposition, propagation (forwards to the next layer's inputs), model_passes (Fisher, block "
+              "influence, layer selection, LQ-LoRA pricing, rank decisions), save, other (the rest)",
+    "contended_over_quiet": "a NAME-contended run's wall time ÷ the quiet run's (one busy process beside it)"}
+PHASE_COLUMNS = {"load": ("load", "calibration_data"), "statistics_forwards": ("capture", "statistics_forward"),
+                 "accumulation": ("statistics_accumulation",), "decomposition": ("decomposition",),
+                 "propagation": ("propagation",),
+                 "model_passes": ("prepare", "fisher", "block_influence", "selection", "pricing"), "save": ("save",)}
 MODELS = {name: "upcycled" for name, _ in SUITES["moe"] if name.startswith("moe-")}  # run → model (else MODEL)
 
 
@@ -355,7 +401,7 @@ ON_CALIBRATION = ("quality",)  # suites that also report the perplexity on the c
 def heldout(tokenizer):
     from compressor.calibration import sotu
 
-    return sotu.SOURCE.evaluation(tokenizer, 512, 40960)
+    return sotu.SOURCE.evaluation(tokenizer, HELDOUT["seq_len"], HELDOUT["tokens"])
 
 
 def calibration_set(tokenizer):
@@ -428,7 +474,7 @@ def stored_bits_per_weight(log: list[dict]) -> float | None:
 
 
 def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu", stream: bool = False,
-            on_calibration: bool = False) -> dict:
+            on_calibration: bool = False, dtype: str = "float32") -> dict:
     """Compress, save, and evaluate one configuration (in this process). ``stream``: compress with
     ``--stream`` and evaluate the output as ``compressor.load`` reads it back; ``on_calibration``: the
     perplexity on the calibration windows too."""
@@ -439,8 +485,9 @@ def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu
     recipe = recipes.parse(recipe_data, name)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / name
-        cpu = time.process_time()
-        summary = api.compress(MODEL, recipe, out, progress=False, device=device, stream=stream)
+        wall, cpu = time.perf_counter(), time.process_time()
+        summary = api.compress(MODEL, recipe, out, progress=False, device=device, stream=stream, dtype=dtype)
+        wall = time.perf_counter() - wall  # the whole run: load, calibration data, walk, save
         cpu = time.process_time() - cpu  # CPU seconds of all threads: unaffected by waiting (contention, SIGSTOP)
         disk = bytes_on_disk(out)
         if stream:  # the run's model is a skeleton: its weights went to the output
@@ -465,7 +512,9 @@ def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu
 
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(MODEL)[0])
     ppl = perplexity(model, heldout(tokenizer), batch_size=8)
-    return {"name": name, "recipe": recipe_data, "perplexity": ppl["value"],
+    return {"name": name, "recipe": recipe_data, "perplexity": ppl["value"], "wall_seconds": wall,
+            "cpu_seconds": cpu, "dtype": dtype, "device": device,
+            "phases": phase_columns({**summary["seconds"], **summary["walk_seconds"]}, wall),
             **({"calibration_perplexity": calibration_perplexity(model, calibration_set(tokenizer))}
                if on_calibration else {}),
             "parameters": summary["params_after"], "parameters_before": summary["params_before"],
@@ -482,6 +531,111 @@ def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu
             "bits_per_weight_all": stored_bits_per_weight(log), "steps": summary["steps"],
             "decisions": [{k: v for k, v in (d["decision"] or {}).items() if k not in ("matrices", "ranks")}
                           for d in summary["plan"].decisions()]}
+
+
+def phase_columns(seconds: dict[str, float], wall: float) -> dict[str, float]:
+    """A run's seconds (``seconds`` and ``walk_seconds`` of its summary) in the speed table's columns
+    (``PHASE_COLUMNS``), and ``other``: the rest of its wall time (module swaps, the log, checks)."""
+    columns = {column: sum(seconds.get(phase, 0.0) for phase in phases) for column, phases in PHASE_COLUMNS.items()}
+    columns["other"] = wall - sum(columns.values())
+    return columns
+
+
+def torch_dtype(name: str):
+    import torch
+
+    from compressor.model.loading import DTYPES
+
+    return DTYPES[name] if name in DTYPES else getattr(torch, name)
+
+
+def run_plain_forward(name: str, device: str = "cpu", dtype: str = "float32") -> dict:
+    """The speed suite's yardstick: the dense model loaded, then one plain forward over the calibration windows
+    in the protocol's batches (after a one-window warm-up): its wall and CPU seconds, and the peak RSS."""
+    import torch
+
+    from compressor.model import loading as models
+
+    start = time.perf_counter()
+    model, tokenizer = models.load(MODEL, torch_dtype(dtype), device)
+    load_s = time.perf_counter() - start
+    windows = calibration_set(tokenizer).to(device)  # (32, 512)
+    with torch.no_grad():
+        model(input_ids=windows[:1], use_cache=False)  # warm-up
+        synchronize(device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for batch in windows.split(CALIBRATION["batch_size"]):
+            model(input_ids=batch, use_cache=False)
+        synchronize(device)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"name": name, "wall_seconds": wall, "cpu_seconds": cpu, "load_seconds": load_s, "dtype": dtype,
+            "device": device, "tokens": windows.numel(), "threads": torch.get_num_threads(),
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# the peer environment (LLMC_PYTHON: another one; a path that does not exist skips the peer row)
+PEER_PYTHON = Path(os.environ.get("LLMC_PYTHON", ROOT / ".venv-llmc" / "bin" / "python"))
+
+
+def peer_run(name: str, settings: dict, device: str = "cpu", dtype: str = "float32") -> dict:
+    """llm-compressor's GPTQ (``settings``) on the same model and calibration token ids, in its own environment
+    (scripts/peer_llmcompressor.py run by .venv-llmc's python: its wall and CPU seconds and peak RSS), then the
+    output's held-out perplexity as ``compressor eval`` loads it (``evaluation.generation.load_any``)."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from compressor.errors import CompressorError
+    from compressor.evaluation.evaluate import bytes_on_disk, perplexity
+    from compressor.evaluation.generation import load_any
+    from compressor.model import loading as models
+
+    source = models.resolve(MODEL)[0]
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = Path(tmp) / "calibration.safetensors"
+        save_file({"input_ids": calibration_set(tokenizer).contiguous()}, str(ids))  # (32, 512): our windows
+        out = Path(tmp) / "out"
+        dense = Path(tmp) / "dense"  # the output decoded to dense weights by llm-compressor's own libraries
+        job = {"model": source, "calibration": str(ids), "out": str(out), "dense_out": str(dense), "device": device,
+               "dtype": dtype,
+               "batch_size": CALIBRATION["batch_size"], **{k: v for k, v in settings.items() if k != "peer"}}
+        done = subprocess.run([str(PEER_PYTHON), str(ROOT / "scripts" / "peer_llmcompressor.py"), json.dumps(job)],
+                              capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": ""})  # nothing of this checkout on its path
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()
+            return {"name": name, "recipe": settings, "error": tail[-1] if tail else "failed"}
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        try:
+            model, tokenizer, _ = load_any(str(out))
+            loader = "compressor eval (evaluation.generation.load_any) of the compressed-tensors output"
+        except CompressorError as exc:  # our loader's checks refuse llm-compressor's packed zero points
+            model, tokenizer, _ = load_any(str(dense))
+            loader = f"compressor eval of the output decoded by llm-compressor's libraries (the output: {exc})"
+        result.update(name=name, recipe=settings, bytes_on_disk=bytes_on_disk(out), perplexity_loader=loader,
+                      perplexity=perplexity(model, heldout(tokenizer), batch_size=8)["value"])
+    return result
+
+
+@contextmanager
+def cpu_bound_peer():
+    """One other CPU-bound process beside the block (a python busy loop); yields a dict that gets its CPU
+    seconds once it is killed."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    record: dict = {"contended_by": "one python busy loop (one thread)"}
+    try:
+        yield record
+    finally:
+        busy.kill()
+        _, _, usage = os.wait4(busy.pid, 0)
+        record["peer_cpu_seconds"] = usage.ru_utime + usage.ru_stime
 
 
 def stock_perplexity(out: Path) -> dict | None:
@@ -560,13 +714,46 @@ def rank_run(job: dict) -> None:
 
 
 def subprocess_run(name: str, recipe_data: dict | None, speed: bool = True, device: str = "cpu",
-                   stream: bool = False, on_calibration: bool = False, model: str | None = None) -> dict:
+                   stream: bool = False, on_calibration: bool = False, model: str | None = None,
+                   dtype: str = "float32") -> dict:
+    """One configuration in a process of its own (``--one``): its result, or its error's last line."""
+    if recipe_data is not None and recipe_data.get("peer") and not PEER_PYTHON.exists():
+        return {"name": name, "recipe": recipe_data,
+                "skipped": f"no {PEER_PYTHON} here (scripts/setup_llmcompressor.sh makes .venv-llmc)"}
     payload = json.dumps({"name": name, "recipe": recipe_data, "speed": speed, "device": device, "stream": stream,
-                          "on_calibration": on_calibration, "model": model})
+                          "on_calibration": on_calibration, "model": model, "dtype": dtype})
     done = subprocess.run([sys.executable, __file__, "--one", payload], capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         return {"name": name, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_job(name: str, recipe_data, done: dict[str, dict], args, beside: bool = False) -> dict:
+    """One configuration of the suite in a process of its own (``beside``: with a CPU-bound process beside it);
+    in the speed suite, its wall time over the plain-forward run's."""
+    try:
+        recipe_data = recipe_data(done) if callable(recipe_data) else recipe_data
+    except KeyError as exc:  # the run it matches did not run or failed
+        return {"name": name, "error": f"needs the result of an earlier run: {exc}"}
+    model = upcycled() if MODELS.get(name) == "upcycled" else args.model
+    with cpu_bound_peer() if beside else nullcontext({}) as peer:
+        result = spread_run(name, recipe_data, *SPREAD[name], device=args.device) if name in SPREAD else \
+            subprocess_run(name, recipe_data, speed=not args.no_speed and args.suite != "speed", device=args.device,
+                           stream=args.stream, on_calibration=args.suite in ON_CALIBRATION, model=model,
+                           dtype=args.dtype)
+    result.update(peer)
+    result["name"] = name  # the dense run of another model is named by the suite (moe-dense)
+    if model is not None:
+        result["model"] = model
+    plain, dense = done.get("plain-forward"), done.get("dense")
+    if args.suite == "speed" and plain and "wall_seconds" in result and name != "plain-forward":
+        result["run_over_plain_forward"] = result["wall_seconds"] / plain["wall_seconds"]
+        result["plain_forward_from"] = "plain-forward"
+    elif result.get("run_over_plain_forward", 0) is None and dense:
+        seconds = sum(v for k, v in result["seconds"].items() if k != "load")
+        result["run_over_plain_forward"] = seconds / dense["seconds"]["plain_forward"]
+        result["plain_forward_from"] = "dense"
+    return result
 
 
 def main() -> None:
@@ -579,9 +766,17 @@ def main() -> None:
     parser.add_argument("--no-dense", action="store_true", help="skip the dense run (kept from the file with --resume)")
     parser.add_argument("--device", default="cpu", help="compute device of the compression (cpu, cuda, ...)")
     parser.add_argument("--stream", action="store_true", help="compress with --stream (weights read per layer)")
+    parser.add_argument("--dtype", default="float32", help="the model's dtype while compressing (float32, bfloat16)")
+    parser.add_argument("--contention", nargs="*", metavar="NAME",
+                        help="run these again beside one CPU-bound process (none named: every run named *gptq*)")
+    parser.add_argument("--model", help="another model than the default (a folder: the GPU script's smoke model)")
+    parser.add_argument("--smoke", action="store_true", help="a small protocol (8 × 128 calibration tokens, 4,096 "
+                        "held-out): the suite's code paths in seconds on a tiny --model")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--rank-run", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke and not os.environ.get("COMPRESSOR_BENCH_SMOKE"):  # again, with the small protocol everywhere
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "COMPRESSOR_BENCH_SMOKE": "1"})
     if args.rank_run:
         rank_run(json.loads(args.rank_run))
         return
@@ -594,50 +789,49 @@ def main() -> None:
             result = run_dense(job.get("on_calibration", False))
         elif "fisher_pass" in job["recipe"]:
             result = run_fisher_pass(job["name"], job["recipe"]["fisher_pass"])
+        elif "plain_forward" in job["recipe"]:
+            result = run_plain_forward(job["name"], job["device"], job["dtype"])
+        elif "peer" in job["recipe"]:
+            result = peer_run(job["name"], job["recipe"], job["device"], job["dtype"])
         else:
             result = run_one(job["name"], job["recipe"], job.get("speed", True), job.get("device", "cpu"),
-                             job.get("stream", False), job.get("on_calibration", False))
+                             job.get("stream", False), job.get("on_calibration", False), job.get("dtype", "float32"))
         print(json.dumps(result))
         return
     out = args.out or ROOT / "results" / f"bench-{args.suite}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = {"model": MODEL, "calibration": CALIBRATION,
-               "heldout": {"dataset": "sotu 2000-", "tokens": 40960, "seq_len": 512},
-               "environment": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}, "runs": []}
+    environment = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    results = {"model": args.model or MODEL, "calibration": CALIBRATION, "heldout": HELDOUT, "device": args.device,
+               "dtype": args.dtype, "environment": environment,
+               **({"columns": SPEED_COLUMNS} if args.suite == "speed" else {}), "runs": []}
     suite = dict(SUITES[args.suite])
-    unknown = [n for n in args.only or [] if n not in suite]
+    unknown = [n for n in [*(args.only or []), *(args.contention or [])] if n not in suite]
     if unknown:
         parser.error(f"not in suite {args.suite}: {', '.join(unknown)}")
     jobs = [] if args.no_dense else [("dense", None)]
     jobs += [(n, suite[n]) for n in (args.only or suite)]
+    # every *gptq* run of ours where --contention names none (the done-when's: a GPTQ run beside a busy process)
+    contended = set(args.contention or [n for n in suite if "gptq" in n and n != PEER]) \
+        if args.contention is not None else set()
     done: dict[str, dict] = {}
     if args.resume and out.exists():
         kept = [r for r in json.loads(out.read_text())["runs"] if "error" not in r]
         results["runs"] = kept
         done = {r["name"]: r for r in kept}
-        jobs = [(n, r) for n, r in jobs if n not in done]
     for name, recipe_data in jobs:
-        try:
-            recipe_data = recipe_data(done) if callable(recipe_data) else recipe_data
-        except KeyError as exc:  # the run it matches did not run or failed
-            result = {"name": name, "error": f"needs the result of an earlier run: {exc}"}
-        else:
-            model = upcycled() if MODELS.get(name) == "upcycled" else None
-            result = spread_run(name, recipe_data, *SPREAD[name], device=args.device) if name in SPREAD else \
-                subprocess_run(name, recipe_data, speed=not args.no_speed, device=args.device, stream=args.stream,
-                               on_calibration=args.suite in ON_CALIBRATION, model=model)
-            result["name"] = name  # the dense run of another model is named by the suite (moe-dense)
-            if model is not None:
-                result["model"] = model
-            dense = done.get("dense")
-            if result.get("run_over_plain_forward", 0) is None and dense:
-                seconds = sum(v for k, v in result["seconds"].items() if k != "load")
-                result["run_over_plain_forward"] = seconds / dense["seconds"]["plain_forward"]
-                result["plain_forward_from"] = "dense"
-        done[name] = result
-        results["runs"] = [r for r in results["runs"] if r["name"] != name] + [result]
-        print(json.dumps({k: result.get(k) for k in ("name", "perplexity", "seconds", "error")}), flush=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        variants = [(name, False)] + ([(f"{name}-contended", True)] if name in contended else [])
+        for run_name, beside in variants:
+            if run_name in done:
+                continue
+            result = run_job(run_name, recipe_data, done, args, beside)
+            if beside and "wall_seconds" in done.get(name, {}) and "wall_seconds" in result:
+                result["quiet_wall_seconds"] = done[name]["wall_seconds"]
+                result["contended_over_quiet"] = result["wall_seconds"] / done[name]["wall_seconds"]
+            done[run_name] = result
+            results["runs"] = [r for r in results["runs"] if r["name"] != run_name] + [result]
+            print(json.dumps({k: result.get(k) for k in ("name", "perplexity", "wall_seconds", "seconds", "error",
+                                                         "skipped")}), flush=True)
+            out.write_text(json.dumps(results, indent=2) + "\n")
     try:  # perplexity against bytes on disk for every run of every suite in that folder (the README's plot)
         import plot_bench
 

@@ -116,14 +116,16 @@ def disk_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def run(checkpoint: Path, recipe: str, n_layers: int, stream: bool = True, dtype: str = "bfloat16") -> dict:
+def run(checkpoint: Path, recipe: str, n_layers: int, stream: bool = True, dtype: str = "bfloat16",
+        device: str = "cpu") -> dict:
     """One compression in a subprocess: its peak RSS, wall time, time per layer."""
     with tempfile.TemporaryDirectory() as tmp:
         recipe_file = Path(tmp) / f"{recipe}.yaml"
         recipe_file.write_text(json.dumps(RECIPES[recipe]))  # JSON is YAML
         out = Path(tmp) / "out"
         command = [sys.executable, "-m", "compressor.cli", "compress", str(checkpoint), "--recipe",
-                   str(recipe_file), "--out", str(out), "--dtype", dtype, "--quiet"]
+                   str(recipe_file), "--out", str(out), "--dtype", dtype, "--device", device,
+                   "--quiet"]
         if stream:
             command.append("--stream")
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -141,7 +143,8 @@ def run(checkpoint: Path, recipe: str, n_layers: int, stream: bool = True, dtype
         peak_mib = None  # an earlier child peaked higher; ru_maxrss of children is a maximum over all of them
     else:
         peak_mib = peak / 1024
-    return {"recipe": recipe, "layers": n_layers, "stream": stream, "dtype": dtype, "peak_rss_mib": peak_mib,
+    return {"recipe": recipe, "layers": n_layers, "stream": stream, "dtype": dtype, "device": device,
+            "peak_rss_mib": peak_mib,
             "seconds": seconds, "seconds_per_layer": seconds / n_layers, "output_bytes": output_bytes,
             "params_before": manifest["params_before"], "params_after": manifest["params_after"]}
 
@@ -154,6 +157,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=WIDTH["hidden_size"], help="a narrower model (quick check)")
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype (float32 is much faster on CPUs without "
                         "bf16 units; the bf16 checkpoint is converted layer by layer)")
+    parser.add_argument("--device", default="cpu", help="compute device of the compression (cpu, cuda)")
+    parser.add_argument("--checkpoint-only", action="store_true", help="write the checkpoints, print their folders, "
+                        "run nothing (scripts/gpu_checks.sh's smoke model)")
     parser.add_argument("--merge", type=Path, nargs="+", help="run nothing: write to --out the runs of these "
                         "result files (a later file's run of a recipe and depth replaces an earlier one's)")
     args = parser.parse_args()
@@ -177,6 +183,10 @@ def main() -> None:
         folder = loading.cache_dir() / "bench-memory" / f"llama-hidden-{WIDTH['hidden_size']}-{n}-layers-bf16"
         folder.parent.mkdir(parents=True, exist_ok=True)
         checkpoints[n] = write_checkpoint(folder, n)
+        if args.checkpoint_only:
+            print(checkpoints[n])
+    if args.checkpoint_only:
+        return
     rows = []
     if args.out.is_file():  # keep the runs of an earlier invocation not redone now (verdicts cover them all)
         rows = [r for r in json.loads(args.out.read_text()).get("runs", [])
@@ -184,7 +194,7 @@ def main() -> None:
     # each run in a fresh Python process of its own (run_isolated), so ru_maxrss of children is that run's
     for recipe in args.recipes:
         for n in sorted(args.layers):
-            row = run_isolated(checkpoints[n], recipe, n, args.dtype)
+            row = run_isolated(checkpoints[n], recipe, n, args.dtype, args.device)
             row["checkpoint_bytes"] = disk_bytes(checkpoints[n])
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -213,11 +223,13 @@ def summary(rows: list[dict], dtype: str) -> dict:
                             "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count()}}
 
 
-def run_isolated(checkpoint: Path, recipe: str, n_layers: int, dtype: str = "bfloat16") -> dict:
+def run_isolated(checkpoint: Path, recipe: str, n_layers: int, dtype: str = "bfloat16",
+                 device: str = "cpu") -> dict:
     """``run`` in a fresh Python process of its own, so ``RUSAGE_CHILDREN`` sees only that compression."""
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import bench_memory as b; "
             f"b.WIDTH.update({WIDTH!r}); "
-            f"from pathlib import Path; print(json.dumps(b.run(Path({str(checkpoint)!r}), {recipe!r}, {n_layers}, dtype={dtype!r})))")
+            f"from pathlib import Path; print(json.dumps(b.run(Path({str(checkpoint)!r}), {recipe!r}, {n_layers}, "
+            f"dtype={dtype!r}, device={device!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if done.returncode:

@@ -310,7 +310,7 @@ def test_recipe_api_and_cli(model_dirs, small, tmp_path):
     summary = api.compress(str(model_dirs["llama"]), "fwsvd", tmp_path / "out", overrides=small,
                            progress=False)
     assert summary["compressed"] == summary["modules"] == 14
-    assert summary["walk_seconds"]["prepare"] > 0
+    assert summary["walk_seconds"]["prepare"] > 0 and "fisher" in summary["walk_seconds"]  # its own phase
     result = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "240"})
     assert result.exit_code == 0, result.output
     assert "fwsvd" in result.output and "fisher_cache" in result.output and "axis" in result.output

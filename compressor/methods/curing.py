@@ -56,6 +56,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .. import timing
 from ..config.configs import field
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
@@ -140,6 +141,7 @@ def select_layers(rule: str, n_total: int, count: int, distances: dict[int, floa
     return sorted(chosen)
 
 
+@timing.timed("selection")
 def selection_pass(view: ModelView, *, last_layer: int, distance_layers: set[int], collect: dict[int, list[str]],
                    kinds: frozenset[str], tokens: str = "last") -> tuple[dict[int, float], dict[str, TensorStats]]:
     """One walk through decoder layers 0 … ``last_layer`` of the unmodified model (the rest never runs: no

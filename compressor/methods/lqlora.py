@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import timing
 from ..config.configs import field
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
@@ -271,9 +272,10 @@ class LQLoRA(LinearCompressor):
             for j, config in enumerate(grid):
                 stored[i, j] = nf.stored_bits(config, int(numel[i]))
             if owner[name] == distributed.world().rank:
-                weight = weight_of(visit.module(name)).detach().float().to(view.device)  # (m, n)
-                matrix_fisher = fisher[name].to(view.device) if name in fisher else None
-                priced[name] = self.price(weight, matrix_fisher, grid, view.device, cache)
+                with timing.phase("pricing"):  # every (matrix, configuration)'s decomposition and error
+                    weight = weight_of(visit.module(name)).detach().float().to(view.device)  # (m, n)
+                    matrix_fisher = fisher[name].to(view.device) if name in fisher else None
+                    priced[name] = self.price(weight, matrix_fisher, grid, view.device, cache)
             if name in fisher:
                 self.fisher[name] = fisher.pop(name)  # kept (on the CPU) for the walk's decomposition
         priced = distributed.exchange(priced)

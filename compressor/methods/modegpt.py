@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .. import timing
 from ..config.configs import field
 from ..contract import Compressor, Decision, Group, LayerContext, ModelView, Outcome
 from ..errors import CompressorError
@@ -68,6 +69,7 @@ class MoDeGPTConfig:
             raise ValueError("smoothing and the ridges must be positive")
 
 
+@timing.timed("block_influence")
 def block_influence(view: ModelView) -> list[float]:
     """Per decoder layer: mean over calibration tokens of 1 − cos(input, output hidden state)."""
     influence = []

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .. import timing
 from ..contract import Decision, Group, LayerContext, ModelView, Outcome, Target
 from ..errors import CompressorError, one_line
 from ..kernels.linalg import relative_error
@@ -47,11 +48,11 @@ def decide(model: nn.Module, plan: Plan, batches: dict[str, list[Tensor]], devic
            report: Report) -> None:
     """Each step's model-level decisions, on the model before any step changed it."""
     for step in plan.steps:
-        start = time.perf_counter()
-        view = ModelView(model, step.shapes, plan.model_params, batches.get(step.stream), device, plan.arch)
-        # every rank decides from the same summed statistics; rank 0's record is the one applied everywhere
-        step.apply(distributed.broadcast(step.compressor.decide(view) if step.shapes else None))
-        report.seconds["prepare"] += time.perf_counter() - start
+        # model-level passes inside (fisher, block_influence, selection, pricing) are phases of their own
+        with timing.recording(report.seconds), timing.phase("prepare"):
+            view = ModelView(model, step.shapes, plan.model_params, batches.get(step.stream), device, plan.arch)
+            # every rank decides from the same summed statistics; rank 0's record is the one applied everywhere
+            step.apply(distributed.broadcast(step.compressor.decide(view) if step.shapes else None))
 
 
 def compress_model(model: nn.Module, plan: Plan, batches: dict[str, list[Tensor]] | None, *,

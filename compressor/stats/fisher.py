@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import timing
 from ..errors import CompressorError
 from ..model import loading as models
 from ..model import targets as arch
@@ -349,6 +350,7 @@ def save_cached(key: str, fisher: dict[str, Tensor], metadata: dict[str, str] | 
     return path
 
 
+@timing.timed("fisher")
 def fisher_for(model: nn.Module, batches: list[Tensor] | None, target_names: list[str],
                device: torch.device | str = "cpu", checkpointing: bool = False,
                cache: CacheMode = "use",
