@@ -106,23 +106,38 @@ def compress_in_stages(visit: Visit, plan: Plan, step: StepPlan, specs: list[Gro
     """A step that pairs its statistics with the original model (an output-matching refit), stage by stage
     (``stages``: q/k/v, o, gate/up, down): each stage is compressed on statistics collected after the earlier
     stages' replacements, so it fits the inputs its compressed upstream modules now give, not those of the
-    original layer."""
-    stats = collect(visit, step.stream, [(step, specs)], report, plan)
-    for number, stage in enumerate(stages(specs, stats)):
-        if number:  # the earlier stages changed this stage's inputs: collect them again, for this stage only,
-            # each forward stopped once the stage's modules have run (partial)
-            stats = collect(visit, step.stream, [(step, stage)], report, plan, partial=True)
+    original layer. The original layer runs once (``record_paired``); each stage's forward stops once the
+    stage's modules have run (partial), the first one too unless its stream goes on with the original outputs."""
+    readers = record_paired(visit, plan, step.stream, report)
+    for number, stage in enumerate(stages(specs, readers)):
+        partial = number > 0 or visit.rule(step.stream) != "original"
+        stats = collect(visit, step.stream, [(step, stage)], report, plan, partial=partial)
         compress_groups(visit, plan, step, stage, stats, ctx, originals, report, log_file)
 
 
-def stages(specs: list[GroupSpec], stats: Stats) -> list[list[GroupSpec]]:
-    """``specs`` in order, cut where the input changes: consecutive one-linear groups whose statistics are one
-    shared accumulator (they read the same tensor: q/k/v, gate/up) form a stage; any other group is its own."""
+def record_paired(visit: Visit, plan: Plan, stream: str, report: Report) -> dict[str, str]:
+    """The one forward of the original layer on ``stream``'s reference stream that every paired step of this
+    layer on ``stream`` reads (``Visit.record_reference``): the inputs of their paired modules are kept, and the
+    modules that read one tensor are found (module → the first one reading it)."""
+    paired = [(s, s.groups_in(visit.index)) for s in plan.steps if s.paired and s.stream == stream]
+    watched = watches(visit, [(s, specs) for s, specs in paired if specs], plan.arch)
+    names = {w.name: visit.relative(w.name) for w in watched if w.where == "input"}
+    start = time.perf_counter()
+    readers = visit.record_reference(reference_of(stream), names,
+                                     {w.name for w in watched if w.where == "input" and "cross_gram" in w.kinds})
+    report.seconds["statistics_forward"] += time.perf_counter() - start
+    return readers
+
+
+def stages(specs: list[GroupSpec], readers: dict[str, str]) -> list[list[GroupSpec]]:
+    """``specs`` in order, cut where the input changes: consecutive one-linear groups that read one tensor
+    (``readers``: module → the first module reading its input; q/k/v, gate/up) form a stage; any other group
+    is its own."""
     found: list[list[GroupSpec]] = []
     previous = None
     for spec in specs:
-        shared = stats.get((spec.module_name("linear"), "input")) if len(spec.members) == 1 else None
-        if found and shared is not None and shared is previous:
+        shared = readers.get(spec.module_name("linear")) if len(spec.members) == 1 else None
+        if found and shared is not None and shared == previous:
             found[-1].append(spec)
         else:
             found.append([spec])
@@ -317,7 +332,7 @@ def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSp
     distance = [r for step, _ in wanted for r in step.requests if r.statistic == "angular_distance"]
     start = time.perf_counter()
     with calibrating_all(visit.layer, visit.prefix) if plan.moe_calibration == "all" else nullcontext():
-        if any(step.paired for step, _ in wanted):  # a reference batch first, then the same batch here
+        if any(step.paired for step, _ in wanted):  # with the reference inputs of the same batch
             names = {w.name: visit.relative(w.name) for w in collector.watches if w.where == "input"}
             outputs = visit.forward_paired(stream, reference_of(stream), collector, names, partial and not distance)
         else:
