@@ -30,7 +30,7 @@ from ..parallel import distributed
 from ..plan.compile import GroupSpec, Plan, StepPlan
 from ..stats.accumulators import FP32_GRAM, TENSOR_STATISTICS, DistanceStats, PendingStats, for_matrix
 from ..stats.hooks import Collector, Watch
-from ..walk.layers import DEFAULT_STREAM, Visit, base_stream, reference_of, run_layer, walk
+from ..walk.layers import DEFAULT_STREAM, StopForward, Visit, base_stream, reference_of, run_layer, walk
 
 Stats = dict[tuple[str, str], Any]  # (module name, "input" | "output" | "layer") → TensorStats | DistanceStats
 
@@ -437,16 +437,22 @@ def _changes_shape(visit: Visit, name: str, outcome: Outcome) -> bool:
 
 def _group_output_error(visit: Visit, group: Group, outcomes: dict[str, Outcome]) -> float | None:
     """Swap a shape-changing group's replacements in; the relative error of the group's output (the block's,
-    or the layer's where the block is no module) on the first calibration batch, None without data."""
+    or the layer's where the block is no module) on the first calibration batch (the layer run only as far as
+    the group), None without data."""
     stream = visit.streams.get(DEFAULT_STREAM) or next(iter(visit.streams.values()), None)
     probe = group.block if group.block is not None else visit.layer
     name = group.name if group.block is not None else None
     captured: dict[str, Any] = {}
     if stream is not None:
-        handle = probe.register_forward_hook(
-            lambda m, args, kwargs, out: captured.update(args=args, kwargs=kwargs, out=_first(out)), with_kwargs=True)
+        def capture(module, args, kwargs, out):  # the rest of the layer is not needed
+            captured.update(args=args, kwargs=kwargs, out=_first(out))
+            raise StopForward
+
+        handle = probe.register_forward_hook(capture, with_kwargs=True)
         try:
             run_layer(visit.layer, stream.inputs[:1], visit.device, visit.offload)
+        except StopForward:
+            pass
         finally:
             handle.remove()
     for key, outcome in outcomes.items():
