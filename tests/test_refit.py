@@ -160,7 +160,9 @@ def test_later_stages_stop_once_their_modules_have_run(vocab_size, batches):
     a reference forward per stage and full forwards would make 9. Same outputs: scripts/golden.py compares them
     bit for bit."""
     model = build_model("llama", vocab_size)
-    calls = []
+    calls, attention = [], []
     model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: calls.append(1))
+    model.model.layers[0].self_attn.register_forward_pre_hook(lambda module, args: attention.append(1))
     run_steps(model, [{"method": "lord", "config": {"ratio": 0.3, "whiten": "gram", "refit": "outputs"}}], batches)
     assert len(calls) == 4 * len(batches)
+    assert len(attention) == 6 * len(batches)  # the reference pass, the four stages, the propagation

@@ -227,14 +227,21 @@ class Visit:
         for item in theirs.inputs:
             with record_inputs(self.layer, names, self.readers) as recorded:
                 outputs += run_layer(self.layer, [item], self.device, self.offload, self.spill)
-            kept.append({name: self._keep(x) for name, x in recorded.items() if name in paired})
+            kept.append(self._keep({name: x for name, x in recorded.items() if name in paired}))
         self.recorded[reference] = set(paired)
         theirs.outputs, theirs.original, theirs.stale = outputs, outputs, False
         return self.readers
 
-    def _keep(self, x: Tensor) -> Tensor:
-        x = x.to(self.offload)
-        return self.spill.store(x) if self.spill is not None else x
+    def _keep(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``inputs`` on offload (spilled past the memory budget), modules reading one tensor still sharing one."""
+        moved: dict[tuple, Tensor] = {}
+        for name, x in inputs.items():
+            key = (x.data_ptr(), tuple(x.shape), x.dtype)
+            if key not in moved:
+                moved[key] = x.to(self.offload)
+                moved[key] = self.spill.store(moved[key]) if self.spill is not None else moved[key]
+            inputs[name] = moved[key]
+        return inputs
 
     def forward_paired(self, stream: str, reference: str, collector: Collector,
                        names: dict[str, str], partial: bool = False) -> list[Tensor] | None:
