@@ -3,6 +3,7 @@ bit for bit against a saved run.
 
     python scripts/golden.py save  [--dir DIR]    # run every (recipe, arch) and keep the outputs
     python scripts/golden.py check [--dir DIR]    # run again and compare with the saved outputs
+    python scripts/golden.py save --only 'lord|modegpt'  # only the runs whose name (arch/run) matches
 
 Kept per run: every tensor of the written checkpoint (model and adapter), the logits of the reloaded
 model on fixed ids, and the per-module ranks of the log. DIR defaults to the user's cache
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -39,7 +41,7 @@ VARIANTS = [
 ]
 
 
-def run_all(root: Path) -> dict[str, dict[str, torch.Tensor]]:
+def run_all(root: Path, only: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
     import conftest
     from safetensors.torch import load_file
 
@@ -59,6 +61,8 @@ def run_all(root: Path) -> dict[str, dict[str, torch.Tensor]]:
         tokenizer.save_pretrained(model_dir)
         runs = [(name, name, []) for name in sorted(shipped())] + VARIANTS
         for name, recipe, variant in runs:
+            if only is not None and not re.search(only, f"{arch}/{name}"):
+                continue
             overrides = [*conftest.SMALL_CALIBRATION, f"calibration.dataset={text}"]
             for method, extra in TINY.items():
                 if f"method: {method}" in shipped()[recipe].read_text():
@@ -90,9 +94,11 @@ def main() -> int:
     parser.add_argument("mode", choices=["save", "check"])
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "compressor" / "golden"
     parser.add_argument("--dir", type=Path, default=cache)
+    parser.add_argument("--only", help="a regular expression: only the runs (arch/run) it finds; check compares "
+                        "those alone")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = run_all(Path(tmp))
+        results = run_all(Path(tmp), args.only)
     file = args.dir / "golden.pt"
     if args.mode == "save":
         args.dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +106,8 @@ def main() -> int:
         print(f"saved {len(results)} runs to {file}")
         return 0
     saved = torch.load(file)
+    if args.only is not None:
+        saved = {run: tensors for run, tensors in saved.items() if re.search(args.only, run)}
     bad = 0
     for run in sorted(set(saved) | set(results)):
         old, new = saved.get(run), results.get(run)

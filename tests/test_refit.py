@@ -154,12 +154,15 @@ def test_refit_strength_interpolates_the_target():
 
 
 def test_later_stages_stop_once_their_modules_have_run(vocab_size, batches):
-    """The o_proj stage never reaches the MLP; gate/up and down stop inside it. Layer 0's MLP block runs, per
-    batch: the first full paired pass (current and reference: 2), the gate/up stage (2), the down stage (2)
-    and the walk's propagation (1) = 7, where full forwards for every stage would make 9. Same outputs:
-    scripts/golden.py compares them bit for bit."""
+    """The original layer runs once for every stage; each stage's forward stops once its modules have run: the
+    q/k/v stage never reaches the MLP, gate/up and down stop inside it. Layer 0's MLP block runs, per batch:
+    the reference pass (1), the gate/up stage (1), the down stage (1) and the walk's propagation (1) = 4, where
+    a reference forward per stage and full forwards would make 9. Same outputs: scripts/golden.py compares them
+    bit for bit."""
     model = build_model("llama", vocab_size)
-    calls = []
-    model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: calls.append(1))  # copied with the layer
+    calls, attention = [], []
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: calls.append(1))
+    model.model.layers[0].self_attn.register_forward_pre_hook(lambda module, args: attention.append(1))
     run_steps(model, [{"method": "lord", "config": {"ratio": 0.3, "whiten": "gram", "refit": "outputs"}}], batches)
-    assert len(calls) == 7 * len(batches)
+    assert len(calls) == 4 * len(batches)
+    assert len(attention) == 6 * len(batches)  # the reference pass, the four stages, the propagation

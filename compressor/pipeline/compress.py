@@ -31,7 +31,7 @@ from ..parallel import distributed
 from ..plan.compile import GroupSpec, Plan, StepPlan
 from ..stats.accumulators import FP32_GRAM, TENSOR_STATISTICS, DistanceStats, PendingStats, for_matrix
 from ..stats.hooks import Collector, Watch
-from ..walk.layers import DEFAULT_STREAM, Visit, base_stream, reference_of, run_layer, walk
+from ..walk.layers import DEFAULT_STREAM, StopForward, Visit, base_stream, reference_of, run_layer, walk
 
 Stats = dict[tuple[str, str], Any]  # (module name, "input" | "output" | "layer") → TensorStats | DistanceStats
 
@@ -107,23 +107,38 @@ def compress_in_stages(visit: Visit, plan: Plan, step: StepPlan, specs: list[Gro
     """A step that pairs its statistics with the original model (an output-matching refit), stage by stage
     (``stages``: q/k/v, o, gate/up, down): each stage is compressed on statistics collected after the earlier
     stages' replacements, so it fits the inputs its compressed upstream modules now give, not those of the
-    original layer."""
-    stats = collect(visit, step.stream, [(step, specs)], report, plan)
-    for number, stage in enumerate(stages(specs, stats)):
-        if number:  # the earlier stages changed this stage's inputs: collect them again, for this stage only,
-            # each forward stopped once the stage's modules have run (partial)
-            stats = collect(visit, step.stream, [(step, stage)], report, plan, partial=True)
+    original layer. The original layer runs once (``record_paired``); each stage's forward stops once the
+    stage's modules have run (partial), the first one too unless its stream goes on with the original outputs."""
+    readers = record_paired(visit, plan, step.stream, report)
+    for number, stage in enumerate(stages(specs, readers)):
+        partial = number > 0 or visit.rule(step.stream) != "original"
+        stats = collect(visit, step.stream, [(step, stage)], report, plan, partial=partial)
         compress_groups(visit, plan, step, stage, stats, ctx, originals, report, log_file)
 
 
-def stages(specs: list[GroupSpec], stats: Stats) -> list[list[GroupSpec]]:
-    """``specs`` in order, cut where the input changes: consecutive one-linear groups whose statistics are one
-    shared accumulator (they read the same tensor: q/k/v, gate/up) form a stage; any other group is its own."""
+def record_paired(visit: Visit, plan: Plan, stream: str, report: Report) -> dict[str, str]:
+    """The one forward of the original layer on ``stream``'s reference stream that every paired step of this
+    layer on ``stream`` reads (``Visit.record_reference``): the inputs of their paired modules are kept, and the
+    modules that read one tensor are found (module → the first one reading it)."""
+    paired = [(s, s.groups_in(visit.index)) for s in plan.steps if s.paired and s.stream == stream]
+    watched = watches(visit, [(s, specs) for s, specs in paired if specs], plan.arch)
+    names = {w.name: visit.relative(w.name) for w in watched if w.where == "input"}
+    start = time.perf_counter()
+    readers = visit.record_reference(reference_of(stream), names,
+                                     {w.name for w in watched if w.where == "input" and "cross_gram" in w.kinds})
+    report.seconds["statistics_forward"] += time.perf_counter() - start
+    return readers
+
+
+def stages(specs: list[GroupSpec], readers: dict[str, str]) -> list[list[GroupSpec]]:
+    """``specs`` in order, cut where the input changes: consecutive one-linear groups that read one tensor
+    (``readers``: module → the first module reading its input; q/k/v, gate/up) form a stage; any other group
+    is its own."""
     found: list[list[GroupSpec]] = []
     previous = None
     for spec in specs:
-        shared = stats.get((spec.module_name("linear"), "input")) if len(spec.members) == 1 else None
-        if found and shared is not None and shared is previous:
+        shared = readers.get(spec.module_name("linear")) if len(spec.members) == 1 else None
+        if found and shared is not None and shared == previous:
             found[-1].append(spec)
         else:
             found.append([spec])
@@ -318,7 +333,7 @@ def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSp
     distance = [r for step, _ in wanted for r in step.requests if r.statistic == "angular_distance"]
     start = time.perf_counter()
     with calibrating_all(visit.layer, visit.prefix) if plan.moe_calibration == "all" else nullcontext():
-        if any(step.paired for step, _ in wanted):  # a reference batch first, then the same batch here
+        if any(step.paired for step, _ in wanted):  # with the reference inputs of the same batch
             names = {w.name: visit.relative(w.name) for w in collector.watches if w.where == "input"}
             outputs = visit.forward_paired(stream, reference_of(stream), collector, names, partial and not distance)
         else:
@@ -423,16 +438,22 @@ def _changes_shape(visit: Visit, name: str, outcome: Outcome) -> bool:
 
 def _group_output_error(visit: Visit, group: Group, outcomes: dict[str, Outcome]) -> float | None:
     """Swap a shape-changing group's replacements in; the relative error of the group's output (the block's,
-    or the layer's where the block is no module) on the first calibration batch, None without data."""
+    or the layer's where the block is no module) on the first calibration batch (the layer run only as far as
+    the group), None without data."""
     stream = visit.streams.get(DEFAULT_STREAM) or next(iter(visit.streams.values()), None)
     probe = group.block if group.block is not None else visit.layer
     name = group.name if group.block is not None else None
     captured: dict[str, Any] = {}
     if stream is not None:
-        handle = probe.register_forward_hook(
-            lambda m, args, kwargs, out: captured.update(args=args, kwargs=kwargs, out=_first(out)), with_kwargs=True)
+        def capture(module, args, kwargs, out):  # the rest of the layer is not needed
+            captured.update(args=args, kwargs=kwargs, out=_first(out))
+            raise StopForward
+
+        handle = probe.register_forward_hook(capture, with_kwargs=True)
         try:
             run_layer(visit.layer, stream.inputs[:1], visit.device, visit.offload)
+        except StopForward:
+            pass
         finally:
             handle.remove()
     for key, outcome in outcomes.items():

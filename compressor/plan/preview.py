@@ -23,6 +23,7 @@ from torch import nn
 from ..model.architecture import decoder_layers
 from ..model.loading import tensor_bytes
 from ..model.modes import outside_layers
+from ..model.targets import layer_index
 from ..walk.layers import base_stream
 from .compile import Plan
 
@@ -92,7 +93,7 @@ def preview(plan: Plan, model: nn.Module, dtype: torch.dtype, storage_dtype: tor
     matrices = 2 + any(s.paired for s in plan.steps)  # a cross-Gram beside each Gram
     statistics = matrices * widest * widest * 8 if walked else 0
     weights_held = max(2 * layer_bytes, outside_bytes) if stream else model_bytes + layer_bytes
-    peak = RUNTIME_BYTES + weights_held + activations + statistics
+    peak = RUNTIME_BYTES + weights_held + activations + statistics + _reference_inputs(plan, model, tokens, compute)
     out_bytes = None
     if known:
         dense_elements = plan.model_params - targeted_before  # parameters (not computed buffers) are stored
@@ -101,6 +102,21 @@ def preview(plan: Plan, model: nn.Module, dtype: torch.dtype, storage_dtype: tor
             "params_before": plan.model_params, "largest_layer_bytes": layer_bytes, "stream": stream,
             "estimated_peak_memory_bytes": peak, "estimated_output_bytes": out_bytes,
             "layers": len(layers), "layers_path": prefix}
+
+
+def _reference_inputs(plan: Plan, model: nn.Module, tokens: dict[str, int], compute: int) -> int:
+    """Bytes of the original model's inputs a paired step (an output-matching refit) keeps for a layer's stages:
+    every calibration token's input of each of its modules (counted for each module: an upper bound, since
+    q/k/v and gate/up read one), in the layer where they are widest."""
+    held = 0
+    for step in plan.steps:
+        if step.paired and step.shapes:
+            widths: dict[int, int] = {}
+            for name, (_, inputs) in step.shapes.items():
+                layer = layer_index(model, name)
+                widths[layer] = widths.get(layer, 0) + inputs
+            held += tokens.get(step.stream, 0) * max(widths.values()) * compute
+    return held
 
 
 def _size(n: int | None) -> str:

@@ -134,18 +134,28 @@ def rotated(x: Tensor, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
 
 
 @contextmanager
-def record_inputs(layer: nn.Module, names: dict[str, str]) -> Iterator[dict[str, Tensor]]:
+def record_inputs(layer: nn.Module, names: dict[str, str],
+                  readers: dict[str, str] | None = None) -> Iterator[dict[str, Tensor]]:
     """Within the block, each forward of ``layer`` leaves the input of the modules ``names`` (fully
     qualified name → name relative to ``layer``) in the yielded dict, by fully qualified name (the last
-    batch's; hooks removed on exit)."""
+    batch's; hooks removed on exit). ``readers`` (if given) gets, for each of them that ran, the first module
+    (in call order) that read the very same tensor: itself, or an earlier one (q/k/v, gate/up read one)."""
     recorded: dict[str, Tensor] = {}
     handles = []
+    first: list[tuple[Tensor, str]] = []  # tensors held until exit: their identity cannot be reused
+
+    def hook(module: nn.Module, args: tuple, out, name: str) -> None:
+        recorded[name] = args[0].detach()
+        if readers is not None and name not in readers:
+            readers[name] = next((owner for x, owner in first if x is args[0]), name)
+            first.append((args[0], name))
+
     try:
         for name, relative in names.items():
             module = layer.get_submodule(relative)
-            handles.append(module.register_forward_hook(
-                lambda m, args, out, name=name: recorded.__setitem__(name, args[0].detach())))
+            handles.append(module.register_forward_hook(lambda m, args, out, name=name: hook(m, args, out, name)))
         yield recorded
     finally:
         for handle in handles:
             handle.remove()
+        first.clear()

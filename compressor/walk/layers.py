@@ -15,7 +15,8 @@ computes the next layer's inputs and moves the layer back to ``offload``:
 ``rules`` overrides that per stream. A *reference stream* (``reference_of(name)``: the same token batches as
 ``name``, always propagated by ``original``) carries the original model's hidden states beside the
 compressed ones, for statistics that pair the two on each batch (``Visit.forward_paired``: the
-cross-covariances of an output-matching refit).
+cross-covariances of an output-matching refit: ``Visit.record_reference`` runs the original layer once and
+keeps the inputs of the paired modules, ``Visit.forward_paired`` pairs them with each stage's).
 
 Every pass uses it: the compression walk, statistics of the original model for model-level rules,
 CURing's layer selection; a streaming loader or a distributed rank only changes where layers come from
@@ -31,7 +32,6 @@ records it for ``--resume``.
 
 from __future__ import annotations
 
-import copy
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -174,7 +174,10 @@ class Visit:
                  rules: dict[str, str] | None = None) -> None:
         self.index, self.n_layers, self.prefix, self.layer = index, n_layers, prefix, layer
         self.spill, self.rules = spill, rules or {}
-        self.pristine: nn.Module | None = None  # a copy of the layer before any change (paired statistics)
+        # reference stream → per batch: module name → its input in the original model (paired statistics)
+        self.references: dict[str, list[dict[str, Tensor]]] = {}
+        self.readers: dict[str, str] = {}  # module → the first module reading the same input (record_reference)
+        self.recorded: dict[str, set[str]] = {}  # reference stream → the modules whose inputs it keeps
         self.streams, self.device, self.offload, self.propagate = streams, device, offload, propagate
         self.modified = False
 
@@ -207,29 +210,54 @@ class Visit:
         """How ``stream`` goes on to the next layer: ``compressed`` or ``original``."""
         return self.rules.get(stream, self.propagate)
 
+    def record_reference(self, reference: str, names: dict[str, str], paired: set[str]) -> dict[str, str]:
+        """Run the layer as the original model has it (before any change) once on ``reference``'s batches: that
+        stream's outputs, and the input of each module of ``paired`` (among ``names``, qualified → relative) per
+        batch, kept (on offload; spilled past the memory budget) for every later ``forward_paired`` of this
+        layer: its stages share this one forward. Returns, for each module of ``names`` that ran, the first one
+        that read the same tensor (itself, or an earlier one: q/k/v, gate/up). Once recorded, not run again."""
+        kept = self.references.setdefault(reference, [])
+        if reference in self.recorded and paired <= self.recorded[reference]:
+            return self.readers
+        if self.modified:
+            raise CompressorError("paired statistics (an output-matching refit) need the layer as the "
+                                  "original model has it: put that step first")
+        theirs, outputs = self.streams[reference], []
+        kept.clear()
+        for item in theirs.inputs:
+            with record_inputs(self.layer, names, self.readers) as recorded:
+                outputs += run_layer(self.layer, [item], self.device, self.offload, self.spill)
+            kept.append(self._keep({name: x for name, x in recorded.items() if name in paired}))
+        self.recorded[reference] = set(paired)
+        theirs.outputs, theirs.original, theirs.stale = outputs, outputs, False
+        return self.readers
+
+    def _keep(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``inputs`` on offload (spilled past the memory budget), modules reading one tensor still sharing one."""
+        moved: dict[tuple, Tensor] = {}
+        for name, x in inputs.items():
+            key = (x.data_ptr(), tuple(x.shape), x.dtype)
+            if key not in moved:
+                moved[key] = x.to(self.offload)
+                moved[key] = self.spill.store(moved[key]) if self.spill is not None else moved[key]
+            inputs[name] = moved[key]
+        return inputs
+
     def forward_paired(self, stream: str, reference: str, collector: Collector,
                        names: dict[str, str], partial: bool = False) -> list[Tensor] | None:
-        """Run the layer as it is on ``stream`` and as the original model has it (a copy taken at the first
-        call, which must come before any change) on ``reference``, batch by batch: the modules ``names``
-        (qualified → relative) record their reference inputs for ``collector`` to pair with the same batch
-        of ``stream``, whose statistics go into ``collector``. Both streams' outputs are kept.
+        """Run the layer as it is on ``stream``, batch by batch, with the inputs the modules ``names`` (qualified →
+        relative) had on the same batch of ``reference`` in the original model (``record_reference``, which must
+        have recorded them) for ``collector`` to pair with this stream's; its statistics go into ``collector``.
 
-        ``partial`` (a later stage of a staged step, after the first full call): each forward stops once
-        every module of ``names`` has run, so a stage early in the layer runs only that far; no outputs are
-        kept (the reference's, from the first call, stay valid: its layer never changes) and None is returned."""
-        if self.pristine is None:
-            if self.modified:
-                raise CompressorError("paired statistics (an output-matching refit) need the layer as the "
-                                      "original model has it: put that step first")
-            if partial:
-                raise ValueError("a partial paired forward needs a full one first")
-            self.pristine = copy.deepcopy(self.layer)  # the reference runs' layer, once modules are swapped
-        mine, theirs, ours, reference_outputs = self.streams[stream], self.streams[reference], [], []
+        ``partial`` (a stage of a staged step): each forward stops once every module of ``names`` has run, so a
+        stage early in the layer runs only that far; no outputs are kept and None is returned."""
+        kept = self.references.get(reference)
+        if not kept:
+            raise ValueError("a paired forward needs its reference recorded first (record_reference)")
+        mine, ours = self.streams[stream], []
         stop = set(names) if partial else None
-        for item, reference_item in zip(mine.inputs, theirs.inputs):
-            with record_inputs(self.pristine, names) as recorded, stopping(self.pristine, names, stop):
-                reference_outputs += run_until(self.pristine, reference_item, self, partial)
-            collector.reference = recorded
+        for item, recorded in zip(mine.inputs, kept):
+            collector.reference = {name: recorded[name].to(self.device) for name in names if name in recorded}
             with collector, stopping(self.layer, names, stop):
                 ours += run_until(self.layer, item, self, partial)
             collector.reference = {}
@@ -239,7 +267,6 @@ class Visit:
         mine.outputs, mine.stale = ours, False
         if not self.modified:
             mine.original = ours
-        theirs.outputs, theirs.original, theirs.stale = reference_outputs, reference_outputs, False
         return ours
 
     def replace(self, name: str, module: nn.Module) -> None:
