@@ -96,10 +96,11 @@ def permute_(matrix: Tensor, perm: Tensor) -> Tensor:
     """``matrix[perm][:, perm]`` (n, n) in the matrix's own memory (act-order's permuted Hessian): columns
     permuted in row chunks, transposed in place, twice, so the largest temporary is a chunk (the two indexings
     hold two n×n copies). Values move and are never combined: the same bits."""
-    for _ in range(2):  # Mᵀ P, then (Mᵀ P)ᵀ P = Pᵀ M P
-        _transpose_(matrix)
-        for rows in row_chunks(*matrix.shape):
-            matrix[rows] = matrix[rows][:, perm]
+    with serial():  # block copies: on busy cores, threads waiting on each other cost more than they save
+        for _ in range(2):  # Mᵀ P, then (Mᵀ P)ᵀ P = Pᵀ M P
+            _transpose_(matrix)
+            for rows in row_chunks(*matrix.shape):
+                matrix[rows] = matrix[rows][:, perm]
     return matrix
 
 
@@ -119,11 +120,14 @@ def inverse_hessian_factor(h: Tensor, damp: float, overwrite: bool = False,
     diagonal[dead] = 1.0
     diagonal.add_(damp * diagonal.mean())  # H + λI with λ = damp · mean(diag H)
     del diagonal
-    work = _transpose_(h).mT  # (n, n) column-major, the values of H + λI
-    info = torch.zeros((), dtype=torch.int32, device=h.device)
-    torch.linalg.cholesky_ex(work, out=(work, info))  # lower factor L
-    if int(info) != 0:
-        raise CompressorError("GPTQ: the damped Hessian is not positive definite; raise damp")
-    torch.cholesky_inverse(work, out=work)  # (L Lᵀ)⁻¹
-    torch.linalg.cholesky(work, upper=True, out=work)
-    return work.float(), dead
+    # on one thread (``serial``): LAPACK's threaded steps at these sizes are short, so on busy cores each waits
+    # a time slice for its second thread (12× the time at n = 1536 on 2 loaded cores); the same bits
+    with serial():
+        work = _transpose_(h).mT  # (n, n) column-major, the values of H + λI
+        info = torch.zeros((), dtype=torch.int32, device=h.device)
+        torch.linalg.cholesky_ex(work, out=(work, info))  # lower factor L
+        if int(info) != 0:
+            raise CompressorError("GPTQ: the damped Hessian is not positive definite; raise damp")
+        torch.cholesky_inverse(work, out=work)  # (L Lᵀ)⁻¹
+        torch.linalg.cholesky(work, upper=True, out=work)
+        return work.float(), dead
