@@ -345,3 +345,51 @@ def test_act_order_permutation_in_place_moves_the_same_bits():
     result = permute_(matrix, perm)
     assert result.data_ptr() == storage and result.is_contiguous()
     assert torch.equal(result, expected)
+
+
+def test_column_loops_on_one_thread_give_the_bits_of_several(monkeypatch):
+    # GPTQ's and SparseGPT's column loops and the Hessian factor run on one thread (hessian.serial: on busy
+    # cores, threads waiting on each other at every small operation cost 10× the time); the bits are those of
+    # two threads, at sizes where torch splits the per-column update (384 × 128 > its 32,768-entry grain)
+    import contextlib
+
+    from compressor.kernels import hessian as hessian_module
+    from compressor.kernels.hessian import permute_, serial
+    from compressor.methods import prune
+    from compressor.methods import quantize as quantize_module
+
+    generator = torch.Generator().manual_seed(12)
+    inputs = correlated_inputs(2000, 640, seed=12)
+    h = hessian((inputs.T @ inputs).double(), 2000)
+    perm = torch.argsort(torch.diagonal(h), descending=True)
+    upper, dead = inverse_hessian_factor(h, 0.01)
+    weight = torch.randn(384, 640, generator=generator)
+
+    def runs():
+        upper_perm, dead_perm = inverse_hessian_factor(permute_(h.clone(), perm), 0.01)
+        dead_perm = dead_perm[torch.argsort(perm)]
+        return [upper_perm, *gptq(weight, upper_perm, dead_perm, 4, False, 64, perm),
+                *gptq(weight, upper, dead, 3, True, 64), prune.sparsegpt(weight, upper, dead, (2, 4), 0.5), prune.sparsegpt(weight, upper, dead, None, 0.5)]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with serial():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2  # restored
+        entered = []
+
+        def counted():
+            entered.append(torch.get_num_threads())
+            return serial()
+
+        monkeypatch.setattr(quantize_module, "serial", counted)
+        monkeypatch.setattr(prune, "serial", counted)
+        one = runs()
+        assert entered == [2] * 4  # each loop entered it once
+        for module in (quantize_module, prune, hessian_module):
+            monkeypatch.setattr(module, "serial", contextlib.nullcontext)
+        two = runs()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))

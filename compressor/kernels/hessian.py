@@ -1,6 +1,7 @@
 """The damped inverse Hessian that GPTQ and SparseGPT share (Frantar et al., arXiv:2210.17323 and
 arXiv:2301.00774): ``H = 2·XᵀX / N`` of a linear's squared output error, from the summed input Gram,
-and the upper Cholesky factor of ``(H + λI)⁻¹`` their column loops read.
+and the upper Cholesky factor of ``(H + λI)⁻¹`` their column loops read; ``serial``, the thread setting
+those loops run under.
 """
 
 from __future__ import annotations
@@ -16,6 +17,26 @@ from ..errors import CompressorError
 from .linalg import row_chunks
 
 SPILL_BYTES = 64 << 20  # a Gram this large lends its own memory to the factorization (saved to disk meanwhile)
+
+
+@contextmanager
+def serial() -> Iterator[None]:
+    """Torch's intra-op threads set to one for the body, restored on exit: for the column loops of GPTQ and
+    SparseGPT, thousands of small operations per matrix (a column's rounding, a rank-1 update of the block's
+    remaining columns, ~10⁵ entries; per block, the trailing columns' update). Split over threads, each
+    operation waits for its slowest thread: on a machine whose cores are busy with other work, a thread
+    waiting for a core makes an operation of tens of microseconds last a scheduler time slice while the
+    others spin (on 2 busy cores, 10× the quiet run's time and CPU). On one thread the loop is faster even on
+    a quiet machine, and its results are the same bits (``tests/test_methods.py``)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def hessian(gram: Tensor, n_tokens: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -75,10 +96,11 @@ def permute_(matrix: Tensor, perm: Tensor) -> Tensor:
     """``matrix[perm][:, perm]`` (n, n) in the matrix's own memory (act-order's permuted Hessian): columns
     permuted in row chunks, transposed in place, twice, so the largest temporary is a chunk (the two indexings
     hold two n×n copies). Values move and are never combined: the same bits."""
-    for _ in range(2):  # Mᵀ P, then (Mᵀ P)ᵀ P = Pᵀ M P
-        _transpose_(matrix)
-        for rows in row_chunks(*matrix.shape):
-            matrix[rows] = matrix[rows][:, perm]
+    with serial():  # block copies: on busy cores, threads waiting on each other cost more than they save
+        for _ in range(2):  # Mᵀ P, then (Mᵀ P)ᵀ P = Pᵀ M P
+            _transpose_(matrix)
+            for rows in row_chunks(*matrix.shape):
+                matrix[rows] = matrix[rows][:, perm]
     return matrix
 
 
@@ -98,11 +120,14 @@ def inverse_hessian_factor(h: Tensor, damp: float, overwrite: bool = False,
     diagonal[dead] = 1.0
     diagonal.add_(damp * diagonal.mean())  # H + λI with λ = damp · mean(diag H)
     del diagonal
-    work = _transpose_(h).mT  # (n, n) column-major, the values of H + λI
-    info = torch.zeros((), dtype=torch.int32, device=h.device)
-    torch.linalg.cholesky_ex(work, out=(work, info))  # lower factor L
-    if int(info) != 0:
-        raise CompressorError("GPTQ: the damped Hessian is not positive definite; raise damp")
-    torch.cholesky_inverse(work, out=work)  # (L Lᵀ)⁻¹
-    torch.linalg.cholesky(work, upper=True, out=work)
-    return work.float(), dead
+    # on one thread (``serial``): LAPACK's threaded steps at these sizes are short, so on busy cores each waits
+    # a time slice for its second thread (12× the time at n = 1536 on 2 loaded cores); the same bits
+    with serial():
+        work = _transpose_(h).mT  # (n, n) column-major, the values of H + λI
+        info = torch.zeros((), dtype=torch.int32, device=h.device)
+        torch.linalg.cholesky_ex(work, out=(work, info))  # lower factor L
+        if int(info) != 0:
+            raise CompressorError("GPTQ: the damped Hessian is not positive definite; raise damp")
+        torch.cholesky_inverse(work, out=work)  # (L Lᵀ)⁻¹
+        torch.linalg.cholesky(work, upper=True, out=work)
+        return work.float(), dead

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..config.configs import field
 from ..contract import LayerContext, LinearCompressor, Outcome, Target
-from ..kernels.hessian import hessian_in, inverse_hessian_factor
+from ..kernels.hessian import hessian_in, inverse_hessian_factor, serial
 from ..model.modules import dense_module
 from ..stats.accumulators import Request, inputs
 
@@ -103,32 +103,33 @@ def sparsegpt(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, n_m: tuple[int,
     w = weight.float().clone()
     w[:, dead] = 0
     diag = torch.diagonal(h_inv_upper)  # (n,)
-    for start in range(0, n, block_size):
-        end = min(start + block_size, n)
-        block = w[:, start:end].clone()  # (m, b)
-        errors = torch.zeros_like(block)
-        h_block = h_inv_upper[start:end, start:end]
-        saliency = block.square() / diag[start:end].square()[None, :]
-        if n_m is None:
-            drop = int(saliency.numel() * sparsity)
-            mask = torch.zeros_like(block, dtype=torch.bool)
-            if drop:
-                mask.view(-1)[torch.topk(saliency.view(-1), drop, largest=False).indices] = True
-        else:
-            mask = torch.zeros_like(block, dtype=torch.bool)
-        for i in range(end - start):
-            if n_m is not None and i % n_m[1] == 0:  # a group starts here: chosen on the updated weights
-                group = slice(i, i + n_m[1])
-                current = block[:, group].square() / diag[start:end][group].square()[None, :]
-                mask[:, group] = lowest_in_groups(current, *n_m)
-            column = block[:, i]
-            pruned = column.masked_fill(mask[:, i], 0.0)
-            error = (column - pruned) / h_block[i, i]
-            block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
-            block[:, i] = pruned
-            errors[:, i] = error
-        w[:, start:end] = block
-        w[:, end:] -= errors @ h_inv_upper[start:end, end:]
+    with serial():  # thousands of small operations: threads would wait on each other at every one
+        for start in range(0, n, block_size):
+            end = min(start + block_size, n)
+            block = w[:, start:end].clone()  # (m, b)
+            errors = torch.zeros_like(block)
+            h_block = h_inv_upper[start:end, start:end]
+            saliency = block.square() / diag[start:end].square()[None, :]
+            if n_m is None:
+                drop = int(saliency.numel() * sparsity)
+                mask = torch.zeros_like(block, dtype=torch.bool)
+                if drop:
+                    mask.view(-1)[torch.topk(saliency.view(-1), drop, largest=False).indices] = True
+            else:
+                mask = torch.zeros_like(block, dtype=torch.bool)
+            for i in range(end - start):
+                if n_m is not None and i % n_m[1] == 0:  # a group starts here: chosen on the updated weights
+                    group = slice(i, i + n_m[1])
+                    current = block[:, group].square() / diag[start:end][group].square()[None, :]
+                    mask[:, group] = lowest_in_groups(current, *n_m)
+                column = block[:, i]
+                pruned = column.masked_fill(mask[:, i], 0.0)
+                error = (column - pruned) / h_block[i, i]
+                block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
+                block[:, i] = pruned
+                errors[:, i] = error
+            w[:, start:end] = block
+            w[:, end:] -= errors @ h_inv_upper[start:end, end:]
     return w
 
 

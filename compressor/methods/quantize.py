@@ -36,7 +36,7 @@ from torch import Tensor
 from ..config.configs import field
 from ..contract import LayerContext, LinearCompressor, Outcome, Target
 from ..kernels import quant
-from ..kernels.hessian import hessian, hessian_in, inverse_hessian_factor, lends_memory, permute_
+from ..kernels.hessian import hessian, hessian_in, inverse_hessian_factor, lends_memory, permute_, serial
 from ..model.modules import QuantizedLinear
 from ..stats.accumulators import Request
 
@@ -117,27 +117,28 @@ def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric
         w = w[:, perm]  # (natural order: w is already this call's own copy)
     group_of = perm // size  # (n,) group of each (permuted) column
     q = torch.zeros(m, n, dtype=torch.int8, device=w.device)
-    for start in range(0, n, block_size):
-        end = min(start + block_size, n)
-        block = w[:, start:end].clone()  # (m, b)
-        errors = torch.zeros_like(block)
-        h_block = h_inv_upper[start:end, start:end]
-        for i in range(end - start):
-            column = start + i
-            group = int(group_of[column])
-            if not static and column % size == 0:  # natural order: a group starts here (its next size columns)
-                current = torch.cat([block[:, i:i + size], w[:, end:end + max(0, size - (end - column))]], dim=1)
-                s, z = quant.quant_params(current, bits, symmetric, None, scale_dtype)
-                scale[:, group], zero_point[:, group] = s[:, 0], z[:, 0]
-            s, z = scale[:, group], zero_point[:, group]
-            values = (torch.round(block[:, i] / s) + z).clamp(q_min, q_max)
-            q[:, column] = values.to(torch.int8)
-            error = (block[:, i] - (values - z) * s) / h_block[i, i]
-            block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
-            errors[:, i] = error
-        step = n if m * (n - end) <= UPDATE_CHUNK else max(1, UPDATE_CHUNK // m)
-        for first in range(end, n, step):
-            w[:, first:first + step] -= errors @ h_inv_upper[start:end, first:first + step]
+    with serial():  # thousands of small operations: threads would wait on each other at every one
+        for start in range(0, n, block_size):
+            end = min(start + block_size, n)
+            block = w[:, start:end].clone()  # (m, b)
+            errors = torch.zeros_like(block)
+            h_block = h_inv_upper[start:end, start:end]
+            for i in range(end - start):
+                column = start + i
+                group = int(group_of[column])
+                if not static and column % size == 0:  # natural order: a group starts here (its next size columns)
+                    current = torch.cat([block[:, i:i + size], w[:, end:end + max(0, size - (end - column))]], dim=1)
+                    s, z = quant.quant_params(current, bits, symmetric, None, scale_dtype)
+                    scale[:, group], zero_point[:, group] = s[:, 0], z[:, 0]
+                s, z = scale[:, group], zero_point[:, group]
+                values = (torch.round(block[:, i] / s) + z).clamp(q_min, q_max)
+                q[:, column] = values.to(torch.int8)
+                error = (block[:, i] - (values - z) * s) / h_block[i, i]
+                block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
+                errors[:, i] = error
+            step = n if m * (n - end) <= UPDATE_CHUNK else max(1, UPDATE_CHUNK // m)
+            for first in range(end, n, step):
+                w[:, first:first + step] -= errors @ h_inv_upper[start:end, first:first + step]
     if act_order_perm is not None:
         q = q[:, torch.argsort(perm)]
     return q, scale, zero_point

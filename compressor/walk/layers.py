@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from ..errors import CompressorError
 from ..model.modes import calibration_mode, outside_layers
+from ..model.modules import dequantized
 from ..model.streaming import source_of
 from ..model.targets import decoder_layers
 from ..stats.hooks import Collector, record_inputs
@@ -288,7 +289,8 @@ class Visit:
             if self.rule(stream) == "original" and state.original is not None:
                 hidden = state.original
             elif state.outputs is None or state.stale:
-                hidden = self.forward(stream)
+                with dequantized(self.layer):  # quantized weights unpacked once, not at each batch (same values)
+                    hidden = self.forward(stream)
             else:
                 hidden = state.outputs
             following[stream] = [LayerInput(h, item.args, item.kwargs) for h, item in zip(hidden, state.inputs)]
