@@ -369,7 +369,8 @@ def test_column_loops_on_one_thread_give_the_bits_of_several(monkeypatch):
         upper_perm, dead_perm = inverse_hessian_factor(permute_(h.clone(), perm), 0.01)
         dead_perm = dead_perm[torch.argsort(perm)]
         return [upper_perm, *gptq(weight, upper_perm, dead_perm, 4, False, 64, perm),
-                *gptq(weight, upper, dead, 3, True, 64), prune.sparsegpt(weight, upper, dead, (2, 4), 0.5), prune.sparsegpt(weight, upper, dead, None, 0.5)]
+                *gptq(weight, upper, dead, 3, True, 64), prune.sparsegpt(weight, upper, dead, (2, 4), 0.5),
+                prune.sparsegpt(weight, upper, dead, None, 0.5)]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -377,16 +378,18 @@ def test_column_loops_on_one_thread_give_the_bits_of_several(monkeypatch):
         with serial():
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2  # restored
+        with serial(hessian_module.SERIAL_ELEMENTS + 1):
+            assert torch.get_num_threads() == 2  # a large operation keeps its threads
         entered = []
 
-        def counted():
+        def counted(elements=0):
             entered.append(torch.get_num_threads())
-            return serial()
+            return serial(elements)
 
         monkeypatch.setattr(quantize_module, "serial", counted)
         monkeypatch.setattr(prune, "serial", counted)
         one = runs()
-        assert entered == [2] * 4  # each loop entered it once
+        assert entered == [2] * (4 * 5 * 2)  # 4 loops × 5 blocks of 128 columns × (column loop, trailing update)
         for module in (quantize_module, prune, hessian_module):
             monkeypatch.setattr(module, "serial", contextlib.nullcontext)
         two = runs()

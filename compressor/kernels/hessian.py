@@ -19,17 +19,21 @@ from .linalg import row_chunks
 SPILL_BYTES = 64 << 20  # a Gram this large lends its own memory to the factorization (saved to disk meanwhile)
 
 
+SERIAL_ELEMENTS = 1 << 24  # an operation on more elements than this keeps torch's threads (n > 4096 squared)
+
+
 @contextmanager
-def serial() -> Iterator[None]:
-    """Torch's intra-op threads set to one for the body, restored on exit: for the column loops of GPTQ and
-    SparseGPT, thousands of small operations per matrix (a column's rounding, a rank-1 update of the block's
-    remaining columns, ~10⁵ entries; per block, the trailing columns' update). Split over threads, each
-    operation waits for its slowest thread: on a machine whose cores are busy with other work, a thread
-    waiting for a core makes an operation of tens of microseconds last a scheduler time slice while the
-    others spin (on 2 busy cores, 10× the quiet run's time and CPU). On one thread the loop is faster even on
-    a quiet machine, and its results are the same bits (``tests/test_methods.py``)."""
+def serial(elements: int = 0) -> Iterator[None]:
+    """Torch's intra-op threads set to one for the body, restored on exit, unless the body's operations touch
+    more than ``SERIAL_ELEMENTS`` elements (``elements``), where threads pay for themselves. For the column
+    loops of GPTQ and SparseGPT, thousands of small operations per matrix (a column's rounding, a rank-1
+    update of the block's remaining columns, ~10⁵ entries), and for the factorization of a Hessian of the
+    widths of small models: split over threads, each operation waits for its slowest thread, and on a
+    machine whose cores are busy with other work a thread waiting for a core makes an operation of tens of
+    microseconds last a scheduler time slice while the others spin (on 2 busy cores, 10× the quiet run's
+    time and CPU). The results are the same bits on one thread as on two (``tests/test_quantize.py``)."""
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == 1 or elements > SERIAL_ELEMENTS:
         yield
         return
     torch.set_num_threads(1)
@@ -96,7 +100,7 @@ def permute_(matrix: Tensor, perm: Tensor) -> Tensor:
     """``matrix[perm][:, perm]`` (n, n) in the matrix's own memory (act-order's permuted Hessian): columns
     permuted in row chunks, transposed in place, twice, so the largest temporary is a chunk (the two indexings
     hold two n×n copies). Values move and are never combined: the same bits."""
-    with serial():  # block copies: on busy cores, threads waiting on each other cost more than they save
+    with serial(matrix.numel()):  # block copies: on busy cores, threads waiting on each other cost more than they save
         for _ in range(2):  # Mᵀ P, then (Mᵀ P)ᵀ P = Pᵀ M P
             _transpose_(matrix)
             for rows in row_chunks(*matrix.shape):
@@ -120,9 +124,9 @@ def inverse_hessian_factor(h: Tensor, damp: float, overwrite: bool = False,
     diagonal[dead] = 1.0
     diagonal.add_(damp * diagonal.mean())  # H + λI with λ = damp · mean(diag H)
     del diagonal
-    # on one thread (``serial``): LAPACK's threaded steps at these sizes are short, so on busy cores each waits
-    # a time slice for its second thread (12× the time at n = 1536 on 2 loaded cores); the same bits
-    with serial():
+    # on one thread up to n = 4096 (``serial``): LAPACK's threaded steps at these sizes are short, so on busy cores
+    # each waits a time slice for its second thread (12× the time at n = 1536 on 2 loaded cores); the same bits
+    with serial(h.numel()):
         work = _transpose_(h).mT  # (n, n) column-major, the values of H + λI
         info = torch.zeros((), dtype=torch.int32, device=h.device)
         torch.linalg.cholesky_ex(work, out=(work, info))  # lower factor L

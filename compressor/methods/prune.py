@@ -103,20 +103,20 @@ def sparsegpt(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, n_m: tuple[int,
     w = weight.float().clone()
     w[:, dead] = 0
     diag = torch.diagonal(h_inv_upper)  # (n,)
-    with serial():  # thousands of small operations: threads would wait on each other at every one
-        for start in range(0, n, block_size):
-            end = min(start + block_size, n)
-            block = w[:, start:end].clone()  # (m, b)
-            errors = torch.zeros_like(block)
-            h_block = h_inv_upper[start:end, start:end]
-            saliency = block.square() / diag[start:end].square()[None, :]
-            if n_m is None:
-                drop = int(saliency.numel() * sparsity)
-                mask = torch.zeros_like(block, dtype=torch.bool)
-                if drop:
-                    mask.view(-1)[torch.topk(saliency.view(-1), drop, largest=False).indices] = True
-            else:
-                mask = torch.zeros_like(block, dtype=torch.bool)
+    for start in range(0, n, block_size):
+        end = min(start + block_size, n)
+        block = w[:, start:end].clone()  # (m, b)
+        errors = torch.zeros_like(block)
+        h_block = h_inv_upper[start:end, start:end]
+        saliency = block.square() / diag[start:end].square()[None, :]
+        if n_m is None:
+            drop = int(saliency.numel() * sparsity)
+            mask = torch.zeros_like(block, dtype=torch.bool)
+            if drop:
+                mask.view(-1)[torch.topk(saliency.view(-1), drop, largest=False).indices] = True
+        else:
+            mask = torch.zeros_like(block, dtype=torch.bool)
+        with serial():  # thousands of small operations: threads would wait on each other at every one
             for i in range(end - start):
                 if n_m is not None and i % n_m[1] == 0:  # a group starts here: chosen on the updated weights
                     group = slice(i, i + n_m[1])
@@ -128,7 +128,8 @@ def sparsegpt(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, n_m: tuple[int,
                 block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
                 block[:, i] = pruned
                 errors[:, i] = error
-            w[:, start:end] = block
+        w[:, start:end] = block
+        with serial(m * (n - end)):  # the trailing columns' update: threaded where it is large
             w[:, end:] -= errors @ h_inv_upper[start:end, end:]
     return w
 

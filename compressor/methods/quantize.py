@@ -117,12 +117,12 @@ def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric
         w = w[:, perm]  # (natural order: w is already this call's own copy)
     group_of = perm // size  # (n,) group of each (permuted) column
     q = torch.zeros(m, n, dtype=torch.int8, device=w.device)
-    with serial():  # thousands of small operations: threads would wait on each other at every one
-        for start in range(0, n, block_size):
-            end = min(start + block_size, n)
-            block = w[:, start:end].clone()  # (m, b)
-            errors = torch.zeros_like(block)
-            h_block = h_inv_upper[start:end, start:end]
+    for start in range(0, n, block_size):
+        end = min(start + block_size, n)
+        block = w[:, start:end].clone()  # (m, b)
+        errors = torch.zeros_like(block)
+        h_block = h_inv_upper[start:end, start:end]
+        with serial():  # thousands of small operations: threads would wait on each other at every one
             for i in range(end - start):
                 column = start + i
                 group = int(group_of[column])
@@ -136,7 +136,8 @@ def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric
                 error = (block[:, i] - (values - z) * s) / h_block[i, i]
                 block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
                 errors[:, i] = error
-            step = n if m * (n - end) <= UPDATE_CHUNK else max(1, UPDATE_CHUNK // m)
+        step = n if m * (n - end) <= UPDATE_CHUNK else max(1, UPDATE_CHUNK // m)
+        with serial(m * (n - end)):  # the trailing columns' update: threaded where it is large
             for first in range(end, n, step):
                 w[:, first:first + step] -= errors @ h_inv_upper[start:end, first:first + step]
     if act_order_perm is not None:
