@@ -34,10 +34,12 @@ if [ "${1:-}" = "--smoke" ]; then
   speed=(--smoke --model "$model" --no-dense --only plain-forward lord gptq-w4-g64-act-order
          llmcompressor-gptq-w4-g64-act-order)
   contention=(--contention gptq-w4-g64-act-order)  # the first dtype only
+  second=(--smoke --model "$model" --no-dense --only plain-forward gptq-w4-g64-act-order)  # bf16: the dtype's path
   memory=(--hidden 256 --layers 2 --dtype float32)
 else
   device=cuda
   speed=(--resume)
+  second=("${speed[@]}")
   contention=()
   memory=(--layers 8 --dtype bfloat16)
 fi
@@ -47,6 +49,7 @@ for dtype in float32 bfloat16; do
   part "speed-$dtype" "$PYTHON" scripts/bench.py --suite speed --device "$device" --dtype "$dtype" \
     --out "$OUT/$json" "${speed[@]}" ${contention[@]+"${contention[@]}"}
   contention=()
+  speed=("${second[@]}")
 done
 part memory-1b-width "$PYTHON" scripts/bench_memory.py --recipes lord-lean gptq --device "$device" \
   --out "$OUT/bench-memory-$device.json" "${memory[@]}"

@@ -28,13 +28,15 @@ def test_gpu_checks_smoke(tmp_path):
         suite = json.loads((tmp_path / f"bench-speed-cpu-{dtype}.json").read_text())
         runs = {run["name"]: run for run in suite["runs"]}
         assert suite["dtype"] == dtype and "phases" in suite["columns"]
-        expected = RUNS + (["gptq-w4-g64-act-order-contended"] if dtype == "float32" else [])
+        # the smoke's bf16 part runs only the plain forward and GPTQ (the dtype's path, in less time)
+        expected = RUNS + ["gptq-w4-g64-act-order-contended"] if dtype == "float32" else RUNS[:1] + RUNS[2:3]
         assert sorted(runs) == sorted(expected), sorted(runs)
-        assert "llmcompressor" in runs["llmcompressor-gptq-w4-g64-act-order"]["skipped"] or "setup" in \
-            runs["llmcompressor-gptq-w4-g64-act-order"]["skipped"]
+        if dtype == "float32":
+            assert "llmcompressor" in runs["llmcompressor-gptq-w4-g64-act-order"]["skipped"] or "setup" in \
+                runs["llmcompressor-gptq-w4-g64-act-order"]["skipped"]
         plain = runs["plain-forward"]
         assert plain["wall_seconds"] > 0 and plain["cpu_seconds"] > 0 and plain["peak_rss_mib"] > 0
-        for name in ("lord", "gptq-w4-g64-act-order"):
+        for name in [n for n in ("lord", "gptq-w4-g64-act-order") if n in runs]:
             run = runs[name]
             assert "error" not in run, run.get("error")
             assert math.isfinite(run["perplexity"]) and run["perplexity"] > 1
