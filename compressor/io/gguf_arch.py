@@ -43,7 +43,7 @@ class Family:
     extra: Callable[[Any, Any, str], None] | None = None  # (writer, config, arch name) → family keys
     qkv_order: Callable[[Any], Any] | None = None  # config → the fused attn_qkv's new row order (a LongTensor)
     own_attention_keys: bool = False          # the family writes head_count_kv, key lengths and RoPE dims itself
-    split_tensor: Callable[[str, Any, Any], Any] | None = None  # (key, dense weight, config) → [(key, weight)]
+    split_tensor: Callable[[str, Any, Any], Any] | None = None  # (key, () → dense weight, config) → [(key, weight)]
 
     @property
     def name(self) -> str:
@@ -172,14 +172,16 @@ def _deepseek2(writer: Any, config: Any, arch: str) -> None:
         writer.add_expert_group_used_count(config.topk_group)
 
 
-def _deepseek2_split(key: str, weight: Any, config: Any) -> list[tuple[str, Any]] | None:
+def _deepseek2_split(key: str, dense: Callable[[], Any], config: Any) -> list[tuple[str, Any]] | None:
     """DeepSeek's ``kv_b_proj`` (heads · (nope + v), kv_lora_rank) as the converter's per-head ``k_b_proj``
     (heads, kv_lora_rank, nope) and ``v_b_proj`` (heads, v, kv_lora_rank); the router's correction bias under the
-    name the converter maps. None: the tensor is kept as it is."""
+    name the converter maps (``dense()``: the tensor's dense value, computed only for these). None: the tensor
+    is kept as it is."""
     if key.endswith("e_score_correction_bias"):
-        return [(key.replace("e_score_correction_bias", "e_score_correction.bias"), weight)]
+        return [(key.replace("e_score_correction_bias", "e_score_correction.bias"), dense())]
     if not key.endswith("kv_b_proj.weight"):
         return None
+    weight = dense()
     heads, nope, v = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
     per_head = weight.reshape(heads, nope + v, weight.shape[-1])
     k_b, v_b = per_head.split([nope, v], dim=1)

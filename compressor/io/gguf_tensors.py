@@ -192,8 +192,7 @@ def _split(tensors: dict[str, Weight], loras: dict[str, Any], family: gguf_arch.
     listed in ``inexact``: its groups run along the input that a split transposes)."""
     result: dict[str, Weight] = {}
     for key, weight in tensors.items():
-        dense = weight.dense() if isinstance(weight, Grid) else weight
-        parts = family.split_tensor(key, dense, config)
+        parts = family.split_tensor(key, lambda w=weight: w.dense() if isinstance(w, Grid) else w, config)
         if parts is None:
             result[key] = weight
             continue
