@@ -181,6 +181,9 @@ class Compressor:
     paper: ClassVar[str] = ""
     group: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True  # whether --merge can write its output as the model's own modules
+    # whether a layer's groups are independent pieces of single-threaded work (no shared memo, no threads of
+    # their own): the pipeline then compresses them at once on worker threads (``parallel.threads``)
+    parallel_groups: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -211,6 +211,35 @@ def test_counted_nearest_level_is_bucketize_on_the_midpoints():
         assert torch.equal(nf.nearest_level(values, levels), torch.bucketize(values, midpoints, right=False))
 
 
+def test_block_absmax_and_scaling_are_the_plain_formulas_bit_for_bit():
+    """``blockwise_absmax`` (from the extremes, no |w| copy) and ``quantize_blocks`` (no padding where the blocks
+    fit, zero scales masked) give the bits of the plain formulas: abs, pad, amax; divide where the scale is
+    positive, else 0 — with zeros, −0, NaN, short last blocks, and zero or NaN scales."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = int(torch.randint(1, 3000, (1,), generator=g))
+        flat = torch.randn(n, generator=g) * 0.05
+        flat[: n // 3] = 0.0 if trial % 2 else -0.0
+        if trial % 4 == 0:
+            flat[n // 2] = float("nan")
+        for block in (7, 16, 64):
+            blocks = -(-n // block)
+            plain = torch.nn.functional.pad(flat.abs(), (0, blocks * block - n)).view(blocks, block).amax(1)
+            absmax = nf.blockwise_absmax(flat, block)
+            assert torch.equal(absmax.isnan(), plain.isnan())  # NaN where a NaN is (its sign bit aside)
+            assert torch.equal(absmax.nan_to_num(7.0).view(torch.int32), plain.nan_to_num(7.0).view(torch.int32))
+            scales = plain.nan_to_num(0.5).clone()
+            scales[::3] = 0.0
+            scales[1::7] = float("nan")
+            padded = torch.nn.functional.pad(flat, (0, blocks * block - n)).view(blocks, block)
+            positive = scales[:, None] > 0
+            scaled = torch.where(positive, padded / torch.where(positive, scales[:, None], 1.0), 0.0)
+            for bits in (2, 4):
+                levels = nf.normal_float_levels(bits)
+                expected = torch.bucketize(scaled, (levels[1:] + levels[:-1]) / 2).reshape(-1)[:n]
+                assert torch.equal(nf.quantize_blocks(flat, scales, block, levels), expected)
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_a_shared_first_low_rank_part_gives_the_same_decomposition(weighted):
     """``start = initial_low_rank(W)`` (computed once per matrix by the pricing) is the decomposition's own first

@@ -152,7 +152,10 @@ def nearest_level(scaled: Tensor, levels: Tensor) -> Tensor:
 def blockwise_absmax(flat: Tensor, block_size: int) -> Tensor:
     """max |w| of every block of ``block_size`` consecutive values of ``flat`` (numel,) → (blocks,)."""
     blocks = math.ceil(flat.numel() / block_size)
-    return F.pad(flat.abs(), (0, blocks * block_size - flat.numel())).view(blocks, block_size).amax(1)
+    short = blocks * block_size - flat.numel()
+    grouped = (F.pad(flat, (0, short)) if short else flat).view(blocks, block_size)
+    # max |w| from the extremes, no |w| copy: the same values (a NaN propagates; + 0 makes a −0 max +0, as abs)
+    return torch.maximum(grouped.amax(1), grouped.amin(1).neg_()).add_(0.0)
 
 
 def double_quantize(absmax: Tensor, config: NFConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -182,10 +185,12 @@ def quantize(weight: Tensor, config: NFConfig) -> NFCodes:
 def quantize_blocks(flat: Tensor, scales: Tensor, block_size: int, levels: Tensor) -> Tensor:
     """The nearest level's index (numel,) int64 of every value of ``flat`` (numel,) divided by its block's
     scale (blocks,); a block of scale 0 (all zeros) gets the level 0."""
-    numel = flat.numel()
-    blocks = F.pad(flat, (0, scales.numel() * block_size - numel)).view(scales.numel(), block_size)
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))[:, None]
-    scaled = torch.where(scales[:, None] > 0, blocks / safe, torch.zeros_like(blocks))
+    numel, short = flat.numel(), scales.numel() * block_size - flat.numel()
+    blocks = (F.pad(flat, (0, short)) if short else flat).view(scales.numel(), block_size)
+    empty = ~(scales > 0)  # (blocks,): such a block's values (a zero or NaN scale) become 0
+    scaled = blocks / torch.where(empty, torch.ones_like(scales), scales)[:, None]  # (blocks, block_size)
+    if bool(empty.any()):
+        scaled.masked_fill_(empty[:, None], 0.0)
     return nearest_level(scaled, levels).reshape(-1)[:numel]
 
 

@@ -70,7 +70,7 @@ from ..kernels import normal_float as nf
 from ..model import loading as models
 from ..model.modules import CompensatedLinear, LowRankLinear, NormalFloatLinear, weight_of
 from ..model.targets import names_by_layer
-from ..parallel import distributed
+from ..parallel import distributed, threads
 from ..ranks import bits as bit_allocation
 from ..stats import fisher as fisher_pass
 from . import lqlora_math
@@ -195,6 +195,7 @@ class LQLoRA(LinearCompressor):
     Config = LQLoRAConfig
     summary = "W ≈ NF-quantized Q + rank-k L1·L2, per-matrix NF configuration from an exact bit-budget ILP"
     paper = "arXiv:2311.12023"
+    parallel_groups = True  # each matrix's decomposition is one thread's (lqlora_math runs it serially)
 
     def __init__(self, config: LQLoRAConfig) -> None:
         super().__init__(config)
@@ -232,22 +233,37 @@ class LQLoRA(LinearCompressor):
 
     def price(self, weight: Tensor, fisher: Tensor | None, grid: list[nf.NFConfig], device: torch.device,
               cache: dict[str, int]) -> dict[str, float]:
-        """configuration label → the decomposition error of ``weight`` (m, n) under it, read from the error
-        cache or computed (and written); ``cache`` counts hits and computations."""
+        """configuration label → the decomposition error of ``weight`` (m, n) under it (``price_all`` of one)."""
+        return self.price_all({"matrix": (weight, fisher)}, grid, device, cache)["matrix"]
+
+    def price_all(self, matrices: dict[str, tuple[Tensor, Tensor | None]], grid: list[nf.NFConfig],
+                  device: torch.device, cache: dict[str, int]) -> dict[str, dict[str, float]]:
+        """name → configuration label → the decomposition error of the matrix (m, n) under it, for ``matrices``
+        (name → (weight, its Fisher or None)): read from the error cache or computed (and written); ``cache``
+        counts hits and computations. Every (matrix, configuration) left to compute is one piece of work for
+        ``threads.map_serial`` (each decomposition on one torch thread, as many at once as torch has threads)."""
         c = self.config
-        key = error_key(weight, fisher, {**self.settings, "device": device.type})
-        errors = read_errors(key) if c.error_cache == "use" and len(grid) > 1 else {}
-        missing = [config for config in grid if config.label not in errors]
-        cache["hits"] += len(grid) - len(missing)
-        start = None  # SVD_k(W): every configuration's first low-rank part, computed once for the matrix
-        if c.rank > 0 and len(grid) > 1 and missing:
-            start = lqlora_math.initial_low_rank(weight, c.rank, sketch=self.sketch, fisher=fisher, eps=c.eps,
-                                                 svd_dtype=self.svd_dtype)
-        for config in missing if len(grid) > 1 else []:  # one configuration: nothing to choose
-            errors[config.label] = self.decompose(weight, config, fisher, start).error
-            cache["computed"] += 1
-        if missing and len(grid) > 1 and c.error_cache != "off":
-            write_errors(key, errors)
+        if len(grid) == 1:  # one configuration: nothing to choose
+            return {name: {} for name in matrices}
+        keys = {name: error_key(weight, fisher, {**self.settings, "device": device.type})
+                for name, (weight, fisher) in matrices.items()}
+        errors = {name: read_errors(key) if c.error_cache == "use" else {} for name, key in keys.items()}
+        missing = {name: [config for config in grid if config.label not in errors[name]] for name in matrices}
+        cache["hits"] += sum(len(grid) - len(configs) for configs in missing.values())
+        starting = [name for name, configs in missing.items() if configs and c.rank > 0]
+        # SVD_k(W): every configuration's first low-rank part, computed once for the matrix
+        starts = dict(zip(starting, threads.map_serial(lambda name: lqlora_math.initial_low_rank(
+            matrices[name][0], c.rank, sketch=self.sketch, fisher=matrices[name][1], eps=c.eps,
+            svd_dtype=self.svd_dtype), starting)))
+        pairs = [(name, config) for name, configs in missing.items() for config in configs]
+        priced = threads.map_serial(lambda pair: self.decompose(matrices[pair[0]][0], pair[1], matrices[pair[0]][1],
+                                                                starts.get(pair[0])).error, pairs)
+        for (name, config), error in zip(pairs, priced):
+            errors[name][config.label] = error
+        cache["computed"] += len(pairs)
+        if c.error_cache != "off":
+            for name in {name for name, _ in pairs}:
+                write_errors(keys[name], errors[name])
         return errors
 
     def decide(self, view: ModelView) -> Decision:
@@ -266,18 +282,20 @@ class LQLoRA(LinearCompressor):
         # several ranks price the matrices apart (each its share, by an SVD's cost) and exchange the errors
         owner = distributed.owners([(name, m * n * min(m, n)) for name, (m, n) in view.shapes.items()])
         priced: dict[str, dict[str, float]] = {}
-        visits = view.layers(last_layer=max(by_layer, default=-1))  # weights read layer by layer (--stream)
-        for visit, name in ((visit, name) for visit in visits for name in by_layer.get(visit.index, [])):
-            i = index_of[name]
-            for j, config in enumerate(grid):
-                stored[i, j] = nf.stored_bits(config, int(numel[i]))
-            if owner[name] == distributed.world().rank:
-                with timing.phase("pricing"):  # every (matrix, configuration)'s decomposition and error
-                    weight = weight_of(visit.module(name)).detach().float().to(view.device)  # (m, n)
-                    matrix_fisher = fisher[name].to(view.device) if name in fisher else None
-                    priced[name] = self.price(weight, matrix_fisher, grid, view.device, cache)
-            if name in fisher:
-                self.fisher[name] = fisher.pop(name)  # kept (on the CPU) for the walk's decomposition
+        for visit in view.layers(last_layer=max(by_layer, default=-1)):  # weights read layer by layer (--stream)
+            mine = {}  # this rank's matrices of the layer: name → (weight (m, n), its Fisher or None)
+            for name in by_layer.get(visit.index, []):
+                i = index_of[name]
+                for j, config in enumerate(grid):
+                    stored[i, j] = nf.stored_bits(config, int(numel[i]))
+                if owner[name] == distributed.world().rank:
+                    mine[name] = (weight_of(visit.module(name)).detach().float().to(view.device),
+                                  fisher[name].to(view.device) if name in fisher else None)
+                if name in fisher:
+                    self.fisher[name] = fisher.pop(name)  # kept (on the CPU) for the walk's decomposition
+            with timing.phase("pricing"):  # every (matrix, configuration)'s decomposition and error
+                priced.update(self.price_all(mine, grid, view.device, cache))
+            del mine
         priced = distributed.exchange(priced)
         for name, errors in priced.items():
             costs[index_of[name]] = [errors.get(config.label, 0.0) ** 2 for config in grid]

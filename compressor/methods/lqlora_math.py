@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ..kernels import linalg
 from ..kernels import normal_float as nf
+from ..kernels.hessian import serial
 from ..stats.fisher import diagonal_weight
 
 
@@ -95,7 +96,8 @@ def initial_low_rank(weight: Tensor, rank: int, *, sketch: linalg.Sketch | None 
     if fisher is not None:
         rows, cols, _ = fisher_weights(fisher.to(weight.device), eps)
         whitening = linalg.diagonal(cols)
-    up, down, _ = linalg.whitened_svd(weight, rank, whitening, svd_dtype, left=rows, sketch=sketch)
+    with serial():  # one torch thread: the same bits on any machine (and no threads waiting on busy cores)
+        up, down, _ = linalg.whitened_svd(weight, rank, whitening, svd_dtype, left=rows, sketch=sketch)
     return up.float(), down.float()
 
 
@@ -106,7 +108,16 @@ def decompose(weight: Tensor, rank: int, config: nf.NFConfig, *, iterations: int
     """LQ-LoRA's alternating decomposition of ``weight`` (m, n) at ``rank`` (0: quantization alone) under
     ``config``; ``sketch`` None: exact SVD; ``fisher`` (m, n): the Fisher-weighted variant. ``start``: the first
     iterate's low-rank part (L1 (m, k), L2 (k, n)) instead of ``SVD_k(W)`` (``initial_low_rank`` gives the one
-    this would compute: the same decomposition; another, e.g. a neighbouring configuration's, warm-starts it)."""
+    this would compute: the same decomposition; another, e.g. a neighbouring configuration's, warm-starts it).
+    Runs on one torch thread (``serial``): its iterates, and so where it stops, are the same bits whatever the
+    machine's thread count (threaded reductions round differently and change the path)."""
+    with serial():
+        return _decompose(weight, rank, config, iterations, sketch, fisher, eps, tolerance, svd_dtype, start)
+
+
+def _decompose(weight: Tensor, rank: int, config: nf.NFConfig, iterations: int, sketch: linalg.Sketch | None,
+               fisher: Tensor | None, eps: float, tolerance: float, svd_dtype: torch.dtype,
+               start: tuple[Tensor, Tensor] | None) -> Decomposition:
     weight = weight.detach().float()
     rows = whitening = root = None
     if fisher is not None:

@@ -27,7 +27,7 @@ from ..errors import CompressorError, one_line
 from ..kernels.linalg import relative_error
 from ..model.experts import calibrating_all, routed_linears
 from ..model.modules import shape_of, weight_of
-from ..parallel import distributed
+from ..parallel import distributed, threads
 from ..plan.compile import GroupSpec, Plan, StepPlan
 from ..stats.accumulators import FP32_GRAM, TENSOR_STATISTICS, DistanceStats, PendingStats, for_matrix
 from ..stats.hooks import Collector, Watch
@@ -156,6 +156,9 @@ def compress_groups(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupS
     each group's statistics and the factors memoized on them are dropped once no later group reads them, so
     a layer's peak holds one group's (at Llama-3's width, 2048² fp64 Grams and whitening factors of about
     32 MB each); ``last_step`` (the layer's last step): its members' original weights too."""
+    if not distributed.world().spread and step.compressor.parallel_groups and len(specs) > 1:
+        compress_together(visit, plan, step, specs, stats, ctx, originals, report, log_file, release, last_step)
+        return
     if not distributed.world().spread:
         for position, spec in enumerate(specs):
             group = build_group(visit, spec, step, stats, originals, plan.arch)
@@ -180,6 +183,25 @@ def compress_groups(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupS
         outcomes, elapsed = done[group.name]
         apply(visit, step, group, {name: _on(o, visit.device) for name, o in outcomes.items()}, elapsed, report,
               log_file)
+
+
+def compress_together(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupSpec], stats: Stats,
+                      ctx: LayerContext, originals: dict[str, Tensor], report: Report, log_file=None,
+                      release: bool = False, last_step: bool = False) -> None:
+    """``compress_groups`` for a method whose groups are independent pieces of single-threaded work
+    (``Compressor.parallel_groups``): the layer's groups of the step decomposed at once on worker threads
+    (``threads.map_serial``, one torch thread each), then swapped in, in order. The same replacements as one
+    at a time; the decomposition phase counts the wall time of the whole."""
+    groups = [build_group(visit, spec, step, stats, originals, plan.arch) for spec in specs]
+    start = time.perf_counter()
+    done = threads.map_serial(lambda group: timed_compress(step, group, ctx), groups)
+    report.seconds["decomposition"] += time.perf_counter() - start
+    for position, (spec, group, (outcomes, elapsed)) in enumerate(zip(specs, groups, done)):
+        apply(visit, step, group, outcomes, elapsed, report, log_file)
+        if release:
+            release_group(spec, specs[position + 1:], stats, ctx, originals if last_step else {})
+        else:
+            unsettle_group(spec, specs[position + 1:], stats, ctx)
 
 
 def _stats_keys(spec: GroupSpec, stats: Stats) -> list[tuple[str, str]]:
@@ -225,6 +247,13 @@ def unsettle_group(spec: GroupSpec, later: list[GroupSpec], stats: Stats, ctx: L
 
 
 def decompose(step: StepPlan, group: Group, ctx: LayerContext, report: Report) -> tuple[dict[str, Outcome], float]:
+    """The step's replacements for ``group`` and the seconds they took (counted in the decomposition phase)."""
+    outcomes, elapsed = timed_compress(step, group, ctx)
+    report.seconds["decomposition"] += elapsed
+    return outcomes, elapsed
+
+
+def timed_compress(step: StepPlan, group: Group, ctx: LayerContext) -> tuple[dict[str, Outcome], float]:
     """The step's replacements for ``group`` and the seconds they took."""
     start = time.perf_counter()
     try:
@@ -232,9 +261,7 @@ def decompose(step: StepPlan, group: Group, ctx: LayerContext, report: Report) -
     except torch.linalg.LinAlgError as exc:  # e.g. statistics that overflowed: name the module
         raise CompressorError(f"step {step.index} ({step.method}) failed on {group.name}: "
                               f"{one_line(exc)}") from None
-    elapsed = time.perf_counter() - start
-    report.seconds["decomposition"] += elapsed
-    return outcomes, elapsed
+    return outcomes, time.perf_counter() - start
 
 
 def clusters(groups: list[Group]) -> dict[str, str]:
