@@ -44,6 +44,10 @@ class Family:
     qkv_order: Callable[[Any], Any] | None = None  # config → the fused attn_qkv's new row order (a LongTensor)
     own_attention_keys: bool = False          # the family writes head_count_kv, key lengths and RoPE dims itself
     split_tensor: Callable[[str, Any, Any], Any] | None = None  # (key, () → dense weight, config) → [(key, weight)]
+    norm: str = "rms"                         # rms (RMSNorm: rms_eps) or layer (LayerNorm: layer_norm_eps)
+    rope: bool = True                         # rotary positions (GPT-2: learned ones, no RoPE keys)
+    kv_heads: Callable[[Any], int] | None = None  # config → KV heads (None: num_key_value_heads, else all heads)
+    writes_kv_heads: bool = True              # GPT-2 writes no head_count_kv
 
     @property
     def name(self) -> str:
@@ -196,10 +200,10 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("QWEN3"),
     "gemma2": Family("GEMMA2", norm_plus_one=True, extra=_gemma2),
     "gemma3_text": Family("GEMMA3", norm_plus_one=True, extra=_gemma3),
-    "gpt2": Family("GPT2"),
+    "gpt2": Family("GPT2", norm="layer", rope=False, writes_kv_heads=False),
     "phi3": Family("PHI3"),
-    "gpt_neox": Family("GPTNEOX", extra=_gptneox, qkv_order=_neox_qkv),
-    "falcon": Family("FALCON", extra=_falcon, qkv_order=_falcon_qkv),
+    "gpt_neox": Family("GPTNEOX", extra=_gptneox, qkv_order=_neox_qkv, norm="layer"),
+    "falcon": Family("FALCON", extra=_falcon, qkv_order=_falcon_qkv, norm="layer", kv_heads=falcon_kv_heads),
     "mixtral": Family("LLAMA", permute_qk=True, experts=True, extra=_moe),
     "qwen3_moe": Family("QWEN3MOE", experts=True, extra=_moe),
     "qwen2_moe": Family("QWEN2MOE", experts=True, extra=_moe),
@@ -259,18 +263,17 @@ def write_hyperparameters(writer: Any, config: Any, family: Family, ff_lengths: 
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(ff_lengths[0] if len(set(ff_lengths)) == 1 else ff_lengths)
     writer.add_head_count(config.num_attention_heads)
-    layer_norm = getattr(config, "layer_norm_epsilon", None) or getattr(config, "layer_norm_eps", None)
-    if family.arch in ("GPT2", "GPTNEOX", "FALCON"):
-        writer.add_layer_norm_eps(layer_norm)
-    if family.arch == "FALCON":
-        writer.add_head_count_kv(falcon_kv_heads(config))
-    elif family.arch != "GPT2" and not family.own_attention_keys:
-        writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    if family.arch not in ("GPT2", "GPTNEOX", "FALCON"):
+    if family.norm == "layer":
+        writer.add_layer_norm_eps(getattr(config, "layer_norm_epsilon", None) or config.layer_norm_eps)
+    if family.writes_kv_heads and not family.own_attention_keys:
+        kv_heads = family.kv_heads(config) if family.kv_heads is not None else \
+            getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        writer.add_head_count_kv(kv_heads)
+    if family.norm == "rms":
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if family.arch != "GPT2":
+    if family.rope:
         writer.add_rope_freq_base(rope_theta(config))
-    if family.arch != "GPT2" and not family.own_attention_keys:
+    if family.rope and not family.own_attention_keys:
         dim = head_dim(config)
         rotary = int(dim * rotary_fraction(config))
         writer.add_rope_dimension_count(rotary)
