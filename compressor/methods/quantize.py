@@ -173,9 +173,10 @@ def _quantize_block(block: Tensor, h_block: Tensor, q_block: Tensor, bits: int,
     b, m = block.shape
     errors = torch.empty_like(block)  # (b, m)
     values = torch.empty(1, m, device=block.device)
+    integers = torch.empty_like(block)  # (b, m) the integers as floats, to q_block once the block is done
     # row views made once per block, (1, m) each: indexing inside the loop costs as much as the arithmetic
     columns, scaled_errors = block.unsqueeze(1).unbind(), errors.unsqueeze(1).unbind()
-    integers = q_block.unsqueeze(1).unbind()
+    rows = integers.unsqueeze(1).unbind()
     h_rows, h_diagonal = h_block.unsqueeze(-1).unbind(), h_block.diagonal().unbind()  # (b, 1) each; 0-dim each
     scales, zeros = (params[0].unsqueeze(1).unbind(), params[1].unsqueeze(1).unbind()) if params else (None, None)
     s = z = None
@@ -185,12 +186,12 @@ def _quantize_block(block: Tensor, h_block: Tensor, q_block: Tensor, bits: int,
         else:
             s, z = group_params(i) or (s, z)
         column, error = columns[i], scaled_errors[i]
-        torch.div(column, s, out=values).round_().add_(z).clamp_(q_min, q_max)
-        integers[i].copy_(values)
-        values.sub_(z).mul_(s)
+        torch.div(column, s, out=rows[i]).round_().add_(z).clamp_(q_min, q_max)
+        torch.sub(rows[i], z, out=values).mul_(s)
         torch.sub(column, values, out=error).div_(h_diagonal[i])
         if i + 1 < b:
             block[i + 1:].sub_(h_rows[i][i + 1:] * error)  # (b - i - 1, m): the rest of the block
+    q_block.copy_(integers)
     return errors.T.contiguous()
 
 
