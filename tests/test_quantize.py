@@ -123,6 +123,61 @@ def test_gptq_beats_rtn_on_the_calibration_inputs(group_size, act_order):
     assert output_error(weight, approx, x) < 0.9 * output_error(weight, rtn_approx, x)
 
 
+def _reference_gptq(weight, upper, dead, bits, symmetric, group_size, perm, block_size, scale_dtype=None):
+    """GPTQ's column loop as first written here (column by column on the (m, b) block, parameters read per
+    column): the frozen reference the transposed, per-block loop of ``gptq`` must equal bit for bit."""
+    m, n = weight.shape
+    q_min, q_max = quant.qrange(bits)
+    w = weight.float().clone()
+    w[:, dead] = 0
+    size = group_size or n
+    scale = torch.ones(m, quant.n_groups(n, group_size))
+    zero_point = torch.zeros(m, scale.shape[1], dtype=torch.int32)
+    static = perm is not None or not group_size
+    if static:
+        scale, zero_point = quant.quant_params(w, bits, symmetric, group_size, scale_dtype)
+    order = perm if perm is not None else torch.arange(n)
+    w = w[:, order]
+    q = torch.zeros(m, n, dtype=torch.int8)
+    for start in range(0, n, block_size):
+        end = min(start + block_size, n)
+        block, errors, h_block = w[:, start:end].clone(), torch.zeros(m, end - start), upper[start:end, start:end]
+        for i in range(end - start):
+            column, group = start + i, int(order[start + i] // size)
+            if not static and column % size == 0:
+                current = torch.cat([block[:, i:i + size], w[:, end:end + max(0, size - (end - column))]], dim=1)
+                s, z = quant.quant_params(current, bits, symmetric, None, scale_dtype)
+                scale[:, group], zero_point[:, group] = s[:, 0], z[:, 0]
+            s, z = scale[:, group], zero_point[:, group]
+            values = (torch.round(block[:, i] / s) + z).clamp(q_min, q_max)
+            q[:, column] = values.to(torch.int8)
+            error = (block[:, i] - (values - z) * s) / h_block[i, i]
+            block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
+            errors[:, i] = error
+        w[:, end:] -= errors @ upper[start:end, end:]
+    return q[:, torch.argsort(order)], scale, zero_point
+
+
+@pytest.mark.parametrize("group_size,act_order,symmetric,block_size", [
+    (16, True, False, 32), (24, False, False, 32), (None, False, True, 20), (32, False, True, 128),
+    (16, True, True, 48)])
+def test_gptq_equals_the_reference_loop_bit_for_bit(group_size, act_order, symmetric, block_size):
+    # groups that straddle blocks (24 in 32), blocks that do not divide the width (20, 48 in 96), a dead input,
+    # a bf16-rounded scale
+    generator = torch.Generator().manual_seed(13)
+    x = correlated_inputs(300, 96, seed=13)
+    x[:, 7] = 0
+    h = hessian((x.T @ x).double(), 300)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else None
+    upper, dead = inverse_hessian_factor(h[perm][:, perm] if act_order else h, 0.01)
+    if act_order:
+        dead = dead[torch.argsort(perm)]
+    weight = torch.randn(200, 96, generator=generator)
+    expected = _reference_gptq(weight, upper, dead, 4, symmetric, group_size, perm, block_size, torch.bfloat16)
+    ours = gptq(weight, upper, dead, 4, symmetric, group_size, perm, block_size, torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(expected, ours))
+
+
 def test_gptq_with_uncorrelated_inputs_is_rtn():
     """With H ∝ I no error is propagated, so GPTQ rounds exactly like RTN."""
     weight = torch.randn(16, 64)
@@ -332,10 +387,16 @@ def test_gptq_in_place_and_chunked_update(monkeypatch):
     torch.testing.assert_close(scale, expected[1], rtol=1e-5, atol=1e-6)
 
 
-def test_act_order_permutation_in_place_moves_the_same_bits():
-    # Pᵀ M P in M's own memory (columns in row chunks, two in-place transposes) equals the two indexings bit for
-    # bit, on a matrix that is not symmetric and spans two row chunks and a partial 512 block (1,500² > 2^21)
+@pytest.mark.parametrize("chunked", [True, False])
+def test_act_order_permutation_in_place_moves_the_same_bits(monkeypatch, chunked):
+    # Pᵀ M P in M's own memory (columns in row chunks, two in-place transposes; or, under SPILL_BYTES, through
+    # one copy) equals the two indexings bit for bit, on a matrix that is not symmetric and spans two row chunks
+    # and a partial 512 block (1,500² > 2^21)
+    from compressor.kernels import hessian as hessian_module
     from compressor.kernels.hessian import permute_
+
+    if chunked:
+        monkeypatch.setattr(hessian_module, "SPILL_BYTES", 1)
 
     generator = torch.Generator().manual_seed(11)
     matrix = torch.randn(1500, 1500, dtype=torch.float64, generator=generator)
@@ -389,7 +450,9 @@ def test_column_loops_on_one_thread_give_the_bits_of_several(monkeypatch):
         monkeypatch.setattr(quantize_module, "serial", counted)
         monkeypatch.setattr(prune, "serial", counted)
         one = runs()
-        assert entered == [2] * (4 * 5 * 2)  # 4 loops × 5 blocks of 128 columns × (column loop, trailing update)
+        # GPTQ: one thread from its start (a matrix under SERIAL_ELEMENTS), then 5 blocks of 128 columns ×
+        # (column loop, trailing update) already on one; SparseGPT: those 5 × 2 from two threads
+        assert entered == [2, *[1] * (5 * 2)] * 2 + [2] * (2 * 5 * 2)
         for module in (quantize_module, prune, hessian_module):
             monkeypatch.setattr(module, "serial", contextlib.nullcontext)
         two = runs()

@@ -100,9 +100,20 @@ def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric
     (a permutation of the n columns, or None for the natural order). ``overwrite``: an fp32 ``weight`` that
     is the caller's own copy is worked on in place (no second m×n copy). The trailing-column update of a large
     matrix goes in column chunks (no m×n temporary; matrices under 4M entries take the one product).
+    Each block is worked on transposed (b, m), so that a column is a contiguous row and each step is a few
+    in-place operations on it (``_quantize_block``). A matrix of up to ``SERIAL_ELEMENTS`` entries runs on one
+    thread from start to end: switching torch's threads back on between blocks for the few small operations
+    there left the second thread spinning (2 threads: 4–5× the CPU seconds of one, same bits).
     """
+    with serial(weight.numel()):
+        return _gptq(weight, h_inv_upper, dead, bits, symmetric, group_size, act_order_perm, block_size,
+                     scale_dtype, overwrite)
+
+
+def _gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric: bool, group_size: int | None,
+          act_order_perm: Tensor | None, block_size: int, scale_dtype: torch.dtype | None,
+          overwrite: bool) -> tuple[Tensor, Tensor, Tensor]:
     m, n = weight.shape
-    q_min, q_max = quant.qrange(bits)
     w = weight if overwrite and weight.dtype == torch.float32 else weight.float().clone()
     w[:, dead] = 0
     size = group_size or n
@@ -116,33 +127,72 @@ def gptq(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, bits: int, symmetric
     if act_order_perm is not None:
         w = w[:, perm]  # (natural order: w is already this call's own copy)
     group_of = perm // size  # (n,) group of each (permuted) column
-    q = torch.zeros(m, n, dtype=torch.int8, device=w.device)
+    q_t = torch.empty(n, m, dtype=torch.int8, device=w.device)  # q transposed: column j is row j
     for start in range(0, n, block_size):
         end = min(start + block_size, n)
-        block = w[:, start:end].clone()  # (m, b)
-        errors = torch.zeros_like(block)
-        h_block = h_inv_upper[start:end, start:end]
+        block = w[:, start:end].T.contiguous()  # (b, m): the block's columns as rows
+        if static:  # (b, m) each column's scale and zero point
+            params = (scale[:, group_of[start:end]].T.contiguous(), zero_point[:, group_of[start:end]].T.float())
+        else:
+            params = None
         with serial():  # thousands of small operations: threads would wait on each other at every one
-            for i in range(end - start):
-                column = start + i
-                group = int(group_of[column])
-                if not static and column % size == 0:  # natural order: a group starts here (its next size columns)
-                    current = torch.cat([block[:, i:i + size], w[:, end:end + max(0, size - (end - column))]], dim=1)
-                    s, z = quant.quant_params(current, bits, symmetric, None, scale_dtype)
-                    scale[:, group], zero_point[:, group] = s[:, 0], z[:, 0]
-                s, z = scale[:, group], zero_point[:, group]
-                values = (torch.round(block[:, i] / s) + z).clamp(q_min, q_max)
-                q[:, column] = values.to(torch.int8)
-                error = (block[:, i] - (values - z) * s) / h_block[i, i]
-                block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
-                errors[:, i] = error
+            errors = _quantize_block(block, h_inv_upper[start:end, start:end], q_t[start:end], bits, params,
+                                     lambda i: _group_params(w, block, start, end, i, size, bits, symmetric,
+                                                             scale_dtype, scale, zero_point))
         step = n if m * (n - end) <= UPDATE_CHUNK else max(1, UPDATE_CHUNK // m)
         with serial(m * (n - end)):  # the trailing columns' update: threaded where it is large
             for first in range(end, n, step):
                 w[:, first:first + step] -= errors @ h_inv_upper[start:end, first:first + step]
-    if act_order_perm is not None:
-        q = q[:, torch.argsort(perm)]
-    return q, scale, zero_point
+    q = q_t.T if act_order_perm is None else q_t[torch.argsort(perm)].T
+    return q.contiguous(), scale, zero_point
+
+
+def _group_params(w: Tensor, block: Tensor, start: int, end: int, i: int, size: int, bits: int, symmetric: bool,
+                  scale_dtype: torch.dtype | None, scale: Tensor, zero_point: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Natural order with groups: at a group's first column (``start + i``), its (scale, zero point) (m,) each
+    from its ``size`` columns as the loop has updated them (the block's, then the trailing ones in ``w``),
+    stored in ``scale`` / ``zero_point``; at a block's first column inside a group, that group's; None elsewhere
+    (the column's group is the previous column's)."""
+    column, group = start + i, (start + i) // size
+    if column % size == 0:
+        current = torch.cat([block[i:i + size].T, w[:, end:end + max(0, size - (end - column))]], dim=1)
+        s, z = quant.quant_params(current, bits, symmetric, None, scale_dtype)
+        scale[:, group], zero_point[:, group] = s[:, 0], z[:, 0]
+    elif i:
+        return None
+    return scale[:, group].contiguous(), zero_point[:, group].float()
+
+
+def _quantize_block(block: Tensor, h_block: Tensor, q_block: Tensor, bits: int,
+                    params: tuple[Tensor, Tensor] | None, group_params) -> Tensor:
+    """GPTQ's column loop over one block, transposed: ``block`` (b, m) (row i: column i of the block, updated in
+    place), ``h_block`` (b, b) its part of the upper factor, ``q_block`` (b, m) int8 filled with the integers.
+    ``params``: (scale, zero point) (b, m) of every column (static), or None: ``group_params(i)`` gives a new
+    group's at its first column. Returns the scaled errors (m, b) the trailing columns' update reads."""
+    q_min, q_max = quant.qrange(bits)
+    b, m = block.shape
+    errors = torch.empty_like(block)  # (b, m)
+    values = torch.empty(1, m, device=block.device)
+    integers = torch.empty_like(block)  # (b, m) the integers as floats, to q_block once the block is done
+    # row views made once per block, (1, m) each: indexing inside the loop costs as much as the arithmetic
+    columns, scaled_errors = block.unsqueeze(1).unbind(), errors.unsqueeze(1).unbind()
+    rows = integers.unsqueeze(1).unbind()
+    h_rows, h_diagonal = h_block.unsqueeze(-1).unbind(), h_block.diagonal().unbind()  # (b, 1) each; 0-dim each
+    scales, zeros = (params[0].unsqueeze(1).unbind(), params[1].unsqueeze(1).unbind()) if params else (None, None)
+    s = z = None
+    for i in range(b):
+        if params is not None:
+            s, z = scales[i], zeros[i]
+        else:
+            s, z = group_params(i) or (s, z)
+        column, error = columns[i], scaled_errors[i]
+        torch.div(column, s, out=rows[i]).round_().add_(z).clamp_(q_min, q_max)
+        torch.sub(rows[i], z, out=values).mul_(s)
+        torch.sub(column, values, out=error).div_(h_diagonal[i])
+        if i + 1 < b:
+            block[i + 1:].sub_(h_rows[i][i + 1:] * error)  # (b - i - 1, m): the rest of the block
+    q_block.copy_(integers)
+    return errors.T.contiguous()
 
 
 def _own_copy(target: Target) -> bool:
