@@ -333,9 +333,11 @@ def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSp
     collector = Collector(watches(visit, wanted, plan.arch))
     distance = [r for step, _ in wanted for r in step.requests if r.statistic == "angular_distance"]
     # the first block's call on the probe batch, for its group output error (the later blocks' are recorded
-    # by the earlier groups' probes, in the layer as their replacements leave it)
+    # by the earlier groups' probes, in the layer as their replacements leave it); not with experts run on
+    # every token, whose outputs are computed otherwise than in the probe's plain forward
     blocks = [spec.block for _, specs in wanted for spec in specs if spec.block][:1]
-    probed = blocks if not partial and visit.streams.get(stream) is _probe_stream(visit) else []
+    plain = not partial and plan.moe_calibration != "all"
+    probed = blocks if plain and visit.streams.get(stream) is _probe_stream(visit) else []
     start = time.perf_counter()
     with calibrating_all(visit.layer, visit.prefix) if plan.moe_calibration == "all" else nullcontext(), \
             recording_calls(visit, probed) as calls:
