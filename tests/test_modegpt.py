@@ -228,3 +228,35 @@ def test_merge_is_refused_before_any_work(model_dirs, small_text, tmp_path):
         api.compress(str(model_dirs["llama"]), small_recipe(data, small_text), tmp_path / "out", merge=True,
                      progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_group_output_errors_equal_probes_run_from_the_start_of_the_layer(model_dirs, small_text, tmp_path,
+                                                                          monkeypatch):
+    """The group output errors reuse the block calls recorded by the statistics forward and by the previous
+    group's probe: the same errors bit for bit as running the layer from its start for each group."""
+    import json
+
+    from compressor.pipeline import compress
+
+    data = {"propagate": "original", "statistics": "once", "steps": [{"method": "modegpt", "config": {"ratio": 0.25}}]}
+
+    def errors(out):
+        api.compress(str(model_dirs["llama"]), small_recipe(data, small_text), out, progress=False)
+        log = [json.loads(line) for line in (out / io.LOG).read_text().splitlines()]
+        return [e["rel_group_output_error"] for e in log]
+
+    reused = errors(tmp_path / "reused")
+    runs = []
+    probe = compress.probe_calls
+    monkeypatch.setattr(compress, "probe_calls", lambda visit, names: runs.append(names) or probe(visit, names))
+    errors(tmp_path / "counted")
+    assert runs == [["model.layers.0.self_attn", "model.layers.0.mlp"],
+                    ["model.layers.1.self_attn", "model.layers.1.mlp"]]  # one partial run per layer
+    # nothing recorded by the statistics forward, each probe runs only as far as its own group
+    record = compress.recording_calls
+    monkeypatch.setattr(compress, "recording_calls",
+                        lambda visit, names, stop=False: record(visit, names if stop else [], stop))
+    monkeypatch.setattr(compress, "probe_calls", lambda visit, names: probe(visit, names[:1]))
+    from_start = errors(tmp_path / "from_start")
+    assert len(reused) == 14 and all(e is not None and 0 < e < 2 for e in reused)  # 7 linears per layer
+    assert reused == from_start

@@ -249,6 +249,23 @@ def test_cosine_distance_is_one_minus_the_cosine_per_token():
     assert DistanceStats().measure == "angular"  # CURing's default is unchanged
 
 
+@pytest.mark.parametrize("measure", ["cosine", "angular"])
+def test_distances_taken_in_chunks_of_tokens_equal_all_at_once(measure):
+    """A batch's distances are taken a chunk of tokens at a time: the same sum bit for bit as the whole
+    batch's (SmolLM2's hidden width, a block-influence batch of 8 × 512 tokens)."""
+    from compressor.stats.accumulators import DISTANCE_CHUNK, DISTANCES
+
+    g = torch.Generator().manual_seed(3)
+    before = torch.randn(8, 512, 576, generator=g)
+    after = before + 0.3 * torch.randn(8, 512, 576, generator=g)
+    assert 8 * 512 * 576 > 4 * DISTANCE_CHUNK  # several chunks
+    for tokens, (a, b) in (("all", (before, after)), ("last", (before[:, -1], after[:, -1]))):
+        stats = DistanceStats(measure=measure)
+        stats.add(before, after, tokens)
+        whole = DISTANCES[measure](a.double(), b.double())
+        assert stats.total == float(whole.sum()) and stats.count == whole.numel()
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(statistic="gram", where="layer"),  # a module statistic asked of a decoder layer
     dict(statistic="angular_distance"),  # where input: the distance compares a layer's input and output
@@ -284,6 +301,22 @@ def test_a_wide_gram_is_summed_in_column_blocks(monkeypatch):
     assert blocked.gram.dtype == torch.float64
     assert torch.allclose(blocked.gram, whole.gram, rtol=1e-6, atol=1e-5)
     assert not torch.equal(blocked.gram, torch.zeros_like(blocked.gram))
+
+
+@pytest.mark.parametrize("features", [576, 1536])
+def test_a_gram_made_as_its_upper_block_triangle_equals_the_whole_product(features):
+    """From 512 features a batch's xᵀx is computed as its upper block triangle and mirrored: the same
+    entries bit for bit as the whole product (SmolLM2's attention input and intermediate activation)."""
+    from compressor.stats import accumulators
+
+    generator = torch.Generator().manual_seed(features)
+    x = torch.randn(4096, features, generator=generator) * torch.rand(features, generator=generator) * 3
+    assert features >= accumulators.SYMMETRIC_MIN_FEATURES
+    assert torch.equal(accumulators._symmetric_gram(x), x.T @ x)
+    stats = accumulators.TensorStats()
+    for batch in (x, x[:1000]):
+        stats.add(batch, frozenset({"gram"}))
+    assert torch.equal(stats.gram, (x.T @ x).double() + (x[:1000].T @ x[:1000]).double())
 
 
 @pytest.mark.parametrize("kinds", [frozenset({"gram", "mean", "abs_mean"}), frozenset({"gram", FP32_GRAM}),

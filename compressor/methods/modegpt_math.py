@@ -48,10 +48,11 @@ def covariance_sqrt(cov: Tensor, ridge: float = 0.0) -> tuple[Tensor, Tensor]:
 
 
 def ridge_leverage(cov: Tensor, ridge: float) -> Tensor:
-    """``diag(C (C + λI)⁻¹)`` (d_int,): the ridge leverage score of each intermediate channel."""
+    """``diag(C (C + λI)⁻¹)`` (d_int,): the ridge leverage score of each intermediate channel. ``C + λI`` is
+    positive definite: its inverse from its Cholesky factor (half the work of an LU inverse)."""
     cov = cov.double()
     eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-    return 1.0 - ridge * torch.diagonal(torch.linalg.inv(cov + ridge * eye))
+    return 1.0 - ridge * torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(cov + ridge * eye)))
 
 
 def mlp_keep(cov: Tensor, keep: int, ridge: float = 1e-2) -> Tensor:

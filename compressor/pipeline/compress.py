@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -163,7 +163,8 @@ def compress_groups(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupS
         for position, spec in enumerate(specs):
             group = build_group(visit, spec, step, stats, originals, plan.arch)
             outcomes, elapsed = decompose(step, group, ctx, report)
-            apply(visit, step, group, outcomes, elapsed, report, log_file)
+            later = tuple(other.block for other in specs[position + 1:] if other.block)
+            apply(visit, step, group, outcomes, elapsed, report, log_file, later)
             del group
             if release:
                 release_group(spec, specs[position + 1:], stats, ctx, originals if last_step else {})
@@ -358,13 +359,21 @@ def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSp
     (``experts_on_all_tokens``)."""
     collector = Collector(watches(visit, wanted, plan.arch))
     distance = [r for step, _ in wanted for r in step.requests if r.statistic == "angular_distance"]
+    # the first block's call on the probe batch, for its group output error (the later blocks' are recorded
+    # by the earlier groups' probes, in the layer as their replacements leave it); not with experts run on
+    # every token, whose outputs are computed otherwise than in the probe's plain forward
+    blocks = [spec.block for _, specs in wanted for spec in specs if spec.block][:1]
+    plain = not partial and plan.moe_calibration != "all"
+    probed = blocks if plain and visit.streams.get(stream) is _probe_stream(visit) else []
     start = time.perf_counter()
-    with calibrating_all(visit.layer, visit.prefix) if plan.moe_calibration == "all" else nullcontext():
+    with calibrating_all(visit.layer, visit.prefix) if plan.moe_calibration == "all" else nullcontext(), \
+            recording_calls(visit, probed) as calls:
         if any(step.paired for step, _ in wanted):  # with the reference inputs of the same batch
             names = {w.name: visit.relative(w.name) for w in collector.watches if w.where == "input"}
             outputs = visit.forward_paired(stream, reference_of(stream), collector, names, partial and not distance)
         else:
             outputs = visit.forward(stream, collector)
+    visit.probe_calls.update(calls)
     report.seconds["statistics_forward"] += time.perf_counter() - start - collector.seconds
     report.seconds["statistics_accumulation"] += collector.seconds
     stats: Stats = dict(collector.result())
@@ -429,15 +438,16 @@ def build_group(visit: Visit, spec: GroupSpec, step: StepPlan, stats: Stats, ori
 
 
 def apply(visit: Visit, step: StepPlan, group: Group, outcomes: dict[str, Outcome], elapsed: float,
-          report: Report, log_file=None) -> None:
+          report: Report, log_file=None, later_blocks: tuple[str, ...] = ()) -> None:
     """Log every member, then swap the replacements in (members first, then a block's own replacement).
     A block replacement is logged through its members when they have replacements too (the block holds
-    them: MoDeGPT's shrunk attention), else as an entry of its own."""
+    them: MoDeGPT's shrunk attention), else as an entry of its own. ``later_blocks``: the blocks of the step's
+    later groups in this layer, whose probe calls a shape-changing group's error probe records on its way."""
     members = [t.name for t in group.members.values()]
     through_members = any(outcomes.get(name, Outcome(None)).module is not None for name in members)
     names = members + ([] if through_members else [n for n in outcomes if n not in members])
     changes_shape = any(_changes_shape(visit, name, o) for name, o in outcomes.items())
-    group_error = _group_output_error(visit, group, outcomes) if changes_shape else None
+    group_error = _group_output_error(visit, group, outcomes, later_blocks) if changes_shape else None
     for name in names:
         outcome = outcomes.get(name, Outcome(None, note="skipped"))
         target = next((t for t in group.members.values() if t.name == name), None)
@@ -463,34 +473,68 @@ def _changes_shape(visit: Visit, name: str, outcome: Outcome) -> bool:
         return True
 
 
-def _group_output_error(visit: Visit, group: Group, outcomes: dict[str, Outcome]) -> float | None:
+def _group_output_error(visit: Visit, group: Group, outcomes: dict[str, Outcome],
+                        later_blocks: tuple[str, ...] = ()) -> float | None:
     """Swap a shape-changing group's replacements in; the relative error of the group's output (the block's,
-    or the layer's where the block is no module) on the first calibration batch (the layer run only as far as
-    the group), None without data."""
-    stream = visit.streams.get(DEFAULT_STREAM) or next(iter(visit.streams.values()), None)
-    probe = group.block if group.block is not None else visit.layer
-    name = group.name if group.block is not None else None
-    captured: dict[str, Any] = {}
-    if stream is not None:
-        def capture(module, args, kwargs, out):  # the rest of the layer is not needed
-            captured.update(args=args, kwargs=kwargs, out=_first(out))
-            raise StopForward
+    or the layer's where the block is no module) on the first calibration batch, None without data. The
+    group's call before the swap is the one recorded by the layer's statistics forward or by the previous
+    group's probe (``Visit.probe_calls``), else the layer is run that far; after the swap the layer runs on
+    the batch as far as the group, or as far as the last of ``later_blocks`` (recording their calls for
+    their own probes: each later group's inputs as the earlier groups' replacements give them)."""
+    name = group.name if group.block is not None else visit.prefix
+    before = visit.probe_calls.get(name) or probe_calls(visit, [name]).get(name)
+    for key, outcome in outcomes.items():
+        if outcome.module is not None:
+            visit.replace(key, outcome.module)
+    if before is None:
+        return None
+    if later_blocks and name != visit.prefix:
+        visit.probe_calls.update(probe_calls(visit, [name, *later_blocks]))
+        new = visit.probe_calls.pop(name)[2]
+    else:
+        new = _first(visit.module(name)(*before[0], **before[1]))
+    return relative_error(before[2].float(), new.float())
 
-        handle = probe.register_forward_hook(capture, with_kwargs=True)
+
+def _probe_stream(visit: Visit):
+    """The stream whose first batch the group output errors are measured on (None without data)."""
+    return visit.streams.get(DEFAULT_STREAM) or next(iter(visit.streams.values()), None)
+
+
+def probe_calls(visit: Visit, names: list[str]) -> dict[str, tuple[tuple, dict[str, Any], Any]]:
+    """Run the layer as it now is on the probe batch until every module of ``names`` (qualified; the layer's
+    own name: the whole layer) has run; each one's (args, kwargs, first output). {} without data."""
+    stream = _probe_stream(visit)
+    if stream is None:
+        return {}
+    with recording_calls(visit, names, stop=True) as calls:
         try:
             run_layer(visit.layer, stream.inputs[:1], visit.device, visit.offload)
         except StopForward:
             pass
-        finally:
+    return calls
+
+
+@contextmanager
+def recording_calls(visit: Visit, names: list[str], stop: bool = False):
+    """Within the block, the first call of each module of ``names`` in ``visit.layer`` is recorded (name →
+    (args, kwargs, first output)); ``stop``: the forward raises ``StopForward`` once all of them have run."""
+    calls: dict[str, tuple[tuple, dict[str, Any], Any]] = {}
+
+    def hook(name: str):
+        def capture(module, args, kwargs, out):
+            if name not in calls:
+                calls[name] = (args, kwargs, _first(out))
+            if stop and len(calls) == len(set(names)):
+                raise StopForward
+        return capture
+
+    handles = [visit.module(name).register_forward_hook(hook(name), with_kwargs=True) for name in dict.fromkeys(names)]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
             handle.remove()
-    for key, outcome in outcomes.items():
-        if outcome.module is not None:
-            visit.replace(key, outcome.module)
-    if not captured:
-        return None
-    after = visit.module(name) if name else visit.layer
-    new = _first(after(*captured["args"], **captured["kwargs"]))
-    return relative_error(captured["out"].float(), new.float())
 
 
 def _first(output):

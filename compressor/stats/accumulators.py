@@ -84,23 +84,48 @@ def inputs(*statistics: Statistic) -> tuple[Request, ...]:
 
 FP32_GRAM = "gram_fp32"  # a marker among a watch's kinds: every gram request on it asked precision float32
 GRAM_BLOCK_BYTES = 64 << 20  # a batch's x̃ᵀx larger than this (f > 4096) is made and added in column blocks
+SYMMETRIC_MIN_FEATURES = 512  # from this width a batch's x̃ᵀx is made as its upper block triangle, mirrored
+SYMMETRIC_BLOCKS = 4  # column blocks of that triangle: 10 of the 16 blocks of the whole product
 
 
 def _add_gram(total: Tensor | None, x: Tensor) -> Tensor:
-    """``total + xᵀx`` (f, f) fp64 for a batch ``x`` (tokens, f) fp32. A wide one is made in column blocks
-    (``xᵀ x[:, block]``) added in place: at f = 8192 the whole batch product is 256 MB of fp32 and, for the
-    first batch, its fp64 copy another 512 MB. Each block's entries are the same dot products (BLAS may round a
-    block's differently from the whole product's; at Llama-3.2-1B's width, here, they are equal bit for bit).
-    Narrower inputs (every matrix of the benchmarked SmolLM2) take the one product, as before."""
+    """``total + xᵀx`` (f, f) fp64 for a batch ``x`` (tokens, f) fp32. The product is symmetric, so from
+    ``SYMMETRIC_MIN_FEATURES`` only its upper block triangle is computed (``xᵀ[:, :e] x[:, s:e]`` per column
+    block) and mirrored: about 60% of the full product's time. A wide one is added block by block in place
+    (at f = 8192 the whole batch product is 256 MB of fp32 and, for the first batch, its fp64 copy another
+    512 MB). Each block's entries are the same dot products as the whole product's, and that product is
+    symmetric bit for bit (BLAS may round a block's differently; on this project's CPU BLAS, MKL, every block
+    equals the whole product's entries bit for bit: tests/test_stats.py checks it)."""
     features = x.shape[1]
     if features * features * 4 <= GRAM_BLOCK_BYTES:
-        return _add(total, x.T @ x)
+        return _add(total, _symmetric_gram(x) if features >= SYMMETRIC_MIN_FEATURES else x.T @ x)
     if total is None:
         total = torch.zeros(features, features, dtype=torch.float64, device=x.device)
     step = max(1, GRAM_BLOCK_BYTES // (4 * features))
     for start in range(0, features, step):
-        total[:, start:start + step].add_(x.T @ x[:, start:start + step])
+        end = min(features, start + step)
+        total[:end, start:end].add_(x[:, :end].T @ x[:, start:end])
+    _mirror_upper(total, step)
     return total
+
+
+def _symmetric_gram(x: Tensor) -> Tensor:
+    """``xᵀx`` (f, f) fp32 of ``x`` (tokens, f): its upper block triangle computed, the rest mirrored."""
+    features = x.shape[1]
+    gram = torch.empty(features, features, dtype=x.dtype, device=x.device)
+    step = -(-features // SYMMETRIC_BLOCKS)
+    for start in range(0, features, step):
+        end = min(features, start + step)
+        gram[:end, start:end] = x[:, :end].T @ x[:, start:end]
+    return _mirror_upper(gram, step)
+
+
+def _mirror_upper(matrix: Tensor, step: int) -> Tensor:
+    """``matrix`` (f, f) with the blocks below its diagonal blocks of width ``step`` copied from above."""
+    for start in range(step, matrix.shape[0], step):
+        end = min(matrix.shape[0], start + step)
+        matrix[start:end, :start] = matrix[:start, start:end].T
+    return matrix
 
 
 def _add(total: Tensor | None, batch: Tensor) -> Tensor:
@@ -268,6 +293,7 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 DISTANCES = {"angular": angular_distance, "cosine": cosine_distance}
+DISTANCE_CHUNK = 1 << 18  # elements of one chunk of hidden states whose distances are taken together
 
 
 @dataclass
@@ -280,11 +306,15 @@ class DistanceStats:
     measure: Literal["angular", "cosine"] = "angular"
 
     def add(self, before: Tensor, after: Tensor, tokens: str = "all") -> None:
-        """One batch of hidden states (batch, seq, hidden) entering and leaving the layer, in fp64."""
-        a, b = before.double(), after.double()
+        """One batch of hidden states (batch, seq, hidden) entering and leaving the layer, in fp64, a few
+        hundred tokens at a time (each token's distance is its own: the same values as all at once, with
+        fp64 copies that stay in cache)."""
         if tokens == "last":
-            a, b = a[:, -1], b[:, -1]  # (batch, hidden)
-        distance = DISTANCES[self.measure](a, b)
+            before, after = before[:, -1], after[:, -1]  # (batch, hidden)
+        a, b = before.reshape(-1, before.shape[-1]), after.reshape(-1, after.shape[-1])  # (tokens, hidden)
+        rows = max(1, DISTANCE_CHUNK // a.shape[1])
+        distance = torch.cat([DISTANCES[self.measure](a[start:start + rows].double(), b[start:start + rows].double())
+                              for start in range(0, a.shape[0], rows)]).reshape(before.shape[:-1])
         self.total, self.count = self.total + float(distance.sum()), self.count + distance.numel()
 
     def merge(self, other: "DistanceStats") -> "DistanceStats":

@@ -181,6 +181,9 @@ class Visit:
         self.recorded: dict[str, set[str]] = {}  # reference stream → the modules whose inputs it keeps
         self.streams, self.device, self.offload, self.propagate = streams, device, offload, propagate
         self.modified = False
+        # module name → (args, kwargs, first output) of its call on the probe batch (``pipeline.compress``'s
+        # group output error) in the layer as it now is: dropped at every replacement
+        self.probe_calls: dict[str, tuple[tuple, dict[str, Any], Any]] = {}
 
     def module(self, name: str) -> nn.Module:
         """A module of this layer by its fully qualified name."""
@@ -279,6 +282,7 @@ class Visit:
         module.to(self.device)
         self.layer.set_submodule(self.relative(name), module)
         self.modified = True
+        self.probe_calls.clear()
         for state in self.streams.values():
             state.stale = True
 
