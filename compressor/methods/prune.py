@@ -99,6 +99,12 @@ def wanda_mask(weight: Tensor, sq_norm: Tensor, n_m: tuple[int, int] | None, spa
 def sparsegpt(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, n_m: tuple[int, int] | None, sparsity: float,
               block_size: int = 128) -> Tensor:
     """SparseGPT of ``weight`` (m, n) → the pruned and updated weight (m, n), fp32."""
+    with serial(weight.numel()):  # a matrix of small-model width on one thread from start to end (see gptq)
+        return _sparsegpt(weight, h_inv_upper, dead, n_m, sparsity, block_size)
+
+
+def _sparsegpt(weight: Tensor, h_inv_upper: Tensor, dead: Tensor, n_m: tuple[int, int] | None, sparsity: float,
+               block_size: int) -> Tensor:
     m, n = weight.shape
     w = weight.float().clone()
     w[:, dead] = 0
