@@ -110,9 +110,11 @@ def compress_in_stages(visit: Visit, plan: Plan, step: StepPlan, specs: list[Gro
     original layer. The original layer runs once (``record_paired``); each stage's forward stops once the
     stage's modules have run (partial), the first one too unless its stream goes on with the original outputs."""
     readers = record_paired(visit, plan, step.stream, report)
-    for number, stage in enumerate(stages(specs, readers)):
+    found = stages(specs, readers)
+    for number, stage in enumerate(found):
         partial = number > 0 or visit.rule(step.stream) != "original"
-        stats = collect(visit, step.stream, [(step, stage)], report, plan, partial=partial)
+        pending = {name for later in found[number:] for spec in later for name in spec.members.values()}
+        stats = collect(visit, step.stream, [(step, stage)], report, plan, partial=partial, pending=pending)
         compress_groups(visit, plan, step, stage, stats, ctx, originals, report, log_file)
 
 
@@ -323,9 +325,11 @@ def _heads(arch, name: str) -> int:
 
 
 def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSpec]]], report: Report,
-            plan: Plan, partial: bool = False) -> Stats:
+            plan: Plan, partial: bool = False, pending: set[str] | None = None) -> Stats:
     """Run the layer once on ``stream`` with the hooks the steps' requests need; the statistics. ``partial``
-    (paired steps' later stages): each forward stops once the watched modules have run (no outputs).
+    (paired steps' later stages): each forward stops once the watched modules have run (no outputs);
+    ``pending`` (paired steps' stages: the modules this stage and the later ones replace): the other modules'
+    outputs are kept for the next forward (``Visit.forward_paired``).
     Experts' linears see their routed tokens (``plan.moe_calibration`` routed) or every token (all); with
     routed, those that got fewer than ``plan.moe_min_tokens`` are collected again on every token
     (``experts_on_all_tokens``)."""
@@ -335,7 +339,8 @@ def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSp
     with calibrating_all(visit.layer, visit.prefix) if plan.moe_calibration == "all" else nullcontext():
         if any(step.paired for step, _ in wanted):  # with the reference inputs of the same batch
             names = {w.name: visit.relative(w.name) for w in collector.watches if w.where == "input"}
-            outputs = visit.forward_paired(stream, reference_of(stream), collector, names, partial and not distance)
+            outputs = visit.forward_paired(stream, reference_of(stream), collector, names, partial and not distance,
+                                           pending)
         else:
             outputs = visit.forward(stream, collector)
     report.seconds["statistics_forward"] += time.perf_counter() - start - collector.seconds
