@@ -107,8 +107,9 @@ def compress_in_stages(visit: Visit, plan: Plan, step: StepPlan, specs: list[Gro
     """A step that pairs its statistics with the original model (an output-matching refit), stage by stage
     (``stages``: q/k/v, o, gate/up, down): each stage is compressed on statistics collected after the earlier
     stages' replacements, so it fits the inputs its compressed upstream modules now give, not those of the
-    original layer. The original layer runs once (``record_paired``); each stage's forward stops once the
-    stage's modules have run (partial), the first one too unless its stream goes on with the original outputs."""
+    original layer. The original layer runs once (``record_paired``); each stage's forward stops where the
+    stage's modules are called (partial), the first one too unless its stream goes on with the original outputs,
+    and replays the outputs of the modules earlier stages replaced (``walk.replay``), as the propagation does."""
     readers = record_paired(visit, plan, step.stream, report)
     found = stages(specs, readers)
     for number, stage in enumerate(found):
@@ -327,7 +328,7 @@ def _heads(arch, name: str) -> int:
 def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSpec]]], report: Report,
             plan: Plan, partial: bool = False, pending: set[str] | None = None) -> Stats:
     """Run the layer once on ``stream`` with the hooks the steps' requests need; the statistics. ``partial``
-    (paired steps' later stages): each forward stops once the watched modules have run (no outputs);
+    (paired steps' later stages): each forward stops once the watched modules are called (no outputs);
     ``pending`` (paired steps' stages: the modules this stage and the later ones replace): the other modules'
     outputs are kept for the next forward (``Visit.forward_paired``).
     Experts' linears see their routed tokens (``plan.moe_calibration`` routed) or every token (all); with

@@ -1,4 +1,5 @@
-"""Forward hooks that fill ``TensorStats`` during one calibration pass of a decoder layer.
+"""Forward hooks that fill ``TensorStats`` during one calibration pass of a decoder layer (an input's before
+its module runs, an output's after).
 
 ``with Collector(watches) as collector: run the layer`` then ``collector.result()`` → (module name,
 where) → stats. Modules that read the same input tensor (q/k/v, gate/up) share one ``TensorStats``:
