@@ -12,8 +12,9 @@ and its forward deterministic, so every number downstream is unchanged. A module
 loses its entry and so do the modules holding it.
 
 Kept: the arguments (shared with the modules that read the same tensor) and the outputs of the final modules
-of the current stage, for every batch of the stream; at SmolLM2's width and 16k tokens about 300 MB at the
-MLP's last stage (the attention block's output and the gate/up outputs).
+of the current stage, for every batch of the stream: at the MLP's last stage the attention block's output and
+the gate/up outputs (SmolLM2-135M, 16k tokens: the compression pass's peak RSS 1.95 → 2.53 GB). Not used with a
+memory budget (``--max-memory``).
 """
 
 from __future__ import annotations
