@@ -154,8 +154,8 @@ def test_refit_strength_interpolates_the_target():
 
 
 def test_later_stages_stop_once_their_modules_have_run(vocab_size, batches):
-    """The original layer runs once for every stage; each stage's forward stops once its modules have run: the
-    q/k/v stage never reaches the MLP, gate/up and down stop inside it. Layer 0's MLP block runs, per batch:
+    """The original layer runs once for every stage; each stage's forward stops where its modules are called: the
+    q/k/v stage never reaches the MLP, gate/up and down stop inside it. Layer 0's MLP block is called, per batch:
     the reference pass (1), the gate/up stage (1), the down stage (1) and the walk's propagation (1) = 4, where
     a reference forward per stage and full forwards would make 9. Same outputs: scripts/golden.py compares them
     bit for bit."""
@@ -166,3 +166,28 @@ def test_later_stages_stop_once_their_modules_have_run(vocab_size, batches):
     run_steps(model, [{"method": "lord", "config": {"ratio": 0.3, "whiten": "gram", "refit": "outputs"}}], batches)
     assert len(calls) == 4 * len(batches)
     assert len(attention) == 6 * len(batches)  # the reference pass, the four stages, the propagation
+
+
+def test_every_linear_of_a_refit_layer_runs_once_per_batch(vocab_size, batches, monkeypatch):
+    """Each stage's forward stops before its first module runs and replays the outputs of the modules the earlier
+    stages replaced (``walk.replay``), and the propagation replays all but the last: in layer 0 each original
+    linear runs only in the reference pass and each replacement's factors once, per batch (before, q/k/v ran in
+    all five forwards after the reference pass). Same outputs: scripts/golden.py compares them bit for bit."""
+    from torch import nn
+
+    model = build_model("llama", vocab_size)
+    layer = model.model.layers[0]
+    runs: dict[int, int] = {}
+    forward = nn.Linear.forward
+
+    def counting(self, x):
+        runs[id(self)] = runs.get(id(self), 0) + 1
+        return forward(self, x)
+
+    monkeypatch.setattr(nn.Linear, "forward", counting)
+    originals = {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+    run_steps(model, [{"method": "lord", "config": {"ratio": 0.3, "whiten": "gram", "refit": "outputs"}}], batches)
+    factors = {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+    assert len(originals) == 7 and len(factors) == 14  # every linear replaced by its two factors
+    assert {name: runs.get(id(m), 0) for name, m in originals.items()} == {name: len(batches) for name in originals}
+    assert {name: runs.get(id(m), 0) for name, m in factors.items()} == {name: len(batches) for name in factors}

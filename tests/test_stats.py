@@ -95,10 +95,10 @@ def test_hooks_removed_after_exception():
     linears = {"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)}
     with pytest.raises(RuntimeError, match="boom"):
         with Collector(input_watches(linears, GRAM)) as collector:
-            assert all(len(m._forward_hooks) == 1 for m in linears.values())
+            assert all(len(m._forward_pre_hooks) == 1 for m in linears.values())  # an input's: before it runs
             linears["a"](torch.randn(2, 4))
             raise RuntimeError("boom")
-    assert all(len(m._forward_hooks) == 0 for m in linears.values())
+    assert all(len(m._forward_hooks) + len(m._forward_pre_hooks) == 0 for m in linears.values())
     assert not collector._handles
     # the modules run hook-free afterwards: no further accumulation
     before = collector.stats[("a", "input")].n_tokens
@@ -120,7 +120,7 @@ def test_hooks_removed_after_exception_inside_forward():
     with pytest.raises(ValueError):
         with Collector([Watch("lin", layer.lin, "input", GRAM)]):
             layer(torch.randn(2, 4))
-    assert len(layer.lin._forward_hooks) == 0
+    assert len(layer.lin._forward_hooks) + len(layer.lin._forward_pre_hooks) == 0
 
 
 SHARED_GROUPS = {  # per decoder layer: groups of linears that read one tensor

@@ -107,12 +107,15 @@ def compress_in_stages(visit: Visit, plan: Plan, step: StepPlan, specs: list[Gro
     """A step that pairs its statistics with the original model (an output-matching refit), stage by stage
     (``stages``: q/k/v, o, gate/up, down): each stage is compressed on statistics collected after the earlier
     stages' replacements, so it fits the inputs its compressed upstream modules now give, not those of the
-    original layer. The original layer runs once (``record_paired``); each stage's forward stops once the
-    stage's modules have run (partial), the first one too unless its stream goes on with the original outputs."""
+    original layer. The original layer runs once (``record_paired``); each stage's forward stops where the
+    stage's modules are called (partial), the first one too unless its stream goes on with the original outputs,
+    and replays the outputs of the modules earlier stages replaced (``walk.replay``), as the propagation does."""
     readers = record_paired(visit, plan, step.stream, report)
-    for number, stage in enumerate(stages(specs, readers)):
+    found = stages(specs, readers)
+    for number, stage in enumerate(found):
         partial = number > 0 or visit.rule(step.stream) != "original"
-        stats = collect(visit, step.stream, [(step, stage)], report, plan, partial=partial)
+        pending = {name for later in found[number:] for spec in later for name in spec.members.values()}
+        stats = collect(visit, step.stream, [(step, stage)], report, plan, partial=partial, pending=pending)
         compress_groups(visit, plan, step, stage, stats, ctx, originals, report, log_file)
 
 
@@ -351,9 +354,11 @@ def _heads(arch, name: str) -> int:
 
 
 def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSpec]]], report: Report,
-            plan: Plan, partial: bool = False) -> Stats:
+            plan: Plan, partial: bool = False, pending: set[str] | None = None) -> Stats:
     """Run the layer once on ``stream`` with the hooks the steps' requests need; the statistics. ``partial``
-    (paired steps' later stages): each forward stops once the watched modules have run (no outputs).
+    (paired steps' later stages): each forward stops once the watched modules are called (no outputs);
+    ``pending`` (paired steps' stages: the modules this stage and the later ones replace): the other modules'
+    outputs are kept for the next forward (``Visit.forward_paired``).
     Experts' linears see their routed tokens (``plan.moe_calibration`` routed) or every token (all); with
     routed, those that got fewer than ``plan.moe_min_tokens`` are collected again on every token
     (``experts_on_all_tokens``)."""
@@ -370,7 +375,8 @@ def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSp
             recording_calls(visit, probed) as calls:
         if any(step.paired for step, _ in wanted):  # with the reference inputs of the same batch
             names = {w.name: visit.relative(w.name) for w in collector.watches if w.where == "input"}
-            outputs = visit.forward_paired(stream, reference_of(stream), collector, names, partial and not distance)
+            outputs = visit.forward_paired(stream, reference_of(stream), collector, names, partial and not distance,
+                                           pending)
         else:
             outputs = visit.forward(stream, collector)
     visit.probe_calls.update(calls)

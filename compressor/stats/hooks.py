@@ -1,4 +1,5 @@
-"""Forward hooks that fill ``TensorStats`` during one calibration pass of a decoder layer.
+"""Forward hooks that fill ``TensorStats`` during one calibration pass of a decoder layer (an input's before
+its module runs, an output's after).
 
 ``with Collector(watches) as collector: run the layer`` then ``collector.result()`` → (module name,
 where) → stats. Modules that read the same input tensor (q/k/v, gate/up) share one ``TensorStats``:
@@ -55,6 +56,17 @@ class Collector:
         self.reference: dict[str, Tensor] = {}  # module name → its reference input of the current batch
         self._summed = False  # across ranks, once (result)
 
+    def share(self, readers: dict[str, str]) -> None:
+        """Take the modules that read one input as known (``readers``: module → the first module reading the same
+        tensor, as ``record_inputs`` found them): a watched module whose first reader is watched too shares that
+        one's statistics without its own hook having to run (a forward may stop before it: ``walk.stopping``)."""
+        watched = {w.name for w in self.watches if w.where == "input"}
+        for name in watched:
+            owner = readers.get(name, name)
+            if owner != name and owner in watched:
+                self.shared_with[(name, "input")] = (owner, "input")
+                self._seen.add((name, "input"))
+
     def _owner(self, key: Key, x: Tensor, pending: bool = False) -> Key:
         """The key whose stats ``x`` goes into: its own, or that of an earlier module reading the same x."""
         if key in self._seen:  # second batch onwards: sharing is already known
@@ -90,7 +102,12 @@ class Collector:
             for block in blocks.values():
                 self._handles.append(block.register_forward_pre_hook(self._rotary_hook, with_kwargs=True))
             for watch in self.watches:
-                self._handles.append(watch.module.register_forward_hook(self._hook(watch)))
+                hook = self._hook(watch)
+                if watch.where == "input":  # before the module runs: a forward may stop there (walk.stopping)
+                    self._handles.append(watch.module.register_forward_pre_hook(
+                        lambda module, args, hook=hook: hook(module, args, None)))
+                else:
+                    self._handles.append(watch.module.register_forward_hook(hook))
         except BaseException:
             self.remove()
             raise

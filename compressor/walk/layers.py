@@ -33,7 +33,7 @@ records it for ``--resume``.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -41,11 +41,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CompressorError
+from ..model.experts import routed_linears
 from ..model.modes import calibration_mode, outside_layers
 from ..model.modules import dequantized
 from ..model.streaming import source_of
 from ..model.targets import decoder_layers
 from ..stats.hooks import Collector, record_inputs
+from .replay import Replay, finals
 from .spill import Spill
 
 DEFAULT_STREAM = "default"
@@ -126,19 +128,21 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor
 
 
 @contextmanager
-def stopping(layer: nn.Module, names: dict[str, str], stop: set[str] | None) -> Iterator[None]:
+def stopping(layer: nn.Module, names: dict[str, str], stop: set[str] | None, before: bool = False) -> Iterator[None]:
     """Within the block, a forward of ``layer`` raises ``StopForward`` once every module of ``stop`` (qualified
-    names; ``names`` maps them to ``layer``-relative ones) has run in it; None: no stop. The hooks go after any
-    registered before, so those still see the last module's call."""
+    names; ``names`` maps them to ``layer``-relative ones) has run in it (``before``: has been called, the last
+    one stopped before it runs: for statistics of inputs only); None: no stop. The hooks go after any registered
+    before, so those still see the last module's call."""
     handles, seen = [], set()
     try:
         for name in stop or ():
-            def hook(module, args, output, name=name):
+            def hook(module, args, *output, name=name):
                 seen.add(name)
                 if seen >= stop:
                     seen.clear()
                     raise StopForward
-            handles.append(layer.get_submodule(names[name]).register_forward_hook(hook))
+            module = layer.get_submodule(names[name])
+            handles.append(module.register_forward_pre_hook(hook) if before else module.register_forward_hook(hook))
         yield
     finally:
         for handle in handles:
@@ -184,6 +188,11 @@ class Visit:
         # module name → (args, kwargs, first output) of its call on the probe batch (``pipeline.compress``'s
         # group output error) in the layer as it now is: dropped at every replacement
         self.probe_calls: dict[str, tuple[tuple, dict[str, Any], Any]] = {}
+        self.replaced: set[str] = set()  # relative names of the modules swapped in this visit
+        # stream → module outputs kept between its staged forwards (replay.Replay); not with a memory budget,
+        # nor in a layer with routed experts (whose calibration modes change what a block computes)
+        self.replays: dict[str, Replay] = {}
+        self.replayable = spill is None and not routed_linears(layer, prefix)
 
     def module(self, name: str) -> nn.Module:
         """A module of this layer by its fully qualified name."""
@@ -247,22 +256,30 @@ class Visit:
             inputs[name] = moved[key]
         return inputs
 
-    def forward_paired(self, stream: str, reference: str, collector: Collector,
-                       names: dict[str, str], partial: bool = False) -> list[Tensor] | None:
+    def forward_paired(self, stream: str, reference: str, collector: Collector, names: dict[str, str],
+                       partial: bool = False, pending: set[str] | None = None) -> list[Tensor] | None:
         """Run the layer as it is on ``stream``, batch by batch, with the inputs the modules ``names`` (qualified →
         relative) had on the same batch of ``reference`` in the original model (``record_reference``, which must
         have recorded them) for ``collector`` to pair with this stream's; its statistics go into ``collector``.
 
-        ``partial`` (a stage of a staged step): each forward stops once every module of ``names`` has run, so a
-        stage early in the layer runs only that far; no outputs are kept and None is returned."""
+        ``partial`` (a stage of a staged step): each forward stops once every module of ``names`` has been
+        called (before the last one runs, where ``collector`` watches inputs only), so a stage early in the layer
+        runs only that far; no outputs are kept and None is returned. ``pending`` (qualified names: the modules
+        this and later stages replace): the modules holding none of them, nor any of ``names``, are final; their
+        outputs are kept for this stream's next forward, which replays them (``replay``)."""
         kept = self.references.get(reference)
         if not kept:
             raise ValueError("a paired forward needs its reference recorded first (record_reference)")
         mine, ours = self.streams[stream], []
         stop = set(names) if partial else None
-        for item, recorded in zip(mine.inputs, kept):
+        before = all(watch.where == "input" for watch in collector.watches)
+        if stop and before:  # modules reading one input (q/k/v, gate/up): stop before the first one runs
+            collector.share(self.readers)
+            stop = {self.readers[name] if self.readers.get(name) in names else name for name in stop}
+        keep = self._finals(stream, {*(pending or ()), *names}) if pending is not None else None
+        for batch, (item, recorded) in enumerate(zip(mine.inputs, kept)):
             collector.reference = {name: recorded[name].to(self.device) for name in names if name in recorded}
-            with collector, stopping(self.layer, names, stop):
+            with collector, stopping(self.layer, names, stop, before), self._replaying(stream, batch, keep):
                 ours += run_until(self.layer, item, self, partial)
             collector.reference = {}
         if partial:
@@ -272,6 +289,22 @@ class Visit:
         if not self.modified:
             mine.original = ours
         return ours
+
+    def _finals(self, stream: str, pending: set[str]) -> set[str] | None:
+        """The modules (relative names) whose outputs ``stream``'s forwards keep (``replay.finals``), None where
+        nothing is kept."""
+        if not self.replayable:
+            return None
+        self.replays.setdefault(stream, Replay())
+        return finals(self.layer, self.replaced, {self.relative(name) for name in pending})
+
+    def _replaying(self, stream: str, batch: int, keep: set[str] | None):
+        """The context of one forward of ``stream`` on ``batch``: kept outputs replayed, ``keep``'s kept (None:
+        no replay)."""
+        replay = self.replays.get(stream)
+        if keep is None or replay is None:
+            return nullcontext()
+        return replay.around(self.layer, batch, keep)
 
     def replace(self, name: str, module: nn.Module) -> None:
         """Swap the module ``name`` of this layer for ``module`` (the only place modules are swapped)."""
@@ -283,8 +316,25 @@ class Visit:
         self.layer.set_submodule(self.relative(name), module)
         self.modified = True
         self.probe_calls.clear()
+        self.replaced.add(self.relative(name))
+        for replay in self.replays.values():
+            replay.drop(self.relative(name))
         for state in self.streams.values():
             state.stale = True
+
+    def _propagated(self, stream: str) -> list[Tensor]:
+        """``forward(stream)``, the modules' outputs kept by its staged forwards replayed (``replay``)."""
+        replay = self.replays.pop(stream, None)
+        if replay is None:
+            return self.forward(stream)
+        state, outputs = self.streams[stream], []
+        for batch, item in enumerate(state.inputs):
+            with replay.around(self.layer, batch, set()):
+                outputs += run_layer(self.layer, [item], self.device, self.offload, self.spill)
+        state.outputs, state.stale = outputs, False
+        if not self.modified:
+            state.original = outputs
+        return outputs
 
     def next_inputs(self) -> dict[str, list[LayerInput]]:
         """Every stream's inputs of the next layer, by the ``propagate`` rule."""
@@ -294,10 +344,11 @@ class Visit:
                 hidden = state.original
             elif state.outputs is None or state.stale:
                 with dequantized(self.layer):  # quantized weights unpacked once, not at each batch (same values)
-                    hidden = self.forward(stream)
+                    hidden = self._propagated(stream)
             else:
                 hidden = state.outputs
             following[stream] = [LayerInput(h, item.args, item.kwargs) for h, item in zip(hidden, state.inputs)]
+        self.replays.clear()
         return following
 
 
