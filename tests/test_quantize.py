@@ -450,9 +450,9 @@ def test_column_loops_on_one_thread_give_the_bits_of_several(monkeypatch):
         monkeypatch.setattr(quantize_module, "serial", counted)
         monkeypatch.setattr(prune, "serial", counted)
         one = runs()
-        # GPTQ: one thread from its start (a matrix under SERIAL_ELEMENTS), then 5 blocks of 128 columns ×
-        # (column loop, trailing update) already on one; SparseGPT: those 5 × 2 from two threads
-        assert entered == [2, *[1] * (5 * 2)] * 2 + [2] * (2 * 5 * 2)
+        # GPTQ and SparseGPT: one thread from their start (a matrix under SERIAL_ELEMENTS), then 5 blocks of 128
+        # columns × (column loop, trailing update) already on one
+        assert entered == [2, *[1] * (5 * 2)] * 4
         for module in (quantize_module, prune, hessian_module):
             monkeypatch.setattr(module, "serial", contextlib.nullcontext)
         two = runs()
