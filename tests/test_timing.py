@@ -66,3 +66,14 @@ def test_modegpt_block_influence_is_its_own_phase(model_dirs, small, tmp_path):
     phases = summary["walk_seconds"]
     assert {"prepare", "block_influence", "statistics_forward", "decomposition", "propagation"} <= set(phases)
     assert all(value >= 0 for value in phases.values())
+
+
+def test_walk_phases_are_exclusive_and_within_the_run(model_dirs, small, tmp_path):
+    """The walk's phases (capture, statistics forwards, the hooks' accumulation nested in them, decompositions,
+    propagation) are timing phases like the model-level passes: each second counted once, so together they fit
+    in the compression's wall time."""
+    summary = api.compress(str(model_dirs["llama"]), "lord", tmp_path / "out", overrides=small, progress=False)
+    phases = summary["walk_seconds"]
+    assert {"capture", "statistics_forward", "statistics_accumulation", "decomposition", "propagation"} <= set(phases)
+    assert all(value > 0 for key, value in phases.items() if key != "prepare")
+    assert sum(phases.values()) <= summary["seconds"]["compression"]

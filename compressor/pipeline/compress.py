@@ -72,11 +72,12 @@ def compress_model(model: nn.Module, plan: Plan, batches: dict[str, list[Tensor]
         raise CompressorError(f"the plan's statistics need calibration data (stream {missing[0]!r}); none was given")
     streams = plan.walk_batches(batches)
     layer_done = sink.layer_done if sink is not None else None
-    for visit in walk(model, streams, device=device, propagate=plan.propagate, offload=offload,
-                      seconds=report.seconds, sink=layer_done, resume=resume, spill=spill, rules=plan.stream_rules()):
-        compress_layer(visit, plan, dtype, report, log_file)
-        if on_layer:
-            on_layer(visit.index, visit.n_layers)
+    with timing.recording(report.seconds):  # the walk's phases: capture, forwards, accumulation, decomposition, ...
+        for visit in walk(model, streams, device=device, propagate=plan.propagate, offload=offload, timed=True,
+                          sink=layer_done, resume=resume, spill=spill, rules=plan.stream_rules()):
+            compress_layer(visit, plan, dtype, report, log_file)
+            if on_layer:
+                on_layer(visit.index, visit.n_layers)
     return report
 
 
@@ -126,11 +127,9 @@ def record_paired(visit: Visit, plan: Plan, stream: str, report: Report) -> dict
     paired = [(s, s.groups_in(visit.index)) for s in plan.steps if s.paired and s.stream == stream]
     watched = watches(visit, [(s, specs) for s, specs in paired if specs], plan.arch)
     names = {w.name: visit.relative(w.name) for w in watched if w.where == "input"}
-    start = time.perf_counter()
-    readers = visit.record_reference(reference_of(stream), names,
-                                     {w.name for w in watched if w.where == "input" and "cross_gram" in w.kinds})
-    report.seconds["statistics_forward"] += time.perf_counter() - start
-    return readers
+    with timing.phase("statistics_forward"):
+        return visit.record_reference(reference_of(stream), names,
+                                      {w.name for w in watched if w.where == "input" and "cross_gram" in w.kinds})
 
 
 def stages(specs: list[GroupSpec], readers: dict[str, str]) -> list[list[GroupSpec]]:
@@ -197,9 +196,8 @@ def compress_together(visit: Visit, plan: Plan, step: StepPlan, specs: list[Grou
     (``threads.map_serial``, one torch thread each), then swapped in, in order. The same replacements as one
     at a time; the decomposition phase counts the wall time of the whole."""
     groups = [build_group(visit, spec, step, stats, originals, plan.arch) for spec in specs]
-    start = time.perf_counter()
-    done = threads.map_serial(lambda group: timed_compress(step, group, ctx), groups)
-    report.seconds["decomposition"] += time.perf_counter() - start
+    with timing.phase("decomposition"):
+        done = threads.map_serial(lambda group: timed_compress(step, group, ctx), groups)
     for position, (spec, group, (outcomes, elapsed)) in enumerate(zip(specs, groups, done)):
         apply(visit, step, group, outcomes, elapsed, report, log_file)
         if release:
@@ -252,9 +250,8 @@ def unsettle_group(spec: GroupSpec, later: list[GroupSpec], stats: Stats, ctx: L
 
 def decompose(step: StepPlan, group: Group, ctx: LayerContext, report: Report) -> tuple[dict[str, Outcome], float]:
     """The step's replacements for ``group`` and the seconds they took (counted in the decomposition phase)."""
-    outcomes, elapsed = timed_compress(step, group, ctx)
-    report.seconds["decomposition"] += elapsed
-    return outcomes, elapsed
+    with timing.phase("decomposition"):
+        return timed_compress(step, group, ctx)
 
 
 def timed_compress(step: StepPlan, group: Group, ctx: LayerContext) -> tuple[dict[str, Outcome], float]:
@@ -362,7 +359,7 @@ def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSp
     Experts' linears see their routed tokens (``plan.moe_calibration`` routed) or every token (all); with
     routed, those that got fewer than ``plan.moe_min_tokens`` are collected again on every token
     (``experts_on_all_tokens``)."""
-    collector = Collector(watches(visit, wanted, plan.arch))
+    collector = Collector(watches(visit, wanted, plan.arch), phase="statistics_accumulation")
     distance = [r for step, _ in wanted for r in step.requests if r.statistic == "angular_distance"]
     # the first block's call on the probe batch, for its group output error (the later blocks' are recorded
     # by the earlier groups' probes, in the layer as their replacements leave it); not with experts run on
@@ -370,9 +367,8 @@ def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSp
     blocks = [spec.block for _, specs in wanted for spec in specs if spec.block][:1]
     plain = not partial and plan.moe_calibration != "all"
     probed = blocks if plain and visit.streams.get(stream) is _probe_stream(visit) else []
-    start = time.perf_counter()
-    with calibrating_all(visit.layer, visit.prefix) if plan.moe_calibration == "all" else nullcontext(), \
-            recording_calls(visit, probed) as calls:
+    all_tokens = calibrating_all(visit.layer, visit.prefix) if plan.moe_calibration == "all" else nullcontext()
+    with timing.phase("statistics_forward"), all_tokens, recording_calls(visit, probed) as calls:
         if any(step.paired for step, _ in wanted):  # with the reference inputs of the same batch
             names = {w.name: visit.relative(w.name) for w in collector.watches if w.where == "input"}
             outputs = visit.forward_paired(stream, reference_of(stream), collector, names, partial and not distance,
@@ -380,8 +376,6 @@ def collect(visit: Visit, stream: str, wanted: list[tuple[StepPlan, list[GroupSp
         else:
             outputs = visit.forward(stream, collector)
     visit.probe_calls.update(calls)
-    report.seconds["statistics_forward"] += time.perf_counter() - start - collector.seconds
-    report.seconds["statistics_accumulation"] += collector.seconds
     stats: Stats = dict(collector.result())
     if plan.moe_calibration == "routed":
         stats.update(experts_on_all_tokens(visit, stream, collector.watches, stats, plan.moe_min_tokens, report))
@@ -403,8 +397,9 @@ def experts_on_all_tokens(visit: Visit, stream: str, watched: list[Watch], stats
     for w in starved:
         held = stats.get((w.name, w.where))
         report.moe_fallback[w.name] = held.n_tokens if held is not None else 0
-    collector = Collector([replace(w, kinds=w.kinds - {"cross_gram"}) for w in starved])
-    with calibrating_all(visit.layer, visit.prefix, {w.name for w in starved}):
+    collector = Collector([replace(w, kinds=w.kinds - {"cross_gram"}) for w in starved],
+                          phase="statistics_accumulation")
+    with timing.phase("statistics_forward"), calibrating_all(visit.layer, visit.prefix, {w.name for w in starved}):
         visit.forward(stream, collector)  # the same outputs: routed tokens are computed as before
     return dict(collector.result())
 

@@ -13,13 +13,13 @@ within its ``with`` block).
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
 from torch import Tensor, nn
 
+from .. import timing
 from ..parallel.distributed import all_reduce_stats
 from .accumulators import PendingStats, TensorStats
 
@@ -44,11 +44,11 @@ Key = tuple[str, str]  # (module name, where)
 class Collector:
     """Accumulates every ``Watch`` over the batches run inside the ``with`` block."""
 
-    def __init__(self, watches: list[Watch]) -> None:
+    def __init__(self, watches: list[Watch], phase: str | None = None) -> None:
         self.watches = watches
+        self.phase = phase  # the timing phase of the hooks' accumulation (None: the enclosing phase's time)
         self.stats: dict[Key, TensorStats] = {}
         self.shared_with: dict[Key, Key] = {}  # input watch → the watch whose stats it shares
-        self.seconds = 0.0  # time spent accumulating (inside the hooks)
         self._handles: list = []
         self._first_inputs: list[tuple[Tensor, Key]] = []
         self._seen: set[Key] = set()
@@ -85,16 +85,15 @@ class Collector:
         key = (watch.name, watch.where)
 
         def hook(module: nn.Module, args: tuple, output) -> None:
-            start = time.perf_counter()
             x = args[0] if watch.where == "input" else (output[0] if isinstance(output, tuple) else output)
             if watch.where == "rotated":
                 x = rotated(x, *self._rotary[id(watch.rope_block)], watch.heads)
             owner = self._owner(key, x, watch.pending)
             if owner == key:
                 self.stats[key].add(x, watch.kinds, watch.heads, self.reference.get(watch.name))
-            self.seconds += time.perf_counter() - start
 
-        return hook
+        # a phase of its own: nested in the forward's, and taken out of it (timing)
+        return timing.timed(self.phase)(hook) if self.phase is not None else hook
 
     def __enter__(self) -> "Collector":
         try:

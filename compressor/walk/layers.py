@@ -32,7 +32,6 @@ records it for ``--resume``.
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -40,6 +39,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from .. import timing
 from ..errors import CompressorError
 from ..model.experts import routed_linears
 from ..model.modes import calibration_mode, outside_layers
@@ -354,7 +354,7 @@ class Visit:
 
 def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: torch.device,
          propagate: str = "compressed", offload: torch.device | None = None,
-         last_layer: int | None = None, seconds: dict[str, float] | None = None,
+         last_layer: int | None = None, timed: bool = False,
          sink: Callable[[int, str, nn.Module, dict[str, list[LayerInput]]], None] | None = None,
          resume: tuple[int, dict[str, list[Tensor]]] | None = None,
          spill: Spill | None = None, rules: dict[str, str] | None = None) -> Iterator[Visit]:
@@ -362,7 +362,8 @@ def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: t
 
     ``streams``: stream name → token ids (batch, seq) of a calibration set; None or {} for a data-free
     walk (no forward passes; a visit then only swaps modules). Layers after ``last_layer`` never run.
-    ``seconds`` (if given) gets the time of the input capture and of the propagation between layers.
+    ``timed``: the input capture and the propagation between layers are timing phases of their own
+    (``compressor.timing``; else their time is the enclosing phase's, as in a model-level pass).
     ``sink(index, prefix, layer, next_inputs)`` sees each finished layer and the next layer's inputs.
     ``resume``: (first layer, stream → its hidden states per batch) continues an interrupted walk there
     (the inputs' other arguments, masks and position embeddings, are captured again). ``spill``: hidden
@@ -373,12 +374,13 @@ def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: t
     prefix, layers = decoder_layers(model)
     source = source_of(model)
     last = len(layers) - 1 if last_layer is None else last_layer
-    seconds = seconds if seconds is not None else {}
+    def phase(name: str):  # the walk's own phases, where its caller times them
+        return timing.phase(name) if timed else nullcontext()
+
     with calibration_mode(model):
-        start = time.perf_counter()
-        inputs = {name: capture_inputs(model, layers, batches, device, offload)
-                  for name, batches in sorted((streams or {}).items())}
-        seconds["capture"] = seconds.get("capture", 0.0) + time.perf_counter() - start
+        with phase("capture"):
+            inputs = {name: capture_inputs(model, layers, batches, device, offload)
+                      for name, batches in sorted((streams or {}).items())}
         first = 0
         if resume is not None:
             first, hidden = resume
@@ -397,9 +399,8 @@ def walk(model: nn.Module, streams: dict[str, list[Tensor]] | None, *, device: t
                           {name: Stream(items) for name, items in inputs.items()}, device, offload, propagate,
                           spill, rules)
             yield visit
-            start = time.perf_counter()
-            inputs = visit.next_inputs() if index < last else {}  # the last visited layer's outputs go nowhere
-            seconds["propagation"] = seconds.get("propagation", 0.0) + time.perf_counter() - start
+            with phase("propagation"):
+                inputs = visit.next_inputs() if index < last else {}  # the last visited layer's outputs go nowhere
             if sink is not None:
                 sink(index, f"{prefix}.{index}", layers[index], inputs)
             layers[index].to(offload)
