@@ -348,6 +348,29 @@ def lq_output(tmp_path_factory, model_dirs):
     return out, summary
 
 
+def test_side_by_side_decompositions_equal_one_at_a_time(model_dirs, tmp_path, monkeypatch):
+    """The pricing's pairs and a layer's walk decompositions on two worker threads (``parallel_groups``) give the
+    output of the same run with every decomposition one after another on one thread."""
+    import torch
+    from safetensors.torch import load_file
+
+    from compressor.methods.lqlora import LQLoRA
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # map_serial: two workers
+        api.compress(str(model_dirs["llama"]), lq_recipe(error_cache="off"), tmp_path / "two", progress=False)
+        monkeypatch.setattr(LQLoRA, "parallel_groups", False)
+        torch.set_num_threads(1)  # one worker, and the walk's groups one at a time
+        api.compress(str(model_dirs["llama"]), lq_recipe(error_cache="off"), tmp_path / "one", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    side_by_side = load_file(str(tmp_path / "two" / "model.safetensors"))
+    one_by_one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert side_by_side.keys() == one_by_one.keys()
+    assert all(torch.equal(side_by_side[key], one_by_one[key]) for key in side_by_side)
+
+
 def read_log(out) -> list[dict]:
     return [json.loads(line) for line in (out / io.LOG).read_text().splitlines()]
 

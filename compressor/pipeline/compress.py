@@ -158,13 +158,17 @@ def compress_groups(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupS
     each group's statistics and the factors memoized on them are dropped once no later group reads them, so
     a layer's peak holds one group's (at Llama-3's width, 2048² fp64 Grams and whitening factors of about
     32 MB each); ``last_step`` (the layer's last step): its members' original weights too."""
-    if not distributed.world().spread and step.compressor.parallel_groups and len(specs) > 1:
-        compress_together(visit, plan, step, specs, stats, ctx, originals, report, log_file, release, last_step)
-        return
     if not distributed.world().spread:
+        # a method of independent single-threaded pieces: the layer's groups decomposed at once (decompose_together)
+        ready = decompose_together(visit, plan, step, specs, stats, ctx, originals) \
+            if step.compressor.parallel_groups and len(specs) > 1 else None
         for position, spec in enumerate(specs):
-            group = build_group(visit, spec, step, stats, originals, plan.arch)
-            outcomes, elapsed = decompose(step, group, ctx, report)
+            if ready is not None:
+                group, (outcomes, elapsed) = ready[position]
+                ready[position] = None
+            else:
+                group = build_group(visit, spec, step, stats, originals, plan.arch)
+                outcomes, elapsed = decompose(step, group, ctx)
             later = tuple(other.block for other in specs[position + 1:] if other.block)
             apply(visit, step, group, outcomes, elapsed, report, log_file, later)
             del group
@@ -179,7 +183,7 @@ def compress_groups(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupS
     owned = {}
     for group in groups:
         if owner[cluster[group.name]] == distributed.world().rank:
-            outcomes, elapsed = decompose(step, group, ctx, report)
+            outcomes, elapsed = decompose(step, group, ctx)
             owned[group.name] = ({name: _on(o, torch.device("cpu")) for name, o in outcomes.items()}, elapsed)
     done = distributed.exchange(owned)
     for group in groups:
@@ -188,22 +192,15 @@ def compress_groups(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupS
               log_file)
 
 
-def compress_together(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupSpec], stats: Stats,
-                      ctx: LayerContext, originals: dict[str, Tensor], report: Report, log_file=None,
-                      release: bool = False, last_step: bool = False) -> None:
-    """``compress_groups`` for a method whose groups are independent pieces of single-threaded work
-    (``Compressor.parallel_groups``): the layer's groups of the step decomposed at once on worker threads
-    (``threads.map_serial``, one torch thread each), then swapped in, in order. The same replacements as one
-    at a time; the decomposition phase counts the wall time of the whole."""
+def decompose_together(visit: Visit, plan: Plan, step: StepPlan, specs: list[GroupSpec], stats: Stats,
+                       ctx: LayerContext, originals: dict[str, Tensor]) -> list[tuple[Group, tuple[dict, float]]]:
+    """For a method whose groups are independent pieces of single-threaded work (``Compressor.parallel_groups``):
+    every group of ``specs`` built, then decomposed at once on worker threads (``threads.map_serial``, one torch
+    thread each), in order: (group, (replacements, seconds)). The same replacements as one at a time; the
+    decomposition phase counts the wall time of the whole."""
     groups = [build_group(visit, spec, step, stats, originals, plan.arch) for spec in specs]
     with timing.phase("decomposition"):
-        done = threads.map_serial(lambda group: timed_compress(step, group, ctx), groups)
-    for position, (spec, group, (outcomes, elapsed)) in enumerate(zip(specs, groups, done)):
-        apply(visit, step, group, outcomes, elapsed, report, log_file)
-        if release:
-            release_group(spec, specs[position + 1:], stats, ctx, originals if last_step else {})
-        else:
-            unsettle_group(spec, specs[position + 1:], stats, ctx)
+        return list(zip(groups, threads.map_serial(lambda group: timed_compress(step, group, ctx), groups)))
 
 
 def _stats_keys(spec: GroupSpec, stats: Stats) -> list[tuple[str, str]]:
@@ -248,7 +245,7 @@ def unsettle_group(spec: GroupSpec, later: list[GroupSpec], stats: Stats, ctx: L
         held.unsettle()
 
 
-def decompose(step: StepPlan, group: Group, ctx: LayerContext, report: Report) -> tuple[dict[str, Outcome], float]:
+def decompose(step: StepPlan, group: Group, ctx: LayerContext) -> tuple[dict[str, Outcome], float]:
     """The step's replacements for ``group`` and the seconds they took (counted in the decomposition phase)."""
     with timing.phase("decomposition"):
         return timed_compress(step, group, ctx)
