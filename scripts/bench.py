@@ -434,7 +434,6 @@ def calibration_perplexity(model, windows) -> float:
 
 def run_dense(on_calibration: bool = False) -> dict:
     """Dense perplexity and the reference time: one plain forward over the calibration data."""
-    import torch
 
     from compressor.evaluation.evaluate import perplexity
     from compressor.model import loading as models
@@ -443,13 +442,7 @@ def run_dense(on_calibration: bool = False) -> dict:
     model, tokenizer = models.load(MODEL)
     load_s = time.perf_counter() - start
     windows = calibration_set(tokenizer)
-    forwards = []
-    with torch.no_grad():
-        for _ in range(2):
-            start = time.perf_counter()
-            for batch in windows.split(CALIBRATION["batch_size"]):
-                model(input_ids=batch, use_cache=False)
-            forwards.append(time.perf_counter() - start)
+    forwards = [wall for wall, _ in timed_forwards(model, windows, CALIBRATION["batch_size"], 2, warm_up=False)]
     ppl = perplexity(model, heldout(tokenizer), batch_size=8)
     from compressor.evaluation.evaluate import bytes_on_disk
 
@@ -462,18 +455,31 @@ def run_dense(on_calibration: bool = False) -> dict:
 
 def plain_forward_seconds(batch_size: int) -> float:
     """One plain forward pass of the dense model over the calibration windows (the speed yardstick)."""
-    import torch
-
     from compressor.model import loading as models
 
     model, tokenizer = models.load(MODEL)
-    windows = calibration_set(tokenizer)
+    (wall, _), = timed_forwards(model, calibration_set(tokenizer), batch_size, 1)
+    return wall
+
+
+def timed_forwards(model, windows, batch_size: int, repeats: int, device: str = "cpu",
+                   warm_up: bool = True) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of each of ``repeats`` plain forward passes of ``model`` over ``windows`` (n, seq) in
+    batches of ``batch_size``, after a one-window warm-up (``warm_up``)."""
+    import torch
+
+    passes = []
     with torch.no_grad():
-        model(input_ids=windows[:1], use_cache=False)  # warm-up
-        start = time.perf_counter()
-        for batch in windows.split(batch_size):
-            model(input_ids=batch, use_cache=False)
-        return time.perf_counter() - start
+        if warm_up:
+            model(input_ids=windows[:1], use_cache=False)
+        for _ in range(repeats):
+            synchronize(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            for batch in windows.split(batch_size):
+                model(input_ids=batch, use_cache=False)
+            synchronize(device)
+            passes.append((time.perf_counter() - wall, time.process_time() - cpu))
+    return passes
 
 
 def stored_bits_per_weight(log: list[dict]) -> float | None:
@@ -576,16 +582,7 @@ def run_plain_forward(name: str, device: str = "cpu", dtype: str = "float32") ->
     model, tokenizer = models.load(MODEL, torch_dtype(dtype), device)
     load_s = time.perf_counter() - start
     windows = calibration_set(tokenizer).to(device)  # (32, 512)
-    passes = []  # (wall, CPU) seconds of each pass
-    with torch.no_grad():
-        model(input_ids=windows[:1], use_cache=False)  # warm-up
-        for _ in range(PLAIN_FORWARD_REPEATS):
-            synchronize(device)
-            wall, cpu = time.perf_counter(), time.process_time()
-            for batch in windows.split(CALIBRATION["batch_size"]):
-                model(input_ids=batch, use_cache=False)
-            synchronize(device)
-            passes.append((time.perf_counter() - wall, time.process_time() - cpu))
+    passes = timed_forwards(model, windows, CALIBRATION["batch_size"], PLAIN_FORWARD_REPEATS, device)
     wall, cpu = min(passes)
     return {"name": name, "wall_seconds": wall, "cpu_seconds": cpu, "passes_wall_seconds": [w for w, _ in passes],
             "load_seconds": load_s, "dtype": dtype,
