@@ -192,6 +192,9 @@ def heal(
                                        "stay float32 and the output keeps its own dtype)")] = "float32",
     gradient_checkpointing: Annotated[bool, typer.Option(help="recompute each decoder layer in the backward "
                                                          "pass (less memory, more time)")] = False,
+    distill: Annotated[bool, typer.Option(help="train toward the base model's next-token distributions (KL; "
+                                          "the base is loaded beside the output) instead of the text's tokens")]
+    = False,
     log_every: Annotated[Optional[int], typer.Option(help="a progress line every N steps (default: 10 in all)")]
     = None,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
@@ -207,7 +210,7 @@ def heal(
 
     record = run(path, out, dataset=dataset, n_samples=n_samples, seq_len=seq_len, batch_size=batch_size,
                  steps=steps, tokens=tokens, lr=lr, held_out=held_out, seed=seed, device=device, dtype=dtype,
-                 gradient_checkpointing=gradient_checkpointing, overwrite=overwrite, resume=resume,
+                 gradient_checkpointing=gradient_checkpointing, distill=distill, overwrite=overwrite, resume=resume,
                  save_every=save_every, say=None if quiet else _say, log_every=log_every)
     console.print(f"wrote {record['out']}: {record['steps']} steps, {record['tokens']:,} tokens in "
                   f"{record['seconds']:.1f}s; held-out loss {record['held_out_loss_before']:.4f} → "

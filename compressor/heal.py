@@ -35,6 +35,7 @@ from . import calibration as sources
 from . import io
 from .errors import CompressorError, quote
 from .evaluation.evaluate import load_tokenizer, perplexity
+from .evaluation.speed import base_of
 from .io.checkpoint import output_dtype
 from .model import loading as models
 from .model.modules import dequantized
@@ -144,6 +145,17 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
+def distill_loss(model: nn.Module, teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens of ``ids`` (b, seq) of KL(teacher ‖ model) between their next-token distributions
+    (the base model's predictions as soft targets: every position carries a whole distribution, not one token)."""
+    with torch.no_grad():
+        target = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), -1)  # (b, seq, vocab)
+    logits = model(input_ids=ids, use_cache=False).logits.float()  # (b, seq, vocab)
+    vocab = logits.shape[-1]
+    return nn.functional.kl_div(torch.log_softmax(logits, -1).reshape(-1, vocab), target.reshape(-1, vocab),
+                                reduction="batchmean", log_target=True)
+
+
 def mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, autocast) -> float:
     """Mean next-token loss of ``model`` on ``windows`` (k, seq), no gradients (``evaluation.perplexity``)."""
     with torch.no_grad(), autocast():
@@ -166,10 +178,12 @@ def _step_line(say: Callable[[str], None], start: float, step: int, steps: int, 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, windows: torch.Tensor, steps: int,
           batch_size: int, device: torch.device, autocast, gradient_checkpointing: bool,
           say: Callable[[str], None] | None, log_every: int, first: int = 1,
-          checkpoint: Callable[[int], None] | None = None, save_every: int = 0) -> list[float]:
+          checkpoint: Callable[[int], None] | None = None, save_every: int = 0,
+          loss_of: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lm_loss) -> list[float]:
     """AdamW steps ``first``..``steps`` over the batches of ``windows`` (n, seq), in turn (step i takes batch
-    i − 1 modulo their count, so a resumed run sees what the uninterrupted one would); the step losses.
-    ``checkpoint(step)`` every ``save_every`` steps."""
+    i − 1 modulo their count, so a resumed run sees what the uninterrupted one would); the step losses
+    (``loss_of(model, ids)``: the next-token loss, or the distillation loss). ``checkpoint(step)`` every
+    ``save_every`` steps."""
     batches = windows.split(batch_size)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -179,7 +193,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, windows: torch.Ten
         with dequantized(model):  # frozen quantized bases: dequantized once, not at every call
             for step in range(first, steps + 1):
                 with autocast():
-                    loss = lm_loss(model, batches[(step - 1) % len(batches)].to(device))
+                    loss = loss_of(model, batches[(step - 1) % len(batches)].to(device))
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -273,8 +287,8 @@ class ResumeState:
 def heal(path: str | Path, out: str | Path, *, dataset: str | None = None, n_samples: int = 64,
          seq_len: int | None = None, batch_size: int = 4, steps: int | None = None, tokens: int | None = None,
          lr: float = 1e-4, held_out: int = 8, seed: int = 0, device: str = "cpu", dtype: str = "float32",
-         gradient_checkpointing: bool = False, overwrite: bool = False, resume: bool = False,
-         save_every: int | None = None,
+         gradient_checkpointing: bool = False, distill: bool = False, overwrite: bool = False,
+         resume: bool = False, save_every: int | None = None,
          say: Callable[[str], None] | None = None, log_every: int | None = None) -> dict[str, Any]:
     """Fine-tune the small parts of the compressed output ``path`` and write it to ``out``; returns the
     healing record (also the last entry of the new manifest's ``healing``) with ``model`` (the healed model).
@@ -282,7 +296,8 @@ def heal(path: str | Path, out: str | Path, *, dataset: str | None = None, n_sam
     is ``steps`` or ``tokens`` (rounded up to whole steps of ``batch_size × seq_len``), default one pass over
     the ``n_samples`` training windows. ``say``: a line every ``log_every`` steps with the loss and an ETA.
     ``save_every``: keep the state every N steps (``ResumeState``; None: a tenth of the steps, 0: never) for
-    ``resume``, which continues it."""
+    ``resume``, which continues it. ``distill``: train toward the base model's next-token distributions
+    (``distill_loss``; the base the manifest records is loaded beside the output) instead of the text's tokens."""
     check_options(n_samples, batch_size, held_out, steps, tokens, lr, seq_len, log_every)
     if save_every is not None and save_every < 0:
         raise CompressorError(f"--save-every must be ≥ 0; got {save_every}")
@@ -298,17 +313,19 @@ def heal(path: str | Path, out: str | Path, *, dataset: str | None = None, n_sam
     sources.get(dataset)  # an unknown source fails before the output is reserved
     options = dict(source=str(path.resolve()), dataset=dataset, n_samples=n_samples, seq_len=seq_len,
                    batch_size=batch_size, steps=steps, lr=lr, held_out=held_out, seed=seed,
-                   dtype=str(COMPUTE_DTYPES[dtype]).removeprefix("torch."))
+                   dtype=str(COMPUTE_DTYPES[dtype]).removeprefix("torch."), loss="distill" if distill else "next_token")
     state = ResumeState(out, options)
     state.check(resume)
     with io.OutputDirectory(out, overwrite, inputs=[path, dataset]) as output:
         tokenizer = load_tokenizer(str(path))
         model = io.load(path, compute, dtype=torch.float32)
         models.check_seq_len(model.config, seq_len, "--seq-len")
+        teacher = models.load(base_of(path, manifest), torch.float32, compute)[0] if distill else None
         windows = heal_windows(manifest, tokenizer, dataset, n_samples + held_out, seq_len, seed)
         train_windows, held_windows = windows[:n_samples], windows[n_samples:]  # (n, seq), (held_out, seq)
         record = run(model, manifest, train_windows, held_windows, steps, batch_size, lr, compute,
-                     COMPUTE_DTYPES[dtype], gradient_checkpointing, say, log_every, state, save_every)
+                     COMPUTE_DTYPES[dtype], gradient_checkpointing, say, log_every, state, save_every, teacher)
+        del teacher
         record.update({key: value for key, value in options.items() if key != "source"}, device=str(compute),
                       gradient_checkpointing=gradient_checkpointing,
                       windows="disjoint from the compression's calibration windows and from each other")
@@ -324,8 +341,12 @@ def heal(path: str | Path, out: str | Path, *, dataset: str | None = None, n_sam
 def run(model: nn.Module, manifest: dict[str, Any], train_windows: torch.Tensor, held_windows: torch.Tensor,
         steps: int, batch_size: int, lr: float, device: torch.device, dtype: torch.dtype,
         gradient_checkpointing: bool, say: Callable[[str], None] | None, log_every: int | None,
-        state: ResumeState | None = None, save_every: int | None = None) -> dict[str, Any]:
-    """The healing of ``model`` in place: its small parts trained, the losses before and after; the record."""
+        state: ResumeState | None = None, save_every: int | None = None,
+        teacher: nn.Module | None = None) -> dict[str, Any]:
+    """The healing of ``model`` in place: its small parts trained, the losses before and after; the record.
+    ``teacher``: the steps minimise ``distill_loss`` to it instead of ``lm_loss``. The losses before and after
+    are next-token losses either way, on the held-out windows and on as many training windows (not all of
+    them: a pass over every training window before and after would cost a third of a short heal)."""
     seq_len = train_windows.shape[1]
     parts = small_parts(model, manifest)
     trained = set(map(id, parts.values()))
@@ -335,8 +356,9 @@ def run(model: nn.Module, manifest: dict[str, Any], train_windows: torch.Tensor,
     start = time.perf_counter()
     optimizer = torch.optim.AdamW(list(parts.values()), lr=lr, weight_decay=0.0)
     done, before = state.restore(parts, optimizer) if state is not None else (0, {})
+    probe = train_windows[:max(1, held_windows.shape[0])]  # (k, seq): the training loss before and after
     if not before:
-        before = {"loss": mean_loss(model, train_windows, batch_size, device, autocast),
+        before = {"loss": mean_loss(model, probe, batch_size, device, autocast),
                   "held_out_loss": mean_loss(model, held_windows, batch_size, device, autocast)}
     if say is not None:
         resumed = f", resumed after step {done}" if done else ""
@@ -345,17 +367,18 @@ def run(model: nn.Module, manifest: dict[str, Any], train_windows: torch.Tensor,
     checkpoint = (lambda step: state.save(step, parts, optimizer, before)) if state is not None else None
     losses = train(model, optimizer, train_windows, steps, batch_size, device, autocast, gradient_checkpointing,
                    say, log_every or max(1, steps // 10), done + 1, checkpoint,
-                   max(1, steps // 10) if save_every is None else save_every)
+                   max(1, steps // 10) if save_every is None else save_every,
+                   lm_loss if teacher is None else lambda student, ids: distill_loss(student, teacher, ids))
     for param in model.parameters():
         param.requires_grad_(False)
-    after = {"loss": mean_loss(model, train_windows, batch_size, device, autocast),
+    after = {"loss": mean_loss(model, probe, batch_size, device, autocast),
              "held_out_loss": mean_loss(model, held_windows, batch_size, device, autocast)}
     if say is not None:
         say(f"held-out loss {before['held_out_loss']:.4f} → {after['held_out_loss']:.4f}, training loss "
             f"{before['loss']:.4f} → {after['loss']:.4f}")
     kinds = trainable_modules(manifest)
     return {"steps": steps, "tokens": steps * batch_size * seq_len, "lr": lr, "batch_size": batch_size,
-            "loss_before": before["loss"], "loss_after": after["loss"],
+            "loss_before": before["loss"], "loss_after": after["loss"], "loss_windows": probe.shape[0],
             "held_out_loss_before": before["held_out_loss"], "held_out_loss_after": after["held_out_loss"],
             "first_step_loss": losses[0] if losses else None, "last_step_loss": losses[-1] if losses else None,
             "resumed_after_step": done or None,

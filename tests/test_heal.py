@@ -195,3 +195,37 @@ def test_resume_continues_an_interrupted_heal(outputs, tmp_path):
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
     with pytest.raises(CompressorError, match="no interrupted heal"):
         heal(outputs("lord"), tmp_path / "other", **options, resume=True)
+
+
+def test_distill_loss_is_the_kl_to_the_teacher(llama_dir, ids):
+    """``distill_loss`` against a brute-force KL(teacher ‖ model) per token; zero when the model is its teacher."""
+    from compressor.heal import distill_loss
+
+    teacher = build_model("llama", int(ids.max()) + 1, layers=3, seed=1).eval()
+    student = build_model("llama", int(ids.max()) + 1, layers=3, seed=2).eval()
+    p = torch.softmax(teacher(input_ids=ids).logits.double(), -1)  # (b, seq, vocab)
+    q = torch.softmax(student(input_ids=ids).logits.double(), -1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean()
+    assert float(expected) > 1e-3
+    assert float(distill_loss(student, teacher, ids)) == pytest.approx(float(expected), rel=1e-4)
+    assert float(distill_loss(teacher, teacher, ids)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distill_heal_moves_the_output_toward_its_base(outputs, llama_dir, tmp_path, tokenizer):
+    """``distill``: the steps minimise the KL to the base the manifest records, so on the windows it trained on the
+    healed output's KL to the base is lower than the compressed one's; the record says which loss trained."""
+    from transformers import AutoModelForCausalLM
+
+    from compressor.heal import distill_loss, heal_windows
+
+    source = outputs("lord")
+    manifest = io.read_manifest(source)
+    calib = manifest["recipe"]["calibration"]
+    trained = heal_windows(manifest, tokenizer, calib["dataset"], SMALL["n_samples"] + SMALL["held_out"],
+                           SMALL["seq_len"], 0)[:SMALL["n_samples"]]  # (8, 32): the windows the heal trains on
+    base = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    before = float(distill_loss(io.load(source), base, trained))
+    record = heal(source, tmp_path / "healed", distill=True, **dict(SMALL, lr=1e-3))
+    after = float(distill_loss(io.load(tmp_path / "healed"), base, trained))
+    assert record["loss"] == "distill" and io.read_manifest(tmp_path / "healed")["healing"][-1]["loss"] == "distill"
+    assert after < 0.9 * before, (before, after)
