@@ -3,6 +3,7 @@
 the heal's wall and CPU seconds, written as JSON.
 
     python scripts/heal_check.py OUT --name lord-20 [--steps 12 --lr 3e-5 --n-samples 48 --batch-size 4]
+                                 [--distill] [--dtype bfloat16] [--reuse-before]
                                  [--json results/heal-check.json]
 
 OUT is a compressed output (e.g. ``compressor compress smollm2-135m --recipe lord --out OUT``); the healed copy
@@ -55,19 +56,27 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--n-samples", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--distill", action="store_true", help="heal --distill (KL to the base model)")
+    parser.add_argument("--dtype", default="float32", help="heal --dtype")
+    parser.add_argument("--reuse-before", action="store_true",
+                        help="take the perplexities before healing from an entry of --json with the same output")
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "heal-check.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
         healed = scratch / "healed"
-        before = perplexities(args.output, scratch)
+        done = json.loads(args.json.read_text()) if args.json.is_file() else {}
+        known = [entry["perplexity_before"] for entry in done.values() if entry["output"] == Path(args.output).name]
+        before = known[0] if args.reuse_before and known else perplexities(args.output, scratch)
         wall, cpu = run(["heal", args.output, "--out", str(healed), "--steps", str(args.steps), "--lr", str(args.lr),
-                         "--n-samples", str(args.n_samples), "--batch-size", str(args.batch_size), "--quiet"])
+                         "--n-samples", str(args.n_samples), "--batch-size", str(args.batch_size), "--quiet",
+                         "--dtype", args.dtype, *(["--distill"] if args.distill else [])])
         after = perplexities(str(healed), scratch)
         record = json.loads((healed / "compression.json").read_text())["healing"][-1]
     entry = {"output": Path(args.output).name,
              "heal": {k: record[k] for k in ("steps", "tokens", "lr", "batch_size", "seq_len", "n_samples",
                                               "dataset", "held_out_loss_before", "held_out_loss_after")},
+             "loss": record.get("loss", "next_token"), "dtype": record.get("dtype", "float32"),
              "heal_wall_seconds": round(wall, 1), "heal_cpu_seconds": round(cpu, 1), "threads": os.cpu_count(),
              "perplexity_before": before, "perplexity_after": after,
              "heldout": {"sotu": "2000- speeches, first 40,960 tokens, 512-token windows",
