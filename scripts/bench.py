@@ -120,6 +120,14 @@ def quantize(algorithm: str, bits: int, group_size: int = 128, **config) -> dict
                                              "symmetric": False, **config}}
 
 
+def preserved(recipe: dict, budget: int) -> dict:
+    """``recipe`` with SRR's preserve-then-quantize on its quantize step: k of the eora step's ``budget`` ranks per
+    matrix (quantize.preserve_rank auto) kept as 16-bit directions before quantizing, the rest fit by eora."""
+    steps = [{**step, "config": {**step["config"], "preserve_rank": "auto", "preserve_budget": budget}}
+             if step["method"] == "quantize" else step for step in recipe["steps"]]
+    return {**recipe, "steps": steps}
+
+
 def sequential(recipe: dict) -> dict:
     """The same steps with GPTQ's own convention: each layer calibrated on the compressed model's outputs."""
     return {**recipe, "propagate": "compressed"}
@@ -235,6 +243,10 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         ("lord-gram-refit-half-0.2-int8", lord("gram", 0.2, refit="outputs", refit_strength=0.5, factor_bits=8)),
         ("lord-gram-refit-half-int8-as-gptq-w3-eora-r32",
          lord("gram", INT8_AS_GPTQ_W3_EORA_R32, refit="outputs", refit_strength=0.5, factor_bits=8)),
+        # 3 bits + a rank-64 path at equal bytes: the shipped GPTQ w3 + EoRA r64, and SRR's preserve-then-quantize
+        # on it (per matrix the k of the 64 ranks, in {0, 16, 32, 48, 64}, kept before quantizing; eora fits the rest)
+        ("gptq-w3-eora-r64", lambda done: shipped("gptq-w3-eora-r64")),
+        ("gptq-w3-srr-r64", lambda done: preserved(shipped("gptq-w3-eora-r64"), 64)),
     ],
     # The same runs spread over ranks (SPREAD: one process with two threads against two ranks of one thread)
     "distributed": [(name, lambda done, recipe=name.rsplit("-", 1)[0]: shipped(recipe)) for name in SPREAD],

@@ -9,7 +9,10 @@ rank-r path ``B A`` that minimizes the output error on the calibration inputs (d
     U Σ Vᵀ = svd(ΔW · Q Λ^½)
     B = U_r Σ_r^½ (m, r),   A = Σ_r^½ V_rᵀ Λ^-½ Qᵀ (r, n),   y = x W_cᵀ + (x Aᵀ) Bᵀ
 
-This is ``linalg.whitened_svd`` of ΔW with the ``eigh`` whitening. ``space: weight`` is the plain-SVD
+This is ``linalg.whitened_svd`` of ΔW with the ``eigh`` whitening. ``rank`` is the rank of the module's one
+low-rank path: when the earlier step already left a path of rank k (``quantize`` with ``preserve_rank``, SRR's
+preserve-then-quantize), EoRA fits the remaining r − k ranks to ``W − W_c − L_k`` and appends them to that
+path (one adapter of rank r, the bytes of EoRA at rank r). ``space: weight`` is the plain-SVD
 baseline (best rank-r approximation of ΔW itself, data-free). The Gram is a plain sum over the
 calibration tokens, not the reference code's fixed-denominator running average (docs/methods.md#eora-eora).
 The result is a ``CompensatedLinear`` (the compressed module as ``base``, the factors as ``lora``),
@@ -35,6 +38,7 @@ from torch import Tensor
 
 from ..config.configs import field
 from ..contract import LayerContext, LinearCompressor, Outcome, Target
+from ..errors import CompressorError
 from ..kernels import linalg
 from ..model.modules import CompensatedLinear, LowRankLinear
 from ..stats.accumulators import Request, inputs
@@ -83,8 +87,7 @@ class EoRA(LinearCompressor):
 
     def preview(self, shapes: dict[str, tuple[int, int]], model_params: int) -> dict[str, dict]:
         """A compensation path of rank r beside what the earlier steps left ("added")."""
-        return {name: {"rank": self.config.rank, "added_params": self.config.rank * (m + n)}
-                for name, (m, n) in shapes.items()}
+        return {name: {"rank": self.config.rank, "path_rank": self.config.rank} for name in shapes}
 
     def _whitening(self, target: Target) -> linalg.Whitening:
         if self.config.space == "weight":
@@ -95,8 +98,26 @@ class EoRA(LinearCompressor):
         residual = target.original.float() - target.weight  # (m, n) fp32
         if not bool(residual.any()):
             return Outcome(None, note="no residual: an earlier step left this linear unchanged")
+        rank, carried = self.config.rank, _carried_path(target.module)
+        have = carried.rank if carried is not None else 0
+        if have > rank:
+            raise CompressorError(f"eora: rank {rank} is less than the rank {have} of the low-rank path the earlier "
+                                  f"step left on {target.name}; give eora a rank of at least {have}")
+        if have == rank:
+            return Outcome(None, note=f"the earlier step's low-rank path already has rank {rank}")
         whitening = ctx.per_input(self, target, self._whitening)
         dtype = torch.float64 if self.config.svd_dtype == "float64" else torch.float32
-        up, down = eora_factors(residual, self.config.rank, None, svd_dtype=dtype, whitening=whitening)
-        lora = LowRankLinear.from_factors(up, down, None, target.dense_class, dtype=ctx.dtype)
-        return Outcome(CompensatedLinear(target.module, lora), rank=self.config.rank)
+        up, down = eora_factors(residual, rank - have, None, svd_dtype=dtype, whitening=whitening)
+        if carried is None:
+            lora = LowRankLinear.from_factors(up, down, None, target.dense_class, dtype=ctx.dtype)
+            return Outcome(CompensatedLinear(target.module, lora), rank=rank)
+        kept_up, kept_down = carried.factors()  # (m, k), (k, n): the path as stored, first
+        lora = LowRankLinear.from_factors(torch.cat([kept_up.to(ctx.dtype), up.to(ctx.dtype)], dim=1),
+                                          torch.cat([kept_down.to(ctx.dtype), down.to(ctx.dtype)]), None,
+                                          target.dense_class, dtype=ctx.dtype)
+        return Outcome(CompensatedLinear(target.module.base, lora), rank=rank, extra={"carried_rank": have})
+
+
+def _carried_path(module: torch.nn.Module) -> LowRankLinear | None:
+    """The low-rank path an earlier step left on the module (a ``CompensatedLinear``'s), or None."""
+    return module.lora if isinstance(module, CompensatedLinear) else None

@@ -17,6 +17,16 @@ that never fire (``H_jj = 0``) get ``H_jj = 1`` and a zero weight, as in the ref
   from the weight before the loop ("static groups", compressed-tensors ``actorder: weight``), so the
   stored format is the same as without act-order (no ``g_idx``).
 
+- ``preserve_rank`` (SRR's preserve-then-quantize, Cho et al., ICML 2026, arXiv:2602.02001): the top-k
+  singular directions of ``W S`` (``S Sᵀ = G``, the input Gram's ``eigh`` root, EoRA's) are kept as a 16-bit
+  low-rank path ``L_k = up_k down_k`` (m, k) (k, n) and only ``W − L_k`` is quantized; the module is a
+  ``CompensatedLinear`` (Q, L_k), and a later ``eora`` step of rank r fills that one path up to rank r with the
+  best rank-(r − k) fit of ``E_k = W − L_k − Q_k`` (EoRA's). ``auto`` chooses k per matrix among
+  {0, r/4, r/2, 3r/4, r} (r: ``preserve_budget``) as the one whose chain leaves the least whitened output
+  error ``‖(E_k − E_k,r−k) S‖_F`` = the root of the sum of the squared singular values of ``E_k S`` past
+  r − k (closed form; one quantization per candidate). The paper estimates that error with one random probe
+  instead of quantizing each candidate; k = 0 is today's quantization bit for bit (EoRA), k = r LQ-LoRA's split.
+
 ```yaml
 steps:
   - method: quantize
@@ -28,16 +38,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import Tensor
 
 from ..config.configs import field
 from ..contract import LayerContext, LinearCompressor, Outcome, Target
-from ..kernels import quant
+from ..kernels import linalg, quant
 from ..kernels.hessian import hessian, hessian_in, inverse_hessian_factor, lends_memory, permute_, serial
-from ..model.modules import QuantizedLinear
+from ..model.modules import CompensatedLinear, LowRankLinear, QuantizedLinear
 from ..stats.accumulators import Request
 
 
@@ -54,6 +64,12 @@ class QuantizeConfig:
         "float64", "GPTQ: precision of the Gram and the Hessian factorization; float32 is the GPTQ reference's "
         "(half the memory: the Gram summed in fp32 and factorized in its own memory, for models whose widest "
         "Hessian barely fits, e.g. 256 MB instead of ~770 MB at 8192 inputs)")
+    preserve_rank: int | Literal["auto"] = field(
+        0, "SRR preserve-then-quantize: k top whitened singular directions of W kept as a 16-bit low-rank path "
+        "before W minus them is quantized (a later eora step fills the path up to its rank); auto: per matrix "
+        "the k in {0, r/4, r/2, 3r/4, r} (r: preserve_budget) of least whitened output error after eora; 0: off")
+    preserve_budget: int | None = field(
+        None, "preserve_rank: the rank r of the whole low-rank path, the eora step's rank (needed by auto)")
 
     def __post_init__(self) -> None:
         if not quant.MIN_BITS <= self.bits <= quant.MAX_BITS:
@@ -65,6 +81,33 @@ class QuantizeConfig:
             raise ValueError(f"damp must be in [0, 1); got {self.damp}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be ≥ 1; got {self.block_size}")
+        if self.preserve_budget is not None and self.preserve_budget < 1:
+            raise ValueError(f"preserve_budget must be ≥ 1; got {self.preserve_budget}")
+        if self.preserve_rank == "auto":
+            if self.preserve_budget is None:
+                raise ValueError("preserve_rank auto needs preserve_budget (the rank of the eora step that follows)")
+        elif self.preserve_rank < 0:
+            raise ValueError(f"preserve_rank must be ≥ 0 or auto; got {self.preserve_rank}")
+        elif self.preserve_budget is not None and self.preserve_rank > self.preserve_budget:
+            raise ValueError(f"preserve_rank {self.preserve_rank} is larger than preserve_budget "
+                             f"{self.preserve_budget}")
+
+    @property
+    def path_rank(self) -> int:
+        """The most ranks the low-rank path this step leaves may have (0: a plain quantized module)."""
+        return self.preserve_budget if self.preserve_rank == "auto" else self.preserve_rank
+
+    def candidates(self) -> list[int]:
+        """The preserved ranks k tried per matrix: the fixed one, or {0, r/4, r/2, 3r/4, r} for auto."""
+        if self.preserve_rank != "auto":
+            return [self.preserve_rank]
+        return sorted({round(self.preserve_budget * part) for part in (0, 0.25, 0.5, 0.75, 1)})
+
+    def validate(self, shapes: dict[str, tuple[int, int]]) -> None:
+        for name, (m, n) in shapes.items():
+            if self.path_rank > min(m, n):
+                raise ValueError(f"preserved rank {self.path_rank} is larger than min(m, n) = {min(m, n)} of "
+                                 f"{name} ({m}×{n})")
 
     def warnings(self, shapes: dict[str, tuple[int, int]]) -> list[str]:
         """Said before the run (``plan.compile``): a group size that does not divide every targeted input
@@ -85,6 +128,14 @@ class QuantizeConfig:
                 f"{len(shapes)} targeted linears (e.g. {next(iter(uneven))}): the checkpoint will carry no "
                 "quantization_config, so neither vLLM nor stock transformers can load it (compressor.load and "
                 f"trust_remote_code=True can); {suggestion}"]
+
+
+def compensated_error(residual: Tensor, whitening: linalg.Whitening, rank: int) -> float:
+    """``‖(E − E_r) S‖_F``: the whitened output error ``‖(E − E_r) Xᵀ‖_F`` that ``residual`` E (m, n) leaves after
+    its best rank-``rank`` compensation E_r under ``whitening`` (EoRA's): the root of the sum of the squared
+    singular values of ``E S`` past the first ``rank``."""
+    values = torch.linalg.svdvals(whitening.apply(residual.double()))
+    return float(values[rank:].square().sum().sqrt())
 
 
 UPDATE_CHUNK = 1 << 22  # entries of GPTQ's trailing-column update made at once (16 MB in fp32)
@@ -210,14 +261,17 @@ class Quantize(LinearCompressor):
     paper = "arXiv:2210.17323"
 
     def requests(self) -> tuple[Request, ...]:
-        if self.config.algorithm != "gptq":
+        if self.config.algorithm != "gptq" and not self.config.path_rank:
             return ()
         return (Request("gram", precision=self.config.hessian_dtype),)
 
     def preview(self, shapes: dict[str, tuple[int, int]], model_params: int) -> dict[str, dict]:
+        """The quantized weight, and with ``preserve_rank`` the low-rank path it carries (``path_rank``: for auto,
+        the most it may have)."""
         cfg = self.config
+        path = {"path_rank": cfg.path_rank} if cfg.path_rank else {}
         return {name: {"rank": None, "params": m * n, "bits": cfg.bits, "group_size": cfg.group_size or n,
-                       "symmetric": cfg.symmetric} for name, (m, n) in shapes.items()}
+                       "symmetric": cfg.symmetric, **path} for name, (m, n) in shapes.items()}
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -251,17 +305,64 @@ class Quantize(LinearCompressor):
         with hessian_in(gram, target.stats.n_tokens, self._dtype) as h:
             yield self._factor_of(h)
 
+    @contextmanager
+    def _quantizer(self, target: Target, ctx: LayerContext) -> Iterator[Callable[..., tuple[Tensor, Tensor, Tensor]]]:
+        """``quantize(weight, overwrite)`` → (q (m, n) int8, scale (m, G), zero point (m, G)) of any (m, n) weight
+        of this target: RTN, or GPTQ with the target's Hessian factor (made once, whatever the weights tried)."""
+        cfg = self.config
+        if cfg.algorithm != "gptq":
+            yield lambda weight, overwrite=False: quant.rtn(weight, cfg.bits, cfg.symmetric, cfg.group_size, ctx.dtype)
+            return
+        with self._factored(target, ctx) as factor:
+            yield lambda weight, overwrite=False: gptq(weight, factor[0], factor[1], cfg.bits, cfg.symmetric,
+                                                       cfg.group_size, factor[2], cfg.block_size, ctx.dtype,
+                                                       overwrite=overwrite)
+
+    def _whitening(self, target: Target) -> linalg.Whitening:
+        return linalg.eigh(target.stats.gram)
+
+    def _module(self, q: Tensor, scale: Tensor, zero_point: Tensor, target: Target,
+                ctx: LayerContext) -> QuantizedLinear:
+        cfg = self.config
+        return QuantizedLinear.from_integers(q, scale.to(ctx.dtype), zero_point, cfg.bits, cfg.group_size,
+                                             cfg.symmetric, target.bias, target.dense_class, dtype=ctx.dtype)
+
     def compress_linear(self, target: Target, ctx: LayerContext) -> Outcome:
         cfg = self.config
-        if cfg.algorithm == "gptq":
-            with self._factored(target, ctx) as (upper, dead, perm):
-                q, scale, zero_point = gptq(target.weight, upper, dead, cfg.bits, cfg.symmetric, cfg.group_size,
-                                            perm, cfg.block_size, ctx.dtype, overwrite=_own_copy(target))
-                del upper
-        else:
-            q, scale, zero_point = quant.rtn(target.weight, cfg.bits, cfg.symmetric, cfg.group_size,
-                                             ctx.dtype)
-        module = QuantizedLinear.from_integers(q, scale.to(ctx.dtype), zero_point, cfg.bits, cfg.group_size,
-                                               cfg.symmetric, target.bias, target.dense_class,
-                                               dtype=ctx.dtype)
-        return Outcome(module, extra={"bits": cfg.bits, "group_size": cfg.group_size})
+        if cfg.path_rank:
+            return self._preserve_then_quantize(target, ctx)
+        with self._quantizer(target, ctx) as quantize:
+            q, scale, zero_point = quantize(target.weight, overwrite=_own_copy(target))
+        return Outcome(self._module(q, scale, zero_point, target, ctx),
+                       extra={"bits": cfg.bits, "group_size": cfg.group_size})
+
+    def _preserve_then_quantize(self, target: Target, ctx: LayerContext) -> Outcome:
+        """SRR: for each candidate k, quantize ``W − L_k`` (L_k: the top-k whitened SVD of W, as stored) and price
+        the chain's whitened output error after eora's r − k ranks; keep the k of least error (ties: the
+        smaller k). k = 0 gives the plain quantized module."""
+        cfg = self.config
+        whitening = ctx.per_input(self, target, self._whitening)  # before GPTQ may borrow the Gram's memory
+        candidates = cfg.candidates()
+        budget = cfg.preserve_budget if cfg.preserve_budget is not None else cfg.path_rank
+        up, down, _ = linalg.whitened_svd(target.weight, max(candidates), whitening)  # (m, k_max), (k_max, n)
+        up, down = up.to(ctx.dtype), down.to(ctx.dtype)  # as stored: Q absorbs the factors' rounding
+        best, errors = None, {}
+        with self._quantizer(target, ctx) as quantize:
+            for k in candidates:
+                kept = up[:, :k].float() @ down[:k].float() if k else None  # (m, n) L_k
+                rest = target.weight - kept if k else target.weight.clone()
+                q, scale, zero_point = quantize(rest, overwrite=True)
+                if len(candidates) > 1:
+                    dequantized = quant.dequantize(q, scale.to(ctx.dtype).float(), zero_point, cfg.group_size)
+                    errors[k] = compensated_error(rest - dequantized, whitening, budget - k)
+                if best is None or errors[k] < errors[best[0]]:
+                    best = (k, q, scale, zero_point)
+        k, q, scale, zero_point = best
+        module = self._module(q, scale, zero_point, target, ctx)
+        extra = {"bits": cfg.bits, "group_size": cfg.group_size, "preserved_rank": k}
+        if len(candidates) > 1:
+            extra["preserve_errors"] = {str(c): round(e, 6) for c, e in errors.items()}
+        if not k:
+            return Outcome(module, extra=extra)
+        path = LowRankLinear.from_factors(up[:, :k], down[:k], None, target.dense_class, dtype=ctx.dtype)
+        return Outcome(CompensatedLinear(module, path), rank=k, extra=extra)

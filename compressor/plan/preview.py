@@ -62,10 +62,9 @@ def preview(plan: Plan, model: nn.Module, dtype: torch.dtype, storage_dtype: tor
                 state["unknown"] = True
                 continue
             change = found[name]
-            if "added_params" in change:
-                state["added"] = state.get("added", 0) + change["added_params"]
-            else:
-                state.update({k: v for k, v in change.items() if k in ("params", "bits", "group_size", "symmetric")})
+            state.update({k: v for k, v in change.items() if k in ("params", "bits", "group_size", "symmetric")})
+            if "path_rank" in change:  # the rank of the target's one low-rank path, beside its weights
+                state["added"] = max(state.get("added", 0), change["path_rank"] * sum(shape))
         if found is None:
             entry["after"] = "decided on calibration data or the weights"
         else:
