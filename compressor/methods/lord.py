@@ -190,9 +190,11 @@ class LoRD(LinearCompressor):
         target = welore_rule.budget(rank_reduction=self.config.rank_reduction, ratio=self.config.ratio,
                                     model_ratio=self.config.model_ratio, shapes=view.shapes,
                                     model_params=view.model_params)
-        if taylor:  # spectra: each component's |⟨Ḡ, Δ_j⟩|, already in units of the loss
-            solved = loss_rule.allocate_costs(spectra, view.shapes, target["removed_params"], normalize=False,
-                                              fill=True)
+        if taylor:  # spectra: each component's |⟨Ḡ, Δ_j⟩|, already in units of the loss; a ratio's budget is
+            # what the uniform ratio removes with its integer ranks (up to a rank per matrix above ratio · Σ m n)
+            removed = target["removed_params"] if self.config.ratio is None else ranks.removed_by_ratio(
+                self.config.ratio, list(view.shapes.values()))
+            solved = loss_rule.allocate_costs(spectra, view.shapes, removed, normalize=False, fill=True)
             return Decision({"rank_rule": "taylor", "rule": self.config.rule, **solved, **gradient_record,
                              **fisher_record}, ranks=solved["ranks"])
         if self.config.rank_rule == "loss":

@@ -102,16 +102,22 @@ def saves_parameters(rank: int, m: int, n: int) -> bool:
     return rank * (m + n) < m * n
 
 
+def removed_by_ratio(ratio: float, shapes: list[tuple[int, int]]) -> int:
+    """The parameters a uniform ``ratio`` removes from matrices of ``shapes`` (its integer ranks; a matrix whose
+    rank would not save parameters stays dense)."""
+    total = 0
+    for m, n in shapes:
+        r = max(1, int((1.0 - ratio) * break_even(m, n)))
+        if saves_parameters(r, m, n):
+            total += m * n - r * (m + n)
+    return total
+
+
 def plan_model_ratio(target: float, shapes: list[tuple[int, int]], model_params: int) -> float:
     """The uniform per-matrix ``ratio`` whose integer ranks remove ``target·model_params`` parameters."""
 
     def removed(ratio: float) -> int:
-        total = 0
-        for m, n in shapes:
-            r = max(1, int((1.0 - ratio) * break_even(m, n)))
-            if saves_parameters(r, m, n):
-                total += m * n - r * (m + n)
-        return total
+        return removed_by_ratio(ratio, shapes)
 
     if target == 0:
         return 0.0
