@@ -237,6 +237,21 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         *[(f"lord-gram-fisher-rows-loss-refit-half-{r}", lord(
             "gram", r, output_weight="fisher", rank_rule="loss", refit="outputs", refit_strength=0.5))
           for r in (0.2, 0.4)],
+        # loss-aware (IO-SVD's mechanisms) on the shipped lord recipe: ranks from each whitened component's
+        # first-order effect on the loss (rank_rule taylor); rows weighted by the Fisher of the model's own
+        # predictions (output_fisher model: the true Fisher) instead of the text's labels; both; and taylor with
+        # the data-label Fisher rows
+        *[(f"lord-gram-taylor-refit-half-{r}", lord("gram", r, rank_rule="taylor", refit="outputs",
+                                                    refit_strength=0.5)) for r in (0.2, 0.4)],
+        *[(f"lord-gram-fisher-model-rows-refit-half-{r}", lord(
+            "gram", r, output_weight="fisher", output_fisher="model", refit="outputs", refit_strength=0.5))
+          for r in (0.2, 0.4)],
+        *[(f"lord-gram-fisher-model-rows-taylor-refit-half-{r}", lord(
+            "gram", r, output_weight="fisher", output_fisher="model", rank_rule="taylor", refit="outputs",
+            refit_strength=0.5)) for r in (0.2, 0.4)],
+        *[(f"lord-gram-fisher-rows-taylor-refit-half-{r}", lord(
+            "gram", r, output_weight="fisher", rank_rule="taylor", refit="outputs", refit_strength=0.5))
+          for r in (0.2, 0.4)],
         # equal bytes: the lord recipe with its factors stored in int8 (factor_bits 8) at its own ratio, and at the
         # ratio whose bytes on disk match GPTQ w3 + EoRA r32's (quant suite: 196,367,744 bytes; the 16-bit runs
         # store fp32 here, as the model is computed in)

@@ -303,6 +303,20 @@ def output_refit(weight: Tensor, cross: Tensor, whitening: Whitening) -> Tensor:
     raise CompressorError(f"output_refit needs a Gram whitening (cholesky or eigh), not {whitening.kind}")
 
 
+def first_order_scores(work: Tensor, whitening: Whitening, gradient: Tensor,
+                       rows: Tensor | None = None) -> Tensor:
+    """|⟨G, Δ_j⟩| (k,) fp64 for each component of the whitened SVD ``work = diag(d) W S = Σ_j σ_j u_j v_jᵀ``
+    (k = min(m, n), in SVD order): ``Δ_j = diag(d)⁻¹ u_j σ_j v_jᵀ S⁻¹`` is what dropping component j removes
+    from W (m, n), and ``⟨G, Δ_j⟩ = σ_j (d⁻¹ ⊙ u_j)ᵀ G (S⁻ᵀ v_j)`` its first-order effect on a loss whose
+    gradient with respect to W is ``gradient`` G (m, n). ``rows`` d (m,): the output-side weight, or None."""
+    u, s, vh = svd(work.double())  # (m, k), (k,), (k, n)
+    grad = gradient.double().to(work.device)
+    if rows is not None:
+        grad = grad / rows.double().to(work.device)[:, None]  # d⁻¹ ⊙ rows of G
+    back = whitening.unapply(vh)  # (k, n): rows v_jᵀ S⁻¹
+    return s * ((u.T @ grad) * back).sum(1).abs()
+
+
 def symmetric_sqrt(matrix: Tensor) -> Tensor:
     """``Σ^½`` (n, n) of a symmetric PSD matrix, fp64 ``eigh`` with negative eigenvalues clamped to 0."""
     matrix = matrix.double()

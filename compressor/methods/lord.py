@@ -16,6 +16,19 @@ model taken in ``decide`` (a walk of its own; the factors then use the walk's st
 ``rank_rule: loss`` the same spectra give the ranks of least total relative truncation loss
 (``ranks.loss``).
 
+Two-sided, loss-aware (IO-SVD's mechanisms; docs/methods.md#lord-lord):
+
+- ``output_fisher: model`` (with ``output_weight: fisher``) takes the row weights from the Fisher of the model's
+  own predictions (labels drawn from its softmax, one draw per position, seeded: the true Fisher, the curvature
+  of the KL between the original and the compressed model's next-token distributions) rather than from the
+  text's labels (the empirical Fisher, ``data``, the default);
+- ``rank_rule: taylor`` spends the parameter budget where the first-order effect on the loss of what is dropped
+  is least: component j of the whitened SVD ``diag(d) W S = Σ σ_j u_j v_jᵀ`` removes ``Δ_j = d⁻¹ u_j σ_j v_jᵀ S⁻¹``
+  from W, costing ``|⟨Ḡ, Δ_j⟩|`` with Ḡ the mean gradient of the next-token loss over the calibration windows
+  (one gradient pass, cached; ``linalg.first_order_scores``); a matrix keeping rank r pays Σ_{j ≥ r} of them
+  (``ranks.loss.allocate_costs``, absolute: the scores are in units of the loss). Each matrix still keeps its
+  leading components (the truncation stays the optimal one for its objective); only how many moves.
+
 ``refit: outputs`` (with ``whiten: gram``) fits each matrix to the outputs the *original* model produces
 rather than to its own weight: with ``propagate: compressed`` a layer sees inputs X̃ that earlier compression
 changed, while it should still produce W·X. The minimizer of ``‖W X − Ŵ X̃‖_F`` over rank-r ``Ŵ`` is the
@@ -81,6 +94,9 @@ class LoRDConfig(ranks.RankRule, FactorBits):
     gram_side: Literal["input", "output", "auto"] = field(
         "input", "whiten gram: solve from the input Gram (n×n, SVD-LLM), the output Gram W G Wᵀ (m×m, the same "
         "optimum), or auto: the smaller (output for wide matrices, in > out)")
+    output_fisher: Literal["data", "model"] = field(
+        "data", "output_weight fisher: the Fisher's labels: data (the text's next tokens: the empirical Fisher) or "
+        "model (drawn from the model's own predictions, seeded: the true Fisher, the KL's curvature, IO-SVD's)")
     refit_strength: float = field(
         1.0, "refit outputs: the target's share of the original outputs W·X, the rest W·X̃ (0 = no refit): "
         "shrinks the fit toward SVD-LLM's, which fits the calibration text less")
@@ -93,6 +109,10 @@ class LoRDConfig(ranks.RankRule, FactorBits):
             raise ValueError(f"refit_strength must be in [0, 1], got {self.refit_strength}")
         if self.loss_scale != "relative" and self.rank_rule != "loss":
             raise ValueError("loss_scale applies to rank_rule: loss")
+        if self.output_fisher != "data" and self.output_weight != "fisher":
+            raise ValueError("output_fisher applies to output_weight: fisher")
+        if self.rank_rule == "taylor" and self.gram_side != "input":
+            raise ValueError("rank_rule taylor scores the input-side whitened components: it needs gram_side: input")
         if self.gram_side != "input" and self.whiten != "gram":
             raise ValueError("gram_side applies to whiten: gram")
         if self.gram_side != "input" and self.refit != "none":
@@ -130,10 +150,11 @@ class LoRD(LinearCompressor):
     def __init__(self, config: LoRDConfig) -> None:
         super().__init__(config)
         self.row_scales: dict[str, torch.Tensor] = {}  # output_weight fisher: name → (m,) fp64
+        self.gradients: dict[str, torch.Tensor] = {}  # rank_rule taylor, during decide: name → mean Ḡ (m, n)
 
     @property
     def uses_data(self) -> bool:
-        return bool(self.requests()) or self.config.output_weight == "fisher"
+        return bool(self.requests()) or self.config.output_weight == "fisher" or self.config.rank_rule == "taylor"
 
     @property
     def kinds(self) -> frozenset[str]:
@@ -158,14 +179,24 @@ class LoRD(LinearCompressor):
         if self.config.rank_rule == "uniform":
             chosen, record = ranks.uniform_ranks(self.config, view.shapes, view.model_params)
             return Decision({**record, **fisher_record}, ranks=chosen)
+        taylor = self.config.rank_rule == "taylor"
+        gradient_record = self.mean_gradients(view) if taylor else {}
+        measure = self.first_order_scores if taylor else welore_rule.singular_values
         if self.config.whiten == "none":
-            spectra = welore_rule.weight_spectra(view, self.svd_dtype, self.row_scales)
+            spectra = welore_rule.weight_spectra(view, self.svd_dtype, self.row_scales, measure)
         else:
             spectra = welore_rule.whitened_spectra(view, self.kinds, self.whitening_of, self.svd_dtype,
-                                                   self.row_scales, self.config.output_side)
+                                                   self.row_scales, self.config.output_side, measure)
         target = welore_rule.budget(rank_reduction=self.config.rank_reduction, ratio=self.config.ratio,
                                     model_ratio=self.config.model_ratio, shapes=view.shapes,
                                     model_params=view.model_params)
+        if taylor:  # spectra: each component's |⟨Ḡ, Δ_j⟩|, already in units of the loss; a ratio's budget is
+            # what the uniform ratio removes with its integer ranks (up to a rank per matrix above ratio · Σ m n)
+            removed = target["removed_params"] if self.config.ratio is None else ranks.removed_by_ratio(
+                self.config.ratio, list(view.shapes.values()))
+            solved = loss_rule.allocate_costs(spectra, view.shapes, removed, normalize=False, fill=True)
+            return Decision({"rank_rule": "taylor", "rule": self.config.rule, **solved, **gradient_record,
+                             **fisher_record}, ranks=solved["ranks"])
         if self.config.rank_rule == "loss":
             solved = loss_rule.allocate(spectra, view.shapes, target["removed_params"],
                                         normalize=self.config.loss_scale == "relative")
@@ -178,11 +209,30 @@ class LoRD(LinearCompressor):
         """The output-side weights √(Σ_in F + 1e-6) (m,) of every target, from the (cached) Fisher pass."""
         if view.batches is None:
             raise CompressorError("lord output_weight fisher needs calibration data (the Fisher pass)")
+        kind = fisher_pass.Pass(labels=self.config.output_fisher)
         fisher, info = fisher_pass.fisher_for(view.model, view.batches, list(view.shapes), view.device,
-                                              checkpointing=True, cache=self.config.fisher_cache, reduce="out")
+                                              checkpointing=True, cache=self.config.fisher_cache, reduce="out",
+                                              kind=kind)
         for name in view.shapes:
             self.row_scales[name] = fisher_pass.diagonal_weight(fisher.pop(name), "out")
-        return {"output_weight": "fisher", "fisher_cache": "hit" if info.get("hit") else "computed"}
+        labels = {} if self.config.output_fisher == "data" else {"output_fisher": self.config.output_fisher}
+        return {"output_weight": "fisher", "fisher_cache": "hit" if info.get("hit") else "computed", **labels}
+
+    def mean_gradients(self, view: ModelView) -> dict:
+        """Ḡ (m, n) of every target: the next-token loss's gradient averaged over the calibration windows (the
+        Fisher pass's gradient statistic, cached like the Fisher)."""
+        if view.batches is None:
+            raise CompressorError("lord rank_rule taylor needs calibration data (the gradient pass)")
+        total, info = fisher_pass.fisher_for(view.model, view.batches, list(view.shapes), view.device,
+                                             checkpointing=True, cache=self.config.fisher_cache,
+                                             kind=fisher_pass.Pass(statistic="gradient"))
+        windows = int(info["windows"])  # every rank's
+        self.gradients = {name: total.pop(name) / windows for name in view.shapes}
+        return {"gradient_cache": "hit" if info.get("hit") else "computed", "gradient_windows": windows}
+
+    def first_order_scores(self, name: str, work: torch.Tensor, whitening: linalg.Whitening) -> torch.Tensor:
+        """|⟨Ḡ, Δ_j⟩| of each component of ``work`` = diag(d) W S (a ``welore_rule.Measure``)."""
+        return linalg.first_order_scores(work, whitening, self.gradients.pop(name), self.row_scales.get(name))
 
     def whitening_of(self, stats) -> linalg.Whitening:
         if self.config.whiten == "activation":

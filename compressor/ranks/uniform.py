@@ -13,7 +13,8 @@ A rule turns a matrix shape (m, n) into a rank. Exactly one of these is set in a
 the fraction of all targeted parameters removed, ``rank_reduction`` the global Σ pruned / Σ min(m, n),
 ``model_ratio`` as above, and ``rank`` is not allowed. A method that offers it solves τ in ``decide``.
 ``loss`` (``ranks.loss``) spends a parameter budget (``ratio`` of the targeted parameters, or
-``model_ratio``) where the relative truncation loss of the spectra is least.
+``model_ratio``) where the relative truncation loss of the spectra is least; ``taylor`` the same, where the
+first-order effect on the model's loss of the components dropped is least (a method that offers it: LoRD).
 
 A factorization saves parameters only if ``r·(m + n) < m·n``; at or above that break-even rank the
 matrix stays dense and the log says so. A ratio of 0 (``ratio``, ``model_ratio``) asks for the full rank:
@@ -29,7 +30,7 @@ from ..config.configs import field
 from ..errors import CompressorError
 
 RULES = ("ratio", "rank", "rank_reduction", "model_ratio")
-RankRuleKind = Literal["uniform", "welore", "loss"]
+RankRuleKind = Literal["uniform", "welore", "loss", "taylor"]
 
 
 @dataclass
@@ -42,7 +43,8 @@ class RankRule:
     model_ratio: float | None = field(None, "fraction of the whole model's parameters removed (solved globally)")
     rank_rule: RankRuleKind = field("uniform", "uniform (the same rule per matrix), welore (non-uniform ranks "
                                     "from one threshold on the normalised spectra, meeting the budget globally) "
-                                    "or loss (the least total relative truncation loss for the budget)")
+                                    "or loss (the least total relative truncation loss for the budget), or taylor "
+                                    "(the least total first-order loss change |⟨G, component⟩| for the budget)")
 
     def __post_init__(self) -> None:
         chosen = [name for name in RULES if getattr(self, name) is not None]
@@ -59,8 +61,8 @@ class RankRule:
             raise ValueError(f"rank must be ≥ 1; got {self.rank}")
         if self.rank_rule == "welore" and self.rank is not None:
             raise ValueError("rank_rule welore needs a budget (ratio, rank_reduction or model_ratio), not a rank")
-        if self.rank_rule == "loss" and self.rule not in ("ratio", "model_ratio"):
-            raise ValueError("rank_rule loss needs a parameter budget: ratio or model_ratio")
+        if self.rank_rule in ("loss", "taylor") and self.rule not in ("ratio", "model_ratio"):
+            raise ValueError(f"rank_rule {self.rank_rule} needs a parameter budget: ratio or model_ratio")
 
     @property
     def rule(self) -> str:
@@ -100,16 +102,22 @@ def saves_parameters(rank: int, m: int, n: int) -> bool:
     return rank * (m + n) < m * n
 
 
+def removed_by_ratio(ratio: float, shapes: list[tuple[int, int]]) -> int:
+    """The parameters a uniform ``ratio`` removes from matrices of ``shapes`` (its integer ranks; a matrix whose
+    rank would not save parameters stays dense)."""
+    total = 0
+    for m, n in shapes:
+        r = max(1, int((1.0 - ratio) * break_even(m, n)))
+        if saves_parameters(r, m, n):
+            total += m * n - r * (m + n)
+    return total
+
+
 def plan_model_ratio(target: float, shapes: list[tuple[int, int]], model_params: int) -> float:
     """The uniform per-matrix ``ratio`` whose integer ranks remove ``target·model_params`` parameters."""
 
     def removed(ratio: float) -> int:
-        total = 0
-        for m, n in shapes:
-            r = max(1, int((1.0 - ratio) * break_even(m, n)))
-            if saves_parameters(r, m, n):
-                total += m * n - r * (m + n)
-        return total
+        return removed_by_ratio(ratio, shapes)
 
     if target == 0:
         return 0.0

@@ -223,11 +223,21 @@ def _rows_scaled(weight: Tensor, row_scales: dict[str, Tensor] | None, name: str
     return weight if scale is None else weight * scale.to(device=weight.device, dtype=weight.dtype)[:, None]
 
 
+Measure = Callable[[str, Tensor, object], Tensor]  # (name, D W S (m, n), its Whitening S) → (k,) per component
+
+
+def singular_values(name: str, work: Tensor, whitening) -> Tensor:
+    """The default ``Measure``: the singular values of the matrix truncated."""
+    return torch.linalg.svdvals(work)
+
+
 def weight_spectra(view, dtype: torch.dtype = torch.float64,
-                   row_scales: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+                   row_scales: dict[str, Tensor] | None = None,
+                   measure: Measure = singular_values) -> dict[str, Tensor]:
     """name → singular values (min(m, n),) of the current weight of each target of ``view`` (a
     ``contract.ModelView``; data-free, its layers read one at a time), rows scaled by ``row_scales`` where
-    given."""
+    given; ``measure``: another per-component value of that matrix (its whitening: the identity)."""
+    from ..kernels.linalg import identity
     from ..model.targets import names_by_layer
 
     names = list(view.shapes)
@@ -236,19 +246,21 @@ def weight_spectra(view, dtype: torch.dtype = torch.float64,
     for visit in view.layers(last_layer=max(by_layer, default=-1)):  # data-free: no forward
         for name in by_layer.get(visit.index, []):
             weight = _weight(visit.module(name)).to(device=view.device, dtype=dtype)  # (m, n)
-            spectra[name] = torch.linalg.svdvals(_rows_scaled(weight, row_scales, name)).cpu()
+            spectra[name] = measure(name, _rows_scaled(weight, row_scales, name), identity()).cpu()
     return {name: spectra[name] for name in names}
 
 
 def whitened_spectra(view, kinds: frozenset[str], whitening: Callable,
                      dtype: torch.dtype = torch.float64,
                      row_scales: dict[str, Tensor] | None = None,
-                     output_side: Callable[[tuple[int, int]], bool] | None = None) -> dict[str, Tensor]:
+                     output_side: Callable[[tuple[int, int]], bool] | None = None,
+                     measure: Measure = singular_values) -> dict[str, Tensor]:
     """name → singular values of ``W S`` with ``S = whitening(stats)``, the input statistics ``kinds`` taken
     on the *original* model (``view.walk``, SVD-LLM's profiling) for every target of ``view`` (a
     ``contract.ModelView``), rows scaled by ``row_scales`` where given (an output-side weight). Targets whose
     shape ``output_side`` accepts get them from their output Gram instead (√ of the eigenvalues of
-    ``W G Wᵀ``: the same values, no (n, n) matrix). Each layer's statistics are dropped once its spectra are known."""
+    ``W G Wᵀ``: the same values, no (n, n) matrix). Each layer's statistics are dropped once its spectra are known.
+    ``measure``: another per-component value of ``D W S`` than its singular values (input-side targets only)."""
     from ..kernels.linalg import output_spectrum
     from ..model.targets import names_by_layer
     from ..stats.hooks import Collector, Watch
@@ -273,7 +285,8 @@ def whitened_spectra(view, kinds: frozenset[str], whitening: Callable,
                     gram = scale[:, None] * gram * scale[None, :]
                 spectra[name] = output_spectrum(gram)[: min(weight.shape)].cpu()
                 continue
-            spectra[name] = torch.linalg.svdvals(whitening(stats).apply(_rows_scaled(weight, row_scales, name))).cpu()
+            white = whitening(stats)
+            spectra[name] = measure(name, white.apply(_rows_scaled(weight, row_scales, name)), white).cpu()
     missing = set(view.shapes) - set(spectra)
     if missing:
         raise CompressorError(f"no statistics were collected for {sorted(missing)[0]} (and {len(missing) - 1} more)")

@@ -29,7 +29,20 @@ model and the token ids, not the model spec or the recipe, so the fingerprint is
 the architecture, every parameter's name, shape, dtype and a strided sample of its values (a cheap
 identity of the weights), the token ids themselves (they determine dataset, n_samples, seq_len, seed
 and tokenizer at once; batching does not matter for a per-example Fisher), the targeted names, the
-loss convention and the reduction. Any method that needs Fisher (FWSVD, LQ-LoRA) calls ``fisher_for``.
+loss convention (labels, draws, seed, statistic: absent from the key at their defaults, so the data-label
+Fisher keeps its key) and the reduction. Any method that needs Fisher (FWSVD, LQ-LoRA) calls ``fisher_for``.
+
+``labels: model`` takes the targets from the model's own predictive distribution instead of the text: at
+every position a token is drawn from the model's softmax (``draws`` independent draws per window, each its
+own backward, averaged; a generator seeded by ``seed`` and the window's tokens, so the pass is reproducible
+and independent of the batching or of the rank that takes the window). That is the true Fisher (the KL's
+curvature, IO-SVD's output side) where the default is the empirical one. Its expectation is exact per window:
+the draws at different positions are independent and each score has mean zero, so the cross terms vanish::
+
+    E[F_ij(d)] = 1/T² Σ_t Σ_y p_t(y) (∂ℓ_t(y)/∂W_ij)²        ℓ_t(y) = −log p_t(y), T = seq_len − 1
+
+``statistic: gradient`` sums the gradients themselves, Σ_d ∂L(d)/∂W (signed; the first-order term of a
+change of W, LoRD's ``rank_rule: taylor``), on the data's labels, full (out, in) only.
 
 ``reduce: in | out`` accumulates only the Fisher summed over the other axis (FWSVD's per-column or
 per-row importance): vectors instead of the 0.8×-the-model fp32 accumulators. A cached full Fisher
@@ -48,7 +61,9 @@ import os
 import platform
 import tempfile
 import time
+import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -67,9 +82,52 @@ from ..parallel import distributed
 FORMAT = "fisher-v1: sum over windows of squared grads of the mean next-token CE, batch 1, fp32"
 CacheMode = Literal["use", "refresh", "off"]
 Reduce = Literal["in", "out", None]
+Labels = Literal["data", "model"]
+Statistic = Literal["fisher", "gradient"]
+Sampler = Callable[[Tensor], Tensor]  # logits (t, vocab) → target token ids (t,)
 _SAMPLE = 4096  # values per parameter that enter the model fingerprint
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 LOSS_CHUNK = 64  # tokens whose logits exist at once (64 × 49,152 vocab × 4 B = 12.6 MB on SmolLM2)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """What the pass accumulates: the statistic, and for the Fisher whose labels (the text's or drawn from the
+    model, ``draws`` per window, seeded)."""
+
+    labels: Labels = "data"
+    draws: int = 1
+    seed: int = 0
+    statistic: Statistic = "fisher"
+
+    def __post_init__(self) -> None:
+        if self.labels not in ("data", "model") or self.statistic not in ("fisher", "gradient"):
+            raise CompressorError(f"unknown Fisher pass {self}")
+        if self.draws < 1 or (self.draws > 1 and self.labels == "data"):
+            raise CompressorError("draws ≥ 1, and more than one only with labels: model")
+        if self.statistic == "gradient" and self.labels != "data":
+            raise CompressorError("the gradient pass takes the data's labels (under the model's own its mean is 0)")
+
+    def header(self) -> dict:
+        """The fingerprint's fields: only those that differ from the data-label Fisher's."""
+        return {k: v for k, v in vars(self).items() if v != getattr(DATA, k)}
+
+    def sampler(self, ids: Tensor, device: torch.device) -> Sampler | None:
+        """Labels drawn from the model's softmax, a generator seeded by ``seed`` and the window ``ids``; None
+        for the data's labels."""
+        if self.labels == "data":
+            return None
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed * 1_000_003 + zlib.crc32(ids.to("cpu", torch.int64).numpy().tobytes()))
+
+        def draw(logits: Tensor) -> Tensor:  # (t, vocab) → (t,)
+            probs = torch.softmax(logits.detach().float(), dim=-1)
+            return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+        return draw
+
+
+DATA = Pass()
 
 
 def samples(batches: list[Tensor]) -> list[Tensor]:
@@ -77,25 +135,33 @@ def samples(batches: list[Tensor]) -> list[Tensor]:
     return [row for ids in batches for row in ids.split(1)]
 
 
-def next_token_loss(model: nn.Module, ids: Tensor) -> Tensor:
-    """Mean cross-entropy of the shifted next-token targets of ``ids`` (1, seq_len), in fp32."""
-    logits = model(input_ids=ids, use_cache=False).logits  # (1, seq, vocab)
-    return nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+def next_token_loss(model: nn.Module, ids: Tensor, labels: Sampler | None = None) -> Tensor:
+    """Mean cross-entropy of the shifted next-token targets of ``ids`` (1, seq_len), in fp32; ``labels``: the
+    targets drawn from the logits instead (the model's own predictions)."""
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1]  # (seq − 1, vocab)
+    return nn.functional.cross_entropy(logits.float(), ids[0, 1:] if labels is None else labels(logits))
 
 
 def _chunk_nll(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
     return nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def chunked_next_token_loss(body: nn.Module, head: nn.Module, ids: Tensor, chunk: int = LOSS_CHUNK) -> Tensor:
+def chunked_next_token_loss(body: nn.Module, head: nn.Module, ids: Tensor, chunk: int = LOSS_CHUNK,
+                            labels: Sampler | None = None) -> Tensor:
     """``next_token_loss`` without the (seq, vocab) logits: the head and the loss run on ``chunk`` tokens
-    at a time and are recomputed in the backward pass, so one chunk's logits exist at any time."""
+    at a time and are recomputed in the backward pass, so one chunk's logits exist at any time. Drawn
+    ``labels`` are drawn once per chunk outside the recomputed part (one more head product, no gradient)."""
     hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]  # (seq − 1, hidden)
     targets = ids[0, 1:]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk):
         part = slice(start, start + chunk)
-        total = total + checkpoint(_chunk_nll, head, hidden[part], targets[part], use_reentrant=False)
+        if labels is None:
+            wanted = targets[part]
+        else:
+            with torch.no_grad():
+                wanted = labels(head(hidden[part]))
+        total = total + checkpoint(_chunk_nll, head, hidden[part], wanted, use_reentrant=False)
     return total / targets.numel()
 
 
@@ -115,6 +181,11 @@ def loss_function(model: nn.Module, probe: Tensor) -> Callable[[Tensor], Tensor]
     if plain.shape != split.shape or not torch.allclose(plain, split, rtol=1e-4, atol=1e-4):
         return functools.partial(next_token_loss, model)
     return functools.partial(chunked_next_token_loss, body, head)
+
+
+def window_loss(loss_of: Callable[..., Tensor], ids: Tensor, labels: Sampler | None) -> Tensor:
+    """``loss_of(ids)`` on the data's labels, ``loss_of(ids, labels=…)`` on drawn ones."""
+    return loss_of(ids) if labels is None else loss_of(ids, labels=labels)
 
 
 def _target_weights(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
@@ -193,15 +264,18 @@ def reduce_fisher(fisher: Tensor, reduce: Reduce) -> Tensor:
 def collect_fisher(model: nn.Module, batches: list[Tensor], target_names: list[str],
                    device: torch.device | str = "cpu", checkpointing: bool = False,
                    on_sample: Callable[[int, int], None] | None = None,
-                   reduce: Reduce = None) -> dict[str, Tensor]:
+                   reduce: Reduce = None, kind: Pass = DATA) -> dict[str, Tensor]:
     """name → Σ over windows of (∂L/∂W)², (out, in) fp32 on CPU, for every name in ``target_names``.
 
     ``batches`` are token ids, a list of (batch, seq_len) tensors; each window gets its own backward.
     The whole model runs on ``device`` for the pass and goes back where it was afterwards.
     ``reduce``: ``in`` / ``out`` accumulate only the Fisher summed over the other axis, (in,) / (out,)
     (what FWSVD uses; each window's grad² is summed before it is added, so the accumulators are vectors).
+    ``kind``: the labels (drawn ones: each window's ``draws`` backward passes averaged) or the plain gradient sum.
     """
     windows = samples(batches)
+    if kind.statistic == "gradient" and reduce is not None:
+        raise CompressorError("the gradient pass keeps the whole (out, in) gradient: no reduce")
     if not windows:
         raise CompressorError("the Fisher pass needs calibration data")
     if windows[0].shape[1] < 2:
@@ -218,10 +292,15 @@ def collect_fisher(model: nn.Module, batches: list[Tensor], target_names: list[s
 
     def accumulate(name: str):
         dim = dims[name]
+        weight = 1.0 / kind.draws  # each window's draws are averaged
 
         def hook(param: nn.Parameter) -> None:
             grad = param.grad.float()  # a no-op for fp32; bf16/fp16 gradients are squared in fp32
-            if dim is None:
+            if kind.statistic == "gradient":
+                fisher[name].add_(grad)
+            elif kind.draws > 1:
+                fisher[name].add_(grad.square() if dim is None else grad.square().sum(dim), alpha=weight)
+            elif dim is None:
                 fisher[name].addcmul_(grad, grad)
             else:
                 fisher[name].add_(grad.square().sum(dim))
@@ -236,11 +315,13 @@ def collect_fisher(model: nn.Module, batches: list[Tensor], target_names: list[s
             for name, p in weights.items():
                 handles.append(p.register_post_accumulate_grad_hook(accumulate(name)))
             for index, ids in enumerate(windows):
-                loss = loss_of(ids.to(device))
-                if not torch.isfinite(loss):
-                    raise CompressorError(f"the Fisher pass got a non-finite loss on window {index}")
-                loss.backward()
-                del loss
+                labels = kind.sampler(ids, device)
+                for _ in range(kind.draws):
+                    loss = window_loss(loss_of, ids.to(device), labels)
+                    if not torch.isfinite(loss):
+                        raise CompressorError(f"the Fisher pass got a non-finite loss on window {index}")
+                    loss.backward()
+                    del loss
                 if on_sample:
                     on_sample(index + 1, len(windows))
     finally:
@@ -266,10 +347,10 @@ def _tensor_digest(tensor: Tensor) -> bytes:
 
 
 def fingerprint(model: nn.Module, batches: list[Tensor], target_names: list[str],
-                reduce: Reduce = None) -> str:
+                reduce: Reduce = None, kind: Pass = DATA) -> str:
     """A hex key for (model weights, calibration token ids, targets, loss convention, reduction)."""
     digest = hashlib.sha256()
-    header = {"format": FORMAT, "class": type(model).__name__, "targets": sorted(target_names)}
+    header = {"format": FORMAT, "class": type(model).__name__, "targets": sorted(target_names), **kind.header()}
     if reduce is not None:
         header["reduce"] = reduce
     digest.update(json.dumps(header).encode())
@@ -297,9 +378,10 @@ def expected_shape(model: nn.Module, name: str, reduce: Reduce) -> tuple[int, ..
     return (in_features,) if reduce == "in" else (out_features,)
 
 
-def check_cached(fisher: dict[str, Tensor], shapes: dict[str, tuple[int, ...]]) -> str | None:
+def check_cached(fisher: dict[str, Tensor], shapes: dict[str, tuple[int, ...]], signed: bool = False) -> str | None:
     """Why what was read back from the cache cannot be used (None: it can): a Fisher is a sum of squares,
-    so every value is finite and ≥ 0, and each target's tensor has its expected shape."""
+    so every value is finite and ≥ 0 (a ``signed`` gradient sum: finite), and each target's tensor has its
+    expected shape."""
     for name, shape in shapes.items():
         value = fisher.get(name)
         if value is None:
@@ -308,12 +390,13 @@ def check_cached(fisher: dict[str, Tensor], shapes: dict[str, tuple[int, ...]]) 
             return f"{name} has shape {list(value.shape)}, expected {list(shape)}"
         if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
             return f"{name} holds non-finite values"
-        if bool((value < 0).any()):
+        if not signed and bool((value < 0).any()):
             return f"{name} holds negative values (a Fisher is a sum of squares)"
     return None
 
 
-def load_cached(key: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Tensor] | None, str | None]:
+def load_cached(key: str, shapes: dict[str, tuple[int, ...]],
+                signed: bool = False) -> tuple[dict[str, Tensor] | None, str | None]:
     """(the cached Fisher for ``key``, None) if present and valid, else (None, why not: absent, unreadable,
     or failing ``check_cached``)."""
     from safetensors.torch import load_file
@@ -325,7 +408,7 @@ def load_cached(key: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str,
         fisher = load_file(str(path))
     except Exception:  # a truncated or foreign file is a miss, not an error
         return None, "unreadable"
-    problem = check_cached(fisher, shapes)
+    problem = check_cached(fisher, shapes, signed)
     if problem is not None:
         return None, problem
     return {name: fisher[name] for name in shapes}, None
@@ -354,8 +437,9 @@ def save_cached(key: str, fisher: dict[str, Tensor], metadata: dict[str, str] | 
 def fisher_for(model: nn.Module, batches: list[Tensor] | None, target_names: list[str],
                device: torch.device | str = "cpu", checkpointing: bool = False,
                cache: CacheMode = "use",
-               reduce: Reduce = None) -> tuple[dict[str, Tensor], dict[str, object]]:
+               reduce: Reduce = None, kind: Pass = DATA) -> tuple[dict[str, Tensor], dict[str, object]]:
     """(name → Fisher fp32, info): from the cache if present (``cache: use``), else computed.
+    ``kind``: the labels of the Fisher, or the gradient sum instead (``Pass``); part of the key.
 
     The Fisher is (out, in), or summed over one axis with ``reduce`` (see ``collect_fisher``); a full
     Fisher in the cache also serves a reduced request. ``cache``: ``use`` reads and writes the cache,
@@ -374,10 +458,10 @@ def fisher_for(model: nn.Module, batches: list[Tensor] | None, target_names: lis
     start = time.perf_counter()
     world = distributed.world()
     everything = distributed.gather_windows(batches)  # the whole calibration set: what the key covers
-    key = fingerprint(model, everything, target_names, reduce) if cache != "off" else None
+    key = fingerprint(model, everything, target_names, reduce, kind) if cache != "off" else None
     found, rejected = (None, {})
     if cache == "use" and world.main:
-        found, rejected = _look_up(model, everything, target_names, key, reduce)
+        found, rejected = _look_up(model, everything, target_names, key, reduce, kind)
     if world.spread and cache == "use":
         hit = distributed.broadcast(None if found is None else found[0])
         if hit is not None:
@@ -385,29 +469,31 @@ def fisher_for(model: nn.Module, batches: list[Tensor] | None, target_names: lis
             found = (hit, distributed.broadcast_tensors(None if found is None else found[1], shapes))
     if found is not None:
         return found[1], {"key": found[0], "hit": True, "seconds": time.perf_counter() - start,
-                          "path": str(cache_path(found[0]))}
-    fisher = collect_fisher(model, batches, target_names, device, checkpointing, reduce=reduce)
+                          "path": str(cache_path(found[0])), "windows": len(samples(everything))}
+    fisher = collect_fisher(model, batches, target_names, device, checkpointing, reduce=reduce,
+                            **({} if kind == DATA else {"kind": kind}))
     distributed.all_reduce_tensors(fisher.values(), "Fisher")
     info: dict[str, object] = {"key": key, "hit": False, "windows": len(samples(everything))}
     if rejected:
         info["rejected"] = rejected
     if key is not None and world.main:
         info["path"] = str(save_cached(key, fisher, {"windows": str(info["windows"]), "reduce": str(reduce),
-                                                     "seq_len": str(batches[0].shape[1])}))
+                                                     "seq_len": str(batches[0].shape[1]), **{
+                                                         k: str(v) for k, v in kind.header().items()}}))
     info["seconds"] = time.perf_counter() - start
     return fisher, info
 
 
 def _look_up(model: nn.Module, batches: list[Tensor], target_names: list[str], key: str,
-             reduce: Reduce) -> tuple[tuple[str, dict[str, Tensor]] | None, dict[str, str]]:
+             reduce: Reduce, kind: Pass = DATA) -> tuple[tuple[str, dict[str, Tensor]] | None, dict[str, str]]:
     """((the key found, name → Fisher) or None, cache path → why a stored file was rejected): the cached
     Fisher for ``key``, or a full one that serves a reduced request."""
     rejected = {}
-    candidates = [(key, reduce)] if reduce is None else [(fingerprint(model, batches, target_names), None),
+    candidates = [(key, reduce)] if reduce is None else [(fingerprint(model, batches, target_names, kind=kind), None),
                                                           (key, reduce)]
     for found, stored in candidates:
         shapes = {name: expected_shape(model, name, stored) for name in target_names}
-        cached, problem = load_cached(found, shapes)
+        cached, problem = load_cached(found, shapes, signed=kind.statistic == "gradient")
         if cached is not None:
             return (found, {name: reduce_fisher(f, reduce) if f.dim() == 2 else f for name, f in cached.items()}), {}
         if problem != "absent":
