@@ -409,13 +409,15 @@ def test_act_order_permutation_in_place_moves_the_same_bits(monkeypatch, chunked
 
 
 def test_column_loops_on_one_thread_give_the_bits_of_several(monkeypatch):
-    # GPTQ's and SparseGPT's column loops and the Hessian factor run on one thread (hessian.serial: on busy
+    # GPTQ's and SparseGPT's column loops and the Hessian factor run on one thread (one_thread.serial: on busy
     # cores, threads waiting on each other at every small operation cost 10× the time); the bits are those of
     # two threads, at sizes where torch splits the per-column update (384 × 128 > its 32,768-entry grain)
     import contextlib
 
     from compressor.kernels import hessian as hessian_module
-    from compressor.kernels.hessian import permute_, serial
+    from compressor.kernels import one_thread
+    from compressor.kernels.hessian import permute_
+    from compressor.kernels.one_thread import serial
     from compressor.methods import prune
     from compressor.methods import quantize as quantize_module
 
@@ -439,7 +441,7 @@ def test_column_loops_on_one_thread_give_the_bits_of_several(monkeypatch):
         with serial():
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2  # restored
-        with serial(hessian_module.SERIAL_ELEMENTS + 1):
+        with serial(one_thread.SERIAL_ELEMENTS + 1):
             assert torch.get_num_threads() == 2  # a large operation keeps its threads
         entered = []
 

@@ -1,7 +1,6 @@
 """The damped inverse Hessian that GPTQ and SparseGPT share (Frantar et al., arXiv:2210.17323 and
 arXiv:2301.00774): ``H = 2·XᵀX / N`` of a linear's squared output error, from the summed input Gram,
-and the upper Cholesky factor of ``(H + λI)⁻¹`` their column loops read; ``serial``, the thread setting
-those loops run under.
+and the upper Cholesky factor of ``(H + λI)⁻¹`` their column loops read (on one thread: ``one_thread.serial``).
 """
 
 from __future__ import annotations
@@ -15,32 +14,9 @@ from torch import Tensor
 
 from ..errors import CompressorError
 from .linalg import row_chunks
+from .one_thread import serial
 
 SPILL_BYTES = 64 << 20  # a Gram this large lends its own memory to the factorization (saved to disk meanwhile)
-
-
-SERIAL_ELEMENTS = 1 << 24  # an operation on more elements than this keeps torch's threads (n > 4096 squared)
-
-
-@contextmanager
-def serial(elements: int = 0) -> Iterator[None]:
-    """Torch's intra-op threads set to one for the body, restored on exit, unless the body's operations touch
-    more than ``SERIAL_ELEMENTS`` elements (``elements``), where threads pay for themselves. For the column
-    loops of GPTQ and SparseGPT, thousands of small operations per matrix (a column's rounding, a rank-1
-    update of the block's remaining columns, ~10⁵ entries), and for the factorization of a Hessian of the
-    widths of small models: split over threads, each operation waits for its slowest thread, and on a
-    machine whose cores are busy with other work a thread waiting for a core makes an operation of tens of
-    microseconds last a scheduler time slice while the others spin (on 2 busy cores, 10× the quiet run's
-    time and CPU). The results are the same bits on one thread as on two (``tests/test_quantize.py``)."""
-    threads = torch.get_num_threads()
-    if threads == 1 or elements > SERIAL_ELEMENTS:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def hessian(gram: Tensor, n_tokens: int, dtype: torch.dtype = torch.float64) -> Tensor:

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..kernels import linalg
 from ..kernels import normal_float as nf
-from ..kernels.hessian import serial
+from ..kernels.one_thread import serial
 from ..stats.fisher import diagonal_weight
 
 

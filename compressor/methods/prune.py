@@ -31,7 +31,8 @@ from torch import Tensor
 
 from ..config.configs import field
 from ..contract import LayerContext, LinearCompressor, Outcome, Target
-from ..kernels.hessian import hessian_in, inverse_hessian_factor, serial
+from ..kernels.hessian import hessian_in, inverse_hessian_factor
+from ..kernels.one_thread import serial
 from ..model.modules import dense_module
 from ..stats.accumulators import Request, inputs
 

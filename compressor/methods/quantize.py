@@ -46,7 +46,8 @@ from torch import Tensor
 from ..config.configs import field
 from ..contract import LayerContext, LinearCompressor, Outcome, Target
 from ..kernels import linalg, quant
-from ..kernels.hessian import hessian, hessian_in, inverse_hessian_factor, lends_memory, permute_, serial
+from ..kernels.hessian import hessian, hessian_in, inverse_hessian_factor, lends_memory, permute_
+from ..kernels.one_thread import serial
 from ..model.modules import CompensatedLinear, LowRankLinear, QuantizedLinear
 from ..stats.accumulators import Request
 

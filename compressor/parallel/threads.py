@@ -15,7 +15,7 @@ from typing import Callable, Iterable, TypeVar
 
 import torch
 
-from ..kernels.hessian import serial
+from ..kernels.one_thread import serial
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
