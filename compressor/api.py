@@ -109,7 +109,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
              say: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None,
              stream: bool = False, dry_run: bool = False, resume: bool = False,
              max_memory: str | None = None) -> dict[str, Any]:
-    """Compress ``model`` with ``recipe`` and write the result to ``out``; returns a summary.
+    """Compress ``model`` with ``recipe`` and write the result to ``out``; returns a summary. A recipe's
+    ``heal:`` section is not run here but by ``compressor.compress`` (``run.compress``), around this.
     ``dtype``: the model's dtype while compressing; ``storage_dtype``: of the floating tensors written
     (None: ``dtype``). ``trust_remote_code``: run code shipped in the model directory (off unless asked
     for). ``say``: receives progress lines (what the calibration will process, each layer with an ETA).

@@ -134,8 +134,9 @@ def compress(
                                           "calibration tokens, estimated peak memory) and stop; reads no "
                                           "weights or data, writes nothing")] = False,
 ) -> None:
-    """Compress MODEL with a recipe and write a loadable model to --out."""
-    from .api import compress as run
+    """Compress MODEL with a recipe and write a loadable model to --out (healed first if the recipe has a
+    heal: section)."""
+    from .run import compress as run
 
     overrides = list(set_ or [])
     for key, value in (("dataset", calib_dataset), ("n_samples", n_samples), ("seq_len", seq_len), ("seed", seed)):
@@ -169,6 +170,11 @@ def _report_written(summary: dict) -> None:
     console.print(f"wrote {summary['out']} in {sum(summary['seconds'].values()):.1f}s", highlight=False)
     for line in summaries.lines(summary, summary["log"]):
         console.print(line, highlight=False)
+    healing = summary.get("healing")
+    if healing is not None:
+        console.print(f"healed ({healing['loss']}): {healing['steps']} steps, {healing['tokens']:,} tokens in "
+                      f"{healing['seconds']:.1f}s; held-out loss {healing['held_out_loss_before']:.4f} → "
+                      f"{healing['held_out_loss_after']:.4f}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

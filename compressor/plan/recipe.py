@@ -10,6 +10,7 @@ steps:
     ignore: []
     config: {ratio: 0.2, whiten: gram}
     calibration: {}            # optional: this step's own calibration set, e.g. {dataset: task.jsonl}
+heal: {distill: true, steps: 24, lr: 3.0e-5}   # optional: `compressor heal` on the output (HealConfig)
 ```
 
 ``--recipe`` takes a path or the name of a recipe shipped with the package (``lord``).
@@ -27,7 +28,7 @@ import typing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from ..config import configs, safe_yaml
 from ..config.configs import field
@@ -74,6 +75,35 @@ class StepSpec:
 
 
 @dataclass
+class HealConfig:
+    """A recipe's ``heal:`` section: ``compressor heal`` run on the compressed output before it is placed at
+    ``--out`` (the options of the command; the window length is the compression's)."""
+    distill: bool = field(False, "train toward the base model's next-token distributions (KL) instead of the "
+                          "text's tokens")
+    steps: Optional[int] = field(None, "optimizer steps (default: one pass over the training windows)")
+    tokens: Optional[int] = field(None, "budget in training tokens instead of steps")
+    lr: float = field(1e-4, "AdamW learning rate")
+    n_samples: int = field(64, "training windows")
+    batch_size: int = field(4, "windows per step")
+    held_out: int = field(8, "held-out windows for the loss logged before and after")
+    seed: int = field(0, "seed of the window order")
+    dataset: Optional[str] = field(None, "calibration source or file (default: the recipe's, in windows "
+                                   "compression did not use)")
+    dtype: Literal["float32", "bfloat16"] = field("float32", "forward dtype (bfloat16: autocast)")
+    gradient_checkpointing: bool = field(False, "recompute each decoder layer in the backward pass")
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.tokens is not None:
+            raise ValueError("heal: set steps or tokens, not both")
+        for name in ("steps", "tokens", "n_samples", "batch_size", "held_out"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"heal: {name} must be ≥ 1; got {value}")
+        if not self.lr > 0:
+            raise ValueError(f"heal: lr must be > 0; got {self.lr}")
+
+
+@dataclass
 class Recipe:
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig,
                                                        metadata={"help": "calibration data (see CalibrationConfig)"})
@@ -85,13 +115,17 @@ class Recipe:
         "than moe_min_tokens falls back to all tokens); all = every token through every expert, for statistics only")
     moe_min_tokens: int = field(64, "routed: the fewest routed calibration tokens an expert's statistics come from")
     steps: list[StepSpec] = field([], "compression steps, applied in order to each layer")
+    heal: Optional[HealConfig] = field(None, "optional: heal the compressed output (HealConfig) before it is placed")
 
     def __post_init__(self) -> None:
         if self.moe_min_tokens < 1:
             raise ValueError("moe_min_tokens must be ≥ 1")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["heal"] is None:  # a recipe without a heal section records none
+            del data["heal"]
+        return data
 
 
 CHECKOUT_RECIPES = Path(__file__).resolve().parents[2] / "recipes"  # the data folder of a checkout
@@ -134,7 +168,8 @@ def declared_type(data: dict[str, Any], parts: list[str]) -> Any:
         kind = hints.get(parts[0], Any)
         if len(parts) == 1:
             return kind
-        return typing.get_type_hints(CalibrationConfig).get(parts[1], Any) if parts[0] == "calibration" else Any
+        section = {"calibration": CalibrationConfig, "heal": HealConfig}.get(parts[0])
+        return typing.get_type_hints(section).get(parts[1], Any) if section is not None else Any
     if len(parts) < 3:
         return Any
     step_hints = typing.get_type_hints(StepSpec)
@@ -161,7 +196,7 @@ def _assign(data: dict[str, Any], assignment: str) -> tuple[dict[str, Any], tupl
         raise CompressorError(f"override {quote(assignment)}: empty key")
     steps = data.setdefault("steps", [])
     methods = [s.get("method") for s in steps if isinstance(s, dict)]
-    if parts[0] in methods and parts[0] not in ("calibration", "propagate", "statistics", "steps"):
+    if parts[0] in methods and parts[0] not in ("calibration", "propagate", "statistics", "steps", "heal"):
         parts = ["steps", parts[0], "config", *parts[1:]]
     value = configs.parse_text(raw, declared_type(data, parts), f"override {quote(assignment)}")
     node: Any = data
@@ -211,6 +246,8 @@ def parse(data: dict[str, Any], where: str = "recipe") -> Recipe:
     """Validate a recipe mapping: unknown keys anywhere are errors."""
     data = dict(data)
     calibration = configs.build(CalibrationConfig, data.pop("calibration", None), f"{where}: calibration")
+    raw_heal = data.pop("heal", None)
+    heal = None if raw_heal is None else configs.build(HealConfig, raw_heal, f"{where}: heal")
     raw_steps = data.pop("steps", None)
     if not raw_steps or not isinstance(raw_steps, list):
         raise CompressorError(f"{where}: 'steps' must be a non-empty list")
@@ -224,7 +261,7 @@ def parse(data: dict[str, Any], where: str = "recipe") -> Recipe:
         step_calibration(calibration, step, f"{where}: step {index} calibration")  # checked now
         steps.append(step)
     recipe = configs.build(Recipe, data, where)
-    recipe.calibration, recipe.steps = calibration, steps
+    recipe.calibration, recipe.steps, recipe.heal = calibration, steps, heal
     return recipe
 
 
