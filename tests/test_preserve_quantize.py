@@ -128,7 +128,7 @@ def test_config_and_chain_checks():
     with pytest.raises(CompressorError, match="less than the rank 8"):
         EoRA(EoRAConfig(rank=4)).compress_linear(target_of(weight, x, first.module), ctx())
     same = EoRA(EoRAConfig(rank=8)).compress_linear(target_of(weight, x, first.module), ctx())
-    assert same.module is None and "already has rank 8" in same.note
+    assert same.module is first.module and same.rank == 8 and "already has rank 8" in same.note
 
 
 def recipe(text: str, preserve: dict | None, rank: int = 8):

@@ -103,8 +103,9 @@ class EoRA(LinearCompressor):
         if have > rank:
             raise CompressorError(f"eora: rank {rank} is less than the rank {have} of the low-rank path the earlier "
                                   f"step left on {target.name}; give eora a rank of at least {have}")
-        if have == rank:
-            return Outcome(None, note=f"the earlier step's low-rank path already has rank {rank}")
+        if have == rank:  # kept as it is, but a rank-r compensated linear (the log says so, not "unchanged")
+            return Outcome(target.module, rank=rank, extra={"carried_rank": have},
+                           note=f"the earlier step's low-rank path already has rank {rank}")
         whitening = ctx.per_input(self, target, self._whitening)
         dtype = torch.float64 if self.config.svd_dtype == "float64" else torch.float32
         up, down = eora_factors(residual, rank - have, None, svd_dtype=dtype, whitening=whitening)
