@@ -1,10 +1,11 @@
 """Benchmarks on the offline default model (SmolLM2-135M), written as JSON.
 
-    python scripts/bench.py --suite lord [--out results/bench-lord.json] [--only NAME ...] [--resume]
+    python scripts/bench.py --suite lord [--out results/bench-lord.json] [--only NAME ...] [--resume [--redo NAME ...]]
                             [--no-speed] [--device cuda] [--dtype bfloat16] [--contention [NAME ...]]
 
 --only runs the named configurations in the order given; --resume keeps the finished runs already in
-the output file (dense included) and runs only the missing or failed ones; --no-speed skips each run's
+the output file (dense included) and runs only the missing or failed ones (and those --redo names: dense, to
+measure what the suite records now); --no-speed skips each run's
 own plain-forward measurement (run_over_plain_forward is then computed against the dense run's); --no-dense
 skips the dense run; --dtype: the model's dtype while compressing (and in the speed suite's plain forward);
 --contention runs the named configurations (none named: every run of the suite with "gptq" in its name) a
@@ -879,6 +880,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these configuration names")
     parser.add_argument("--out", type=Path, help="JSON file (default: results/bench-<suite>.json)")
     parser.add_argument("--resume", action="store_true", help="keep finished runs in the output file")
+    parser.add_argument("--redo", nargs="*", default=[], metavar="NAME",
+                        help="with --resume: run these again all the same (dense included)")
     parser.add_argument("--no-speed", action="store_true", help="skip each run's plain-forward measurement")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense run (kept from the file with --resume)")
     parser.add_argument("--device", default="cpu", help="compute device of the compression (cpu, cuda, ...)")
@@ -930,12 +933,15 @@ def main() -> None:
         parser.error(f"not in suite {args.suite}: {', '.join(unknown)}")
     jobs = [] if args.no_dense else [("dense", None)]
     jobs += [(n, suite[n]) for n in (args.only or suite)]
+    not_run = [n for n in args.redo if n not in dict(jobs)]
+    if not_run:
+        parser.error(f"--redo names runs this command does not run: {', '.join(not_run)}")
     # every *gptq* run of ours where --contention names none (the done-when's: a GPTQ run beside a busy process)
     contended = set(args.contention or [n for n in suite if "gptq" in n and n != PEER]) \
         if args.contention is not None else set()
     done: dict[str, dict] = {}
     if args.resume and out.exists():
-        kept = [r for r in json.loads(out.read_text())["runs"] if "error" not in r]
+        kept = [r for r in json.loads(out.read_text())["runs"] if "error" not in r and r["name"] not in args.redo]
         results["runs"] = kept
         done = {r["name"]: r for r in kept}
     for name, recipe_data in jobs:
