@@ -1,10 +1,11 @@
 """Benchmarks on the offline default model (SmolLM2-135M), written as JSON.
 
-    python scripts/bench.py --suite lord [--out results/bench-lord.json] [--only NAME ...] [--resume]
+    python scripts/bench.py --suite lord [--out results/bench-lord.json] [--only NAME ...] [--resume [--redo NAME ...]]
                             [--no-speed] [--device cuda] [--dtype bfloat16] [--contention [NAME ...]]
 
 --only runs the named configurations in the order given; --resume keeps the finished runs already in
-the output file (dense included) and runs only the missing or failed ones; --no-speed skips each run's
+the output file (dense included) and runs only the missing or failed ones (and those --redo names: dense, to
+measure what the suite records now); --no-speed skips each run's
 own plain-forward measurement (run_over_plain_forward is then computed against the dense run's); --no-dense
 skips the dense run; --dtype: the model's dtype while compressing (and in the speed suite's plain forward);
 --contention runs the named configurations (none named: every run of the suite with "gptq" in its name) a
@@ -17,7 +18,12 @@ every suite: scripts/plot_bench.py) where matplotlib is installed.
 
 Protocol (the spine issue's): 32 × 512-token calibration windows from the 1946–1999 `sotu` speeches
 (seed 0); held-out perplexity on the first 40,960 tokens of the 2000-onward speeches in 512-token
-windows. Each configuration runs in its own subprocess so that its peak RSS is its own.
+windows. The quality suite also scores a second held-out domain far from speeches (``pydoc_perplexity``: the second
+half of Python's reference topics, the first 40,960 tokens in 512-token windows, the windows of
+`compressor eval --dataset pydoc`), and the calibration windows themselves. All perplexities in batches of 8.
+Each configuration runs in its own subprocess so that its peak RSS is its own. A quality entry may heal its output
+(``healed``): ``compressor heal`` with the entry's settings, timed (scripts/heal_runs.py); its perplexities are
+then the healed output's, and ``healing`` has the ones before, the heal's record and its wall and CPU seconds.
 A suite is a list of (name, recipe mapping) in SUITES; add one per method. A recipe may also be a
 function of the earlier runs' results (name → result), to match another run's parameter count.
 """
@@ -43,9 +49,15 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m"
 CALIBRATION = {"dataset": "sotu", "n_samples": 32, "seq_len": 512, "seed": 0, "batch_size": 8}
 HELDOUT = {"dataset": "sotu 2000-", "tokens": 40960, "seq_len": 512}
+# the second held-out domain of the quality suite (far from speeches), in `compressor eval --dataset pydoc`'s windows
+PYDOC = {"dataset": "pydoc", "text": "second half of Python's reference topics (pydoc_data)",
+         "python": f"{sys.version_info.major}.{sys.version_info.minor}", "tokens": 40960, "seq_len": 512,
+         "recorded_as": "pydoc_perplexity"}
 if os.environ.get("COMPRESSOR_BENCH_SMOKE"):  # --smoke (scripts/gpu_checks.sh --smoke): the same paths, less data
     CALIBRATION = {**CALIBRATION, "n_samples": 8, "seq_len": 128, "batch_size": 4}
     HELDOUT = {**HELDOUT, "tokens": 4096}
+    PYDOC = {**PYDOC, "tokens": 4096}
+EVAL_BATCH = 8  # windows per forward of every held-out and calibration perplexity
 
 
 def lord(whiten: str, ratio: float, propagate: str = "compressed", **config) -> dict:
@@ -126,6 +138,27 @@ def preserved(recipe: dict, budget: int) -> dict:
     steps = [{**step, "config": {**step["config"], "preserve_rank": "auto", "preserve_budget": budget}}
              if step["method"] == "quantize" else step for step in recipe["steps"]]
     return {**recipe, "steps": steps}
+
+
+def with_ratio(recipe: dict, ratio: float) -> dict:
+    """``recipe`` with the ``ratio`` of its steps that have one set to ``ratio``."""
+    return {**recipe, "steps": [{**step, "config": {**step["config"], "ratio": ratio}}
+                                if "ratio" in step.get("config", {}) else step for step in recipe["steps"]]}
+
+
+HEAL_DISTILL_24 = {"distill": True, "steps": 24, "lr": 3e-5, "n_samples": 96, "batch_size": 4}  # heal-check.json's
+
+
+def healed(recipe, settings: dict = HEAL_DISTILL_24):
+    """``recipe`` (a mapping, or a function of the earlier runs' results), then ``compressor heal`` with
+    ``settings`` (heal_runs.HealSettings' fields: steps, lr, n_samples, batch_size, distill, dtype): run_one
+    heals the output and records the perplexities before and after."""
+    import heal_runs
+
+    heal_runs.HealSettings.of(settings)  # an unknown key fails here, when the suite is built
+    if callable(recipe):
+        return lambda done: {**recipe(done), "heal": settings}
+    return {**recipe, "heal": settings}
 
 
 def sequential(recipe: dict) -> dict:
@@ -262,6 +295,12 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         # on it (per matrix the k of the 64 ranks, in {0, 16, 32, 48, 64}, kept before quantizing; eora fits the rest)
         ("gptq-w3-eora-r64", lambda done: shipped("gptq-w3-eora-r64")),
         ("gptq-w3-srr-r64", lambda done: preserved(shipped("gptq-w3-eora-r64"), 64)),
+        # the best known combination of each row of the quality issue's table, healed where that helped
+        # (results/heal-check.json): `compressor heal --distill`, 24 steps of 4 windows of 512 tokens, lr 3e-5
+        ("lord-taylor-0.2", lambda done: shipped("lord-taylor")),
+        ("lord-taylor-0.4-distill-24", healed(lambda done: with_ratio(shipped("lord-taylor"), 0.4))),
+        ("modegpt-20-distill-24", healed(lambda done: shipped("modegpt-20"))),
+        ("gptq-w3-srr-r64-distill-24", healed(lambda done: preserved(shipped("gptq-w3-eora-r64"), 64))),
     ],
     # The same runs spread over ranks (SPREAD: one process with two threads against two ranks of one thread)
     "distributed": [(name, lambda done, recipe=name.rsplit("-", 1)[0]: shipped(recipe)) for name in SPREAD],
@@ -435,12 +474,29 @@ def run_fisher_pass(name: str, config: dict) -> dict:
 
 
 ON_CALIBRATION = ("quality",)  # suites that also report the perplexity on the calibration windows
+SECOND_DOMAIN = ("quality",)  # suites that also report the held-out perplexity on pydoc (PYDOC)
 
 
-def heldout(tokenizer):
-    from compressor.calibration import sotu
+def heldout(tokenizer, domain: str = "sotu"):
+    """The held-out windows (k, seq_len) of ``domain`` (sotu: HELDOUT, pydoc: PYDOC): the source's evaluation
+    split cut as `compressor eval --dataset DOMAIN` cuts it (``evaluate.evaluate``)."""
+    from compressor import calibration
 
-    return sotu.SOURCE.evaluation(tokenizer, HELDOUT["seq_len"], HELDOUT["tokens"])
+    protocol = PYDOC if domain == "pydoc" else HELDOUT
+    return calibration.get(domain).evaluation(tokenizer, protocol["seq_len"], protocol["tokens"])
+
+
+def scores(model, tokenizer, on_calibration: bool = False, pydoc: bool = False) -> dict[str, float]:
+    """The perplexities a run records: held-out sotu (``perplexity``), and on request the calibration windows'
+    (``calibration_perplexity``) and held-out pydoc (``pydoc_perplexity``)."""
+    from compressor.evaluation.evaluate import perplexity
+
+    result = {"perplexity": perplexity(model, heldout(tokenizer), batch_size=EVAL_BATCH)["value"]}
+    if on_calibration:
+        result["calibration_perplexity"] = calibration_perplexity(model, calibration_set(tokenizer))
+    if pydoc:
+        result["pydoc_perplexity"] = perplexity(model, heldout(tokenizer, "pydoc"), batch_size=EVAL_BATCH)["value"]
+    return result
 
 
 def calibration_set(tokenizer):
@@ -456,13 +512,12 @@ def calibration_perplexity(model, windows) -> float:
     much more than the held-out one is fitting the calibration text)."""
     from compressor.evaluation.evaluate import perplexity
 
-    return perplexity(model, windows, batch_size=8)["value"]
+    return perplexity(model, windows, batch_size=EVAL_BATCH)["value"]
 
 
-def run_dense(on_calibration: bool = False) -> dict:
+def run_dense(on_calibration: bool = False, pydoc: bool = False) -> dict:
     """Dense perplexity and the reference time: one plain forward over the calibration data."""
 
-    from compressor.evaluation.evaluate import perplexity
     from compressor.model import loading as models
 
     start = time.perf_counter()
@@ -470,11 +525,10 @@ def run_dense(on_calibration: bool = False) -> dict:
     load_s = time.perf_counter() - start
     windows = calibration_set(tokenizer)
     forwards = [wall for wall, _ in timed_forwards(model, windows, CALIBRATION["batch_size"], 2, warm_up=False)]
-    ppl = perplexity(model, heldout(tokenizer), batch_size=8)
     from compressor.evaluation.evaluate import bytes_on_disk
 
-    return {"name": "dense", "perplexity": ppl["value"], "parameters": models.parameter_count(model),
-            **({"calibration_perplexity": calibration_perplexity(model, windows)} if on_calibration else {}),
+    return {"name": "dense", **scores(model, tokenizer, on_calibration, pydoc),
+            "parameters": models.parameter_count(model),
             "bytes_on_disk": bytes_on_disk(Path(models.resolve(MODEL)[0])),
             "seconds": {"load": load_s, "plain_forward": min(forwards)}, "plain_forward_runs": forwards,
             "peak_rss_mib": peak_rss_mib()}
@@ -519,15 +573,22 @@ def stored_bits_per_weight(log: list[dict]) -> float | None:
 
 
 def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu", stream: bool = False,
-            on_calibration: bool = False, dtype: str = "float32") -> dict:
+            on_calibration: bool = False, dtype: str = "float32", pydoc: bool = False) -> dict:
     """Compress, save, and evaluate one configuration (in this process). ``stream``: compress with
     ``--stream`` and evaluate the output as ``compressor.load`` reads it back; ``on_calibration``: the
-    perplexity on the calibration windows too."""
+    perplexity on the calibration windows too; ``pydoc``: on the second held-out domain too. A recipe with a
+    ``heal`` mapping (``healed``) is healed after compression: its perplexities are the healed output's, its
+    ``healing`` has the settings, the heal's seconds and the perplexities before."""
+    from transformers import AutoTokenizer
+
     from compressor import api
-    from compressor.evaluation.evaluate import bytes_on_disk, perplexity
+    from compressor.evaluation.evaluate import bytes_on_disk
+    from compressor.model import loading as models
     from compressor.plan import recipe as recipes
 
-    recipe = recipes.parse(recipe_data, name)
+    heal_settings = recipe_data.get("heal")
+    recipe = recipes.parse({k: v for k, v in recipe_data.items() if k != "heal"}, name)
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(MODEL)[0])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / name
         wall, cpu = time.perf_counter(), time.process_time()
@@ -541,7 +602,9 @@ def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu
             summary["model"] = compressor.load(out)
         log = [json.loads(line) for line in (out / "compression_log.jsonl").read_text().splitlines()]
         stock = stock_perplexity(out) if MODELS.get(name) else None
-    compression_rss = peak_rss_mib()  # high-water mark of load + calibration + walk + save
+        compression_rss = peak_rss_mib()  # high-water mark of load + calibration + walk + save
+        healing = healed_scores(out, summary["model"], tokenizer, heal_settings, on_calibration, pydoc) \
+            if heal_settings else None
     # same process, right after the run (or None: the caller divides by the dense run's)
     forward = plain_forward_seconds(recipe.calibration.batch_size) if speed else None
     compressed = [e for e in log if e["kind"] != "dense"]
@@ -550,18 +613,11 @@ def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu
         suffix = ".".join(e["name"].split(".")[-2:])
         ranks.setdefault(suffix, {}).setdefault(str(e["rank"]), 0)
         ranks[suffix][str(e["rank"])] += 1
-    model = summary["model"]
-    from transformers import AutoTokenizer
-
-    from compressor.model import loading as models
-
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve(MODEL)[0])
-    ppl = perplexity(model, heldout(tokenizer), batch_size=8)
-    return {"name": name, "recipe": recipe_data, "perplexity": ppl["value"], "wall_seconds": wall,
+    figures = healing.pop("after") if healing else scores(summary["model"], tokenizer, on_calibration, pydoc)
+    return {"name": name, "recipe": recipe_data, **figures, "wall_seconds": wall,
             "cpu_seconds": cpu, "dtype": dtype, "device": device,
             "phases": phase_columns({**summary["seconds"], **summary["walk_seconds"]}, wall),
-            **({"calibration_perplexity": calibration_perplexity(model, calibration_set(tokenizer))}
-               if on_calibration else {}),
+            **({"healing": healing} if healing else {}),
             "parameters": summary["params_after"], "parameters_before": summary["params_before"],
             "bytes_on_disk": disk, "seconds": summary["seconds"], "breakdown": summary["walk_seconds"],
             "compress_cpu_seconds": cpu, "compression_cpu_seconds": summary.get("cpu_seconds", {}).get("compression"),
@@ -576,6 +632,24 @@ def run_one(name: str, recipe_data: dict, speed: bool = True, device: str = "cpu
             "bits_per_weight_all": stored_bits_per_weight(log), "steps": summary["steps"],
             "decisions": [{k: v for k, v in (d["decision"] or {}).items() if k not in ("matrices", "ranks")}
                           for d in summary["plan"].decisions()]}
+
+
+def healed_scores(out: Path, model, tokenizer, settings: dict, on_calibration: bool, pydoc: bool) -> dict:
+    """``compressor heal`` of the output ``out`` with ``settings`` (``heal_runs.heal``: a subprocess, timed) into a
+    sibling folder: the perplexities before (the compressed ``model`` in memory) and after (the healed output as
+    ``compressor eval`` loads it), the heal's record, seconds and peak RSS, and the healed output's bytes."""
+    import heal_runs
+
+    from compressor.evaluation.evaluate import bytes_on_disk
+    from compressor.evaluation.generation import load_any
+
+    before = scores(model, tokenizer, on_calibration, pydoc)
+    healed = out.parent / f"{out.name}-healed"
+    timed = heal_runs.heal(out, healed, heal_runs.HealSettings.of(settings))
+    heal_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child: the heal
+    healed_model, _, _ = load_any(str(healed))
+    return {"settings": settings, **timed, "heal_peak_rss_mib": heal_rss, "bytes_on_disk": bytes_on_disk(healed),
+            "before": before, "after": scores(healed_model, tokenizer, on_calibration, pydoc)}
 
 
 def phase_columns(seconds: dict[str, float], wall: float) -> dict[str, float]:
@@ -664,7 +738,7 @@ def peer_run(name: str, settings: dict, device: str = "cpu", dtype: str = "float
             model, tokenizer, _ = load_any(str(dense))
             loader = f"compressor eval of the output decoded by llm-compressor's libraries (the output: {exc})"
         result.update(name=name, recipe=settings, bytes_on_disk=bytes_on_disk(out), perplexity_loader=loader,
-                      perplexity=perplexity(model, heldout(tokenizer), batch_size=8)["value"])
+                      perplexity=perplexity(model, heldout(tokenizer), batch_size=EVAL_BATCH)["value"])
     return result
 
 
@@ -696,7 +770,7 @@ def stock_perplexity(out: Path) -> dict | None:
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     return {"loader": "AutoModelForCausalLM.from_pretrained (compressed-tensors, no remote code)",
-            "perplexity": perplexity(model, heldout(tokenizer), batch_size=8)["value"]}
+            "perplexity": perplexity(model, heldout(tokenizer), batch_size=EVAL_BATCH)["value"]}
 
 
 def shipped(name: str) -> dict:
@@ -752,20 +826,20 @@ def rank_run(job: dict) -> None:
 
         torch.set_num_threads(job["eval_threads"])
         tokenizer = AutoTokenizer.from_pretrained(models.resolve(MODEL)[0])
-        record["perplexity"] = perplexity(summary["model"], heldout(tokenizer), batch_size=8)["value"]
+        record["perplexity"] = perplexity(summary["model"], heldout(tokenizer), batch_size=EVAL_BATCH)["value"]
         record["parameters"] = summary["params_after"]
     (folder / f"rank{world.rank}.json").write_text(json.dumps(record))
 
 
 def subprocess_run(name: str, recipe_data: dict | None, speed: bool = True, device: str = "cpu",
                    stream: bool = False, on_calibration: bool = False, model: str | None = None,
-                   dtype: str = "float32") -> dict:
+                   dtype: str = "float32", pydoc: bool = False) -> dict:
     """One configuration in a process of its own (``--one``): its result, or its error's last line."""
     if recipe_data is not None and recipe_data.get("peer") and not PEER_PYTHON.exists():
         return {"name": name, "recipe": recipe_data,
                 "skipped": f"no {PEER_PYTHON} here (scripts/setup_llmcompressor.sh makes .venv-llmc)"}
     payload = json.dumps({"name": name, "recipe": recipe_data, "speed": speed, "device": device, "stream": stream,
-                          "on_calibration": on_calibration, "model": model, "dtype": dtype})
+                          "on_calibration": on_calibration, "model": model, "dtype": dtype, "pydoc": pydoc})
     done = subprocess.run([sys.executable, __file__, "--one", payload], capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         return {"name": name, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
@@ -784,7 +858,7 @@ def run_job(name: str, recipe_data, done: dict[str, dict], args, beside: bool = 
         result = spread_run(name, recipe_data, *SPREAD[name], device=args.device) if name in SPREAD else \
             subprocess_run(name, recipe_data, speed=not args.no_speed and args.suite != "speed", device=args.device,
                            stream=args.stream, on_calibration=args.suite in ON_CALIBRATION, model=model,
-                           dtype=args.dtype)
+                           dtype=args.dtype, pydoc=args.suite in SECOND_DOMAIN)
     result.update(peer)
     result["name"] = name  # the dense run of another model is named by the suite (moe-dense)
     if model is not None:
@@ -806,6 +880,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these configuration names")
     parser.add_argument("--out", type=Path, help="JSON file (default: results/bench-<suite>.json)")
     parser.add_argument("--resume", action="store_true", help="keep finished runs in the output file")
+    parser.add_argument("--redo", nargs="*", default=[], metavar="NAME",
+                        help="with --resume: run these again all the same (dense included)")
     parser.add_argument("--no-speed", action="store_true", help="skip each run's plain-forward measurement")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense run (kept from the file with --resume)")
     parser.add_argument("--device", default="cpu", help="compute device of the compression (cpu, cuda, ...)")
@@ -830,7 +906,7 @@ def main() -> None:
             global MODEL
             MODEL = job["model"]
         if job["recipe"] is None:
-            result = run_dense(job.get("on_calibration", False))
+            result = run_dense(job.get("on_calibration", False), job.get("pydoc", False))
         elif "fisher_pass" in job["recipe"]:
             result = run_fisher_pass(job["name"], job["recipe"]["fisher_pass"])
         elif "plain_forward" in job["recipe"]:
@@ -839,13 +915,16 @@ def main() -> None:
             result = peer_run(job["name"], job["recipe"], job["device"], job["dtype"])
         else:
             result = run_one(job["name"], job["recipe"], job.get("speed", True), job.get("device", "cpu"),
-                             job.get("stream", False), job.get("on_calibration", False), job.get("dtype", "float32"))
+                             job.get("stream", False), job.get("on_calibration", False), job.get("dtype", "float32"),
+                             job.get("pydoc", False))
         print(json.dumps(result))
         return
     out = args.out or ROOT / "results" / f"bench-{args.suite}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     environment = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
-    results = {"model": args.model or MODEL, "calibration": CALIBRATION, "heldout": HELDOUT, "device": args.device,
+    heldout_protocol = {**HELDOUT, "second_domain": PYDOC} if args.suite in SECOND_DOMAIN else HELDOUT
+    results = {"model": args.model or MODEL, "calibration": CALIBRATION, "heldout": heldout_protocol,
+               "device": args.device,
                "dtype": args.dtype, "environment": environment,
                **({"columns": SPEED_COLUMNS} if args.suite == "speed" else {}), "runs": []}
     suite = dict(SUITES[args.suite])
@@ -854,12 +933,15 @@ def main() -> None:
         parser.error(f"not in suite {args.suite}: {', '.join(unknown)}")
     jobs = [] if args.no_dense else [("dense", None)]
     jobs += [(n, suite[n]) for n in (args.only or suite)]
+    not_run = [n for n in args.redo if n not in dict(jobs)]
+    if not_run:
+        parser.error(f"--redo names runs this command does not run: {', '.join(not_run)}")
     # every *gptq* run of ours where --contention names none (the done-when's: a GPTQ run beside a busy process)
     contended = set(args.contention or [n for n in suite if "gptq" in n and n != PEER]) \
         if args.contention is not None else set()
     done: dict[str, dict] = {}
     if args.resume and out.exists():
-        kept = [r for r in json.loads(out.read_text())["runs"] if "error" not in r]
+        kept = [r for r in json.loads(out.read_text())["runs"] if "error" not in r and r["name"] not in args.redo]
         results["runs"] = kept
         done = {r["name"]: r for r in kept}
     for name, recipe_data in jobs:
@@ -873,8 +955,8 @@ def main() -> None:
                 result["contended_over_quiet"] = result["wall_seconds"] / done[name]["wall_seconds"]
             done[run_name] = result
             results["runs"] = [r for r in results["runs"] if r["name"] != run_name] + [result]
-            print(json.dumps({k: result.get(k) for k in ("name", "perplexity", "wall_seconds", "seconds", "error",
-                                                         "skipped")}), flush=True)
+            print(json.dumps({k: result.get(k) for k in ("name", "perplexity", "pydoc_perplexity", "wall_seconds",
+                                                         "seconds", "error", "skipped")}), flush=True)
             out.write_text(json.dumps(results, indent=2) + "\n")
     try:  # perplexity against bytes on disk for every run of every suite in that folder (the README's plot)
         import plot_bench

@@ -16,26 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from heal_runs import DOMAINS, ROOT, HealSettings, compressor_command, heal
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent.parent
-DOMAINS = ("sotu", "pydoc")
-
-
-def run(args: list[str]) -> tuple[float, float]:
-    """(wall, CPU seconds) of ``compressor ARGS`` in a subprocess; raises on failure."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "compressor", *args], check=True, cwd=ROOT)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def perplexities(model: str, scratch: Path) -> dict[str, float]:
@@ -43,7 +30,7 @@ def perplexities(model: str, scratch: Path) -> dict[str, float]:
     result = {}
     for domain in DOMAINS:
         file = scratch / f"eval-{domain}-{len(list(scratch.iterdir()))}.json"
-        run(["eval", model, "--dataset", domain, "--json", str(file)])
+        compressor_command(["eval", model, "--dataset", domain, "--json", str(file)])
         result[domain] = round(json.loads(file.read_text())["perplexity"]["value"], 3)
     return result
 
@@ -68,19 +55,11 @@ def main() -> None:
         done = json.loads(args.json.read_text()) if args.json.is_file() else {}
         known = [entry["perplexity_before"] for entry in done.values() if entry["output"] == Path(args.output).name]
         before = known[0] if args.reuse_before and known else perplexities(args.output, scratch)
-        wall, cpu = run(["heal", args.output, "--out", str(healed), "--steps", str(args.steps), "--lr", str(args.lr),
-                         "--n-samples", str(args.n_samples), "--batch-size", str(args.batch_size), "--quiet",
-                         "--dtype", args.dtype, *(["--distill"] if args.distill else [])])
+        settings = HealSettings(args.steps, args.lr, args.n_samples, args.batch_size, args.distill, args.dtype)
+        timed = heal(args.output, healed, settings)
         after = perplexities(str(healed), scratch)
-        record = json.loads((healed / "compression.json").read_text())["healing"][-1]
-    entry = {"output": Path(args.output).name,
-             "heal": {k: record[k] for k in ("steps", "tokens", "lr", "batch_size", "seq_len", "n_samples",
-                                              "dataset", "held_out_loss_before", "held_out_loss_after")},
-             "loss": record.get("loss", "next_token"), "dtype": record.get("dtype", "float32"),
-             "heal_wall_seconds": round(wall, 1), "heal_cpu_seconds": round(cpu, 1), "threads": os.cpu_count(),
-             "perplexity_before": before, "perplexity_after": after,
-             "heldout": {"sotu": "2000- speeches, first 40,960 tokens, 512-token windows",
-                         "pydoc": "second half of Python's reference topics, first 40,960 tokens, 512-token windows"},
+    entry = {"output": Path(args.output).name, **timed, "threads": os.cpu_count(),
+             "perplexity_before": before, "perplexity_after": after, "heldout": DOMAINS,
              "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
     done = json.loads(args.json.read_text()) if args.json.is_file() else {}
     done[args.name] = entry

@@ -5,8 +5,10 @@ comparison table.
 
 Reads ``results/bench-*.json`` (what ``scripts/bench.py`` writes; a run named in several suites is drawn
 once) and draws held-out perplexity against the bytes of the written safetensors, both on log scales, one
-colour per method family, the runs on the lower-left (Pareto) front labelled; runs far above the usable
-range (perplexity > 400) sit hollow on the top edge. Needs matplotlib (the ``plot``
+colour per method family (low-rank factors stored in 8 bits, ``factor_bits: 8``, a family of their own), the runs
+on the lower-left (Pareto) front labelled; runs far above the usable range (perplexity > 400) sit hollow on the
+top edge. A healed run (the quality suite's ``healing``) is drawn at its healed perplexity inside a black ring,
+a dotted line down from its perplexity before healing (the bytes do not change). Needs matplotlib (the ``plot``
 extra). ``--table`` prints a Markdown table of the chosen runs in ``compressor compare``'s columns
 (``compare.row_of_bench``), with the generation speed measured in ``results/generation-*.json`` where there
 is one (batch 1, best of the rounds). The dense run records no bytes: they are measured on the converted
@@ -81,7 +83,10 @@ def dense_bytes(parameters: int) -> int:
 
 def family(run: dict) -> str:
     """The colour group of a run: its method, with the compensation and LoRD's whitening named."""
-    steps = (run.get("recipe") or {}).get("steps") or []
+    recipe = run.get("recipe") or {}
+    if recipe.get("peer"):  # another library's run (the speed suite's llm-compressor GPTQ)
+        return f"{recipe['peer']} gptq"
+    steps = recipe.get("steps") or []
     if not steps:
         return "dense"
     first = steps[0]
@@ -95,7 +100,15 @@ def family(run: dict) -> str:
         name = f"lord {config.get('whiten', 'gram')}"
     if len(steps) > 1 and steps[1]["method"] == "eora":
         name += " + " + ("svd" if (steps[1].get("config") or {}).get("space") == "weight" else "eora")
+    if any((step.get("config") or {}).get("factor_bits") == 8 for step in steps):
+        name += " (int8 factors)"
     return name
+
+
+def healed_points(runs: list[dict]) -> list[tuple[float, float, float]]:
+    """(MB on disk, perplexity before healing, after) of every healed run."""
+    return [(run["bytes_on_disk"] / 1e6, run["healing"]["before"]["perplexity"], run["perplexity"])
+            for run in runs if run.get("healing") and run.get("bytes_on_disk")]
 
 
 def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
@@ -140,6 +153,14 @@ def plot(runs: list[dict], heldout: dict, out: Path, dense: int, ceiling: float 
         if outside:
             ax.scatter([p[0] for p in outside], [ceiling * 0.96] * len(outside), marker=marker, s=38,
                        facecolors="none", edgecolors=colour, zorder=2)
+    healed = healed_points(runs)
+    for x, before, after in healed:
+        ax.plot([x, x], [min(before, ceiling * 0.96), min(after, ceiling * 0.96)], linestyle=":", color="black",
+                linewidth=1, zorder=1)
+    if healed:
+        ax.scatter([x for x, _, _ in healed], [min(after, ceiling * 0.96) for _, _, after in healed], marker="o",
+                   s=130, facecolors="none", edgecolors="black", linewidths=1.2, zorder=4,
+                   label="healed (compressor heal); dotted: before healing")
     for x, y, name in pareto([p for points in groups.values() for p in points if p[1] <= ceiling]):
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, -11), fontsize=7)
     if above:
