@@ -174,7 +174,8 @@ def test_block_refit_lowers_the_block_output_error(vocab_size, wide_batches, arc
 @pytest.mark.parametrize("config, message", [
     ({"whiten": "activation", "refit": "block"}, "refit: block needs whiten: gram"),
     ({"whiten": "gram", "refit": "block", "block_strength": 1.5}, "block_strength must be in"),
-    ({"whiten": "gram", "refit": "outputs", "block_strength": 0.5}, "block_strength applies to refit: block"),
+    ({"whiten": "gram", "refit": "outputs", "block_strength": 0.5}, "block_strength and block_dense apply"),
+    ({"whiten": "gram", "refit": "outputs", "block_dense": True}, "block_strength and block_dense apply"),
     ({"whiten": "gram", "refit": "block", "gram_side": "auto"}, "needs gram_side: input"),
 ])
 def test_config_errors(config, message):
@@ -200,3 +201,30 @@ def test_without_refit_block_nothing_changes(vocab_size, wide_batches):
                   wide_batches)
     for (_, a), (_, b) in zip(models["outputs"].named_parameters(), models["zero"].named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_block_dense_refits_the_writers_kept_dense(vocab_size, wide_batches):
+    """``block_dense``: an o_proj the rank rule keeps dense (rank 40 ≥ break-even 32 of 64 × 64) becomes the full-rank
+    least-squares map to the block output (a plain linear of the same shape); without it, o_proj stays the
+    original weight; down_proj (rank 40 < 42.7) is factorized either way."""
+    dense = build_model("llama", vocab_size)
+    config = {"rank": 40, "whiten": "gram", "refit": "block"}
+    models = {}
+    for name, extra in (("kept", {}), ("refit", {"block_dense": True})):
+        models[name] = build_model("llama", vocab_size)
+        run_steps(models[name], [{"method": "lord", "config": {**config, **extra},  # k, v: 32 × 64
+                                  "ignore": ["self_attn.k_proj", "self_attn.v_proj"]}], wide_batches)
+    kept, refit = (models[name].model.layers[1].self_attn.o_proj for name in ("kept", "refit"))
+    assert isinstance(kept, torch.nn.Linear) and isinstance(refit, torch.nn.Linear)
+    torch.testing.assert_close(kept.weight, dense.model.layers[1].self_attn.o_proj.weight, rtol=0, atol=0)
+    names = ["input_layernorm", "self_attn.o_proj"]
+    original, now = capture(dense, wide_batches, 1, names), capture(models["refit"], wide_batches, 1, names)
+    weight = dense.model.layers[1].self_attn.o_proj.weight.double()
+    target = original["self_attn.o_proj"] @ weight.T + (original["input_layernorm"] - now["input_layernorm"])
+    expected = torch.linalg.lstsq(now["self_attn.o_proj"], target).solution.T  # full rank: the map itself
+    outputs, wanted = now["self_attn.o_proj"] @ refit.weight.double().T, now["self_attn.o_proj"] @ expected.T
+    assert float((outputs - wanted).norm() / wanted.norm()) < 1e-3
+    reference = layer_outputs(dense, wide_batches)
+    errors = {name: float((layer_outputs(model, wide_batches)[-1] - reference[-1]).norm() / reference[-1].norm())
+              for name, model in models.items()}
+    assert errors["refit"] < errors["kept"]

@@ -70,6 +70,7 @@ from ..config.configs import field
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
 from ..kernels import linalg
+from ..model.modules import dense_module
 from ..ranks import loss as loss_rule
 from ..ranks import uniform as ranks
 from ..ranks import welore as welore_rule
@@ -113,6 +114,9 @@ class LoRDConfig(ranks.RankRule, FactorBits):
     block_strength: float = field(
         1.0, "refit block: the share of the residual stream's drift (original minus compressed, where o and down "
         "add their outputs) that o and down are fit to make up for (0 = refit outputs)")
+    block_dense: bool = field(
+        False, "refit block: also refit the o and down that the rank rule keeps dense, at full rank (the least-"
+        "squares map itself: the same shape and parameters)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,8 +126,8 @@ class LoRDConfig(ranks.RankRule, FactorBits):
             raise ValueError(f"refit_strength must be in [0, 1], got {self.refit_strength}")
         if not 0.0 <= self.block_strength <= 1.0:
             raise ValueError(f"block_strength must be in [0, 1], got {self.block_strength}")
-        if self.block_strength != 1.0 and self.refit != "block":
-            raise ValueError("block_strength applies to refit: block")
+        if (self.block_strength != 1.0 or self.block_dense) and self.refit != "block":
+            raise ValueError("block_strength and block_dense apply to refit: block")
         if self.loss_scale != "relative" and self.rank_rule != "loss":
             raise ValueError("loss_scale applies to rank_rule: loss")
         if self.output_fisher != "data" and self.output_weight != "fisher":
@@ -251,6 +255,24 @@ class LoRD(LinearCompressor):
         """|⟨Ḡ, Δ_j⟩| of each component of ``work`` = diag(d) W S (a ``welore_rule.Measure``)."""
         return linalg.first_order_scores(work, whitening, self.gradients.pop(name), self.row_scales.get(name))
 
+    def refit_map(self, target: Target, whitening: linalg.Whitening) -> torch.Tensor:
+        """The least-squares map (m, n) fp64 the refit truncates: ``W C G̃⁻¹`` from X̃ to W·X, with
+        ``refit_strength`` α the target α W X + (1 − α) W X̃ (cross α C + (1 − α) G̃), and with ``refit: block`` the
+        residual stream's drift β (r − r̃) added for o/down (``block_drift``)."""
+        strength = self.config.refit_strength
+        cross = target.stats.cross if strength == 1.0 else (
+            strength * target.stats.cross + (1 - strength) * target.stats.gram)
+        return linalg.output_refit(target.weight, cross, whitening, self.block_drift(target))
+
+    def kept_dense(self, target: Target, ctx: LayerContext, note: str, extra: dict | None = None) -> Outcome:
+        """A linear the rank rule keeps dense: left as it is or, with ``block_dense`` (refit block), a block's last
+        linear replaced by its full-rank refit map (the same shape and parameters, fit to the block output)."""
+        if not self.config.block_dense or target.stats is None or self.block_drift(target) is None:
+            return Outcome(None, note=note, extra=extra or {})
+        weight = self.refit_map(target, self.whitening_of(target.stats))  # (m, n) fp64
+        module = dense_module(weight.to(ctx.dtype), target.bias, target.dense_class)
+        return Outcome(module, note=f"{note}; refit to the block output at full rank", extra=extra or {})
+
     def block_drift(self, target: Target) -> torch.Tensor | None:
         """refit block: β D (m, n), D = Σ (r − r̃) x̃ᵀ of a block's last linear (o, down): the target gains the
         residual stream's drift where its output is added, so the block's output is fit to the original one;
@@ -275,14 +297,14 @@ class LoRD(LinearCompressor):
             allocation = solution.allocations[target.name]
             extra = allocation.extra(solution.tau)
             if not allocation.lrc:
-                return Outcome(None, note=allocation.note(solution.tau), extra=extra)
+                return self.kept_dense(target, ctx, allocation.note(solution.tau), extra)
             rank, note = allocation.rank, allocation.note(solution.tau)
         else:
             rank = target.decision.ranks[target.name]
             if rank is None:  # rank_rule loss: cheaper to keep it dense
-                return Outcome(None, note="rank_rule loss: kept dense")
+                return self.kept_dense(target, ctx, "rank_rule loss: kept dense")
         if not ranks.saves_parameters(rank, m, n):
-            return Outcome(None, note=f"rank {rank} ≥ break-even {ranks.break_even(m, n):.0f}: kept dense")
+            return self.kept_dense(target, ctx, f"rank {rank} ≥ break-even {ranks.break_even(m, n):.0f}: kept dense")
         row_scale = self.row_scales.pop(target.name, None)
         if self.config.output_side((m, n)):
             if target.output_stats is None:
@@ -298,11 +320,8 @@ class LoRD(LinearCompressor):
         weight = target.weight
         if self.config.refit != "none" and target.stats.cross is None:  # a routed expert: its tokens differ
             note = "refit skipped: a routed expert's tokens do not pair with the original model's"
-        elif self.config.refit != "none":  # W C G̃⁻¹: the least-squares map from X̃ to W·X
-            strength = self.config.refit_strength  # target α W X + (1 − α) W X̃: cross α C + (1 − α) G̃
-            cross = target.stats.cross if strength == 1.0 else (
-                strength * target.stats.cross + (1 - strength) * target.stats.gram)
-            weight = linalg.output_refit(weight, cross, whitening, self.block_drift(target))
+        elif self.config.refit != "none":
+            weight = self.refit_map(target, whitening)
         up, down = lord_factors(weight, rank, whitening, self.svd_dtype, row_scale, solver=self.config.svd_solver)
         module = low_rank_module(weight, up, down, target.bias, target.dense_class, ctx.dtype, self.config.factor_bits,
                                  whitening.gram() if self.config.factor_bits < 16 else None)
