@@ -57,11 +57,13 @@ def test_streamed_lord_equals_in_memory(model_dir, arch, tmp_path, small, ids):
 
 
 @pytest.mark.parametrize("recipe,merge", [("rtn-w4-eora-r64", False), ("lord", True), ("modegpt-20", False),
-                                          ("lord-refit", False), ("lord-auto", False)])
+                                          ("lord-refit", False), ("lord-auto", False), ("lord-block", False)])
 def test_streamed_kinds_equal_in_memory(model_dirs, tmp_path, small, ids, recipe, merge):
     overrides = list(small) + (["steps.0.config.group_size=32", "steps.1.config.rank=8"] if recipe.startswith("rtn") else [])
     if recipe == "lord-refit":  # the output-matching refit: a reference stream walks beside the calibration one
         recipe, overrides = "lord", overrides + ["steps.0.config.refit=outputs"]
+    if recipe == "lord-block":  # the block-output refit: residual streams of both models paired, dense writers too
+        recipe, overrides = "lord", overrides + ["steps.0.config.refit=block", "steps.0.config.block_dense=true"]
     if recipe == "lord-auto":  # wide matrices from their output Grams (the memory-lean side)
         recipe, overrides = "lord", overrides + ["steps.0.config.gram_side=auto", "steps.0.config.refit=none"]
     memory, streamed, _ = both(model_dirs["llama"], tmp_path, recipe, overrides, merge=merge)

@@ -288,13 +288,20 @@ def output_side_error(weight: Tensor, approx: Tensor, gram_of_outputs: Tensor) -
     return float((torch.trace(residual.T @ gram @ residual) / energy).clamp_min(0).sqrt())
 
 
-def output_refit(weight: Tensor, cross: Tensor, whitening: Whitening) -> Tensor:
+def output_refit(weight: Tensor, cross: Tensor, whitening: Whitening, drift: Tensor | None = None) -> Tensor:
     """``W C G̃⁻¹`` (m, n) in fp64: the least-squares map from the inputs x̃ a module now sees to the outputs
     ``W x`` it had in the original model, ``argmin_M Σ ‖W x − M x̃‖²``; ``cross`` C = Σ x x̃ᵀ (n, n) (rows:
     the original input), G̃ = S Sᵀ the Gram ``whitening`` was made from (Cholesky, jitter included, or the
     pseudo-inverse of ``eigh``). Its whitened truncated SVD under the same ``whitening`` is the rank-r
-    minimizer of ``Σ ‖W x − Ŵ x̃‖²`` (reduced-rank regression)."""
+    minimizer of ``Σ ‖W x − Ŵ x̃‖²`` (reduced-rank regression).
+
+    ``drift`` D = Σ δ x̃ᵀ (m, n) adds a per-token offset δ (m,) to the target: ``(W C + D) G̃⁻¹`` is the
+    least-squares map to ``W x + δ``. For a linear that writes into the residual stream (o, down), δ = r − r̃, the
+    stream's drift where its output is added (original minus compressed), makes the target the original block
+    output minus the compressed stream, ``y − r̃``: the block-output refit (AA-SVD, ResSVD)."""
     target = weight.double() @ cross.double().to(weight.device)  # (m, n): W C
+    if drift is not None:
+        target = target + drift.double().to(weight.device)  # (m, n): W C + D
     if whitening.kind == "cholesky":
         return torch.cholesky_solve(target.T, whitening.factor.to(target.device)).T  # (G̃ + δI)⁻¹ is symmetric
     if whitening.kind == "eigh":

@@ -36,6 +36,14 @@ reduced-rank regression: the whitened truncated SVD (under G̃ = X̃ᵀX̃) of t
 ``W C G̃⁻¹`` (``linalg.output_refit``, C = Σ x x̃ᵀ from the walk's reference stream, which carries the same
 calibration batches through the original model). At layer 0, where X̃ = X, it is plain SVD-LLM.
 
+``refit: block`` goes one step further for the linear that ends each block (o_proj, down_proj): its output is
+added to a residual stream r̃ that has itself drifted from the original r, so matching ``W x`` still leaves the
+block output ``r̃ + Ŵ x̃`` off the original ``r + W x``. Its target becomes ``W x + β (r − r̃)`` (β:
+``block_strength``), the least-squares map ``(W C + β D) G̃⁻¹`` with D = Σ (r − r̃) x̃ᵀ (m, n; statistic
+``drift_cross``: r is the input of the block's norm, in both streams), truncated as above: the reduced-rank
+regression of the block output (AA-SVD's and ResSVD's objective, in closed form, one matrix per block). The
+other linears keep ``refit: outputs``'s target.
+
 ``gram_side`` (with ``whiten: gram``) says which Gram the truncation is solved from: ``input`` (G = XᵀX, n×n,
 SVD-LLM's), ``output`` (W G Wᵀ = Σ (y − b)(y − b)ᵀ, m×m: the same optimum, ``linalg.output_side_svd``) or ``auto``
 (the smaller: the output side for wide matrices, in > out). At Llama-3-8B's width down_proj's input Gram is
@@ -62,6 +70,7 @@ from ..config.configs import field
 from ..contract import Decision, LayerContext, LinearCompressor, ModelView, Outcome, Target
 from ..errors import CompressorError
 from ..kernels import linalg
+from ..model.modules import dense_module
 from ..ranks import loss as loss_rule
 from ..ranks import uniform as ranks
 from ..ranks import welore as welore_rule
@@ -88,9 +97,11 @@ class LoRDConfig(ranks.RankRule, FactorBits):
     loss_scale: Literal["relative", "absolute"] = field(
         "relative", "rank_rule loss: each matrix's truncation loss divided by its own output energy (relative), "
         "or as it is (absolute: with output_weight fisher, in units of the model's loss)")
-    refit: Literal["none", "outputs"] = field(
+    refit: Literal["none", "outputs", "block"] = field(
         "none", "outputs: fit each matrix to the original model's outputs from the inputs it now sees (reduced-"
-        "rank regression; needs whiten gram, and propagate compressed to differ from none)")
+        "rank regression; needs whiten gram, and propagate compressed to differ from none); block: the same, and "
+        "each block's last linear (o, down) also fit to the original block output, making up for the residual "
+        "stream's drift")
     gram_side: Literal["input", "output", "auto"] = field(
         "input", "whiten gram: solve from the input Gram (n×n, SVD-LLM), the output Gram W G Wᵀ (m×m, the same "
         "optimum), or auto: the smaller (output for wide matrices, in > out)")
@@ -100,13 +111,23 @@ class LoRDConfig(ranks.RankRule, FactorBits):
     refit_strength: float = field(
         1.0, "refit outputs: the target's share of the original outputs W·X, the rest W·X̃ (0 = no refit): "
         "shrinks the fit toward SVD-LLM's, which fits the calibration text less")
+    block_strength: float = field(
+        1.0, "refit block: the share of the residual stream's drift (original minus compressed, where o and down "
+        "add their outputs) that o and down are fit to make up for (0 = refit outputs)")
+    block_dense: bool = field(
+        False, "refit block: also refit the o and down that the rank rule keeps dense, at full rank (the least-"
+        "squares map itself: the same shape and parameters)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.refit == "outputs" and self.whiten != "gram":
-            raise ValueError("refit: outputs needs whiten: gram (it solves under the Gram of the inputs)")
+        if self.refit != "none" and self.whiten != "gram":
+            raise ValueError(f"refit: {self.refit} needs whiten: gram (it solves under the Gram of the inputs)")
         if not 0.0 <= self.refit_strength <= 1.0:
             raise ValueError(f"refit_strength must be in [0, 1], got {self.refit_strength}")
+        if not 0.0 <= self.block_strength <= 1.0:
+            raise ValueError(f"block_strength must be in [0, 1], got {self.block_strength}")
+        if (self.block_strength != 1.0 or self.block_dense) and self.refit != "block":
+            raise ValueError("block_strength and block_dense apply to refit: block")
         if self.loss_scale != "relative" and self.rank_rule != "loss":
             raise ValueError("loss_scale applies to rank_rule: loss")
         if self.output_fisher != "data" and self.output_weight != "fisher":
@@ -116,7 +137,7 @@ class LoRDConfig(ranks.RankRule, FactorBits):
         if self.gram_side != "input" and self.whiten != "gram":
             raise ValueError("gram_side applies to whiten: gram")
         if self.gram_side != "input" and self.refit != "none":
-            raise ValueError("refit: outputs solves under the input Gram: it needs gram_side: input")
+            raise ValueError(f"refit: {self.refit} solves under the input Gram: it needs gram_side: input")
 
     def output_side(self, shape: tuple[int, int]) -> bool:
         """Whether a target of ``shape`` (out, in) is truncated from its output Gram."""
@@ -167,7 +188,7 @@ class LoRD(LinearCompressor):
         if self.config.gram_side == "auto":  # the input Gram of the others, the output Gram of the wide ones
             return (Request("gram", matrices="not_wide"), Request("gram", "output", matrices="wide"),
                     Request("mean", "output", matrices="wide"))
-        refit = ("cross_gram",) if self.config.refit == "outputs" else ()
+        refit = {"none": (), "outputs": ("cross_gram",), "block": ("cross_gram", "drift_cross")}[self.config.refit]
         return inputs(*sorted(self.kinds), *refit)
 
     @property
@@ -234,6 +255,33 @@ class LoRD(LinearCompressor):
         """|⟨Ḡ, Δ_j⟩| of each component of ``work`` = diag(d) W S (a ``welore_rule.Measure``)."""
         return linalg.first_order_scores(work, whitening, self.gradients.pop(name), self.row_scales.get(name))
 
+    def refit_map(self, target: Target, whitening: linalg.Whitening) -> torch.Tensor:
+        """The least-squares map (m, n) fp64 the refit truncates: ``W C G̃⁻¹`` from X̃ to W·X, with
+        ``refit_strength`` α the target α W X + (1 − α) W X̃ (cross α C + (1 − α) G̃), and with ``refit: block`` the
+        residual stream's drift β (r − r̃) added for o/down (``block_drift``)."""
+        strength = self.config.refit_strength
+        cross = target.stats.cross if strength == 1.0 else (
+            strength * target.stats.cross + (1 - strength) * target.stats.gram)
+        return linalg.output_refit(target.weight, cross, whitening, self.block_drift(target))
+
+    def kept_dense(self, target: Target, ctx: LayerContext, note: str, extra: dict | None = None) -> Outcome:
+        """A linear the rank rule keeps dense: left as it is or, with ``block_dense`` (refit block), a block's last
+        linear replaced by its full-rank refit map (the same shape and parameters, fit to the block output)."""
+        if not self.config.block_dense or target.stats is None or self.block_drift(target) is None:
+            return Outcome(None, note=note, extra=extra or {})
+        weight = self.refit_map(target, self.whitening_of(target.stats))  # (m, n) fp64
+        module = dense_module(weight.to(ctx.dtype), target.bias, target.dense_class)
+        return Outcome(module, note=f"{note}; refit to the block output at full rank", extra=extra or {})
+
+    def block_drift(self, target: Target) -> torch.Tensor | None:
+        """refit block: β D (m, n), D = Σ (r − r̃) x̃ᵀ of a block's last linear (o, down): the target gains the
+        residual stream's drift where its output is added, so the block's output is fit to the original one;
+        None for the other linears (and without refit block)."""
+        if self.config.refit != "block" or target.stats.drift is None:
+            return None
+        strength = self.config.block_strength
+        return target.stats.drift if strength == 1.0 else strength * target.stats.drift
+
     def whitening_of(self, stats) -> linalg.Whitening:
         if self.config.whiten == "activation":
             return linalg.diagonal(stats.abs_mean, self.config.alpha)
@@ -249,14 +297,14 @@ class LoRD(LinearCompressor):
             allocation = solution.allocations[target.name]
             extra = allocation.extra(solution.tau)
             if not allocation.lrc:
-                return Outcome(None, note=allocation.note(solution.tau), extra=extra)
+                return self.kept_dense(target, ctx, allocation.note(solution.tau), extra)
             rank, note = allocation.rank, allocation.note(solution.tau)
         else:
             rank = target.decision.ranks[target.name]
             if rank is None:  # rank_rule loss: cheaper to keep it dense
-                return Outcome(None, note="rank_rule loss: kept dense")
+                return self.kept_dense(target, ctx, "rank_rule loss: kept dense")
         if not ranks.saves_parameters(rank, m, n):
-            return Outcome(None, note=f"rank {rank} ≥ break-even {ranks.break_even(m, n):.0f}: kept dense")
+            return self.kept_dense(target, ctx, f"rank {rank} ≥ break-even {ranks.break_even(m, n):.0f}: kept dense")
         row_scale = self.row_scales.pop(target.name, None)
         if self.config.output_side((m, n)):
             if target.output_stats is None:
@@ -270,13 +318,10 @@ class LoRD(LinearCompressor):
                            extra={**extra, "gram_side": "output", "rel_output_error": error})
         whitening = self.whitening_of(target.stats)
         weight = target.weight
-        if self.config.refit == "outputs" and target.stats.cross is None:  # a routed expert: its tokens differ
+        if self.config.refit != "none" and target.stats.cross is None:  # a routed expert: its tokens differ
             note = "refit skipped: a routed expert's tokens do not pair with the original model's"
-        elif self.config.refit == "outputs":  # W C G̃⁻¹: the least-squares map from X̃ to W·X
-            strength = self.config.refit_strength  # target α W X + (1 − α) W X̃: cross α C + (1 − α) G̃
-            cross = target.stats.cross if strength == 1.0 else (
-                strength * target.stats.cross + (1 - strength) * target.stats.gram)
-            weight = linalg.output_refit(weight, cross, whitening)
+        elif self.config.refit != "none":
+            weight = self.refit_map(target, whitening)
         up, down = lord_factors(weight, rank, whitening, self.svd_dtype, row_scale, solver=self.config.svd_solver)
         module = low_rank_module(weight, up, down, target.bias, target.dense_class, ctx.dtype, self.config.factor_bits,
                                  whitening.gram() if self.config.factor_bits < 16 else None)

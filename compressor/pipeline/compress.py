@@ -127,9 +127,11 @@ def record_paired(visit: Visit, plan: Plan, stream: str, report: Report) -> dict
     paired = [(s, s.groups_in(visit.index)) for s in plan.steps if s.paired and s.stream == stream]
     watched = watches(visit, [(s, specs) for s, specs in paired if specs], plan.arch)
     names = {w.name: visit.relative(w.name) for w in watched if w.where == "input"}
+    kept = {w.name for w in watched if w.where == "input" and "cross_gram" in w.kinds}
+    residuals = {w.residual[0] for w in watched if w.residual is not None}  # drift_cross: the streams written into
+    names.update({name: visit.relative(name) for name in residuals})
     with timing.phase("statistics_forward"):
-        return visit.record_reference(reference_of(stream), names,
-                                      {w.name for w in watched if w.where == "input" and "cross_gram" in w.kinds})
+        return visit.record_reference(reference_of(stream), names, kept | residuals)
 
 
 def stages(specs: list[GroupSpec], readers: dict[str, str]) -> list[list[GroupSpec]]:
@@ -316,6 +318,7 @@ def watches(visit: Visit, wanted: list[tuple[StepPlan, list[GroupSpec]]], arch=N
     sides: dict[tuple[str, str], bool] = {}  # (name, where) → per head
     rope_blocks: dict[str, str] = {}  # q/k linear → its attention block
     routed = routed_linears(visit.layer, visit.prefix)  # experts' linears: no token pairing with another run
+    residuals: dict[str, str] = {}  # drift_cross: a block's writer → the module reading the stream it writes into
     for step, specs in wanted:
         for request in step.requests:
             if request.statistic not in TENSOR_STATISTICS:
@@ -330,13 +333,41 @@ def watches(visit: Visit, wanted: list[tuple[StepPlan, list[GroupSpec]]], arch=N
                     sides[(name, request.where)] = sides.get((name, request.where), False) or request.per_head
                     if request.where == "rotated":
                         rope_blocks[name] = spec.block
+                    if request.statistic == "drift_cross":
+                        written = residual_stream(visit, arch, name)
+                        if written is not None:
+                            residuals[name] = written
     for where, asked in precisions.items():
         if asked == {"float32"}:
             kinds[where].add(FP32_GRAM)
-    return [Watch(name, visit.module(name), where, frozenset(kinds[where] - ({"cross_gram"} if name in routed else set())),
+    def own(name: str, where: str) -> frozenset[str]:  # no pairing for experts; drift only for a block's writer
+        unpaired = {"cross_gram", "drift_cross"} if name in routed else set()
+        return frozenset(kinds[where] - unpaired - ({"drift_cross"} if name not in residuals else set()))
+
+    return [Watch(name, visit.module(name), where, own(name, where),
                   _heads(arch, name) if per_head else None, visit.module(rope_blocks[name]) if where == "rotated" else None,
-                  pending=name in routed)  # one expert's sums at a time (PendingStats)
+                  pending=name in routed,  # one expert's sums at a time (PendingStats)
+                  residual=(residuals[name], visit.module(residuals[name])) if name in residuals and where == "input"
+                  and name not in routed else None)
             for (name, where), per_head in sides.items()]
+
+
+def residual_stream(visit: Visit, arch, name: str) -> str | None:
+    """The module whose input is the residual stream that linear ``name`` writes into, if it is the last linear
+    of its block (attention's o, the MLP's down): the norm that feeds its block (a pre-norm layer reads the
+    stream where the block's output is added); None for any other linear."""
+    if arch is None:
+        raise CompressorError("drift_cross needs the model's architecture (its blocks and norms)")
+    role = arch.role_of(name)
+    if role is None or role[2] not in ("o", "down"):
+        return None
+    if getattr(visit.layer, "do_layer_norm_before", True) is False:  # OPT-350m: a post-norm layer
+        raise CompressorError("a block-output refit needs pre-norm decoder layers (this model normalizes after "
+                              "the residual add)")
+    norm = arch.block(role[1]).norm
+    if norm is None:
+        raise CompressorError(f"a block-output refit needs the norm that feeds {name}'s block; this layer has none")
+    return f"{visit.prefix}.{norm}"
 
 
 def _heads(arch, name: str) -> int:
@@ -394,7 +425,7 @@ def experts_on_all_tokens(visit: Visit, stream: str, watched: list[Watch], stats
     for w in starved:
         held = stats.get((w.name, w.where))
         report.moe_fallback[w.name] = held.n_tokens if held is not None else 0
-    collector = Collector([replace(w, kinds=w.kinds - {"cross_gram"}) for w in starved],
+    collector = Collector([replace(w, kinds=w.kinds - {"cross_gram", "drift_cross"}, residual=None) for w in starved],
                           phase="statistics_accumulation")
     with timing.phase("statistics_forward"), calibrating_all(visit.layer, visit.prefix, {w.name for w in starved}):
         visit.forward(stream, collector)  # the same outputs: routed tokens are computed as before

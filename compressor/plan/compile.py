@@ -241,7 +241,8 @@ def compile_plan(recipe: Recipe, model: nn.Module) -> Plan:
             raise CompressorError(f"step {step.index} ({step.method}) pairs its statistics with the original "
                                   "model (an output-matching refit): it needs statistics: per_step")
     params = parameter_count(model)  # distinct parameters: a tied embedding and head count once
-    needs_roles = any(s.compressor.group != "linear" or any(r.per_head for r in s.requests) for s in steps)
+    needs_roles = any(s.compressor.group != "linear" or any(r.per_head or r.statistic == "drift_cross"
+                                                            for r in s.requests) for s in steps)
     return Plan(recipe, steps, params, _architecture(model, steps) if needs_roles else None)
 
 

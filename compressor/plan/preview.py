@@ -106,7 +106,8 @@ def preview(plan: Plan, model: nn.Module, dtype: torch.dtype, storage_dtype: tor
 def _reference_inputs(plan: Plan, model: nn.Module, tokens: dict[str, int], compute: int) -> int:
     """Bytes of the original model's inputs a paired step (an output-matching refit) keeps for a layer's stages:
     every calibration token's input of each of its modules (counted for each module: an upper bound, since
-    q/k/v and gate/up read one), in the layer where they are widest."""
+    q/k/v and gate/up read one), in the layer where they are widest, and for ``drift_cross`` the two residual
+    streams its block writers add to (counted at the widest output)."""
     held = 0
     for step in plan.steps:
         if step.paired and step.shapes:
@@ -115,6 +116,8 @@ def _reference_inputs(plan: Plan, model: nn.Module, tokens: dict[str, int], comp
                 layer = layer_index(model, name)
                 widths[layer] = widths.get(layer, 0) + inputs
             held += tokens.get(step.stream, 0) * max(widths.values()) * compute
+            if any(r.statistic == "drift_cross" for r in step.requests):  # the two residual streams (norm inputs)
+                held += tokens.get(step.stream, 0) * 2 * max(out for out, _ in step.shapes.values()) * compute
     return held
 
 

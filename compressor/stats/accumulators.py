@@ -16,6 +16,10 @@ over several processes sums. Per tensor ``x`` (tokens, features), accumulated ov
   per head: (heads, d, d) with x reshaped to (tokens, heads, d);
 - ``cross_gram``: Σ x_refᵀ x (f, f), likewise, where x_ref is the same token's input of the module in the
   original model (the walk's reference stream: ``walk.layers``), x the one in the model as compressed so far;
+- ``drift_cross``: Σ (r_ref − r)ᵀ x (h, f) of a module that writes into the residual stream (a block's last
+  linear: o, down), where r (tokens, h) is the residual stream its output is added to (the input of its
+  block's norm) in the model as compressed so far and r_ref the same in the original model (reference stream):
+  how far the stream has drifted, against the module's input (the block-output refit);
 - ``abs_sum``: Σ |x| (f,)   → ``abs_mean`` (ASVD's activation scale);
 - ``sq_sum``: Σ x² (f,)     → ``sq_norm`` (Wanda / CURing scores; the Gram's diagonal when a Gram exists);
 - ``x_sum``: Σ x (f,)       → ``mean`` (with an output Gram: the bias taken out of it, ``gram_about``).
@@ -33,10 +37,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Statistic = Literal["gram", "cross_gram", "abs_mean", "sq_norm", "mean", "angular_distance"]
-TENSOR_STATISTICS = ("gram", "cross_gram", "abs_mean", "sq_norm", "mean")
+Statistic = Literal["gram", "cross_gram", "drift_cross", "abs_mean", "sq_norm", "mean", "angular_distance"]
+TENSOR_STATISTICS = ("gram", "cross_gram", "drift_cross", "abs_mean", "sq_norm", "mean")
 Matrices = Literal["all", "wide", "not_wide"]
-PAIRED_STATISTICS = ("cross_gram",)  # need the reference stream's input of the same module, batch by batch
+# need the reference stream's tensors of the same batch (a module's input, or the residual stream it writes into)
+PAIRED_STATISTICS = ("cross_gram", "drift_cross")
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,7 @@ def _add(total: Tensor | None, batch: Tensor) -> Tensor:
     return batch.double() if total is None else total.add_(batch)
 
 
-SUMS = ("gram", "cross", "abs_sum", "sq_sum", "x_sum")  # TensorStats' tensor sums
+SUMS = ("gram", "cross", "drift", "abs_sum", "sq_sum", "x_sum")  # TensorStats' tensor sums
 
 
 @dataclass
@@ -144,6 +149,7 @@ class TensorStats:
     n_tokens: int = 0
     gram: Tensor | None = None  # (f, f) fp64 Σ xᵀx, or (heads, d, d) per head
     cross: Tensor | None = None  # (f, f) fp64 Σ x_refᵀ x (rows: the reference input's features)
+    drift: Tensor | None = None  # (h, f) fp64 Σ (r_ref − r)ᵀ x: the residual stream's drift against the input
     abs_sum: Tensor | None = None  # (f,) fp64 Σ |x|
     sq_sum: Tensor | None = None  # (f,) fp64 Σ x²
     x_sum: Tensor | None = None  # (f,) fp64 Σ x
@@ -174,9 +180,12 @@ class TensorStats:
     def sq_norm(self) -> Tensor:
         return self.sq_sum if self.sq_sum is not None else torch.diagonal(self.gram).clone()
 
-    def add(self, x: Tensor, kinds: frozenset[str], heads: int | None = None, reference: Tensor | None = None) -> None:
+    def add(self, x: Tensor, kinds: frozenset[str], heads: int | None = None, reference: Tensor | None = None,
+            residual: tuple[Tensor, Tensor] | None = None) -> None:
         """Accumulate a batch x (..., f); ``heads``: Grams per head of x viewed as (..., heads, f / heads);
-        ``reference`` (..., f): the same tokens' input in the original model (for ``cross_gram``)."""
+        ``reference`` (..., f): the same tokens' input in the original model (for ``cross_gram``); ``residual``
+        (r_ref, r), each (..., h): the residual stream the module writes into, in the original model and as it
+        now is (for ``drift_cross``)."""
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, f)
         self.n_tokens += x.shape[0]
         if "gram" in kinds:
@@ -195,6 +204,8 @@ class TensorStats:
             if paired.shape != x.shape:
                 raise ValueError(f"cross_gram: reference batch {tuple(paired.shape)} ≠ batch {tuple(x.shape)}")
             self.cross = _add(self.cross, paired.T @ x)  # (f, f)
+        if "drift_cross" in kinds:
+            self.drift = _add(self.drift, drift_product(x, residual))  # (h, f)
         if "abs_mean" in kinds:
             self.abs_sum = _add(self.abs_sum, x.abs().sum(0))
         if "sq_norm" in kinds and "gram" not in kinds:
@@ -228,6 +239,17 @@ class TensorStats:
         return self
 
 
+def drift_product(x: Tensor, residual: tuple[Tensor, Tensor] | None) -> Tensor:
+    """(r_ref − r)ᵀ x (h, f) fp32 of one batch: x (tokens, f) fp32, ``residual`` (r_ref, r) each (..., h)."""
+    if residual is None:
+        raise ValueError("drift_cross needs the residual stream of the same batch in both models")
+    reference, now = (r.detach().reshape(-1, r.shape[-1]).float() for r in residual)  # (tokens, h) each
+    if reference.shape != now.shape or reference.shape[0] != x.shape[0]:
+        raise ValueError(f"drift_cross: residual batches {tuple(reference.shape)}, {tuple(now.shape)} do not pair "
+                         f"with the input batch {tuple(x.shape)}")
+    return (reference - now).T @ x
+
+
 class PendingStats(TensorStats):
     """``TensorStats`` of a routed expert's linear that keeps the batches it saw (its routed tokens, in the
     model's dtype) and sums them when a sum is first read (``settle``): after a layer's statistics pass its E
@@ -241,8 +263,9 @@ class PendingStats(TensorStats):
         self.batches: list[tuple[Tensor, frozenset[str], int | None]] = []
         self.settled = True  # no batch yet: nothing to sum
 
-    def add(self, x: Tensor, kinds: frozenset[str], heads: int | None = None, reference: Tensor | None = None) -> None:
-        if "cross_gram" in kinds:
+    def add(self, x: Tensor, kinds: frozenset[str], heads: int | None = None, reference: Tensor | None = None,
+            residual: tuple[Tensor, Tensor] | None = None) -> None:
+        if kinds & set(PAIRED_STATISTICS):
             raise ValueError("routed experts' statistics are not paired with a reference stream")
         x = x.detach().reshape(-1, x.shape[-1])  # (tokens, f)
         self.batches.append((x, kinds, heads))

@@ -6,9 +6,10 @@ where) → stats. Modules that read the same input tensor (q/k/v, gate/up) share
 sharing is found on the first batch by tensor identity, so no architecture table is needed. Every
 hook is removed in ``remove`` (called by ``__exit__``, also when the forward raises): the one place.
 In a run spread over several ranks, ``result`` sums the accumulators across them.
-Paired statistics (``cross_gram``) read ``collector.reference``: module name → that module's input on the
-same batch of the reference stream, recorded just before by ``record_inputs`` (whose hooks live only
-within its ``with`` block).
+Paired statistics (``cross_gram``, ``drift_cross``) read ``collector.reference``: module name → that module's
+input on the same batch of the reference stream, recorded just before by ``record_inputs`` (whose hooks live
+only within its ``with`` block); ``drift_cross`` pairs a watched module's input with the residual stream it
+writes into, the input of ``Watch.residual`` (its block's norm) in this forward and in the reference.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Watch:
     heads: int | None = None  # output Grams per head
     rope_block: nn.Module | None = None  # "rotated": the attention block whose position_embeddings rotate it
     pending: bool = False  # a routed expert's linear: keep its batches, summed when read (``PendingStats``)
+    # drift_cross: (qualified name, module) whose input is the residual stream this module's output is added to
+    residual: tuple[str, nn.Module] | None = None
 
 
 Key = tuple[str, str]  # (module name, where)
@@ -54,6 +57,7 @@ class Collector:
         self._seen: set[Key] = set()
         self._rotary: dict[int, tuple[Tensor, Tensor]] = {}  # id(attention block) → its current (cos, sin)
         self.reference: dict[str, Tensor] = {}  # module name → its reference input of the current batch
+        self._residuals: dict[str, Tensor] = {}  # residual module name → its input in the current forward
         self._summed = False  # across ranks, once (result)
 
     def share(self, readers: dict[str, str]) -> None:
@@ -90,13 +94,31 @@ class Collector:
                 x = rotated(x, *self._rotary[id(watch.rope_block)], watch.heads)
             owner = self._owner(key, x, watch.pending)
             if owner == key:
-                self.stats[key].add(x, watch.kinds, watch.heads, self.reference.get(watch.name))
+                self.stats[key].add(x, watch.kinds, watch.heads, self.reference.get(watch.name), self._residual(watch))
 
         # a phase of its own: nested in the forward's, and taken out of it (timing)
         return timing.timed(self.phase)(hook) if self.phase is not None else hook
 
+    @property
+    def residuals(self) -> set[str]:
+        """The modules whose inputs are residual streams some watch pairs (``drift_cross``)."""
+        return {w.residual[0] for w in self.watches if w.residual is not None}
+
+    def _residual(self, watch: Watch) -> tuple[Tensor, Tensor] | None:
+        """(r_ref, r) of the current batch for a ``drift_cross`` watch, None for the others."""
+        if watch.residual is None:
+            return None
+        name = watch.residual[0]
+        if name not in self.reference or name not in self._residuals:
+            raise ValueError(f"drift_cross of {watch.name}: no residual stream ({name}) was seen on this batch")
+        return self.reference[name], self._residuals[name]
+
     def __enter__(self) -> "Collector":
         try:
+            residuals = {w.residual[0]: w.residual[1] for w in self.watches if w.residual is not None}
+            for name, module in residuals.items():  # before the block that reads it, so before its writer
+                self._handles.append(module.register_forward_pre_hook(
+                    lambda module, args, name=name: self._residuals.__setitem__(name, args[0])))
             blocks = {id(w.rope_block): w.rope_block for w in self.watches if w.rope_block is not None}
             for block in blocks.values():
                 self._handles.append(block.register_forward_pre_hook(self._rotary_hook, with_kwargs=True))
@@ -127,6 +149,7 @@ class Collector:
         self._handles.clear()
         self._first_inputs.clear()
         self._rotary.clear()
+        self._residuals.clear()
 
     def result(self) -> dict[Key, TensorStats]:
         """(name, where) → stats; shared objects for modules that read the same input. In a run of several

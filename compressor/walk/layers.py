@@ -260,7 +260,8 @@ class Visit:
                        partial: bool = False, pending: set[str] | None = None) -> list[Tensor] | None:
         """Run the layer as it is on ``stream``, batch by batch, with the inputs the modules ``names`` (qualified →
         relative) had on the same batch of ``reference`` in the original model (``record_reference``, which must
-        have recorded them) for ``collector`` to pair with this stream's; its statistics go into ``collector``.
+        have recorded them) for ``collector`` to pair with this stream's (and those of ``collector.residuals``: the
+        residual streams its ``drift_cross`` watches pair); its statistics go into ``collector``.
 
         ``partial`` (a stage of a staged step): each forward stops once every module of ``names`` has been
         called (before the last one runs, where ``collector`` watches inputs only), so a stage early in the layer
@@ -277,8 +278,9 @@ class Visit:
             collector.share(self.readers)
             stop = {self.readers[name] if self.readers.get(name) in names else name for name in stop}
         keep = self._finals(stream, {*(pending or ()), *names}) if pending is not None else None
+        paired = {*names, *collector.residuals}  # the residual streams that drift_cross watches pair, too
         for batch, (item, recorded) in enumerate(zip(mine.inputs, kept)):
-            collector.reference = {name: recorded[name].to(self.device) for name in names if name in recorded}
+            collector.reference = {name: recorded[name].to(self.device) for name in paired if name in recorded}
             with collector, stopping(self.layer, names, stop, before), self._replaying(stream, batch, keep):
                 ours += run_until(self.layer, item, self, partial)
             collector.reference = {}
