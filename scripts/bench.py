@@ -285,6 +285,13 @@ SUITES: dict[str, list[tuple[str, dict | Callable[[dict[str, dict]], dict]]]] = 
         *[(f"lord-gram-fisher-rows-taylor-refit-half-{r}", lord(
             "gram", r, output_weight="fisher", rank_rule="taylor", refit="outputs", refit_strength=0.5))
           for r in (0.2, 0.4)],
+        # block-level refinement: o_proj/down_proj refit to the original block output (refit block), the drift made
+        # up in full and halfway, on lord-taylor's first-order ranks; and with the kept-dense writers refit too
+        *[(f"lord-gram-taylor-refit-block-{strength}-0.2", lord(
+            "gram", 0.2, rank_rule="taylor", refit="block", refit_strength=0.5, block_strength=strength))
+          for strength in (1.0, 0.5)],
+        ("lord-gram-taylor-refit-block-dense-0.2", lord("gram", 0.2, rank_rule="taylor", refit="block",
+                                                        refit_strength=0.5, block_dense=True)),
         # equal bytes: the lord recipe with its factors stored in int8 (factor_bits 8) at its own ratio, and at the
         # ratio whose bytes on disk match GPTQ w3 + EoRA r32's (quant suite: 196,367,744 bytes; the 16-bit runs
         # store fp32 here, as the model is computed in)
