@@ -29,7 +29,8 @@ def workers() -> int:
 def map_serial(fn: Callable[[Item], Result], items: Iterable[Item], threads: int | None = None) -> list[Result]:
     """``[fn(item) for item in items]`` in order, the calls spread over ``threads`` worker threads (default
     ``workers()``), torch on one thread meanwhile; torch's thread count is restored on return. The first
-    exception a call raises is raised here (the remaining calls still finish first)."""
+    exception a call raises is raised here, as is Ctrl-C or SIGTERM (``Terminated``) while waiting: the calls
+    not yet started are cancelled, only the running ones finish (seconds, not the rest of the work)."""
     items = list(items)
     count = min(threads or workers(), len(items))
     with serial():
@@ -37,4 +38,9 @@ def map_serial(fn: Callable[[Item], Result], items: Iterable[Item], threads: int
             return [fn(item) for item in items]
         with ThreadPoolExecutor(count, thread_name_prefix="compressor-serial") as pool:
             futures = [pool.submit(fn, item) for item in items]
-            return [future.result() for future in futures]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
