@@ -3,7 +3,8 @@ bit for bit against a saved run.
 
     python scripts/golden.py save  [--dir DIR]    # run every (recipe, arch) and keep the outputs
     python scripts/golden.py check [--dir DIR]    # run again and compare with the saved outputs
-    python scripts/golden.py save --only 'lord|modegpt'  # only the runs whose name (arch/run) matches
+    python scripts/golden.py save --only 'lord|modegpt'  # only the runs whose name (arch/run) matches, the
+                                                         # file's other runs kept
 
 Kept per run: every tensor of the written checkpoint (model and adapter), the logits of the reloaded
 model on fixed ids, and the per-module ranks of the log. DIR defaults to the user's cache
@@ -102,8 +103,10 @@ def main() -> int:
     file = args.dir / "golden.pt"
     if args.mode == "save":
         args.dir.mkdir(parents=True, exist_ok=True)
-        torch.save(results, file)
-        print(f"saved {len(results)} runs to {file}")
+        kept = torch.load(file) if args.only is not None and file.is_file() else {}  # --only updates those runs
+        merged = {**kept, **results}
+        torch.save(merged, file)
+        print(f"saved {len(results)} runs to {file} ({len(merged)} in all)")
         return 0
     saved = torch.load(file)
     if args.only is not None:
