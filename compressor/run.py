@@ -67,7 +67,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     finally:
         shutil.rmtree(work, ignore_errors=True)
     model_healed = record.pop("model")
-    return {**summary, "out": record["out"], "healing": record, "model": model_healed}
+    seconds = {**summary["seconds"], "heal": record["seconds"]}  # the run's phases, the heal's whole command last
+    return {**summary, "out": record["out"], "healing": record, "model": model_healed, "seconds": seconds}
 
 
 def _budget(heal: recipes.HealConfig) -> str:

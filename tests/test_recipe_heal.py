@@ -56,6 +56,7 @@ def test_a_healing_recipe_equals_compress_then_heal(llama_dir, recipe_file, tmp_
     out = tmp_path / "out"
     summary = compressor.compress(str(llama_dir), recipe_file(), out, progress=False)
     assert summary["out"] == str(out) and summary["healing"]["steps"] == 3 and summary["healing"]["loss"] == "distill"
+    assert summary["seconds"]["heal"] == summary["healing"]["seconds"] > 0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # the work folder is gone
     by_hand = tmp_path / "by-hand"
     api.compress(str(llama_dir), recipe_file(None), by_hand / "compressed", progress=False)
