@@ -245,6 +245,17 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits.float()
 
 
+def output_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """``file:key`` → tensor, for every safetensors file of an output (the model's and the adapter's)."""
+    from safetensors import safe_open
+
+    found = {}
+    for file in sorted(path.rglob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            found.update({f"{file.relative_to(path)}:{key}": handle.get_tensor(key) for key in handle.keys()})
+    return found
+
+
 def run_steps(model, steps: list[dict], batches=None, *, propagate: str = "compressed",
               statistics: str = "per_step", device: str = "cpu"):
     """Compile ``steps`` (recipe step mappings: method, config, targets, ignore) against ``model`` and run

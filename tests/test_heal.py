@@ -10,8 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_model, logits
-from safetensors import safe_open
+from conftest import build_model, logits, output_tensors
 from typer.testing import CliRunner
 
 from compressor import calibration, io
@@ -59,14 +58,6 @@ def outputs(tmp_path_factory, llama_dir, small_text):
     return output
 
 
-def _tensors(path) -> dict[str, torch.Tensor]:
-    found = {}
-    for file in sorted(path.rglob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            found.update({f"{file.relative_to(path)}:{key}": handle.get_tensor(key) for key in handle.keys()})
-    return found
-
-
 @pytest.mark.parametrize("method", ["lord", "modegpt", "curing", "eora", "lqlora"])
 def test_heal_lowers_the_loss_and_keeps_the_format(method, outputs, tmp_path, ids):
     source = outputs(method)
@@ -74,7 +65,7 @@ def test_heal_lowers_the_loss_and_keeps_the_format(method, outputs, tmp_path, id
     healed = tmp_path / "healed"
     assert record["loss_after"] < record["loss_before"]
     assert record["steps"] == 6 and record["tokens"] == 6 * 4 * 32 and record["trained"]["parameters"] > 0
-    before, after = _tensors(source), _tensors(healed)
+    before, after = output_tensors(source), output_tensors(healed)
     assert before.keys() == after.keys()
     changed = [key for key in before if not torch.equal(before[key], after[key])]
     assert changed  # the small parts moved ...
@@ -97,9 +88,9 @@ def test_heal_lowers_the_loss_and_keeps_the_format(method, outputs, tmp_path, id
 
 def test_frozen_parts_are_not_trained(outputs, tmp_path):
     """LoRD's output: only up/down factors change (embeddings, norms, head byte for byte)."""
-    before = _tensors(outputs("lord"))
+    before = output_tensors(outputs("lord"))
     heal(outputs("lord"), tmp_path / "healed", **SMALL)
-    after = _tensors(tmp_path / "healed")
+    after = output_tensors(tmp_path / "healed")
     changed = {key.rsplit(".", 2)[-2] for key in before if not torch.equal(before[key], after[key])}
     assert changed == {"up", "down"}
 
@@ -191,7 +182,7 @@ def test_resume_continues_an_interrupted_heal(outputs, tmp_path):
         heal(outputs("lord"), out, **dict(options, lr=1e-2), resume=True)
     record = heal(outputs("lord"), out, **options, resume=True)
     assert record["resumed_after_step"] == 4 and not (tmp_path / ".healed.heal-state.safetensors").exists()
-    whole, resumed = _tensors(tmp_path / "whole"), _tensors(out)
+    whole, resumed = output_tensors(tmp_path / "whole"), output_tensors(out)
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
     with pytest.raises(CompressorError, match="no interrupted heal"):
         heal(outputs("lord"), tmp_path / "other", **options, resume=True)

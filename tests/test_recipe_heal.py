@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_model
-from safetensors import safe_open
+from conftest import build_model, output_tensors
 from typer.testing import CliRunner
 
 import compressor
@@ -44,14 +43,6 @@ def recipe_file(tmp_path, small_text):
     return write
 
 
-def _tensors(path) -> dict[str, torch.Tensor]:
-    found = {}
-    for file in sorted(path.rglob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            found.update({f"{file.relative_to(path)}:{key}": handle.get_tensor(key) for key in handle.keys()})
-    return found
-
-
 def test_a_healing_recipe_equals_compress_then_heal(llama_dir, recipe_file, tmp_path):
     out = tmp_path / "out"
     summary = compressor.compress(str(llama_dir), recipe_file(), out, progress=False)
@@ -61,9 +52,9 @@ def test_a_healing_recipe_equals_compress_then_heal(llama_dir, recipe_file, tmp_
     by_hand = tmp_path / "by-hand"
     api.compress(str(llama_dir), recipe_file(None), by_hand / "compressed", progress=False)
     heal(by_hand / "compressed", by_hand / "healed", **HEAL)
-    ours, theirs = _tensors(out), _tensors(by_hand / "healed")
+    ours, theirs = output_tensors(out), output_tensors(by_hand / "healed")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
-    unhealed = _tensors(by_hand / "compressed")
+    unhealed = output_tensors(by_hand / "compressed")
     assert any(not torch.equal(ours[key], unhealed[key]) for key in ours)  # the heal moved the small parts
     manifest = json.loads((out / io.MANIFEST).read_text())
     assert manifest["recipe"]["heal"]["steps"] == 3 and len(manifest["healing"]) == 1
