@@ -60,8 +60,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
         summary = api.compress(model, recipe, work / "compressed", overrides=overrides, device=device, say=say,
                                **options)
         if say is not None:
-            loss = "distilled from the base model" if heal.distill else "next-token loss"
-            say(f"healing the compressed output ({_budget(heal)}, {loss})")
+            say(f"healing the compressed output: {heal.describe()}")
         record = healing.heal(work / "compressed", out, device=device, overwrite=overwrite, say=say,
                               **dataclasses.asdict(heal))
     finally:
@@ -69,9 +68,3 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, overrides: li
     model_healed = record.pop("model")
     seconds = {**summary["seconds"], "heal": record["seconds"]}  # the run's phases, the heal's whole command last
     return {**summary, "out": record["out"], "healing": record, "model": model_healed, "seconds": seconds}
-
-
-def _budget(heal: recipes.HealConfig) -> str:
-    if heal.steps is not None:
-        return f"{heal.steps} steps"
-    return f"{heal.tokens:,} tokens" if heal.tokens is not None else "one pass over its windows"

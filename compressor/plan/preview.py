@@ -26,6 +26,7 @@ from ..model.modes import outside_layers
 from ..model.targets import layer_index
 from ..walk.layers import base_stream
 from .compile import Plan
+from .recipe import HealConfig
 
 RUNTIME_BYTES = 512 * 2**20
 
@@ -152,12 +153,8 @@ def lines(report: dict[str, Any]) -> list[str]:
     out.append(f"estimated peak memory {_size(report['estimated_peak_memory_bytes'])} "
                f"({'streamed: about one layer' if report['stream'] else 'the whole model in memory'}); "
                f"output on disk {_size(report['estimated_output_bytes'])}")
-    heal = report.get("heal")
-    if heal is not None:
-        budget = (f"{heal['steps']} steps" if heal["steps"] is not None else
-                  f"{heal['tokens']:,} tokens" if heal["tokens"] is not None else "one pass over its windows")
-        out.append(f"then heal: {budget} of {heal['batch_size']} windows, lr {heal['lr']:g}, "
-                   f"{'distilled from the base model' if heal['distill'] else 'next-token loss'}")
+    if report.get("heal") is not None:
+        out.append(f"then heal: {HealConfig(**report['heal']).describe()}")
     out += [f"warning: {line}" for line in report.get("warnings", [])]
     out.append("nothing was read or written (--dry-run)")
     return out

@@ -102,6 +102,13 @@ class HealConfig:
         if not self.lr > 0:
             raise ValueError(f"heal: lr must be > 0; got {self.lr}")
 
+    def describe(self) -> str:
+        """One line for the dry run and the progress: budget, batch, learning rate, loss."""
+        budget = (f"{self.steps} steps" if self.steps is not None else
+                  f"{self.tokens:,} tokens" if self.tokens is not None else "one pass over its windows")
+        loss = "distilled from the base model" if self.distill else "next-token loss"
+        return f"{budget} of {self.batch_size} windows, lr {self.lr:g}, {loss}"
+
 
 @dataclass
 class Recipe:
